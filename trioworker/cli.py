@@ -1,0 +1,3 @@
+"""The trioworker command."""
+def main() -> None:
+    raise SystemExit("not yet")

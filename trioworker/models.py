@@ -1,0 +1,225 @@
+"""The wire models of protocol v1 and the one converter that (un)structures them.
+
+Every process (server, worker, submitter) speaks through :data:`converter`: times are
+ISO 8601 in UTC, ids are UUIDs, states are enum names. Fields a newer peer adds are
+ignored on the way in, so peers of different minor versions keep talking.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final, TypeAlias, TypeVar
+
+import attrs
+import orjson
+from cattrs.preconf.orjson import OrjsonConverter, make_converter
+
+#: A JSON value as it appears on the wire (parameters, results, context).
+JSON: TypeAlias = Any
+
+T = TypeVar("T")
+
+
+class StateType(enum.StrEnum):
+    """Where a task run is in its life. See the README's *Lifecycle* section."""
+
+    SCHEDULED = "SCHEDULED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CRASHED = "CRASHED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES: Final = frozenset(
+    {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+)
+
+
+class SetStateStatus(enum.StrEnum):
+    """The server's answer to a proposed state.
+
+    ACCEPT: the state was set (or was already that state). REJECT: the transition is not
+    allowed; the run keeps its current state. ABORT: the run is gone or cancelled and the
+    proposer must stop working on it.
+    """
+
+    ACCEPT = "ACCEPT"
+    REJECT = "REJECT"
+    ABORT = "ABORT"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@attrs.frozen
+class StateDetails:
+    """Facts that belong to one state, not to the run."""
+
+    #: When a SCHEDULED run becomes due (None: now).
+    scheduled_time: datetime | None = None
+    #: The connection (``client_id``) that holds a PENDING/RUNNING run.
+    client_id: str | None = None
+    #: Why a run is SCHEDULED again (``"retry"``, ``"redelivery"``, ``"release"``).
+    reason: str | None = None
+
+
+@attrs.frozen
+class State:
+    """One state of a run. ``data`` is the result (COMPLETED) or the error (FAILED)."""
+
+    type: StateType
+    name: str
+    timestamp: datetime = attrs.field(factory=utcnow)
+    message: str | None = None
+    data: JSON = None
+    state_details: StateDetails = attrs.field(factory=StateDetails)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type.is_terminal
+
+
+_DEFAULT_NAMES: Final = {
+    StateType.SCHEDULED: "Scheduled",
+    StateType.PENDING: "Pending",
+    StateType.RUNNING: "Running",
+    StateType.COMPLETED: "Completed",
+    StateType.FAILED: "Failed",
+    StateType.CANCELLED: "Cancelled",
+    StateType.CRASHED: "Crashed",
+}
+
+
+def make_state(
+    type: StateType,
+    name: str | None = None,
+    *,
+    message: str | None = None,
+    data: JSON = None,
+    details: StateDetails | None = None,
+    timestamp: datetime | None = None,
+) -> State:
+    """Build a state with the default name of its type."""
+    return State(
+        type=type,
+        name=name or _DEFAULT_NAMES[type],
+        timestamp=timestamp or utcnow(),
+        message=message,
+        data=data,
+        state_details=details or StateDetails(),
+    )
+
+
+@attrs.frozen
+class TaskRun:
+    """One run of a task: what to call, with what, and where it stands."""
+
+    id: uuid.UUID
+    task_key: str
+    name: str
+    state: State
+    parameters: JSON = attrs.field(factory=dict)
+    #: How ``parameters`` and the result are encoded: ``"json"`` or ``"pickle"``.
+    serializer: str = "json"
+    created: datetime = attrs.field(factory=utcnow)
+    updated: datetime = attrs.field(factory=utcnow)
+    #: Attempts that reached RUNNING.
+    run_count: int = 0
+    #: Deliveries since the last finished attempt (a crash guard).
+    delivery_count: int = 0
+    idempotency_key: str | None = None
+    tags: list[str] = attrs.field(factory=list)
+    context: dict[str, JSON] = attrs.field(factory=dict)
+    parent_task_run_id: uuid.UUID | None = None
+    wait_for: list[uuid.UUID] = attrs.field(factory=list)
+
+    @property
+    def state_type(self) -> StateType:
+        return self.state.type
+
+
+@attrs.frozen
+class TaskRunCreate:
+    """The body of ``POST /api/task_runs``."""
+
+    task_key: str
+    name: str | None = None
+    parameters: JSON = attrs.field(factory=dict)
+    serializer: str = "json"
+    scheduled_time: datetime | None = None
+    idempotency_key: str | None = None
+    tags: list[str] = attrs.field(factory=list)
+    context: dict[str, JSON] = attrs.field(factory=dict)
+    parent_task_run_id: uuid.UUID | None = None
+    wait_for: list[uuid.UUID] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class SetStateRequest:
+    state: State
+    force: bool = False
+
+
+@attrs.frozen
+class SetStateResult:
+    status: SetStateStatus
+    state: State
+    details: str | None = None
+
+
+@attrs.frozen
+class StateChange:
+    """One entry of a run's state history."""
+
+    type: StateType
+    name: str
+    timestamp: datetime
+    message: str | None = None
+
+
+SERIALIZERS: Final = frozenset({"json", "pickle"})
+
+
+def _make_converter() -> OrjsonConverter:
+    conv = make_converter(forbid_extra_keys=False)
+    conv.register_structure_hook(uuid.UUID, lambda v, _: v if isinstance(v, uuid.UUID) else uuid.UUID(v))
+    conv.register_unstructure_hook(uuid.UUID, str)
+
+    def structure_datetime(value: object, _: object) -> datetime:
+        if isinstance(value, datetime):
+            parsed = value
+        elif isinstance(value, str):
+            parsed = datetime.fromisoformat(value)
+        else:
+            raise TypeError(f"expected an ISO 8601 time, got {value!r}")
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+
+    conv.register_structure_hook(datetime, structure_datetime)
+    # JSON values pass through untouched in both directions.
+    conv.register_structure_hook(Any, lambda v, _: v)  # type: ignore[arg-type]
+    return conv
+
+
+#: The converter every trioworker process uses for the wire format.
+converter: Final[OrjsonConverter] = _make_converter()
+
+
+def dumps(obj: object) -> bytes:
+    """Unstructure ``obj`` and encode it as JSON bytes."""
+    return orjson.dumps(converter.unstructure(obj))
+
+
+def loads(data: bytes | str, cls: type[T]) -> T:
+    """Decode JSON and structure it as ``cls`` (raises cattrs errors on bad shapes)."""
+    return converter.structure(orjson.loads(data), cls)

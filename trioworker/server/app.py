@@ -1,0 +1,478 @@
+"""The server's quart-trio app: the REST routes under ``/api`` and the subscription websocket.
+
+Every bad input gets a JSON ``{"detail": ...}`` with its 4xx code; the protocol is in the
+README's *Wire protocol* section. The app only translates: each route is one call into
+:class:`~trioworker.server.service.TaskRunService`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Final, NoReturn
+
+import cattrs
+import orjson
+import trio
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from trioworker import __version__
+from trioworker.models import (
+    JSON,
+    SERIALIZERS,
+    SetStateRequest,
+    StateType,
+    TaskRunCreate,
+    converter,
+)
+from trioworker.server.queue import Subscription
+from trioworker.server.service import TaskRunService
+
+log = logging.getLogger("trioworker.server")
+
+SUBSCRIPTION_PATH: Final = "/api/task_runs/subscriptions/scheduled"
+#: Close codes of the subscription socket.
+CLOSE_NORMAL: Final = 1000
+CLOSE_POLICY: Final = 1008  # auth refused
+CLOSE_RESTART: Final = 1012  # the server is stopping; reconnect later
+CLOSE_PROTOCOL: Final = 4001  # the client broke the protocol
+#: How long a new connection may take to authenticate and subscribe.
+HANDSHAKE_TIMEOUT: Final = 10.0
+MAX_LIST_LIMIT: Final = 1000
+MAX_WAIT_SECONDS: Final = 300.0
+MAX_KEY_LENGTH: Final = 200
+
+
+class ApiError(Exception):
+    """A request the API refuses, with the status code and the sentence the client gets."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ProtocolViolation(Exception):
+    """A subscription client broke the protocol; the socket closes with 4001."""
+
+
+def _json_response(payload: JSON, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status=status, content_type="application/json")
+
+
+def _dump(obj: object, status: int = 200) -> Response:
+    return _json_response(converter.unstructure(obj), status)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        return "; ".join(cattrs.transform_error(exc))
+    return str(exc)
+
+
+def _structure(data: JSON, cls: type[object], what: str) -> object:
+    try:
+        return converter.structure(data, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ApiError(422, f"invalid {what}: {_describe(exc)}") from None
+
+
+def _validate_create(create: TaskRunCreate) -> None:
+    if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
+        raise ApiError(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+    if create.serializer not in SERIALIZERS:
+        raise ApiError(422, f"unknown serializer {create.serializer!r}; expected one of {sorted(SERIALIZERS)}")
+    if create.serializer == "json" and not isinstance(create.parameters, dict):
+        raise ApiError(422, "parameters must be a JSON object (name -> value) with the json serializer")
+    if create.serializer == "pickle" and not isinstance(create.parameters, str):
+        raise ApiError(422, "parameters must be a base64 string with the pickle serializer")
+
+
+def _parse_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ApiError(404, f"no task run {value!r}: not a UUID") from None
+
+
+async def _body() -> JSON:
+    raw = await request.get_data()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+
+
+def _query_number(name: str, default: float, low: float, high: float) -> float:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(422, f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(422, f"{name} must be between {low:g} and {high:g}")
+    return value
+
+
+def create_app(
+    service: TaskRunService,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = 16 * 1024 * 1024,
+    closing: trio.Event | None = None,
+) -> QuartTrio:
+    """Build the app around ``service``.
+
+    Args:
+        api_key: when set, REST calls need ``Authorization: Bearer <key>`` and
+            subscriptions must send it in their auth message.
+        max_body_bytes: larger request bodies get 413.
+        closing: set it to make every subscription close with 1012 (the server is stopping).
+    """
+    app = QuartTrio("trioworker.server")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    closing = trio.Event() if closing is None else closing
+
+    def token_ok(token: object) -> bool:
+        if api_key is None:
+            return True
+        return isinstance(token, str) and hmac.compare_digest(token.encode(), api_key.encode())
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        return _json_response({"detail": exc.detail}, exc.status)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        detail = exc.description or exc.name
+        if status == 413:
+            detail = f"request body too large (limit {max_body_bytes} bytes)"
+        return _json_response({"detail": detail}, status)
+
+    @app.before_request
+    async def authenticate() -> None:
+        if request.path == "/api/health" or api_key is None:
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token_ok(token):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
+
+    @app.get("/api/health")
+    async def health() -> Response:
+        dispatcher = service.dispatcher
+        return _json_response(
+            {
+                "status": "ok",
+                "version": __version__,
+                "ready": dispatcher.ready_count(),
+                "delayed": dispatcher.delayed_count,
+                "subscriptions": len(dispatcher.subscriptions),
+            }
+        )
+
+    async def create_many(items: list[JSON]) -> list[tuple[object, bool]]:
+        creates: list[TaskRunCreate] = []
+        for index, item in enumerate(items):
+            create = _structure(item, TaskRunCreate, f"task run #{index}" if len(items) > 1 else "task run")
+            assert isinstance(create, TaskRunCreate)
+            _validate_create(create)
+            creates.append(create)
+        return list(await service.create_runs(creates))
+
+    @app.post("/api/task_runs")
+    async def create_run() -> Response:
+        body = await _body()
+        if not isinstance(body, dict):
+            raise ApiError(422, "expected a JSON object describing one task run")
+        [(run, created)] = await create_many([body])
+        return _dump(run, 201 if created else 200)
+
+    @app.post("/api/task_runs/batch")
+    async def create_runs() -> Response:
+        body = await _body()
+        if not isinstance(body, list):
+            raise ApiError(422, "expected a JSON array of task runs")
+        results = await create_many(body)
+        return _dump([run for run, _ in results], 201)
+
+    @app.get("/api/task_runs")
+    async def list_runs() -> Response:
+        state_arg = request.args.get("state")
+        state = None
+        if state_arg is not None:
+            try:
+                state = StateType(state_arg.upper())
+            except ValueError:
+                raise ApiError(422, f"unknown state {state_arg!r}; one of {[s.value for s in StateType]}") from None
+        limit = int(_query_number("limit", 100, 1, MAX_LIST_LIMIT))
+        offset = int(_query_number("offset", 0, 0, 2**62))
+        runs = await service.list_runs(
+            task_key=request.args.get("task_key"), state=state, limit=limit, offset=offset
+        )
+        return _dump(runs)
+
+    @app.post("/api/task_runs/wait")
+    async def wait_many() -> Response:
+        body = await _body()
+        if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
+            raise ApiError(422, 'expected {"ids": [...], "timeout": seconds, "all": false}')
+        try:
+            ids = [uuid.UUID(str(i)) for i in body["ids"]]
+        except ValueError:
+            raise ApiError(422, "ids must be task run UUIDs") from None
+        timeout = body.get("timeout", 30)
+        if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_WAIT_SECONDS:
+            raise ApiError(422, f"timeout must be a number of seconds between 0 and {MAX_WAIT_SECONDS:g}")
+        result = await service.wait(ids, timeout=float(timeout), wait_all=bool(body.get("all", False)))
+        return _dump(result)
+
+    @app.get("/api/task_runs/<run_id>")
+    async def read_run(run_id: str) -> Response:
+        run = await service.read_run(_parse_id(run_id))
+        if run is None:
+            raise ApiError(404, f"no task run {run_id}")
+        return _dump(run)
+
+    @app.get("/api/task_runs/<run_id>/history")
+    async def history(run_id: str) -> Response:
+        changes = await service.history(_parse_id(run_id))
+        if changes is None:
+            raise ApiError(404, f"no task run {run_id}")
+        return _dump(changes)
+
+    @app.get("/api/task_runs/<run_id>/wait")
+    async def wait_one(run_id: str) -> Response:
+        rid = _parse_id(run_id)
+        timeout = _query_number("timeout", 30, 0, MAX_WAIT_SECONDS)
+        result = await service.wait([rid], timeout=timeout, wait_all=True)
+        if result.missing:
+            raise ApiError(404, f"no task run {run_id}")
+        if result.ended:
+            return _dump(result.ended[0])
+        run = await service.read_run(rid)
+        if run is None:
+            raise ApiError(404, f"no task run {run_id}")
+        return _dump(run)
+
+    @app.post("/api/task_runs/<run_id>/set_state")
+    async def set_state(run_id: str) -> Response:
+        rid = _parse_id(run_id)
+        body = await _body()
+        proposal = _structure(body, SetStateRequest, "state request")
+        assert isinstance(proposal, SetStateRequest)
+        if await service.read_run(rid) is None:
+            raise ApiError(404, f"no task run {run_id}")
+        [result] = await service.set_states([(rid, proposal)])
+        return _dump(result)
+
+    @app.post("/api/task_runs/<run_id>/cancel")
+    async def cancel(run_id: str) -> Response:
+        rid = _parse_id(run_id)
+        if await service.read_run(rid) is None:
+            raise ApiError(404, f"no task run {run_id}")
+        result = await service.cancel(rid)
+        if result.state.type is not StateType.CANCELLED:
+            raise ApiError(409, f"cannot cancel: {result.details}")
+        return _dump(result)
+
+    @app.delete("/api/task_runs/<run_id>")
+    async def delete(run_id: str) -> Response:
+        if await service.delete(_parse_id(run_id)) is None:
+            raise ApiError(404, f"no task run {run_id}")
+        return Response(b"", status=204)
+
+    @app.websocket(SUBSCRIPTION_PATH)
+    async def subscription() -> None:
+        await websocket.accept()
+        session = _SubscriptionSession(service, token_ok, closing)
+        await session.run()
+
+    return app
+
+
+class _SubscriptionSession:
+    """One subscription socket: handshake, then deliveries out and reports in, concurrently."""
+
+    def __init__(self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event) -> None:
+        self.service = service
+        self.token_ok = token_ok
+        self.closing = closing
+        self.send_lock = trio.StrictFIFOLock()
+        self.quitting = False
+        self.acks = 0
+
+    async def send(self, payload: Mapping[str, JSON]) -> None:
+        data = orjson.dumps(payload).decode()
+        async with self.send_lock:
+            await websocket.send(data)
+
+    async def close(self, code: int, reason: str) -> None:
+        # A close frame's reason has room for 123 bytes.
+        await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
+
+    async def receive(self) -> dict[str, JSON]:
+        raw = await websocket.receive()
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProtocolViolation("malformed JSON") from None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise ProtocolViolation('every message must be a JSON object with a string "type"')
+        return message
+
+    async def run(self) -> None:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                sub = await self.handshake()
+        except ProtocolViolation as exc:
+            await self.close(CLOSE_PROTOCOL, f"Protocol violation: {exc}")
+            return
+        except trio.TooSlowError:
+            await self.close(CLOSE_PROTOCOL, "Protocol violation: no auth and subscribe within "
+                                             f"{HANDSHAKE_TIMEOUT:g} s")
+            return
+        if sub is None:
+            return
+        self.service.dispatcher.subscribe(sub)
+        log.info("subscription from %s to %s with credit %d", sub.client_id, ", ".join(sub.keys), sub.credit)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.deliver_forever, sub, nursery.cancel_scope)
+                nursery.start_soon(self.close_on_shutdown, nursery.cancel_scope)
+                try:
+                    await self.receive_forever(sub)
+                except ProtocolViolation as exc:
+                    nursery.cancel_scope.cancel()
+                    await self.close(CLOSE_PROTOCOL, f"Protocol violation: {exc}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.service.disconnect(sub, clean=self.quitting)
+            log.info("subscription from %s ended", sub.client_id)
+
+    async def handshake(self) -> Subscription | None:
+        auth = await self.receive()
+        if auth["type"] != "auth":
+            raise ProtocolViolation('the first message must be {"type": "auth", "token": ...}')
+        if not self.token_ok(auth.get("token")):
+            await self.close(CLOSE_POLICY, "Unauthorized: missing or wrong API key")
+            return None
+        await self.send({"type": "auth_success"})
+        message = await self.receive()
+        if message["type"] != "subscribe":
+            raise ProtocolViolation('the second message must be {"type": "subscribe", ...}')
+        keys, client_id, credit = message.get("keys"), message.get("client_id"), message.get("credit")
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ProtocolViolation('"keys" must be a non-empty list of task keys')
+        if not isinstance(client_id, str) or not client_id:
+            raise ProtocolViolation('"client_id" must be a non-empty string')
+        if not isinstance(credit, int) or isinstance(credit, bool) or credit < 0:
+            raise ProtocolViolation('"credit" must be an integer >= 0')
+        return Subscription(client_id=client_id, keys=tuple(dict.fromkeys(keys)), credit=credit)
+
+    async def close_on_shutdown(self, scope: trio.CancelScope) -> None:
+        await self.closing.wait()
+        scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await self.close(CLOSE_RESTART, "the server is stopping")
+
+    async def deliver_forever(self, sub: Subscription, scope: trio.CancelScope) -> None:
+        while True:
+            if sub.cancels:
+                ids, sub.cancels = sub.cancels, []
+                await self.send({"type": "cancel", "ids": [str(i) for i in ids]})
+                continue
+            if self.quitting:
+                if not sub.held:
+                    scope.cancel()
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await self.close(CLOSE_NORMAL, "quit")
+                    return
+            else:
+                runs = await self.service.next_runs(sub)
+                if runs:
+                    await self.send({"type": "task_runs", "task_runs": converter.unstructure(runs)})
+                    continue
+            await sub.wait_for_work()
+
+    async def receive_forever(self, sub: Subscription) -> NoReturn:
+        while True:
+            message = await self.receive()
+            handler = self._handlers.get(message["type"])
+            if handler is None:
+                raise ProtocolViolation(f"unknown message type {message['type']!r}")
+            await handler(self, sub, message)
+
+    async def on_ack(self, sub: Subscription, message: dict[str, JSON]) -> None:
+        self.acks += 1
+
+    async def on_credit(self, sub: Subscription, message: dict[str, JSON]) -> None:
+        n = message.get("n")
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise ProtocolViolation('"n" of a credit message must be an integer')
+        self.service.dispatcher.set_credit(sub, sub.credit + n)
+
+    async def on_states(self, sub: Subscription, message: dict[str, JSON]) -> None:
+        items = message.get("states")
+        if not isinstance(items, list):
+            raise ProtocolViolation('"states" must be a list of {"id", "state", "force"?}')
+        requests: list[tuple[uuid.UUID, SetStateRequest]] = []
+        refs: list[JSON] = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise ProtocolViolation("each state report must be an object")
+            try:
+                run_id = uuid.UUID(str(item.get("id")))
+                request_ = converter.structure(item, SetStateRequest)
+            except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+                raise ProtocolViolation(f"bad state report: {_describe(exc)}") from None
+            requests.append((run_id, request_))
+            refs.append(item.get("ref"))
+        results = await self.service.set_states(requests, reporter=sub)
+        await self.send(
+            {
+                "type": "state_results",
+                "results": [
+                    {
+                        "id": str(run_id),
+                        "ref": ref,
+                        "status": result.status.value,
+                        "details": result.details,
+                        "state": None if result.status.value == "ACCEPT" else converter.unstructure(result.state),
+                    }
+                    for (run_id, _), ref, result in zip(requests, refs, results, strict=True)
+                ],
+            }
+        )
+
+    async def on_release(self, sub: Subscription, message: dict[str, JSON]) -> None:
+        ids = message.get("ids")
+        try:
+            run_ids = [uuid.UUID(str(i)) for i in ids] if isinstance(ids, list) else None
+        except ValueError:
+            run_ids = None
+        if run_ids is None:
+            raise ProtocolViolation('"ids" of a release message must be a list of task run ids')
+        await self.service.release(sub, run_ids)
+
+    async def on_quit(self, sub: Subscription, message: dict[str, JSON]) -> None:
+        self.quitting = True
+        sub.wake()
+
+    async def on_subscribe(self, sub: Subscription, message: dict[str, JSON]) -> None:
+        raise ProtocolViolation("already subscribed")
+
+    _handlers: Final = {
+        "ack": on_ack,
+        "credit": on_credit,
+        "states": on_states,
+        "release": on_release,
+        "quit": on_quit,
+        "subscribe": on_subscribe,
+    }

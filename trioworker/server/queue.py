@@ -1,0 +1,201 @@
+"""The dispatcher: which SCHEDULED run goes to which subscription, and when.
+
+It keeps, in memory, an index over the store: per task key a FIFO of ready runs, a heap
+of delayed runs, and the subscriptions with their credit and leases. It never blocks and
+never touches the store; :mod:`trioworker.server.service` does, and keeps the two in step.
+The index may hold stale entries (a run cancelled while queued): claiming a run in the
+store is the atomic step, and it skips anything no longer SCHEDULED.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+import attrs
+import trio
+
+from trioworker.server.store import QueuedRun
+
+#: Seconds of wall-clock time since the epoch, as the dispatcher sees them.
+WallClock = Callable[[], float]
+
+
+def trio_anchored_clock() -> WallClock:
+    """A wall clock that advances with Trio's clock (so a ``MockClock`` drives it in tests).
+
+    Call it inside ``trio.run``: it is anchored to the real time at that moment.
+    """
+    wall0, trio0 = time.time(), trio.current_time()
+    return lambda: wall0 + (trio.current_time() - trio0)
+
+
+@attrs.define(eq=False)
+class Subscription:
+    """One subscribed connection: its keys, its credit and the runs it holds."""
+
+    client_id: str
+    keys: tuple[str, ...]
+    credit: int
+    held: set[uuid.UUID] = attrs.field(factory=set)
+    #: Held runs the server wants stopped (cancelled or deleted from elsewhere).
+    cancels: list[uuid.UUID] = attrs.field(factory=list)
+    _wakeup: trio.Event | None = None
+
+    def request_cancel(self, run_id: uuid.UUID) -> None:
+        self.cancels.append(run_id)
+        self.wake()
+
+    @property
+    def room(self) -> int:
+        return max(0, self.credit - len(self.held))
+
+    def wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def wait_for_work(self) -> None:
+        """Sleep until a run for one of our keys is ready or our room grows."""
+        self._wakeup = trio.Event()
+        await self._wakeup.wait()
+        self._wakeup = None
+
+
+@attrs.define(eq=False)
+class Dispatcher:
+    clock: WallClock = time.time
+    _ready: dict[str, deque[QueuedRun]] = attrs.field(factory=dict)
+    _delayed: list[tuple[float, int, QueuedRun]] = attrs.field(factory=list)
+    _delayed_changed: trio.Event = attrs.field(factory=trio.Event)
+    _subscribers: dict[str, list[Subscription]] = attrs.field(factory=dict)
+    _leases: dict[uuid.UUID, Subscription] = attrs.field(factory=dict)
+    _tiebreak: itertools.count[int] = attrs.field(factory=itertools.count)
+
+    # -- queues
+    def enqueue(self, runs: Iterable[QueuedRun], *, front: bool = False) -> None:
+        """Index runs that are SCHEDULED in the store.
+
+        Args:
+            front: they were queued before (a redelivery): put them ahead of newer runs.
+        """
+        runs = list(runs)
+        now = self.clock()
+        woken: set[str] = set()
+        ready = [r for r in runs if r.scheduled_at is None or r.scheduled_at <= now]
+        for run in runs:
+            if run.scheduled_at is not None and run.scheduled_at > now:
+                heapq.heappush(self._delayed, (run.scheduled_at, next(self._tiebreak), run))
+                if self._delayed[0][2] is run:
+                    self._delayed_changed.set()
+        if front:
+            ready.sort(key=lambda r: r.seq, reverse=True)
+        for run in ready:
+            queue = self._ready.setdefault(run.task_key, deque())
+            if front:
+                queue.appendleft(run)
+            else:
+                queue.append(run)
+            woken.add(run.task_key)
+        for key in woken:
+            for sub in self._subscribers.get(key, ()):
+                sub.wake()
+
+    def ready_count(self, task_key: str | None = None) -> int:
+        if task_key is not None:
+            return len(self._ready.get(task_key, ()))
+        return sum(len(q) for q in self._ready.values())
+
+    @property
+    def delayed_count(self) -> int:
+        return len(self._delayed)
+
+    def take(self, sub: Subscription) -> list[uuid.UUID]:
+        """Lease up to ``sub.room`` ready runs to ``sub``, oldest first across its keys."""
+        room = sub.room
+        taken: list[uuid.UUID] = []
+        queues = [q for key in sub.keys if (q := self._ready.get(key))]
+        while room > 0 and queues:
+            queue = min(queues, key=lambda q: q[0].seq) if len(queues) > 1 else queues[0]
+            run = queue.popleft()
+            if not queue:
+                queues.remove(queue)
+            if run.id in self._leases:
+                continue  # a stale duplicate of a run someone holds
+            taken.append(run.id)
+            self._leases[run.id] = sub
+            sub.held.add(run.id)
+            room -= 1
+        return taken
+
+    # -- leases
+    def holder(self, run_id: uuid.UUID) -> Subscription | None:
+        return self._leases.get(run_id)
+
+    def release(self, run_id: uuid.UUID) -> Subscription | None:
+        """Drop the lease on a run (it finished, was requeued or deleted); wake its holder."""
+        sub = self._leases.pop(run_id, None)
+        if sub is not None:
+            sub.held.discard(run_id)
+            sub.wake()
+        return sub
+
+    def lease(self, sub: Subscription, run_id: uuid.UUID) -> None:
+        self._leases[run_id] = sub
+        sub.held.add(run_id)
+
+    # -- subscriptions
+    def subscribe(self, sub: Subscription) -> None:
+        for key in sub.keys:
+            self._subscribers.setdefault(key, []).append(sub)
+
+    def unsubscribe(self, sub: Subscription) -> set[uuid.UUID]:
+        """Forget ``sub``; returns the runs it still held (to be requeued by the caller)."""
+        for key in sub.keys:
+            subs = self._subscribers.get(key, [])
+            if sub in subs:
+                subs.remove(sub)
+            if not subs:
+                self._subscribers.pop(key, None)
+        held = set(sub.held)
+        for run_id in held:
+            if self._leases.get(run_id) is sub:
+                del self._leases[run_id]
+        sub.held.clear()
+        return held
+
+    def set_credit(self, sub: Subscription, credit: int) -> None:
+        sub.credit = max(0, credit)
+        sub.wake()
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        seen: dict[int, Subscription] = {}
+        for subs in self._subscribers.values():
+            for sub in subs:
+                seen[id(sub)] = sub
+        return list(seen.values())
+
+    # -- delayed runs
+    async def release_delayed_runs(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Move delayed runs to the ready queues when they fall due; runs until cancelled.
+
+        It sleeps until the earliest due time or until an earlier run is added, whichever
+        comes first: a Trio deadline, not a polling loop.
+        """
+        task_status.started()
+        while True:
+            now = self.clock()
+            due: list[QueuedRun] = []
+            while self._delayed and self._delayed[0][0] <= now:
+                due.append(heapq.heappop(self._delayed)[2])
+            if due:
+                self.enqueue(due)
+            self._delayed_changed = trio.Event()
+            wait = self._delayed[0][0] - now if self._delayed else math.inf
+            with trio.move_on_after(wait):
+                await self._delayed_changed.wait()
+

@@ -1,0 +1,221 @@
+"""The task-run service: every operation of the API, keeping the store and the dispatcher in step.
+
+The store decides (atomically, in SQLite); the service then tells the dispatcher what
+changed (runs to queue, leases to drop), wakes the clients waiting for runs to end, and
+asks the connection that holds a cancelled run to stop it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from trioworker.models import (
+    SetStateRequest,
+    SetStateResult,
+    SetStateStatus,
+    StateChange,
+    StateType,
+    TaskRun,
+    TaskRunCreate,
+    make_state,
+)
+from trioworker.server.queue import Dispatcher, Subscription
+from trioworker.server.store import Change, Store
+
+ACTIVE_STATES = frozenset({StateType.PENDING, StateType.RUNNING})
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """One client waiting for some runs to end; the service hands it each run that does."""
+
+    ids: frozenset[uuid.UUID]
+    ended: list[TaskRun] = attrs.field(factory=list)
+    deleted: list[uuid.UUID] = attrs.field(factory=list)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.frozen
+class WaitResult:
+    ended: list[TaskRun]
+    #: Ids that do not exist (never did, or were deleted while waited for).
+    missing: list[uuid.UUID]
+    #: Ids still not ended when the wait returned.
+    pending: list[uuid.UUID]
+
+
+@attrs.define(eq=False)
+class TaskRunService:
+    store: Store
+    dispatcher: Dispatcher
+    #: A run delivered this many times without finishing becomes CRASHED.
+    max_deliveries: int = 5
+    _waiters: dict[uuid.UUID, list[_Waiter]] = attrs.field(factory=dict)
+
+    async def recover(self) -> int:
+        """Rebuild the dispatcher's queues from the store (at start); returns how many are queued."""
+        queued = await self.store.recover(self.max_deliveries)
+        self.dispatcher.enqueue(queued)
+        return len(queued)
+
+    # -- REST operations
+    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
+        results = await self.store.create_runs(creates)
+        self.dispatcher.enqueue(q for _, q in results if q is not None)
+        return [(run, queued is not None) for run, queued in results]
+
+    async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        return await self.store.read_run(run_id)
+
+    async def list_runs(
+        self, *, task_key: str | None, state: StateType | None, limit: int, offset: int
+    ) -> list[TaskRun]:
+        return await self.store.list_runs(task_key=task_key, state=state, limit=limit, offset=offset)
+
+    async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
+        return await self.store.history(run_id)
+
+    async def set_states(
+        self,
+        requests: Sequence[tuple[uuid.UUID, SetStateRequest]],
+        *,
+        reporter: Subscription | None = None,
+    ) -> list[SetStateResult]:
+        """Apply proposed states; ``reporter`` is the connection they came on, if any.
+
+        A run that leaves PENDING/RUNNING loses its lease, which frees its holder's
+        credit. When the change comes from elsewhere (REST) while a connection holds the
+        run, that holder is told to stop it and keeps the lease until it answers, so
+        its credit keeps counting the run it is still busy with.
+        """
+        changes = await self.store.set_states(requests)
+        for (run_id, _), change in zip(requests, changes, strict=True):
+            self._after_change(run_id, change, reporter)
+        return [c.result for c in changes]
+
+    async def cancel(self, run_id: uuid.UUID) -> SetStateResult:
+        state = make_state(StateType.CANCELLED, message="cancelled on request")
+        [result] = await self.set_states([(run_id, SetStateRequest(state))])
+        return result
+
+    async def delete(self, run_id: uuid.UUID) -> TaskRun | None:
+        run = await self.store.delete_run(run_id)
+        if run is not None:
+            holder = self.dispatcher.holder(run_id)
+            if holder is not None:
+                self.dispatcher.release(run_id)
+                holder.request_cancel(run_id)
+            self._notify_ended(run_id, None)
+        return run
+
+    async def wait(self, run_ids: Sequence[uuid.UUID], *, timeout: float, wait_all: bool) -> WaitResult:
+        """Wait until one (or, with ``wait_all``, every) run has ended, or ``timeout`` passes.
+
+        No polling: the waiter is registered before the runs are read, and every state
+        change that ends a run hands it over.
+        """
+        ids = frozenset(run_ids)
+        waiter = _Waiter(ids)
+        for run_id in ids:
+            self._waiters.setdefault(run_id, []).append(waiter)
+        try:
+            runs = {r.id: r for r in await self.store.read_runs(list(ids))}
+            ended = {i: r for i, r in runs.items() if r.state.is_terminal}
+            missing = ids - runs.keys()
+            with trio.move_on_after(timeout):
+                while True:
+                    for run in waiter.ended:
+                        if run.id in ids and run.id not in missing:
+                            ended[run.id] = run
+                    waiter.ended.clear()
+                    missing |= ids & set(waiter.deleted)
+                    waiter.deleted.clear()
+                    left = ids - ended.keys() - missing
+                    if ((ended or missing) and not wait_all) or not left:
+                        break
+                    waiter.changed = trio.Event()
+                    await waiter.changed.wait()
+            left = ids - ended.keys() - missing
+            return WaitResult(list(ended.values()), sorted(missing), sorted(left))
+        finally:
+            for run_id in ids:
+                waiters = self._waiters.get(run_id)
+                if waiters is not None:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._waiters[run_id]
+
+    # -- subscription operations
+    async def next_runs(self, sub: Subscription) -> list[TaskRun]:
+        """Lease and claim the next runs for ``sub``; returns [] when it has work of another kind."""
+        ids = self.dispatcher.take(sub)
+        if not ids:
+            return []
+        claimed = await self.store.claim_runs(ids, sub.client_id)
+        got = {run.id for run in claimed}
+        for run_id in ids:
+            if run_id not in got:
+                self.dispatcher.release(run_id)
+        return claimed
+
+    async def release(self, sub: Subscription, run_ids: Sequence[uuid.UUID]) -> None:
+        """The worker hands back runs it will not run (stopping, or a key it lost)."""
+        mine = [i for i in run_ids if self.dispatcher.holder(i) is sub]
+        await self._requeue(mine, reason="release")
+
+    async def disconnect(self, sub: Subscription, *, clean: bool = False) -> None:
+        """A connection ended: every run it held and did not finish goes to another.
+
+        Args:
+            clean: the client quit first, so what it still held was handed back unopened
+                and does not count as a failed delivery.
+        """
+        held = self.dispatcher.unsubscribe(sub)
+        await self._requeue(sorted(held), reason="release" if clean else "redelivery")
+
+    async def _requeue(self, run_ids: Sequence[uuid.UUID], *, reason: str) -> None:
+        if not run_ids:
+            return
+        for run_id in run_ids:
+            self.dispatcher.release(run_id)
+        outcomes = await self.store.requeue(run_ids, reason=reason, max_deliveries=self.max_deliveries)
+        self.dispatcher.enqueue((o.queued for o in outcomes if o.queued is not None), front=True)
+        crashed = [o.id for o in outcomes if o.state_type is StateType.CRASHED]
+        if crashed:
+            for run in await self.store.read_runs(crashed):
+                self._notify_ended(run.id, run)
+
+    # -- bookkeeping
+    def _after_change(self, run_id: uuid.UUID, change: Change, reporter: Subscription | None) -> None:
+        run = change.run
+        if run is None:  # the run does not exist
+            self.dispatcher.release(run_id)
+            return
+        if run.state.type in ACTIVE_STATES:
+            return
+        holder = self.dispatcher.holder(run_id)
+        if holder is not None:
+            if reporter is None:
+                # Changed from outside: the holder must stop. It keeps the lease (and its
+                # credit keeps counting the run) until it answers, unless the run is queued again.
+                holder.request_cancel(run_id)
+                if run.state.type is StateType.SCHEDULED:
+                    self.dispatcher.release(run_id)
+            else:
+                self.dispatcher.release(run_id)
+        if change.queued is not None:
+            self.dispatcher.enqueue([change.queued])
+        if run.state.is_terminal and change.result.status is SetStateStatus.ACCEPT:
+            self._notify_ended(run_id, run)
+
+    def _notify_ended(self, run_id: uuid.UUID, run: TaskRun | None) -> None:
+        for waiter in self._waiters.get(run_id, ()):
+            if run is None:
+                waiter.deleted.append(run_id)
+            else:
+                waiter.ended.append(run)
+            waiter.changed.set()

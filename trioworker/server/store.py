@@ -1,0 +1,586 @@
+"""Durable storage of task runs: the interface and its SQLite implementation.
+
+SQLite runs in WAL mode on one connection that only worker threads touch: every
+operation is a plain function of the connection, queued to a committer task that runs
+all operations waiting at that moment in one transaction (group commit) inside one
+``trio.to_thread.run_sync`` call. So the Trio thread never blocks on SQLite, and a burst
+of 1,000 writes costs one commit, not 1,000.
+
+Each operation is atomic (its own savepoint) and reads what it changes inside the same
+transaction, so state checks and updates cannot interleave: the store is the single
+source of truth, and the dispatcher's memory is only an index over it.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import AsyncIterator, Final, Generic, Protocol, TypeVar
+
+import attrs
+import orjson
+import trio
+
+from trioworker.models import (
+    SetStateRequest,
+    SetStateResult,
+    SetStateStatus,
+    State,
+    StateChange,
+    StateDetails,
+    StateType,
+    TaskRun,
+    TaskRunCreate,
+    converter,
+    make_state,
+    utcnow,
+)
+from trioworker.server.rules import decide
+
+T = TypeVar("T")
+
+SCHEMA_VERSION: Final = 1
+
+#: Most operations one group commit takes (bounds one thread call's latency).
+MAX_GROUP: Final = 512
+
+#: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
+_CHUNK: Final = 500
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS task_runs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    task_key TEXT NOT NULL,
+    state_type TEXT NOT NULL,
+    scheduled_at REAL,
+    idempotency_key TEXT UNIQUE,
+    parameters BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_task_runs_state ON task_runs (state_type, seq);
+CREATE INDEX IF NOT EXISTS ix_task_runs_key ON task_runs (task_key, seq);
+CREATE TABLE IF NOT EXISTS task_run_states (
+    run_seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    name TEXT NOT NULL,
+    timestamp TEXT NOT NULL,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (closed, or a newer schema than this code knows)."""
+
+
+@attrs.frozen
+class QueuedRun:
+    """What the dispatcher needs to index a SCHEDULED run: no parameters, no result."""
+
+    seq: int
+    id: uuid.UUID
+    task_key: str
+    #: Epoch seconds when it becomes due; None means now.
+    scheduled_at: float | None
+
+
+@attrs.frozen
+class Change:
+    """The outcome of one state change, for the dispatcher and for waiters."""
+
+    result: SetStateResult
+    run: TaskRun | None
+    #: Set when the run became SCHEDULED (again): it goes back into the ready queues.
+    queued: QueuedRun | None = None
+
+
+@attrs.frozen
+class Requeued:
+    """What became of one held run when its connection let go of it."""
+
+    id: uuid.UUID
+    state_type: StateType | None
+    queued: QueuedRun | None
+
+
+class Store(Protocol):
+    """What the server needs from storage. :class:`SQLiteStore` is the embedded default."""
+
+    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]: ...
+    async def read_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
+    async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]: ...
+    async def list_runs(
+        self, *, task_key: str | None, state: StateType | None, limit: int, offset: int
+    ) -> list[TaskRun]: ...
+    async def history(self, run_id: uuid.UUID) -> list[StateChange] | None: ...
+    async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]: ...
+    async def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]]) -> list[Change]: ...
+    async def requeue(
+        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
+    ) -> list[Requeued]: ...
+    async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
+    async def recover(self, max_deliveries: int) -> list[QueuedRun]: ...
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _row_to_run(parameters: bytes, body: bytes) -> TaskRun:
+    data = orjson.loads(body)
+    data["parameters"] = orjson.loads(parameters)
+    return converter.structure(data, TaskRun)
+
+
+def _body(run: TaskRun) -> bytes:
+    data = converter.unstructure(run)
+    del data["parameters"]
+    return orjson.dumps(data)
+
+
+def _epoch(when: datetime | None) -> float | None:
+    return None if when is None else when.timestamp()
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class _Ops:
+    """The synchronous operations; each runs inside the committer's transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    # -- helpers
+    def _fetch(self, run_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, tuple[int, TaskRun]]:
+        ids = [str(i) for i in run_ids]
+        found: dict[uuid.UUID, tuple[int, TaskRun]] = {}
+        for chunk in _chunks(ids):
+            rows = self.conn.execute(
+                f"SELECT seq, parameters, body FROM task_runs WHERE id IN ({_placeholders(len(chunk))})",
+                chunk,
+            )
+            for seq, parameters, body in rows:
+                run = _row_to_run(parameters, body)
+                found[run.id] = (seq, run)
+        return found
+
+    def _write(self, seq: int, run: TaskRun, *, log_state: bool = True) -> None:
+        self.conn.execute(
+            "UPDATE task_runs SET state_type = ?, scheduled_at = ?, body = ? WHERE seq = ?",
+            (run.state.type.value, _epoch(run.state.state_details.scheduled_time), _body(run), seq),
+        )
+        if log_state:
+            self._log(seq, run.state)
+
+    def _log(self, seq: int, state: State) -> None:
+        self.conn.execute(
+            "INSERT INTO task_run_states (run_seq, type, name, timestamp, message) VALUES (?, ?, ?, ?, ?)",
+            (seq, state.type.value, state.name, state.timestamp.isoformat(), state.message),
+        )
+
+    # -- operations
+    def migrate(self) -> None:
+        self.conn.executescript(_SCHEMA)
+        row = self.conn.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            self.conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        elif row[0] > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database has schema version {row[0]}, newer than this trioworker knows "
+                f"({SCHEMA_VERSION}); upgrade trioworker"
+            )
+
+    def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
+        """Insert new runs; a known idempotency key gives back its run (and no QueuedRun)."""
+        out: list[tuple[TaskRun, QueuedRun | None]] = []
+        for create in creates:
+            if create.idempotency_key is not None:
+                row = self.conn.execute(
+                    "SELECT parameters, body FROM task_runs WHERE idempotency_key = ?",
+                    (create.idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    out.append((_row_to_run(*row), None))
+                    continue
+            now = utcnow()
+            run_id = uuid.uuid4()
+            state = make_state(
+                StateType.SCHEDULED,
+                timestamp=now,
+                details=StateDetails(scheduled_time=create.scheduled_time),
+            )
+            run = TaskRun(
+                id=run_id,
+                task_key=create.task_key,
+                name=create.name or f"{create.task_key}-{run_id.hex[:8]}",
+                state=state,
+                parameters=create.parameters,
+                serializer=create.serializer,
+                created=now,
+                updated=now,
+                idempotency_key=create.idempotency_key,
+                tags=list(create.tags),
+                context=dict(create.context),
+                parent_task_run_id=create.parent_task_run_id,
+                wait_for=list(create.wait_for),
+            )
+            cur = self.conn.execute(
+                "INSERT INTO task_runs (id, task_key, state_type, scheduled_at, idempotency_key, parameters, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    str(run_id),
+                    run.task_key,
+                    state.type.value,
+                    _epoch(create.scheduled_time),
+                    create.idempotency_key,
+                    orjson.dumps(run.parameters),
+                    _body(run),
+                ),
+            )
+            assert cur.lastrowid is not None
+            self._log(cur.lastrowid, state)
+            out.append((run, self.queued_of(run, cur.lastrowid)))
+        return out
+
+    def queued_of(self, run: TaskRun, seq: int) -> QueuedRun:
+        return QueuedRun(seq, run.id, run.task_key, _epoch(run.state.state_details.scheduled_time))
+
+    def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
+        found = self._fetch(run_ids)
+        return [found[i][1] for i in run_ids if i in found]
+
+    def seq_of(self, run_id: uuid.UUID) -> int | None:
+        row = self.conn.execute("SELECT seq FROM task_runs WHERE id = ?", (str(run_id),)).fetchone()
+        return None if row is None else int(row[0])
+
+    def list_runs(
+        self, task_key: str | None, state: StateType | None, limit: int, offset: int
+    ) -> list[TaskRun]:
+        where, args = [], []
+        if task_key is not None:
+            where.append("task_key = ?")
+            args.append(task_key)
+        if state is not None:
+            where.append("state_type = ?")
+            args.append(state.value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self.conn.execute(
+            f"SELECT parameters, body FROM task_runs {clause} ORDER BY seq LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        return [_row_to_run(p, b) for p, b in rows]
+
+    def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
+        seq = self.seq_of(run_id)
+        if seq is None:
+            return None
+        rows = self.conn.execute(
+            "SELECT type, name, timestamp, message FROM task_run_states WHERE run_seq = ? ORDER BY rowid",
+            (seq,),
+        )
+        return [
+            StateChange(StateType(t), n, datetime.fromisoformat(ts), m) for t, n, ts, m in rows
+        ]
+
+    def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
+        found = self._fetch(run_ids)
+        claimed: list[TaskRun] = []
+        now = utcnow()
+        for run_id in run_ids:
+            if run_id not in found:
+                continue
+            seq, run = found[run_id]
+            if run.state.type is not StateType.SCHEDULED:
+                continue  # cancelled, deleted or run directly since it was queued
+            run = attrs.evolve(
+                run,
+                state=make_state(
+                    StateType.PENDING, timestamp=now, details=StateDetails(client_id=client_id)
+                ),
+                updated=now,
+                delivery_count=run.delivery_count + 1,
+            )
+            self._write(seq, run)
+            claimed.append(run)
+        return claimed
+
+    def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]]) -> list[Change]:
+        found = self._fetch({run_id for run_id, _ in requests})
+        changes: list[Change] = []
+        for run_id, request in requests:
+            if run_id not in found:
+                missing = make_state(StateType.CANCELLED, message="the run does not exist")
+                changes.append(
+                    Change(SetStateResult(SetStateStatus.ABORT, missing, "the run does not exist"), None)
+                )
+                continue
+            seq, run = found[run_id]
+            status, why = decide(run.state, request.state, force=request.force)
+            if status is not SetStateStatus.ACCEPT or why == "unchanged":
+                changes.append(Change(SetStateResult(status, run.state, why), run))
+                continue
+            run = self._apply(run, request.state)
+            found[run_id] = (seq, run)
+            self._write(seq, run)
+            queued = self.queued_of(run, seq) if run.state.type is StateType.SCHEDULED else None
+            changes.append(Change(SetStateResult(status, run.state, None), run, queued))
+        return changes
+
+    def _apply(self, run: TaskRun, state: State) -> TaskRun:
+        now = utcnow()
+        details = state.state_details
+        state = attrs.evolve(state, timestamp=now)
+        run_count, delivery_count = run.run_count, run.delivery_count
+        if state.type is StateType.RUNNING:
+            run_count += 1
+            if details.client_id is None and run.state.state_details.client_id is not None:
+                state = attrs.evolve(
+                    state, state_details=attrs.evolve(details, client_id=run.state.state_details.client_id)
+                )
+        elif state.type is StateType.SCHEDULED:
+            # A finished attempt (a retry) or a fresh schedule: the crash guard starts over.
+            delivery_count = 0
+        return attrs.evolve(
+            run, state=state, updated=now, run_count=run_count, delivery_count=delivery_count
+        )
+
+    def requeue(
+        self, run_ids: Sequence[uuid.UUID], reason: str, max_deliveries: int | None
+    ) -> list[Requeued]:
+        found = self._fetch(run_ids)
+        out: list[Requeued] = []
+        now = utcnow()
+        for run_id in run_ids:
+            if run_id not in found:
+                out.append(Requeued(run_id, None, None))
+                continue
+            seq, run = found[run_id]
+            if run.state.type not in (StateType.PENDING, StateType.RUNNING):
+                out.append(Requeued(run_id, run.state.type, None))
+                continue
+            deliveries = run.delivery_count
+            if reason == "release":
+                deliveries = max(0, deliveries - 1)  # handed back unopened: not a failed delivery
+            if max_deliveries is not None and deliveries >= max_deliveries:
+                state = make_state(
+                    StateType.CRASHED,
+                    timestamp=now,
+                    message=f"delivered {deliveries} times without finishing",
+                )
+            else:
+                state = make_state(
+                    StateType.SCHEDULED,
+                    "Redelivered",
+                    timestamp=now,
+                    details=StateDetails(reason=reason),
+                )
+            run = attrs.evolve(run, state=state, updated=now, delivery_count=deliveries)
+            self._write(seq, run)
+            queued = self.queued_of(run, seq) if state.type is StateType.SCHEDULED else None
+            out.append(Requeued(run_id, state.type, queued))
+        return out
+
+    def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        found = self._fetch([run_id])
+        if run_id not in found:
+            return None
+        seq, run = found[run_id]
+        self.conn.execute("DELETE FROM task_run_states WHERE run_seq = ?", (seq,))
+        self.conn.execute("DELETE FROM task_runs WHERE seq = ?", (seq,))
+        return run
+
+    def recover(self, max_deliveries: int) -> list[QueuedRun]:
+        held = [
+            uuid.UUID(row[0])
+            for row in self.conn.execute(
+                "SELECT id FROM task_runs WHERE state_type IN ('PENDING', 'RUNNING')"
+            )
+        ]
+        self.requeue(held, "redelivery", max_deliveries)
+        rows = self.conn.execute(
+            "SELECT seq, id, task_key, scheduled_at FROM task_runs WHERE state_type = 'SCHEDULED' ORDER BY seq"
+        )
+        return [QueuedRun(seq, uuid.UUID(i), key, at) for seq, i, key, at in rows]
+
+
+# --------------------------------------------------------------------------- committer
+
+
+@attrs.define(eq=False)
+class _Pending(Generic[T]):
+    op: Callable[[_Ops], T]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    value: T | None = None
+    error: BaseException | None = None
+
+    def run(self, ops: _Ops) -> None:
+        conn = ops.conn
+        conn.execute("SAVEPOINT op")
+        try:
+            self.value = self.op(ops)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            self.error = exc
+        conn.execute("RELEASE op")
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, cached_statements=256
+    )
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def _commit_group(ops: _Ops, group: list[_Pending[object]]) -> None:
+    conn = ops.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for pending in group:
+            pending.run(ops)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class SQLiteStore:
+    """The embedded store. Open it with :meth:`open`; it lives as long as that block."""
+
+    def __init__(self, conn: sqlite3.Connection, send: trio.MemorySendChannel[_Pending[object]]) -> None:
+        self._ops = _Ops(conn)
+        self._send = send
+        self.path: str = ""
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: str | Path) -> AsyncIterator[SQLiteStore]:
+        """Open (creating or migrating) the database at ``path`` and run its committer.
+
+        **Resource handling:** the committer task and the connection live exactly as long as
+        the ``async with`` block; operations still queued when it ends fail with StoreError.
+        """
+        path = str(path)
+        conn = await trio.to_thread.run_sync(_connect, path)
+        send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
+        store = cls(conn, send)
+        store.path = path
+        try:
+            await trio.to_thread.run_sync(store._ops.migrate)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store._commit_forever, receive)
+                try:
+                    yield store
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            send.close()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(conn.close)
+
+    async def _commit_forever(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
+        group: list[_Pending[object]] = []
+        try:
+            async for first in receive:
+                group = [first]
+                while len(group) < MAX_GROUP:
+                    try:
+                        group.append(receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                try:
+                    await trio.to_thread.run_sync(_commit_group, self._ops, group)
+                except Exception as exc:
+                    for pending in group:
+                        pending.error = pending.error or exc
+                for pending in group:
+                    pending.done.set()
+                group = []
+        finally:
+            closed = StoreError("the store was closed before this operation ran")
+            for pending in group:
+                if not pending.done.is_set():
+                    pending.error = closed
+                    pending.done.set()
+            receive.close()
+            while True:
+                try:
+                    pending = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                pending.error = closed
+                pending.done.set()
+
+    async def _run(self, op: Callable[[_Ops], T]) -> T:
+        """Queue ``op`` for the next group commit and wait for its result.
+
+        **Cancellation handling:** once queued, an operation always runs and its caller
+        always sees the outcome (the wait is shielded; operations take milliseconds). That
+        is what keeps memory and disk in step: a claim whose caller was cancelled still
+        returns the runs it leased, so they can be handed back.
+        """
+        pending: _Pending[T] = _Pending(op)
+        with trio.CancelScope(shield=True):
+            try:
+                self._send.send_nowait(pending)  # type: ignore[arg-type]
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise StoreError("the store is closed") from None
+            await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.value  # type: ignore[return-value]
+
+    # -- the Store interface
+    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
+        return await self._run(lambda ops: ops.create_runs(creates))
+
+    async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        runs = await self._run(lambda ops: ops.read_runs([run_id]))
+        return runs[0] if runs else None
+
+    async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.read_runs(run_ids))
+
+    async def list_runs(
+        self, *, task_key: str | None = None, state: StateType | None = None, limit: int = 100, offset: int = 0
+    ) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.list_runs(task_key, state, limit, offset))
+
+    async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
+        return await self._run(lambda ops: ops.history(run_id))
+
+    async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id))
+
+    async def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]]) -> list[Change]:
+        return await self._run(lambda ops: ops.set_states(requests))
+
+    async def requeue(
+        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
+    ) -> list[Requeued]:
+        return await self._run(lambda ops: ops.requeue(run_ids, reason, max_deliveries))
+
+    async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        return await self._run(lambda ops: ops.delete_run(run_id))
+
+    async def recover(self, max_deliveries: int) -> list[QueuedRun]:
+        return await self._run(lambda ops: ops.recover(max_deliveries))

@@ -1,0 +1,38 @@
+"""Settings from the environment, read when asked for (never at import time).
+
+| variable | default | meaning |
+|---|---|---|
+| ``TRIOWORKER_HOME`` | ``~/.trioworker`` | where the embedded server keeps ``trioworker.db`` |
+| ``TRIOWORKER_API_URL`` | ``http://127.0.0.1:4300/api`` | the server clients and workers talk to |
+| ``TRIOWORKER_API_KEY`` | unset | the API key (server: required of clients; clients: sent) |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 4300
+
+
+@attrs.frozen
+class Settings:
+    home: Path
+    api_url: str
+    api_key: str | None
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "trioworker.db"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("TRIOWORKER_HOME") or "~/.trioworker").expanduser()
+        api_url = env.get("TRIOWORKER_API_URL") or f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/api"
+        return cls(home=home, api_url=api_url.rstrip("/"), api_key=env.get("TRIOWORKER_API_KEY") or None)

@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures that run a real trioworker server in-process (filled in below)."""
