@@ -206,8 +206,23 @@ def _make_converter() -> OrjsonConverter:
         return parsed.astimezone(UTC)
 
     conv.register_structure_hook(datetime, structure_datetime)
+
+    # Strict scalars: a peer that sends 5 where a string belongs made a mistake worth naming.
+    def strict(cls: type[object]) -> None:
+        def check(value: object, _: object) -> object:
+            if type(value) is not cls and not (cls is float and type(value) is int):
+                raise TypeError(f"expected {cls.__name__}, got {type(value).__name__}")
+            return value
+
+        conv.register_structure_hook(cls, check)
+
+    for scalar in (str, int, float, bool):
+        strict(scalar)
+    # The str hook above would catch string enums (singledispatch sees their str base).
+    for enum_cls in (StateType, SetStateStatus):
+        conv.register_structure_hook(enum_cls, lambda v, t: t(v))
     # JSON values pass through untouched in both directions.
-    conv.register_structure_hook(Any, lambda v, _: v)  # type: ignore[arg-type]
+    conv.register_structure_hook(Any, lambda v, _: v)
     return conv
 
 

@@ -95,11 +95,15 @@ async def serve_server(
         async with trio.open_nursery() as nursery:
 
             async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn_serve(app, hconfig, shutdown_trigger=shutdown_trigger, task_status=task_status)
+                await hypercorn_serve(
+                    app, hconfig, shutdown_trigger=shutdown_trigger, task_status=task_status
+                )
                 nursery.cancel_scope.cancel()  # hypercorn stopped: so does the timer
 
             await nursery.start(dispatcher.release_delayed_runs)
             binds: list[str] = await nursery.start(run_http)
             url = binds[0]
-            log.info("trioworker server listening on %s (database %s, %d runs queued)", url, config.db_path, queued)
+            log.info(
+                "trioworker server listening on %s (database %s, %d runs queued)", url, config.db_path, queued
+            )
             task_status.started(RunningServer(url=url, service=service))

@@ -60,6 +60,10 @@ class ProtocolViolation(Exception):
     """A subscription client broke the protocol; the socket closes with 4001."""
 
 
+class _ConnectionGone(Exception):
+    """The socket closed under us (the peer left); the session ends quietly."""
+
+
 def _json_response(payload: JSON, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status=status, content_type="application/json")
 
@@ -85,7 +89,9 @@ def _validate_create(create: TaskRunCreate) -> None:
     if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
         raise ApiError(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
     if create.serializer not in SERIALIZERS:
-        raise ApiError(422, f"unknown serializer {create.serializer!r}; expected one of {sorted(SERIALIZERS)}")
+        raise ApiError(
+            422, f"unknown serializer {create.serializer!r}; expected one of {sorted(SERIALIZERS)}"
+        )
     if create.serializer == "json" and not isinstance(create.parameters, dict):
         raise ApiError(422, "parameters must be a JSON object (name -> value) with the json serializer")
     if create.serializer == "pickle" and not isinstance(create.parameters, str):
@@ -210,7 +216,9 @@ def create_app(
             try:
                 state = StateType(state_arg.upper())
             except ValueError:
-                raise ApiError(422, f"unknown state {state_arg!r}; one of {[s.value for s in StateType]}") from None
+                raise ApiError(
+                    422, f"unknown state {state_arg!r}; one of {[s.value for s in StateType]}"
+                ) from None
         limit = int(_query_number("limit", 100, 1, MAX_LIST_LIMIT))
         offset = int(_query_number("offset", 0, 0, 2**62))
         runs = await service.list_runs(
@@ -230,7 +238,7 @@ def create_app(
         timeout = body.get("timeout", 30)
         if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_WAIT_SECONDS:
             raise ApiError(422, f"timeout must be a number of seconds between 0 and {MAX_WAIT_SECONDS:g}")
-        result = await service.wait(ids, timeout=float(timeout), wait_all=bool(body.get("all", False)))
+        result = await service.wait(ids, seconds=float(timeout), wait_all=bool(body.get("all", False)))
         return _dump(result)
 
     @app.get("/api/task_runs/<run_id>")
@@ -251,7 +259,7 @@ def create_app(
     async def wait_one(run_id: str) -> Response:
         rid = _parse_id(run_id)
         timeout = _query_number("timeout", 30, 0, MAX_WAIT_SECONDS)
-        result = await service.wait([rid], timeout=timeout, wait_all=True)
+        result = await service.wait([rid], seconds=timeout, wait_all=True)
         if result.missing:
             raise ApiError(404, f"no task run {run_id}")
         if result.ended:
@@ -300,22 +308,32 @@ def create_app(
 class _SubscriptionSession:
     """One subscription socket: handshake, then deliveries out and reports in, concurrently."""
 
-    def __init__(self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event) -> None:
+    def __init__(
+        self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
+    ) -> None:
         self.service = service
         self.token_ok = token_ok
         self.closing = closing
         self.send_lock = trio.StrictFIFOLock()
         self.quitting = False
+        #: State reports being applied: a quitting session closes only after their answers.
+        self.reports_in_flight = 0
         self.acks = 0
 
     async def send(self, payload: Mapping[str, JSON]) -> None:
         data = orjson.dumps(payload).decode()
         async with self.send_lock:
-            await websocket.send(data)
+            try:
+                await websocket.send(data)
+            except Exception as exc:  # hypercorn refuses sends on a closed socket
+                raise _ConnectionGone from exc
 
     async def close(self, code: int, reason: str) -> None:
         # A close frame's reason has room for 123 bytes.
-        await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
+        try:
+            await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
+        except Exception:
+            log.debug("close(%d) on a socket that was already closed", code)
 
     async def receive(self) -> dict[str, JSON]:
         raw = await websocket.receive()
@@ -331,17 +349,21 @@ class _SubscriptionSession:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 sub = await self.handshake()
+        except _ConnectionGone:
+            return
         except ProtocolViolation as exc:
             await self.close(CLOSE_PROTOCOL, f"Protocol violation: {exc}")
             return
         except trio.TooSlowError:
-            await self.close(CLOSE_PROTOCOL, "Protocol violation: no auth and subscribe within "
-                                             f"{HANDSHAKE_TIMEOUT:g} s")
+            await self.close(
+                CLOSE_PROTOCOL, f"Protocol violation: no auth and subscribe within {HANDSHAKE_TIMEOUT:g} s"
+            )
             return
         if sub is None:
             return
         self.service.dispatcher.subscribe(sub)
         log.info("subscription from %s to %s with credit %d", sub.client_id, ", ".join(sub.keys), sub.credit)
+        violation: ProtocolViolation | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.deliver_forever, sub, nursery.cancel_scope)
@@ -349,8 +371,12 @@ class _SubscriptionSession:
                 try:
                     await self.receive_forever(sub)
                 except ProtocolViolation as exc:
-                    nursery.cancel_scope.cancel()
-                    await self.close(CLOSE_PROTOCOL, f"Protocol violation: {exc}")
+                    violation = exc
+                except _ConnectionGone:
+                    pass
+                nursery.cancel_scope.cancel()
+            if violation is not None:
+                await self.close(CLOSE_PROTOCOL, f"Protocol violation: {violation}")
         finally:
             with trio.CancelScope(shield=True):
                 await self.service.disconnect(sub, clean=self.quitting)
@@ -383,13 +409,19 @@ class _SubscriptionSession:
             await self.close(CLOSE_RESTART, "the server is stopping")
 
     async def deliver_forever(self, sub: Subscription, scope: trio.CancelScope) -> None:
+        try:
+            await self._deliver(sub, scope)
+        except _ConnectionGone:
+            scope.cancel()
+
+    async def _deliver(self, sub: Subscription, scope: trio.CancelScope) -> None:
         while True:
             if sub.cancels:
                 ids, sub.cancels = sub.cancels, []
                 await self.send({"type": "cancel", "ids": [str(i) for i in ids]})
                 continue
             if self.quitting:
-                if not sub.held:
+                if not sub.held and not self.reports_in_flight:
                     scope.cancel()
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         await self.close(CLOSE_NORMAL, "quit")
@@ -434,6 +466,16 @@ class _SubscriptionSession:
                 raise ProtocolViolation(f"bad state report: {_describe(exc)}") from None
             requests.append((run_id, request_))
             refs.append(item.get("ref"))
+        self.reports_in_flight += 1
+        try:
+            await self._apply_reports(sub, requests, refs)
+        finally:
+            self.reports_in_flight -= 1
+            sub.wake()
+
+    async def _apply_reports(
+        self, sub: Subscription, requests: list[tuple[uuid.UUID, SetStateRequest]], refs: list[JSON]
+    ) -> None:
         results = await self.service.set_states(requests, reporter=sub)
         await self.send(
             {
@@ -444,7 +486,9 @@ class _SubscriptionSession:
                         "ref": ref,
                         "status": result.status.value,
                         "details": result.details,
-                        "state": None if result.status.value == "ACCEPT" else converter.unstructure(result.state),
+                        "state": None
+                        if result.status.value == "ACCEPT"
+                        else converter.unstructure(result.state),
                     }
                     for (run_id, _), ref, result in zip(requests, refs, results, strict=True)
                 ],

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+
 import attrs
 import trio
 
@@ -180,7 +181,9 @@ class Dispatcher:
         return list(seen.values())
 
     # -- delayed runs
-    async def release_delayed_runs(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def release_delayed_runs(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Move delayed runs to the ready queues when they fall due; runs until cancelled.
 
         It sleeps until the earliest due time or until an earlier run is added, whichever
@@ -198,4 +201,3 @@ class Dispatcher:
             wait = self._delayed[0][0] - now if self._delayed else math.inf
             with trio.move_on_after(wait):
                 await self._delayed_changed.wait()
-

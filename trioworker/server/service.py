@@ -112,8 +112,8 @@ class TaskRunService:
             self._notify_ended(run_id, None)
         return run
 
-    async def wait(self, run_ids: Sequence[uuid.UUID], *, timeout: float, wait_all: bool) -> WaitResult:
-        """Wait until one (or, with ``wait_all``, every) run has ended, or ``timeout`` passes.
+    async def wait(self, run_ids: Sequence[uuid.UUID], *, seconds: float, wait_all: bool) -> WaitResult:
+        """Wait until one (or, with ``wait_all``, every) run has ended, or ``seconds`` pass.
 
         No polling: the waiter is registered before the runs are read, and every state
         change that ends a run hands it over.
@@ -126,7 +126,7 @@ class TaskRunService:
             runs = {r.id: r for r in await self.store.read_runs(list(ids))}
             ended = {i: r for i, r in runs.items() if r.state.is_terminal}
             missing = ids - runs.keys()
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(seconds):
                 while True:
                     for run in waiter.ended:
                         if run.id in ids and run.id not in missing:

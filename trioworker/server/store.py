@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import AsyncIterator, Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 import attrs
 import orjson
@@ -114,7 +114,9 @@ class Requeued:
 class Store(Protocol):
     """What the server needs from storage. :class:`SQLiteStore` is the embedded default."""
 
-    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]: ...
+    async def create_runs(
+        self, creates: Sequence[TaskRunCreate]
+    ) -> list[tuple[TaskRun, QueuedRun | None]]: ...
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
     async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]: ...
     async def list_runs(
@@ -239,7 +241,8 @@ class _Ops:
                 wait_for=list(create.wait_for),
             )
             cur = self.conn.execute(
-                "INSERT INTO task_runs (id, task_key, state_type, scheduled_at, idempotency_key, parameters, body)"
+                "INSERT INTO task_runs"
+                " (id, task_key, state_type, scheduled_at, idempotency_key, parameters, body)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     str(run_id),
@@ -292,9 +295,7 @@ class _Ops:
             "SELECT type, name, timestamp, message FROM task_run_states WHERE run_seq = ? ORDER BY rowid",
             (seq,),
         )
-        return [
-            StateChange(StateType(t), n, datetime.fromisoformat(ts), m) for t, n, ts, m in rows
-        ]
+        return [StateChange(StateType(t), n, datetime.fromisoformat(ts), m) for t, n, ts, m in rows]
 
     def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
         found = self._fetch(run_ids)
@@ -308,9 +309,7 @@ class _Ops:
                 continue  # cancelled, deleted or run directly since it was queued
             run = attrs.evolve(
                 run,
-                state=make_state(
-                    StateType.PENDING, timestamp=now, details=StateDetails(client_id=client_id)
-                ),
+                state=make_state(StateType.PENDING, timestamp=now, details=StateDetails(client_id=client_id)),
                 updated=now,
                 delivery_count=run.delivery_count + 1,
             )
@@ -354,9 +353,7 @@ class _Ops:
         elif state.type is StateType.SCHEDULED:
             # A finished attempt (a retry) or a fresh schedule: the crash guard starts over.
             delivery_count = 0
-        return attrs.evolve(
-            run, state=state, updated=now, run_count=run_count, delivery_count=delivery_count
-        )
+        return attrs.evolve(run, state=state, updated=now, run_count=run_count, delivery_count=delivery_count)
 
     def requeue(
         self, run_ids: Sequence[uuid.UUID], reason: str, max_deliveries: int | None
@@ -412,7 +409,8 @@ class _Ops:
         ]
         self.requeue(held, "redelivery", max_deliveries)
         rows = self.conn.execute(
-            "SELECT seq, id, task_key, scheduled_at FROM task_runs WHERE state_type = 'SCHEDULED' ORDER BY seq"
+            "SELECT seq, id, task_key, scheduled_at FROM task_runs"
+            " WHERE state_type = 'SCHEDULED' ORDER BY seq"
         )
         return [QueuedRun(seq, uuid.UUID(i), key, at) for seq, i, key, at in rows]
 
@@ -441,9 +439,7 @@ class _Pending(Generic[T]):
 def _connect(path: str) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, cached_statements=256
-    )
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -463,6 +459,12 @@ def _commit_group(ops: _Ops, group: list[_Pending[object]]) -> None:
     conn.execute("COMMIT")
 
 
+@attrs.frozen
+class StoreStatistics:
+    operations: int
+    commits: int
+
+
 class SQLiteStore:
     """The embedded store. Open it with :meth:`open`; it lives as long as that block."""
 
@@ -470,6 +472,12 @@ class SQLiteStore:
         self._ops = _Ops(conn)
         self._send = send
         self.path: str = ""
+        self._operations = 0
+        self._commits = 0
+
+    def statistics(self) -> StoreStatistics:
+        """How many operations ran, in how many transactions (group commit at work)."""
+        return StoreStatistics(operations=self._operations, commits=self._commits)
 
     @classmethod
     @asynccontextmanager
@@ -509,6 +517,8 @@ class SQLiteStore:
                         break
                 try:
                     await trio.to_thread.run_sync(_commit_group, self._ops, group)
+                    self._commits += 1
+                    self._operations += len(group)
                 except Exception as exc:
                     for pending in group:
                         pending.error = pending.error or exc
@@ -561,7 +571,12 @@ class SQLiteStore:
         return await self._run(lambda ops: ops.read_runs(run_ids))
 
     async def list_runs(
-        self, *, task_key: str | None = None, state: StateType | None = None, limit: int = 100, offset: int = 0
+        self,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 100,
+        offset: int = 0,
     ) -> list[TaskRun]:
         return await self._run(lambda ops: ops.list_runs(task_key, state, limit, offset))
 

@@ -1,0 +1,87 @@
+"""A bare subscription client for protocol tests: it speaks the wire format by hand."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from trioworker.server import RunningServer
+
+SUBSCRIPTION = "/api/task_runs/subscriptions/scheduled"
+
+
+def ws_url(server: RunningServer) -> str:
+    return server.url.replace("http://", "ws://", 1) + SUBSCRIPTION
+
+
+class Raw:
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send_message(orjson.dumps(message).decode())
+
+    async def receive(self) -> dict[str, Any]:
+        with trio.fail_after(10):
+            message = orjson.loads(await self.ws.get_message())
+        assert isinstance(message, dict)
+        return message
+
+    async def runs(self) -> list[dict[str, Any]]:
+        """The runs of the next delivery (cancel notices and results are skipped)."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "task_runs":
+                return list(message["task_runs"])
+
+    async def report(self, ids: Iterable[str], state_type: str, **state: Any) -> list[dict[str, Any]]:
+        states = [{"id": i, "state": {"type": state_type, "name": state_type.title(), **state}} for i in ids]
+        await self.send({"type": "states", "states": states})
+        while True:
+            message = await self.receive()
+            if message["type"] == "state_results":
+                return list(message["results"])
+
+    async def finish(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        for state_type in ("RUNNING", "COMPLETED"):
+            results = await self.report(ids, state_type)
+            assert [r["status"] for r in results] == ["ACCEPT"] * len(ids)
+
+
+@asynccontextmanager
+async def connect(server: RunningServer) -> AsyncIterator[WebSocketConnection]:
+    """``open_websocket_url`` that always closes its TCP stream.
+
+    trio-websocket 0.12 returns early from ``aclose()`` when the server closed first, and
+    leaves the socket to the garbage collector (a ResourceWarning): close it here.
+    """
+    ws: WebSocketConnection | None = None
+    try:
+        async with open_websocket_url(ws_url(server)) as ws:
+            yield ws
+    finally:
+        if ws is not None:
+            await trio.aclose_forcefully(ws._stream)
+
+
+@asynccontextmanager
+async def subscribe(
+    server: RunningServer,
+    keys: list[str],
+    *,
+    credit: int = 10,
+    token: str | None = None,
+    client_id: str = "test-1",
+) -> AsyncIterator[Raw]:
+    async with connect(server) as ws:
+        raw = Raw(ws)
+        await raw.send({"type": "auth", "token": token})
+        assert await raw.receive() == {"type": "auth_success"}
+        await raw.send({"type": "subscribe", "keys": keys, "client_id": client_id, "credit": credit})
+        yield raw

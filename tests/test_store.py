@@ -1,0 +1,121 @@
+"""The SQLite store on its own: durability, migrations, group commit, and the thread rule."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
+from trioworker.server.store import SCHEMA_VERSION, SQLiteStore, StoreError
+
+
+async def test_runs_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        [(run, queued)] = await store.create_runs([TaskRunCreate(task_key="k", parameters={"x": 1})])
+        assert queued is not None
+    async with SQLiteStore.open(path) as store:
+        again = await store.read_run(run.id)
+    assert again == run
+
+
+async def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path):
+        pass
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    conn.close()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        async with SQLiteStore.open(path):
+            pass
+
+
+async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
+    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        before = store.statistics()
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(store.create_runs, [TaskRunCreate(task_key="k", parameters={"i": i})])
+        after = store.statistics()
+        assert after.operations - before.operations == 200
+        assert after.commits - before.commits < 20
+        assert len(await store.list_runs(limit=1000)) == 200
+
+
+async def test_sqlite_never_runs_on_the_trio_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trio_thread = threading.get_ident()
+    threads: set[int] = set()
+    real_execute = sqlite3.Connection.execute
+
+    class Spy(sqlite3.Connection):
+        def execute(self, *args, **kwargs):
+            threads.add(threading.get_ident())
+            return real_execute(self, *args, **kwargs)
+
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: real_connect(*a, factory=Spy, **kw))
+    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+        await store.claim_runs([run.id], "c")
+        await store.set_states([(run.id, SetStateRequest(make_state(StateType.RUNNING)))])
+    assert threads
+    assert trio_thread not in threads
+
+
+async def test_a_failing_operation_does_not_spoil_its_group(tmp_path: Path) -> None:
+    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        results: list[object] = []
+
+        async def bad() -> None:
+            with pytest.raises(ZeroDivisionError):
+                await store._run(lambda ops: 1 / 0)
+
+        async def good() -> None:
+            results.append(await store.create_runs([TaskRunCreate(task_key="k")]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bad)
+            nursery.start_soon(good)
+        assert len(await store.list_runs()) == 1
+
+
+async def test_claim_skips_runs_that_are_no_longer_scheduled(tmp_path: Path) -> None:
+    async with SQLiteStore.open(":memory:") as store:
+        created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
+        ids = [run.id for run, _ in created]
+        await store.set_states([(ids[1], SetStateRequest(make_state(StateType.CANCELLED)))])
+        claimed = await store.claim_runs([*ids, uuid.uuid4()], "c")
+        assert [r.id for r in claimed] == [ids[0], ids[2]]
+        assert {r.state.type for r in claimed} == {StateType.PENDING}
+        assert await store.claim_runs(ids, "c") == []
+
+
+async def test_recover_requeues_held_runs(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
+        ids = [run.id for run, _ in created]
+        await store.claim_runs(ids[:2], "c")
+        await store.set_states([(ids[0], SetStateRequest(make_state(StateType.RUNNING)))])
+    async with SQLiteStore.open(path) as store:
+        queued = await store.recover(max_deliveries=5)
+        assert [q.id for q in queued] == ids
+        runs = await store.read_runs(ids[:2])
+        assert {(r.state.type, r.state.name) for r in runs} == {(StateType.SCHEDULED, "Redelivered")}
