@@ -14,7 +14,8 @@ d) queue M runs (not timed as a target), create N more in batches while M are qu
    then drain the first N of them: nothing should get slower with the size of the queue.
 
 The table shows the median of ``--repeat`` repetitions and the server's peak RSS (VmHWM);
-the JSON results go to ``benchmarks/results/bench_server.json``.
+the JSON results go to ``benchmarks/results/bench_server.json``. The exit code is 1 when a
+phase misses its target, a check of the server's answers fails, or the benchmark aborts.
 """
 
 from __future__ import annotations

@@ -318,6 +318,7 @@ class _SubscriptionSession:
         self.quitting = False
         #: State reports being applied: a quitting session closes only after their answers.
         self.reports_in_flight = 0
+        self.held_at_subscribe: list[uuid.UUID] = []
         self.acks = 0
 
     async def send(self, payload: Mapping[str, JSON]) -> None:
@@ -365,6 +366,7 @@ class _SubscriptionSession:
         log.info("subscription from %s to %s with credit %d", sub.client_id, ", ".join(sub.keys), sub.credit)
         violation: ProtocolViolation | None = None
         try:
+            await self.service.reclaim(sub, self.held_at_subscribe)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.deliver_forever, sub, nursery.cancel_scope)
                 nursery.start_soon(self.close_on_shutdown, nursery.cancel_scope)
@@ -400,7 +402,16 @@ class _SubscriptionSession:
             raise ProtocolViolation('"client_id" must be a non-empty string')
         if not isinstance(credit, int) or isinstance(credit, bool) or credit < 0:
             raise ProtocolViolation('"credit" must be an integer >= 0')
-        return Subscription(client_id=client_id, keys=tuple(dict.fromkeys(keys)), credit=credit)
+        held = message.get("held", [])
+        try:
+            held_ids = [uuid.UUID(str(i)) for i in held] if isinstance(held, list) else None
+        except ValueError:
+            held_ids = None
+        if held_ids is None:
+            raise ProtocolViolation('"held" must be a list of task run ids')
+        sub = Subscription(client_id=client_id, keys=tuple(dict.fromkeys(keys)), credit=credit)
+        self.held_at_subscribe = held_ids
+        return sub
 
     async def close_on_shutdown(self, scope: trio.CancelScope) -> None:
         await self.closing.wait()

@@ -10,7 +10,6 @@ store is the atomic step, and it skips anything no longer SCHEDULED.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import time
 import uuid
@@ -69,12 +68,16 @@ class Subscription:
 @attrs.define(eq=False)
 class Dispatcher:
     clock: WallClock = time.time
-    _ready: dict[str, deque[QueuedRun]] = attrs.field(factory=dict)
-    _delayed: list[tuple[float, int, QueuedRun]] = attrs.field(factory=list)
+    # Index entries are plain tuples of ints, floats and strings: CPython stops tracking
+    # such tuples in its garbage collector, so 100,000 queued runs cost full collections
+    # nothing. (Objects, even slotted ones, would be walked by every full collection.)
+    #: task key -> FIFO of (seq, run id as str)
+    _ready: dict[str, deque[tuple[int, str]]] = attrs.field(factory=dict)
+    #: heap of (due epoch seconds, seq, run id as str, task key)
+    _delayed: list[tuple[float, int, str, str]] = attrs.field(factory=list)
     _delayed_changed: trio.Event = attrs.field(factory=trio.Event)
     _subscribers: dict[str, list[Subscription]] = attrs.field(factory=dict)
     _leases: dict[uuid.UUID, Subscription] = attrs.field(factory=dict)
-    _tiebreak: itertools.count[int] = attrs.field(factory=itertools.count)
 
     # -- queues
     def enqueue(self, runs: Iterable[QueuedRun], *, front: bool = False) -> None:
@@ -89,17 +92,18 @@ class Dispatcher:
         ready = [r for r in runs if r.scheduled_at is None or r.scheduled_at <= now]
         for run in runs:
             if run.scheduled_at is not None and run.scheduled_at > now:
-                heapq.heappush(self._delayed, (run.scheduled_at, next(self._tiebreak), run))
-                if self._delayed[0][2] is run:
+                entry = (run.scheduled_at, run.seq, str(run.id), run.task_key)
+                heapq.heappush(self._delayed, entry)
+                if self._delayed[0] is entry:
                     self._delayed_changed.set()
         if front:
             ready.sort(key=lambda r: r.seq, reverse=True)
         for run in ready:
             queue = self._ready.setdefault(run.task_key, deque())
             if front:
-                queue.appendleft(run)
+                queue.appendleft((run.seq, str(run.id)))
             else:
-                queue.append(run)
+                queue.append((run.seq, str(run.id)))
             woken.add(run.task_key)
         for key in woken:
             for sub in self._subscribers.get(key, ()):
@@ -120,15 +124,15 @@ class Dispatcher:
         taken: list[uuid.UUID] = []
         queues = [q for key in sub.keys if (q := self._ready.get(key))]
         while room > 0 and queues:
-            queue = min(queues, key=lambda q: q[0].seq) if len(queues) > 1 else queues[0]
-            run = queue.popleft()
+            queue = min(queues, key=lambda q: q[0][0]) if len(queues) > 1 else queues[0]
+            run_id = uuid.UUID(queue.popleft()[1])
             if not queue:
                 queues.remove(queue)
-            if run.id in self._leases:
+            if run_id in self._leases:
                 continue  # a stale duplicate of a run someone holds
-            taken.append(run.id)
-            self._leases[run.id] = sub
-            sub.held.add(run.id)
+            taken.append(run_id)
+            self._leases[run_id] = sub
+            sub.held.add(run_id)
             room -= 1
         return taken
 
@@ -145,6 +149,10 @@ class Dispatcher:
         return sub
 
     def lease(self, sub: Subscription, run_id: uuid.UUID) -> None:
+        """Lease ``run_id`` to ``sub``, taking it from any subscription that held it."""
+        previous = self._leases.get(run_id)
+        if previous is not None and previous is not sub:
+            previous.held.discard(run_id)
         self._leases[run_id] = sub
         sub.held.add(run_id)
 
@@ -161,10 +169,9 @@ class Dispatcher:
                 subs.remove(sub)
             if not subs:
                 self._subscribers.pop(key, None)
-        held = set(sub.held)
+        held = {run_id for run_id in sub.held if self._leases.get(run_id) is sub}
         for run_id in held:
-            if self._leases.get(run_id) is sub:
-                del self._leases[run_id]
+            del self._leases[run_id]
         sub.held.clear()
         return held
 
@@ -194,7 +201,8 @@ class Dispatcher:
             now = self.clock()
             due: list[QueuedRun] = []
             while self._delayed and self._delayed[0][0] <= now:
-                due.append(heapq.heappop(self._delayed)[2])
+                at, seq, run_id, key = heapq.heappop(self._delayed)
+                due.append(QueuedRun(seq, uuid.UUID(run_id), key, at))
             if due:
                 self.enqueue(due)
             self._delayed_changed = trio.Event()

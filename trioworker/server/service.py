@@ -162,6 +162,20 @@ class TaskRunService:
                 self.dispatcher.release(run_id)
         return claimed
 
+    async def reclaim(self, sub: Subscription, run_ids: Sequence[uuid.UUID]) -> None:
+        """A reconnected client says it still works on ``run_ids``.
+
+        What nobody else took is leased to ``sub`` again (so the run is not run twice);
+        for the rest ``sub`` is told to cancel its copy.
+        """
+        if not run_ids:
+            return
+        kept, lost = await self.store.reclaim(run_ids, sub.client_id)
+        for run_id in kept:
+            self.dispatcher.lease(sub, run_id)
+        for run_id in lost:
+            sub.request_cancel(run_id)
+
     async def release(self, sub: Subscription, run_ids: Sequence[uuid.UUID]) -> None:
         """The worker hands back runs it will not run (stopping, or a key it lost)."""
         mine = [i for i in run_ids if self.dispatcher.holder(i) is sub]

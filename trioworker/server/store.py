@@ -129,6 +129,9 @@ class Store(Protocol):
         self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
     ) -> list[Requeued]: ...
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
+    async def reclaim(
+        self, run_ids: Sequence[uuid.UUID], client_id: str
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]: ...
     async def recover(self, max_deliveries: int) -> list[QueuedRun]: ...
 
 
@@ -391,6 +394,43 @@ class _Ops:
             out.append(Requeued(run_id, state.type, queued))
         return out
 
+    def reclaim(
+        self, run_ids: Sequence[uuid.UUID], client_id: str
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+        """A reconnected client still works on these runs: give back those nobody else took.
+
+        Returns ``(kept, lost)``. A run is kept when it is still held under ``client_id``
+        (the old connection is not cleaned up yet) or was requeued and not delivered since;
+        a requeued one becomes RUNNING again under ``client_id``. Anything else is lost.
+        """
+        found = self._fetch(run_ids)
+        kept: list[uuid.UUID] = []
+        lost: list[uuid.UUID] = []
+        now = utcnow()
+        for run_id in run_ids:
+            if run_id not in found:
+                lost.append(run_id)
+                continue
+            seq, run = found[run_id]
+            state = run.state
+            if (
+                state.type in (StateType.PENDING, StateType.RUNNING)
+                and state.state_details.client_id == client_id
+            ):
+                kept.append(run_id)
+            elif state.type is StateType.SCHEDULED and state.name == "Redelivered":
+                resumed = make_state(
+                    StateType.RUNNING,
+                    timestamp=now,
+                    message="resumed by the same client after a reconnect",
+                    details=StateDetails(client_id=client_id),
+                )
+                self._write(seq, attrs.evolve(run, state=resumed, updated=now))
+                kept.append(run_id)
+            else:
+                lost.append(run_id)
+        return kept, lost
+
     def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         found = self._fetch([run_id])
         if run_id not in found:
@@ -596,6 +636,11 @@ class SQLiteStore:
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self._run(lambda ops: ops.delete_run(run_id))
+
+    async def reclaim(
+        self, run_ids: Sequence[uuid.UUID], client_id: str
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+        return await self._run(lambda ops: ops.reclaim(run_ids, client_id))
 
     async def recover(self, max_deliveries: int) -> list[QueuedRun]:
         return await self._run(lambda ops: ops.recover(max_deliveries))

@@ -1,0 +1,156 @@
+"""How parameters and results travel: ``json`` (the default) and ``pickle`` (opt-in).
+
+The json serializer binds arguments to the task's signature and unstructures each with
+the wire converter; the worker structures each back by the parameter's annotation, so an
+attrs instance, a datetime or a UUID arrives as itself. Pickle carries any object, and
+with it the power to run code on the worker: a worker refuses it unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import pickle
+import traceback
+import typing
+from collections.abc import Callable
+from typing import Any, Final
+
+import cattrs
+
+from trioworker.errors import ParameterError
+from trioworker.models import JSON, converter
+
+Parameter = inspect.Parameter
+
+
+def _hints(fn: Callable[..., object]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: fall back to no structuring
+        return {}
+
+
+def _structure(value: JSON, hint: Any, where: str) -> Any:
+    if hint is None or hint is Any or hint is inspect.Parameter.empty:
+        return value
+    try:
+        return converter.structure(value, hint)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        detail = (
+            "; ".join(cattrs.transform_error(exc)) if isinstance(exc, cattrs.BaseValidationError) else exc
+        )
+        raise ParameterError(
+            f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}: {detail}"
+        ) from None
+
+
+def bind(fn: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
+    """Bind like a call would (raising the same TypeError), with defaults filled in."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound
+
+
+def dump_parameters(
+    fn: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, JSON]:
+    """``{parameter name: JSON value}``; ``*args`` is a list, ``**kwargs`` an object."""
+    bound = bind(fn, args, kwargs)
+    params = bound.signature.parameters
+    out: dict[str, JSON] = {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is Parameter.VAR_POSITIONAL:
+            out[name] = [converter.unstructure(v) for v in value]
+        elif kind is Parameter.VAR_KEYWORD:
+            out[name] = {k: converter.unstructure(v) for k, v in value.items()}
+        else:
+            out[name] = converter.unstructure(value)
+    return out
+
+
+def load_parameters(fn: Callable[..., object], data: JSON) -> tuple[list[Any], dict[str, Any]]:
+    """Rebuild ``(args, kwargs)`` for calling ``fn`` from :func:`dump_parameters` output."""
+    if not isinstance(data, dict):
+        raise ParameterError(f"parameters must be a JSON object, got {type(data).__name__}")
+    hints = _hints(fn)
+    params = inspect.signature(fn).parameters
+    unknown = set(data) - set(params)
+    if unknown:
+        raise ParameterError(f"unexpected parameter(s) {', '.join(sorted(unknown))} for {fn.__qualname__}")
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    positional_ok = True
+    for name, param in params.items():
+        hint = hints.get(name)
+        if name not in data:
+            if param.default is Parameter.empty and param.kind not in (
+                Parameter.VAR_POSITIONAL,
+                Parameter.VAR_KEYWORD,
+            ):
+                raise ParameterError(f"missing parameter {name!r} for {fn.__qualname__}")
+            positional_ok = positional_ok and param.kind is not Parameter.POSITIONAL_OR_KEYWORD
+            continue
+        value = data[name]
+        if param.kind is Parameter.VAR_POSITIONAL:
+            if not isinstance(value, list):
+                raise ParameterError(f"*{name} must be a JSON array")
+            args.extend(_structure(v, hint, f"*{name}") for v in value)
+        elif param.kind is Parameter.VAR_KEYWORD:
+            if not isinstance(value, dict):
+                raise ParameterError(f"**{name} must be a JSON object")
+            kwargs.update({k: _structure(v, hint, f"**{name}[{k!r}]") for k, v in value.items()})
+        elif param.kind is Parameter.KEYWORD_ONLY or (
+            param.kind is Parameter.POSITIONAL_OR_KEYWORD and not positional_ok
+        ):
+            kwargs[name] = _structure(value, hint, name)
+        else:
+            args.append(_structure(value, hint, name))
+    return args, kwargs
+
+
+def dump_result(fn: Callable[..., object], value: object) -> JSON:
+    return converter.unstructure(value)
+
+
+def load_result(fn: Callable[..., object], data: JSON) -> Any:
+    return _structure(data, _hints(fn).get("return"), "result")
+
+
+def pickle_dumps(value: object) -> str:
+    return base64.b64encode(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+
+
+def pickle_loads(data: JSON) -> Any:
+    if not isinstance(data, str):
+        raise ParameterError("pickled data must be a base64 string")
+    try:
+        return pickle.loads(base64.b64decode(data))
+    except Exception as exc:
+        raise ParameterError(f"cannot unpickle: {exc!r}") from None
+
+
+def describe_exception(exc: BaseException) -> dict[str, JSON]:
+    """The FAILED state's data: enough to re-raise the same type where it can be imported."""
+    cls = type(exc)
+    return {
+        "type": f"{cls.__module__}.{cls.__qualname__}",
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+        "args": _jsonable_args(exc),
+    }
+
+
+def _jsonable_args(exc: BaseException) -> list[JSON] | None:
+    try:
+        args = [converter.unstructure(a) for a in exc.args]
+        import orjson
+
+        orjson.dumps(args)
+        return args
+    except Exception:
+        return None
+
+
+SERIALIZERS: Final = ("json", "pickle")
