@@ -65,5 +65,5 @@ class TaskRunFailed(TrioworkerError):
         self.task_run = task_run
 
 
-class StopTaskWorker(Exception):  # noqa: N818 - the name users know from Prefect
+class StopTaskWorker(Exception):
     """Stops a worker cleanly: ``serve()`` returns instead of raising."""

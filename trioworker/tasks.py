@@ -137,9 +137,9 @@ def task(
         return Task(
             fn=f,
             key=key or default_key(f),
-            name=name or getattr(f, "__name__", "task"),
+            name=name or str(getattr(f, "__name__", "task")),
             retries=retries,
-            retry_delay_seconds=retry_delay_seconds,  # type: ignore[arg-type]
+            retry_delay_seconds=retry_delay_seconds,
             retry_condition_fn=retry_condition_fn,
             timeout_seconds=timeout_seconds,
             serializer=serializer,

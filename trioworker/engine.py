@@ -1,0 +1,206 @@
+"""Runs one task run: PENDING -> RUNNING -> COMPLETED | FAILED | CANCELLED, or back to the queue.
+
+The engine owns the attempt, not the run's fate: every state it reaches is proposed to
+the server through a :class:`Reporter`, and the server's answer decides (a run cancelled
+meanwhile gets ABORT, and the engine does not start it).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from functools import partial
+from typing import Any, Protocol
+
+import orjson
+import trio
+
+from trioworker import serializers
+from trioworker.errors import ParameterError, StopTaskWorker
+from trioworker.models import (
+    JSON,
+    SetStateResult,
+    SetStateStatus,
+    State,
+    StateDetails,
+    StateType,
+    TaskRun,
+    make_state,
+    utcnow,
+)
+from trioworker.tasks import Task
+
+log = logging.getLogger("trioworker.engine")
+
+
+class Reporter(Protocol):
+    """Where the engine proposes states: the subscription socket, or REST."""
+
+    async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult: ...
+
+
+class Outcome(enum.Enum):
+    """How one execution ended, from the worker's point of view."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    CANCELLED = "cancelled"
+    #: The server would not let it start (cancelled or taken elsewhere meanwhile).
+    REFUSED = "refused"
+    #: The task raised StopTaskWorker: the run went back to the queue, the worker stops.
+    STOP = "stop"
+
+
+def read_parameters(
+    task: Task[..., Any], run: TaskRun, *, allow_pickle: bool
+) -> tuple[list[Any], dict[str, Any]]:
+    """The call's ``(args, kwargs)``; raises ParameterError with a sentence for the run's state."""
+    if run.serializer == "json":
+        return serializers.load_parameters(task.fn, run.parameters)
+    if run.serializer == "pickle":
+        if not allow_pickle:
+            raise ParameterError(
+                "this run's parameters are pickled and this worker does not accept pickle "
+                "(start it with allow_pickle=True / --allow-pickle if you trust the submitters)"
+            )
+        loaded = serializers.pickle_loads(run.parameters)
+        if not (isinstance(loaded, tuple) and len(loaded) == 2):
+            raise ParameterError("pickled parameters must be an (args, kwargs) pair")
+        args, kwargs = loaded
+        return list(args), dict(kwargs)
+    raise ParameterError(f"unknown serializer {run.serializer!r}")
+
+
+def _result_data(task: Task[..., Any], run: TaskRun, value: object) -> JSON:
+    if run.serializer == "pickle":
+        return serializers.pickle_dumps(value)
+    data = serializers.dump_result(task.fn, value)
+    orjson.dumps(data)  # raises TypeError now rather than in the socket writer later
+    return data
+
+
+async def _call(
+    task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], thread_limiter: trio.CapacityLimiter
+) -> Any:
+    if task.is_async:
+        return await task.fn(*args, **kwargs)
+    # The thread gets a copy of our contextvars (trio does that), and cancellation waits
+    # for it to return: a thread never outlives its run.
+    return await trio.to_thread.run_sync(partial(task.fn, *args, **kwargs), limiter=thread_limiter)
+
+
+async def _attempt(
+    task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], thread_limiter: trio.CapacityLimiter
+) -> tuple[bool, Any]:
+    """``(True, value)`` or ``(False, exception)``. Cancellation passes through untouched."""
+    try:
+        if task.timeout_seconds is None:
+            return True, await _call(task, args, kwargs, thread_limiter)
+        try:
+            with trio.fail_after(task.timeout_seconds):
+                return True, await _call(task, args, kwargs, thread_limiter)
+        except trio.TooSlowError:
+            raise TimeoutError(f"{task.name} timed out after {task.timeout_seconds:g} s") from None
+    except Exception as exc:
+        return False, exc
+
+
+def _retry_state(task: Task[..., Any], run: TaskRun, exc: Exception, attempt: int) -> State | None:
+    if attempt > task.retries:
+        return None
+    if task.retry_condition_fn is not None:
+        try:
+            if not task.retry_condition_fn(task, run, exc):
+                return None
+        except Exception:
+            log.exception("retry_condition_fn of %s failed; not retrying", task.key)
+            return None
+    delay = task.retry_delay(attempt)
+    return make_state(
+        StateType.SCHEDULED,
+        "AwaitingRetry",
+        message=f"retry {attempt} of {task.retries} in {delay:g} s after {type(exc).__name__}: {exc}",
+        details=StateDetails(scheduled_time=utcnow() + timedelta(seconds=delay), reason="retry"),
+    )
+
+
+async def execute(
+    task: Task[..., Any],
+    run: TaskRun,
+    reporter: Reporter,
+    *,
+    scope: trio.CancelScope,
+    thread_limiter: trio.CapacityLimiter,
+    allow_pickle: bool = False,
+    on_running: Callable[[], None] | None = None,
+) -> Outcome:
+    """Run one attempt of ``run`` and report where it ended.
+
+    Args:
+        scope: cancelling it (the server asked to stop the run) ends the attempt with
+            :attr:`Outcome.CANCELLED`, unreported; any other cancellation (the worker
+            stopping) propagates, unreported, and the worker hands the run back.
+        on_running: called once the server accepted RUNNING.
+    """
+    try:
+        args, kwargs = read_parameters(task, run, allow_pickle=allow_pickle)
+    except ParameterError as exc:
+        log.error("run %s of %s: %s", run.id, task.key, exc)
+        failed = make_state(
+            StateType.FAILED,
+            message=f"could not read the parameters: {exc}",
+            data=serializers.describe_exception(exc),
+        )
+        await reporter.report(run.id, failed)
+        return Outcome.FAILED
+
+    answer = await reporter.report(run.id, make_state(StateType.RUNNING))
+    if answer.status is not SetStateStatus.ACCEPT:
+        log.info("run %s not started: %s (%s)", run.id, answer.status.value, answer.details)
+        return Outcome.REFUSED
+    if on_running is not None:
+        on_running()
+
+    ok, value = False, None
+    with scope:
+        ok, value = await _attempt(task, args, kwargs, thread_limiter)
+    if scope.cancelled_caught:
+        # The server already marked the run (CANCELLED, or deleted, or given to another
+        # worker after we lost touch): no report; the worker hands the lease back.
+        return Outcome.CANCELLED
+
+    if ok:
+        try:
+            data = _result_data(task, run, value)
+        except (TypeError, ValueError) as unserializable:
+            value = TypeError(f"the result of {task.name} cannot be serialized: {unserializable}")
+        else:
+            await reporter.report(run.id, make_state(StateType.COMPLETED, data=data))
+            return Outcome.COMPLETED
+
+    error = value
+    assert isinstance(error, Exception)
+    if isinstance(error, StopTaskWorker):
+        back = make_state(
+            StateType.SCHEDULED,
+            "Redelivered",
+            message="the worker stopped (StopTaskWorker)",
+            details=StateDetails(reason="release"),
+        )
+        await reporter.report(run.id, back)
+        return Outcome.STOP
+    retry = _retry_state(task, run, error, attempt=run.run_count + 1)
+    if retry is not None:
+        log.info("run %s of %s failed (%r); %s", run.id, task.key, error, retry.message)
+        await reporter.report(run.id, retry)
+        return Outcome.RETRYING
+    log.info("run %s of %s failed: %r", run.id, task.key, error)
+    failed = make_state(
+        StateType.FAILED, message=f"{type(error).__name__}: {error}", data=serializers.describe_exception(error)
+    )
+    await reporter.report(run.id, failed)
+    return Outcome.FAILED

@@ -1,0 +1,316 @@
+"""The worker's side of the subscription websocket: one connection at a time, reconnecting.
+
+:class:`SubscriptionClient` delivers runs into a memory channel, carries state reports back
+in batches (one message holds every report queued while the previous one was being sent),
+and survives every kind of connection loss: it reconnects with jittered exponential
+backoff, tells the server which runs it still works on (so they are not run twice), and
+sends again the reports that were not answered (the server treats repeats as no-ops).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager
+from typing import Final
+
+import attrs
+import cattrs
+import orjson
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from trioworker.errors import SubscriptionRefused
+from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
+
+log = logging.getLogger("trioworker.subscription")
+
+SUBSCRIPTION_PATH: Final = "/task_runs/subscriptions/scheduled"
+#: Largest message accepted from the server (a delivery of many runs can be large).
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+#: Reconnect backoff: first wait, growth factor and ceiling, in seconds.
+BACKOFF_FIRST: Final = 0.2
+BACKOFF_FACTOR: Final = 2.0
+BACKOFF_MAX: Final = 15.0
+#: Close codes with a meaning for us.
+CLOSE_NORMAL: Final = 1000
+CLOSE_POLICY: Final = 1008
+
+
+def websocket_url(api_url: str) -> str:
+    """``http(s)://host/api`` -> ``ws(s)://host/api/task_runs/subscriptions/scheduled``."""
+    if api_url.startswith("https://"):
+        return "wss://" + api_url.removeprefix("https://") + SUBSCRIPTION_PATH
+    if api_url.startswith("http://"):
+        return "ws://" + api_url.removeprefix("http://") + SUBSCRIPTION_PATH
+    raise ValueError(f"the API URL must start with http:// or https://, got {api_url!r}")
+
+
+def next_backoff(attempt: int, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [cap/2, cap], cap growing to BACKOFF_MAX."""
+    cap = min(BACKOFF_MAX, BACKOFF_FIRST * BACKOFF_FACTOR**attempt)
+    return rng.uniform(cap / 2, cap)
+
+
+@asynccontextmanager
+async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocketConnection]:
+    """Open the socket; always close its TCP stream on the way out.
+
+    trio-websocket 0.12 skips closing the stream when the server closed first; closing it
+    here keeps a reconnecting worker from leaking one socket per reconnect.
+    """
+    ws: WebSocketConnection | None = None
+    try:
+        async with open_websocket_url(url, max_message_size=MAX_MESSAGE_BYTES, message_queue_size=64) as ws:
+            yield ws
+    finally:
+        if ws is not None:
+            await trio.aclose_forcefully(ws._stream)
+
+
+@attrs.define(eq=False)
+class _Report:
+    ref: int
+    run_id: uuid.UUID
+    state: State
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: SetStateResult | None = None
+
+    def entry(self) -> dict[str, JSON]:
+        return {"id": str(self.run_id), "ref": self.ref, "state": converter.unstructure(self.state)}
+
+
+class _Disconnected(Exception):
+    """The socket was lost; the session reconnects."""
+
+
+@attrs.define(eq=False)
+class SubscriptionClient:
+    """One worker's subscription. Run :meth:`run` in a nursery; use the rest from any task.
+
+    Args:
+        api_url: the server's API root, ``http://host:port/api``.
+        keys: the task keys to subscribe to.
+        client_id: names this worker process (``host-pid``).
+        credit: how many runs this worker may hold unfinished (its free capacity).
+        held: returns the runs the worker is still working on (sent on reconnect).
+        on_cancel: called with runs the server wants stopped.
+    """
+
+    api_url: str
+    api_key: str | None
+    keys: tuple[str, ...]
+    client_id: str
+    credit: int
+    held: Callable[[], Collection[uuid.UUID]]
+    on_cancel: Callable[[list[uuid.UUID]], None]
+    rng: random.Random = attrs.field(factory=random.Random)
+    connected: bool = False
+    reconnects: int = 0
+    _refs: itertools.count[int] = attrs.field(factory=itertools.count)
+    _outbox: list[_Report] = attrs.field(factory=list)
+    _control: list[dict[str, JSON]] = attrs.field(factory=list)
+    _unanswered: dict[int, _Report] = attrs.field(factory=dict)
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    _quitting: bool = False
+
+    # -- what the worker calls
+    async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult:
+        """Propose ``state`` for ``run_id``; returns the server's answer (across reconnects).
+
+        **Cancellation handling:** if the caller is cancelled, the report still goes out
+        (it is queued); only the wait for the answer is abandoned.
+        """
+        report = _Report(next(self._refs), run_id, state)
+        self._outbox.append(report)
+        self._wakeup.set()
+        await report.done.wait()
+        assert report.result is not None
+        return report.result
+
+    def change_credit(self, delta: int) -> None:
+        if delta:
+            self.credit += delta
+            self._send_control({"type": "credit", "n": delta})
+
+    def release(self, run_ids: Collection[uuid.UUID]) -> None:
+        """Hand back runs this worker will not finish (the server requeues them)."""
+        if run_ids:
+            self._send_control({"type": "release", "ids": [str(i) for i in run_ids]})
+
+    def quit(self) -> None:
+        """Ask for no more runs; :meth:`run` returns once the server closed the socket."""
+        if not self._quitting:
+            self._quitting = True
+            self.credit = 0
+            self._send_control({"type": "quit"})
+
+    def _send_control(self, message: dict[str, JSON]) -> None:
+        self._control.append(message)
+        self._wakeup.set()
+
+    # -- the connection loop
+    async def run(
+        self,
+        deliveries: trio.MemorySendChannel[TaskRun],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Hold the subscription until :meth:`quit` completes (or until cancelled).
+
+        Reports ``started`` after the first successful subscribe.
+
+        **Error handling:** every connection loss (refused, reset, abnormal close, server
+        restart with 1012, HTTP errors in the handshake) is retried with backoff. A close
+        with 1008 (the API key was refused) raises :class:`SubscriptionRefused`.
+        """
+        url = websocket_url(self.api_url)
+        attempt = 0
+        started = False
+        async with deliveries:
+            while True:
+                try:
+                    async with connect(url) as ws:
+                        await self._handshake(ws)
+                        attempt = 0
+                        if not started:
+                            task_status.started()
+                            started = True
+                        finished = await self._session(ws, deliveries)
+                    if finished:
+                        return
+                except (OSError, HandshakeError, ConnectionRejected, ConnectionClosed, _Disconnected) as exc:
+                    self.connected = False
+                    if isinstance(exc, ConnectionClosed) and exc.reason and exc.reason.code == CLOSE_POLICY:
+                        raise SubscriptionRefused(
+                            f"the server at {self.api_url} refused the subscription: {exc.reason.reason}"
+                        ) from None
+                    delay = next_backoff(attempt, self.rng)
+                    attempt += 1
+                    self.reconnects += 1
+                    log.warning("subscription lost (%s); reconnecting in %.2f s", _describe(exc), delay)
+                    self._requeue_unanswered()
+                    await trio.sleep(delay)
+
+    async def _handshake(self, ws: WebSocketConnection) -> None:
+        await self._send(ws, {"type": "auth", "token": self.api_key})
+        reply = await self._receive(ws)
+        if reply.get("type") != "auth_success":
+            raise _Disconnected(f"unexpected handshake reply {reply!r}")
+        self._control.clear()  # credit and release messages meant the old connection
+        credit = 0 if self._quitting else self.credit
+        held = [str(i) for i in self.held()]
+        await self._send(
+            ws,
+            {
+                "type": "subscribe",
+                "keys": list(self.keys),
+                "client_id": self.client_id,
+                "credit": credit,
+                "held": held,
+            },
+        )
+        if self._quitting:
+            await self._send(ws, {"type": "quit"})
+        self.connected = True
+        log.info("subscribed to %s as %s (credit %d)", " | ".join(self.keys), self.client_id, credit)
+
+    async def _session(self, ws: WebSocketConnection, deliveries: trio.MemorySendChannel[TaskRun]) -> bool:
+        """Run one connection; True when it ended because we quit."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_forever, ws)
+            try:
+                await self._read_forever(ws, deliveries)
+            except ConnectionClosed as closed:
+                reason = closed.reason
+                if reason is not None and reason.code == CLOSE_NORMAL and self._quitting:
+                    self.connected = False
+                    nursery.cancel_scope.cancel()
+                    return True
+                raise
+        raise AssertionError("the reader never returns")  # pragma: no cover
+
+    async def _read_forever(
+        self, ws: WebSocketConnection, deliveries: trio.MemorySendChannel[TaskRun]
+    ) -> None:
+        while True:
+            message = await self._receive(ws)
+            kind = message.get("type")
+            if kind == "task_runs":
+                try:
+                    runs = converter.structure(message["task_runs"], list[TaskRun])
+                except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as exc:
+                    raise _Disconnected(f"unreadable delivery: {exc!r}") from None
+                self._send_control({"type": "ack", "ids": [str(r.id) for r in runs]})
+                for run in runs:
+                    deliveries.send_nowait(run)  # unbounded: credit bounds it
+            elif kind == "state_results":
+                self._resolve(message.get("results", []))
+            elif kind == "cancel":
+                ids = [uuid.UUID(i) for i in message.get("ids", [])]
+                self.on_cancel(ids)
+            else:
+                log.warning("ignoring an unknown message from the server: %r", kind)
+
+    async def _write_forever(self, ws: WebSocketConnection) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            control, self._control = self._control, []
+            for message in control:
+                await self._send(ws, message)
+            batch, self._outbox = self._outbox, []
+            if batch:
+                for report in batch:
+                    self._unanswered[report.ref] = report
+                await self._send(ws, {"type": "states", "states": [r.entry() for r in batch]})
+
+    def _resolve(self, results: list[dict[str, JSON]]) -> None:
+        for item in results:
+            report = self._unanswered.pop(item.get("ref"), None)  # type: ignore[arg-type]
+            if report is None:
+                continue
+            status = SetStateStatus(item["status"])
+            state = report.state if item.get("state") is None else converter.structure(item["state"], State)
+            report.result = SetStateResult(status, state, item.get("details"))
+            report.done.set()
+
+    def _requeue_unanswered(self) -> None:
+        """Reports sent on a lost connection go out again first on the next one."""
+        if self._unanswered:
+            again = sorted(self._unanswered.values(), key=lambda r: r.ref)
+            self._unanswered.clear()
+            self._outbox[:0] = again
+            self._wakeup.set()
+
+    @staticmethod
+    async def _send(ws: WebSocketConnection, message: dict[str, JSON]) -> None:
+        await ws.send_message(orjson.dumps(message).decode())
+
+    @staticmethod
+    async def _receive(ws: WebSocketConnection) -> dict[str, JSON]:
+        raw = await ws.get_message()
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise _Disconnected("the server sent malformed JSON") from None
+        if not isinstance(message, dict):
+            raise _Disconnected("the server sent a message that is not an object")
+        return message
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionClosed) and exc.reason is not None:
+        return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
+    if isinstance(exc, ConnectionRejected):
+        return f"HTTP {exc.status_code} during the handshake"
+    return repr(exc.__cause__ or exc) if isinstance(exc, HandshakeError) else repr(exc)
