@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -74,7 +75,7 @@ async def test_sqlite_never_runs_on_the_trio_thread(tmp_path: Path, monkeypatch:
     async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
         [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
         await store.claim_runs([run.id], "c")
-        await store.set_states([(run.id, SetStateRequest(make_state(StateType.RUNNING)))])
+        await store.set_states([(run.id, SetStateRequest(make_state(StateType.RUNNING)))], now=time.time())
     assert threads
     assert trio_thread not in threads
 
@@ -100,7 +101,7 @@ async def test_claim_skips_runs_that_are_no_longer_scheduled(tmp_path: Path) -> 
     async with SQLiteStore.open(":memory:") as store:
         created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
         ids = [run.id for run, _ in created]
-        await store.set_states([(ids[1], SetStateRequest(make_state(StateType.CANCELLED)))])
+        await store.set_states([(ids[1], SetStateRequest(make_state(StateType.CANCELLED)))], now=time.time())
         claimed = await store.claim_runs([*ids, uuid.uuid4()], "c")
         assert [r.id for r in claimed] == [ids[0], ids[2]]
         assert {r.state.type for r in claimed} == {StateType.PENDING}
@@ -113,7 +114,7 @@ async def test_recover_requeues_held_runs(tmp_path: Path) -> None:
         created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
         ids = [run.id for run, _ in created]
         await store.claim_runs(ids[:2], "c")
-        await store.set_states([(ids[0], SetStateRequest(make_state(StateType.RUNNING)))])
+        await store.set_states([(ids[0], SetStateRequest(make_state(StateType.RUNNING)))], now=time.time())
     async with SQLiteStore.open(path) as store:
         queued = await store.recover(max_deliveries=5)
         assert [q.id for q in queued] == ids

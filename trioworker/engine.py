@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
 from functools import partial
 from typing import Any, Protocol
 
@@ -29,7 +29,6 @@ from trioworker.models import (
     StateType,
     TaskRun,
     make_state,
-    utcnow,
 )
 from trioworker.tasks import Task
 
@@ -96,15 +95,18 @@ async def _call(
 async def _attempt(
     task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], thread_limiter: trio.CapacityLimiter
 ) -> tuple[bool, Any]:
-    """``(True, value)`` or ``(False, exception)``. Cancellation passes through untouched."""
+    """``(True, value)`` or ``(False, exception)``. Cancellation passes through untouched.
+
+    A timeout cancels an async attempt. A sync attempt's thread cannot be interrupted: it
+    runs to its end, and the attempt fails with TimeoutError if that end came too late.
+    """
+    timeout = task.timeout_seconds
     try:
-        if task.timeout_seconds is None:
-            return True, await _call(task, args, kwargs, thread_limiter)
-        try:
-            with trio.fail_after(task.timeout_seconds):
-                return True, await _call(task, args, kwargs, thread_limiter)
-        except trio.TooSlowError:
-            raise TimeoutError(f"{task.name} timed out after {task.timeout_seconds:g} s") from None
+        with trio.move_on_after(math.inf if timeout is None else timeout) as deadline:
+            value = await _call(task, args, kwargs, thread_limiter)
+        if deadline.cancel_called:
+            raise TimeoutError(f"{task.name} timed out after {timeout:g} s")
+        return True, value
     except Exception as exc:
         return False, exc
 
@@ -124,7 +126,7 @@ def _retry_state(task: Task[..., Any], run: TaskRun, exc: Exception, attempt: in
         StateType.SCHEDULED,
         "AwaitingRetry",
         message=f"retry {attempt} of {task.retries} in {delay:g} s after {type(exc).__name__}: {exc}",
-        details=StateDetails(scheduled_time=utcnow() + timedelta(seconds=delay), reason="retry"),
+        details=StateDetails(delay_seconds=delay, reason="retry"),
     )
 
 
@@ -200,7 +202,9 @@ async def execute(
         return Outcome.RETRYING
     log.info("run %s of %s failed: %r", run.id, task.key, error)
     failed = make_state(
-        StateType.FAILED, message=f"{type(error).__name__}: {error}", data=serializers.describe_exception(error)
+        StateType.FAILED,
+        message=f"{type(error).__name__}: {error}",
+        data=serializers.describe_exception(error),
     )
     await reporter.report(run.id, failed)
     return Outcome.FAILED

@@ -70,6 +70,9 @@ class StateDetails:
     client_id: str | None = None
     #: Why a run is SCHEDULED again (``"retry"``, ``"redelivery"``, ``"release"``).
     reason: str | None = None
+    #: In a proposed SCHEDULED state: due this many seconds after the server accepts it.
+    #: (Relative, so that the worker's and the server's clocks need not agree.)
+    delay_seconds: float | None = None
 
 
 @attrs.frozen

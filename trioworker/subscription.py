@@ -13,8 +13,9 @@ import itertools
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Final
 
 import attrs
@@ -225,19 +226,34 @@ class SubscriptionClient:
         log.info("subscribed to %s as %s (credit %d)", " | ".join(self.keys), self.client_id, credit)
 
     async def _session(self, ws: WebSocketConnection, deliveries: trio.MemorySendChannel[TaskRun]) -> bool:
-        """Run one connection; True when it ended because we quit."""
+        """Run one connection; True when it ended because we quit. Raises what ended it.
+
+        The reader and the writer run side by side; the first connection error stops
+        both and is raised on its own (not inside an exception group), so that :meth:`run`
+        can tell a lost connection from a bug.
+        """
+        lost: BaseException | None = None
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_forever, ws)
-            try:
-                await self._read_forever(ws, deliveries)
-            except ConnectionClosed as closed:
-                reason = closed.reason
-                if reason is not None and reason.code == CLOSE_NORMAL and self._quitting:
-                    self.connected = False
+
+            async def until_lost(job: Callable[[], Awaitable[None]]) -> None:
+                nonlocal lost
+                try:
+                    await job()
+                except (ConnectionClosed, _Disconnected, OSError, trio.BrokenResourceError) as exc:
+                    lost = lost or exc
                     nursery.cancel_scope.cancel()
-                    return True
-                raise
-        raise AssertionError("the reader never returns")  # pragma: no cover
+
+            nursery.start_soon(until_lost, partial(self._write_forever, ws))
+            await until_lost(partial(self._read_forever, ws, deliveries))
+        reason = lost.reason if isinstance(lost, ConnectionClosed) else None
+        closed_normally = reason is not None and reason.code == CLOSE_NORMAL
+        if closed_normally and self._quitting:
+            self.connected = False
+            return True
+        if lost is None:  # pragma: no cover - the reader only ends by an error
+            raise _Disconnected("the connection ended without a reason")
+        raise lost
 
     async def _read_forever(
         self, ws: WebSocketConnection, deliveries: trio.MemorySendChannel[TaskRun]
@@ -252,7 +268,10 @@ class SubscriptionClient:
                     raise _Disconnected(f"unreadable delivery: {exc!r}") from None
                 self._send_control({"type": "ack", "ids": [str(r.id) for r in runs]})
                 for run in runs:
-                    deliveries.send_nowait(run)  # unbounded: credit bounds it
+                    try:
+                        deliveries.send_nowait(run)  # unbounded: credit bounds it
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self.release([run.id])  # the worker stopped taking runs
             elif kind == "state_results":
                 self._resolve(message.get("results", []))
             elif kind == "cancel":

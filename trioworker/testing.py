@@ -9,12 +9,25 @@ Fixtures:
 ``trioworker_server_control``
     A :class:`ServerControl` for tests that stop and start the server on the same file.
 
+``trioworker_worker``
+    A factory: ``async with trioworker_worker(say, yell, limit=5) as worker:`` runs a real
+    :class:`~trioworker.TaskWorker` against ``trioworker_server`` and stops it at the end.
+
+``trioworker_autojump_clock``
+    A ``MockClock`` that jumps to the next deadline once every task has been blocked for
+    0.1 s of real time. Use it instead of pytest-trio's ``autojump_clock`` (threshold 0)
+    when a real server runs in the test: that one jumps while a SQLite call or a socket
+    read is still in flight, and fires timeouts that would never fire for real.
+
+The server's dispatcher reads Trio's clock, so a mock clock also moves delayed runs and
+retries along.
+
 Both need pytest-trio (``trio_mode = true``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,8 +35,12 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from trioworker.server import RunningServer, ServerConfig, serve_server
+from trioworker.server.queue import trio_anchored_clock
+from trioworker.tasks import Task
+from trioworker.worker import TaskWorker
 
 
 @attrs.define(eq=False)
@@ -77,7 +94,8 @@ async def trioworker_server_control(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[ServerControl]:
     async with trio.open_nursery() as nursery:
-        control = ServerControl(nursery, ServerConfig(db_path=tmp_path / "trioworker.db", port=0))
+        config = ServerConfig(db_path=tmp_path / "trioworker.db", port=0, clock=trio_anchored_clock())
+        control = ServerControl(nursery, config)
         monkeypatch.setenv("TRIOWORKER_HOME", str(tmp_path))
         yield control
         nursery.cancel_scope.cancel()
@@ -91,3 +109,28 @@ async def trioworker_server(
     monkeypatch.setenv("TRIOWORKER_API_URL", running.api_url)
     monkeypatch.delenv("TRIOWORKER_API_KEY", raising=False)
     return running
+
+
+@pytest.fixture
+def trioworker_worker(trioworker_server: RunningServer) -> Callable[..., TaskWorker]:
+    """``trioworker_worker(*tasks, **options)`` -> a TaskWorker for the test server.
+
+    Use the result as ``async with``: the worker runs in the test until the block ends,
+    then stops cleanly. A short grace period keeps tests quick.
+    """
+
+    def make(*tasks: Task[..., Any], **options: Any) -> TaskWorker:
+        options.setdefault("api_url", trioworker_server.api_url)
+        options.setdefault("shutdown_grace_seconds", 5.0)
+        return TaskWorker(*tasks, **options)
+
+    return make
+
+
+#: Real seconds every task must be blocked before the clock jumps (I/O finishes well within).
+AUTOJUMP_THRESHOLD = 0.1
+
+
+@pytest.fixture
+def trioworker_autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=AUTOJUMP_THRESHOLD)

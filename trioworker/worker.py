@@ -31,6 +31,7 @@ from typing import Any, Final, Self, final
 import trio
 
 from trioworker import engine
+from trioworker._util import only_exception
 from trioworker.client import TaskRunClient
 from trioworker.engine import Outcome
 from trioworker.errors import NotFound, StopTaskWorker
@@ -184,8 +185,8 @@ class TaskWorker:
         """Run until :meth:`stop`; reports ``started`` once subscribed.
 
         **Error handling:** a failing run never stops the worker (it ends FAILED). Errors
-        of the worker itself (a refused API key, a status port in use) propagate; several
-        at once come as an exception group.
+        of the worker itself (a refused API key, a status port in use) propagate: one error
+        as itself, several at once as an exception group.
         """
         if self._state is not WorkerState.UNOPENED:
             raise RuntimeError("this TaskWorker was already started; create a new one to start again")
@@ -204,30 +205,44 @@ class TaskWorker:
             on_cancel=self._on_cancel,
         )
         try:
-            async with trio.open_nursery() as nursery:
-                if self.status_server_port is not None:
-                    from trioworker.status import serve_status
-
-                    self.status_url = await nursery.start(serve_status, self, self.status_server_port)
-                subscription_done = trio.Event()
-
-                async def hold_subscription(*, task_status: trio.TaskStatus[None]) -> None:
-                    assert self._subscription is not None
-                    try:
-                        await self._subscription.run(send, task_status=task_status)
-                    finally:
-                        subscription_done.set()
-
-                await nursery.start(hold_subscription)
-                task_status.started()
-                async with receive:
-                    await self._dispatch(receive)
-                with trio.move_on_after(QUIT_TIMEOUT):
-                    await subscription_done.wait()
-                nursery.cancel_scope.cancel()
+            await self._run_tree(send, receive, task_status)
+        except BaseExceptionGroup as group:
+            single = only_exception(group)
+            if single is None:
+                raise
+            raise single from None
         finally:
             self._state = WorkerState.STOPPED
             log.info("worker %s stopped", self.client_id)
+
+    async def _run_tree(
+        self,
+        send: trio.MemorySendChannel[TaskRun],
+        receive: trio.MemoryReceiveChannel[TaskRun],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        """The nursery tree (see the module docstring)."""
+        async with trio.open_nursery() as nursery:
+            if self.status_server_port is not None:
+                from trioworker.status import serve_status
+
+                self.status_url = await nursery.start(serve_status, self, self.status_server_port)
+            subscription_done = trio.Event()
+
+            async def hold_subscription(*, task_status: trio.TaskStatus[None]) -> None:
+                assert self._subscription is not None
+                try:
+                    await self._subscription.run(send, task_status=task_status)
+                finally:
+                    subscription_done.set()
+
+            await nursery.start(hold_subscription)
+            task_status.started()
+            async with receive:
+                await self._dispatch(receive)
+            with trio.move_on_after(QUIT_TIMEOUT):
+                await subscription_done.wait()
+            nursery.cancel_scope.cancel()
 
     def stop(self) -> None:
         """Stop taking runs; in-flight runs get the grace period, then are cancelled.

@@ -31,6 +31,7 @@ from trioworker.models import (
 )
 from trioworker.server.queue import Subscription
 from trioworker.server.service import TaskRunService
+from trioworker.server.store import StoreError
 
 log = logging.getLogger("trioworker.server")
 
@@ -381,7 +382,13 @@ class _SubscriptionSession:
                 await self.close(CLOSE_PROTOCOL, f"Protocol violation: {violation}")
         finally:
             with trio.CancelScope(shield=True):
-                await self.service.disconnect(sub, clean=self.quitting)
+                try:
+                    await self.service.disconnect(sub, clean=self.quitting)
+                except StoreError:
+                    # The server is stopping: the next start requeues what this connection held.
+                    log.info(
+                        "store closed before %s's runs were requeued; the next start does it", sub.client_id
+                    )
             log.info("subscription from %s ended", sub.client_id)
 
     async def handshake(self) -> Subscription | None:

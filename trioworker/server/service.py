@@ -92,7 +92,7 @@ class TaskRunService:
         run, that holder is told to stop it and keeps the lease until it answers, so
         its credit keeps counting the run it is still busy with.
         """
-        changes = await self.store.set_states(requests)
+        changes = await self.store.set_states(requests, now=self.dispatcher.clock())
         for (run_id, _), change in zip(requests, changes, strict=True):
             self._after_change(run_id, change, reporter)
         return [c.result for c in changes]

@@ -18,7 +18,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Generic, Protocol, TypeVar
 
@@ -124,7 +124,9 @@ class Store(Protocol):
     ) -> list[TaskRun]: ...
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None: ...
     async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]: ...
-    async def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]]) -> list[Change]: ...
+    async def set_states(
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
+    ) -> list[Change]: ...
     async def requeue(
         self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
     ) -> list[Requeued]: ...
@@ -320,7 +322,8 @@ class _Ops:
             claimed.append(run)
         return claimed
 
-    def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]]) -> list[Change]:
+    def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float) -> list[Change]:
+        """Judge and apply proposed states; ``now`` is the dispatcher's clock (epoch seconds)."""
         found = self._fetch({run_id for run_id, _ in requests})
         changes: list[Change] = []
         for run_id, request in requests:
@@ -335,17 +338,20 @@ class _Ops:
             if status is not SetStateStatus.ACCEPT or why == "unchanged":
                 changes.append(Change(SetStateResult(status, run.state, why), run))
                 continue
-            run = self._apply(run, request.state)
+            run = self._apply(run, request.state, now)
             found[run_id] = (seq, run)
             self._write(seq, run)
             queued = self.queued_of(run, seq) if run.state.type is StateType.SCHEDULED else None
             changes.append(Change(SetStateResult(status, run.state, None), run, queued))
         return changes
 
-    def _apply(self, run: TaskRun, state: State) -> TaskRun:
+    def _apply(self, run: TaskRun, state: State, clock_now: float) -> TaskRun:
         now = utcnow()
         details = state.state_details
-        state = attrs.evolve(state, timestamp=now)
+        if state.type is StateType.SCHEDULED and details.delay_seconds is not None:
+            due = datetime.fromtimestamp(clock_now + max(0.0, details.delay_seconds), UTC)
+            details = attrs.evolve(details, scheduled_time=due, delay_seconds=None)
+        state = attrs.evolve(state, timestamp=now, state_details=details)
         run_count, delivery_count = run.run_count, run.delivery_count
         if state.type is StateType.RUNNING:
             run_count += 1
@@ -525,7 +531,10 @@ class SQLiteStore:
         """Open (creating or migrating) the database at ``path`` and run its committer.
 
         **Resource handling:** the committer task and the connection live exactly as long as
-        the ``async with`` block; operations still queued when it ends fail with StoreError.
+        the ``async with`` block. The committer is shielded from cancellation: when the
+        block is cancelled, the cleanup code of the block (a websocket handing back its
+        runs) can still use the store; the committer stops once the block has ended and
+        what was queued is done. Operations submitted after that fail with StoreError.
         """
         path = str(path)
         conn = await trio.to_thread.run_sync(_connect, path)
@@ -539,13 +548,17 @@ class SQLiteStore:
                 try:
                     yield store
                 finally:
-                    nursery.cancel_scope.cancel()
+                    send.close()  # the committer finishes what is queued, then returns
         finally:
             send.close()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(conn.close)
 
     async def _commit_forever(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
+        with trio.CancelScope(shield=True):
+            await self._commit_until_closed(receive)
+
+    async def _commit_until_closed(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
         group: list[_Pending[object]] = []
         try:
             async for first in receive:
@@ -626,8 +639,10 @@ class SQLiteStore:
     async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
         return await self._run(lambda ops: ops.claim_runs(run_ids, client_id))
 
-    async def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]]) -> list[Change]:
-        return await self._run(lambda ops: ops.set_states(requests))
+    async def set_states(
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
+    ) -> list[Change]:
+        return await self._run(lambda ops: ops.set_states(requests, now))
 
     async def requeue(
         self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
