@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Final
+
 
 import attrs
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
+from trioworker._http import serve_app
 from trioworker.server.app import create_app
 from trioworker.server.queue import Dispatcher, WallClock
 from trioworker.server.service import TaskRunService
@@ -22,9 +21,6 @@ from trioworker.server.store import SQLiteStore
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT
 
 log = logging.getLogger("trioworker.server")
-
-#: Seconds open requests and sockets get to finish when the server stops.
-GRACEFUL_SECONDS: Final = 2.0
 
 
 @attrs.frozen
@@ -68,7 +64,7 @@ async def serve_server(
     this call's nursery; when it returns, the database is closed.
 
     **Stopping:** setting ``shutdown`` closes every subscription with 1012 (so workers
-    reconnect elsewhere or later) and gives requests :data:`GRACEFUL_SECONDS` to finish.
+    reconnect elsewhere or later) and gives requests :data:`trioworker._http.GRACEFUL_SECONDS` to finish.
     """
     closing = trio.Event()
     async with SQLiteStore.open(config.db_path) as store:
@@ -78,12 +74,6 @@ async def serve_server(
         app = create_app(
             service, api_key=config.api_key, max_body_bytes=config.max_body_bytes, closing=closing
         )
-        hconfig = HypercornConfig()
-        hconfig.bind = [f"{config.host}:{config.port}"]
-        hconfig.accesslog = None
-        hconfig.errorlog = logging.getLogger("hypercorn.error")
-        hconfig.graceful_timeout = GRACEFUL_SECONDS
-        hconfig.websocket_max_message_size = config.max_body_bytes
 
         async def shutdown_trigger() -> None:
             if shutdown is None:
@@ -94,16 +84,19 @@ async def serve_server(
 
         async with trio.open_nursery() as nursery:
 
-            async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn_serve(
-                    app, hconfig, shutdown_trigger=shutdown_trigger, task_status=task_status
+            async def run_http(*, task_status: trio.TaskStatus[str]) -> None:
+                await serve_app(
+                    app,
+                    config.host,
+                    config.port,
+                    label="trioworker server",
+                    shutdown_trigger=shutdown_trigger,
+                    websocket_max_message_size=config.max_body_bytes,
+                    task_status=task_status,
                 )
-                nursery.cancel_scope.cancel()  # hypercorn stopped: so does the timer
+                nursery.cancel_scope.cancel()  # the HTTP server stopped: so does the timer
 
             await nursery.start(dispatcher.release_delayed_runs)
-            binds: list[str] = await nursery.start(run_http)
-            url = binds[0]
-            log.info(
-                "trioworker server listening on %s (database %s, %d runs queued)", url, config.db_path, queued
-            )
+            url: str = await nursery.start(run_http)
+            log.info("database %s, %d runs queued", config.db_path, queued)
             task_status.started(RunningServer(url=url, service=service))

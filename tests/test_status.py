@@ -1,0 +1,419 @@
+"""The worker's status server end to end: a real server, a real worker, real HTTP."""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from trioworker.server import RunningServer
+from trioworker.status import (
+    METRICS_CONTENT_TYPE,
+    create_status_app,
+    escape_label_value,
+    render_metrics,
+    serve_status,
+)
+from trioworker.tasks import Task, task
+from trioworker.worker import TaskWorker
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@task(key="status.ok")
+async def ok(x: int) -> int:
+    return x + 1
+
+
+@task(key="status.boom")
+async def boom(x: int) -> int:
+    raise ValueError(f"boom {x}")
+
+
+def blocking_task() -> tuple[Task[[int], Coroutine[Any, Any, int]], trio.Event, trio.Event]:
+    """A task that signals ``running`` and then waits for ``release``: a run we control."""
+    running, release = trio.Event(), trio.Event()
+
+    @task(key="status.block")
+    async def block(x: int) -> int:
+        running.set()
+        await release.wait()
+        return x
+
+    return block, running, release
+
+
+# -- helpers
+
+
+async def submit(api: httpx.AsyncClient, key: str, *xs: int) -> list[str]:
+    response = await api.post(
+        "/task_runs/batch", json=[{"task_key": key, "parameters": {"x": x}} for x in xs]
+    )
+    assert response.status_code == 201, response.text
+    return [run["id"] for run in response.json()]
+
+
+async def wait_ended(api: httpx.AsyncClient, ids: list[str]) -> list[dict[str, Any]]:
+    response = await api.post("/task_runs/wait", json={"ids": ids, "timeout": 10, "all": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["pending"] == [] and body["missing"] == [], body
+    ended: list[dict[str, Any]] = body["ended"]
+    return ended
+
+
+async def status_until(
+    client: httpx.AsyncClient, predicate: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """``/status`` once ``predicate`` holds.
+
+    The server answers a waiter as soon as it accepts the final state, concurrently with
+    telling the worker; the worker counts the run only when that answer reaches it. So
+    the counters trail ``/task_runs/wait`` by a moment: look again (no sleep; between
+    looks every task is let run until blocked) until they catch up.
+    """
+    with trio.fail_after(10):
+        while True:
+            body: dict[str, Any] = (await client.get("/status")).json()
+            if predicate(body):
+                return body
+            await trio.testing.wait_all_tasks_blocked()
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def parse_labels(text: str) -> Labels:
+    labels: list[tuple[str, str]] = []
+    position = 0
+    while position < len(text):
+        match = _LABEL.match(text, position)
+        assert match is not None, f"bad labels at {text[position:]!r}"
+        value = re.sub(r"\\.", lambda m: _UNESCAPE[m.group(0)], match.group(2))
+        labels.append((match.group(1), value))
+        position = match.end()
+    return tuple(labels)
+
+
+def parse_metrics(text: str) -> tuple[dict[tuple[str, Labels], float], dict[str, str], dict[str, str]]:
+    """Samples ``(name, labels) -> value``, then HELP and TYPE by family name."""
+    assert text.endswith("\n")
+    samples: dict[tuple[str, Labels], float] = {}
+    helps: dict[str, str] = {}
+    types: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, _, help_text = line[len("# HELP ") :].partition(" ")
+            helps[name] = help_text
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[len("# TYPE ") :].partition(" ")
+            types[name] = kind
+        else:
+            match = _SAMPLE.match(line)
+            assert match is not None, f"not a sample line: {line!r}"
+            key = (match.group(1), parse_labels(match.group(2) or ""))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = float(match.group(3))
+    return samples, helps, types
+
+
+def by_key(key: str) -> Labels:
+    return (("task_key", key),)
+
+
+async def get_metrics(client: httpx.AsyncClient) -> dict[tuple[str, Labels], float]:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == METRICS_CONTENT_TYPE
+    samples, _, _ = parse_metrics(response.text)
+    return samples
+
+
+@asynccontextmanager
+async def status_client(worker: TaskWorker) -> AsyncIterator[httpx.AsyncClient]:
+    assert worker.status_url is not None
+    async with httpx.AsyncClient(base_url=worker.status_url, timeout=10) as client:
+        yield client
+
+
+# -- /status
+
+
+async def test_status_fields_and_finished_counts(
+    api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    async with TaskWorker(
+        ok, api_url=trioworker_server.api_url, status_server_port=0, limit=3, client_id="status-test"
+    ) as worker:
+        assert worker.status_url is not None
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", worker.status_url)
+        async with status_client(worker) as client:
+            response = await client.get("/status")
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "application/json"
+            body = response.json()
+            assert worker.started_at is not None
+            assert datetime.fromisoformat(body.pop("started_at")) == worker.started_at
+            assert body == {
+                "client_id": "status-test",
+                "stopping": False,
+                "limit": 3,
+                "current": 0,
+                "available": 3,
+                "tasks": ["status.ok"],
+                "finished": {"status.ok": 0},
+                "in_flight": {"status.ok": {}},
+            }
+
+            ids = await submit(api, "status.ok", 1, 2, 3)
+            ended = await wait_ended(api, ids)
+            assert [run["state"]["type"] for run in ended] == ["COMPLETED"] * 3
+            body = await status_until(client, lambda b: b["finished"] == {"status.ok": 3})
+            assert body["in_flight"] == {"status.ok": {}}
+            assert body["current"] == 0
+            assert body["available"] == 3
+
+
+async def test_in_flight_shows_a_running_run(
+    api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    block, running, release = blocking_task()
+    async with (
+        TaskWorker(block, api_url=trioworker_server.api_url, status_server_port=0, limit=3) as worker,
+        status_client(worker) as client,
+    ):
+        [run_id] = await submit(api, "status.block", 7)
+        with trio.fail_after(10):
+            await running.wait()
+
+        body = (await client.get("/status")).json()
+        assert list(body["in_flight"]) == ["status.block"]
+        assert list(body["in_flight"]["status.block"]) == [run_id]
+        started = datetime.fromisoformat(body["in_flight"]["status.block"][run_id])
+        assert worker.started_at is not None and started >= worker.started_at
+        assert body["current"] == 1
+        assert body["available"] == 2
+        assert body["finished"] == {"status.block": 0}
+
+        metrics = await get_metrics(client)
+        assert metrics["trioworker_task_runs_in_flight", by_key("status.block")] == 1
+        assert metrics["trioworker_task_runs_started_total", by_key("status.block")] == 1
+        assert metrics["trioworker_limiter_tokens_borrowed", ()] == 1
+
+        release.set()
+        [ended] = await wait_ended(api, [run_id])
+        assert ended["state"]["type"] == "COMPLETED"
+        body = await status_until(client, lambda b: b["finished"] == {"status.block": 1})
+        assert body["in_flight"] == {"status.block": {}}
+        assert body["current"] == 0
+
+
+async def test_no_limit_is_null(trioworker_server: RunningServer) -> None:
+    async with (
+        TaskWorker(ok, api_url=trioworker_server.api_url, status_server_port=0, limit=None) as worker,
+        status_client(worker) as client,
+    ):
+        body = (await client.get("/status")).json()
+        assert body["limit"] is None
+        assert body["available"] is None
+        assert body["current"] == 0
+        metrics = await get_metrics(client)
+        assert metrics["trioworker_limiter_tokens_total", ()] == float("inf")
+        assert metrics["trioworker_limiter_tokens_borrowed", ()] == 0
+
+
+# -- /metrics
+
+
+async def test_metrics_count_runs_per_key(api: httpx.AsyncClient, trioworker_server: RunningServer) -> None:
+    async with (
+        TaskWorker(ok, boom, api_url=trioworker_server.api_url, status_server_port=0, limit=3) as worker,
+        status_client(worker) as client,
+    ):
+        response = await client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        samples, helps, types = parse_metrics(response.text)
+        assert types == {
+            "trioworker_task_runs_started_total": "counter",
+            "trioworker_task_runs_finished_total": "counter",
+            "trioworker_task_runs_failed_total": "counter",
+            "trioworker_task_runs_in_flight": "gauge",
+            "trioworker_limiter_tokens_total": "gauge",
+            "trioworker_limiter_tokens_borrowed": "gauge",
+            "trioworker_worker_up": "gauge",
+        }
+        assert set(helps) == set(types) and all(helps.values())
+        # Every per-key family has a sample for every key from the start, at zero.
+        for family in ("started_total", "finished_total", "failed_total", "in_flight"):
+            for key in ("status.ok", "status.boom"):
+                assert samples[f"trioworker_task_runs_{family}", by_key(key)] == 0
+        assert samples["trioworker_limiter_tokens_total", ()] == 3
+        assert samples["trioworker_limiter_tokens_borrowed", ()] == 0
+        assert samples["trioworker_worker_up", ()] == 1
+        assert len(samples) == 4 * 2 + 3
+
+        ids = await submit(api, "status.ok", 1, 2) + await submit(api, "status.boom", 3)
+        ended = await wait_ended(api, ids)
+        assert sorted(run["state"]["type"] for run in ended) == ["COMPLETED", "COMPLETED", "FAILED"]
+        await status_until(client, lambda b: b["finished"] == {"status.ok": 2, "status.boom": 1})
+
+        metrics = await get_metrics(client)
+        expected = {
+            "started_total": {"status.ok": 2, "status.boom": 1},
+            "finished_total": {"status.ok": 2, "status.boom": 1},
+            "failed_total": {"status.ok": 0, "status.boom": 1},
+            "in_flight": {"status.ok": 0, "status.boom": 0},
+        }
+        for family, counts in expected.items():
+            for key, count in counts.items():
+                assert metrics[f"trioworker_task_runs_{family}", by_key(key)] == count, (family, key)
+        assert metrics["trioworker_limiter_tokens_borrowed", ()] == 0
+        assert metrics["trioworker_worker_up", ()] == 1
+        assert worker.failed_task_runs == {"status.ok": 0, "status.boom": 1}
+
+
+async def test_label_values_are_escaped() -> None:
+    assert escape_label_value("plain.key") == "plain.key"
+    assert escape_label_value('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
+    assert escape_label_value('\\"') == '\\\\\\"'  # a backslash before a quote stays two escapes
+
+    weird = 'we"ird\\key\nline'
+
+    @task(key=weird)
+    async def odd() -> None:
+        pass
+
+    # A worker that never started: its counters are all there, at zero.
+    worker = TaskWorker(odd, api_url="http://127.0.0.1:9/api", limit=1)
+    text = render_metrics(worker)
+    assert 'trioworker_task_runs_started_total{task_key="we\\"ird\\\\key\\nline"} 0\n' in text
+    samples, _, _ = parse_metrics(text)
+    assert samples["trioworker_task_runs_failed_total", by_key(weird)] == 0
+    assert all("\n" not in line for line in text.splitlines())  # the newline did not split a sample
+
+
+# -- /health and stopping
+
+
+async def test_health_ok_then_503_once_stopping(
+    api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    block, running, release = blocking_task()
+    async with (
+        TaskWorker(block, api_url=trioworker_server.api_url, status_server_port=0, limit=2) as worker,
+        status_client(worker) as client,
+    ):
+        response = await client.get("/health")
+        assert response.status_code == 200
+        assert response.json() == {"status": "ok"}
+
+        # A run in flight keeps the worker (and so its status server) up through its
+        # grace period after stop(): the stopping state is observable over real HTTP.
+        [run_id] = await submit(api, "status.block", 1)
+        with trio.fail_after(10):
+            await running.wait()
+        worker.stop()
+
+        response = await client.get("/health")
+        assert response.status_code == 503
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() == {"status": "stopping"}
+        body = (await client.get("/status")).json()
+        assert body["stopping"] is True
+        assert list(body["in_flight"]["status.block"]) == [run_id]
+        metrics = await get_metrics(client)
+        assert metrics["trioworker_worker_up", ()] == 0
+
+        release.set()
+        [ended] = await wait_ended(api, [run_id])
+        assert ended["state"]["type"] == "COMPLETED"
+
+
+async def test_app_of_a_stopped_worker(trioworker_server: RunningServer) -> None:
+    async with TaskWorker(ok, api_url=trioworker_server.api_url, limit=1) as worker:
+        assert worker.status_url is None  # no port, no status server
+    assert worker.stopping
+
+    client = create_status_app(worker).test_client()
+    response = await client.get("/health")
+    assert response.status_code == 503
+    assert await response.get_json() == {"status": "stopping"}
+    response = await client.get("/status")
+    assert response.status_code == 200
+    body = await response.get_json()
+    assert body["stopping"] is True
+    assert body["finished"] == {"status.ok": 0}
+    response = await client.get("/metrics")
+    assert "\ntrioworker_worker_up 0\n" in (await response.get_data(as_text=True))
+
+
+# -- errors and lifetime
+
+
+async def test_unknown_route_is_json_404(trioworker_server: RunningServer) -> None:
+    async with (
+        TaskWorker(ok, api_url=trioworker_server.api_url, status_server_port=0) as worker,
+        status_client(worker) as client,
+    ):
+        response = await client.get("/nope")
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/json"
+        assert isinstance(response.json()["detail"], str) and response.json()["detail"]
+
+        response = await client.post("/status")
+        assert response.status_code == 405
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["detail"]
+
+
+async def test_serve_status_stops_when_cancelled() -> None:
+    worker = TaskWorker(ok, api_url="http://127.0.0.1:9/api")
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(serve_status, worker, 0)
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            assert (await client.get("/health")).status_code == 200
+        nursery.cancel_scope.cancel()
+    # serve_status returned: its socket is closed, nothing listens there any more.
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("/health")
+
+
+async def test_port_in_use_fails_the_start() -> None:
+    worker = TaskWorker(ok, api_url="http://127.0.0.1:9/api")
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            # The bind error itself, not hypercorn's nested exception groups.
+            with pytest.raises(OSError) as refused:
+                await nursery.start(serve_status, worker, port)
+            assert refused.value.errno == errno.EADDRINUSE
+
+
+async def test_worker_with_a_port_in_use_does_not_start(trioworker_server: RunningServer) -> None:
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        worker = TaskWorker(ok, api_url=trioworker_server.api_url, status_server_port=port)
+        with pytest.RaisesGroup(OSError, flatten_subgroups=True):
+            async with worker:
+                pytest.fail("the worker started without its status server")
+    assert worker.stopping and worker.status_url is None

@@ -1,0 +1,81 @@
+"""Serving a quart-trio app with hypercorn's trio backend: shared by the server and the
+worker's status server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import Framework
+
+from trioworker._util import only_exception
+
+log = logging.getLogger("trioworker")
+
+#: Seconds open requests and sockets get to finish when a server stops.
+GRACEFUL_SECONDS: Final = 2.0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket (closed again if binding fails).
+
+    We bind it ourselves and hand hypercorn its file descriptor: hypercorn's own binding
+    leaves a socket whose bind failed to the garbage collector, and wraps the OSError
+    in several exception groups.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_app(
+    app: Framework,
+    host: str,
+    port: int,
+    *,
+    label: str = "server",
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    websocket_max_message_size: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``host:port`` until ``shutdown_trigger`` returns or we are cancelled.
+
+    Reports the URL once listening (``port=0`` picks a free port). A port in use raises
+    the plain ``OSError`` before anything starts.
+    """
+    sock = bind_socket(host, port)
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = GRACEFUL_SECONDS
+    if websocket_max_message_size is not None:
+        config.websocket_max_message_size = websocket_max_message_size
+    trigger = shutdown_trigger or trio.sleep_forever
+    try:
+        binds: list[str] = []
+
+        async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await hypercorn_serve(app, config, shutdown_trigger=trigger, task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(run)
+            log.info("%s listening on %s", label, binds[0])
+            task_status.started(binds[0])
+    except BaseExceptionGroup as group:
+        single = only_exception(group)
+        if single is None:
+            raise
+        raise single from None

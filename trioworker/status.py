@@ -1,0 +1,188 @@
+"""The worker's optional status server: ``/status``, ``/health`` and ``/metrics``.
+
+:meth:`TaskWorker.start() <trioworker.worker.TaskWorker.start>` runs :func:`serve_status`
+in its own nursery when given ``status_server_port``, so the server lives exactly as long
+as the worker: cancellation is how it stops, and nothing it opens outlives it.
+
+Every route only reads the worker's counters, synchronously, on the Trio thread: a
+response is a consistent snapshot without any locking.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Final
+
+import orjson
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from trioworker._http import serve_app
+from trioworker.models import JSON
+
+if TYPE_CHECKING:
+    from trioworker.worker import TaskWorker
+
+log = logging.getLogger("trioworker.status")
+
+#: The Prometheus text exposition format, version 0.0.4.
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _json_response(payload: JSON, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status=status, content_type="application/json")
+
+
+def status_payload(worker: TaskWorker) -> dict[str, JSON]:
+    """The ``/status`` document; the field names are those of Prefect's task worker."""
+    available = worker.available_tasks
+    return {
+        "client_id": worker.client_id,
+        "started_at": worker.started_at.isoformat() if worker.started_at is not None else None,
+        "stopping": worker.stopping,
+        "limit": worker.limit,
+        "current": worker.current_tasks,
+        # JSON has no infinity: an unlimited worker says null, as its limit does.
+        "available": None if math.isinf(available) else int(available),
+        "tasks": list(worker.task_keys),
+        "finished": dict(worker.finished_task_runs),
+        "in_flight": {
+            key: {str(run_id): started.isoformat() for run_id, started in runs.items()}
+            for key, runs in worker.in_flight_task_runs.items()
+        },
+    }
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a label value for the text format (backslash, double quote, newline).
+
+    Task keys are user strings; one unescaped quote would make the whole scrape fail.
+    """
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _format_value(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def _family(
+    name: str, kind: str, help_text: str, samples: Iterable[tuple[Mapping[str, str], float]]
+) -> list[str]:
+    """One metric family: its HELP and TYPE lines, then a line per sample."""
+    help_escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    lines = [f"# HELP {name} {help_escaped}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        label_text = ",".join(f'{label}="{escape_label_value(v)}"' for label, v in labels.items())
+        selector = f"{name}{{{label_text}}}" if label_text else name
+        lines.append(f"{selector} {_format_value(value)}")
+    return lines
+
+
+def render_metrics(worker: TaskWorker) -> str:
+    """The ``/metrics`` page in the Prometheus text format, written by hand (no dependency)."""
+    keys = worker.task_keys
+
+    def per_key(counts: Mapping[str, int]) -> list[tuple[Mapping[str, str], float]]:
+        return [({"task_key": key}, counts.get(key, 0)) for key in keys]
+
+    in_flight = {key: len(worker.in_flight_task_runs.get(key, {})) for key in keys}
+    limit = math.inf if worker.limit is None else worker.limit
+    lines = [
+        *_family(
+            "trioworker_task_runs_started_total",
+            "counter",
+            "Task runs this worker started running, per task key.",
+            per_key(worker.started_task_runs),
+        ),
+        *_family(
+            "trioworker_task_runs_finished_total",
+            "counter",
+            "Task runs that ended on this worker (completed, failed, retrying or cancelled).",
+            per_key(worker.finished_task_runs),
+        ),
+        *_family(
+            "trioworker_task_runs_failed_total",
+            "counter",
+            "Task runs that ended FAILED on this worker, per task key.",
+            per_key(worker.failed_task_runs),
+        ),
+        *_family(
+            "trioworker_task_runs_in_flight",
+            "gauge",
+            "Task runs running on this worker right now, per task key.",
+            per_key(in_flight),
+        ),
+        *_family(
+            "trioworker_limiter_tokens_total",
+            "gauge",
+            "The most runs this worker runs at once (+Inf: no limit).",
+            [({}, limit)],
+        ),
+        *_family(
+            "trioworker_limiter_tokens_borrowed",
+            "gauge",
+            "Runs holding a slot of the worker's limiter right now.",
+            [({}, worker.current_tasks)],
+        ),
+        *_family(
+            "trioworker_worker_up",
+            "gauge",
+            "1 while the worker takes runs, 0 once it is stopping.",
+            [({}, 0 if worker.stopping else 1)],
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def create_status_app(worker: TaskWorker) -> QuartTrio:
+    """The status app for ``worker``; separate from :func:`serve_status` so tests can call it."""
+    app = QuartTrio("trioworker.status")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        # Unknown routes and methods answer in JSON like every other route.
+        return _json_response({"detail": exc.description or exc.name}, exc.code or 500)
+
+    @app.get("/status")
+    async def status() -> Response:
+        return _json_response(status_payload(worker))
+
+    @app.get("/health")
+    async def health() -> Response:
+        # 503 while stopping, so a load balancer or probe stops sending work here.
+        if worker.stopping:
+            return _json_response({"status": "stopping"}, 503)
+        return _json_response({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render_metrics(worker), status=200, content_type=METRICS_CONTENT_TYPE)
+
+    return app
+
+
+async def serve_status(
+    worker: TaskWorker,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the status app on ``host:port`` until cancelled.
+
+    Reports the URL it listens on (``port=0`` picks a free port, so only the bound socket
+    knows it). A port in use raises ``OSError`` from ``nursery.start``, so the worker
+    fails at start instead of running without the server it was asked for.
+    """
+    label = f"worker {worker.client_id} status server"
+    await serve_app(create_status_app(worker), host, port, label=label, task_status=task_status)
