@@ -180,6 +180,7 @@ def create_app(
                 "version": __version__,
                 "ready": dispatcher.ready_count(),
                 "delayed": dispatcher.delayed_count,
+                "blocked": service.blocked_count,
                 "subscriptions": len(dispatcher.subscriptions),
             }
         )

@@ -8,7 +8,7 @@ asks the connection that holds a cancelled run to stop it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 import trio
@@ -24,7 +24,7 @@ from trioworker.models import (
     make_state,
 )
 from trioworker.server.queue import Dispatcher, Subscription
-from trioworker.server.store import Change, Store
+from trioworker.server.store import Change, QueuedRun, Store
 
 ACTIVE_STATES = frozenset({StateType.PENDING, StateType.RUNNING})
 
@@ -55,17 +55,27 @@ class TaskRunService:
     #: A run delivered this many times without finishing becomes CRASHED.
     max_deliveries: int = 5
     _waiters: dict[uuid.UUID, list[_Waiter]] = attrs.field(factory=dict)
+    #: Runs held back until their ``wait_for`` runs complete: id -> (index entry, still pending).
+    _blocked: dict[uuid.UUID, tuple[QueuedRun, set[uuid.UUID]]] = attrs.field(factory=dict)
+    #: upstream id -> the blocked runs waiting for it
+    _dependents: dict[uuid.UUID, set[uuid.UUID]] = attrs.field(factory=dict)
+    #: Blocked runs to fail because an upstream did not complete: (id, why).
+    _doomed: list[tuple[uuid.UUID, str]] = attrs.field(factory=list)
 
     async def recover(self) -> int:
         """Rebuild the dispatcher's queues from the store (at start); returns how many are queued."""
         queued = await self.store.recover(self.max_deliveries)
-        self.dispatcher.enqueue(queued)
+        await self._admit(queued)
         return len(queued)
+
+    @property
+    def blocked_count(self) -> int:
+        return len(self._blocked)
 
     # -- REST operations
     async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
         results = await self.store.create_runs(creates)
-        self.dispatcher.enqueue(q for _, q in results if q is not None)
+        await self._admit(q for _, q in results if q is not None)
         return [(run, queued is not None) for run, queued in results]
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
@@ -92,6 +102,13 @@ class TaskRunService:
         run, that holder is told to stop it and keeps the lease until it answers, so
         its credit keeps counting the run it is still busy with.
         """
+        results = await self._set_states(requests, reporter)
+        await self._fail_doomed()
+        return results
+
+    async def _set_states(
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], reporter: Subscription | None
+    ) -> list[SetStateResult]:
         changes = await self.store.set_states(requests, now=self.dispatcher.clock())
         for (run_id, _), change in zip(requests, changes, strict=True):
             self._after_change(run_id, change, reporter)
@@ -110,6 +127,7 @@ class TaskRunService:
                 self.dispatcher.release(run_id)
                 holder.request_cancel(run_id)
             self._notify_ended(run_id, None)
+            await self._fail_doomed()
         return run
 
     async def wait(self, run_ids: Sequence[uuid.UUID], *, seconds: float, wait_all: bool) -> WaitResult:
@@ -202,6 +220,59 @@ class TaskRunService:
         if crashed:
             for run in await self.store.read_runs(crashed):
                 self._notify_ended(run.id, run)
+            await self._fail_doomed()
+
+    # -- wait_for: runs held back until others complete
+    async def _admit(self, queued: Iterable[QueuedRun]) -> None:
+        """Queue runs, holding back those whose ``wait_for`` runs have not all completed.
+
+        The hold is registered before the upstream states are read, so an upstream that
+        ends meanwhile releases its dependents through :meth:`_upstream_ended` either way.
+        """
+        ready: list[QueuedRun] = []
+        gated: list[QueuedRun] = []
+        for entry in queued:
+            (gated if entry.wait_for else ready).append(entry)
+        self.dispatcher.enqueue(ready)
+        if not gated:
+            return
+        for entry in gated:
+            self._blocked[entry.id] = (entry, set(entry.wait_for))
+            for upstream in entry.wait_for:
+                self._dependents.setdefault(upstream, set()).add(entry.id)
+        upstreams = list({u for entry in gated for u in entry.wait_for})
+        states = await self.store.states_of(upstreams)
+        for upstream in upstreams:
+            state = states.get(upstream)
+            if state is None or state.is_terminal:
+                self._upstream_ended(upstream, state)
+        await self._fail_doomed()
+
+    def _upstream_ended(self, upstream: uuid.UUID, state: StateType | None) -> None:
+        for dependent in self._dependents.pop(upstream, ()):
+            blocked = self._blocked.get(dependent)
+            if blocked is None:
+                continue
+            entry, pending = blocked
+            if state is not StateType.COMPLETED:
+                del self._blocked[dependent]
+                what = "does not exist" if state is None else f"ended {state.value}"
+                self._doomed.append((dependent, f"a run it waits for ({upstream}) {what}"))
+                continue
+            pending.discard(upstream)
+            if not pending:
+                del self._blocked[dependent]
+                self.dispatcher.enqueue([entry])
+
+    async def _fail_doomed(self) -> None:
+        """Fail held-back runs whose upstream failed (and, in turn, their own dependents)."""
+        while self._doomed:
+            doomed, self._doomed = self._doomed, []
+            requests = [
+                (run_id, SetStateRequest(make_state(StateType.FAILED, message=f"not started: {why}")))
+                for run_id, why in doomed
+            ]
+            await self._set_states(requests, None)
 
     # -- bookkeeping
     def _after_change(self, run_id: uuid.UUID, change: Change, reporter: Subscription | None) -> None:
@@ -227,6 +298,8 @@ class TaskRunService:
             self._notify_ended(run_id, run)
 
     def _notify_ended(self, run_id: uuid.UUID, run: TaskRun | None) -> None:
+        if run_id in self._dependents:
+            self._upstream_ended(run_id, None if run is None else run.state.type)
         for waiter in self._waiters.get(run_id, ()):
             if run is None:
                 waiter.deleted.append(run_id)

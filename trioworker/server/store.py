@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS task_runs (
     state_type TEXT NOT NULL,
     scheduled_at REAL,
     idempotency_key TEXT UNIQUE,
+    wait_for TEXT,
     parameters BLOB NOT NULL,
     body BLOB NOT NULL
 );
@@ -90,6 +91,8 @@ class QueuedRun:
     task_key: str
     #: Epoch seconds when it becomes due; None means now.
     scheduled_at: float | None
+    #: Runs that must complete first.
+    wait_for: tuple[uuid.UUID, ...] = ()
 
 
 @attrs.frozen
@@ -135,6 +138,7 @@ class Store(Protocol):
         self, run_ids: Sequence[uuid.UUID], client_id: str
     ) -> tuple[list[uuid.UUID], list[uuid.UUID]]: ...
     async def recover(self, max_deliveries: int) -> list[QueuedRun]: ...
+    async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]: ...
 
 
 # --------------------------------------------------------------------------- rows
@@ -247,14 +251,15 @@ class _Ops:
             )
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
-                " (id, task_key, state_type, scheduled_at, idempotency_key, parameters, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parameters, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     str(run_id),
                     run.task_key,
                     state.type.value,
                     _epoch(create.scheduled_time),
                     create.idempotency_key,
+                    orjson.dumps([str(i) for i in run.wait_for]).decode() if run.wait_for else None,
                     orjson.dumps(run.parameters),
                     _body(run),
                 ),
@@ -265,7 +270,19 @@ class _Ops:
         return out
 
     def queued_of(self, run: TaskRun, seq: int) -> QueuedRun:
-        return QueuedRun(seq, run.id, run.task_key, _epoch(run.state.state_details.scheduled_time))
+        return QueuedRun(
+            seq, run.id, run.task_key, _epoch(run.state.state_details.scheduled_time), tuple(run.wait_for)
+        )
+
+    def states_of(self, run_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, StateType]:
+        ids = [str(i) for i in run_ids]
+        states: dict[uuid.UUID, StateType] = {}
+        for chunk in _chunks(ids):
+            rows = self.conn.execute(
+                f"SELECT id, state_type FROM task_runs WHERE id IN ({_placeholders(len(chunk))})", chunk
+            )
+            states.update({uuid.UUID(i): StateType(t) for i, t in rows})
+        return states
 
     def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         found = self._fetch(run_ids)
@@ -455,10 +472,13 @@ class _Ops:
         ]
         self.requeue(held, "redelivery", max_deliveries)
         rows = self.conn.execute(
-            "SELECT seq, id, task_key, scheduled_at FROM task_runs"
+            "SELECT seq, id, task_key, scheduled_at, wait_for FROM task_runs"
             " WHERE state_type = 'SCHEDULED' ORDER BY seq"
         )
-        return [QueuedRun(seq, uuid.UUID(i), key, at) for seq, i, key, at in rows]
+        return [
+            QueuedRun(seq, uuid.UUID(i), key, at, tuple(uuid.UUID(w) for w in orjson.loads(wait or "[]")))
+            for seq, i, key, at, wait in rows
+        ]
 
 
 # --------------------------------------------------------------------------- committer
@@ -659,3 +679,6 @@ class SQLiteStore:
 
     async def recover(self, max_deliveries: int) -> list[QueuedRun]:
         return await self._run(lambda ops: ops.recover(max_deliveries))
+
+    async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
+        return await self._run(lambda ops: ops.states_of(run_ids))
