@@ -1,17 +1,28 @@
-"""The REST client: one long-lived ``httpx.AsyncClient`` per :class:`TaskRunClient`.
+"""The REST clients: :class:`TaskRunClient` (async, for Trio) and :class:`SyncTaskRunClient`
+(blocking, for plain code; it starts no event loop).
 
-Errors are translated where they happen: a refused or broken connection becomes
-:class:`~trioworker.errors.ServerUnavailable`, an error status an
+Both build the same requests (:class:`_Call`) and parse the same answers; only the
+transport differs. Errors are translated where they happen: a refused or broken connection
+becomes :class:`~trioworker.errors.ServerUnavailable`, an error status an
 :class:`~trioworker.errors.ApiError` (:class:`~trioworker.errors.NotFound` for 404).
+
+``async with trioworker.connect():`` (and ``with trioworker.sync.connect():``) makes one
+client, with its kept-alive connection, the one every submission and future in the block
+uses. Without it each call opens a short-lived client of its own.
 """
 
 from __future__ import annotations
 
+import ssl
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from functools import cache
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Generic, Self, TypeVar
 
+import attrs
 import httpx
 import orjson
 
@@ -29,8 +40,25 @@ from trioworker.models import (
 )
 from trioworker.settings import Settings
 
+T = TypeVar("T")
+
 #: Seconds a request may take; long-polls add their own wait on top.
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT: Final = 30.0
+#: The longest single long-poll; longer waits are several.
+MAX_POLL_SECONDS: Final = 60.0
+
+
+@cache
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for every client: building one costs milliseconds."""
+    return ssl.create_default_context()
+
+
+def headers_for(api_key: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -44,15 +72,135 @@ def _raise_for_status(response: httpx.Response) -> None:
     raise cls(response.status_code, detail)
 
 
-def headers_for(api_key: str | None) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
+@attrs.frozen
+class WaitResult:
+    """The answer of a wait for many runs."""
+
+    ended: list[TaskRun]
+    missing: list[uuid.UUID]
+    pending: list[uuid.UUID]
 
 
-class TaskRunClient:
-    """Async client for the task-run API. Use it as ``async with TaskRunClient() as client``.
+@attrs.frozen
+class _Call(Generic[T]):
+    """One API call: the request and how to read its answer."""
+
+    method: str
+    path: str
+    parse: Callable[[JSON], T]
+    body: JSON = None
+    params: dict[str, Any] | None = None
+    #: Extra seconds the answer may take (a long-poll's own wait).
+    wait: float = 0.0
+
+
+def _ignore(data: JSON) -> None:
+    return None
+
+
+def _structure(cls: Any) -> Callable[[JSON], Any]:
+    return lambda data: converter.structure(data, cls)
+
+
+class _Calls:
+    """The API, as request descriptions: shared by the async and the blocking client."""
+
+    @staticmethod
+    def health() -> _Call[dict[str, JSON]]:
+        return _Call("GET", "/health", lambda d: dict(d))
+
+    @staticmethod
+    def create(create: TaskRunCreate) -> _Call[TaskRun]:
+        return _Call("POST", "/task_runs", _structure(TaskRun), converter.unstructure(create))
+
+    @staticmethod
+    def create_many(creates: Sequence[TaskRunCreate]) -> _Call[list[TaskRun]]:
+        return _Call(
+            "POST", "/task_runs/batch", _structure(list[TaskRun]), converter.unstructure(list(creates))
+        )
+
+    @staticmethod
+    def read(run_id: uuid.UUID) -> _Call[TaskRun]:
+        return _Call("GET", f"/task_runs/{run_id}", _structure(TaskRun))
+
+    @staticmethod
+    def read_many(
+        task_key: str | None, state: StateType | None, limit: int, offset: int
+    ) -> _Call[list[TaskRun]]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if task_key is not None:
+            params["task_key"] = task_key
+        if state is not None:
+            params["state"] = state.value
+        return _Call("GET", "/task_runs", _structure(list[TaskRun]), params=params)
+
+    @staticmethod
+    def history(run_id: uuid.UUID) -> _Call[list[StateChange]]:
+        return _Call("GET", f"/task_runs/{run_id}/history", _structure(list[StateChange]))
+
+    @staticmethod
+    def set_state(run_id: uuid.UUID, state: State, force: bool) -> _Call[SetStateResult]:
+        body = converter.unstructure(SetStateRequest(state, force))
+        return _Call("POST", f"/task_runs/{run_id}/set_state", _structure(SetStateResult), body)
+
+    @staticmethod
+    def cancel(run_id: uuid.UUID) -> _Call[SetStateResult]:
+        return _Call("POST", f"/task_runs/{run_id}/cancel", _structure(SetStateResult))
+
+    @staticmethod
+    def delete(run_id: uuid.UUID) -> _Call[None]:
+        return _Call("DELETE", f"/task_runs/{run_id}", _ignore)
+
+    @staticmethod
+    def wait(run_id: uuid.UUID, seconds: float) -> _Call[TaskRun]:
+        seconds = min(seconds, MAX_POLL_SECONDS)
+        return _Call(
+            "GET", f"/task_runs/{run_id}/wait", _structure(TaskRun), params={"timeout": seconds}, wait=seconds
+        )
+
+    @staticmethod
+    def wait_many(
+        run_ids: Sequence[uuid.UUID], seconds: float, *, wait_all: bool, linger: float
+    ) -> _Call[WaitResult]:
+        seconds = min(seconds, MAX_POLL_SECONDS)
+        body = {"ids": [str(i) for i in run_ids], "timeout": seconds, "all": wait_all, "linger": linger}
+        return _Call("POST", "/task_runs/wait", _structure(WaitResult), body, wait=seconds + linger)
+
+
+class _Base:
+    def __init__(self, api_url: str | None, api_key: str | None, timeout: float) -> None:
+        settings = Settings.from_env()
+        self.api_url = (api_url or settings.api_url).rstrip("/")
+        self.api_key = api_key if api_key is not None else settings.api_key
+        self.timeout = timeout
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "base_url": self.api_url,
+            "headers": headers_for(self.api_key),
+            "timeout": self.timeout,
+            "verify": _ssl_context(),
+        }
+
+    def _request_args(self, call: _Call[Any]) -> dict[str, Any]:
+        args: dict[str, Any] = {"params": call.params}
+        if call.body is not None:
+            args["content"] = orjson.dumps(call.body)
+        if call.wait:
+            args["timeout"] = self.timeout + call.wait
+        return args
+
+    def _unreachable(self, exc: Exception) -> ServerUnavailable:
+        return ServerUnavailable(f"cannot reach the trioworker server at {self.api_url}: {exc!r}")
+
+    @staticmethod
+    def _parse(call: _Call[T], response: httpx.Response) -> T:
+        _raise_for_status(response)
+        return call.parse(orjson.loads(response.content) if response.content else None)
+
+
+class TaskRunClient(_Base):
+    """Async client of the task-run API: ``async with TaskRunClient() as client``.
 
     Args:
         api_url: the server's API root (default ``TRIOWORKER_API_URL``).
@@ -68,15 +216,8 @@ class TaskRunClient:
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        settings = Settings.from_env()
-        self.api_url = (api_url or settings.api_url).rstrip("/")
-        self.api_key = api_key if api_key is not None else settings.api_key
-        self._http = httpx.AsyncClient(
-            base_url=self.api_url,
-            headers=headers_for(self.api_key),
-            timeout=timeout,
-            transport=transport,
-        )
+        super().__init__(api_url, api_key, timeout)
+        self._http = httpx.AsyncClient(transport=transport, **self._options())
 
     async def __aenter__(self) -> Self:
         await self._http.__aenter__()
@@ -90,30 +231,24 @@ class TaskRunClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, *, body: JSON = None, **kwargs: Any) -> JSON:
-        content = None if body is None else orjson.dumps(body)
+    async def call(self, call: _Call[T]) -> T:
         try:
-            response = await self._http.request(method, path, content=content, **kwargs)
+            response = await self._http.request(call.method, call.path, **self._request_args(call))
         except httpx.TransportError as exc:
-            raise ServerUnavailable(f"cannot reach the trioworker server at {self.api_url}: {exc!r}") from exc
-        _raise_for_status(response)
-        return orjson.loads(response.content) if response.content else None
+            raise self._unreachable(exc) from exc
+        return self._parse(call, response)
 
     async def health(self) -> dict[str, JSON]:
-        result = await self._request("GET", "/health")
-        assert isinstance(result, dict)
-        return result
+        return await self.call(_Calls.health())
 
     async def create_task_run(self, create: TaskRunCreate) -> TaskRun:
-        data = await self._request("POST", "/task_runs", body=converter.unstructure(create))
-        return converter.structure(data, TaskRun)
+        return await self.call(_Calls.create(create))
 
     async def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
-        data = await self._request("POST", "/task_runs/batch", body=converter.unstructure(list(creates)))
-        return converter.structure(data, list[TaskRun])
+        return await self.call(_Calls.create_many(creates))
 
     async def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
-        return converter.structure(await self._request("GET", f"/task_runs/{run_id}"), TaskRun)
+        return await self.call(_Calls.read(run_id))
 
     async def read_task_runs(
         self,
@@ -123,36 +258,167 @@ class TaskRunClient:
         limit: int = 100,
         offset: int = 0,
     ) -> list[TaskRun]:
-        params: dict[str, str | int] = {"limit": limit, "offset": offset}
-        if task_key is not None:
-            params["task_key"] = task_key
-        if state is not None:
-            params["state"] = state.value
-        return converter.structure(await self._request("GET", "/task_runs", params=params), list[TaskRun])
+        return await self.call(_Calls.read_many(task_key, state, limit, offset))
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange]:
-        return converter.structure(
-            await self._request("GET", f"/task_runs/{run_id}/history"), list[StateChange]
-        )
+        return await self.call(_Calls.history(run_id))
 
     async def set_state(self, run_id: uuid.UUID, state: State, *, force: bool = False) -> SetStateResult:
-        body = converter.unstructure(SetStateRequest(state, force))
-        data = await self._request("POST", f"/task_runs/{run_id}/set_state", body=body)
-        return converter.structure(data, SetStateResult)
+        return await self.call(_Calls.set_state(run_id, state, force))
 
     async def cancel(self, run_id: uuid.UUID) -> SetStateResult:
-        data = await self._request("POST", f"/task_runs/{run_id}/cancel")
-        return converter.structure(data, SetStateResult)
+        return await self.call(_Calls.cancel(run_id))
 
     async def delete(self, run_id: uuid.UUID) -> None:
-        await self._request("DELETE", f"/task_runs/{run_id}")
+        await self.call(_Calls.delete(run_id))
 
     async def wait(self, run_id: uuid.UUID, *, seconds: float = 30.0) -> TaskRun:
-        """Long-poll: the run once it ended, or as it stands after ``seconds``."""
-        data = await self._request(
-            "GET",
-            f"/task_runs/{run_id}/wait",
-            params={"timeout": seconds},
-            timeout=self._http.timeout.read + seconds if self._http.timeout.read else None,
-        )
-        return converter.structure(data, TaskRun)
+        """Long-poll: the run once it ended, or as it stands after ``seconds`` (at most 60)."""
+        return await self.call(_Calls.wait(run_id, seconds))
+
+    async def wait_many(
+        self,
+        run_ids: Sequence[uuid.UUID],
+        *,
+        seconds: float = 30.0,
+        wait_all: bool = False,
+        linger: float = 0.0,
+    ) -> WaitResult:
+        """Long-poll for many runs: answers once one (``wait_all``: every one) ended."""
+        return await self.call(_Calls.wait_many(run_ids, seconds, wait_all=wait_all, linger=linger))
+
+
+class SyncTaskRunClient(_Base):
+    """The blocking twin of :class:`TaskRunClient` (``httpx.Client``; no event loop)."""
+
+    def __init__(
+        self,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(api_url, api_key, timeout)
+        self._http = httpx.Client(transport=transport, **self._options())
+
+    def __enter__(self) -> Self:
+        self._http.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._http.__exit__(exc_type, exc, tb)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def call(self, call: _Call[T]) -> T:
+        try:
+            response = self._http.request(call.method, call.path, **self._request_args(call))
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        return self._parse(call, response)
+
+    def health(self) -> dict[str, JSON]:
+        return self.call(_Calls.health())
+
+    def create_task_run(self, create: TaskRunCreate) -> TaskRun:
+        return self.call(_Calls.create(create))
+
+    def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
+        return self.call(_Calls.create_many(creates))
+
+    def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
+        return self.call(_Calls.read(run_id))
+
+    def read_task_runs(
+        self,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRun]:
+        return self.call(_Calls.read_many(task_key, state, limit, offset))
+
+    def history(self, run_id: uuid.UUID) -> list[StateChange]:
+        return self.call(_Calls.history(run_id))
+
+    def set_state(self, run_id: uuid.UUID, state: State, *, force: bool = False) -> SetStateResult:
+        return self.call(_Calls.set_state(run_id, state, force))
+
+    def cancel(self, run_id: uuid.UUID) -> SetStateResult:
+        return self.call(_Calls.cancel(run_id))
+
+    def delete(self, run_id: uuid.UUID) -> None:
+        self.call(_Calls.delete(run_id))
+
+    def wait(self, run_id: uuid.UUID, *, seconds: float = 30.0) -> TaskRun:
+        return self.call(_Calls.wait(run_id, seconds))
+
+    def wait_many(
+        self,
+        run_ids: Sequence[uuid.UUID],
+        *,
+        seconds: float = 30.0,
+        wait_all: bool = False,
+        linger: float = 0.0,
+    ) -> WaitResult:
+        return self.call(_Calls.wait_many(run_ids, seconds, wait_all=wait_all, linger=linger))
+
+
+# --------------------------------------------------------------------------- the ambient client
+
+_current_async: Final[ContextVar[TaskRunClient | None]] = ContextVar("trioworker_client", default=None)
+_current_sync: Final[ContextVar[SyncTaskRunClient | None]] = ContextVar(
+    "trioworker_sync_client", default=None
+)
+
+
+@asynccontextmanager
+async def connect(api_url: str | None = None, api_key: str | None = None) -> AsyncIterator[TaskRunClient]:
+    """Use one client (one kept-alive connection) for every submission and future inside.
+
+    ``async with trioworker.connect():`` around a burst of ``.delay()`` calls saves a
+    connection per call. Workers do this for the task code they run.
+    """
+    async with TaskRunClient(api_url, api_key) as client:
+        token = _current_async.set(client)
+        try:
+            yield client
+        finally:
+            _current_async.reset(token)
+
+
+@contextmanager
+def connect_sync(api_url: str | None = None, api_key: str | None = None) -> Iterator[SyncTaskRunClient]:
+    """The blocking twin of :func:`connect` (``trioworker.sync.connect``)."""
+    with SyncTaskRunClient(api_url, api_key) as client:
+        token = _current_sync.set(client)
+        try:
+            yield client
+        finally:
+            _current_sync.reset(token)
+
+
+@asynccontextmanager
+async def using_client() -> AsyncIterator[TaskRunClient]:
+    """The client of the enclosing :func:`connect`, or a short-lived one."""
+    client = _current_async.get()
+    if client is not None:
+        yield client
+        return
+    async with TaskRunClient() as fresh:
+        yield fresh
+
+
+@contextmanager
+def using_sync_client() -> Iterator[SyncTaskRunClient]:
+    client = _current_sync.get()
+    if client is not None:
+        yield client
+        return
+    with SyncTaskRunClient() as fresh:
+        yield fresh

@@ -11,7 +11,7 @@ import enum
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ import orjson
 import trio
 
 from trioworker import serializers
+from trioworker.context import running
 from trioworker.errors import ParameterError, StopTaskWorker
 from trioworker.models import (
     JSON,
@@ -41,6 +42,44 @@ class Reporter(Protocol):
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult: ...
 
 
+#: Reads runs by id (the upstream runs whose results a run takes as arguments).
+FetchRuns = Callable[[list[uuid.UUID]], Awaitable[list[TaskRun]]]
+
+
+def _swap_in(value: Any, results: dict[uuid.UUID, Any]) -> Any:
+    run_id = serializers.future_ref_id(value)
+    return value if run_id is None else results[run_id]
+
+
+async def _upstream_results(run: TaskRun, fetch: FetchRuns) -> dict[uuid.UUID, Any]:
+    upstream = {r.id: r for r in await fetch(list(run.wait_for))}
+    results: dict[uuid.UUID, Any] = {}
+    for run_id in run.wait_for:
+        up = upstream.get(run_id)
+        if up is None or up.state.type is not StateType.COMPLETED:
+            state = "gone" if up is None else up.state.type.value
+            raise ParameterError(f"the run {run_id} whose result is an argument is {state}")
+        results[run_id] = (
+            serializers.pickle_loads(up.state.data) if up.serializer == "pickle" else up.state.data
+        )
+    return results
+
+
+def _swap_in_json(parameters: Any, results: dict[uuid.UUID, Any]) -> Any:
+    """The same for json parameters, before they are structured (so results get typed too)."""
+    if not isinstance(parameters, dict):
+        return parameters
+    out: dict[str, Any] = {}
+    for name, value in parameters.items():
+        if isinstance(value, list):
+            out[name] = [_swap_in(v, results) for v in value]
+        elif isinstance(value, dict) and serializers.future_ref_id(value) is None:
+            out[name] = {k: _swap_in(v, results) for k, v in value.items()}
+        else:
+            out[name] = _swap_in(value, results)
+    return out
+
+
 class Outcome(enum.Enum):
     """How one execution ended, from the worker's point of view."""
 
@@ -54,12 +93,20 @@ class Outcome(enum.Enum):
     STOP = "stop"
 
 
-def read_parameters(
-    task: Task[..., Any], run: TaskRun, *, allow_pickle: bool
+async def read_parameters(
+    task: Task[..., Any], run: TaskRun, *, allow_pickle: bool, fetch: FetchRuns | None = None
 ) -> tuple[list[Any], dict[str, Any]]:
-    """The call's ``(args, kwargs)``; raises ParameterError with a sentence for the run's state."""
+    """The call's ``(args, kwargs)``; raises ParameterError with a sentence for the run's state.
+
+    Futures passed as arguments come as placeholders: they are replaced by the results of
+    their runs (read with ``fetch``) before the json parameters are structured, so a
+    result gets the parameter's type like any other argument.
+    """
+    results: dict[uuid.UUID, Any] = {}
+    if run.wait_for and fetch is not None:
+        results = await _upstream_results(run, fetch)
     if run.serializer == "json":
-        return serializers.load_parameters(task.fn, run.parameters)
+        return serializers.load_parameters(task.fn, _swap_in_json(run.parameters, results))
     if run.serializer == "pickle":
         if not allow_pickle:
             raise ParameterError(
@@ -70,7 +117,9 @@ def read_parameters(
         if not (isinstance(loaded, tuple) and len(loaded) == 2):
             raise ParameterError("pickled parameters must be an (args, kwargs) pair")
         args, kwargs = loaded
-        return list(args), dict(kwargs)
+        return [_swap_in(a, results) for a in args], {
+            k: _swap_in(v, results) for k, v in dict(kwargs).items()
+        }
     raise ParameterError(f"unknown serializer {run.serializer!r}")
 
 
@@ -139,6 +188,7 @@ async def execute(
     thread_limiter: trio.CapacityLimiter,
     allow_pickle: bool = False,
     on_running: Callable[[], None] | None = None,
+    fetch: FetchRuns | None = None,
 ) -> Outcome:
     """Run one attempt of ``run`` and report where it ended.
 
@@ -147,9 +197,10 @@ async def execute(
             :attr:`Outcome.CANCELLED`, unreported; any other cancellation (the worker
             stopping) propagates, unreported, and the worker hands the run back.
         on_running: called once the server accepted RUNNING.
+        fetch: reads the runs whose results are arguments of this one.
     """
     try:
-        args, kwargs = read_parameters(task, run, allow_pickle=allow_pickle)
+        args, kwargs = await read_parameters(task, run, allow_pickle=allow_pickle, fetch=fetch)
     except ParameterError as exc:
         log.error("run %s of %s: %s", run.id, task.key, exc)
         failed = make_state(
@@ -168,7 +219,7 @@ async def execute(
         on_running()
 
     ok, value = False, None
-    with scope:
+    with scope, running(run):
         ok, value = await _attempt(task, args, kwargs, thread_limiter)
     if scope.cancelled_caught:
         # The server already marked the run (CANCELLED, or deleted, or given to another

@@ -13,9 +13,11 @@ import inspect
 import pickle
 import traceback
 import typing
+import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
+import attrs
 import cattrs
 
 from trioworker.errors import ParameterError
@@ -56,7 +58,10 @@ def dump_parameters(
     fn: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[str, JSON]:
     """``{parameter name: JSON value}``; ``*args`` is a list, ``**kwargs`` an object."""
-    bound = bind(fn, args, kwargs)
+    return dump_bound(bind(fn, args, kwargs))
+
+
+def dump_bound(bound: inspect.BoundArguments) -> dict[str, JSON]:
     params = bound.signature.parameters
     out: dict[str, JSON] = {}
     for name, value in bound.arguments.items():
@@ -154,3 +159,25 @@ def _jsonable_args(exc: BaseException) -> list[JSON] | None:
 
 
 SERIALIZERS: Final = ("json", "pickle")
+
+#: In json parameters, ``{FUTURE_KEY: "<run id>"}`` stands for that run's result.
+FUTURE_KEY: Final = "__trioworker_future__"
+
+
+@attrs.frozen
+class FutureRef:
+    """In pickled parameters, stands for the result of the run ``task_run_id``."""
+
+    task_run_id: uuid.UUID
+
+
+def future_ref_id(value: object) -> uuid.UUID | None:
+    """The run id a parameter value stands for, if it is a future placeholder."""
+    if isinstance(value, FutureRef):
+        return value.task_run_id
+    if isinstance(value, dict) and len(value) == 1 and FUTURE_KEY in value:
+        try:
+            return uuid.UUID(str(value[FUTURE_KEY]))
+        except ValueError:
+            return None
+    return None

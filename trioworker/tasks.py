@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
 
 import attrs
+
+from trioworker.client import using_client, using_sync_client
+from trioworker.futures import SyncTaskRunFuture, TaskRunFuture
+from trioworker.submission import batches, build_create, map_calls
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,11 +102,116 @@ class Task(Generic[P, R]):
         """A copy with some options changed, e.g. ``say.with_options(retries=3)``."""
         return attrs.evolve(self, **options)
 
+    # -- submitting from Trio
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRunFuture[R]:
+        """Submit a run with these arguments; returns its future at once.
+
+        Raises the call's own TypeError for arguments that do not fit the signature.
+        """
+        return await self.apply_async(args, kwargs)
+
+    async def apply_async(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        wait_for: Iterable[Any] = (),
+        scheduled_time: datetime | None = None,
+        idempotency_key: str | None = None,
+        name: str | None = None,
+    ) -> TaskRunFuture[R]:
+        """Submit a run, with everything :meth:`delay` cannot say.
+
+        Args:
+            wait_for: futures (or run ids) that must complete before this run starts; if
+                one fails, this run fails without starting. Futures among the arguments
+                are waited for too, and replaced by their results.
+            scheduled_time: not delivered before this time (UTC when naive).
+            idempotency_key: a second submission with the same key gives the same run.
+        """
+        create = build_create(
+            self,
+            args,
+            kwargs or {},
+            wait_for=wait_for,
+            scheduled_time=scheduled_time,
+            idempotency_key=idempotency_key,
+            name=name,
+        )
+        async with using_client() as client:
+            run = await client.create_task_run(create)
+        return TaskRunFuture(run.id, self, run)
+
+    async def map(self, *args: Any, **kwargs: Any) -> list[TaskRunFuture[R]]:
+        """Submit one run per item of the iterable arguments, in batches; futures in order.
+
+        ``say.map(["a", "b"], loud=True)`` submits ``say("a", loud=True)`` and
+        ``say("b", loud=True)``. Wrap a list in :class:`~trioworker.unmapped` to pass it whole.
+        """
+        creates = [build_create(self, a, k) for a, k in map_calls(args, kwargs)]
+        futures: list[TaskRunFuture[R]] = []
+        async with using_client() as client:
+            for batch in batches(creates):
+                futures += [TaskRunFuture(run.id, self, run) for run in await client.create_task_runs(batch)]
+        return futures
+
+    @property
+    def sync(self) -> SyncSubmitter[P, R]:
+        """The blocking twins, for plain code: ``say.sync.delay("hi").result()``."""
+        return SyncSubmitter(self)
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<Task {self.key!r}>"
+
+
+@attrs.frozen
+class SyncSubmitter(Generic[P, R]):
+    """Blocking twins of :meth:`Task.delay`, :meth:`Task.apply_async` and :meth:`Task.map`.
+
+    They use ``httpx.Client`` and start no event loop: call them from scripts, threads,
+    Flask or Django views. They return :class:`~trioworker.SyncTaskRunFuture` objects.
+    """
+
+    task: Task[P, R]
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> SyncTaskRunFuture[R]:
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        wait_for: Iterable[Any] = (),
+        scheduled_time: datetime | None = None,
+        idempotency_key: str | None = None,
+        name: str | None = None,
+    ) -> SyncTaskRunFuture[R]:
+        create = build_create(
+            self.task,
+            args,
+            kwargs or {},
+            wait_for=wait_for,
+            scheduled_time=scheduled_time,
+            idempotency_key=idempotency_key,
+            name=name,
+        )
+        with using_sync_client() as client:
+            run = client.create_task_run(create)
+        return SyncTaskRunFuture(run.id, self.task, run)
+
+    def map(self, *args: Any, **kwargs: Any) -> list[SyncTaskRunFuture[R]]:
+        creates = [build_create(self.task, a, k) for a, k in map_calls(args, kwargs)]
+        futures: list[SyncTaskRunFuture[R]] = []
+        with using_sync_client() as client:
+            for batch in batches(creates):
+                futures += [
+                    SyncTaskRunFuture(run.id, self.task, run) for run in client.create_task_runs(batch)
+                ]
+        return futures
 
 
 @overload

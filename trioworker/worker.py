@@ -32,7 +32,7 @@ import trio
 
 from trioworker import engine
 from trioworker._util import only_exception
-from trioworker.client import TaskRunClient
+from trioworker.client import TaskRunClient, connect, using_client
 from trioworker.engine import Outcome
 from trioworker.errors import NotFound, StopTaskWorker
 from trioworker.models import SetStateResult, State, TaskRun, utcnow
@@ -153,6 +153,7 @@ class TaskWorker:
         self._dispatch_scope: trio.CancelScope | None = None
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
+        self._client: TaskRunClient | None = None
 
     # -- what users read
     @property
@@ -222,7 +223,10 @@ class TaskWorker:
         task_status: trio.TaskStatus[None],
     ) -> None:
         """The nursery tree (see the module docstring)."""
-        async with trio.open_nursery() as nursery:
+        # One client for everything the worker's runs say over REST (their own .delay()
+        # calls included: it is the ambient client of their context).
+        async with connect(self.api_url, self.api_key) as client, trio.open_nursery() as nursery:
+            self._client = client
             if self.status_server_port is not None:
                 from trioworker.status import serve_status
 
@@ -364,6 +368,7 @@ class TaskWorker:
                 thread_limiter=self._thread_limiter,
                 allow_pickle=self.allow_pickle,
                 on_running=on_running,
+                fetch=self._fetch_runs,
             )
             if outcome is not Outcome.REFUSED:
                 self.finished_task_runs[key] += 1
@@ -380,6 +385,10 @@ class TaskWorker:
             self.in_flight_task_runs[key].pop(run.id, None)
             self._limiter.release_on_behalf_of(run.id)
 
+    async def _fetch_runs(self, run_ids: list[uuid.UUID]) -> list[TaskRun]:
+        async with using_client() as client:
+            return (await client.wait_many(run_ids, seconds=0)).ended
+
     async def execute_task_run(self, task_run: TaskRun) -> None:
         """Run one given run here and now (reporting over REST), outside the subscription.
 
@@ -390,7 +399,7 @@ class TaskWorker:
             return
         self._executing.add(task_run.id)
         try:
-            async with TaskRunClient(self.api_url, self.api_key) as client:
+            async with connect(self.api_url, self.api_key) as client:
                 task = self._tasks.get(task_run.task_key)
                 if task is None:
                     await self._unknown_key(task_run, lambda ids: None)

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Final, NoReturn
 
+import attrs
 import cattrs
 import orjson
 import trio
@@ -25,6 +26,7 @@ from trioworker.models import (
     JSON,
     SERIALIZERS,
     SetStateRequest,
+    SetStateStatus,
     StateType,
     TaskRunCreate,
     converter,
@@ -46,6 +48,8 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
 MAX_KEY_LENGTH: Final = 200
+#: Report messages a connection may have queued before its reader waits for them.
+MAX_QUEUED_OPS: Final = 1000
 
 
 class ApiError(Exception):
@@ -232,7 +236,7 @@ def create_app(
     async def wait_many() -> Response:
         body = await _body()
         if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
-            raise ApiError(422, 'expected {"ids": [...], "timeout": seconds, "all": false}')
+            raise ApiError(422, 'expected {"ids": [...], "timeout": seconds, "all": false, "linger": 0}')
         try:
             ids = [uuid.UUID(str(i)) for i in body["ids"]]
         except ValueError:
@@ -240,7 +244,12 @@ def create_app(
         timeout = body.get("timeout", 30)
         if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_WAIT_SECONDS:
             raise ApiError(422, f"timeout must be a number of seconds between 0 and {MAX_WAIT_SECONDS:g}")
-        result = await service.wait(ids, seconds=float(timeout), wait_all=bool(body.get("all", False)))
+        linger = body.get("linger", 0)
+        if not isinstance(linger, int | float) or not 0 <= linger <= 5:
+            raise ApiError(422, "linger must be a number of seconds between 0 and 5")
+        result = await service.wait(
+            ids, seconds=float(timeout), wait_all=bool(body.get("all", False)), linger=float(linger)
+        )
         return _dump(result)
 
     @app.get("/api/task_runs/<run_id>")
@@ -307,6 +316,13 @@ def create_app(
     return app
 
 
+@attrs.frozen
+class _Report:
+    run_id: uuid.UUID
+    request: SetStateRequest
+    ref: JSON
+
+
 class _SubscriptionSession:
     """One subscription socket: handshake, then deliveries out and reports in, concurrently."""
 
@@ -320,6 +336,10 @@ class _SubscriptionSession:
         self.quitting = False
         #: State reports being applied: a quitting session closes only after their answers.
         self.reports_in_flight = 0
+        #: Reports and releases waiting for :meth:`apply_forever`, in arrival order.
+        self.ops: list[tuple[str, object]] = []
+        self.ops_ready = trio.Event()
+        self.ops_applied = trio.Event()
         self.held_at_subscribe: list[uuid.UUID] = []
         self.acks = 0
 
@@ -371,6 +391,7 @@ class _SubscriptionSession:
             await self.service.reclaim(sub, self.held_at_subscribe)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.deliver_forever, sub, nursery.cancel_scope)
+                nursery.start_soon(self.apply_ops, sub, nursery.cancel_scope)
                 nursery.start_soon(self.close_on_shutdown, nursery.cancel_scope)
                 try:
                     await self.receive_forever(sub)
@@ -427,6 +448,12 @@ class _SubscriptionSession:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await self.close(CLOSE_RESTART, "the server is stopping")
 
+    async def apply_ops(self, sub: Subscription, scope: trio.CancelScope) -> None:
+        try:
+            await self.apply_forever(sub)
+        except _ConnectionGone:
+            scope.cancel()
+
     async def deliver_forever(self, sub: Subscription, scope: trio.CancelScope) -> None:
         try:
             await self._deliver(sub, scope)
@@ -473,8 +500,7 @@ class _SubscriptionSession:
         items = message.get("states")
         if not isinstance(items, list):
             raise ProtocolViolation('"states" must be a list of {"id", "state", "force"?}')
-        requests: list[tuple[uuid.UUID, SetStateRequest]] = []
-        refs: list[JSON] = []
+        reports: list[_Report] = []
         for item in items:
             if not isinstance(item, dict):
                 raise ProtocolViolation("each state report must be an object")
@@ -483,33 +509,67 @@ class _SubscriptionSession:
                 request_ = converter.structure(item, SetStateRequest)
             except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
                 raise ProtocolViolation(f"bad state report: {_describe(exc)}") from None
-            requests.append((run_id, request_))
-            refs.append(item.get("ref"))
-        self.reports_in_flight += 1
-        try:
-            await self._apply_reports(sub, requests, refs)
-        finally:
-            self.reports_in_flight -= 1
-            sub.wake()
+            reports.append(_Report(run_id, request_, item.get("ref")))
+        await self._enqueue(("states", reports))
 
-    async def _apply_reports(
-        self, sub: Subscription, requests: list[tuple[uuid.UUID, SetStateRequest]], refs: list[JSON]
-    ) -> None:
-        results = await self.service.set_states(requests, reporter=sub)
+    async def _enqueue(self, op: tuple[str, object]) -> None:
+        """Hand an op to :meth:`apply_forever`, in order; waits while too many are queued.
+
+        Reports are not applied while the socket is read: the reader keeps reading, and
+        all reports that arrive while one group commit runs share the next one.
+        """
+        while len(self.ops) >= MAX_QUEUED_OPS:
+            self.ops_applied = self.ops_applied if not self.ops_applied.is_set() else trio.Event()
+            await self.ops_applied.wait()
+        self.ops.append(op)
+        self.reports_in_flight += 1
+        self.ops_ready.set()
+
+    async def apply_forever(self, sub: Subscription) -> None:
+        """Apply queued reports and releases in order; consecutive reports in one go."""
+        while True:
+            await self.ops_ready.wait()
+            self.ops_ready = trio.Event()
+            ops, self.ops = self.ops, []
+            self.ops_applied.set()
+            try:
+                start = 0
+                while start < len(ops):
+                    kind, payload = ops[start]
+                    if kind == "release":
+                        assert isinstance(payload, list)
+                        await self.service.release(sub, payload)
+                        start += 1
+                        continue
+                    end = start
+                    reports: list[_Report] = []
+                    while end < len(ops) and ops[end][0] == "states":
+                        batch = ops[end][1]
+                        assert isinstance(batch, list)
+                        reports += batch
+                        end += 1
+                    await self._apply_reports(sub, reports)
+                    start = end
+            finally:
+                self.reports_in_flight -= len(ops)
+                sub.wake()
+
+    async def _apply_reports(self, sub: Subscription, reports: list[_Report]) -> None:
+        results = await self.service.set_states([(r.run_id, r.request) for r in reports], reporter=sub)
         await self.send(
             {
                 "type": "state_results",
                 "results": [
                     {
-                        "id": str(run_id),
-                        "ref": ref,
+                        "id": str(report.run_id),
+                        "ref": report.ref,
                         "status": result.status.value,
                         "details": result.details,
                         "state": None
-                        if result.status.value == "ACCEPT"
+                        if result.status is SetStateStatus.ACCEPT
                         else converter.unstructure(result.state),
                     }
-                    for (run_id, _), ref, result in zip(requests, refs, results, strict=True)
+                    for report, result in zip(reports, results, strict=True)
                 ],
             }
         )
@@ -522,7 +582,7 @@ class _SubscriptionSession:
             run_ids = None
         if run_ids is None:
             raise ProtocolViolation('"ids" of a release message must be a list of task run ids')
-        await self.service.release(sub, run_ids)
+        await self._enqueue(("release", run_ids))
 
     async def on_quit(self, sub: Subscription, message: dict[str, JSON]) -> None:
         self.quitting = True

@@ -1,0 +1,127 @@
+"""Turning a call into a run: binding arguments, futures as arguments, batches for ``map``.
+
+Arguments are bound to the task's signature at submit time, so a missing, duplicate or
+unexpected argument raises the same TypeError the call would, here and now, not on a
+worker later. A future passed as an argument becomes a placeholder plus a ``wait_for``
+entry: the server holds the run until that run completed, and the worker puts its result
+in the placeholder's place.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+
+import attrs
+
+from trioworker import serializers
+from trioworker.context import submission_context
+from trioworker.futures import _FutureBase
+from trioworker.models import TaskRunCreate
+from trioworker.serializers import FUTURE_KEY, FutureRef
+
+if TYPE_CHECKING:
+    from trioworker.tasks import Task
+
+T = TypeVar("T")
+
+#: Runs per request when submitting many (one request per batch, not per run).
+BATCH_SIZE: Final = 500
+
+Parameter = inspect.Parameter
+
+
+@attrs.frozen
+class unmapped(Generic[T]):
+    """Pass a value whole to every run of a ``map`` (a list that is not to be mapped over)."""
+
+    value: T
+
+
+def _placeholder(value: Any, serializer: str, wait_for: list[uuid.UUID]) -> Any:
+    if isinstance(value, _FutureBase):
+        wait_for.append(value.task_run_id)
+        if serializer == "pickle":
+            return FutureRef(value.task_run_id)
+        return {FUTURE_KEY: str(value.task_run_id)}
+    return value
+
+
+def build_create(
+    task: Task[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    wait_for: Iterable[_FutureBase[Any] | uuid.UUID] = (),
+    scheduled_time: datetime | None = None,
+    idempotency_key: str | None = None,
+    name: str | None = None,
+) -> TaskRunCreate:
+    """The create request for one run of ``task`` with these arguments."""
+    bound = serializers.bind(task.fn, tuple(args), dict(kwargs))
+    deps: list[uuid.UUID] = [
+        w.task_run_id if isinstance(w, _FutureBase) else uuid.UUID(str(w)) for w in wait_for
+    ]
+    params = bound.signature.parameters
+    for key, value in list(bound.arguments.items()):
+        kind = params[key].kind
+        if kind is Parameter.VAR_POSITIONAL:
+            bound.arguments[key] = tuple(_placeholder(v, task.serializer, deps) for v in value)
+        elif kind is Parameter.VAR_KEYWORD:
+            bound.arguments[key] = {k: _placeholder(v, task.serializer, deps) for k, v in value.items()}
+        else:
+            bound.arguments[key] = _placeholder(value, task.serializer, deps)
+    if task.serializer == "pickle":
+        parameters: Any = serializers.pickle_dumps((bound.args, bound.kwargs))
+    else:
+        parameters = serializers.dump_bound(bound)
+    tags, context, parent = submission_context()
+    return TaskRunCreate(
+        task_key=task.key,
+        name=name,
+        parameters=parameters,
+        serializer=task.serializer,
+        scheduled_time=scheduled_time,
+        idempotency_key=idempotency_key,
+        tags=tags,
+        context=context,
+        parent_task_run_id=parent,
+        wait_for=list(dict.fromkeys(deps)),
+    )
+
+
+def _is_mapped(value: Any) -> bool:
+    return isinstance(value, Iterable) and not isinstance(value, str | bytes | bytearray | Mapping | unmapped)
+
+
+def map_calls(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[list[Any], dict[str, Any]]]:
+    """The ``(args, kwargs)`` of each run of a map.
+
+    Iterable arguments (lists, tuples, ranges, generators; not strings, bytes or dicts)
+    are mapped over, in step; anything else, and anything wrapped in :class:`unmapped`,
+    is passed whole to every run.
+    """
+    mapped_args = [list(a) if _is_mapped(a) else None for a in args]
+    mapped_kwargs = {k: list(v) for k, v in kwargs.items() if _is_mapped(v)}
+    lengths = {len(a) for a in mapped_args if a is not None} | {len(v) for v in mapped_kwargs.values()}
+    if not lengths:
+        raise ValueError("map needs at least one iterable argument to map over")
+    if len(lengths) > 1:
+        raise ValueError(f"map's iterable arguments differ in length: {sorted(lengths)}")
+    (count,) = lengths
+
+    def whole(value: Any) -> Any:
+        return value.value if isinstance(value, unmapped) else value
+
+    for i in range(count):
+        call_args = [whole(a) if m is None else m[i] for a, m in zip(args, mapped_args, strict=True)]
+        call_kwargs = {k: mapped_kwargs[k][i] if k in mapped_kwargs else whole(v) for k, v in kwargs.items()}
+        yield call_args, call_kwargs
+
+
+def batches(items: Sequence[T], size: int = BATCH_SIZE) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
