@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -38,7 +38,7 @@ async def boom(x: int) -> int:
     raise ValueError(f"boom {x}")
 
 
-def blocking_task() -> tuple[Task[[int], Coroutine[Any, Any, int]], trio.Event, trio.Event]:
+def blocking_task() -> tuple[Task[[int], int], trio.Event, trio.Event]:
     """A task that signals ``running`` and then waits for ``release``: a run we control."""
     running, release = trio.Event(), trio.Event()
 

@@ -1,7 +1,70 @@
-"""trioworker: background task runs for Trio, with a durable queue and structured concurrency."""
+"""trioworker: background task runs for Trio, with a durable queue and structured concurrency.
+
+The public API is what this module exports; everything else is an implementation detail.
+Blocking twins of the async calls live in :mod:`trioworker.sync`.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from trioworker import sync as sync
+from trioworker.client import SyncTaskRunClient as SyncTaskRunClient
+from trioworker.client import TaskRunClient as TaskRunClient
+from trioworker.client import connect as connect
+from trioworker.context import RunContext as RunContext
+from trioworker.context import current_run as current_run
+from trioworker.context import tags as tags
+from trioworker.context import user_context as user_context
+from trioworker.errors import ApiError as ApiError
+from trioworker.errors import NotFound as NotFound
+from trioworker.errors import ParameterError as ParameterError
+from trioworker.errors import ServerUnavailable as ServerUnavailable
+from trioworker.errors import StopTaskWorker as StopTaskWorker
+from trioworker.errors import SubscriptionRefused as SubscriptionRefused
+from trioworker.errors import TaskRunFailed as TaskRunFailed
+from trioworker.errors import TrioworkerError as TrioworkerError
+from trioworker.futures import SyncTaskRunFuture as SyncTaskRunFuture
+from trioworker.futures import TaskRunFuture as TaskRunFuture
+from trioworker.futures import as_completed as as_completed
+from trioworker.futures import wait_all as wait_all
+from trioworker.models import State as State
+from trioworker.models import StateType as StateType
+from trioworker.models import TaskRun as TaskRun
+from trioworker.submission import unmapped as unmapped
+from trioworker.tasks import Task as Task
+from trioworker.tasks import task as task
+from trioworker.worker import TaskWorker as TaskWorker
+from trioworker.worker import serve as serve
+
+__all__ = [
+    "ApiError",
+    "NotFound",
+    "ParameterError",
+    "RunContext",
+    "ServerUnavailable",
+    "State",
+    "StateType",
+    "StopTaskWorker",
+    "SubscriptionRefused",
+    "SyncTaskRunClient",
+    "SyncTaskRunFuture",
+    "Task",
+    "TaskRun",
+    "TaskRunClient",
+    "TaskRunFailed",
+    "TaskRunFuture",
+    "TaskWorker",
+    "TrioworkerError",
+    "__version__",
+    "as_completed",
+    "connect",
+    "current_run",
+    "serve",
+    "sync",
+    "tags",
+    "task",
+    "unmapped",
+    "user_context",
+    "wait_all",
+]

@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, overload
 
 import attrs
 import trio
@@ -33,10 +33,17 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-#: Seconds of one long-poll before it is asked again (the server's limit is 300).
-POLL_SECONDS: Final = 30.0
-#: After the first run of a burst ends, how long the server gathers more ends.
+#: Seconds of one long-poll before it is asked again (the client caps one poll at 60).
+POLL_SECONDS: Final = 60.0
+#: After the first run of a burst ends, how long the server gathers more ends: longer the
+#: more runs are waited on (a bulk wait trades a little latency for far fewer requests).
 LINGER_SECONDS: Final = 0.02
+LINGER_PER_RUN: Final = 0.0001
+LINGER_MAX: Final = 0.2
+
+
+def linger_for(waiting: int) -> float:
+    return min(LINGER_MAX, max(LINGER_SECONDS, waiting * LINGER_PER_RUN))
 
 
 # --------------------------------------------------------------------------- results
@@ -141,7 +148,7 @@ class _Watcher:
                     # A run waited on after the request left restarts it (after a short
                     # pause, so that a burst of new waiters costs one restart).
                     nursery.start_soon(_cancel_when, self.added, nursery.cancel_scope, LINGER_SECONDS)
-                    answer = await client.wait_many(ids, seconds=POLL_SECONDS, linger=LINGER_SECONDS)
+                    answer = await client.wait_many(ids, seconds=POLL_SECONDS, linger=linger_for(len(ids)))
                     nursery.cancel_scope.cancel()
                     for run in answer.ended:
                         self._resolve(run.id, run)
@@ -254,7 +261,11 @@ class TaskRunFuture(_FutureBase[R]):
                 self.task_run = await client.read_task_run(self.task_run_id)
         return self.task_run
 
-    async def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> R:  # noqa: ASYNC109
+    @overload
+    async def result(self, timeout: float | None = None, raise_on_failure: Literal[True] = True) -> R: ...  # noqa: ASYNC109
+    @overload
+    async def result(self, timeout: float | None = None, *, raise_on_failure: bool) -> R | BaseException: ...  # noqa: ASYNC109
+    async def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> R | BaseException:  # noqa: ASYNC109
         """The task's return value; waits for it (``timeout``: TimeoutError if still running).
 
         A run that did not complete raises its task's own exception type when that class
@@ -262,7 +273,7 @@ class TaskRunFuture(_FutureBase[R]):
         With ``raise_on_failure=False`` that exception is returned instead.
         """
         await self.wait(timeout)
-        return self._outcome(raise_on_failure)  # type: ignore[return-value]
+        return self._outcome(raise_on_failure)
 
     async def get_state(self) -> State:
         """Read the run's current state from the server."""
@@ -298,9 +309,13 @@ class SyncTaskRunFuture(_FutureBase[R]):
                 if self.task_run.state.is_terminal or (deadline is not None and left <= 0):
                     return self.task_run
 
-    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> R:
+    @overload
+    def result(self, timeout: float | None = None, raise_on_failure: Literal[True] = True) -> R: ...
+    @overload
+    def result(self, timeout: float | None = None, *, raise_on_failure: bool) -> R | BaseException: ...
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> R | BaseException:
         self.wait(timeout)
-        return self._outcome(raise_on_failure)  # type: ignore[return-value]
+        return self._outcome(raise_on_failure)
 
     def get_state(self) -> State:
         with using_sync_client() as client:
@@ -363,7 +378,7 @@ async def as_completed(
             if left <= 0:
                 raise TimeoutError(f"{len(pending)} task run(s) still running")
             answer = await client.wait_many(
-                list(pending), seconds=min(left, POLL_SECONDS), linger=LINGER_SECONDS
+                list(pending), seconds=min(left, POLL_SECONDS), linger=linger_for(len(pending))
             )
             for run_id in answer.missing:
                 raise_missing(run_id)
@@ -405,7 +420,9 @@ def sync_as_completed(
             left = POLL_SECONDS if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{len(pending)} task run(s) still running")
-            answer = client.wait_many(list(pending), seconds=min(left, POLL_SECONDS), linger=LINGER_SECONDS)
+            answer = client.wait_many(
+                list(pending), seconds=min(left, POLL_SECONDS), linger=linger_for(len(pending))
+            )
             for run_id in answer.missing:
                 raise_missing(run_id)
             for run in answer.ended:

@@ -34,7 +34,7 @@ def _hints(fn: Callable[..., object]) -> dict[str, Any]:
 
 
 def _structure(value: JSON, hint: Any, where: str) -> Any:
-    if hint is None or hint is Any or hint is inspect.Parameter.empty:
+    if hint is None or hint is Any or hint is type(None) or hint is inspect.Parameter.empty:
         return value
     try:
         return converter.structure(value, hint)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
 
@@ -62,7 +62,8 @@ class Task(Generic[P, R]):
             annotations) or ``"pickle"`` (any Python objects; workers must opt in).
     """
 
-    fn: Callable[P, R]
+    #: Typed loosely: for an async function R is what its coroutine returns.
+    fn: Callable[P, Any]
     key: str
     name: str
     retries: int = 0
@@ -160,7 +161,8 @@ class Task(Generic[P, R]):
         """The blocking twins, for plain code: ``say.sync.delay("hi").result()``."""
         return SyncSubmitter(self)
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Call the function itself, here (for an async task: a coroutine to await)."""
         return self.fn(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -214,6 +216,39 @@ class SyncSubmitter(Generic[P, R]):
         return futures
 
 
+def _make_task(fn: Callable[..., Any], options: dict[str, Any]) -> Task[..., Any]:
+    if isinstance(fn, Task):
+        raise TypeError(f"{fn!r} is already a task")
+    if not callable(fn):
+        raise TypeError(f"@task needs a function, got {fn!r}")
+    return Task(
+        fn=fn,
+        key=options.get("key") or default_key(fn),
+        name=options.get("name") or str(getattr(fn, "__name__", "task")),
+        retries=options.get("retries", 0),
+        retry_delay_seconds=options.get("retry_delay_seconds", 0.0),
+        retry_condition_fn=options.get("retry_condition_fn"),
+        timeout_seconds=options.get("timeout_seconds"),
+        serializer=options.get("serializer", "json"),
+    )
+
+
+@attrs.frozen
+class TaskDecorator:
+    """What ``@task(...)`` with options returns: apply it to a sync or async function."""
+
+    options: dict[str, Any]
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+    def __call__(self, fn: Callable[..., Any], /) -> Task[..., Any]:
+        return _make_task(fn, self.options)
+
+
+@overload
+def task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
 @overload
 def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 @overload
@@ -226,9 +261,9 @@ def task(
     retry_condition_fn: RetryCondition | None = None,
     timeout_seconds: float | None = None,
     serializer: str = "json",
-) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+) -> TaskDecorator: ...
 def task(
-    fn: Callable[P, R] | None = None,
+    fn: Callable[..., Any] | None = None,
     /,
     *,
     key: str | None = None,
@@ -238,21 +273,20 @@ def task(
     retry_condition_fn: RetryCondition | None = None,
     timeout_seconds: float | None = None,
     serializer: str = "json",
-) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
-    """Mark a function (sync or async) as a task: ``@task`` or ``@task(retries=3, ...)``."""
+) -> Task[..., Any] | TaskDecorator:
+    """Mark a function (sync or async) as a task: ``@task`` or ``@task(retries=3, ...)``.
 
-    def wrap(f: Callable[P, R]) -> Task[P, R]:
-        if isinstance(f, Task):
-            raise TypeError(f"{f!r} is already a task")
-        return Task(
-            fn=f,
-            key=key or default_key(f),
-            name=name or str(getattr(f, "__name__", "task")),
-            retries=retries,
-            retry_delay_seconds=retry_delay_seconds,
-            retry_condition_fn=retry_condition_fn,
-            timeout_seconds=timeout_seconds,
-            serializer=serializer,
-        )
-
-    return wrap if fn is None else wrap(fn)
+    The task's result type is what the function returns (for an async function, what
+    its coroutine returns): ``await say.delay(...)`` gives a ``TaskRunFuture`` of it.
+    """
+    options: dict[str, Any] = {
+        "key": key,
+        "name": name,
+        "retries": retries,
+        "retry_delay_seconds": retry_delay_seconds,
+        "retry_condition_fn": retry_condition_fn,
+        "timeout_seconds": timeout_seconds,
+        "serializer": serializer,
+    }
+    decorator = TaskDecorator(options)
+    return decorator if fn is None else decorator(fn)

@@ -1,0 +1,19 @@
+"""Blocking twins for plain synchronous code (scripts, threads, Flask or Django views).
+
+Every async call of trioworker has a twin of the same name here or under ``Task.sync``;
+they use ``httpx.Client`` and start no event loop::
+
+    future = say.sync.delay("hi")          # await say.delay("hi")
+    future.result(timeout=10)               # await future.result(timeout=10)
+    trioworker.sync.wait_all(futures)       # await trioworker.wait_all(futures)
+    with trioworker.sync.connect(): ...     # async with trioworker.connect(): ...
+"""
+
+from __future__ import annotations
+
+from trioworker.client import connect_sync as connect
+from trioworker.futures import SyncTaskRunFuture
+from trioworker.futures import sync_as_completed as as_completed
+from trioworker.futures import sync_wait_all as wait_all
+
+__all__ = ["SyncTaskRunFuture", "as_completed", "connect", "wait_all"]
