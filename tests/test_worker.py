@@ -481,3 +481,23 @@ async def test_a_refused_api_key_is_a_clear_error(trioworker_server_control: Ser
 async def test_an_unusable_api_url_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="must start with http:// or https://"):
         await TaskWorker(add, api_url="localhost:4300/api").start()
+
+
+async def test_results_that_cannot_travel_fail_the_run(
+    api: httpx.AsyncClient, trioworker_worker: Make
+) -> None:
+    @task(key="t.huge")
+    def huge() -> str:
+        return "x" * (9 * 1024 * 1024)
+
+    @task(key="t.opaque")
+    def opaque() -> object:
+        return object()
+
+    ids = await submit(api, "t.huge", {}) + await submit(api, "t.opaque", {})
+    after = await submit(api, "t.add", {"a": 1})
+    async with trioworker_worker(huge, opaque, add):
+        runs = await wait_all(api, ids + after)
+    assert [r["state"]["type"] for r in runs] == ["FAILED", "FAILED", "COMPLETED"]
+    assert "results are limited to 8388608 bytes" in runs[0]["state"]["message"]
+    assert "cannot be reported" in runs[1]["state"]["message"]

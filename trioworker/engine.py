@@ -13,7 +13,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 import trio
@@ -123,11 +123,21 @@ async def read_parameters(
     raise ParameterError(f"unknown serializer {run.serializer!r}")
 
 
+#: Largest result a run may report: it travels in one websocket message, which the server
+#: refuses above its body limit (16 MiB by default).
+MAX_RESULT_BYTES: Final = 8 * 1024 * 1024
+
+
 def _result_data(task: Task[..., Any], run: TaskRun, value: object) -> JSON:
-    if run.serializer == "pickle":
-        return serializers.pickle_dumps(value)
-    data = serializers.dump_result(task.fn, value)
-    orjson.dumps(data)  # raises TypeError now rather than in the socket writer later
+    """The result as reported; raises TypeError or ValueError for what cannot travel."""
+    data = (
+        serializers.pickle_dumps(value)
+        if run.serializer == "pickle"
+        else serializers.dump_result(task.fn, value)
+    )
+    size = len(orjson.dumps(data))  # a TypeError here, not in the socket writer later
+    if size > MAX_RESULT_BYTES:
+        raise ValueError(f"it is {size} bytes; results are limited to {MAX_RESULT_BYTES} bytes")
     return data
 
 
@@ -230,7 +240,7 @@ async def execute(
         try:
             data = _result_data(task, run, value)
         except (TypeError, ValueError) as unserializable:
-            value = TypeError(f"the result of {task.name} cannot be serialized: {unserializable}")
+            value = TypeError(f"the result of {task.name} cannot be reported: {unserializable}")
         else:
             await reporter.report(run.id, make_state(StateType.COMPLETED, data=data))
             return Outcome.COMPLETED

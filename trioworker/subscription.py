@@ -38,6 +38,9 @@ log = logging.getLogger("trioworker.subscription")
 SUBSCRIPTION_PATH: Final = "/task_runs/subscriptions/scheduled"
 #: Largest message accepted from the server (a delivery of many runs can be large).
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+#: Reports per message are cut at about this many bytes: the server refuses messages over
+#: its body limit (16 MiB by default) by closing the socket.
+MESSAGE_BUDGET: Final = 1024 * 1024
 #: Reconnect backoff: first wait, growth factor and ceiling, in seconds.
 BACKOFF_FIRST: Final = 0.2
 BACKOFF_FACTOR: Final = 2.0
@@ -288,10 +291,10 @@ class SubscriptionClient:
             for message in control:
                 await self._send(ws, message)
             batch, self._outbox = self._outbox, []
-            if batch:
-                for report in batch:
-                    self._unanswered[report.ref] = report
-                await self._send(ws, {"type": "states", "states": [r.entry() for r in batch]})
+            for report in batch:
+                self._unanswered[report.ref] = report
+            for chunk in _by_size(batch):
+                await self._send(ws, {"type": "states", "states": chunk})
 
     def _resolve(self, results: list[dict[str, JSON]]) -> None:
         for item in results:
@@ -325,6 +328,24 @@ class SubscriptionClient:
         if not isinstance(message, dict):
             raise _Disconnected("the server sent a message that is not an object")
         return message
+
+
+def _by_size(reports: list[_Report]) -> list[list[dict[str, JSON]]]:
+    """Reports in messages of at most about MESSAGE_BUDGET bytes (big results go alone)."""
+    chunks: list[list[dict[str, JSON]]] = []
+    current: list[dict[str, JSON]] = []
+    size = 0
+    for report in reports:
+        entry = report.entry()
+        cost = len(orjson.dumps(entry["state"])) if report.state.data is not None else 200
+        if current and size + cost > MESSAGE_BUDGET:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += cost
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _describe(exc: BaseException) -> str:
