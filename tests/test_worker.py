@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -501,3 +502,15 @@ async def test_results_that_cannot_travel_fail_the_run(
     assert [r["state"]["type"] for r in runs] == ["FAILED", "FAILED", "COMPLETED"]
     assert "results are limited to 8388608 bytes" in runs[0]["state"]["message"]
     assert "cannot be reported" in runs[1]["state"]["message"]
+
+
+async def test_stop_works_while_the_server_is_unreachable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = TaskWorker(add, api_url=f"http://127.0.0.1:{port}/api")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.start)
+        await trio.testing.wait_all_tasks_blocked()
+        worker.stop()
+    assert worker.stopping

@@ -164,16 +164,22 @@ def _add_worker_command(commands: Any) -> None:
     worker = commands.add_parser(
         "worker",
         help="run tasks: subscribe to their runs and execute them",
-        description="Subscribe to the server's runs of the given tasks and run them, at most --limit "
-        "at once (async tasks in Trio, sync tasks in threads). Failing runs never stop the worker. "
-        "SIGINT (Ctrl-C) and SIGTERM stop it cleanly: it takes no new runs, gives the ones in "
-        "flight --grace seconds to finish, hands the rest back to the queue for another worker, "
-        "and exits with code 0.",
-        epilog="examples:\n"
-        "  trioworker worker myapp.tasks:send_email myapp.tasks:resize_image\n"
-        "  trioworker worker ./tasks.py:say --limit 4 --api-url http://queue.internal:4300/api\n\n"
-        "An unreachable server is retried with backoff; a refused API key, a bad entry point or an "
-        "unusable URL stops the worker with exit code 1.",
+        description=(
+            "Subscribe to the server's runs of the given tasks and run them, at most --limit at\n"
+            "once: async tasks in Trio, sync tasks in threads. A failing run never stops the worker.\n"
+            "\n"
+            "SIGINT (Ctrl-C) and SIGTERM stop it cleanly: it takes no new runs, gives the runs in\n"
+            "flight --grace seconds to finish, cancels the rest and hands them back to the queue\n"
+            "(SCHEDULED again, for another worker), then exits with code 0."
+        ),
+        epilog=(
+            "examples:\n"
+            "  trioworker worker myapp.tasks:send_email myapp.tasks:resize_image\n"
+            "  trioworker worker ./tasks.py:say --limit 4 --api-url http://queue.internal:4300/api\n"
+            "\n"
+            "An unreachable server is retried with backoff. A bad entry point, an unusable API URL\n"
+            "or a refused API key stops the worker at once with one line on stderr, exit code 1."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     worker.add_argument(

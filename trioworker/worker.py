@@ -151,6 +151,7 @@ class TaskWorker:
         self._scopes: dict[uuid.UUID, trio.CancelScope] = {}
         self._cancel_requested: set[uuid.UUID] = set()
         self._dispatch_scope: trio.CancelScope | None = None
+        self._startup_scope: trio.CancelScope | None = None
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
         self._client: TaskRunClient | None = None
@@ -240,8 +241,18 @@ class TaskWorker:
                 finally:
                     subscription_done.set()
 
-            await nursery.start(hold_subscription)
+            # stop() before the first subscribe (a server still unreachable) ends the wait.
+            with trio.CancelScope() as self._startup_scope:
+                if self._state is not WorkerState.RUNNING:
+                    self._startup_scope.cancel()
+                await nursery.start(hold_subscription)
+            self._startup_scope = None
             task_status.started()
+            if self._state is not WorkerState.RUNNING and not (
+                self._subscription and self._subscription.connected
+            ):
+                nursery.cancel_scope.cancel()
+                return
             async with receive:
                 await self._dispatch(receive)
             with trio.move_on_after(QUIT_TIMEOUT):
@@ -262,6 +273,8 @@ class TaskWorker:
             return
         log.info("worker %s stopping (grace %g s)", self.client_id, self.shutdown_grace_seconds)
         self._state = WorkerState.STOPPING
+        if self._startup_scope is not None:
+            self._startup_scope.cancel()
         if self._dispatch_scope is not None:
             self._dispatch_scope.cancel()
 
