@@ -514,3 +514,15 @@ async def test_stop_works_while_the_server_is_unreachable() -> None:
         await trio.testing.wait_all_tasks_blocked()
         worker.stop()
     assert worker.stopping
+
+
+async def test_a_run_of_a_key_it_does_not_serve_is_left_or_deleted(
+    api: httpx.AsyncClient, trioworker_worker: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = (await api.post("/task_runs", json={"task_key": "t.nobody"})).json()
+    run = converter.structure(created, TaskRun)
+    await trioworker_worker(add).execute_task_run(run)
+    assert (await api.get(f"/task_runs/{run.id}")).json()["state"]["type"] == "SCHEDULED"
+    monkeypatch.setenv("TRIOWORKER_DELETE_FAILED_SUBMISSIONS", "1")
+    await trioworker_worker(add).execute_task_run(run)
+    assert (await api.get(f"/task_runs/{run.id}")).status_code == 404
