@@ -269,7 +269,8 @@ class SubscriptionClient:
                     runs = converter.structure(message["task_runs"], list[TaskRun])
                 except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as exc:
                     raise _Disconnected(f"unreadable delivery: {exc!r}") from None
-                self._send_control({"type": "ack", "ids": [str(r.id) for r in runs]})
+                # No ack: the protocol makes it optional, and the server learns all it needs
+                # from the RUNNING report that follows (one message per run saved).
                 for run in runs:
                     try:
                         deliveries.send_nowait(run)  # unbounded: credit bounds it
