@@ -382,6 +382,9 @@ class TaskWorker:
                 allow_pickle=self.allow_pickle,
                 on_running=on_running,
                 fetch=self._fetch_runs,
+                # Runs from the subscription were just leased to us: RUNNING is all but
+                # certain, and a cancel would reach us anyway.
+                optimistic=reporter is self._subscription,
             )
             if outcome is not Outcome.REFUSED:
                 self.finished_task_runs[key] += 1
