@@ -1,0 +1,71 @@
+"""The engine on its own: what it proposes, and what it does with the answers."""
+
+from __future__ import annotations
+
+import uuid
+
+import trio
+
+from trioworker import engine
+from trioworker.engine import Outcome
+from trioworker.models import SetStateResult, SetStateStatus, State, StateType, TaskRun, make_state
+from trioworker.tasks import task
+
+
+class Answers:
+    """A reporter that answers every proposal with a fixed status, and records them."""
+
+    def __init__(self, status: SetStateStatus) -> None:
+        self.status = status
+        self.proposed: list[StateType] = []
+
+    async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult:
+        self.proposed.append(state.type)
+        await trio.lowlevel.checkpoint()
+        return SetStateResult(self.status, make_state(StateType.CANCELLED), "cancelled meanwhile")
+
+
+def a_run(key: str) -> TaskRun:
+    return TaskRun(
+        id=uuid.uuid4(), task_key=key, name=key, state=make_state(StateType.PENDING), parameters={}
+    )
+
+
+async def test_a_refused_optimistic_start_cancels_the_attempt() -> None:
+    started, cancelled = trio.Event(), trio.Event()
+
+    @task(key="e.wait")
+    async def wait() -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    reporter = Answers(SetStateStatus.ABORT)
+    outcome = await engine.execute(
+        wait,
+        a_run("e.wait"),
+        reporter,
+        scope=trio.CancelScope(),
+        thread_limiter=trio.CapacityLimiter(1),
+        optimistic=True,
+    )
+    assert outcome is Outcome.REFUSED
+    assert started.is_set() and cancelled.is_set()
+    assert reporter.proposed == [StateType.RUNNING]  # and nothing after the refusal
+
+
+async def test_a_refused_careful_start_never_calls_the_task() -> None:
+    calls: list[int] = []
+
+    @task(key="e.count")
+    def count() -> None:
+        calls.append(1)
+
+    reporter = Answers(SetStateStatus.REJECT)
+    outcome = await engine.execute(
+        count, a_run("e.count"), reporter, scope=trio.CancelScope(), thread_limiter=trio.CapacityLimiter(1)
+    )
+    assert outcome is Outcome.REFUSED
+    assert calls == []
