@@ -1,16 +1,25 @@
-"""The ``trioworker`` command: ``server`` and ``worker`` (and more subcommands as they land)."""
+"""The ``trioworker`` command: ``server``, ``worker``, ``demo`` and the tools that talk to a
+server (``submit``, ``runs``, ``run``) or to a worker's status server (``status``).
+
+Only this module and :mod:`trioworker.demo` import rich (lazily: ``trioworker server``
+and ``trioworker worker`` never load it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import urllib.parse
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -18,6 +27,9 @@ from trioworker import __version__
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from trioworker.models import JSON, StateType, TaskRun
     from trioworker.tasks import Task
 
 log = logging.getLogger("trioworker")
@@ -27,9 +39,9 @@ class CommandError(Exception):
     """A user error: printed as one line, exit code 1."""
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, level: int = logging.INFO) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else level,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -249,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trioworker {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.set_defaults(log_level=logging.INFO)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     server = commands.add_parser(
@@ -285,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.set_defaults(handler=_run_server)
     _add_worker_command(commands)
+    _add_demo_command(commands)
+    _add_tool_commands(commands)
     return parser
 
 
@@ -298,7 +313,7 @@ def _single_leaf(exc: BaseException) -> BaseException:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.log_level)
     try:
         trio.run(args.handler, args)
     except BaseException as exc:  # re-raised below unless it is a user error

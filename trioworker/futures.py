@@ -17,7 +17,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, overload
 
 import attrs
@@ -360,8 +360,11 @@ async def wait_all(futures: Iterable[TaskRunFuture[Any]], timeout: float | None 
 async def as_completed(
     futures: Iterable[TaskRunFuture[R]],
     timeout: float | None = None,  # noqa: ASYNC109
-) -> AsyncIterator[TaskRunFuture[R]]:
+) -> AsyncGenerator[TaskRunFuture[R], None]:
     """Yield futures as their runs end, in the order they end.
+
+    An async generator: use it in ``async with contextlib.aclosing(...)`` when you may
+    stop early, so that its request is closed at once.
 
     Raises TimeoutError if ``timeout`` passes first.
     """
