@@ -103,6 +103,8 @@ def result_of(run: TaskRun, task: Task[..., Any] | None) -> Any:
 @attrs.define(eq=False)
 class _Slot:
     done: trio.Event = attrs.field(factory=trio.Event)
+    #: Set when the slot is done or its waiters are asked to take over the long-poll.
+    kick: trio.Event = attrs.field(factory=trio.Event)
     run: TaskRun | None = None
     missing: bool = False
     waiters: int = 0
@@ -116,8 +118,6 @@ class _Watcher:
     leading: bool = False
     #: Set when a new run is waited on (the leader asks again, including it).
     added: trio.Event = attrs.field(factory=trio.Event)
-    #: Set when the leader steps down (a waiter takes over).
-    stepped_down: trio.Event = attrs.field(factory=trio.Event)
 
     async def wait(self, client: TaskRunClient, run_id: uuid.UUID, seconds: float) -> _Slot:
         slot = self.slots.get(run_id)
@@ -131,7 +131,10 @@ class _Watcher:
                     if not self.leading:
                         await self._lead(client, slot)
                     else:
-                        await _first_of(slot.done, self.stepped_down)
+                        # One event per slot, no helper tasks: 10,000 waiters stay cheap.
+                        if slot.kick.is_set():
+                            slot.kick = trio.Event()
+                        await slot.kick.wait()
             return slot
         finally:
             slot.waiters -= 1
@@ -156,25 +159,18 @@ class _Watcher:
                         self._resolve(run_id, None)
         finally:
             self.leading = False
-            self.stepped_down.set()
-            self.stepped_down = trio.Event()
+            # Hand the long-poll to the waiters of one run still pending.
+            for slot in self.slots.values():
+                if not slot.done.is_set() and slot.waiters:
+                    slot.kick.set()
+                    break
 
     def _resolve(self, run_id: uuid.UUID, run: TaskRun | None) -> None:
         slot = self.slots.get(run_id)
         if slot is not None and not slot.done.is_set():
             slot.run, slot.missing = run, run is None
             slot.done.set()
-
-
-async def _first_of(*events: trio.Event) -> None:
-    async with trio.open_nursery() as nursery:
-        for event in events:
-
-            async def wait(event: trio.Event = event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(wait)
+            slot.kick.set()
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope, pause: float) -> None:
