@@ -26,6 +26,7 @@ from trioworker import (
     unmapped,
 )
 from trioworker.server import RunningServer
+from trioworker.testing import ServerControl
 
 from .helpers import history
 
@@ -166,7 +167,7 @@ async def test_result_times_out_while_the_run_is_queued(trioworker_server: Runni
 
 
 async def test_waiting_on_thousands_of_futures_costs_a_few_requests(trioworker_worker: Make) -> None:
-    async with trioworker.connect() as client:
+    async with trioworker.connect(channel=False) as client:
         futures = await add.map(range(2000))
         requests = count_requests(client)
         results: dict[int, int] = {}
@@ -195,7 +196,7 @@ async def test_wait_all_and_as_completed(trioworker_worker: Make) -> None:
 
 
 async def test_map_submits_in_batches_and_keeps_order(trioworker_worker: Make) -> None:
-    async with trioworker.connect() as client:
+    async with trioworker.connect(channel=False) as client:
         requests = count_requests(client)
         futures = await add.map(range(1200), b=unmapped(0))
         assert requests["/task_runs/batch"] == 3  # 500 + 500 + 200
@@ -327,3 +328,42 @@ async def test_a_future_of_a_deleted_run_says_so(api: httpx.AsyncClient) -> None
     await api.delete(f"/task_runs/{future.task_run_id}")
     with pytest.raises(NotFound):
         await future.wait(timeout=5)
+
+
+async def test_the_channel_carries_creates_and_results_without_http(trioworker_worker: Make) -> None:
+    async with trioworker.connect() as client:
+        assert client.channel is not None
+        requests = count_requests(client)
+        async with trioworker_worker(add):
+            for i in range(20):
+                future = await add.delay(i)
+                assert await future.result(timeout=10) == i + 10
+            futures = await add.map(range(600))
+            assert [await f.result(timeout=30) for f in futures][-1] == 609
+        with pytest.raises(TypeError):
+            await add.delay()  # type: ignore[call-arg]
+        assert sum(requests.values()) == 0
+
+
+async def test_refused_input_over_the_channel_is_an_api_error(trioworker_server: RunningServer) -> None:
+    async with trioworker.connect() as client:
+        assert client.channel is not None
+        run = await client.create_task_run(trioworker.models.TaskRunCreate(task_key="k"))
+        with pytest.raises(trioworker.ApiError, match="task_key"):
+            await client.create_task_run(trioworker.models.TaskRunCreate(task_key=""))
+        assert (await client.read_task_run(run.id)).id == run.id  # the channel is still fine
+        assert client.channel.usable
+
+
+async def test_losing_the_channel_falls_back_to_http(
+    trioworker_server_control: ServerControl, trioworker_server: RunningServer
+) -> None:
+    async with trioworker.connect() as client:
+        channel = client.channel
+        assert channel is not None
+        await trioworker_server_control.restart()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not channel.usable  # the reader saw the socket close
+        future = await add.delay(2)  # over HTTP now
+        assert future.task_run is not None
+        assert (await future.get_state()).type.value == "SCHEDULED"

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from functools import cache
 from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 
 import attrs
 import httpx
@@ -39,6 +39,9 @@ from trioworker.models import (
     converter,
 )
 from trioworker.settings import Settings
+
+if TYPE_CHECKING:
+    from trioworker.channel import ClientChannel
 
 T = TypeVar("T")
 
@@ -218,6 +221,12 @@ class TaskRunClient(_Base):
     ) -> None:
         super().__init__(api_url, api_key, timeout)
         self._http = httpx.AsyncClient(transport=transport, **self._options())
+        #: The client channel while :func:`connect` holds one open.
+        self.channel: ClientChannel | None = None
+
+    def _live_channel(self) -> ClientChannel | None:
+        channel = self.channel
+        return channel if channel is not None and channel.usable else None
 
     async def __aenter__(self) -> Self:
         await self._http.__aenter__()
@@ -242,9 +251,16 @@ class TaskRunClient(_Base):
         return await self.call(_Calls.health())
 
     async def create_task_run(self, create: TaskRunCreate) -> TaskRun:
+        channel = self._live_channel()
+        if channel is not None:
+            [run] = await channel.create([create])
+            return run
         return await self.call(_Calls.create(create))
 
     async def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
+        channel = self._live_channel()
+        if channel is not None:
+            return await channel.create(creates)
         return await self.call(_Calls.create_many(creates))
 
     async def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
@@ -378,16 +394,33 @@ _current_sync: Final[ContextVar[SyncTaskRunClient | None]] = ContextVar(
 
 
 @asynccontextmanager
-async def connect(api_url: str | None = None, api_key: str | None = None) -> AsyncIterator[TaskRunClient]:
-    """Use one client (one kept-alive connection) for every submission and future inside.
+async def connect(
+    api_url: str | None = None, api_key: str | None = None, *, channel: bool = True
+) -> AsyncIterator[TaskRunClient]:
+    """Use one client for every submission and future inside the block.
 
-    ``async with trioworker.connect():`` around a burst of ``.delay()`` calls saves a
-    connection per call. Workers do this for the task code they run.
+    The client keeps its HTTP connection alive and, with ``channel`` (the default), opens
+    the client channel: one websocket over which runs are created and ended runs come
+    back, about ten times cheaper per call than HTTP. Workers do this for the task code
+    they run.
+
+    **Resource handling:** the channel's socket and reader task live exactly as long as
+    the block.
     """
+    from trioworker.channel import open_channel
+
     async with TaskRunClient(api_url, api_key) as client:
         token = _current_async.set(client)
         try:
-            yield client
+            if channel:
+                async with open_channel(client.api_url, client.api_key) as opened:
+                    client.channel = opened
+                    try:
+                        yield client
+                    finally:
+                        client.channel = None
+            else:
+                yield client
         finally:
             _current_async.reset(token)
 

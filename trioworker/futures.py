@@ -25,7 +25,7 @@ import trio
 
 from trioworker import serializers
 from trioworker.client import TaskRunClient, using_client, using_sync_client
-from trioworker.errors import ApiError, NotFound, TaskRunFailed
+from trioworker.errors import ApiError, NotFound, ServerUnavailable, TaskRunFailed
 from trioworker.models import JSON, State, StateType, TaskRun
 
 if TYPE_CHECKING:
@@ -248,6 +248,15 @@ class TaskRunFuture(_FutureBase[R]):
             return self.task_run
         seconds = math.inf if timeout is None else timeout
         async with using_client() as client:
+            channel = client._live_channel()
+            if channel is not None:
+                try:
+                    ended = await channel.wait(self.task_run_id, seconds)
+                except ServerUnavailable:
+                    pass  # the channel was lost: the shared long-poll takes over
+                else:
+                    self.task_run = ended or self.task_run or await client.read_task_run(self.task_run_id)
+                    return self.task_run
             slot = await _watcher_for(client).wait(client, self.task_run_id, seconds)
             if slot.missing:
                 raise_missing(self.task_run_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Final, NoReturn
 
 import attrs
@@ -24,49 +24,36 @@ from werkzeug.exceptions import HTTPException
 from trioworker import __version__
 from trioworker.models import (
     JSON,
-    SERIALIZERS,
     SetStateRequest,
     SetStateStatus,
     StateType,
-    TaskRunCreate,
     converter,
 )
+from trioworker.server.channel import ClientChannel
 from trioworker.server.queue import Subscription
 from trioworker.server.service import TaskRunService
+from trioworker.server.sockets import (
+    CLOSE_NORMAL,
+    CLOSE_PROTOCOL,
+    HANDSHAKE_TIMEOUT,
+    ApiError,
+    ConnectionGone,
+    JsonSocket,
+    ProtocolViolation,
+    creates_from,
+    describe,
+    structure,
+)
 from trioworker.server.store import StoreError
 
 log = logging.getLogger("trioworker.server")
 
 SUBSCRIPTION_PATH: Final = "/api/task_runs/subscriptions/scheduled"
-#: Close codes of the subscription socket.
-CLOSE_NORMAL: Final = 1000
-CLOSE_POLICY: Final = 1008  # auth refused
-CLOSE_RESTART: Final = 1012  # the server is stopping; reconnect later
-CLOSE_PROTOCOL: Final = 4001  # the client broke the protocol
-#: How long a new connection may take to authenticate and subscribe.
-HANDSHAKE_TIMEOUT: Final = 10.0
+CHANNEL_PATH: Final = "/api/task_runs/channel"
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
-MAX_KEY_LENGTH: Final = 200
 #: Report messages a connection may have queued before its reader waits for them.
 MAX_QUEUED_OPS: Final = 1000
-
-
-class ApiError(Exception):
-    """A request the API refuses, with the status code and the sentence the client gets."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
-class ProtocolViolation(Exception):
-    """A subscription client broke the protocol; the socket closes with 4001."""
-
-
-class _ConnectionGone(Exception):
-    """The socket closed under us (the peer left); the session ends quietly."""
 
 
 def _json_response(payload: JSON, status: int = 200) -> Response:
@@ -75,32 +62,6 @@ def _json_response(payload: JSON, status: int = 200) -> Response:
 
 def _dump(obj: object, status: int = 200) -> Response:
     return _json_response(converter.unstructure(obj), status)
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, cattrs.BaseValidationError):
-        return "; ".join(cattrs.transform_error(exc))
-    return str(exc)
-
-
-def _structure(data: JSON, cls: type[object], what: str) -> object:
-    try:
-        return converter.structure(data, cls)
-    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ApiError(422, f"invalid {what}: {_describe(exc)}") from None
-
-
-def _validate_create(create: TaskRunCreate) -> None:
-    if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
-        raise ApiError(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
-    if create.serializer not in SERIALIZERS:
-        raise ApiError(
-            422, f"unknown serializer {create.serializer!r}; expected one of {sorted(SERIALIZERS)}"
-        )
-    if create.serializer == "json" and not isinstance(create.parameters, dict):
-        raise ApiError(422, "parameters must be a JSON object (name -> value) with the json serializer")
-    if create.serializer == "pickle" and not isinstance(create.parameters, str):
-        raise ApiError(422, "parameters must be a base64 string with the pickle serializer")
 
 
 def _parse_id(value: str) -> uuid.UUID:
@@ -190,13 +151,7 @@ def create_app(
         )
 
     async def create_many(items: list[JSON]) -> list[tuple[object, bool]]:
-        creates: list[TaskRunCreate] = []
-        for index, item in enumerate(items):
-            create = _structure(item, TaskRunCreate, f"task run #{index}" if len(items) > 1 else "task run")
-            assert isinstance(create, TaskRunCreate)
-            _validate_create(create)
-            creates.append(create)
-        return list(await service.create_runs(creates))
+        return list(await service.create_runs(creates_from(items)))
 
     @app.post("/api/task_runs")
     async def create_run() -> Response:
@@ -284,7 +239,7 @@ def create_app(
     async def set_state(run_id: str) -> Response:
         rid = _parse_id(run_id)
         body = await _body()
-        proposal = _structure(body, SetStateRequest, "state request")
+        proposal = structure(body, SetStateRequest, "state request")
         assert isinstance(proposal, SetStateRequest)
         if await service.read_run(rid) is None:
             raise ApiError(404, f"no task run {run_id}")
@@ -313,6 +268,11 @@ def create_app(
         session = _SubscriptionSession(service, token_ok, closing)
         await session.run()
 
+    @app.websocket(CHANNEL_PATH)
+    async def channel() -> None:
+        await websocket.accept()
+        await ClientChannel(service, token_ok, closing).run()
+
     return app
 
 
@@ -323,16 +283,14 @@ class _Report:
     ref: JSON
 
 
-class _SubscriptionSession:
+class _SubscriptionSession(JsonSocket):
     """One subscription socket: handshake, then deliveries out and reports in, concurrently."""
 
     def __init__(
         self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
     ) -> None:
+        super().__init__(token_ok, closing)
         self.service = service
-        self.token_ok = token_ok
-        self.closing = closing
-        self.send_lock = trio.StrictFIFOLock()
         self.quitting = False
         #: State reports being applied: a quitting session closes only after their answers.
         self.reports_in_flight = 0
@@ -343,36 +301,11 @@ class _SubscriptionSession:
         self.held_at_subscribe: list[uuid.UUID] = []
         self.acks = 0
 
-    async def send(self, payload: Mapping[str, JSON]) -> None:
-        data = orjson.dumps(payload).decode()
-        async with self.send_lock:
-            try:
-                await websocket.send(data)
-            except Exception as exc:  # hypercorn refuses sends on a closed socket
-                raise _ConnectionGone from exc
-
-    async def close(self, code: int, reason: str) -> None:
-        # A close frame's reason has room for 123 bytes.
-        try:
-            await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
-        except Exception:
-            log.debug("close(%d) on a socket that was already closed", code)
-
-    async def receive(self) -> dict[str, JSON]:
-        raw = await websocket.receive()
-        try:
-            message = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise ProtocolViolation("malformed JSON") from None
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            raise ProtocolViolation('every message must be a JSON object with a string "type"')
-        return message
-
     async def run(self) -> None:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 sub = await self.handshake()
-        except _ConnectionGone:
+        except ConnectionGone:
             return
         except ProtocolViolation as exc:
             await self.close(CLOSE_PROTOCOL, f"Protocol violation: {exc}")
@@ -397,7 +330,7 @@ class _SubscriptionSession:
                     await self.receive_forever(sub)
                 except ProtocolViolation as exc:
                     violation = exc
-                except _ConnectionGone:
+                except ConnectionGone:
                     pass
                 nursery.cancel_scope.cancel()
             if violation is not None:
@@ -414,13 +347,8 @@ class _SubscriptionSession:
             log.info("subscription from %s ended", sub.client_id)
 
     async def handshake(self) -> Subscription | None:
-        auth = await self.receive()
-        if auth["type"] != "auth":
-            raise ProtocolViolation('the first message must be {"type": "auth", "token": ...}')
-        if not self.token_ok(auth.get("token")):
-            await self.close(CLOSE_POLICY, "Unauthorized: missing or wrong API key")
+        if not await self.authenticate():
             return None
-        await self.send({"type": "auth_success"})
         message = await self.receive()
         if message["type"] != "subscribe":
             raise ProtocolViolation('the second message must be {"type": "subscribe", ...}')
@@ -442,22 +370,16 @@ class _SubscriptionSession:
         self.held_at_subscribe = held_ids
         return sub
 
-    async def close_on_shutdown(self, scope: trio.CancelScope) -> None:
-        await self.closing.wait()
-        scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await self.close(CLOSE_RESTART, "the server is stopping")
-
     async def apply_ops(self, sub: Subscription, scope: trio.CancelScope) -> None:
         try:
             await self.apply_forever(sub)
-        except _ConnectionGone:
+        except ConnectionGone:
             scope.cancel()
 
     async def deliver_forever(self, sub: Subscription, scope: trio.CancelScope) -> None:
         try:
             await self._deliver(sub, scope)
-        except _ConnectionGone:
+        except ConnectionGone:
             scope.cancel()
 
     async def _deliver(self, sub: Subscription, scope: trio.CancelScope) -> None:
@@ -508,7 +430,7 @@ class _SubscriptionSession:
                 run_id = uuid.UUID(str(item.get("id")))
                 request_ = converter.structure(item, SetStateRequest)
             except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
-                raise ProtocolViolation(f"bad state report: {_describe(exc)}") from None
+                raise ProtocolViolation(f"bad state report: {describe(exc)}") from None
             reports.append(_Report(run_id, request_, item.get("ref")))
         await self._enqueue(("states", reports))
 

@@ -30,10 +30,9 @@ ACTIVE_STATES = frozenset({StateType.PENDING, StateType.RUNNING})
 
 
 @attrs.define(eq=False)
-class _Waiter:
-    """One client waiting for some runs to end; the service hands it each run that does."""
+class Waiter:
+    """A client waiting for runs to end; the service hands it each run that does."""
 
-    ids: frozenset[uuid.UUID]
     ended: list[TaskRun] = attrs.field(factory=list)
     deleted: list[uuid.UUID] = attrs.field(factory=list)
     changed: trio.Event = attrs.field(factory=trio.Event)
@@ -54,7 +53,7 @@ class TaskRunService:
     dispatcher: Dispatcher
     #: A run delivered this many times without finishing becomes CRASHED.
     max_deliveries: int = 5
-    _waiters: dict[uuid.UUID, list[_Waiter]] = attrs.field(factory=dict)
+    _waiters: dict[uuid.UUID, list[Waiter]] = attrs.field(factory=dict)
     #: Runs held back until their ``wait_for`` runs complete: id -> (index entry, still pending).
     _blocked: dict[uuid.UUID, tuple[QueuedRun, set[uuid.UUID]]] = attrs.field(factory=dict)
     #: upstream id -> the blocked runs waiting for it
@@ -130,6 +129,29 @@ class TaskRunService:
             await self._fail_doomed()
         return run
 
+    async def watch(
+        self, waiter: Waiter, run_ids: Sequence[uuid.UUID]
+    ) -> tuple[list[TaskRun], list[uuid.UUID]]:
+        """Hand ``waiter`` these runs when they end; returns ``(already ended, missing)``.
+
+        Registered before the runs are read, so none can end unseen in between.
+        """
+        for run_id in run_ids:
+            self._waiters.setdefault(run_id, []).append(waiter)
+        runs = {r.id: r for r in await self.store.read_runs(list(run_ids))}
+        missing = [i for i in run_ids if i not in runs]
+        for run_id in missing:
+            self.unwatch(waiter, [run_id])
+        return [r for r in runs.values() if r.state.is_terminal], missing
+
+    def unwatch(self, waiter: Waiter, run_ids: Iterable[uuid.UUID]) -> None:
+        for run_id in run_ids:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[run_id]
+
     async def wait(
         self, run_ids: Sequence[uuid.UUID], *, seconds: float, wait_all: bool, linger: float = 0.0
     ) -> WaitResult:
@@ -142,7 +164,7 @@ class TaskRunService:
         change that ends a run hands it over.
         """
         ids = frozenset(run_ids)
-        waiter = _Waiter(ids)
+        waiter = Waiter()
         for run_id in ids:
             self._waiters.setdefault(run_id, []).append(waiter)
         try:

@@ -1,0 +1,136 @@
+"""The client channel: a submitter's persistent websocket, ``/api/task_runs/channel``.
+
+One HTTP request costs this stack about 1.4 ms; one websocket message about 0.1 ms. A
+process that submits runs one by one and awaits their results (``async with
+trioworker.connect():``) does both over this socket instead:
+
+1. client ``{"type": "auth", "token": ...}`` → ``{"type": "auth_success"}`` (or close 1008);
+2. client ``{"type": "create", "ref": r, "task_runs": [TaskRunCreate, ...]}`` → server
+   ``{"type": "created", "ref": r, "task_runs": [TaskRun, ...]}``, or
+   ``{"type": "error", "ref": r, "status": 422, "detail": "..."}`` (the socket stays open);
+3. client ``{"type": "watch", "ids": [...]}`` → server ``{"type": "ended", "task_runs":
+   [...], "missing": [...]}`` as those runs end (already ended ones at once), several per
+   message; ``{"type": "unwatch", "ids": [...]}`` stops that.
+
+Creates from one connection run concurrently, so they share group commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from trioworker.models import JSON, TaskRun, converter
+from trioworker.server.service import TaskRunService, Waiter
+from trioworker.server.sockets import (
+    CLOSE_PROTOCOL,
+    HANDSHAKE_TIMEOUT,
+    ApiError,
+    ConnectionGone,
+    JsonSocket,
+    ProtocolViolation,
+    creates_from,
+)
+
+log = logging.getLogger("trioworker.server")
+
+#: Creates one connection may have in flight at once (more wait for a slot).
+MAX_CONCURRENT_CREATES: Final = 64
+
+
+def _ids(message: dict[str, JSON]) -> list[uuid.UUID]:
+    raw = message.get("ids")
+    try:
+        if isinstance(raw, list):
+            return [uuid.UUID(str(i)) for i in raw]
+    except ValueError:
+        pass
+    raise ProtocolViolation('"ids" must be a list of task run ids')
+
+
+class ClientChannel(JsonSocket):
+    def __init__(
+        self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
+    ) -> None:
+        super().__init__(token_ok, closing)
+        self.service = service
+        self.waiter = Waiter()
+        self.watched: set[uuid.UUID] = set()
+        self.creates = trio.CapacityLimiter(MAX_CONCURRENT_CREATES)
+
+    async def run(self) -> None:
+        violation: str | None = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if not await self.authenticate():
+                    return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.close_on_shutdown, nursery.cancel_scope)
+                nursery.start_soon(self.push_ended)
+                await self.receive_forever(nursery)
+        except* ProtocolViolation as group:
+            violation = str(group.exceptions[0])
+        except* trio.TooSlowError:
+            violation = f"no auth within {HANDSHAKE_TIMEOUT:g} s"
+        except* ConnectionGone:
+            pass
+        finally:
+            self.service.unwatch(self.waiter, self.watched)
+        if violation is not None:
+            await self.close(CLOSE_PROTOCOL, f"Protocol violation: {violation}")
+
+    async def receive_forever(self, nursery: trio.Nursery) -> None:
+        while True:
+            message = await self.receive()
+            kind = message["type"]
+            if kind == "create":
+                items, ref = message.get("task_runs"), message.get("ref")
+                if not isinstance(items, list):
+                    raise ProtocolViolation('"task_runs" of a create message must be a list')
+                slot = object()
+                await self.creates.acquire_on_behalf_of(slot)
+                nursery.start_soon(self.create, items, ref, slot)
+            elif kind == "watch":
+                ids = _ids(message)
+                self.watched.update(ids)
+                ended, missing = await self.service.watch(self.waiter, ids)
+                self.watched.difference_update(missing)
+                if ended or missing:
+                    await self.send_ended(ended, missing)
+            elif kind == "unwatch":
+                ids = _ids(message)
+                self.service.unwatch(self.waiter, ids)
+                self.watched.difference_update(ids)
+            else:
+                raise ProtocolViolation(f"unknown message type {kind!r}")
+
+    async def create(self, items: list[JSON], ref: JSON, slot: object) -> None:
+        try:
+            runs = [run for run, _ in await self.service.create_runs(creates_from(items))]
+        except ApiError as exc:
+            await self.send({"type": "error", "ref": ref, "status": exc.status, "detail": exc.detail})
+        else:
+            await self.send({"type": "created", "ref": ref, "task_runs": converter.unstructure(runs)})
+        finally:
+            self.creates.release_on_behalf_of(slot)
+
+    async def push_ended(self) -> None:
+        """Send runs as they end: everything that ended since the last message, in one."""
+        while True:
+            await self.waiter.changed.wait()
+            self.waiter.changed = trio.Event()
+            ended, self.waiter.ended = self.waiter.ended, []
+            missing, self.waiter.deleted = self.waiter.deleted, []
+            self.service.unwatch(self.waiter, [r.id for r in ended] + missing)
+            self.watched.difference_update([r.id for r in ended] + missing)
+            if ended or missing:
+                await self.send_ended(ended, missing)
+
+    async def send_ended(self, ended: list[TaskRun], missing: list[uuid.UUID]) -> None:
+        await self.send(
+            {"type": "ended", "task_runs": converter.unstructure(ended), "missing": [str(i) for i in missing]}
+        )

@@ -1,0 +1,130 @@
+"""What the server's websockets share: JSON messages, close codes, authentication, and
+turning request bodies into validated models (shared with the REST routes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import cattrs
+import orjson
+import trio
+from quart import websocket
+
+from trioworker.models import JSON, SERIALIZERS, TaskRunCreate, converter
+
+log = logging.getLogger("trioworker.server")
+
+CLOSE_NORMAL: Final = 1000
+CLOSE_POLICY: Final = 1008  # auth refused
+CLOSE_RESTART: Final = 1012  # the server is stopping; reconnect later
+CLOSE_PROTOCOL: Final = 4001  # the client broke the protocol
+#: How long a new connection may take to authenticate (and subscribe).
+HANDSHAKE_TIMEOUT: Final = 10.0
+MAX_KEY_LENGTH: Final = 200
+
+
+class ApiError(Exception):
+    """A request the API refuses, with the status code and the sentence the client gets."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ProtocolViolation(Exception):
+    """A websocket client broke the protocol; the socket closes with 4001."""
+
+
+class ConnectionGone(Exception):
+    """The socket closed under us (the peer left); the session ends quietly."""
+
+
+def describe(exc: Exception) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        return "; ".join(cattrs.transform_error(exc))
+    return str(exc)
+
+
+def structure(data: JSON, cls: type[object], what: str) -> object:
+    try:
+        return converter.structure(data, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ApiError(422, f"invalid {what}: {describe(exc)}") from None
+
+
+def validate_create(create: TaskRunCreate) -> None:
+    if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
+        raise ApiError(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+    if create.serializer not in SERIALIZERS:
+        raise ApiError(
+            422, f"unknown serializer {create.serializer!r}; expected one of {sorted(SERIALIZERS)}"
+        )
+    if create.serializer == "json" and not isinstance(create.parameters, dict):
+        raise ApiError(422, "parameters must be a JSON object (name -> value) with the json serializer")
+    if create.serializer == "pickle" and not isinstance(create.parameters, str):
+        raise ApiError(422, "parameters must be a base64 string with the pickle serializer")
+
+
+def creates_from(items: list[JSON]) -> list[TaskRunCreate]:
+    creates: list[TaskRunCreate] = []
+    for index, item in enumerate(items):
+        create = structure(item, TaskRunCreate, f"task run #{index}" if len(items) > 1 else "task run")
+        assert isinstance(create, TaskRunCreate)
+        validate_create(create)
+        creates.append(create)
+    return creates
+
+
+class JsonSocket:
+    """The quart websocket of the current connection, speaking one JSON object per frame."""
+
+    def __init__(self, token_ok: Callable[[object], bool], closing: trio.Event) -> None:
+        self.token_ok = token_ok
+        self.closing = closing
+        self.send_lock = trio.StrictFIFOLock()
+
+    async def send(self, payload: Mapping[str, JSON]) -> None:
+        data = orjson.dumps(payload).decode()
+        async with self.send_lock:
+            try:
+                await websocket.send(data)
+            except Exception as exc:  # hypercorn refuses sends on a closed socket
+                raise ConnectionGone from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        # A close frame's reason has room for 123 bytes.
+        try:
+            await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
+        except Exception:
+            log.debug("close(%d) on a socket that was already closed", code)
+
+    async def receive(self) -> dict[str, JSON]:
+        raw = await websocket.receive()
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProtocolViolation("malformed JSON") from None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise ProtocolViolation('every message must be a JSON object with a string "type"')
+        return message
+
+    async def authenticate(self) -> bool:
+        """The auth step; False (after closing with 1008) when the token is refused."""
+        auth = await self.receive()
+        if auth["type"] != "auth":
+            raise ProtocolViolation('the first message must be {"type": "auth", "token": ...}')
+        if not self.token_ok(auth.get("token")):
+            await self.close(CLOSE_POLICY, "Unauthorized: missing or wrong API key")
+            return False
+        await self.send({"type": "auth_success"})
+        return True
+
+    async def close_on_shutdown(self, scope: trio.CancelScope) -> None:
+        await self.closing.wait()
+        scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await self.close(CLOSE_RESTART, "the server is stopping")
