@@ -1,0 +1,62 @@
+"""The worker's subscription client on its own: backoff, URLs, and reconnecting without loss."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+import trio
+
+from trioworker.models import StateType, TaskRun, TaskRunCreate, make_state
+from trioworker.server import RunningServer
+from trioworker.subscription import BACKOFF_MAX, SubscriptionClient, next_backoff, websocket_url
+from trioworker.testing import ServerControl
+
+
+def test_backoff_grows_with_jitter_up_to_a_ceiling() -> None:
+    rng = random.Random(7)
+    waits = [next_backoff(attempt, rng) for attempt in range(12)]
+    assert 0.1 <= waits[0] <= 0.2
+    assert waits[3] > waits[0]
+    assert all(w <= BACKOFF_MAX for w in waits)
+    assert max(waits[-3:]) >= BACKOFF_MAX / 2
+    assert len({round(w, 6) for w in waits[-3:]}) == 3  # jittered, not in lockstep
+
+
+def test_websocket_urls() -> None:
+    assert websocket_url("http://h:1/api") == "ws://h:1/api/task_runs/subscriptions/scheduled"
+    assert websocket_url("https://h/api") == "wss://h/api/task_runs/subscriptions/scheduled"
+    with pytest.raises(ValueError, match="http:// or https://"):
+        websocket_url("h:1/api")
+
+
+async def test_reports_sent_during_an_outage_arrive_after_the_reconnect(
+    trioworker_server_control: ServerControl, trioworker_server: RunningServer
+) -> None:
+    [(run, _)] = await trioworker_server.service.create_runs([TaskRunCreate(task_key="k")])
+    held: set[uuid.UUID] = set()
+    client = SubscriptionClient(
+        api_url=trioworker_server.api_url,
+        api_key=None,
+        keys=("k",),
+        client_id="c-1",
+        credit=1,
+        held=lambda: set(held),
+        on_cancel=lambda ids: None,
+        rng=random.Random(1),
+    )
+    send, receive = trio.open_memory_channel[TaskRun](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run, send)
+        delivered = await receive.receive()
+        held.add(delivered.id)
+        assert (await client.report(delivered.id, make_state(StateType.RUNNING))).status.value == "ACCEPT"
+        server = await trioworker_server_control.restart()  # the connection is lost
+        result = await client.report(delivered.id, make_state(StateType.COMPLETED, data=1))
+        assert result.status.value == "ACCEPT"
+        assert client.reconnects >= 1
+        nursery.cancel_scope.cancel()
+    final = await server.service.read_run(run.id)
+    assert final is not None and final.state.type is StateType.COMPLETED
+    assert final.run_count == 1  # resumed by the same client, not run again
