@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import nox
 
@@ -32,8 +33,11 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
+    """The speed tables: bench_server.py, bench_worker.py and (when present) bench_submit.py."""
     session.install("-e", ".")
-    session.run("python", "benchmarks/bench_server.py", *session.posargs)
+    for script in ("bench_server.py", "bench_worker.py", "bench_submit.py"):
+        if Path("benchmarks", script).exists():
+            session.run("python", f"benchmarks/{script}", *session.posargs)
 
 
 # --------------------------------------------------------------------------- peers (issue 5)
@@ -49,12 +53,19 @@ PEERS = "benchmarks/peers"
 PEER_TIME_LIMIT = {"trioworker": 420, "prefect": 600, "saq": 420}  # seconds per script (full run)
 
 
+def _peer_output(name: str) -> str:
+    """Where ``run_<name>.py`` writes; removed first, so compare.py never shows a stale result."""
+    output = Path("benchmarks", "results", f"peers-{name}.json")
+    output.unlink(missing_ok=True)
+    return str(output)
+
+
 def _run_peer(session: nox.Session, name: str) -> None:
     """Runs one peer script under ``timeout``; its failure is recorded in its JSON, not raised."""
     limit = PEER_TIME_LIMIT[name]
     if "--quick" in session.posargs:
         limit = max(120, limit // 3)
-    output = f"benchmarks/results/peers-{name}.json"
+    output = _peer_output(name)
     session.run(
         "timeout",
         "--signal=TERM",
@@ -74,19 +85,26 @@ def _run_peer(session: nox.Session, name: str) -> None:
 
 @nox.session(default=False)
 def bench_peers_trioworker(session: nox.Session) -> None:
+    """The peer workloads on trioworker (part of bench_peers)."""
+    _peer_output("trioworker")
     session.install("-e", ".")
     _run_peer(session, "trioworker")
 
 
 @nox.session(default=False)
 def bench_peers_prefect(session: nox.Session) -> None:
+    """The peer workloads on Prefect 3 task workers, with a local `prefect server` (part of bench_peers)."""
+    _peer_output("prefect")
     session.install("prefect>=3,<4")
     _run_peer(session, "prefect")
 
 
 @nox.session(default=False)
 def bench_peers_saq(session: nox.Session) -> None:
-    session.install("saq[redis]", "hiredis")
+    """The peer workloads on SAQ with a loopback redis-server (part of bench_peers; apt needs root)."""
+    _peer_output("saq")
+    # saq 0.26 imports typing_extensions without declaring it as a dependency
+    session.install("saq[redis]", "hiredis", "typing_extensions")
     if shutil.which("redis-server") is None:
         session.run_install("apt-get", "update", external=True)
         session.run_install("apt-get", "install", "-y", "redis-server", external=True)
@@ -99,4 +117,5 @@ def bench_peers_saq(session: nox.Session) -> None:
     requires=["bench_peers_trioworker", "bench_peers_prefect", "bench_peers_saq"],
 )
 def bench_peers(session: nox.Session) -> None:
+    """trioworker vs Prefect 3 vs SAQ on the same workloads: one table (`-- --quick` for a smoke run)."""
     session.run(sys.executable, f"{PEERS}/compare.py", external=True)
