@@ -20,7 +20,13 @@ class Answers:
         self.proposed: list[StateType] = []
 
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult:
+        return await self.queue(run_id, state).answer()
+
+    def queue(self, run_id: uuid.UUID, state: State) -> Answers:
         self.proposed.append(state.type)
+        return self
+
+    async def answer(self) -> SetStateResult:
         await trio.lowlevel.checkpoint()
         return SetStateResult(self.status, make_state(StateType.CANCELLED), "cancelled meanwhile")
 
@@ -49,7 +55,7 @@ async def test_a_refused_optimistic_start_cancels_the_attempt() -> None:
         reporter,
         scope=trio.CancelScope(),
         thread_limiter=trio.CapacityLimiter(1),
-        optimistic=True,
+        queue_report=reporter.queue,
     )
     assert outcome is Outcome.REFUSED
     assert started.is_set() and cancelled.is_set()

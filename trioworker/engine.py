@@ -42,6 +42,13 @@ class Reporter(Protocol):
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult: ...
 
 
+class PendingReport(Protocol):
+    async def answer(self) -> SetStateResult: ...
+
+
+#: Queues a report and returns at once (the subscription's ``send_report``).
+QueueReport = Callable[[uuid.UUID, State], PendingReport]
+
 #: Reads runs by id (the upstream runs whose results a run takes as arguments).
 FetchRuns = Callable[[list[uuid.UUID]], Awaitable[list[TaskRun]]]
 
@@ -199,7 +206,7 @@ async def execute(
     allow_pickle: bool = False,
     on_running: Callable[[], None] | None = None,
     fetch: FetchRuns | None = None,
-    optimistic: bool = False,
+    queue_report: QueueReport | None = None,
 ) -> Outcome:
     """Run one attempt of ``run`` and report where it ended.
 
@@ -209,9 +216,10 @@ async def execute(
             stopping) propagates, unreported, and the worker hands the run back.
         on_running: called once the server accepted RUNNING.
         fetch: reads the runs whose results are arguments of this one.
-        optimistic: start the attempt while RUNNING is being proposed instead of after
-            the answer (a round trip and a commit less per run). An answer other than
-            ACCEPT then cancels the attempt, as a cancel arriving a moment later would.
+        queue_report: queues a report without waiting for its answer. Given, the attempt
+            starts while RUNNING is being proposed instead of after the answer (a round
+            trip and a commit less per run); an answer other than ACCEPT then cancels the
+            attempt, as a cancel arriving a moment later would.
     """
     try:
         args, kwargs = await read_parameters(task, run, allow_pickle=allow_pickle, fetch=fetch)
@@ -227,25 +235,36 @@ async def execute(
 
     refused: list[SetStateResult] = []
 
-    async def propose_running() -> None:
-        answer = await reporter.report(run.id, make_state(StateType.RUNNING))
-        if answer.status is not SetStateStatus.ACCEPT:
+    def check(answer: SetStateResult) -> None:
+        if answer.status is not SetStateStatus.ACCEPT and not refused:
             log.info("run %s not started: %s (%s)", run.id, answer.status.value, answer.details)
             refused.append(answer)
             scope.cancel()
 
     ok, value = False, None
-    if not optimistic:
-        await propose_running()
+    running_report: PendingReport | None = None
+    if queue_report is None:
+        check(await reporter.report(run.id, make_state(StateType.RUNNING)))
         if refused:
             return Outcome.REFUSED
+    else:
+        running_report = queue_report(run.id, make_state(StateType.RUNNING))
     if on_running is not None:
         on_running()
     with scope, running(run):
         async with trio.open_nursery() as nursery:
-            if optimistic:
-                nursery.start_soon(propose_running)
+            if running_report is not None:
+                # Optimistic start: the attempt runs while RUNNING is on its way; a refusal
+                # cancels it. We do not wait for the answer once the attempt ended: the
+                # final report goes right behind RUNNING, often in the same message.
+                pending = running_report
+
+                async def watch() -> None:
+                    check(await pending.answer())
+
+                nursery.start_soon(watch)
             ok, value = await _attempt(task, args, kwargs, thread_limiter)
+            nursery.cancel_scope.cancel()
     if refused:
         return Outcome.REFUSED
     if scope.cancelled_caught:

@@ -89,6 +89,11 @@ class _Report:
     done: trio.Event = attrs.field(factory=trio.Event)
     result: SetStateResult | None = None
 
+    async def answer(self) -> SetStateResult:
+        await self.done.wait()
+        assert self.result is not None
+        return self.result
+
     def entry(self) -> dict[str, JSON]:
         return {"id": str(self.run_id), "ref": self.ref, "state": converter.unstructure(self.state)}
 
@@ -134,12 +139,15 @@ class SubscriptionClient:
         **Cancellation handling:** if the caller is cancelled, the report still goes out
         (it is queued); only the wait for the answer is abandoned.
         """
+        return await self.send_report(run_id, state).answer()
+
+    def send_report(self, run_id: uuid.UUID, state: State) -> _Report:
+        """Queue a report without waiting; ``await it.answer()`` later. Reports go out in
+        the order they were queued, so two queued back to back share one message."""
         report = _Report(next(self._refs), run_id, state)
         self._outbox.append(report)
         self._wakeup.set()
-        await report.done.wait()
-        assert report.result is not None
-        return report.result
+        return report
 
     def change_credit(self, delta: int) -> None:
         if delta:

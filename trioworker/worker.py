@@ -384,7 +384,9 @@ class TaskWorker:
                 fetch=self._fetch_runs,
                 # Runs from the subscription were just leased to us: RUNNING is all but
                 # certain, and a cancel would reach us anyway.
-                optimistic=reporter is self._subscription,
+                queue_report=self._subscription.send_report
+                if self._subscription is not None and reporter is self._subscription
+                else None,
             )
             if outcome is not Outcome.REFUSED:
                 self.finished_task_runs[key] += 1
