@@ -1,0 +1,1 @@
+"""Runnable examples of trioworker: see README.md, "Examples"."""
