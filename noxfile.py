@@ -21,8 +21,8 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "trioworker", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "trioworker", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "trioworker", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "trioworker", "tests", "benchmarks", "examples", "noxfile.py")
 
 
 @nox.session

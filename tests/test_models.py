@@ -97,3 +97,10 @@ def test_terminal_states() -> None:
         StateType.CRASHED,
     }
     assert make_state(StateType.FAILED).name == "Failed"
+
+
+def test_decimals_travel_exactly() -> None:
+    from decimal import Decimal
+
+    assert converter.unstructure(Decimal("0.10")) == "0.10"
+    assert converter.structure("0.10", Decimal) == Decimal("0.10")

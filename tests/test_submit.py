@@ -367,3 +367,12 @@ async def test_losing_the_channel_falls_back_to_http(
         future = await add.delay(2)  # over HTTP now
         assert future.task_run is not None
         assert (await future.get_state()).type.value == "SCHEDULED"
+
+
+async def test_a_task_in_a_script_is_keyed_by_the_scripts_name(tmp_path: Any) -> None:
+    script = tmp_path / "myscript.py"
+    script.write_text("import trioworker\n@trioworker.task\ndef say(): ...\nprint(say.key)\n")
+    import sys
+
+    result = await trio.run_process([sys.executable, str(script)], capture_stdout=True)
+    assert result.stdout.decode().strip() == "myscript.say"

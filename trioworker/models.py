@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Final, TypeAlias, TypeVar
 
 import attrs
@@ -221,6 +222,9 @@ def _make_converter() -> OrjsonConverter:
 
     for scalar in (str, int, float, bool):
         strict(scalar)
+    # Decimals travel as strings, exactly (a float would round them).
+    conv.register_unstructure_hook(Decimal, str)
+    conv.register_structure_hook(Decimal, lambda v, _: Decimal(str(v)))
     # The str hook above would catch string enums (singledispatch sees their str base).
     for enum_cls in (StateType, SetStateStatus):
         conv.register_structure_hook(enum_cls, lambda v, t: t(v))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
 
 import attrs
@@ -28,8 +30,17 @@ RetryCondition = Callable[["Task[..., Any]", Any, BaseException], bool]
 
 
 def default_key(fn: Callable[..., object]) -> str:
-    """``module.qualname``: stable across processes that import the same code."""
-    return f"{fn.__module__}.{fn.__qualname__}"
+    """``module.qualname``: stable across processes that import the same code.
+
+    A script run as ``python app.py`` is the module ``__main__`` there, but ``app`` in a
+    worker that loads ``app.py:say``: the script's file name stands in for ``__main__``.
+    """
+    module = fn.__module__
+    if module == "__main__":
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main_file:
+            module = Path(main_file).stem
+    return f"{module}.{fn.__qualname__}"
 
 
 def _check_delays(value: float | Sequence[float]) -> float | tuple[float, ...]:
