@@ -63,6 +63,8 @@ class ClientChannel:
     _refs: itertools.count[int] = attrs.field(factory=itertools.count)
     _calls: dict[int, _Call] = attrs.field(factory=dict)
     _watches: dict[uuid.UUID, _Watch] = attrs.field(factory=dict)
+    _to_watch: list[uuid.UUID] = attrs.field(factory=list)
+    _flushing: bool = False
 
     @property
     def usable(self) -> bool:
@@ -98,7 +100,7 @@ class ClientChannel:
         watch = self._watches.get(run_id)
         if watch is None:
             watch = self._watches[run_id] = _Watch()
-            await self._send({"type": "watch", "ids": [str(run_id)]})
+            await self._watch_soon(run_id)
         watch.waiters += 1
         try:
             with trio.move_on_after(seconds):
@@ -115,6 +117,28 @@ class ClientChannel:
         if watch.missing:
             raise NotFound(404, f"no task run {run_id} (deleted?)")
         return watch.run
+
+    async def _watch_soon(self, run_id: uuid.UUID) -> None:
+        """Ask to watch ``run_id``: waits that start together share one message.
+
+        The first waiter yields once before sending, so that 10,000 futures awaited from
+        10,000 tasks cost one watch message (and one read on the server), not 10,000.
+        """
+        self._to_watch.append(run_id)
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            # Shielded: the other waiters count on this message even if we are cancelled.
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.checkpoint()
+                ids, self._to_watch = self._to_watch, []
+                with trio.move_on_after(10) as stuck:
+                    await self._send({"type": "watch", "ids": [str(i) for i in ids]})
+                if stuck.cancelled_caught:
+                    self._break(TimeoutError("a watch message could not be sent in 10 s"))
+        finally:
+            self._flushing = False
 
     async def read_forever(self) -> None:
         try:
