@@ -154,7 +154,6 @@ class TaskWorker:
         self._startup_scope: trio.CancelScope | None = None
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
-        self._client: TaskRunClient | None = None
 
     # -- what users read
     @property
@@ -226,8 +225,7 @@ class TaskWorker:
         """The nursery tree (see the module docstring)."""
         # One client for everything the worker's runs say over REST (their own .delay()
         # calls included: it is the ambient client of their context).
-        async with connect(self.api_url, self.api_key) as client, trio.open_nursery() as nursery:
-            self._client = client
+        async with connect(self.api_url, self.api_key), trio.open_nursery() as nursery:
             if self.status_server_port is not None:
                 from trioworker.status import serve_status
 
