@@ -453,3 +453,51 @@ async def test_worker_reports_a_refused_api_key_in_one_line(
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"trioworker: the server at {server.api_url} refused the subscription: "), last
     assert "check --api-key or TRIOWORKER_API_KEY" in last
+
+
+KILLABLE_SOURCE = """
+import os, sys, time
+from pathlib import Path
+from trioworker.tasks import task
+
+@task(key="t.once_stuck")
+def once_stuck(marker: str) -> str:
+    first = not Path(marker).exists()
+    Path(marker).write_text("seen")
+    if first:
+        print("stuck now", file=sys.stderr, flush=True)
+        while True:  # the first worker never finishes: it is killed
+            time.sleep(0.05)
+    return f"finished by {os.getpid()}"
+"""
+
+
+async def test_a_worker_killed_with_sigkill_loses_nothing(
+    tmp_path: Path, api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    tasks_file = write(tmp_path / "killable.py", KILLABLE_SOURCE)
+    marker = tmp_path / "marker"
+    created = await api.post(
+        "/task_runs", json={"task_key": "t.once_stuck", "parameters": {"marker": str(marker)}}
+    )
+    run_id = created.json()["id"]
+    env = worker_env(TRIOWORKER_API_URL=trioworker_server.api_url)
+    async with trio.open_nursery() as nursery:
+        process, output = await start_worker(nursery, [f"{tasks_file}:once_stuck"], env)
+        await output.wait_for("stuck now")
+        process.kill()  # SIGKILL: no chance to hand anything back
+        with within(OUTPUT_TIMEOUT, output):
+            assert await process.wait() == -signal.SIGKILL
+        second, second_output = await start_worker(nursery, [f"{tasks_file}:once_stuck"], env)
+        response = await api.post(
+            "/task_runs/wait", json={"ids": [run_id], "timeout": OUTPUT_TIMEOUT, "all": True}, timeout=30
+        )
+        [run] = response.json()["ended"]
+        assert run["state"]["type"] == "COMPLETED"
+        assert run["state"]["data"] == f"finished by {second.pid}"
+        second.send_signal(signal.SIGTERM)
+        with within(OUTPUT_TIMEOUT, second_output):
+            assert await second.wait() == 0
+    history = [(h["type"], h["name"]) for h in (await api.get(f"/task_runs/{run_id}/history")).json()]
+    assert ("SCHEDULED", "Redelivered") in history
+    assert run["delivery_count"] == 2
