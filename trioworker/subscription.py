@@ -206,6 +206,9 @@ class SubscriptionClient:
                         raise SubscriptionRefused(
                             f"the server at {self.api_url} refused the subscription: {exc.reason.reason}"
                         ) from None
+                    if self._quitting and not (self._unanswered or self._outbox or self.held()):
+                        self.connected = False
+                        return  # stopping with nothing left to say: no reason to reconnect
                     delay = next_backoff(attempt, self.rng)
                     attempt += 1
                     self.reconnects += 1
