@@ -376,3 +376,30 @@ async def test_a_task_in_a_script_is_keyed_by_the_scripts_name(tmp_path: Any) ->
 
     result = await trio.run_process([sys.executable, str(script)], capture_stdout=True)
     assert result.stdout.decode().strip() == "myscript.say"
+
+
+async def test_cancelling_a_running_sync_run_lets_its_thread_finish(trioworker_worker: Make) -> None:
+    import threading
+
+    entered = trio.Event()
+    release = threading.Event()
+    finished: list[bool] = []
+
+    @task(key="s.blocking")
+    def blocking() -> str:
+        trio.from_thread.run_sync(entered.set)
+        release.wait(20)
+        finished.append(True)
+        return "discarded"
+
+    future = await blocking.delay()
+    async with trioworker_worker(blocking, add, limit=1) as worker:
+        with trio.fail_after(10):
+            await entered.wait()
+        assert await future.cancel() is True
+        assert (await future.get_state()).type.value == "CANCELLED"
+        assert worker.current_tasks == 1  # the thread is still running: it cannot be interrupted
+        release.set()
+        assert await (await add.delay(1)).result(timeout=10) == 11
+    assert finished == [True]
+    assert (await future.get_state()).type.value == "CANCELLED"  # the late result was discarded
