@@ -802,6 +802,34 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def print_sections(sections: Sequence[tuple[str, Sequence[str]]], error: str | None) -> None:
+    """The lists printed under a benchmark's table (failed checks, log issues...)."""
+    for title, items in sections:
+        if items:
+            print(f"\n{title}:")
+            print("\n".join(f"  - {item}" for item in items))
+    if error:
+        print(f"\naborted: {error}")
+
+
+def save_results(benchmark: str, args: argparse.Namespace, elapsed: float, payload: dict[str, Any]) -> None:
+    """Write a benchmark's JSON (what ran where, then ``payload``) to ``args.output``."""
+    results = {
+        "benchmark": benchmark,
+        "timestamp": datetime.now(UTC).isoformat(),
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "elapsed_seconds": elapsed,
+        **payload,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    print(f"\nresults written to {args.output}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=10_000, help="N: runs per phase (default 10,000)")
@@ -856,36 +884,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"batch={args.batch} repeat={args.repeat} ({elapsed:.0f} s in all)"
     )
     print(render_table(phases, args.repeat))
-    if bench.checks:
-        print("\nfailed checks:")
-        print("\n".join(f"  - {c}" for c in bench.checks))
-    if bench.observations:
-        print("\nobservations:")
-        print("\n".join(f"  - {o}" for o in bench.observations))
-    if bench.issues:
-        print("\nserver log issues:")
-        print("\n".join(f"  - {i}" for i in bench.issues))
-    if error:
-        print(f"\naborted: {error}")
-
-    results = {
-        "benchmark": "bench_server",
-        "timestamp": datetime.now(UTC).isoformat(),
-        "git_commit": git_commit(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "elapsed_seconds": elapsed,
-        "phases": [p.to_json() for p in phases],
-        "failed_checks": bench.checks,
-        "observations": bench.observations,
-        "server_log_issues": bench.issues,
-        "error": error,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-    print(f"\nresults written to {args.output}")
+    sections = [
+        ("failed checks", bench.checks),
+        ("observations", bench.observations),
+        ("server log issues", bench.issues),
+    ]
+    print_sections(sections, error)
+    save_results(
+        "bench_server",
+        args,
+        elapsed,
+        {
+            "phases": [p.to_json() for p in phases],
+            "failed_checks": bench.checks,
+            "observations": bench.observations,
+            "server_log_issues": bench.issues,
+            "error": error,
+        },
+    )
     failed = error is not None or bench.checks or any(p.verdict == "FAIL" for p in phases)
     return 1 if failed else 0
 

@@ -42,10 +42,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
@@ -55,7 +53,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +70,11 @@ from bench_server import (  # noqa: E402
     ServerProcess,
     expect,
     fmt_number,
-    git_commit,
     log,
     percentile,
+    print_sections,
     running_server,
+    save_results,
 )
 from bench_worker import (  # noqa: E402
     WorkerProcess,
@@ -803,34 +801,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = roundtrip_stages(bench.rows.get("c_roundtrip"))
     if stages:
         print("c) round trip, median ms per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-    if bench.checks:
-        print("\nfailed checks:")
-        print("\n".join(f"  - {c}" for c in bench.checks))
-    if bench.issues:
-        print("\nlog issues:")
-        print("\n".join(f"  - {i}" for i in bench.issues))
-    if error:
-        print(f"\naborted: {error}")
-
-    results = {
-        "benchmark": "bench_submit",
-        "timestamp": datetime.now(UTC).isoformat(),
-        "git_commit": git_commit(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "task_key": NOOP_KEY,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "elapsed_seconds": elapsed,
-        "rows": [r.to_json() for r in rows],
-        "phases": bench.phase_info,
-        "failed_checks": bench.checks,
-        "log_issues": bench.issues,
-        "error": error,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-    print(f"\nresults written to {args.output}")
+    print_sections([("failed checks", bench.checks), ("log issues", bench.issues)], error)
+    save_results(
+        "bench_submit",
+        args,
+        elapsed,
+        {
+            "task_key": NOOP_KEY,
+            "rows": [r.to_json() for r in rows],
+            "phases": bench.phase_info,
+            "failed_checks": bench.checks,
+            "log_issues": bench.issues,
+            "error": error,
+        },
+    )
     failed = error is not None or bench.checks or any(r.verdict == "FAIL" for r in rows)
     return 1 if failed else 0
 

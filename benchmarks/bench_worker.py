@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -64,11 +62,12 @@ from bench_server import (  # benchmarks/ is on sys.path when this file runs as 
     ServerProcess,
     expect,
     fmt_number,
-    git_commit,
     log,
     percentile,
+    print_sections,
     read_proc_status,
     running_server,
+    save_results,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -623,32 +622,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"cpus={os.cpu_count()} ({elapsed:.0f} s in all)"
     )
     print(render_table(phases, args.repeat))
-    if bench.checks:
-        print("\nfailed checks:")
-        print("\n".join(f"  - {c}" for c in bench.checks))
-    if bench.issues:
-        print("\nlog issues:")
-        print("\n".join(f"  - {i}" for i in bench.issues))
-    if error:
-        print(f"\naborted: {error}")
-
-    results = {
-        "benchmark": "bench_worker",
-        "timestamp": datetime.now(UTC).isoformat(),
-        "git_commit": git_commit(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "elapsed_seconds": elapsed,
-        "phases": [p.to_json() for p in phases],
-        "failed_checks": bench.checks,
-        "log_issues": bench.issues,
-        "error": error,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-    print(f"\nresults written to {args.output}")
+    print_sections([("failed checks", bench.checks), ("log issues", bench.issues)], error)
+    save_results(
+        "bench_worker",
+        args,
+        elapsed,
+        {
+            "phases": [p.to_json() for p in phases],
+            "failed_checks": bench.checks,
+            "log_issues": bench.issues,
+            "error": error,
+        },
+    )
     failed = error is not None or bench.checks or any(p.verdict == "FAIL" for p in phases)
     return 1 if failed else 0
 
