@@ -170,24 +170,10 @@ class ServerProcess:
 
     def stop(self) -> tuple[int | None, float]:
         """SIGTERM, then wait; returns (exit code, seconds it took). Kills it after STOP_TIMEOUT."""
-        if self.proc is None or self.proc.poll() is not None:
-            return (None if self.proc is None else self.proc.returncode), 0.0
-        started = time.perf_counter()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log(f"  ! server {self.label} ignored SIGTERM for {STOP_TIMEOUT:g} s; killing it")
-            self.proc.kill()
-            self.proc.wait()
-            return None, time.perf_counter() - started
-        return code, time.perf_counter() - started
+        return stop_process(self.proc, f"server {self.label}", STOP_TIMEOUT)
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
@@ -774,7 +760,16 @@ def render_table(phases: Sequence[PhaseResult], repeat: int) -> str:
         ]
         for p in phases
     ]
-    numeric = {1, 2, 3, 4, 5}
+    out = aligned_table(header, rows, numeric={1, 2, 3, 4, 5})
+    if repeat > 1:
+        out.append(f"(median of {repeat} repetitions; peak RSS is the largest seen)")
+    for p in phases:
+        out.extend(f"note: {p.title.split(')')[0]}) {note}" for note in p.notes)
+    return "\n".join(out)
+
+
+def aligned_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]) -> list[str]:
+    """Lines of a plain-text table: columns padded, the ``numeric`` ones right-aligned."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -783,13 +778,30 @@ def render_table(phases: Sequence[PhaseResult], repeat: int) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    rule = "  ".join("-" * w for w in widths)
-    out = [line(header), rule, *(line(r) for r in rows)]
-    if repeat > 1:
-        out.append(f"(median of {repeat} repetitions; peak RSS is the largest seen)")
-    for p in phases:
-        out.extend(f"note: {p.title.split(')')[0]}) {note}" for note in p.notes)
-    return "\n".join(out)
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, what: str, timeout: float) -> tuple[int | None, float]:
+    """SIGTERM, then wait; returns (exit code, seconds it took). Kills it after ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return (None if proc is None else proc.returncode), 0.0
+    started = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"  ! {what} ignored SIGTERM for {timeout:g} s; killing it")
+        proc.kill()
+        proc.wait()
+        return None, time.perf_counter() - started
+    return code, time.perf_counter() - started
+
+
+def read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def git_commit() -> str | None:

@@ -68,6 +68,7 @@ for _path in (str(HERE), str(PROJECT)):  # worker_tasks, bench_* and trioworker,
 from bench_server import (  # noqa: E402
     BenchError,
     ServerProcess,
+    aligned_table,
     expect,
     fmt_number,
     log,
@@ -693,16 +694,7 @@ def render_table(rows: Sequence[RowResult], repeat: int) -> str:
         ]
         for r in rows
     ]
-    numeric = set(range(1, 12))
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in numeric else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    out = [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in table)]
+    out = aligned_table(header, table, numeric=set(range(1, 12)))
     notes = [
         "requests: every request of the row, but the wait rows count only POST /api/task_runs/wait",
         "wait rows: seconds from the start of the map to the wait's return (submit + run + wait)",

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -60,14 +59,17 @@ from bench_server import (  # benchmarks/ is on sys.path when this file runs as 
     JSON_HEADERS,
     BenchError,
     ServerProcess,
+    aligned_table,
     expect,
     fmt_number,
     log,
     percentile,
     print_sections,
+    read_log,
     read_proc_status,
     running_server,
     save_results,
+    stop_process,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -143,24 +145,10 @@ class WorkerProcess:
 
     def stop(self) -> tuple[int | None, float]:
         """SIGTERM, then wait; returns (exit code, seconds). Kills it after WORKER_STOP_TIMEOUT."""
-        if self.proc is None or self.proc.poll() is not None:
-            return (None if self.proc is None else self.proc.returncode), 0.0
-        started = time.perf_counter()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=WORKER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log(f"  ! worker {self.label} ignored SIGTERM for {WORKER_STOP_TIMEOUT:g} s; killing it")
-            self.proc.kill()
-            self.proc.wait()
-            return None, time.perf_counter() - started
-        return code, time.perf_counter() - started
+        return stop_process(self.proc, f"worker {self.label}", WORKER_STOP_TIMEOUT)
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def log_issues(self) -> list[str]:
         lines = self.log_text().splitlines()
@@ -550,16 +538,7 @@ def render_table(phases: Sequence[PhaseResult], repeat: int) -> str:
         ]
         for p in phases
     ]
-    numeric = set(range(1, 11))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in numeric else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    out = [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+    out = aligned_table(header, rows, numeric=set(range(1, 11)))
     if repeat > 1:
         out.append(f"(median of {repeat} repetitions; peak RSS is the largest seen)")
     return "\n".join(out)
