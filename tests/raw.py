@@ -22,6 +22,9 @@ def ws_url(server: RunningServer) -> str:
 class Raw:
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
+        #: Deliveries that arrived while :meth:`report` waited for its answer: a run can
+        #: be delivered into the room a final report freed before that report is answered.
+        self.early_deliveries: list[dict[str, Any]] = []
 
     async def send(self, message: dict[str, Any]) -> None:
         await self.ws.send_message(orjson.dumps(message).decode())
@@ -34,6 +37,8 @@ class Raw:
 
     async def runs(self) -> list[dict[str, Any]]:
         """The runs of the next delivery (cancel notices and results are skipped)."""
+        if self.early_deliveries:
+            return list(self.early_deliveries.pop(0)["task_runs"])
         while True:
             message = await self.receive()
             if message["type"] == "task_runs":
@@ -46,6 +51,8 @@ class Raw:
             message = await self.receive()
             if message["type"] == "state_results":
                 return list(message["results"])
+            if message["type"] == "task_runs":
+                self.early_deliveries.append(message)
 
     async def finish(self, ids: Iterable[str]) -> None:
         ids = list(ids)

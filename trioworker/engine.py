@@ -205,6 +205,7 @@ async def execute(
     thread_limiter: trio.CapacityLimiter,
     allow_pickle: bool = False,
     on_running: Callable[[], None] | None = None,
+    on_attempt_end: Callable[[], None] | None = None,
     fetch: FetchRuns | None = None,
     queue_report: QueueReport | None = None,
 ) -> Outcome:
@@ -215,6 +216,9 @@ async def execute(
             :attr:`Outcome.CANCELLED`, unreported; any other cancellation (the worker
             stopping) propagates, unreported, and the worker hands the run back.
         on_running: called once the server accepted RUNNING.
+        on_attempt_end: called as soon as the task's code has returned or raised, before
+            the outcome is reported: the worker frees the run's slot there, so the next
+            run starts while the server is still answering this one's final report.
         fetch: reads the runs whose results are arguments of this one.
         queue_report: queues a report without waiting for its answer. Given, the attempt
             starts while RUNNING is being proposed instead of after the answer (a round
@@ -265,6 +269,8 @@ async def execute(
                 nursery.start_soon(watch)
             ok, value = await _attempt(task, args, kwargs, thread_limiter)
             nursery.cancel_scope.cancel()
+    if on_attempt_end is not None:
+        on_attempt_end()
     if refused:
         return Outcome.REFUSED
     if scope.cancelled_caught:

@@ -365,6 +365,16 @@ class TaskWorker:
         self._scopes[run.id] = scope
         if run.id in self._cancel_requested:
             scope.cancel()
+        slot_free = False
+
+        def free_slot() -> None:
+            """The task's code is done: the next run may start (its report is on its way)."""
+            nonlocal slot_free
+            if not slot_free:
+                slot_free = True
+                self.in_flight_task_runs[key].pop(run.id, None)
+                self._limiter.release_on_behalf_of(run.id)
+
         try:
 
             def on_running() -> None:
@@ -379,6 +389,7 @@ class TaskWorker:
                 thread_limiter=self._thread_limiter,
                 allow_pickle=self.allow_pickle,
                 on_running=on_running,
+                on_attempt_end=free_slot,
                 fetch=self._fetch_runs,
                 # Runs from the subscription were just leased to us: RUNNING is all but
                 # certain, and a cancel would reach us anyway.
@@ -398,8 +409,7 @@ class TaskWorker:
         finally:
             self._scopes.pop(run.id, None)
             self._cancel_requested.discard(run.id)
-            self.in_flight_task_runs[key].pop(run.id, None)
-            self._limiter.release_on_behalf_of(run.id)
+            free_slot()
 
     async def _fetch_runs(self, run_ids: list[uuid.UUID]) -> list[TaskRun]:
         async with using_client() as client:

@@ -31,7 +31,7 @@ from trioworker.models import (
 )
 from trioworker.server.channel import ClientChannel
 from trioworker.server.queue import Subscription
-from trioworker.server.service import TaskRunService
+from trioworker.server.service import ACTIVE_STATES, TaskRunService
 from trioworker.server.sockets import (
     CLOSE_NORMAL,
     CLOSE_PROTOCOL,
@@ -432,6 +432,7 @@ class _SubscriptionSession(JsonSocket):
             except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
                 raise ProtocolViolation(f"bad state report: {describe(exc)}") from None
             reports.append(_Report(run_id, request_, item.get("ref")))
+        sub.finished(r.run_id for r in reports if r.request.state.type not in ACTIVE_STATES)
         await self._enqueue(("states", reports))
 
     async def _enqueue(self, op: tuple[str, object]) -> None:

@@ -42,6 +42,10 @@ class Subscription:
     keys: tuple[str, ...]
     credit: int
     held: set[uuid.UUID] = attrs.field(factory=set)
+    #: Held runs whose final report arrived and is being applied. They keep their lease
+    #: (a lost connection still hands them back) but no longer take room: the worker's
+    #: slot is free, so the next run can be claimed while the report is committed.
+    finishing: set[uuid.UUID] = attrs.field(factory=set)
     #: Held runs the server wants stopped (cancelled or deleted from elsewhere).
     cancels: list[uuid.UUID] = attrs.field(factory=list)
     _wakeup: trio.Event | None = None
@@ -52,7 +56,14 @@ class Subscription:
 
     @property
     def room(self) -> int:
-        return max(0, self.credit - len(self.held))
+        return max(0, self.credit - len(self.held) + len(self.finishing))
+
+    def finished(self, run_ids: Iterable[uuid.UUID]) -> None:
+        """The worker reported these runs final: their room is free before the reports apply."""
+        before = len(self.finishing)
+        self.finishing.update(run_id for run_id in run_ids if run_id in self.held)
+        if len(self.finishing) != before:
+            self.wake()
 
     def wake(self) -> None:
         if self._wakeup is not None:
@@ -145,6 +156,7 @@ class Dispatcher:
         sub = self._leases.pop(run_id, None)
         if sub is not None:
             sub.held.discard(run_id)
+            sub.finishing.discard(run_id)
             sub.wake()
         return sub
 
@@ -153,6 +165,7 @@ class Dispatcher:
         previous = self._leases.get(run_id)
         if previous is not None and previous is not sub:
             previous.held.discard(run_id)
+            previous.finishing.discard(run_id)
         self._leases[run_id] = sub
         sub.held.add(run_id)
 
@@ -173,6 +186,7 @@ class Dispatcher:
         for run_id in held:
             del self._leases[run_id]
         sub.held.clear()
+        sub.finishing.clear()
         return held
 
     def set_credit(self, sub: Subscription, credit: int) -> None:
