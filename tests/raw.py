@@ -85,10 +85,14 @@ async def subscribe(
     credit: int = 10,
     token: str | None = None,
     client_id: str = "test-1",
+    prefetch: int | None = None,
 ) -> AsyncIterator[Raw]:
     async with connect(server) as ws:
         raw = Raw(ws)
         await raw.send({"type": "auth", "token": token})
         assert await raw.receive() == {"type": "auth_success"}
-        await raw.send({"type": "subscribe", "keys": keys, "client_id": client_id, "credit": credit})
+        message = {"type": "subscribe", "keys": keys, "client_id": client_id, "credit": credit}
+        if prefetch is not None:
+            message["prefetch"] = prefetch
+        await raw.send(message)
         yield raw

@@ -12,8 +12,8 @@ def queued(n: int, key: str = "k") -> list[QueuedRun]:
     return [QueuedRun(seq, uuid.uuid4(), key, None) for seq in range(n)]
 
 
-def subscribed(dispatcher: Dispatcher, credit: int) -> Subscription:
-    sub = Subscription(client_id="w", keys=("k",), credit=credit)
+def subscribed(dispatcher: Dispatcher, credit: int, prefetch: int = 0) -> Subscription:
+    sub = Subscription(client_id="w", keys=("k",), credit=credit, prefetch=prefetch)
     dispatcher.subscribe(sub)
     return sub
 
@@ -76,3 +76,54 @@ def test_a_run_leased_elsewhere_stops_counting_as_finishing() -> None:
     assert old.finishing == set()
     assert old.held == set()
     assert old.room == 1
+
+
+def test_prefetch_takes_beyond_the_credit_and_marks_those_runs() -> None:
+    dispatcher = Dispatcher()
+    runs = queued(5)
+    dispatcher.enqueue(runs)
+    sub = subscribed(dispatcher, credit=2, prefetch=2)
+    assert dispatcher.take(sub) == [r.id for r in runs[:4]]
+    assert set(sub.prefetched) == {runs[2].id, runs[3].id}
+    sub.started([runs[2].id])  # its RUNNING report came: it left the buffer
+    assert set(sub.prefetched) == {runs[3].id}
+
+
+def test_no_prefetch_while_another_subscription_has_a_free_slot() -> None:
+    dispatcher = Dispatcher()
+    dispatcher.enqueue(queued(4))
+    buffered = subscribed(dispatcher, credit=1, prefetch=3)
+    idle = subscribed(dispatcher, credit=1)
+    assert len(dispatcher.take(buffered)) == 1
+    assert buffered.prefetched == {}
+    assert len(dispatcher.take(idle)) == 1
+    # Now nobody else has a free slot: the buffer fills.
+    assert len(dispatcher.take(buffered)) == 2
+    assert len(buffered.prefetched) == 2
+
+
+def test_a_free_slot_revokes_buffered_runs_once() -> None:
+    dispatcher = Dispatcher()
+    runs = queued(3)
+    dispatcher.enqueue(runs)
+    buffered = subscribed(dispatcher, credit=1, prefetch=2)
+    dispatcher.take(buffered)
+    idle = subscribed(dispatcher, credit=1)
+    dispatcher.revoke_for(idle)
+    assert len(buffered.revokes) == 1
+    assert buffered.revokes[0] in {runs[1].id, runs[2].id}
+    dispatcher.revoke_for(idle)  # asked already: not again
+    assert len(buffered.revokes) == 1
+    dispatcher.release(buffered.revokes[0])  # handed back
+    assert buffered.revoking == set()
+
+
+def test_no_revoke_without_a_free_slot() -> None:
+    dispatcher = Dispatcher()
+    dispatcher.enqueue(queued(4))
+    buffered = subscribed(dispatcher, credit=1, prefetch=2)
+    dispatcher.take(buffered)
+    busy = subscribed(dispatcher, credit=1)
+    dispatcher.take(busy)
+    dispatcher.revoke_for(busy)
+    assert buffered.revokes == []

@@ -212,6 +212,48 @@ async def test_quit_closes_cleanly_once_nothing_is_held(
     assert (await state_of(api, run_id))["type"] == "COMPLETED"
 
 
+async def test_prefetch_sends_runs_beyond_the_credit(
+    api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    ids = await create_many(api, "k", 6)
+    async with subscribe(trioworker_server, ["k"], credit=1, prefetch=2) as sub:
+        got = [r["id"] for r in await sub.runs()]
+        while len(got) < 3:
+            got += [r["id"] for r in await sub.runs()]
+        assert got == ids[:3]
+        assert (await api.get("/health")).json()["ready"] == 3
+        # One run finished frees one place: one more run comes.
+        await sub.finish(got[:1])
+        assert [r["id"] for r in await sub.runs()] == ids[3:4]
+
+
+async def test_a_free_slot_elsewhere_revokes_runs_waiting_in_a_buffer(
+    api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    ids = await create_many(api, "k", 4)
+    async with subscribe(trioworker_server, ["k"], credit=1, prefetch=3, client_id="a") as a:
+        held = [r["id"] for r in await a.runs()]
+        while len(held) < 4:
+            held += [r["id"] for r in await a.runs()]
+        # a starts the second run: started runs are never revoked.
+        [answer] = await a.report(held[1:2], "RUNNING")
+        assert answer["status"] == "ACCEPT"
+        async with subscribe(trioworker_server, ["k"], credit=2, client_id="b") as b:
+            revoke = await a.receive()
+            assert revoke["type"] == "revoke"
+            assert set(revoke["ids"]) <= set(held[2:] + held[:1])
+            assert len(revoke["ids"]) == 2
+            assert held[1] not in revoke["ids"]
+            await a.send({"type": "release", "ids": revoke["ids"]})
+            moved = [r["id"] for r in await b.runs()]
+            while len(moved) < 2:
+                moved += [r["id"] for r in await b.runs()]
+            assert sorted(moved) == sorted(revoke["ids"])
+            for run_id in moved:
+                assert (await state_of(api, run_id))["state_details"]["client_id"] == "b"
+    assert sorted(ids) == sorted(held)
+
+
 async def expect_close(
     server: RunningServer, messages: list[Any], code: int, prefix: str, reason: str = ""
 ) -> None:
@@ -246,6 +288,9 @@ SUB = {"type": "subscribe", "keys": ["k"], "client_id": "c", "credit": 1}
         ([AUTH, {**SUB, "credit": -1}], '"credit"'),
         ([AUTH, {**SUB, "credit": "10"}], '"credit"'),
         ([AUTH, {k: v for k, v in SUB.items() if k != "credit"}], '"credit"'),
+        ([AUTH, {**SUB, "prefetch": -1}], '"prefetch"'),
+        ([AUTH, {**SUB, "prefetch": 1001}], '"prefetch"'),
+        ([AUTH, {**SUB, "prefetch": True}], '"prefetch"'),
         ([AUTH, SUB, {"type": "dance"}], "unknown message type"),
         ([AUTH, SUB, SUB], "already subscribed"),
         ([AUTH, SUB, {"type": "credit", "n": "x"}], '"n"'),

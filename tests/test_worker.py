@@ -526,3 +526,44 @@ async def test_a_run_of_a_key_it_does_not_serve_is_left_or_deleted(
     monkeypatch.setenv("TRIOWORKER_DELETE_FAILED_SUBMISSIONS", "1")
     await trioworker_worker(add).execute_task_run(run)
     assert (await api.get(f"/task_runs/{run.id}")).status_code == 404
+
+
+async def test_runs_in_a_busy_workers_buffer_go_to_a_worker_with_a_free_slot(
+    api: httpx.AsyncClient, trioworker_worker: Make
+) -> None:
+    entered, gate = trio.Event(), trio.Event()
+    ran_by: dict[int, str] = {}
+
+    def gated_task(worker: str) -> Any:
+        async def gated(i: int) -> int:
+            ran_by[i] = worker
+            if i == 0:
+                entered.set()
+                await gate.wait()
+            return i
+
+        return task(key="t.gated")(gated)
+
+    first, *later = await submit(api, "t.gated", *({"i": i} for i in range(4)))
+    async with trioworker_worker(gated_task("busy"), limit=1, prefetch=3) as busy:
+        # All four came in one delivery: run 0 in busy's one slot, 1-3 in its buffer.
+        with trio.fail_after(10):
+            await entered.wait()
+        assert (await api.get("/health")).json()["ready"] == 0
+        async with trioworker_worker(gated_task("idle"), limit=2):
+            runs = await wait_all(api, later, seconds=10)  # while busy is still stuck
+        assert [run["state"]["type"] for run in runs] == ["COMPLETED"] * 3
+        assert ran_by == {0: "busy", 1: "idle", 2: "idle", 3: "idle"}
+        for run_id in later:  # each was in busy's buffer, and handed back from there
+            assert ("SCHEDULED", "Redelivered") in await history(api, run_id)
+        assert busy.current_tasks == 1
+        gate.set()
+        [run] = await wait_all(api, [first])
+    assert run["state"]["data"] == 0
+
+
+def test_prefetch_must_be_within_bounds() -> None:
+    with pytest.raises(ValueError, match="prefetch"):
+        TaskWorker(add, prefetch=-1)
+    with pytest.raises(ValueError, match="prefetch"):
+        TaskWorker(add, prefetch=1001)

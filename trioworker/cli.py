@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import trio
 
 from trioworker import __version__
-from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
+from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, MAX_PREFETCH, Settings
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -137,6 +137,7 @@ async def _run_worker(args: argparse.Namespace) -> None:
             api_key=args.api_key,
             shutdown_grace_seconds=args.grace,
             allow_pickle=args.allow_pickle,
+            prefetch=args.prefetch,
         )
     except Exception as exc:
         leaf = _single_leaf(exc)
@@ -145,8 +146,8 @@ async def _run_worker(args: argparse.Namespace) -> None:
         raise
 
 
-def _whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number no smaller than ``minimum``."""
+def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``minimum`` (to ``maximum``)."""
 
     def parse(text: str) -> int:
         try:
@@ -155,6 +156,8 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -231,6 +234,15 @@ def _add_worker_command(commands: Any) -> None:
         const=None,
         default=argparse.SUPPRESS,
         help="no limit on runs at once (sync tasks still share at most 100 threads)",
+    )
+    worker.add_argument(
+        "--prefetch",
+        type=_whole_number(0, MAX_PREFETCH),
+        default=0,
+        metavar="N",
+        help="let the server send up to N runs ahead into this worker's buffer, so a freed slot "
+        "starts its next run at once (for short runs; taken back if another worker has a free "
+        "slot; default 0)",
     )
     worker.add_argument(
         "--status-port",

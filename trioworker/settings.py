@@ -18,6 +18,8 @@ import attrs
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 4300
+#: Most runs a worker may have sent ahead into its buffer beyond its limit (``prefetch``).
+MAX_PREFETCH: Final = 1000
 
 
 @attrs.frozen

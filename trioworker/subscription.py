@@ -111,6 +111,9 @@ class SubscriptionClient:
         keys: the task keys to subscribe to.
         client_id: names this worker process (``host-pid``).
         credit: how many runs this worker may hold unfinished (its free capacity).
+        prefetch: how many more runs the server may deliver into this worker's buffer, to
+            wait there for a free slot (the server asks for them back, with ``revoke``, if
+            another worker gets a free slot first).
         held: returns the runs the worker is still working on (sent on reconnect).
         on_cancel: called with runs the server wants stopped.
     """
@@ -122,6 +125,7 @@ class SubscriptionClient:
     credit: int
     held: Callable[[], Collection[uuid.UUID]]
     on_cancel: Callable[[list[uuid.UUID]], None]
+    prefetch: int = 0
     rng: random.Random = attrs.field(factory=random.Random)
     connected: bool = False
     reconnects: int = 0
@@ -131,6 +135,9 @@ class SubscriptionClient:
     _unanswered: dict[int, _Report] = attrs.field(factory=dict)
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _quitting: bool = False
+    #: Delivered runs the worker has not given a slot yet (the ones a revoke may take back).
+    _unstarted: set[uuid.UUID] = attrs.field(factory=set)
+    _revoked: set[uuid.UUID] = attrs.field(factory=set)
 
     # -- what the worker calls
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult:
@@ -148,6 +155,25 @@ class SubscriptionClient:
         self._outbox.append(report)
         self._wakeup.set()
         return report
+
+    def take(self, run_id: uuid.UUID) -> bool:
+        """The worker takes a delivered run off its buffer (to run it, or not).
+
+        Returns False when the server revoked the run meanwhile: it was handed back, and
+        the worker must not run it.
+        """
+        self._unstarted.discard(run_id)
+        if run_id in self._revoked:
+            self._revoked.discard(run_id)
+            return False
+        return True
+
+    def _revoke(self, run_ids: list[uuid.UUID]) -> None:
+        """The server wants these runs for another worker: hand back the ones not started."""
+        back = [run_id for run_id in run_ids if run_id in self._unstarted]
+        self._unstarted.difference_update(back)
+        self._revoked.update(back)
+        self.release(back)
 
     def change_credit(self, delta: int) -> None:
         if delta:
@@ -231,6 +257,7 @@ class SubscriptionClient:
                 "keys": list(self.keys),
                 "client_id": self.client_id,
                 "credit": credit,
+                "prefetch": self.prefetch,
                 "held": held,
             },
         )
@@ -283,15 +310,19 @@ class SubscriptionClient:
                 # No ack: the protocol makes it optional, and the server learns all it needs
                 # from the RUNNING report that follows (one message per run saved).
                 for run in runs:
+                    self._unstarted.add(run.id)
                     try:
                         deliveries.send_nowait(run)  # unbounded: credit bounds it
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._unstarted.discard(run.id)
                         self.release([run.id])  # the worker stopped taking runs
             elif kind == "state_results":
                 self._resolve(message.get("results", []))
             elif kind == "cancel":
                 ids = [uuid.UUID(i) for i in message.get("ids", [])]
                 self.on_cancel(ids)
+            elif kind == "revoke":
+                self._revoke([uuid.UUID(i) for i in message.get("ids", [])])
             else:
                 log.warning("ignoring an unknown message from the server: %r", kind)
 

@@ -36,7 +36,7 @@ from trioworker.client import TaskRunClient, connect, using_client
 from trioworker.engine import Outcome
 from trioworker.errors import NotFound, StopTaskWorker
 from trioworker.models import SetStateResult, State, TaskRun, utcnow
-from trioworker.settings import Settings
+from trioworker.settings import MAX_PREFETCH, Settings
 from trioworker.subscription import SubscriptionClient, websocket_url
 from trioworker.tasks import Task
 
@@ -101,6 +101,11 @@ class TaskWorker:
             (0 picks a free one; see :attr:`status_url`).
         allow_pickle: accept runs whose parameters are pickled (they can run any code).
         client_id: how the server knows this worker (default ``"<hostname>-<pid>"``).
+        prefetch: runs the server may send ahead into this worker's buffer, so that a
+            freed slot starts its next run at once instead of after a round trip to the
+            server (worth it for short runs; 0, the default, keeps every waiting run on the
+            server). A run waits in the buffer only while no other worker of its task has
+            a free slot; when one gets one, the server takes back the runs not started.
 
     **Cancellation handling:** stopping is strict: :meth:`stop` (or cancelling
     :meth:`start`'s scope, or SIGTERM under :func:`serve`) stops taking runs, lets
@@ -120,10 +125,13 @@ class TaskWorker:
         status_server_port: int | None = None,
         allow_pickle: bool = False,
         client_id: str | None = None,
+        prefetch: int = 0,
     ) -> None:
         self._tasks = _check_tasks(tasks)
         if limit is not None and limit < 1:
             raise ValueError("limit must be >= 1, or None for no limit")
+        if not 0 <= prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be from 0 to {MAX_PREFETCH}")
         if shutdown_grace_seconds < 0:
             raise ValueError("shutdown_grace_seconds must be >= 0")
         settings = Settings.from_env()
@@ -133,6 +141,7 @@ class TaskWorker:
         self.shutdown_grace_seconds = shutdown_grace_seconds
         self.status_server_port = status_server_port
         self.allow_pickle = allow_pickle
+        self.prefetch = prefetch if limit is not None else 0
         self.delete_failed_submissions = _env_flag("TRIOWORKER_DELETE_FAILED_SUBMISSIONS")
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}"
         self.started_at: datetime | None = None
@@ -204,6 +213,7 @@ class TaskWorker:
             credit=self.limit if self.limit is not None else UNLIMITED_CREDIT,
             held=lambda: set(self._held),
             on_cancel=self._on_cancel,
+            prefetch=self.prefetch,
         )
         try:
             await self._run_tree(send, receive, task_status)
@@ -321,12 +331,19 @@ class TaskWorker:
                 async for run in receive:
                     task = self._tasks.get(run.task_key)
                     if task is None:
+                        subscription.take(run.id)
                         await self._unknown_key(run, subscription.release)
                         continue
                     if run.id in self._held:
+                        subscription.take(run.id)
                         continue  # delivered again while we still hold it (after a reconnect)
                     self._held.add(run.id)
                     await self._limiter.acquire_on_behalf_of(run.id)
+                    if not subscription.take(run.id):
+                        # Revoked while it waited in the buffer: handed back, not ours.
+                        self._held.discard(run.id)
+                        self._limiter.release_on_behalf_of(run.id)
+                        continue
                     runs.start_soon(self._run_one, task, run, subscription)
             # Stopping: no new runs; the ones running get the grace period.
             subscription.quit()

@@ -45,6 +45,7 @@ from trioworker.server.sockets import (
     structure,
 )
 from trioworker.server.store import StoreError
+from trioworker.settings import MAX_PREFETCH
 
 log = logging.getLogger("trioworker.server")
 
@@ -359,6 +360,9 @@ class _SubscriptionSession(JsonSocket):
             raise ProtocolViolation('"client_id" must be a non-empty string')
         if not isinstance(credit, int) or isinstance(credit, bool) or credit < 0:
             raise ProtocolViolation('"credit" must be an integer >= 0')
+        prefetch = message.get("prefetch", 0)
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or not 0 <= prefetch <= MAX_PREFETCH:
+            raise ProtocolViolation(f'"prefetch" must be an integer from 0 to {MAX_PREFETCH}')
         held = message.get("held", [])
         try:
             held_ids = [uuid.UUID(str(i)) for i in held] if isinstance(held, list) else None
@@ -366,7 +370,9 @@ class _SubscriptionSession(JsonSocket):
             held_ids = None
         if held_ids is None:
             raise ProtocolViolation('"held" must be a list of task run ids')
-        sub = Subscription(client_id=client_id, keys=tuple(dict.fromkeys(keys)), credit=credit)
+        sub = Subscription(
+            client_id=client_id, keys=tuple(dict.fromkeys(keys)), credit=credit, prefetch=prefetch
+        )
         self.held_at_subscribe = held_ids
         return sub
 
@@ -388,6 +394,10 @@ class _SubscriptionSession(JsonSocket):
                 ids, sub.cancels = sub.cancels, []
                 await self.send({"type": "cancel", "ids": [str(i) for i in ids]})
                 continue
+            if sub.revokes:
+                ids, sub.revokes = sub.revokes, []
+                await self.send({"type": "revoke", "ids": [str(i) for i in ids]})
+                continue
             if self.quitting:
                 if not sub.held and not self.reports_in_flight:
                     scope.cancel()
@@ -399,6 +409,7 @@ class _SubscriptionSession(JsonSocket):
                 if runs:
                     await self.send({"type": "task_runs", "task_runs": converter.unstructure(runs)})
                     continue
+                self.service.dispatcher.revoke_for(sub)
             await sub.wait_for_work()
 
     async def receive_forever(self, sub: Subscription) -> NoReturn:
@@ -432,6 +443,7 @@ class _SubscriptionSession(JsonSocket):
             except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
                 raise ProtocolViolation(f"bad state report: {describe(exc)}") from None
             reports.append(_Report(run_id, request_, item.get("ref")))
+        sub.started(r.run_id for r in reports)
         sub.finished(r.run_id for r in reports if r.request.state.type not in ACTIVE_STATES)
         await self._enqueue(("states", reports))
 

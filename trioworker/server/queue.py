@@ -41,6 +41,10 @@ class Subscription:
     client_id: str
     keys: tuple[str, ...]
     credit: int
+    #: Runs it may hold beyond its credit, waiting in its buffer for a free slot. They go
+    #: to it only while no other subscription of their key has a free slot, and are
+    #: revoked (if not started yet) when one gets one.
+    prefetch: int = 0
     held: set[uuid.UUID] = attrs.field(factory=set)
     #: Held runs whose final report arrived and is being applied. They keep their lease
     #: (a lost connection still hands them back) but no longer take room: the worker's
@@ -48,6 +52,12 @@ class Subscription:
     finishing: set[uuid.UUID] = attrs.field(factory=set)
     #: Held runs the server wants stopped (cancelled or deleted from elsewhere).
     cancels: list[uuid.UUID] = attrs.field(factory=list)
+    #: Held runs delivered beyond the credit and not reported started: id -> task key.
+    prefetched: dict[uuid.UUID, str] = attrs.field(factory=dict)
+    #: Prefetched runs the server asked back and has not yet heard about.
+    revoking: set[uuid.UUID] = attrs.field(factory=set)
+    #: Revocations to send (the delivery loop sends them).
+    revokes: list[uuid.UUID] = attrs.field(factory=list)
     _wakeup: trio.Event | None = None
 
     def request_cancel(self, run_id: uuid.UUID) -> None:
@@ -55,8 +65,13 @@ class Subscription:
         self.wake()
 
     @property
+    def free_slots(self) -> int:
+        """Credit not taken by runs it works on (negative while runs wait in its buffer)."""
+        return self.credit - len(self.held) + len(self.finishing)
+
+    @property
     def room(self) -> int:
-        return max(0, self.credit - len(self.held) + len(self.finishing))
+        return max(0, self.free_slots + self.prefetch)
 
     def finished(self, run_ids: Iterable[uuid.UUID]) -> None:
         """The worker reported these runs final: their room is free before the reports apply."""
@@ -64,6 +79,19 @@ class Subscription:
         self.finishing.update(run_id for run_id in run_ids if run_id in self.held)
         if len(self.finishing) != before:
             self.wake()
+
+    def started(self, run_ids: Iterable[uuid.UUID]) -> None:
+        """The worker reported on these runs: they left its buffer, nothing to revoke."""
+        for run_id in run_ids:
+            if self.prefetched.pop(run_id, None) is not None:
+                self.revoking.discard(run_id)
+
+    def forget(self, run_id: uuid.UUID) -> None:
+        """The run is no longer leased to this subscription."""
+        self.held.discard(run_id)
+        self.finishing.discard(run_id)
+        self.prefetched.pop(run_id, None)
+        self.revoking.discard(run_id)
 
     def wake(self) -> None:
         if self._wakeup is not None:
@@ -130,22 +158,59 @@ class Dispatcher:
         return len(self._delayed)
 
     def take(self, sub: Subscription) -> list[uuid.UUID]:
-        """Lease up to ``sub.room`` ready runs to ``sub``, oldest first across its keys."""
-        room = sub.room
+        """Lease up to ``sub.room`` ready runs to ``sub``, oldest first across its keys.
+
+        Beyond its free slots (into its prefetch buffer) it takes only runs of keys for
+        which no other subscription has a free slot.
+        """
+        room, slots = sub.room, sub.free_slots
         taken: list[uuid.UUID] = []
-        queues = [q for key in sub.keys if (q := self._ready.get(key))]
+        queues = {key: q for key in sub.keys if (q := self._ready.get(key))}
         while room > 0 and queues:
-            queue = min(queues, key=lambda q: q[0][0]) if len(queues) > 1 else queues[0]
+            if len(taken) >= slots:  # what is taken now waits in sub's buffer
+                queues = {k: q for k, q in queues.items() if not self._free_slot_elsewhere(sub, k)}
+                if not queues:
+                    break
+            key = min(queues, key=lambda k: queues[k][0][0]) if len(queues) > 1 else next(iter(queues))
+            queue = queues[key]
             run_id = uuid.UUID(queue.popleft()[1])
             if not queue:
-                queues.remove(queue)
+                del queues[key]
             if run_id in self._leases:
                 continue  # a stale duplicate of a run someone holds
+            if len(taken) >= slots:
+                sub.prefetched[run_id] = key
             taken.append(run_id)
             self._leases[run_id] = sub
             sub.held.add(run_id)
             room -= 1
         return taken
+
+    def _free_slot_elsewhere(self, sub: Subscription, key: str) -> bool:
+        return any(other.free_slots > 0 for other in self._subscribers.get(key, ()) if other is not sub)
+
+    def revoke_for(self, sub: Subscription) -> None:
+        """``sub`` has free slots and nothing ready: ask other subscriptions of its keys to
+        hand back runs waiting in their buffers (the ones they have not started yet)."""
+        others = [other for other in self.subscriptions if other is not sub and other.prefetched]
+        # Runs already asked back will come to the free slots: ask only for the rest.
+        wanted = sub.free_slots - sum(len(other.revoking) for other in others)
+        if wanted <= 0:
+            return
+        keys = set(sub.keys)
+        for other in others:
+            ids = [
+                run_id
+                for run_id, key in other.prefetched.items()
+                if key in keys and run_id not in other.revoking
+            ][:wanted]
+            if ids:
+                other.revoking.update(ids)
+                other.revokes += ids
+                other.wake()
+                wanted -= len(ids)
+                if wanted <= 0:
+                    return
 
     # -- leases
     def holder(self, run_id: uuid.UUID) -> Subscription | None:
@@ -155,8 +220,7 @@ class Dispatcher:
         """Drop the lease on a run (it finished, was requeued or deleted); wake its holder."""
         sub = self._leases.pop(run_id, None)
         if sub is not None:
-            sub.held.discard(run_id)
-            sub.finishing.discard(run_id)
+            sub.forget(run_id)
             sub.wake()
         return sub
 
@@ -164,8 +228,7 @@ class Dispatcher:
         """Lease ``run_id`` to ``sub``, taking it from any subscription that held it."""
         previous = self._leases.get(run_id)
         if previous is not None and previous is not sub:
-            previous.held.discard(run_id)
-            previous.finishing.discard(run_id)
+            previous.forget(run_id)
         self._leases[run_id] = sub
         sub.held.add(run_id)
 
@@ -187,6 +250,8 @@ class Dispatcher:
             del self._leases[run_id]
         sub.held.clear()
         sub.finishing.clear()
+        sub.prefetched.clear()
+        sub.revoking.clear()
         return held
 
     def set_credit(self, sub: Subscription, credit: int) -> None:
