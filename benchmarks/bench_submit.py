@@ -310,7 +310,12 @@ class Harness:
         if self.worker is None:
             self.worker, self.worker_stop = self.stack.enter_context(
                 running_worker(
-                    self.bench.workdir, self.label, self.server.api, self.bench.args.limit, self.bench.issues
+                    self.bench.workdir,
+                    self.label,
+                    self.server.api,
+                    self.bench.args.limit,
+                    self.bench.issues,
+                    self.bench.args.prefetch,
                 )
             )
         if wait:
@@ -726,6 +731,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", default="abcd", help="which phases to run (letters of a b c d)")
     parser.add_argument("--limit", type=int, default=100, help="the worker's concurrency limit (100)")
     parser.add_argument(
+        "--prefetch", type=int, default=0, help="the worker's prefetch: runs sent ahead into its buffer (0)"
+    )
+    parser.add_argument(
         "--wait-target",
         type=float,
         default=WAIT_TARGET_PER_1K,
@@ -777,7 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(
         f"trioworker submit benchmark: N={args.runs:,} D={args.delays:,} R={args.round_trips:,} "
-        f"limit={args.limit} worker={'after the submission' if args.submit_alone else 'subscribed first'} "
+        f"limit={args.limit} prefetch={args.prefetch} "
+        f"worker={'after the submission' if args.submit_alone else 'subscribed first'} "
         f"repeat={args.repeat} cpus={os.cpu_count()} ({elapsed:.0f} s in all)"
     )
     print(render_table(rows, args.repeat))

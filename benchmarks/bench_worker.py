@@ -114,6 +114,7 @@ class WorkerProcess:
     label: str
     api_url: str
     limit: int
+    prefetch: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -126,7 +127,7 @@ class WorkerProcess:
         return self.proc.pid
 
     def start(self) -> None:
-        cmd = [sys.executable, str(WORKER_SCRIPT), self.api_url, str(self.limit)]
+        cmd = [sys.executable, str(WORKER_SCRIPT), self.api_url, str(self.limit), str(self.prefetch)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH")) if p)
         with self.log_path.open("wb") as log_file:
@@ -167,10 +168,10 @@ class WorkerStop:
 
 @contextlib.contextmanager
 def running_worker(
-    workdir: Path, label: str, api_url: str, limit: int, issues: list[str]
+    workdir: Path, label: str, api_url: str, limit: int, issues: list[str], prefetch: int = 0
 ) -> Iterator[tuple[WorkerProcess, WorkerStop]]:
     """A started worker; on exit it is stopped with SIGTERM and the exit code recorded."""
-    worker = WorkerProcess(workdir, label, api_url, limit)
+    worker = WorkerProcess(workdir, label, api_url, limit, prefetch)
     stopped = WorkerStop()
     worker.start()
     try:
@@ -416,7 +417,10 @@ class Bench:
                     ready == n, f"[{label}] {ready} runs ready before the worker started, expected {n}"
                 )
             worker_began = time.perf_counter()
-            with running_worker(self.workdir, label, server.api, spec.limit, self.issues) as (worker, stop):
+            with running_worker(self.workdir, label, server.api, spec.limit, self.issues, args.prefetch) as (
+                worker,
+                stop,
+            ):
                 subscribed = wait_subscribed(client, worker)
                 extra["worker_subscribe_seconds"] = time.perf_counter() - worker_began
                 server_cpu0, worker_cpu0 = server.cpu_seconds(), worker.cpu_seconds()
@@ -555,6 +559,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", default="abcde", help="which phases to run (letters of a b c d e)")
     parser.add_argument("--batch", type=int, default=500, help="runs per POST /api/task_runs/batch")
     parser.add_argument(
+        "--prefetch", type=int, default=0, help="the worker's prefetch: runs sent ahead into its buffer (0)"
+    )
+    parser.add_argument(
         "--wait-chunk", type=int, default=1000, help="ids per POST /api/task_runs/wait (one at a time)"
     )
     parser.add_argument(
@@ -597,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(
         f"trioworker worker benchmark: N={args.runs:,} batch={args.batch} wait={args.wait_mode} "
+        f"prefetch={args.prefetch} "
         f"repeat={args.repeat} "
         f"cpus={os.cpu_count()} ({elapsed:.0f} s in all)"
     )

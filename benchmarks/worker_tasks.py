@@ -38,14 +38,15 @@ def sleep50(i: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: worker_tasks.py API_URL LIMIT", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("usage: worker_tasks.py API_URL LIMIT [PREFETCH]", file=sys.stderr)
         return 2
     api_url, limit = argv[0], int(argv[1])
+    prefetch = int(argv[2]) if len(argv) == 3 else 0
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    trio.run(functools.partial(serve, noop, sleep50, limit=limit, api_url=api_url))
+    trio.run(functools.partial(serve, noop, sleep50, limit=limit, api_url=api_url, prefetch=prefetch))
     return 0
 
 
