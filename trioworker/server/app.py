@@ -405,9 +405,10 @@ class _SubscriptionSession(JsonSocket):
                         await self.close(CLOSE_NORMAL, "quit")
                     return
             else:
-                runs = await self.service.next_runs(sub)
-                if runs:
-                    await self.send({"type": "task_runs", "task_runs": converter.unstructure(runs)})
+                delivery = await self.service.next_runs(sub)
+                if delivery.runs:
+                    await self.send({"type": "task_runs", "task_runs": converter.unstructure(delivery.runs)})
+                    await delivery.confirm()
                     continue
                 self.service.dispatcher.revoke_for(sub)
             await sub.wait_for_work()
@@ -491,6 +492,8 @@ class _SubscriptionSession(JsonSocket):
 
     async def _apply_reports(self, sub: Subscription, reports: list[_Report]) -> None:
         results = await self.service.set_states([(r.run_id, r.request) for r in reports], reporter=sub)
+        # Let the clients waiting for these runs hear first: the worker needs no hurry.
+        await trio.lowlevel.cancel_shielded_checkpoint()
         await self.send(
             {
                 "type": "state_results",

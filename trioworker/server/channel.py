@@ -111,6 +111,8 @@ class ClientChannel(JsonSocket):
     async def create(self, items: list[JSON], ref: JSON, slot: object) -> None:
         try:
             runs = [run for run, _ in await self.service.create_runs(creates_from(items))]
+            # Let the deliveries the new runs woke go out first: the reply can wait a pass.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         except ApiError as exc:
             await self.send({"type": "error", "ref": ref, "status": exc.status, "detail": exc.detail})
         else:

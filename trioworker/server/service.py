@@ -8,7 +8,8 @@ asks the connection that holds a cancelled run to stop it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final
 
 import attrs
 import trio
@@ -22,11 +23,66 @@ from trioworker.models import (
     TaskRun,
     TaskRunCreate,
     make_state,
+    utcnow,
 )
 from trioworker.server.queue import Dispatcher, Subscription
-from trioworker.server.store import Change, QueuedRun, Store
+from trioworker.server.store import Change, QueuedRun, Store, claimed_copy
 
 ACTIVE_STATES = frozenset({StateType.PENDING, StateType.RUNNING})
+
+#: Bounds of the fresh-run cache: entries, bytes in all, bytes of one run.
+FRESH_MAX_RUNS: Final = 5_000
+FRESH_MAX_BYTES: Final = 16 * 1024 * 1024
+FRESH_MAX_RUN_BYTES: Final = 64 * 1024
+
+
+@attrs.define(eq=False)
+class FreshRuns:
+    """Runs created here and queued since, as they are in the store: a claim of these
+    can deliver them before it commits (the store need not be read first).
+
+    Every change to a run through the service drops it, so what is here is what the store
+    holds. It is bounded, and only runs that will be due at once get in.
+    """
+
+    _runs: dict[uuid.UUID, tuple[TaskRun, int]] = attrs.field(factory=dict)
+    _bytes: int = 0
+
+    def add(self, run: TaskRun, queued: QueuedRun) -> None:
+        if (
+            queued.scheduled_at is not None
+            or queued.wait_for
+            or queued.size == 0
+            or queued.size > FRESH_MAX_RUN_BYTES
+            or len(self._runs) >= FRESH_MAX_RUNS
+            or self._bytes + queued.size > FRESH_MAX_BYTES
+        ):
+            return
+        self._runs[run.id] = (run, queued.size)
+        self._bytes += queued.size
+
+    def pop(self, run_id: uuid.UUID) -> TaskRun | None:
+        entry = self._runs.pop(run_id, None)
+        if entry is None:
+            return None
+        self._bytes -= entry[1]
+        return entry[0]
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+async def _nothing() -> None:
+    return None
+
+
+@attrs.frozen
+class Delivery:
+    """Runs to send to a subscription, and what to await once they are sent."""
+
+    runs: list[TaskRun]
+    #: Waits until the claim is committed, and deals with runs it could not claim.
+    confirm: Callable[[], Awaitable[None]] = _nothing
 
 
 @attrs.define(eq=False)
@@ -54,6 +110,7 @@ class TaskRunService:
     #: A run delivered this many times without finishing becomes CRASHED.
     max_deliveries: int = 5
     _waiters: dict[uuid.UUID, list[Waiter]] = attrs.field(factory=dict)
+    fresh: FreshRuns = attrs.field(factory=FreshRuns)
     #: Runs held back until their ``wait_for`` runs complete: id -> (index entry, still pending).
     _blocked: dict[uuid.UUID, tuple[QueuedRun, set[uuid.UUID]]] = attrs.field(factory=dict)
     #: upstream id -> the blocked runs waiting for it
@@ -74,6 +131,9 @@ class TaskRunService:
     # -- REST operations
     async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
         results = await self.store.create_runs(creates)
+        for run, queued in results:
+            if queued is not None:
+                self.fresh.add(run, queued)
         await self._admit(q for _, q in results if q is not None)
         return [(run, queued is not None) for run, queued in results]
 
@@ -120,6 +180,7 @@ class TaskRunService:
 
     async def delete(self, run_id: uuid.UUID) -> TaskRun | None:
         run = await self.store.delete_run(run_id)
+        self.fresh.pop(run_id)
         if run is not None:
             holder = self.dispatcher.holder(run_id)
             if holder is not None:
@@ -208,17 +269,39 @@ class TaskRunService:
                         del self._waiters[run_id]
 
     # -- subscription operations
-    async def next_runs(self, sub: Subscription) -> list[TaskRun]:
-        """Lease and claim the next runs for ``sub``; returns [] when it has work of another kind."""
+    async def next_runs(self, sub: Subscription) -> Delivery:
+        """Lease and claim the next runs for ``sub`` (none when it has no room or nothing is ready).
+
+        When every run is fresh, the claim is only queued: the runs can be sent while it
+        commits, since whatever the worker reports about them is applied after it. Send
+        them, then await ``confirm``.
+        """
         ids = self.dispatcher.take(sub)
         if not ids:
-            return []
-        claimed = await self.store.claim_runs(ids, sub.client_id)
-        got = {run.id for run in claimed}
+            return Delivery([])
+        fresh = [run for run_id in ids if (run := self.fresh.pop(run_id)) is not None]
+        if len(fresh) < len(ids):
+            claimed = await self.store.claim_runs(ids, sub.client_id)
+            self._release_unclaimed(ids, {run.id for run in claimed}, sub)
+            return Delivery(claimed)
+        now = utcnow()
+        claim = self.store.claim_runs_soon(ids, sub.client_id, now)
+
+        async def confirm() -> None:
+            claimed = await claim.result()
+            self._release_unclaimed(ids, {run.id for run in claimed}, sub, delivered=True)
+
+        return Delivery([claimed_copy(run, sub.client_id, now) for run in fresh], confirm)
+
+    def _release_unclaimed(
+        self, ids: Sequence[uuid.UUID], claimed: set[uuid.UUID], sub: Subscription, *, delivered: bool = False
+    ) -> None:
+        """Drop the leases of runs the store would not claim (changed since they were queued)."""
         for run_id in ids:
-            if run_id not in got:
+            if run_id not in claimed:
                 self.dispatcher.release(run_id)
-        return claimed
+                if delivered:
+                    sub.request_cancel(run_id)  # it was sent before the claim failed
 
     async def reclaim(self, sub: Subscription, run_ids: Sequence[uuid.UUID]) -> None:
         """A reconnected client says it still works on ``run_ids``.
@@ -316,6 +399,7 @@ class TaskRunService:
 
     # -- bookkeeping
     def _after_change(self, run_id: uuid.UUID, change: Change, reporter: Subscription | None) -> None:
+        self.fresh.pop(run_id)
         run = change.run
         if run is None:  # the run does not exist
             self.dispatcher.release(run_id)

@@ -43,6 +43,7 @@ from trioworker.models import (
 from trioworker.server.rules import decide
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 SCHEMA_VERSION: Final = 1
 
@@ -93,6 +94,8 @@ class QueuedRun:
     scheduled_at: float | None
     #: Runs that must complete first.
     wait_for: tuple[uuid.UUID, ...] = ()
+    #: Bytes the run takes in the store (0 when not known).
+    size: int = 0
 
 
 @attrs.frozen
@@ -127,6 +130,9 @@ class Store(Protocol):
     ) -> list[TaskRun]: ...
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None: ...
     async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]: ...
+    def claim_runs_soon(
+        self, run_ids: Sequence[uuid.UUID], client_id: str, now: datetime
+    ) -> QueuedOp[list[TaskRun]]: ...
     async def set_states(
         self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
     ) -> list[Change]: ...
@@ -154,6 +160,16 @@ def _body(run: TaskRun) -> bytes:
     data = converter.unstructure(run)
     del data["parameters"]
     return orjson.dumps(data)
+
+
+def claimed_copy(run: TaskRun, client_id: str, now: datetime) -> TaskRun:
+    """``run`` as a claim leaves it: PENDING, leased to ``client_id``, one delivery more."""
+    return attrs.evolve(
+        run,
+        state=make_state(StateType.PENDING, timestamp=now, details=StateDetails(client_id=client_id)),
+        updated=now,
+        delivery_count=run.delivery_count + 1,
+    )
 
 
 def _epoch(when: datetime | None) -> float | None:
@@ -249,6 +265,7 @@ class _Ops:
                 parent_task_run_id=create.parent_task_run_id,
                 wait_for=list(create.wait_for),
             )
+            parameters, body = orjson.dumps(run.parameters), _body(run)
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
                 " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parameters, body)"
@@ -260,18 +277,23 @@ class _Ops:
                     _epoch(create.scheduled_time),
                     create.idempotency_key,
                     orjson.dumps([str(i) for i in run.wait_for]).decode() if run.wait_for else None,
-                    orjson.dumps(run.parameters),
-                    _body(run),
+                    parameters,
+                    body,
                 ),
             )
             assert cur.lastrowid is not None
             self._log(cur.lastrowid, state)
-            out.append((run, self.queued_of(run, cur.lastrowid)))
+            out.append((run, self.queued_of(run, cur.lastrowid, len(parameters) + len(body))))
         return out
 
-    def queued_of(self, run: TaskRun, seq: int) -> QueuedRun:
+    def queued_of(self, run: TaskRun, seq: int, size: int = 0) -> QueuedRun:
         return QueuedRun(
-            seq, run.id, run.task_key, _epoch(run.state.state_details.scheduled_time), tuple(run.wait_for)
+            seq,
+            run.id,
+            run.task_key,
+            _epoch(run.state.state_details.scheduled_time),
+            tuple(run.wait_for),
+            size,
         )
 
     def states_of(self, run_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, StateType]:
@@ -319,22 +341,16 @@ class _Ops:
         )
         return [StateChange(StateType(t), n, datetime.fromisoformat(ts), m) for t, n, ts, m in rows]
 
-    def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
+    def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str, now: datetime) -> list[TaskRun]:
         found = self._fetch(run_ids)
         claimed: list[TaskRun] = []
-        now = utcnow()
         for run_id in run_ids:
             if run_id not in found:
                 continue
             seq, run = found[run_id]
             if run.state.type is not StateType.SCHEDULED:
                 continue  # cancelled, deleted or run directly since it was queued
-            run = attrs.evolve(
-                run,
-                state=make_state(StateType.PENDING, timestamp=now, details=StateDetails(client_id=client_id)),
-                updated=now,
-                delivery_count=run.delivery_count + 1,
-            )
+            run = claimed_copy(run, client_id, now)
             self._write(seq, run)
             claimed.append(run)
         return claimed
@@ -484,12 +500,26 @@ class _Ops:
 # --------------------------------------------------------------------------- committer
 
 
+class QueuedOp(Protocol[T_co]):
+    """An operation queued for the next group commit."""
+
+    async def result(self) -> T_co: ...
+
+
 @attrs.define(eq=False)
 class _Pending(Generic[T]):
     op: Callable[[_Ops], T]
     done: trio.Event = attrs.field(factory=trio.Event)
     value: T | None = None
     error: BaseException | None = None
+
+    async def result(self) -> T:
+        """Wait until it ran (shielded: once queued, its caller sees the outcome)."""
+        with trio.CancelScope(shield=True):
+            await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
 
     def run(self, ops: _Ops) -> None:
         conn = ops.conn
@@ -613,6 +643,15 @@ class SQLiteStore:
                 pending.error = closed
                 pending.done.set()
 
+    def _queue(self, op: Callable[[_Ops], T]) -> _Pending[T]:
+        """Queue ``op`` for the next group commit; operations run in the order queued."""
+        pending: _Pending[T] = _Pending(op)
+        try:
+            self._send.send_nowait(pending)  # type: ignore[arg-type]
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StoreError("the store is closed") from None
+        return pending
+
     async def _run(self, op: Callable[[_Ops], T]) -> T:
         """Queue ``op`` for the next group commit and wait for its result.
 
@@ -621,16 +660,7 @@ class SQLiteStore:
         is what keeps memory and disk in step: a claim whose caller was cancelled still
         returns the runs it leased, so they can be handed back.
         """
-        pending: _Pending[T] = _Pending(op)
-        with trio.CancelScope(shield=True):
-            try:
-                self._send.send_nowait(pending)  # type: ignore[arg-type]
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise StoreError("the store is closed") from None
-            await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.value  # type: ignore[return-value]
+        return await self._queue(op).result()
 
     # -- the Store interface
     async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
@@ -657,7 +687,14 @@ class SQLiteStore:
         return await self._run(lambda ops: ops.history(run_id))
 
     async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id))
+        now = utcnow()
+        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now))
+
+    def claim_runs_soon(
+        self, run_ids: Sequence[uuid.UUID], client_id: str, now: datetime
+    ) -> QueuedOp[list[TaskRun]]:
+        """Queue a claim and return at once; later operations see it done."""
+        return self._queue(lambda ops: ops.claim_runs(run_ids, client_id, now))
 
     async def set_states(
         self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
