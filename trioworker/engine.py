@@ -42,12 +42,9 @@ class Reporter(Protocol):
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult: ...
 
 
-class PendingReport(Protocol):
-    async def answer(self) -> SetStateResult: ...
-
-
-#: Queues a report and returns at once (the subscription's ``send_report``).
-QueueReport = Callable[[uuid.UUID, State], PendingReport]
+#: Queues a report and returns at once; the answer goes to the callback when it comes
+#: (the subscription's ``send_report``).
+QueueReport = Callable[[uuid.UUID, State, Callable[[SetStateResult], None]], object]
 
 #: Reads runs by id (the upstream runs whose results a run takes as arguments).
 FetchRuns = Callable[[list[uuid.UUID]], Awaitable[list[TaskRun]]]
@@ -238,37 +235,29 @@ async def execute(
         return Outcome.FAILED
 
     refused: list[SetStateResult] = []
+    attempt_over = False
 
     def check(answer: SetStateResult) -> None:
-        if answer.status is not SetStateStatus.ACCEPT and not refused:
+        if answer.status is not SetStateStatus.ACCEPT and not refused and not attempt_over:
             log.info("run %s not started: %s (%s)", run.id, answer.status.value, answer.details)
             refused.append(answer)
             scope.cancel()
 
     ok, value = False, None
-    running_report: PendingReport | None = None
     if queue_report is None:
         check(await reporter.report(run.id, make_state(StateType.RUNNING)))
         if refused:
             return Outcome.REFUSED
     else:
-        running_report = queue_report(run.id, make_state(StateType.RUNNING))
+        # Optimistic start: the attempt runs while RUNNING is on its way; a refusal cancels
+        # it. An answer after the attempt ended changes nothing: the final report goes right
+        # behind RUNNING, often in the same message.
+        queue_report(run.id, make_state(StateType.RUNNING), check)
     if on_running is not None:
         on_running()
     with scope, running(run):
-        async with trio.open_nursery() as nursery:
-            if running_report is not None:
-                # Optimistic start: the attempt runs while RUNNING is on its way; a refusal
-                # cancels it. We do not wait for the answer once the attempt ended: the
-                # final report goes right behind RUNNING, often in the same message.
-                pending = running_report
-
-                async def watch() -> None:
-                    check(await pending.answer())
-
-                nursery.start_soon(watch)
-            ok, value = await _attempt(task, args, kwargs, thread_limiter)
-            nursery.cancel_scope.cancel()
+        ok, value = await _attempt(task, args, kwargs, thread_limiter)
+    attempt_over = True
     if on_attempt_end is not None:
         on_attempt_end()
     if refused:

@@ -42,7 +42,7 @@ MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 #: its body limit (16 MiB by default) by closing the socket.
 MESSAGE_BUDGET: Final = 1024 * 1024
 #: Scheduler passes the writer lets go by before it sends what was queued.
-COALESCE_PASSES: Final = 3
+COALESCE_PASSES: Final = 1
 #: Reconnect backoff: first wait, growth factor and ceiling, in seconds.
 BACKOFF_FIRST: Final = 0.2
 BACKOFF_FACTOR: Final = 2.0
@@ -90,6 +90,7 @@ class _Report:
     state: State
     done: trio.Event = attrs.field(factory=trio.Event)
     result: SetStateResult | None = None
+    on_answer: Callable[[SetStateResult], None] | None = None
 
     async def answer(self) -> SetStateResult:
         await self.done.wait()
@@ -150,10 +151,13 @@ class SubscriptionClient:
         """
         return await self.send_report(run_id, state).answer()
 
-    def send_report(self, run_id: uuid.UUID, state: State) -> _Report:
-        """Queue a report without waiting; ``await it.answer()`` later. Reports go out in
-        the order they were queued, so two queued back to back share one message."""
-        report = _Report(next(self._refs), run_id, state)
+    def send_report(
+        self, run_id: uuid.UUID, state: State, on_answer: Callable[[SetStateResult], None] | None = None
+    ) -> _Report:
+        """Queue a report without waiting; ``await it.answer()`` later, or have ``on_answer``
+        called with it. Reports go out in the order they were queued, so two queued back to
+        back share one message."""
+        report = _Report(next(self._refs), run_id, state, on_answer=on_answer)
         self._outbox.append(report)
         self._wakeup.set()
         return report
@@ -355,6 +359,8 @@ class SubscriptionClient:
             state = report.state if item.get("state") is None else converter.structure(item["state"], State)
             report.result = SetStateResult(status, state, item.get("details"))
             report.done.set()
+            if report.on_answer is not None:
+                report.on_answer(report.result)
 
     def _requeue_unanswered(self) -> None:
         """Reports sent on a lost connection go out again first on the next one."""
