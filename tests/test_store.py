@@ -8,10 +8,11 @@ import time
 import uuid
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
-from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
+from trioworker.models import SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state
 from trioworker.server.store import SCHEMA_VERSION, SQLiteStore, StoreError
 
 
@@ -120,3 +121,52 @@ async def test_recover_requeues_held_runs(tmp_path: Path) -> None:
         assert [q.id for q in queued] == ids
         runs = await store.read_runs(ids[:2])
         assert {(r.state.type, r.state.name) for r in runs} == {(StateType.SCHEDULED, "Redelivered")}
+
+
+def test_in_flight_runs_reach_the_committed_view_only_with_their_commit() -> None:
+    from trioworker.server.store import _InFlight
+
+    run = TaskRun(id=uuid.uuid4(), task_key="k", name="k", state=make_state(StateType.PENDING), parameters={})
+    done = attrs.evolve(run, state=make_state(StateType.COMPLETED))
+    cache = _InFlight()
+    cache.wrote(run.id, 1, run)
+    assert cache.get(run.id) == (1, run)  # later operations of the transaction see it
+    cache.op_done(ok=False)  # the operation rolled back
+    assert cache.get(run.id) is None
+    cache.wrote(run.id, 1, run)
+    cache.op_done(ok=True)
+    cache.group_done(ok=False)  # the whole transaction rolled back
+    assert cache.get(run.id) is None
+    cache.wrote(run.id, 1, run)
+    cache.op_done(ok=True)
+    cache.group_done(ok=True)
+    assert cache.committed == {run.id: (1, run)}
+    cache.wrote(run.id, 1, done)  # finished runs leave
+    cache.op_done(ok=True)
+    cache.group_done(ok=True)
+    assert cache.committed == {}
+
+
+async def test_reports_on_claimed_runs_match_what_the_store_holds(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k", parameters={"x": 1})])
+        [claimed] = await store.claim_runs([run.id], "c")
+        [running] = await store.set_states(
+            [(run.id, SetStateRequest(make_state(StateType.RUNNING)))], now=0.0
+        )
+        assert running.run == await store.read_run(run.id)
+        # A report that fails inside its operation leaves the cached run as it was.
+        with pytest.raises(ValueError):
+            await store._run(
+                lambda ops: (
+                    ops.set_states([(run.id, SetStateRequest(make_state(StateType.COMPLETED)))], 0.0),
+                    int("x"),
+                )
+            )
+        assert await store.read_run(run.id) == running.run
+        [again] = await store.set_states([(run.id, SetStateRequest(make_state(StateType.RUNNING)))], now=0.0)
+        assert again.result.details == "unchanged"
+    async with SQLiteStore.open(path) as store:
+        stored = await store.read_run(run.id)
+    assert stored == running.run and claimed.state.type is StateType.PENDING

@@ -185,16 +185,69 @@ def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
+class _InFlight:
+    """Runs leased to workers (PENDING or RUNNING), as committed: reports about them need
+    not read and decode their rows. Only the committer thread touches it.
+
+    Writes of the running transaction wait in layers (the operation's, then the group's)
+    and reach the committed view only when SQLite committed them, so a rollback leaves
+    nothing behind.
+    """
+
+    def __init__(self) -> None:
+        self.committed: dict[uuid.UUID, tuple[int, TaskRun]] = {}
+        self.group: dict[uuid.UUID, tuple[int, TaskRun] | None] = {}
+        self.op: dict[uuid.UUID, tuple[int, TaskRun] | None] = {}
+
+    def get(self, run_id: uuid.UUID) -> tuple[int, TaskRun] | None:
+        for layer in (self.op, self.group):
+            if run_id in layer:
+                return layer[run_id]
+        return self.committed.get(run_id)
+
+    def wrote(self, run_id: uuid.UUID, seq: int, run: TaskRun | None) -> None:
+        """The row of ``run_id`` now holds ``run`` (None: deleted, or not in flight)."""
+        keep = run is not None and run.state.type in _IN_FLIGHT and len(self.committed) < IN_FLIGHT_MAX_RUNS
+        self.op[run_id] = (seq, run) if keep and run is not None else None
+
+    def op_done(self, ok: bool) -> None:
+        if ok:
+            self.group.update(self.op)
+        self.op = {}
+
+    def group_done(self, ok: bool) -> None:
+        if ok:
+            for run_id, entry in self.group.items():
+                if entry is None:
+                    self.committed.pop(run_id, None)
+                else:
+                    self.committed[run_id] = entry
+        self.group = {}
+        self.op = {}
+
+
+_IN_FLIGHT = frozenset({StateType.PENDING, StateType.RUNNING})
+#: Most in-flight runs kept decoded in memory (beyond that, reports read the store).
+IN_FLIGHT_MAX_RUNS: Final = 10_000
+
+
 class _Ops:
     """The synchronous operations; each runs inside the committer's transaction."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self.in_flight = _InFlight()
 
     # -- helpers
     def _fetch(self, run_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, tuple[int, TaskRun]]:
-        ids = [str(i) for i in run_ids]
         found: dict[uuid.UUID, tuple[int, TaskRun]] = {}
+        ids: list[str] = []
+        for run_id in run_ids:
+            entry = self.in_flight.get(run_id)
+            if entry is None:
+                ids.append(str(run_id))
+            else:
+                found[run_id] = entry
         for chunk in _chunks(ids):
             rows = self.conn.execute(
                 f"SELECT seq, parameters, body FROM task_runs WHERE id IN ({_placeholders(len(chunk))})",
@@ -210,6 +263,7 @@ class _Ops:
             "UPDATE task_runs SET state_type = ?, scheduled_at = ?, body = ? WHERE seq = ?",
             (run.state.type.value, _epoch(run.state.state_details.scheduled_time), _body(run), seq),
         )
+        self.in_flight.wrote(run.id, seq, run)
         if log_state:
             self._log(seq, run.state)
 
@@ -477,6 +531,7 @@ class _Ops:
         seq, run = found[run_id]
         self.conn.execute("DELETE FROM task_run_states WHERE run_seq = ?", (seq,))
         self.conn.execute("DELETE FROM task_runs WHERE seq = ?", (seq,))
+        self.in_flight.wrote(run_id, seq, None)
         return run
 
     def recover(self, max_deliveries: int) -> list[QueuedRun]:
@@ -528,7 +583,10 @@ class _Pending(Generic[T]):
             self.value = self.op(ops)
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
+            ops.in_flight.op_done(ok=False)
             self.error = exc
+        else:
+            ops.in_flight.op_done(ok=True)
         conn.execute("RELEASE op")
 
 
@@ -549,10 +607,13 @@ def _commit_group(ops: _Ops, group: list[_Pending[object]]) -> None:
     try:
         for pending in group:
             pending.run(ops)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        ops.in_flight.group_done(ok=False)
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+    ops.in_flight.group_done(ok=True)
 
 
 @attrs.frozen
