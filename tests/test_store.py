@@ -170,3 +170,16 @@ async def test_reports_on_claimed_runs_match_what_the_store_holds(tmp_path: Path
     async with SQLiteStore.open(path) as store:
         stored = await store.read_run(run.id)
     assert stored == running.run and claimed.state.type is StateType.PENDING
+
+
+async def test_read_ended_decodes_only_ended_runs(tmp_path: Path) -> None:
+    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
+        done, waiting, gone = (run for run, _ in created)
+        cancel = SetStateRequest(make_state(StateType.CANCELLED))
+        await store.set_states([(done.id, cancel)], now=0.0)
+        await store.delete_run(gone.id)
+        ended, found = await store.read_ended([done.id, waiting.id, gone.id])
+    assert [run.id for run in ended] == [done.id]
+    assert ended[0].state.type is StateType.CANCELLED
+    assert found == {done.id, waiting.id}

@@ -199,11 +199,11 @@ class TaskRunService:
         """
         for run_id in run_ids:
             self._waiters.setdefault(run_id, []).append(waiter)
-        runs = {r.id: r for r in await self.store.read_runs(list(run_ids))}
-        missing = [i for i in run_ids if i not in runs]
+        ended, found = await self.store.read_ended(list(run_ids))
+        missing = [i for i in run_ids if i not in found]
         for run_id in missing:
             self.unwatch(waiter, [run_id])
-        return [r for r in runs.values() if r.state.is_terminal], missing
+        return ended, missing
 
     def unwatch(self, waiter: Waiter, run_ids: Iterable[uuid.UUID]) -> None:
         for run_id in run_ids:
@@ -229,9 +229,9 @@ class TaskRunService:
         for run_id in ids:
             self._waiters.setdefault(run_id, []).append(waiter)
         try:
-            runs = {r.id: r for r in await self.store.read_runs(list(ids))}
-            ended = {i: r for i, r in runs.items() if r.state.is_terminal}
-            missing = set(ids - runs.keys())
+            ended_runs, found = await self.store.read_ended(list(ids))
+            ended = {r.id: r for r in ended_runs}
+            missing = set(ids - found)
             left = set(ids - ended.keys() - missing)
 
             def collect() -> set[uuid.UUID]:
@@ -285,7 +285,7 @@ class TaskRunService:
             self._release_unclaimed(ids, {run.id for run in claimed}, sub)
             return Delivery(claimed)
         now = utcnow()
-        claim = self.store.claim_runs_soon(ids, sub.client_id, now)
+        claim = self.store.claim_runs_soon(fresh, sub.client_id, now)
 
         async def confirm() -> None:
             claimed = await claim.result()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,7 +131,7 @@ class Store(Protocol):
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None: ...
     async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]: ...
     def claim_runs_soon(
-        self, run_ids: Sequence[uuid.UUID], client_id: str, now: datetime
+        self, runs: Sequence[TaskRun], client_id: str, now: datetime
     ) -> QueuedOp[list[TaskRun]]: ...
     async def set_states(
         self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
@@ -145,6 +145,7 @@ class Store(Protocol):
     ) -> tuple[list[uuid.UUID], list[uuid.UUID]]: ...
     async def recover(self, max_deliveries: int) -> list[QueuedRun]: ...
     async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]: ...
+    async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]: ...
 
 
 # --------------------------------------------------------------------------- rows
@@ -258,6 +259,25 @@ class _Ops:
                 found[run.id] = (seq, run)
         return found
 
+    def _known(
+        self, run_ids: Sequence[uuid.UUID], known: Mapping[uuid.UUID, TaskRun]
+    ) -> dict[uuid.UUID, tuple[int, TaskRun]]:
+        """Like :meth:`_fetch` for runs whose content is known; a run whose row is no
+        longer SCHEDULED comes back with that state (so a claim skips it)."""
+        found: dict[uuid.UUID, tuple[int, TaskRun]] = {}
+        for chunk in _chunks([str(i) for i in run_ids]):
+            rows = self.conn.execute(
+                f"SELECT seq, id, state_type FROM task_runs WHERE id IN ({_placeholders(len(chunk))})",
+                chunk,
+            )
+            for seq, text_id, state_type in rows:
+                run_id = uuid.UUID(text_id)
+                run = known[run_id]
+                if state_type != StateType.SCHEDULED.value:
+                    run = attrs.evolve(run, state=make_state(StateType(state_type)))
+                found[run_id] = (seq, run)
+        return found
+
     def _write(self, seq: int, run: TaskRun, *, log_state: bool = True) -> None:
         self.conn.execute(
             "UPDATE task_runs SET state_type = ?, scheduled_at = ?, body = ? WHERE seq = ?",
@@ -364,6 +384,12 @@ class _Ops:
         found = self._fetch(run_ids)
         return [found[i][1] for i in run_ids if i in found]
 
+    def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
+        """The runs that ended, and the ids that exist: only ended rows are decoded."""
+        states = self.states_of(run_ids)
+        ended = [run_id for run_id, state in states.items() if state.is_terminal]
+        return self.read_runs(ended), set(states)
+
     def seq_of(self, run_id: uuid.UUID) -> int | None:
         row = self.conn.execute("SELECT seq FROM task_runs WHERE id = ?", (str(run_id),)).fetchone()
         return None if row is None else int(row[0])
@@ -395,8 +421,16 @@ class _Ops:
         )
         return [StateChange(StateType(t), n, datetime.fromisoformat(ts), m) for t, n, ts, m in rows]
 
-    def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str, now: datetime) -> list[TaskRun]:
-        found = self._fetch(run_ids)
+    def claim_runs(
+        self,
+        run_ids: Sequence[uuid.UUID],
+        client_id: str,
+        now: datetime,
+        known: Mapping[uuid.UUID, TaskRun] | None = None,
+    ) -> list[TaskRun]:
+        """Claim the runs still SCHEDULED; ``known`` gives runs as the store holds them
+        (then their rows are checked, not read and decoded)."""
+        found = self._fetch(run_ids) if known is None else self._known(run_ids, known)
         claimed: list[TaskRun] = []
         for run_id in run_ids:
             if run_id not in found:
@@ -752,10 +786,13 @@ class SQLiteStore:
         return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now))
 
     def claim_runs_soon(
-        self, run_ids: Sequence[uuid.UUID], client_id: str, now: datetime
+        self, runs: Sequence[TaskRun], client_id: str, now: datetime
     ) -> QueuedOp[list[TaskRun]]:
-        """Queue a claim and return at once; later operations see it done."""
-        return self._queue(lambda ops: ops.claim_runs(run_ids, client_id, now))
+        """Queue a claim of ``runs`` (as the store holds them) and return at once; later
+        operations see it done."""
+        ids = [run.id for run in runs]
+        known = {run.id: run for run in runs}
+        return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known))
 
     async def set_states(
         self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
@@ -780,3 +817,6 @@ class SQLiteStore:
 
     async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
         return await self._run(lambda ops: ops.states_of(run_ids))
+
+    async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
+        return await self._run(lambda ops: ops.read_ended(run_ids))
