@@ -447,6 +447,7 @@ class _Ops:
         """Judge and apply proposed states; ``now`` is the dispatcher's clock (epoch seconds)."""
         found = self._fetch({run_id for run_id, _ in requests})
         changes: list[Change] = []
+        changed: dict[uuid.UUID, tuple[int, TaskRun]] = {}
         for run_id, request in requests:
             if run_id not in found:
                 missing = make_state(StateType.CANCELLED, message="the run does not exist")
@@ -460,10 +461,12 @@ class _Ops:
                 changes.append(Change(SetStateResult(status, run.state, why), run))
                 continue
             run = self._apply(run, request.state, now)
-            found[run_id] = (seq, run)
-            self._write(seq, run)
+            found[run_id] = changed[run_id] = (seq, run)
+            self._log(seq, run.state)
             queued = self.queued_of(run, seq) if run.state.type is StateType.SCHEDULED else None
             changes.append(Change(SetStateResult(status, run.state, None), run, queued))
+        for seq, run in changed.values():  # once per run (RUNNING and COMPLETED often come together)
+            self._write(seq, run, log_state=False)
         return changes
 
     def _apply(self, run: TaskRun, state: State, clock_now: float) -> TaskRun:
