@@ -166,8 +166,10 @@ class Dispatcher:
         room, slots = sub.room, sub.free_slots
         taken: list[uuid.UUID] = []
         queues = {key: q for key in sub.keys if (q := self._ready.get(key))}
+        buffering = False
         while room > 0 and queues:
-            if len(taken) >= slots:  # what is taken now waits in sub's buffer
+            if not buffering and len(taken) >= slots:  # what is taken now waits in sub's buffer
+                buffering = True
                 queues = {k: q for k, q in queues.items() if not self._free_slot_elsewhere(sub, k)}
                 if not queues:
                     break
