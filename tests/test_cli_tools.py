@@ -387,7 +387,9 @@ async def test_run_of_an_unknown_id_is_one_line(cli: Cli) -> None:
 
 
 async def test_status_reads_a_real_workers_status_server(cli: Cli, trioworker_server: RunningServer) -> None:
-    worker = TaskWorker(add, shout, api_url=trioworker_server.api_url, status_server_port=0, limit=3)
+    worker = TaskWorker(
+        add, shout, api_url=trioworker_server.api_url, status_server_port=0, limit=3, prefetch=2
+    )
     async with worker:
         await (await add.delay(1, 1)).result(timeout=20)
         assert worker.status_url is not None
@@ -397,7 +399,7 @@ async def test_status_reads_a_real_workers_status_server(cli: Cli, trioworker_se
     out = full.stdout.decode()
     assert worker.client_id in out
     assert re.search(r"status\s+running", out)
-    assert re.search(r"runs now\s+0 running, 3 free of 3", out)
+    assert re.search(r"runs now\s+0 running, 3 free of 3, up to 2 more sent ahead", out)
     assert re.search(r"tools\.add\s*│\s*1\s*│\s*0", out)
     assert re.search(r"tools\.shout\s*│\s*0\s*│\s*0", out)
     assert bare.returncode == 0 and worker.client_id in bare.stdout.decode()

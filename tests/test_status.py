@@ -169,6 +169,7 @@ async def test_status_fields_and_finished_counts(
                 "client_id": "status-test",
                 "stopping": False,
                 "limit": 3,
+                "prefetch": 0,
                 "current": 0,
                 "available": 3,
                 "tasks": ["status.ok"],

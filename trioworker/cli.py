@@ -765,7 +765,8 @@ def _print_status(status: dict[str, JSON], url: str) -> None:
     fields.add_row(
         "runs now",
         f"{status.get('current')} running, "
-        + ("no limit" if limit is None else f"{status.get('available')} free of {limit}"),
+        + ("no limit" if limit is None else f"{status.get('available')} free of {limit}")
+        + (f", up to {status['prefetch']} more sent ahead" if status.get("prefetch") else ""),
     )
     fields.add_row("from", url)
     console.print(fields, highlight=False)

@@ -45,6 +45,7 @@ def status_payload(worker: TaskWorker) -> dict[str, JSON]:
         "started_at": worker.started_at.isoformat() if worker.started_at is not None else None,
         "stopping": worker.stopping,
         "limit": worker.limit,
+        "prefetch": worker.prefetch,
         "current": worker.current_tasks,
         # JSON has no infinity: an unlimited worker says null, as its limit does.
         "available": None if math.isinf(available) else int(available),
