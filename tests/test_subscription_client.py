@@ -5,12 +5,21 @@ from __future__ import annotations
 import random
 import uuid
 
+import orjson
 import pytest
 import trio
 
 from trioworker.models import StateType, TaskRun, TaskRunCreate, make_state
 from trioworker.server import RunningServer
-from trioworker.subscription import BACKOFF_MAX, SubscriptionClient, next_backoff, websocket_url
+from trioworker.subscription import (
+    BACKOFF_MAX,
+    MESSAGE_BUDGET,
+    SubscriptionClient,
+    _by_size,
+    _Report,
+    next_backoff,
+    websocket_url,
+)
 from trioworker.testing import ServerControl
 
 
@@ -60,3 +69,17 @@ async def test_reports_sent_during_an_outage_arrive_after_the_reconnect(
     final = await server.service.read_run(run.id)
     assert final is not None and final.state.type is StateType.COMPLETED
     assert final.run_count == 1  # resumed by the same client, not run again
+
+
+def test_reports_are_cut_into_messages_of_bounded_size() -> None:
+    big = "x" * (MESSAGE_BUDGET // 2)
+    reports = [
+        _Report(ref, uuid.uuid4(), make_state(StateType.COMPLETED, data=data))
+        for ref, data in enumerate([big, 1, big, big, 2])
+    ]
+    chunks = _by_size(reports)
+    assert [len(chunk) for chunk in chunks] == [2, 1, 2]  # no message carries two big results
+    assert all(len(chunk) == 1 or sum(map(len, chunk)) <= MESSAGE_BUDGET for chunk in chunks)
+    entries = [orjson.loads(entry) for chunk in chunks for entry in chunk]
+    assert [entry["ref"] for entry in entries] == [0, 1, 2, 3, 4]  # in order, each once
+    assert entries[1]["state"]["data"] == 1
