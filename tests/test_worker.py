@@ -567,3 +567,4 @@ def test_prefetch_must_be_within_bounds() -> None:
         TaskWorker(add, prefetch=-1)
     with pytest.raises(ValueError, match="prefetch"):
         TaskWorker(add, prefetch=1001)
+    assert TaskWorker(add, limit=None, prefetch=5).prefetch == 0  # no limit: nothing to wait for

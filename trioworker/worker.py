@@ -106,6 +106,7 @@ class TaskWorker:
             server (worth it for short runs; 0, the default, keeps every waiting run on the
             server). A run waits in the buffer only while no other worker of its task has
             a free slot; when one gets one, the server takes back the runs not started.
+            Without a limit there is nothing to wait for, and prefetch is 0.
 
     **Cancellation handling:** stopping is strict: :meth:`stop` (or cancelling
     :meth:`start`'s scope, or SIGTERM under :func:`serve`) stops taking runs, lets
