@@ -562,7 +562,7 @@ async def test_runs_in_a_busy_workers_buffer_go_to_a_worker_with_a_free_slot(
     assert run["state"]["data"] == 0
 
 
-def test_prefetch_must_be_within_bounds() -> None:
+def test_prefetch_is_bounded_and_needs_a_limit() -> None:
     with pytest.raises(ValueError, match="prefetch"):
         TaskWorker(add, prefetch=-1)
     with pytest.raises(ValueError, match="prefetch"):
