@@ -501,3 +501,35 @@ async def test_a_worker_killed_with_sigkill_loses_nothing(
     history = [(h["type"], h["name"]) for h in (await api.get(f"/task_runs/{run_id}/history")).json()]
     assert ("SCHEDULED", "Redelivered") in history
     assert run["delivery_count"] == 2
+
+
+async def test_runs_in_a_killed_workers_prefetch_buffer_are_not_lost(
+    tmp_path: Path, api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    tasks_file = write(tmp_path / "killable.py", KILLABLE_SOURCE)
+    marker = str(tmp_path / "marker")  # shared: only the first run to start gets stuck
+    created = await api.post(
+        "/task_runs/batch", json=[{"task_key": "t.once_stuck", "parameters": {"marker": marker}}] * 4
+    )
+    ids = [run["id"] for run in created.json()]
+    env = worker_env(TRIOWORKER_API_URL=trioworker_server.api_url)
+    spec = f"{tasks_file}:once_stuck"
+    async with trio.open_nursery() as nursery:
+        # One slot and three places in the buffer: all four runs go to this worker.
+        process, output = await start_worker(nursery, [spec, "--limit", "1", "--prefetch", "3"], env)
+        await output.wait_for("stuck now")
+        assert (await api.get("/health")).json()["ready"] == 0
+        process.kill()
+        with within(OUTPUT_TIMEOUT, output):
+            assert await process.wait() == -signal.SIGKILL
+        second, second_output = await start_worker(nursery, [spec], env)
+        response = await api.post(
+            "/task_runs/wait", json={"ids": ids, "timeout": OUTPUT_TIMEOUT, "all": True}, timeout=30
+        )
+        runs = response.json()["ended"]
+        assert sorted(run["id"] for run in runs) == sorted(ids)
+        assert {run["state"]["data"] for run in runs} == {f"finished by {second.pid}"}
+        assert {run["delivery_count"] for run in runs} == {2}
+        second.send_signal(signal.SIGTERM)
+        with within(OUTPUT_TIMEOUT, second_output):
+            assert await second.wait() == 0
