@@ -80,6 +80,7 @@ from bench_server import (  # noqa: E402
 from bench_worker import (  # noqa: E402
     WorkerProcess,
     WorkerStop,
+    add_prefetch_option,
     api_client,
     health,
     parse_time,
@@ -730,9 +731,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--phases", default="abcd", help="which phases to run (letters of a b c d)")
     parser.add_argument("--limit", type=int, default=100, help="the worker's concurrency limit (100)")
-    parser.add_argument(
-        "--prefetch", type=int, default=0, help="the worker's prefetch: runs sent ahead into its buffer (0)"
-    )
+    add_prefetch_option(parser)
     parser.add_argument(
         "--wait-target",
         type=float,

@@ -548,6 +548,13 @@ def render_table(phases: Sequence[PhaseResult], repeat: int) -> str:
     return "\n".join(out)
 
 
+def add_prefetch_option(parser: argparse.ArgumentParser) -> None:
+    """``--prefetch``, passed to the worker process (shared with bench_submit.py)."""
+    parser.add_argument(
+        "--prefetch", type=int, default=0, help="the worker's prefetch: runs sent ahead into its buffer (0)"
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=10_000, help="N: noop runs of phases a-c (10,000)")
@@ -558,9 +565,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--phases", default="abcde", help="which phases to run (letters of a b c d e)")
     parser.add_argument("--batch", type=int, default=500, help="runs per POST /api/task_runs/batch")
-    parser.add_argument(
-        "--prefetch", type=int, default=0, help="the worker's prefetch: runs sent ahead into its buffer (0)"
-    )
+    add_prefetch_option(parser)
     parser.add_argument(
         "--wait-chunk", type=int, default=1000, help="ids per POST /api/task_runs/wait (one at a time)"
     )

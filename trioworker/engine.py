@@ -174,6 +174,10 @@ async def _attempt(
         return False, exc
 
 
+def _failed(message: str, exc: BaseException) -> State:
+    return make_state(StateType.FAILED, message=message, data=serializers.describe_exception(exc))
+
+
 def _retry_state(task: Task[..., Any], run: TaskRun, exc: Exception, attempt: int) -> State | None:
     if attempt > task.retries:
         return None
@@ -226,12 +230,7 @@ async def execute(
         args, kwargs = await read_parameters(task, run, allow_pickle=allow_pickle, fetch=fetch)
     except ParameterError as exc:
         log.error("run %s of %s: %s", run.id, task.key, exc)
-        failed = make_state(
-            StateType.FAILED,
-            message=f"could not read the parameters: {exc}",
-            data=serializers.describe_exception(exc),
-        )
-        await reporter.report(run.id, failed)
+        await reporter.report(run.id, _failed(f"could not read the parameters: {exc}", exc))
         return Outcome.FAILED
 
     refused: list[SetStateResult] = []
@@ -293,10 +292,5 @@ async def execute(
         await reporter.report(run.id, retry)
         return Outcome.RETRYING
     log.info("run %s of %s failed: %r", run.id, task.key, error)
-    failed = make_state(
-        StateType.FAILED,
-        message=f"{type(error).__name__}: {error}",
-        data=serializers.describe_exception(error),
-    )
-    await reporter.report(run.id, failed)
+    await reporter.report(run.id, _failed(f"{type(error).__name__}: {error}", error))
     return Outcome.FAILED

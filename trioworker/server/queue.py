@@ -93,6 +93,13 @@ class Subscription:
         self.prefetched.pop(run_id, None)
         self.revoking.discard(run_id)
 
+    def forget_all(self) -> None:
+        """No run is leased to this subscription any more."""
+        self.held.clear()
+        self.finishing.clear()
+        self.prefetched.clear()
+        self.revoking.clear()
+
     def wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
@@ -180,7 +187,7 @@ class Dispatcher:
                 del queues[key]
             if run_id in self._leases:
                 continue  # a stale duplicate of a run someone holds
-            if len(taken) >= slots:
+            if buffering:
                 sub.prefetched[run_id] = key
             taken.append(run_id)
             self._leases[run_id] = sub
@@ -194,9 +201,17 @@ class Dispatcher:
     def revoke_for(self, sub: Subscription) -> None:
         """``sub`` has free slots and nothing ready: ask other subscriptions of its keys to
         hand back runs waiting in their buffers (the ones they have not started yet)."""
-        others = [other for other in self.subscriptions if other is not sub and other.prefetched]
+        wanted = sub.free_slots
+        if wanted <= 0:
+            return
+        others = {
+            id(other): other
+            for key in sub.keys
+            for other in self._subscribers.get(key, ())
+            if other is not sub and other.prefetched
+        }.values()
         # Runs already asked back will come to the free slots: ask only for the rest.
-        wanted = sub.free_slots - sum(len(other.revoking) for other in others)
+        wanted -= sum(len(other.revoking) for other in others)
         if wanted <= 0:
             return
         keys = set(sub.keys)
@@ -250,10 +265,7 @@ class Dispatcher:
         held = {run_id for run_id in sub.held if self._leases.get(run_id) is sub}
         for run_id in held:
             del self._leases[run_id]
-        sub.held.clear()
-        sub.finishing.clear()
-        sub.prefetched.clear()
-        sub.revoking.clear()
+        sub.forget_all()
         return held
 
     def set_credit(self, sub: Subscription, credit: int) -> None:

@@ -208,8 +208,10 @@ class _InFlight:
 
     def wrote(self, run_id: uuid.UUID, seq: int, run: TaskRun | None) -> None:
         """The row of ``run_id`` now holds ``run`` (None: deleted, or not in flight)."""
-        keep = run is not None and run.state.type in _IN_FLIGHT and len(self.committed) < IN_FLIGHT_MAX_RUNS
-        self.op[run_id] = (seq, run) if keep and run is not None else None
+        if run is not None and run.state.type in _IN_FLIGHT and len(self.committed) < IN_FLIGHT_MAX_RUNS:
+            self.op[run_id] = (seq, run)
+        else:
+            self.op[run_id] = None
 
     def op_done(self, ok: bool) -> None:
         if ok:
@@ -262,20 +264,18 @@ class _Ops:
     def _known(
         self, run_ids: Sequence[uuid.UUID], known: Mapping[uuid.UUID, TaskRun]
     ) -> dict[uuid.UUID, tuple[int, TaskRun]]:
-        """Like :meth:`_fetch` for runs whose content is known; a run whose row is no
-        longer SCHEDULED comes back with that state (so a claim skips it)."""
+        """Like :meth:`_fetch` for runs whose content is known, but only those whose row is
+        still SCHEDULED (the rest are not for a claim)."""
         found: dict[uuid.UUID, tuple[int, TaskRun]] = {}
         for chunk in _chunks([str(i) for i in run_ids]):
             rows = self.conn.execute(
-                f"SELECT seq, id, state_type FROM task_runs WHERE id IN ({_placeholders(len(chunk))})",
+                f"SELECT seq, id FROM task_runs WHERE state_type = 'SCHEDULED'"
+                f" AND id IN ({_placeholders(len(chunk))})",
                 chunk,
             )
-            for seq, text_id, state_type in rows:
+            for seq, text_id in rows:
                 run_id = uuid.UUID(text_id)
-                run = known[run_id]
-                if state_type != StateType.SCHEDULED.value:
-                    run = attrs.evolve(run, state=make_state(StateType(state_type)))
-                found[run_id] = (seq, run)
+                found[run_id] = (seq, known[run_id])
         return found
 
     def _write(self, seq: int, run: TaskRun, *, log_state: bool = True) -> None:
