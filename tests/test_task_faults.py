@@ -467,3 +467,9 @@ def test_safe_str_never_raises() -> None:
     assert serializers.safe_str(StrRaises()) == "<str() failed: builtins.RuntimeError>"
     assert serializers.safe_str(StrExits(), repr) == "<repr() failed: builtins.SystemExit>"
     assert serializers.exception_line(SystemExit()) == "SystemExit"
+
+
+def test_the_bounds_the_readme_gives() -> None:
+    assert (MAX_TEXT_BYTES, MAX_TRACEBACK_BYTES) == (64 * 1024, 256 * 1024)
+    assert MAX_FAILURE_REPORT_BYTES < 1024 * 1024  # "a failure report is under 1 MiB"
+    assert MAX_RESULT_BYTES == 8 * 1024 * 1024
