@@ -234,6 +234,11 @@ async def execute(
 ) -> Outcome:
     """Run one attempt of ``run`` and report where it ended.
 
+    **Error handling:** nothing the run's code raises or returns leaves this function (it
+    fails the run, or retries it), BaseExceptions included; every report fits the server
+    (texts cut, see :func:`~trioworker.serializers.clip_text`). Only the cancellations
+    below and a real Ctrl-C propagate, and the server's or the connection's errors.
+
     Args:
         scope: cancelling it (the server asked to stop the run) ends the attempt with
             :attr:`Outcome.CANCELLED`, unreported; any other cancellation (the worker
