@@ -465,6 +465,16 @@ async def test_passing_part_passes_a_real_ctrl_c() -> None:
         raise AssertionError("no KeyboardInterrupt")
 
 
+def test_a_ctrl_c_that_trio_delivers_passes() -> None:
+    """Trio raises a Ctrl-C that came during protected code in its own code."""
+    try:
+        exec(compile("raise KeyboardInterrupt", "<trio>", "exec"), {"__name__": "trio._core._run"})
+    except KeyboardInterrupt as exc:
+        assert passing_part(exc) is exc
+    else:
+        raise AssertionError("no KeyboardInterrupt")
+
+
 def test_safe_str_never_raises() -> None:
     assert serializers.safe_str(StrRaises()) == "<str() failed: builtins.RuntimeError>"
     assert serializers.safe_str(StrExits(), repr) == "<repr() failed: builtins.SystemExit>"

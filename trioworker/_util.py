@@ -32,18 +32,23 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _from_sigint_handler(exc: BaseException) -> bool:
-    """Raised by the process's SIGINT handler (Trio's, while Trio runs): a real Ctrl-C.
+    """Raised for a real Ctrl-C: by the process's SIGINT handler, or by Trio itself.
 
-    Such a handler raises KeyboardInterrupt in its own frame, which is then the innermost
-    frame of the traceback; code that raises KeyboardInterrupt itself is not.
+    A SIGINT handler raises KeyboardInterrupt in its own frame, which is then the innermost
+    frame of the traceback; Trio raises it in its own code when it delivers a Ctrl-C that
+    came during protected code to the main task. Code that raises KeyboardInterrupt
+    itself is neither.
     """
-    code = getattr(signal.getsignal(signal.SIGINT), "__code__", None)
     tb = exc.__traceback__
-    if code is None or tb is None:
+    if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return tb.tb_frame.f_code is code
+    frame = tb.tb_frame
+    module = frame.f_globals.get("__name__")
+    if isinstance(module, str) and (module == "trio" or module.startswith("trio.")):
+        return True
+    return frame.f_code is getattr(signal.getsignal(signal.SIGINT), "__code__", None)
 
 
 def _cancelled_here() -> bool:
@@ -57,7 +62,7 @@ def passing_part(exc: BaseException) -> BaseException | None:
     """What of ``exc``, raised by a run's code, must propagate instead of failing the run.
 
     * ``exc`` itself when it is, or holds, a real Ctrl-C: a KeyboardInterrupt raised by
-      the process's SIGINT handler (``raise KeyboardInterrupt`` in code is not one);
+      the process's SIGINT handler or by Trio (``raise KeyboardInterrupt`` in code is not);
     * its :class:`trio.Cancelled` part while a scope around the caller is cancelled (the
       run cancelled, the worker stopping): Trio's own cancellation, never swallowed;
     * None for everything else: the run's own failure, BaseExceptions included, and a
