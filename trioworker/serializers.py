@@ -263,8 +263,8 @@ def _jsonable_args(exc: BaseException) -> list[JSON] | None:
     try:
         args = [converter.unstructure(a) for a in exc.args]
         size = len(orjson.dumps(args))
-    except BaseException as error:
-        _failed_to("args", error)
+    except BaseException as error:  # not JSON, or its own code raised: no args then
+        raise_passing(error)
         return None
     return args if size <= MAX_TEXT_BYTES else None
 
