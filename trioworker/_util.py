@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import signal
+from collections.abc import Iterator
+
+import trio
+
 
 def only_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The one leaf of nested single-member groups, or None when there are several.
@@ -15,3 +21,68 @@ def only_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | 
             return None
         exc = exc.exceptions[0]
     return exc
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _from_sigint_handler(exc: BaseException) -> bool:
+    """Raised for a real Ctrl-C: by the process's SIGINT handler, or by Trio itself.
+
+    A SIGINT handler raises KeyboardInterrupt in its own frame, which is then the innermost
+    frame of the traceback; Trio raises it in its own code when it delivers a Ctrl-C that
+    came during protected code to the main task. Code that raises KeyboardInterrupt
+    itself is neither.
+    """
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    module = frame.f_globals.get("__name__")
+    if isinstance(module, str) and (module == "trio" or module.startswith("trio.")):
+        return True
+    return frame.f_code is getattr(signal.getsignal(signal.SIGINT), "__code__", None)
+
+
+def _cancelled_here() -> bool:
+    try:
+        return trio.current_effective_deadline() == -math.inf
+    except RuntimeError:  # not in a Trio task: nothing to tell a real Cancelled from
+        return True
+
+
+def passing_part(exc: BaseException) -> BaseException | None:
+    """What of ``exc``, raised by a run's code, must propagate instead of failing the run.
+
+    * ``exc`` itself when it is, or holds, a real Ctrl-C: a KeyboardInterrupt raised by
+      the process's SIGINT handler or by Trio (``raise KeyboardInterrupt`` in code is not);
+    * its :class:`trio.Cancelled` part while a scope around the caller is cancelled (the
+      run cancelled, the worker stopping): Trio's own cancellation, never swallowed;
+    * None for everything else: the run's own failure, BaseExceptions included, and a
+      Cancelled raised while nothing cancels the caller (one the code kept from elsewhere).
+
+    Call it where ``exc`` was caught, in the same Trio task.
+    """
+    leaves = list(_leaves(exc))
+    if any(isinstance(e, KeyboardInterrupt) and _from_sigint_handler(e) for e in leaves):
+        return exc
+    if any(isinstance(e, trio.Cancelled) for e in leaves) and _cancelled_here():
+        if isinstance(exc, BaseExceptionGroup):
+            cancelled, _ = exc.split(trio.Cancelled)
+            return cancelled
+        return exc
+    return None
+
+
+def raise_passing(exc: BaseException) -> None:
+    """Raise what of ``exc`` must propagate (see :func:`passing_part`); else return."""
+    passing = passing_part(exc)
+    if passing is not None:
+        raise passing

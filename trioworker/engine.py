@@ -19,8 +19,9 @@ import orjson
 import trio
 
 from trioworker import serializers
+from trioworker._util import raise_passing
 from trioworker.context import running
-from trioworker.errors import ParameterError, StopTaskWorker
+from trioworker.errors import ParameterError, StopTaskWorker, TrioworkerError
 from trioworker.models import (
     JSON,
     SetStateResult,
@@ -158,41 +159,62 @@ async def _call(
 async def _attempt(
     task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], thread_limiter: trio.CapacityLimiter
 ) -> tuple[bool, Any]:
-    """``(True, value)`` or ``(False, exception)``. Cancellation passes through untouched.
+    """``(True, value)``, or ``(False, exception)`` for whatever the task's code raised:
+    BaseExceptions too (``sys.exit()``, a KeyboardInterrupt it raised itself, an exception
+    group holding them), so that nothing a run does stops the worker.
 
-    A timeout cancels an async attempt. A sync attempt's thread cannot be interrupted: it
-    runs to its end, and the attempt fails with TimeoutError if that end came too late.
+    What must propagate does (see :func:`~trioworker._util.passing_part`): the
+    cancellation of this run or of the worker, and a real Ctrl-C.
+
+    A timeout cancels an async attempt at its next checkpoint. Code that reaches none in
+    time (a sync attempt's thread, which cannot be interrupted; async code that blocks the
+    event loop) runs to its end, and the attempt fails with TimeoutError if it ran longer
+    than the timeout.
     """
     timeout = task.timeout_seconds
+    started = trio.current_time()
     try:
         with trio.move_on_after(math.inf if timeout is None else timeout) as deadline:
             value = await _call(task, args, kwargs, thread_limiter)
-        if deadline.cancel_called:
-            raise TimeoutError(f"{task.name} timed out after {timeout:g} s")
-        return True, value
-    except Exception as exc:
+    except BaseException as exc:  # the task's failure; what must pass is raised again
+        raise_passing(exc)
         return False, exc
+    if timeout is not None and (deadline.cancel_called or trio.current_time() - started > timeout):
+        return False, TimeoutError(f"{task.name} timed out after {timeout:g} s")
+    return True, value
 
 
 def _failed(message: str, exc: BaseException) -> State:
-    return make_state(StateType.FAILED, message=message, data=serializers.describe_exception(exc))
+    """A FAILED state for ``exc``; its message and data are cut to fit a report."""
+    return make_state(
+        StateType.FAILED,
+        message=serializers.clip_text(message),
+        data=serializers.describe_exception(exc),
+    )
 
 
-def _retry_state(task: Task[..., Any], run: TaskRun, exc: Exception, attempt: int) -> State | None:
+def _retry_state(task: Task[..., Any], run: TaskRun, exc: BaseException, attempt: int) -> State | None:
     if attempt > task.retries:
         return None
     if task.retry_condition_fn is not None:
         try:
             if not task.retry_condition_fn(task, run, exc):
                 return None
-        except Exception:
-            log.exception("retry_condition_fn of %s failed; not retrying", task.key)
+        except BaseException as error:  # its failure fails the run, not the worker
+            raise_passing(error)
+            log.warning(
+                "retry_condition_fn of %s failed (%s); not retrying",
+                task.key,
+                serializers.exception_line(error, 1024),
+            )
             return None
     delay = task.retry_delay(attempt)
     return make_state(
         StateType.SCHEDULED,
         "AwaitingRetry",
-        message=f"retry {attempt} of {task.retries} in {delay:g} s after {type(exc).__name__}: {exc}",
+        message=serializers.clip_text(
+            f"retry {attempt} of {task.retries} in {delay:g} s after {serializers.exception_line(exc, None)}"
+        ),
         details=StateDetails(delay_seconds=delay, reason="retry"),
     )
 
@@ -212,6 +234,11 @@ async def execute(
 ) -> Outcome:
     """Run one attempt of ``run`` and report where it ended.
 
+    **Error handling:** nothing the run's code raises or returns leaves this function (it
+    fails the run, or retries it), BaseExceptions included; every report fits the server
+    (texts cut, see :func:`~trioworker.serializers.clip_text`). Only the cancellations
+    below and a real Ctrl-C propagate, and the server's or the connection's errors.
+
     Args:
         scope: cancelling it (the server asked to stop the run) ends the attempt with
             :attr:`Outcome.CANCELLED`, unreported; any other cancellation (the worker
@@ -228,9 +255,18 @@ async def execute(
     """
     try:
         args, kwargs = await read_parameters(task, run, allow_pickle=allow_pickle, fetch=fetch)
-    except ParameterError as exc:
-        log.error("run %s of %s: %s", run.id, task.key, exc)
-        await reporter.report(run.id, _failed(f"could not read the parameters: {exc}", exc))
+    except BaseException as exc:
+        # The server's and the connection's errors are the worker's (they propagate);
+        # anything else, BaseExceptions raised by a parameter type's code included, is
+        # this run's.
+        if isinstance(exc, TrioworkerError | OSError) and not isinstance(exc, ParameterError):
+            raise
+        raise_passing(exc)
+        text = (
+            serializers.safe_str(exc) if isinstance(exc, ParameterError) else serializers.exception_line(exc)
+        )
+        log.error("run %s of %s: %s", run.id, task.key, serializers.clip_text(text, 1024))
+        await reporter.report(run.id, _failed(f"could not read the parameters: {text}", exc))
         return Outcome.FAILED
 
     refused: list[SetStateResult] = []
@@ -269,14 +305,18 @@ async def execute(
     if ok:
         try:
             data = _result_data(task, run, value)
-        except (TypeError, ValueError) as unserializable:
-            value = TypeError(f"the result of {task.name} cannot be reported: {unserializable}")
+        except BaseException as unserializable:  # the result's own code may raise anything
+            raise_passing(unserializable)
+            value = TypeError(
+                f"the result of {task.name} cannot be reported: {serializers.safe_str(unserializable)}"
+            )
+            value.__cause__ = unserializable
         else:
             await reporter.report(run.id, make_state(StateType.COMPLETED, data=data))
             return Outcome.COMPLETED
 
     error = value
-    assert isinstance(error, Exception)
+    assert isinstance(error, BaseException)
     if isinstance(error, StopTaskWorker):
         back = make_state(
             StateType.SCHEDULED,
@@ -286,11 +326,17 @@ async def execute(
         )
         await reporter.report(run.id, back)
         return Outcome.STOP
+    line = serializers.exception_line(error)
     retry = _retry_state(task, run, error, attempt=run.run_count + 1)
     if retry is not None:
-        log.info("run %s of %s failed (%r); %s", run.id, task.key, error, retry.message)
+        log.info("run %s of %s failed (%s); %s", run.id, task.key, _short(line), _short(retry.message))
         await reporter.report(run.id, retry)
         return Outcome.RETRYING
-    log.info("run %s of %s failed: %r", run.id, task.key, error)
-    await reporter.report(run.id, _failed(f"{type(error).__name__}: {error}", error))
+    log.info("run %s of %s failed: %s", run.id, task.key, _short(line))
+    await reporter.report(run.id, _failed(line, error))
     return Outcome.FAILED
+
+
+def _short(text: str | None) -> str:
+    """A message for the log: a line of the report's text at most."""
+    return serializers.clip_text(text or "", 1024)
