@@ -45,7 +45,8 @@ from trioworker.server.rules import decide
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
-SCHEMA_VERSION: Final = 1
+#: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys.
+SCHEMA_VERSION: Final = 2
 
 #: Most operations one group commit takes (bounds one thread call's latency).
 MAX_GROUP: Final = 512
@@ -53,30 +54,45 @@ MAX_GROUP: Final = 512
 #: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
 _CHUNK: Final = 500
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS task_runs (
+_RUNS_TABLE: Final = """
+CREATE TABLE {name} (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     task_key TEXT NOT NULL,
     state_type TEXT NOT NULL,
     scheduled_at REAL,
-    idempotency_key TEXT UNIQUE,
+    idempotency_key TEXT,
     wait_for TEXT,
     parameters BLOB NOT NULL,
     body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ix_task_runs_state ON task_runs (state_type, seq);
-CREATE INDEX IF NOT EXISTS ix_task_runs_key ON task_runs (task_key, seq);
+)"""
+_RUNS_COLUMNS: Final = (
+    "seq",
+    "id",
+    "task_key",
+    "state_type",
+    "scheduled_at",
+    "idempotency_key",
+    "wait_for",
+    "parameters",
+    "body",
+)
+#: Run after the tables exist (every statement may run again).
+_INDEXES: Final = (
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_state ON task_runs (state_type, seq)",
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_key ON task_runs (task_key, seq)",
+    # NULLs are distinct in a unique index: runs without a key never collide.
+    "CREATE UNIQUE INDEX IF NOT EXISTS ix_task_runs_idempotency ON task_runs (task_key, idempotency_key)",
+    "CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq)",
+)
+_STATES_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS task_run_states (
     run_seq INTEGER NOT NULL,
     type TEXT NOT NULL,
     name TEXT NOT NULL,
     timestamp TEXT NOT NULL,
     message TEXT
-);
-CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq);
-"""
+)"""
 
 
 class StoreError(Exception):
@@ -295,24 +311,67 @@ class _Ops:
 
     # -- operations
     def migrate(self) -> None:
-        self.conn.executescript(_SCHEMA)
-        row = self.conn.execute("SELECT version FROM schema_version").fetchone()
-        if row is None:
-            self.conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        elif row[0] > SCHEMA_VERSION:
-            raise StoreError(
-                f"the database has schema version {row[0]}, newer than this trioworker knows "
-                f"({SCHEMA_VERSION}); upgrade trioworker"
-            )
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`, in one transaction."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = None if row is None else int(row[0])
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database has schema version {version}, newer than this trioworker knows "
+                    f"({SCHEMA_VERSION}); upgrade trioworker"
+                )
+            has_runs = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'task_runs'"
+            ).fetchone()
+            if not has_runs:
+                conn.execute(_RUNS_TABLE.format(name="task_runs"))
+            elif version is None or version < 2:
+                self._migrate_to_2()
+            conn.execute(_STATES_TABLE)
+            for statement in _INDEXES:
+                conn.execute(statement)
+            if version is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            else:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _migrate_to_2(self) -> None:
+        """Schema 1 had ``idempotency_key TEXT UNIQUE`` across all task keys. A column
+        constraint cannot be dropped in SQLite: rebuild the table (same rows, same ``seq``,
+        same AUTOINCREMENT counter), then the unique index on ``(task_key, idempotency_key)``
+        replaces it.
+        """
+        conn = self.conn
+        present = {row[1] for row in conn.execute("PRAGMA table_info(task_runs)")}
+        columns = ", ".join(c for c in _RUNS_COLUMNS if c in present)  # early files lack wait_for
+        counter = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'task_runs'").fetchone()
+        conn.execute(_RUNS_TABLE.format(name="task_runs_v2"))
+        conn.execute(f"INSERT INTO task_runs_v2 ({columns}) SELECT {columns} FROM task_runs")
+        conn.execute("DROP TABLE task_runs")
+        conn.execute("ALTER TABLE task_runs_v2 RENAME TO task_runs")
+        if counter is not None:
+            # The seqs of deleted runs are never reused: keep the old counter.
+            conn.execute("DELETE FROM sqlite_sequence WHERE name IN ('task_runs', 'task_runs_v2')")
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('task_runs', ?)", (counter[0],))
 
     def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
-        """Insert new runs; a known idempotency key gives back its run (and no QueuedRun)."""
+        """Insert new runs; a known idempotency key of the same task key gives back its run
+        (and no QueuedRun). The key is scoped to the task key: ``a`` and ``b`` with one key
+        are two runs."""
         out: list[tuple[TaskRun, QueuedRun | None]] = []
         for create in creates:
             if create.idempotency_key is not None:
                 row = self.conn.execute(
-                    "SELECT parameters, body FROM task_runs WHERE idempotency_key = ?",
-                    (create.idempotency_key,),
+                    "SELECT parameters, body FROM task_runs WHERE task_key = ? AND idempotency_key = ?",
+                    (create.task_key, create.idempotency_key),
                 ).fetchone()
                 if row is not None:
                     out.append((_row_to_run(*row), None))
