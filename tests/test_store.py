@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from trioworker.models import SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state
-from trioworker.server.store import SCHEMA_VERSION, SQLiteStore, StoreError
+from trioworker.server.store import SCHEMA_VERSION, DatabaseInUse, SQLiteStore, StoreError, database_path
 
 
 async def test_runs_survive_reopening(tmp_path: Path) -> None:
@@ -147,6 +147,43 @@ async def test_a_fresh_file_scopes_idempotency_keys_to_task_keys(tmp_path: Path)
     [a, b, a_again, plain_1, plain_2] = [run for run, _ in results]
     assert [queued is None for _, queued in results] == [False, False, True, False, False]
     assert a.id != b.id and a_again.id == a.id and plain_1.id != plain_2.id
+
+
+async def test_one_file_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+        spellings: list[str | Path] = [path, str(path), f"sqlite:///{path}", tmp_path / "." / "db.sqlite"]
+        for spelling in spellings:
+            with pytest.raises(DatabaseInUse, match=f"^the database {path} is in use by another"):
+                async with SQLiteStore.open(spelling):
+                    pytest.fail("opened a file another store has open")
+        assert await store.read_run(run.id) == run  # the first store goes on
+    async with SQLiteStore.open(f"sqlite:///{path}") as store:  # closed: the lock went with it
+        assert await store.read_run(run.id) == run
+    async with SQLiteStore.open(":memory:"), SQLiteStore.open(":memory:"):
+        pass  # nothing to share, nothing to lock
+
+
+@pytest.mark.parametrize(
+    ("db", "path"),
+    [
+        ("queue.db", "queue.db"),
+        ("/var/lib/queue.db", "/var/lib/queue.db"),
+        ("~/queue.db", str(Path("~/queue.db").expanduser())),
+        (Path("a/b.db"), "a/b.db"),
+        (":memory:", ":memory:"),
+        ("sqlite://", ":memory:"),
+        ("sqlite:///:memory:", ":memory:"),
+        ("sqlite:///queue.db", "queue.db"),
+        ("sqlite:///data/queue.db", "data/queue.db"),
+        ("sqlite:////var/lib/queue.db", "/var/lib/queue.db"),
+        ("SQLite:////var/lib/my%20queue.db", "/var/lib/my queue.db"),
+        ("postgresql:queue.db", "postgresql:queue.db"),  # no "://": a file name like any other
+    ],
+)
+def test_database_path(db: str | Path, path: str) -> None:
+    assert database_path(db) == path
 
 
 async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
@@ -69,9 +68,13 @@ async def _shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskSt
 
 async def _run_server(args: argparse.Namespace) -> None:
     from trioworker.server import ServerConfig, serve_server
+    from trioworker.server.store import StoreError, database_path
 
     settings = Settings.from_env()
-    db_path = args.db or settings.db_path
+    try:
+        db_path = database_path(settings.db_path if args.db is None else args.db)
+    except ValueError as exc:
+        raise CommandError(f"unusable --db: {exc}") from None
     config = ServerConfig(
         db_path=db_path,
         host=args.host,
@@ -81,10 +84,13 @@ async def _run_server(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
     )
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_shutdown_on_signals, shutdown)
-        await serve_server(config, shutdown=shutdown)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_shutdown_on_signals, shutdown)
+            await serve_server(config, shutdown=shutdown)
+            nursery.cancel_scope.cancel()
+    except* StoreError as group:  # the database is in use, or of a newer trioworker
+        raise CommandError(str(group.exceptions[0])) from None
     log.info("server stopped")
 
 
@@ -938,10 +944,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--db",
-        type=Path,
         default=None,
         help="SQLite file (default $TRIOWORKER_HOME/trioworker.db, that is ~/.trioworker/trioworker.db; "
-        "':memory:' keeps nothing)",
+        "':memory:' keeps nothing), or a sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); "
+        "one server at a time may use a file",
     )
     server.add_argument(
         "--api-key", default=None, help="require this key of clients (default $TRIOWORKER_API_KEY)"

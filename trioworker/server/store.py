@@ -14,7 +14,11 @@ source of truth, and the dispatcher's memory is only an index over it.
 from __future__ import annotations
 
 import math
+import os
+import re
 import sqlite3
+import sys
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -97,6 +101,86 @@ CREATE TABLE IF NOT EXISTS task_run_states (
 
 class StoreError(Exception):
     """The store cannot do what was asked (closed, or a newer schema than this code knows)."""
+
+
+class DatabaseInUse(StoreError):
+    """Another trioworker server has this database open: it holds the lock file beside it."""
+
+
+#: What a database may be given as (the error for any other URL names them).
+SUPPORTED_DATABASES: Final = (
+    "a SQLite file path, ':memory:', or a sqlite:// URL "
+    "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory)"
+)
+
+_URL_SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
+
+
+def database_path(db: str | Path) -> str:
+    """The SQLite file (or ``":memory:"``) that ``db`` names.
+
+    ``db`` is a file path (``~`` is expanded), ``":memory:"``, or a ``sqlite://`` URL in
+    SQLAlchemy's (and Prefect's) form: ``sqlite:///relative.db`` and
+    ``sqlite:////absolute/path.db``; ``sqlite://`` is an in-memory database.
+
+    Raises:
+        ValueError: ``db`` is empty, or a URL of another scheme (only the scheme is named,
+            so that a password in the URL is never printed), or a ``sqlite://`` URL with a
+            host, a query or a fragment.
+    """
+    if isinstance(db, Path):
+        return str(db.expanduser())
+    match = _URL_SCHEME.match(db)
+    if match is None:
+        if not db.strip():
+            raise ValueError(f"the database is empty; give {SUPPORTED_DATABASES}")
+        return db if db == ":memory:" else str(Path(db).expanduser())
+    scheme = match.group(1)
+    if scheme.lower() != "sqlite":
+        raise ValueError(f"unsupported database URL scheme {scheme!r}; supported: {SUPPORTED_DATABASES}")
+    rest = db[match.end() :]
+    if "?" in rest or "#" in rest:
+        raise ValueError("a sqlite:// URL takes no query or fragment")
+    if rest and not rest.startswith("/"):
+        raise ValueError(
+            "a sqlite:// URL has no host: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    path = urllib.parse.unquote(rest[1:])
+    return ":memory:" if path in ("", ":memory:") else str(Path(path).expanduser())
+
+
+def _lock(path: str) -> int | None:
+    """Take the lock file beside ``path`` (``<path>.lock``); returns its descriptor.
+
+    The lock is the kernel's (``flock``): it goes with the descriptor, so a server that is
+    killed (even with SIGKILL) releases it, and a stale lock file blocks nobody.
+
+    Raises:
+        DatabaseInUse: another process (or another store in this one) holds it.
+    """
+    if path == ":memory:":
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock_path = os.path.realpath(path) + ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if sys.platform != "win32" and not isinstance(exc, BlockingIOError):
+            raise
+        raise DatabaseInUse(
+            f"the database {os.path.realpath(path)} is in use by another trioworker server "
+            f"(it holds {lock_path}); stop that server first, or use another database"
+        ) from None
+    return fd
 
 
 @attrs.frozen
@@ -737,29 +821,41 @@ class SQLiteStore:
     async def open(cls, path: str | Path) -> AsyncIterator[SQLiteStore]:
         """Open (creating or migrating) the database at ``path`` and run its committer.
 
+        ``path`` is anything :func:`database_path` takes. A file is locked for the life of
+        the block (``<path>.lock``), so two servers never share one file.
+
+        Raises:
+            ValueError: ``path`` is not a database this store can open.
+            DatabaseInUse: another server (or store) has the file open.
+
         **Resource handling:** the committer task and the connection live exactly as long as
         the ``async with`` block. The committer is shielded from cancellation: when the
         block is cancelled, the cleanup code of the block (a websocket handing back its
         runs) can still use the store; the committer stops once the block has ended and
         what was queued is done. Operations submitted after that fail with StoreError.
         """
-        path = str(path)
-        conn = await trio.to_thread.run_sync(_connect, path)
-        send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
-        store = cls(conn, send)
-        store.path = path
+        path = database_path(path)
+        lock = await trio.to_thread.run_sync(_lock, path)
         try:
-            await trio.to_thread.run_sync(store._ops.migrate)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(store._commit_forever, receive)
-                try:
-                    yield store
-                finally:
-                    send.close()  # the committer finishes what is queued, then returns
+            conn = await trio.to_thread.run_sync(_connect, path)
+            send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
+            store = cls(conn, send)
+            store.path = path
+            try:
+                await trio.to_thread.run_sync(store._ops.migrate)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(store._commit_forever, receive)
+                    try:
+                        yield store
+                    finally:
+                        send.close()  # the committer finishes what is queued, then returns
+            finally:
+                send.close()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(conn.close)
         finally:
-            send.close()
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(conn.close)
+            if lock is not None:
+                os.close(lock)  # releases the lock: the database is closed
 
     async def _commit_forever(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
         with trio.CancelScope(shield=True):
