@@ -259,6 +259,7 @@ async def test_metrics_count_runs_per_key(api: httpx.AsyncClient, trioworker_ser
             "trioworker_limiter_tokens_total": "gauge",
             "trioworker_limiter_tokens_borrowed": "gauge",
             "trioworker_worker_up": "gauge",
+            "trioworker_worker_connected": "gauge",
         }
         assert set(helps) == set(types) and all(helps.values())
         # Every per-key family has a sample for every key from the start, at zero.
@@ -268,7 +269,8 @@ async def test_metrics_count_runs_per_key(api: httpx.AsyncClient, trioworker_ser
         assert samples["trioworker_limiter_tokens_total", ()] == 3
         assert samples["trioworker_limiter_tokens_borrowed", ()] == 0
         assert samples["trioworker_worker_up", ()] == 1
-        assert len(samples) == 4 * 2 + 3
+        assert samples["trioworker_worker_connected", ()] == 1
+        assert len(samples) == 4 * 2 + 4
 
         ids = await submit(api, "status.ok", 1, 2) + await submit(api, "status.boom", 3)
         ended = await wait_ended(api, ids)
@@ -398,6 +400,7 @@ async def test_health_is_503_without_a_live_subscription(trioworker_server_contr
                 {"status": "disconnected", "connected": False},
             )
             assert (await client.get("/status")).json()["connected"] is False
+            assert (await get_metrics(client))["trioworker_worker_connected", ()] == 0
             assert not worker.connected
 
             await trioworker_server_control.start(port=port)
@@ -406,6 +409,7 @@ async def test_health_is_503_without_a_live_subscription(trioworker_server_contr
             response = await client.get("/health")
             assert (response.status_code, response.json()) == (200, {"status": "ok", "connected": True})
             assert (await client.get("/status")).json()["connected"] is True
+            assert (await get_metrics(client))["trioworker_worker_connected", ()] == 1
 
             await trioworker_server_control.stop()  # the server goes away: so does the subscription
             assert await health_until(client, 503) == {"status": "disconnected", "connected": False}

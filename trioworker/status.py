@@ -143,6 +143,12 @@ def render_metrics(worker: TaskWorker) -> str:
             "1 while the worker takes runs, 0 once it is stopping.",
             [({}, 0 if worker.stopping else 1)],
         ),
+        *_family(
+            "trioworker_worker_connected",
+            "gauge",
+            "1 while the worker holds a live subscription to the server, else 0.",
+            [({}, 1 if worker.connected else 0)],
+        ),
     ]
     return "\n".join(lines) + "\n"
 
