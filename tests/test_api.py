@@ -125,6 +125,30 @@ async def test_idempotency_key_gives_the_same_run(api: httpx.AsyncClient) -> Non
     assert first.json()["id"] == second.json()["id"]
 
 
+async def test_an_idempotency_key_is_scoped_to_its_task_key(api: httpx.AsyncClient) -> None:
+    a = await api.post("/task_runs", json={"task_key": "a", "idempotency_key": "once"})
+    b = await api.post("/task_runs", json={"task_key": "b", "idempotency_key": "once"})
+    assert (a.status_code, b.status_code) == (201, 201)
+    assert a.json()["id"] != b.json()["id"]
+    assert (a.json()["task_key"], b.json()["task_key"]) == ("a", "b")
+    again = await api.post("/task_runs", json={"task_key": "b", "idempotency_key": "once"})
+    assert (again.status_code, again.json()["id"]) == (200, b.json()["id"])
+    batch = await api.post(
+        "/task_runs/batch",
+        json=[
+            {"task_key": "c", "idempotency_key": "once"},
+            {"task_key": "a", "idempotency_key": "once"},
+            {"task_key": "c", "idempotency_key": "once"},
+        ],
+    )
+    assert batch.status_code == 201
+    [c, a_again, c_again] = batch.json()
+    assert c["task_key"] == "c" and c["id"] not in (a.json()["id"], b.json()["id"])
+    assert a_again["id"] == a.json()["id"] and c_again["id"] == c["id"]
+    scheduled = (await api.get("/task_runs", params={"state": "SCHEDULED"})).json()
+    assert sorted(run["task_key"] for run in scheduled) == ["a", "b", "c"]
+
+
 async def test_wait_returns_when_the_run_ends(api: httpx.AsyncClient) -> None:
     run = await create(api)
     url = f"/task_runs/{run['id']}/set_state"

@@ -63,7 +63,7 @@ async def test_bad_creates_get_an_error_and_the_socket_stays(trioworker_server: 
         ([AUTH, {"type": "dance"}], 4001, "unknown message type"),
         ([AUTH, {"type": "watch", "ids": ["nope"]}], 4001, '"ids"'),
         ([AUTH, {"type": "create", "task_runs": {}}], 4001, '"task_runs"'),
-        (["{nope"], 4001, "malformed JSON"),
+        ([AUTH, "{nope"], 4001, "malformed JSON"),
     ],
 )
 async def test_violations_close_the_channel(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -49,7 +50,93 @@ def test_server_options() -> None:
     args = build_parser().parse_args(
         ["server", "--host", "0.0.0.0", "--port", "5000", "--db", "x.db", "--api-key", "k"]
     )
-    assert (args.host, args.port, str(args.db), args.api_key) == ("0.0.0.0", 5000, "x.db", "k")
+    assert (args.host, args.port, args.db, args.api_key) == ("0.0.0.0", 5000, "x.db", "k")
+    # Kept as given: a Path would fold "postgresql://h/db" into "postgresql:/h/db".
+    assert build_parser().parse_args(["server", "--db", "sqlite:////a/b.db"]).db == "sqlite:////a/b.db"
+
+
+def server_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trioworker.cli", "server", "--port", "0", *args]
+
+
+async def start_server(nursery: trio.Nursery, cwd: Path, *args: str) -> tuple[trio.Process, str]:
+    """A ``trioworker server`` subprocess, once it listens; and the URL it printed."""
+    run = partial(trio.run_process, server_command(*args), stderr=subprocess.PIPE, check=False, cwd=cwd)
+    process: trio.Process = await nursery.start(run)
+    assert process.stderr is not None
+    match, _ = await read_until(process.stderr, r"listening on (http://\S+)")
+    return process, match.group(1)
+
+
+async def refused(cwd: Path, *args: str) -> str:
+    """Run ``trioworker server`` expecting it to refuse to start: its one line on stderr."""
+    with trio.fail_after(30):
+        result = await trio.run_process(server_command(*args), capture_stderr=True, check=False, cwd=cwd)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    return stderr.strip()
+
+
+async def test_a_second_server_on_the_same_file_refuses_to_start(tmp_path: Path) -> None:
+    db = tmp_path / "data" / "queue.db"
+    async with trio.open_nursery() as nursery:
+        first, url = await start_server(nursery, tmp_path, "--db", "sqlite:///data/queue.db")
+        assert db.exists()  # sqlite:///relative is relative to the working directory
+        async with httpx.AsyncClient(base_url=url + "/api") as api:
+            created = await api.post("/task_runs", json={"task_key": "k"})
+            assert created.status_code == 201
+            for spelling in [str(db), "sqlite:///data/queue.db", f"sqlite:///{db}", "data/../data/queue.db"]:
+                line = await refused(tmp_path, "--db", spelling)
+                assert line == (
+                    f"trioworker: the database {db} is in use by another trioworker server "
+                    f"(it holds {db}.lock); stop that server first, or use another database"
+                )
+            link = tmp_path / "link.db"
+            link.symlink_to(db)
+            assert f"the database {db} is in use" in await refused(tmp_path, "--db", str(link))
+            # The first server lost nothing and still serves.
+            assert (await api.get(f"/task_runs/{created.json()['id']}")).status_code == 200
+
+        # Killed outright, it leaves its lock file, but the kernel dropped its lock.
+        first.kill()
+        with trio.fail_after(10):
+            assert await first.wait() == -signal.SIGKILL
+        assert (tmp_path / "data" / "queue.db.lock").exists()
+        second, url = await start_server(nursery, tmp_path, "--db", str(db))
+        async with httpx.AsyncClient(base_url=url) as api:  # the printed URL is the API's too
+            run = await api.get(f"/api/task_runs/{created.json()['id']}")
+            assert (run.status_code, run.json()["task_key"]) == (200, "k")
+        second.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await second.wait() == 0
+
+
+@pytest.mark.parametrize(
+    ("db", "message"),
+    [
+        (
+            "postgresql://queue:s3cret@db.example/queue",
+            "unsupported database URL scheme 'postgresql'; supported: ",
+        ),
+        ("postgres://db.example/queue", "unsupported database URL scheme 'postgres'; supported: "),
+        ("mysql://db.example/queue", "unsupported database URL scheme 'mysql'; supported: "),
+        ("file:///tmp/queue.db", "unsupported database URL scheme 'file'; supported: "),
+        ("sqlite://db.example/queue.db", "a sqlite:// URL has no host: write sqlite:///relative/path.db"),
+        ("sqlite:///queue.db?mode=ro", "a sqlite:// URL takes no query or fragment"),
+        ("", "the database is empty; give a SQLite file path"),
+    ],
+)
+async def test_an_unsupported_db_is_refused_in_one_line(tmp_path: Path, db: str, message: str) -> None:
+    line = await refused(tmp_path, "--db", db)
+    assert line.startswith(f"trioworker: unusable --db: {message}")
+    if "supported: " in message:
+        assert line.endswith(
+            "supported: a SQLite file path, ':memory:', or a sqlite:// URL "
+            "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory)"
+        )
+    assert "s3cret" not in line
+    assert await trio.to_thread.run_sync(os.listdir, tmp_path) == []  # no folder "postgresql:", no file
 
 
 async def test_server_reports_an_unusable_database_in_one_line(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -23,7 +24,10 @@ from trioworker.status import (
     serve_status,
 )
 from trioworker.tasks import Task, task
+from trioworker.testing import ServerControl
 from trioworker.worker import TaskWorker
+
+from .test_cli_worker import TASKS_FILE, start_worker, worker_env
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -168,6 +172,7 @@ async def test_status_fields_and_finished_counts(
             assert body == {
                 "client_id": "status-test",
                 "stopping": False,
+                "connected": True,
                 "limit": 3,
                 "prefetch": 0,
                 "current": 0,
@@ -254,6 +259,7 @@ async def test_metrics_count_runs_per_key(api: httpx.AsyncClient, trioworker_ser
             "trioworker_limiter_tokens_total": "gauge",
             "trioworker_limiter_tokens_borrowed": "gauge",
             "trioworker_worker_up": "gauge",
+            "trioworker_worker_connected": "gauge",
         }
         assert set(helps) == set(types) and all(helps.values())
         # Every per-key family has a sample for every key from the start, at zero.
@@ -263,7 +269,8 @@ async def test_metrics_count_runs_per_key(api: httpx.AsyncClient, trioworker_ser
         assert samples["trioworker_limiter_tokens_total", ()] == 3
         assert samples["trioworker_limiter_tokens_borrowed", ()] == 0
         assert samples["trioworker_worker_up", ()] == 1
-        assert len(samples) == 4 * 2 + 3
+        assert samples["trioworker_worker_connected", ()] == 1
+        assert len(samples) == 4 * 2 + 4
 
         ids = await submit(api, "status.ok", 1, 2) + await submit(api, "status.boom", 3)
         ended = await wait_ended(api, ids)
@@ -318,7 +325,7 @@ async def test_health_ok_then_503_once_stopping(
     ):
         response = await client.get("/health")
         assert response.status_code == 200
-        assert response.json() == {"status": "ok"}
+        assert response.json() == {"status": "ok", "connected": True}
 
         # A run in flight keeps the worker (and so its status server) up through its
         # grace period after stop(): the stopping state is observable over real HTTP.
@@ -330,7 +337,7 @@ async def test_health_ok_then_503_once_stopping(
         response = await client.get("/health")
         assert response.status_code == 503
         assert response.headers["content-type"] == "application/json"
-        assert response.json() == {"status": "stopping"}
+        assert response.json()["status"] == "stopping"
         body = (await client.get("/status")).json()
         assert body["stopping"] is True
         assert list(body["in_flight"]["status.block"]) == [run_id]
@@ -350,7 +357,7 @@ async def test_app_of_a_stopped_worker(trioworker_server: RunningServer) -> None
     client = create_status_app(worker).test_client()
     response = await client.get("/health")
     assert response.status_code == 503
-    assert await response.get_json() == {"status": "stopping"}
+    assert await response.get_json() == {"status": "stopping", "connected": False}
     response = await client.get("/status")
     assert response.status_code == 200
     body = await response.get_json()
@@ -358,6 +365,95 @@ async def test_app_of_a_stopped_worker(trioworker_server: RunningServer) -> None
     assert body["finished"] == {"status.ok": 0}
     response = await client.get("/metrics")
     assert "\ntrioworker_worker_up 0\n" in (await response.get_data(as_text=True))
+
+
+async def health_until(client: httpx.AsyncClient, status_code: int) -> dict[str, Any]:
+    """``/health`` once it answers ``status_code`` (looked at again whenever every task is blocked)."""
+    with trio.fail_after(20):
+        while True:
+            response = await client.get("/health")
+            if response.status_code == status_code:
+                body: dict[str, Any] = response.json()
+                return body
+            await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_health_is_503_without_a_live_subscription(trioworker_server_control: ServerControl) -> None:
+    port = int((await trioworker_server_control.start()).url.rsplit(":", 1)[1])
+    await trioworker_server_control.stop()  # nothing listens there now: the worker cannot subscribe
+    worker = TaskWorker(ok, api_url=f"http://127.0.0.1:{port}", status_server_port=0)
+    subscribed = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def run_worker() -> None:
+            await nursery.start(worker.start)
+            subscribed.set()
+
+        nursery.start_soon(run_worker)
+        with trio.fail_after(10):
+            while worker.status_url is None:  # the status server starts before the subscription
+                await trio.testing.wait_all_tasks_blocked()
+        async with status_client(worker) as client:
+            response = await client.get("/health")
+            assert (response.status_code, response.json()) == (
+                503,
+                {"status": "disconnected", "connected": False},
+            )
+            assert (await client.get("/status")).json()["connected"] is False
+            assert (await get_metrics(client))["trioworker_worker_connected", ()] == 0
+            assert not worker.connected
+
+            await trioworker_server_control.start(port=port)
+            with trio.fail_after(20):
+                await subscribed.wait()
+            response = await client.get("/health")
+            assert (response.status_code, response.json()) == (200, {"status": "ok", "connected": True})
+            assert (await client.get("/status")).json()["connected"] is True
+            assert (await get_metrics(client))["trioworker_worker_connected", ()] == 1
+
+            await trioworker_server_control.stop()  # the server goes away: so does the subscription
+            assert await health_until(client, 503) == {"status": "disconnected", "connected": False}
+            assert (await client.get("/status")).json()["connected"] is False
+
+            await trioworker_server_control.start(port=port)
+            assert await health_until(client, 200) == {"status": "ok", "connected": True}
+        worker.stop()
+
+
+async def other_loopback_address_answers(url: str) -> bool:
+    """Whether the status server at ``url`` (on 127.0.0.1) also answers on 127.0.0.2."""
+    port = url.rsplit(":", 1)[1]
+    async with httpx.AsyncClient(timeout=10) as client:
+        try:
+            response = await client.get(f"http://127.0.0.2:{port}/health")
+        except httpx.ConnectError:
+            return False
+    return response.status_code == 200
+
+
+async def test_status_host_lets_other_addresses_reach_it(trioworker_server: RunningServer) -> None:
+    async with TaskWorker(ok, api_url=trioworker_server.url, status_server_port=0) as worker:
+        assert worker.status_url is not None and worker.status_url.startswith("http://127.0.0.1:")
+        assert not await other_loopback_address_answers(worker.status_url)  # the default: this host only
+    async with TaskWorker(
+        ok, api_url=trioworker_server.url, status_server_port=0, status_server_host="0.0.0.0"
+    ) as worker:
+        assert worker.status_url is not None and worker.status_url.startswith("http://0.0.0.0:")
+        assert await other_loopback_address_answers(worker.status_url)
+
+
+async def test_the_worker_command_takes_status_host(trioworker_server: RunningServer) -> None:
+    env = worker_env(TRIOWORKER_API_URL=trioworker_server.url)
+    args = [f"{TASKS_FILE}:echo", "--status-port", "0", "--status-host", "0.0.0.0"]
+    async with trio.open_nursery() as nursery:
+        process, output = await start_worker(nursery, args, env)
+        url = (await output.wait_for(r"status server listening on (http://\S+)")).group(1)
+        assert url.startswith("http://0.0.0.0:")
+        await output.wait_for(r"subscribed to cli\.echo")
+        assert await other_loopback_address_answers(url)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
 
 
 # -- errors and lifetime
@@ -385,7 +481,11 @@ async def test_serve_status_stops_when_cancelled() -> None:
         url: str = await nursery.start(serve_status, worker, 0)
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            assert (await client.get("/health")).status_code == 200
+            response = await client.get("/health")  # never started: no subscription
+            assert (response.status_code, response.json()) == (
+                503,
+                {"status": "disconnected", "connected": False},
+            )
         nursery.cancel_scope.cancel()
     # serve_status returned: its socket is closed, nothing listens there any more.
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from trioworker.models import SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state
-from trioworker.server.store import SCHEMA_VERSION, SQLiteStore, StoreError
+from trioworker.server.store import SCHEMA_VERSION, DatabaseInUse, SQLiteStore, StoreError, database_path
 
 
 async def test_runs_survive_reopening(tmp_path: Path) -> None:
@@ -47,6 +47,143 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="schema version 99"):
         async with SQLiteStore.open(path):
             pass
+
+
+#: The schema of version 1, as trioworker 0.x created it (idempotency keys unique across keys).
+SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS task_runs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    task_key TEXT NOT NULL,
+    state_type TEXT NOT NULL,
+    scheduled_at REAL,
+    idempotency_key TEXT UNIQUE,
+    wait_for TEXT,
+    parameters BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_task_runs_state ON task_runs (state_type, seq);
+CREATE INDEX IF NOT EXISTS ix_task_runs_key ON task_runs (task_key, seq);
+CREATE TABLE IF NOT EXISTS task_run_states (
+    run_seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    name TEXT NOT NULL,
+    timestamp TEXT NOT NULL,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq);
+INSERT INTO schema_version (version) VALUES (1);
+"""
+
+
+@pytest.mark.parametrize("with_wait_for", [True, False], ids=["v1", "v1-before-wait_for"])
+async def test_a_schema_1_file_is_migrated_and_keeps_its_runs(tmp_path: Path, with_wait_for: bool) -> None:
+    # Runs written by today's store, copied into a file with schema 1's tables.
+    source = tmp_path / "source.db"
+    async with SQLiteStore.open(source) as store:
+        [(keyed, _), (plain, _), (gone, _)] = await store.create_runs(
+            [
+                TaskRunCreate(task_key="a", idempotency_key="once", parameters={"x": 1}),
+                TaskRunCreate(task_key="a", parameters={"x": 2}),
+                TaskRunCreate(task_key="z"),
+            ]
+        )
+        await store.set_states(
+            [(keyed.id, SetStateRequest(make_state(StateType.CANCELLED)))], now=time.time()
+        )
+        assert await store.delete_run(gone.id) is not None  # its seq (3) must never come back
+        keyed_history = await store.history(keyed.id)
+        keyed_now = await store.read_run(keyed.id)
+        assert keyed_now is not None and keyed_now.state.type is StateType.CANCELLED
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    schema = SCHEMA_1 if with_wait_for else SCHEMA_1.replace("    wait_for TEXT,\n", "")
+    conn.executescript(schema)
+    conn.execute("ATTACH ? AS source", (str(source),))
+    columns = "seq, id, task_key, state_type, scheduled_at, idempotency_key, " + (
+        "wait_for, parameters, body" if with_wait_for else "parameters, body"
+    )
+    conn.execute(f"INSERT INTO task_runs ({columns}) SELECT {columns} FROM source.task_runs")
+    conn.execute("INSERT INTO task_run_states SELECT * FROM source.task_run_states")
+    conn.execute("UPDATE sqlite_sequence SET seq = 3 WHERE name = 'task_runs'")
+    conn.execute("DETACH source")
+    with pytest.raises(sqlite3.IntegrityError):  # the old rule, to be sure this is schema 1
+        conn.execute(
+            "INSERT INTO task_runs (id, task_key, state_type, idempotency_key, parameters, body)"
+            " VALUES ('x', 'b', 'SCHEDULED', 'once', '{}', '{}')"
+        )
+    conn.close()
+
+    async with SQLiteStore.open(old) as store:
+        assert await store.read_run(keyed.id) == keyed_now
+        assert (await store.read_run(plain.id)) == plain
+        assert await store.history(keyed.id) == keyed_history
+        [(same, queued)] = await store.create_runs([TaskRunCreate(task_key="a", idempotency_key="once")])
+        assert (same.id, queued) == (keyed.id, None)
+        [(other, queued)] = await store.create_runs([TaskRunCreate(task_key="b", idempotency_key="once")])
+        assert other.id != keyed.id and queued is not None
+        assert queued.seq == 4
+    async with SQLiteStore.open(old) as store:  # opening it again changes nothing
+        [(again, queued)] = await store.create_runs([TaskRunCreate(task_key="b", idempotency_key="once")])
+        assert (again.id, queued) == (other.id, None)
+    conn = sqlite3.connect(old)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name LIKE '%v2%'").fetchall() == []
+    conn.close()
+
+
+async def test_a_fresh_file_scopes_idempotency_keys_to_task_keys(tmp_path: Path) -> None:
+    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        results = await store.create_runs(
+            [
+                TaskRunCreate(task_key="a", idempotency_key="k"),
+                TaskRunCreate(task_key="b", idempotency_key="k"),
+                TaskRunCreate(task_key="a", idempotency_key="k"),
+                TaskRunCreate(task_key="a"),
+                TaskRunCreate(task_key="a"),
+            ]
+        )
+    [a, b, a_again, plain_1, plain_2] = [run for run, _ in results]
+    assert [queued is None for _, queued in results] == [False, False, True, False, False]
+    assert a.id != b.id and a_again.id == a.id and plain_1.id != plain_2.id
+
+
+async def test_one_file_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+        spellings: list[str | Path] = [path, str(path), f"sqlite:///{path}", tmp_path / "." / "db.sqlite"]
+        for spelling in spellings:
+            with pytest.raises(DatabaseInUse, match=f"^the database {path} is in use by another"):
+                async with SQLiteStore.open(spelling):
+                    pytest.fail("opened a file another store has open")
+        assert await store.read_run(run.id) == run  # the first store goes on
+    async with SQLiteStore.open(f"sqlite:///{path}") as store:  # closed: the lock went with it
+        assert await store.read_run(run.id) == run
+    async with SQLiteStore.open(":memory:"), SQLiteStore.open(":memory:"):
+        pass  # nothing to share, nothing to lock
+
+
+@pytest.mark.parametrize(
+    ("db", "path"),
+    [
+        ("queue.db", "queue.db"),
+        ("/var/lib/queue.db", "/var/lib/queue.db"),
+        ("~/queue.db", str(Path("~/queue.db").expanduser())),
+        (Path("a/b.db"), "a/b.db"),
+        (":memory:", ":memory:"),
+        ("sqlite://", ":memory:"),
+        ("sqlite:///:memory:", ":memory:"),
+        ("sqlite:///queue.db", "queue.db"),
+        ("sqlite:///data/queue.db", "data/queue.db"),
+        ("sqlite:////var/lib/queue.db", "/var/lib/queue.db"),
+        ("SQLite:////var/lib/my%20queue.db", "/var/lib/my queue.db"),
+        ("postgresql:queue.db", "postgresql:queue.db"),  # no "://": a file name like any other
+    ],
+)
+def test_database_path(db: str | Path, path: str) -> None:
+    assert database_path(db) == path
 
 
 async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:

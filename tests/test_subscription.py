@@ -277,10 +277,9 @@ SUB = {"type": "subscribe", "keys": ["k"], "client_id": "c", "credit": 1}
 @pytest.mark.parametrize(
     ("messages", "reason"),
     [
-        (["{not json"], "malformed JSON"),
-        ([[1, 2]], "JSON object"),
-        ([{"token": None}], "JSON object"),
-        ([SUB], "first message must be"),
+        ([AUTH, "{not json"], "malformed JSON"),
+        ([AUTH, [1, 2]], "JSON object"),
+        ([AUTH, {"token": None}], "JSON object"),
         ([AUTH, AUTH], "second message must be"),
         ([AUTH, {**SUB, "keys": []}], '"keys"'),
         ([AUTH, {**SUB, "keys": "k"}], '"keys"'),

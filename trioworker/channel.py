@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from trioworker._util import only_exception
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
+from trioworker.settings import socket_url
 from trioworker.subscription import connect as open_socket
 
 log = logging.getLogger("trioworker.channel")
@@ -32,10 +33,8 @@ CHANNEL_PATH: Final = "/task_runs/channel"
 
 
 def channel_url(api_url: str) -> str:
-    for scheme, ws in (("https://", "wss://"), ("http://", "ws://")):
-        if api_url.startswith(scheme):
-            return ws + api_url.removeprefix(scheme) + CHANNEL_PATH
-    raise ValueError(f"the API URL must start with http:// or https://, got {api_url!r}")
+    """``http(s)://host[/api]`` -> ``ws(s)://host/api/task_runs/channel`` (one rule: api_root)."""
+    return socket_url(api_url, CHANNEL_PATH)
 
 
 @attrs.define(eq=False)

@@ -14,18 +14,23 @@ import os
 import re
 import signal
 import sys
-import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
 from trioworker import __version__
-from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, MAX_PREFETCH, Settings
+from trioworker.settings import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_STATUS_HOST,
+    MAX_PREFETCH,
+    Settings,
+    api_root,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -63,9 +68,13 @@ async def _shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskSt
 
 async def _run_server(args: argparse.Namespace) -> None:
     from trioworker.server import ServerConfig, serve_server
+    from trioworker.server.store import StoreError, database_path
 
     settings = Settings.from_env()
-    db_path = args.db or settings.db_path
+    try:
+        db_path = database_path(settings.db_path if args.db is None else args.db)
+    except ValueError as exc:
+        raise CommandError(f"unusable --db: {exc}") from None
     config = ServerConfig(
         db_path=db_path,
         host=args.host,
@@ -75,10 +84,13 @@ async def _run_server(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
     )
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_shutdown_on_signals, shutdown)
-        await serve_server(config, shutdown=shutdown)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_shutdown_on_signals, shutdown)
+            await serve_server(config, shutdown=shutdown)
+            nursery.cancel_scope.cancel()
+    except* StoreError as group:  # the database is in use, or of a newer trioworker
+        raise CommandError(str(group.exceptions[0])) from None
     log.info("server stopped")
 
 
@@ -107,18 +119,14 @@ def _load_tasks(specs: Sequence[str]) -> list[Task[..., Any]]:
     return [task for _, task in loaded.values()]
 
 
-def _check_api_url(api_url: str, source: str) -> None:
-    """Raise CommandError for a URL the worker could never connect to."""
-    from trioworker.subscription import websocket_url
-
+def _api_root(args: argparse.Namespace) -> str:
+    """The API root of ``--api-url``, else of ``TRIOWORKER_API_URL``; CommandError if unusable."""
+    api_url = args.api_url or Settings.from_env().api_url
     try:
-        websocket_url(api_url)  # the check TaskWorker.start() makes
-        parts = urllib.parse.urlsplit(api_url)
-        parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
+        return api_root(api_url)
     except ValueError as exc:
+        source = "--api-url" if args.api_url else "TRIOWORKER_API_URL"
         raise CommandError(f"unusable API URL from {source}: {exc}") from None
-    if not parts.hostname:
-        raise CommandError(f"unusable API URL from {source}: no host in {api_url!r}")
 
 
 async def _run_worker(args: argparse.Namespace) -> None:
@@ -126,13 +134,13 @@ async def _run_worker(args: argparse.Namespace) -> None:
     from trioworker.worker import serve
 
     tasks = _load_tasks(args.tasks)
-    api_url = (args.api_url or Settings.from_env().api_url).rstrip("/")
-    _check_api_url(api_url, "--api-url" if args.api_url else "TRIOWORKER_API_URL")
+    api_url = _api_root(args)
     try:
         await serve(
             *tasks,
             limit=args.limit,
             status_server_port=args.status_port,
+            status_server_host=args.status_host,
             api_url=api_url,
             api_key=args.api_key,
             shutdown_grace_seconds=args.grace,
@@ -252,11 +260,18 @@ def _add_worker_command(commands: Any) -> None:
         help="serve /status, /health and /metrics on this port (0: any free port; default: none)",
     )
     worker.add_argument(
+        "--status-host",
+        default=DEFAULT_STATUS_HOST,
+        metavar="HOST",
+        help=f"the address the status server listens on (default {DEFAULT_STATUS_HOST}: this machine "
+        "only; 0.0.0.0: every interface, for a probe on another host)",
+    )
+    worker.add_argument(
         "--api-url",
         default=None,
         metavar="URL",
-        help="the server's API root (default $TRIOWORKER_API_URL, else "
-        f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/api)",
+        help="the server, as `trioworker server` prints it (http://HOST:PORT) or with /api "
+        f"(default $TRIOWORKER_API_URL, else http://{DEFAULT_HOST}:{DEFAULT_PORT}/api)",
     )
     worker.add_argument(
         "--api-key",
@@ -397,10 +412,7 @@ def _add_demo_command(commands: Any) -> None:
 
 def _api(args: argparse.Namespace) -> tuple[str, str | None]:
     """The API URL and key of the command line, else of the environment; checked."""
-    settings = Settings.from_env()
-    api_url = (args.api_url or settings.api_url).rstrip("/")
-    _check_api_url(api_url, "--api-url" if args.api_url else "TRIOWORKER_API_URL")
-    return api_url, args.api_key or settings.api_key
+    return _api_root(args), args.api_key or Settings.from_env().api_key
 
 
 @contextmanager
@@ -429,8 +441,8 @@ def _add_api_options(parser: argparse.ArgumentParser) -> None:
         "--api-url",
         default=None,
         metavar="URL",
-        help="the server's API root (default $TRIOWORKER_API_URL, else "
-        f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/api)",
+        help="the server, as `trioworker server` prints it (http://HOST:PORT) or with /api "
+        f"(default $TRIOWORKER_API_URL, else http://{DEFAULT_HOST}:{DEFAULT_PORT}/api)",
     )
     parser.add_argument(
         "--api-key",
@@ -932,10 +944,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--db",
-        type=Path,
         default=None,
         help="SQLite file (default $TRIOWORKER_HOME/trioworker.db, that is ~/.trioworker/trioworker.db; "
-        "':memory:' keeps nothing)",
+        "':memory:' keeps nothing), or a sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); "
+        "one server at a time may use a file",
     )
     server.add_argument(
         "--api-key", default=None, help="require this key of clients (default $TRIOWORKER_API_KEY)"

@@ -38,7 +38,7 @@ from trioworker.models import (
     TaskRunCreate,
     converter,
 )
-from trioworker.settings import Settings
+from trioworker.settings import Settings, api_root
 
 if TYPE_CHECKING:
     from trioworker.channel import ClientChannel
@@ -173,7 +173,7 @@ class _Calls:
 class _Base:
     def __init__(self, api_url: str | None, api_key: str | None, timeout: float) -> None:
         settings = Settings.from_env()
-        self.api_url = (api_url or settings.api_url).rstrip("/")
+        self.api_url = api_root(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
         self.timeout = timeout
 
@@ -206,7 +206,9 @@ class TaskRunClient(_Base):
     """Async client of the task-run API: ``async with TaskRunClient() as client``.
 
     Args:
-        api_url: the server's API root (default ``TRIOWORKER_API_URL``).
+        api_url: the server, ``http://host:port`` as it prints it or ``.../api`` (default
+            ``TRIOWORKER_API_URL``); ``ValueError`` if unusable (see
+            :func:`trioworker.settings.api_root`).
         api_key: sent as a bearer token (default ``TRIOWORKER_API_KEY``).
         transport: an httpx transport, for tests that do without a network.
     """

@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from trioworker._http import serve_app
 from trioworker.models import JSON
+from trioworker.settings import DEFAULT_STATUS_HOST
 
 if TYPE_CHECKING:
     from trioworker.worker import TaskWorker
@@ -44,6 +45,7 @@ def status_payload(worker: TaskWorker) -> dict[str, JSON]:
         "client_id": worker.client_id,
         "started_at": worker.started_at.isoformat() if worker.started_at is not None else None,
         "stopping": worker.stopping,
+        "connected": worker.connected,
         "limit": worker.limit,
         "prefetch": worker.prefetch,
         "current": worker.current_tasks,
@@ -141,6 +143,12 @@ def render_metrics(worker: TaskWorker) -> str:
             "1 while the worker takes runs, 0 once it is stopping.",
             [({}, 0 if worker.stopping else 1)],
         ),
+        *_family(
+            "trioworker_worker_connected",
+            "gauge",
+            "1 while the worker holds a live subscription to the server, else 0.",
+            [({}, 1 if worker.connected else 0)],
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -160,10 +168,13 @@ def create_status_app(worker: TaskWorker) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> Response:
-        # 503 while stopping, so a load balancer or probe stops sending work here.
+        # 503 unless the worker can take runs: while stopping, and while it holds no live
+        # subscription (not yet connected, or the server is gone and it is reconnecting).
         if worker.stopping:
-            return _json_response({"status": "stopping"}, 503)
-        return _json_response({"status": "ok"})
+            return _json_response({"status": "stopping", "connected": worker.connected}, 503)
+        if not worker.connected:
+            return _json_response({"status": "disconnected", "connected": False}, 503)
+        return _json_response({"status": "ok", "connected": True})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -175,11 +186,14 @@ def create_status_app(worker: TaskWorker) -> QuartTrio:
 async def serve_status(
     worker: TaskWorker,
     port: int,
+    host: str = DEFAULT_STATUS_HOST,
     *,
-    host: str = "127.0.0.1",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the status app on ``host:port`` until cancelled.
+
+    ``host`` is ``127.0.0.1`` by default (this machine only); ``0.0.0.0`` or ``::`` let a
+    probe on another host reach it.
 
     Reports the URL it listens on (``port=0`` picks a free port, so only the bound socket
     knows it). A port in use raises ``OSError`` from ``nursery.start``, so the worker

@@ -32,6 +32,7 @@ from trio_websocket import (
 
 from trioworker.errors import SubscriptionRefused
 from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
+from trioworker.settings import socket_url
 
 log = logging.getLogger("trioworker.subscription")
 
@@ -53,12 +54,11 @@ CLOSE_POLICY: Final = 1008
 
 
 def websocket_url(api_url: str) -> str:
-    """``http(s)://host/api`` -> ``ws(s)://host/api/task_runs/subscriptions/scheduled``."""
-    if api_url.startswith("https://"):
-        return "wss://" + api_url.removeprefix("https://") + SUBSCRIPTION_PATH
-    if api_url.startswith("http://"):
-        return "ws://" + api_url.removeprefix("http://") + SUBSCRIPTION_PATH
-    raise ValueError(f"the API URL must start with http:// or https://, got {api_url!r}")
+    """``http(s)://host[/api]`` -> ``ws(s)://host/api/task_runs/subscriptions/scheduled``.
+
+    Raises ``ValueError`` for an unusable URL (see :func:`trioworker.settings.api_root`).
+    """
+    return socket_url(api_url, SUBSCRIPTION_PATH)
 
 
 def next_backoff(attempt: int, rng: random.Random) -> float:

@@ -36,7 +36,7 @@ from trioworker.client import TaskRunClient, connect, using_client
 from trioworker.engine import Outcome
 from trioworker.errors import NotFound, StopTaskWorker
 from trioworker.models import SetStateResult, State, TaskRun, utcnow
-from trioworker.settings import MAX_PREFETCH, Settings
+from trioworker.settings import DEFAULT_STATUS_HOST, MAX_PREFETCH, Settings, api_root
 from trioworker.subscription import SubscriptionClient, websocket_url
 from trioworker.tasks import Task
 
@@ -94,11 +94,14 @@ class TaskWorker:
         tasks: the :class:`~trioworker.Task` objects this worker serves.
         limit: the most runs at once (None: no limit; the worker then asks for up to
             1,000 runs at a time and runs sync tasks on up to 100 threads).
-        api_url, api_key: the server (default ``TRIOWORKER_API_URL`` / ``TRIOWORKER_API_KEY``).
+        api_url, api_key: the server (default ``TRIOWORKER_API_URL`` / ``TRIOWORKER_API_KEY``);
+            ``http://host:port`` as the server prints it, or ``.../api``.
         shutdown_grace_seconds: after :meth:`stop`, how long in-flight runs may finish
             before they are cancelled and handed back to the queue.
         status_server_port: serve ``/status``, ``/health`` and ``/metrics`` on this port
             (0 picks a free one; see :attr:`status_url`).
+        status_server_host: the address the status server listens on (``"0.0.0.0"``: every
+            interface, for a probe on another host).
         allow_pickle: accept runs whose parameters are pickled (they can run any code).
         client_id: how the server knows this worker (default ``"<hostname>-<pid>"``).
         prefetch: runs the server may send ahead into this worker's buffer, so that a
@@ -124,6 +127,7 @@ class TaskWorker:
         api_key: str | None = None,
         shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS,
         status_server_port: int | None = None,
+        status_server_host: str = DEFAULT_STATUS_HOST,
         allow_pickle: bool = False,
         client_id: str | None = None,
         prefetch: int = 0,
@@ -136,11 +140,12 @@ class TaskWorker:
         if shutdown_grace_seconds < 0:
             raise ValueError("shutdown_grace_seconds must be >= 0")
         settings = Settings.from_env()
-        self.api_url = (api_url or settings.api_url).rstrip("/")
+        self.api_url = api_root(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
         self.limit = limit
         self.shutdown_grace_seconds = shutdown_grace_seconds
         self.status_server_port = status_server_port
+        self.status_server_host = status_server_host
         self.allow_pickle = allow_pickle
         self.prefetch = prefetch if limit is not None else 0
         self.delete_failed_submissions = _env_flag("TRIOWORKER_DELETE_FAILED_SUBMISSIONS")
@@ -177,6 +182,12 @@ class TaskWorker:
     @property
     def stopping(self) -> bool:
         return self._state in (WorkerState.STOPPING, WorkerState.STOPPED)
+
+    @property
+    def connected(self) -> bool:
+        """True while the worker holds a live subscription to the server."""
+        subscription = self._subscription
+        return self._state is not WorkerState.STOPPED and subscription is not None and subscription.connected
 
     @property
     def current_tasks(self) -> int:
@@ -240,7 +251,9 @@ class TaskWorker:
             if self.status_server_port is not None:
                 from trioworker.status import serve_status
 
-                self.status_url = await nursery.start(serve_status, self, self.status_server_port)
+                self.status_url = await nursery.start(
+                    serve_status, self, self.status_server_port, self.status_server_host
+                )
             subscription_done = trio.Event()
 
             async def hold_subscription(*, task_status: trio.TaskStatus[None]) -> None:

@@ -97,5 +97,5 @@ async def serve_server(
 
             await nursery.start(dispatcher.release_delayed_runs)
             url: str = await nursery.start(run_http)
-            log.info("database %s, %d runs queued", config.db_path, queued)
+            log.info("database %s, %d runs queued", store.path, queued)
             task_status.started(RunningServer(url=url, service=service))

@@ -43,6 +43,7 @@ from trioworker.server.sockets import (
     creates_from,
     describe,
     structure,
+    with_state_name,
 )
 from trioworker.server.store import StoreError
 from trioworker.settings import MAX_PREFETCH
@@ -239,7 +240,7 @@ def create_app(
     @app.post("/api/task_runs/<run_id>/set_state")
     async def set_state(run_id: str) -> Response:
         rid = _parse_id(run_id)
-        body = await _body()
+        body = with_state_name(await _body())
         proposal = structure(body, SetStateRequest, "state request")
         assert isinstance(proposal, SetStateRequest)
         if await service.read_run(rid) is None:
@@ -440,7 +441,7 @@ class _SubscriptionSession(JsonSocket):
                 raise ProtocolViolation("each state report must be an object")
             try:
                 run_id = uuid.UUID(str(item.get("id")))
-                request_ = converter.structure(item, SetStateRequest)
+                request_ = converter.structure(with_state_name(item), SetStateRequest)
             except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
                 raise ProtocolViolation(f"bad state report: {describe(exc)}") from None
             reports.append(_Report(run_id, request_, item.get("ref")))

@@ -13,12 +13,12 @@ import orjson
 import trio
 from quart import websocket
 
-from trioworker.models import JSON, SERIALIZERS, TaskRunCreate, converter
+from trioworker.models import JSON, SERIALIZERS, StateType, TaskRunCreate, converter, make_state
 
 log = logging.getLogger("trioworker.server")
 
 CLOSE_NORMAL: Final = 1000
-CLOSE_POLICY: Final = 1008  # auth refused
+CLOSE_POLICY: Final = 1008  # auth refused, or the first message was not an auth message
 CLOSE_RESTART: Final = 1012  # the server is stopping; reconnect later
 CLOSE_PROTOCOL: Final = 4001  # the client broke the protocol
 #: How long a new connection may take to authenticate (and subscribe).
@@ -56,6 +56,23 @@ def structure(data: JSON, cls: type[object], what: str) -> object:
         raise ApiError(422, f"invalid {what}: {describe(exc)}") from None
 
 
+def with_state_name(proposal: JSON) -> JSON:
+    """A ``{"state": {...}, ...}`` proposal whose state has a type but no name (missing, null
+    or ``""``) gets the type's name (``COMPLETED`` -> ``"Completed"``), as Prefect's clients
+    expect. Anything else is returned as it is, for validation to judge.
+    """
+    if not isinstance(proposal, dict):
+        return proposal
+    state = proposal.get("state")
+    if not isinstance(state, dict) or state.get("name") not in (None, ""):
+        return proposal
+    value = state.get("type")
+    if not isinstance(value, str) or value not in StateType.__members__:
+        return proposal
+    kind = StateType(value)
+    return {**proposal, "state": {**state, "name": make_state(kind).name}}
+
+
 def validate_create(create: TaskRunCreate) -> None:
     if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
         raise ApiError(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
@@ -77,6 +94,23 @@ def creates_from(items: list[JSON]) -> list[TaskRunCreate]:
         validate_create(create)
         creates.append(create)
     return creates
+
+
+#: The close reason when the first message is not ``{"type": "auth", ...}``.
+EXPECTED_AUTH: Final = """Expected 'auth' message: the first message must be {"type": "auth", "token": ...}"""
+
+
+def _auth_message(raw: str | bytes) -> dict[str, JSON] | None:
+    """The first message as an auth message, or None: a binary frame is not one."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(message, dict) and message.get("type") == "auth":
+        return message
+    return None
 
 
 class JsonSocket:
@@ -113,10 +147,14 @@ class JsonSocket:
         return message
 
     async def authenticate(self) -> bool:
-        """The auth step; False (after closing with 1008) when the token is refused."""
-        auth = await self.receive()
-        if auth["type"] != "auth":
-            raise ProtocolViolation('the first message must be {"type": "auth", "token": ...}')
+        """The auth step; False (after closing with 1008) when the first message is not an
+        auth message (not text, not JSON, not an object, no or another ``type``) or its
+        token is refused.
+        """
+        auth = _auth_message(await websocket.receive())
+        if auth is None:
+            await self.close(CLOSE_POLICY, EXPECTED_AUTH)
+            return False
         if not self.token_ok(auth.get("token")):
             await self.close(CLOSE_POLICY, "Unauthorized: missing or wrong API key")
             return False

@@ -14,7 +14,11 @@ source of truth, and the dispatcher's memory is only an index over it.
 from __future__ import annotations
 
 import math
+import os
+import re
 import sqlite3
+import sys
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -45,7 +49,8 @@ from trioworker.server.rules import decide
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
-SCHEMA_VERSION: Final = 1
+#: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys.
+SCHEMA_VERSION: Final = 2
 
 #: Most operations one group commit takes (bounds one thread call's latency).
 MAX_GROUP: Final = 512
@@ -53,34 +58,129 @@ MAX_GROUP: Final = 512
 #: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
 _CHUNK: Final = 500
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS task_runs (
+_RUNS_TABLE: Final = """
+CREATE TABLE {name} (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     task_key TEXT NOT NULL,
     state_type TEXT NOT NULL,
     scheduled_at REAL,
-    idempotency_key TEXT UNIQUE,
+    idempotency_key TEXT,
     wait_for TEXT,
     parameters BLOB NOT NULL,
     body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ix_task_runs_state ON task_runs (state_type, seq);
-CREATE INDEX IF NOT EXISTS ix_task_runs_key ON task_runs (task_key, seq);
+)"""
+_RUNS_COLUMNS: Final = (
+    "seq",
+    "id",
+    "task_key",
+    "state_type",
+    "scheduled_at",
+    "idempotency_key",
+    "wait_for",
+    "parameters",
+    "body",
+)
+#: Run after the tables exist (every statement may run again).
+_INDEXES: Final = (
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_state ON task_runs (state_type, seq)",
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_key ON task_runs (task_key, seq)",
+    # NULLs are distinct in a unique index: runs without a key never collide.
+    "CREATE UNIQUE INDEX IF NOT EXISTS ix_task_runs_idempotency ON task_runs (task_key, idempotency_key)",
+    "CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq)",
+)
+_STATES_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS task_run_states (
     run_seq INTEGER NOT NULL,
     type TEXT NOT NULL,
     name TEXT NOT NULL,
     timestamp TEXT NOT NULL,
     message TEXT
-);
-CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq);
-"""
+)"""
 
 
 class StoreError(Exception):
     """The store cannot do what was asked (closed, or a newer schema than this code knows)."""
+
+
+class DatabaseInUse(StoreError):
+    """Another trioworker server has this database open: it holds the lock file beside it."""
+
+
+#: What a database may be given as (the error for any other URL names them).
+SUPPORTED_DATABASES: Final = (
+    "a SQLite file path, ':memory:', or a sqlite:// URL "
+    "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory)"
+)
+
+_URL_SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
+
+
+def database_path(db: str | Path) -> str:
+    """The SQLite file (or ``":memory:"``) that ``db`` names.
+
+    ``db`` is a file path (``~`` is expanded), ``":memory:"``, or a ``sqlite://`` URL in
+    SQLAlchemy's (and Prefect's) form: ``sqlite:///relative.db`` and
+    ``sqlite:////absolute/path.db``; ``sqlite://`` is an in-memory database.
+
+    Raises:
+        ValueError: ``db`` is empty, or a URL of another scheme (only the scheme is named,
+            so that a password in the URL is never printed), or a ``sqlite://`` URL with a
+            host, a query or a fragment.
+    """
+    if isinstance(db, Path):
+        return str(db.expanduser())
+    match = _URL_SCHEME.match(db)
+    if match is None:
+        if not db.strip():
+            raise ValueError(f"the database is empty; give {SUPPORTED_DATABASES}")
+        return db if db == ":memory:" else str(Path(db).expanduser())
+    scheme = match.group(1)
+    if scheme.lower() != "sqlite":
+        raise ValueError(f"unsupported database URL scheme {scheme!r}; supported: {SUPPORTED_DATABASES}")
+    rest = db[match.end() :]
+    if "?" in rest or "#" in rest:
+        raise ValueError("a sqlite:// URL takes no query or fragment")
+    if rest and not rest.startswith("/"):
+        raise ValueError(
+            "a sqlite:// URL has no host: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    path = urllib.parse.unquote(rest[1:])
+    return ":memory:" if path in ("", ":memory:") else str(Path(path).expanduser())
+
+
+def _lock(path: str) -> int | None:
+    """Take the lock file beside ``path`` (``<path>.lock``); returns its descriptor.
+
+    The lock is the kernel's (``flock``): it goes with the descriptor, so a server that is
+    killed (even with SIGKILL) releases it, and a stale lock file blocks nobody.
+
+    Raises:
+        DatabaseInUse: another process (or another store in this one) holds it.
+    """
+    if path == ":memory:":
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock_path = os.path.realpath(path) + ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if sys.platform != "win32" and not isinstance(exc, BlockingIOError):
+            raise
+        raise DatabaseInUse(
+            f"the database {os.path.realpath(path)} is in use by another trioworker server "
+            f"(it holds {lock_path}); stop that server first, or use another database"
+        ) from None
+    return fd
 
 
 @attrs.frozen
@@ -295,24 +395,67 @@ class _Ops:
 
     # -- operations
     def migrate(self) -> None:
-        self.conn.executescript(_SCHEMA)
-        row = self.conn.execute("SELECT version FROM schema_version").fetchone()
-        if row is None:
-            self.conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        elif row[0] > SCHEMA_VERSION:
-            raise StoreError(
-                f"the database has schema version {row[0]}, newer than this trioworker knows "
-                f"({SCHEMA_VERSION}); upgrade trioworker"
-            )
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`, in one transaction."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = None if row is None else int(row[0])
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database has schema version {version}, newer than this trioworker knows "
+                    f"({SCHEMA_VERSION}); upgrade trioworker"
+                )
+            has_runs = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'task_runs'"
+            ).fetchone()
+            if not has_runs:
+                conn.execute(_RUNS_TABLE.format(name="task_runs"))
+            elif version is None or version < 2:
+                self._migrate_to_2()
+            conn.execute(_STATES_TABLE)
+            for statement in _INDEXES:
+                conn.execute(statement)
+            if version is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            else:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _migrate_to_2(self) -> None:
+        """Schema 1 had ``idempotency_key TEXT UNIQUE`` across all task keys. A column
+        constraint cannot be dropped in SQLite: rebuild the table (same rows, same ``seq``,
+        same AUTOINCREMENT counter), then the unique index on ``(task_key, idempotency_key)``
+        replaces it.
+        """
+        conn = self.conn
+        present = {row[1] for row in conn.execute("PRAGMA table_info(task_runs)")}
+        columns = ", ".join(c for c in _RUNS_COLUMNS if c in present)  # early files lack wait_for
+        counter = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'task_runs'").fetchone()
+        conn.execute(_RUNS_TABLE.format(name="task_runs_v2"))
+        conn.execute(f"INSERT INTO task_runs_v2 ({columns}) SELECT {columns} FROM task_runs")
+        conn.execute("DROP TABLE task_runs")
+        conn.execute("ALTER TABLE task_runs_v2 RENAME TO task_runs")
+        if counter is not None:
+            # The seqs of deleted runs are never reused: keep the old counter.
+            conn.execute("DELETE FROM sqlite_sequence WHERE name IN ('task_runs', 'task_runs_v2')")
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('task_runs', ?)", (counter[0],))
 
     def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
-        """Insert new runs; a known idempotency key gives back its run (and no QueuedRun)."""
+        """Insert new runs; a known idempotency key of the same task key gives back its run
+        (and no QueuedRun). The key is scoped to the task key: ``a`` and ``b`` with one key
+        are two runs."""
         out: list[tuple[TaskRun, QueuedRun | None]] = []
         for create in creates:
             if create.idempotency_key is not None:
                 row = self.conn.execute(
-                    "SELECT parameters, body FROM task_runs WHERE idempotency_key = ?",
-                    (create.idempotency_key,),
+                    "SELECT parameters, body FROM task_runs WHERE task_key = ? AND idempotency_key = ?",
+                    (create.task_key, create.idempotency_key),
                 ).fetchone()
                 if row is not None:
                     out.append((_row_to_run(*row), None))
@@ -678,29 +821,41 @@ class SQLiteStore:
     async def open(cls, path: str | Path) -> AsyncIterator[SQLiteStore]:
         """Open (creating or migrating) the database at ``path`` and run its committer.
 
+        ``path`` is anything :func:`database_path` takes. A file is locked for the life of
+        the block (``<path>.lock``), so two servers never share one file.
+
+        Raises:
+            ValueError: ``path`` is not a database this store can open.
+            DatabaseInUse: another server (or store) has the file open.
+
         **Resource handling:** the committer task and the connection live exactly as long as
         the ``async with`` block. The committer is shielded from cancellation: when the
         block is cancelled, the cleanup code of the block (a websocket handing back its
         runs) can still use the store; the committer stops once the block has ended and
         what was queued is done. Operations submitted after that fail with StoreError.
         """
-        path = str(path)
-        conn = await trio.to_thread.run_sync(_connect, path)
-        send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
-        store = cls(conn, send)
-        store.path = path
+        path = database_path(path)
+        lock = await trio.to_thread.run_sync(_lock, path)
         try:
-            await trio.to_thread.run_sync(store._ops.migrate)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(store._commit_forever, receive)
-                try:
-                    yield store
-                finally:
-                    send.close()  # the committer finishes what is queued, then returns
+            conn = await trio.to_thread.run_sync(_connect, path)
+            send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
+            store = cls(conn, send)
+            store.path = path
+            try:
+                await trio.to_thread.run_sync(store._ops.migrate)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(store._commit_forever, receive)
+                    try:
+                        yield store
+                    finally:
+                        send.close()  # the committer finishes what is queued, then returns
+            finally:
+                send.close()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(conn.close)
         finally:
-            send.close()
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(conn.close)
+            if lock is not None:
+                os.close(lock)  # releases the lock: the database is closed
 
     async def _commit_forever(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
         with trio.CancelScope(shield=True):
