@@ -512,12 +512,19 @@ def parse_task_arguments(items: Sequence[str]) -> tuple[list[JSON], dict[str, JS
 
 async def _run_submit(args: argparse.Namespace) -> None:
     from trioworker.client import connect
+    from trioworker.errors import ParameterError
     from trioworker.futures import result_of
     from trioworker.models import StateType
+    from trioworker.serializers import read_arguments
 
     api_url, api_key = _api(args)
     (task,) = _load_tasks([args.task])
     call_args, call_kwargs = parse_task_arguments(args.arguments)
+    if task.serializer == "json":  # read as the annotations say, as the worker will
+        try:
+            call_args, call_kwargs = read_arguments(task.fn, call_args, call_kwargs)
+        except (TypeError, ParameterError) as exc:
+            raise CommandError(f"cannot submit {task.name}: {exc}") from None
     wait = args.wait or args.timeout is not None
     with _api_errors(api_url):
         async with connect(api_url, api_key):
