@@ -30,8 +30,9 @@ import types
 import typing
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from pathlib import PurePath
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -58,7 +59,7 @@ def _make_value_converter() -> OrjsonConverter:
 
     It differs from :data:`trioworker.models.converter` (whose times are UTC by protocol):
     a naive datetime stays naive and an aware one keeps its offset; ``time`` and
-    ``timedelta`` travel; an enum or a subclass of ``str``/``int``/``float`` arrives as
+    ``timedelta`` and every kind of path travel; an enum or a subclass of ``str``/``int``/``float`` arrives as
     itself, not as its base; a NamedTuple's string annotations are resolved; ``None`` and
     an unbound TypeVar are readable annotations.
     """
@@ -97,8 +98,22 @@ def _make_value_converter() -> OrjsonConverter:
     for scalar in (str, int, float, bool):
         strict(scalar)
 
-    def read_enum(value: object, cls: type[enum.Enum]) -> enum.Enum:
+    def read_path(value: object, cls: type[PurePath]) -> PurePath:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a path string, got {type(value).__name__}")
         return cls(value)
+
+    conv.register_structure_hook(PurePath, read_path)
+    conv.register_unstructure_hook(PurePath, str)
+
+    def read_enum(value: object, cls: type[enum.Enum]) -> enum.Enum:
+        try:
+            return cls(value)
+        except ValueError:
+            for member in cls:  # a value JSON changes (a tuple): match its JSON form
+                if orjson.loads(orjson.dumps(conv.unstructure(member.value))) == value:
+                    return member
+            raise
 
     conv.register_structure_hook(enum.Enum, read_enum)
     conv.register_unstructure_hook(enum.Enum, lambda member: conv.unstructure(member.value))
@@ -202,6 +217,8 @@ def hints(fn: Callable[..., object]) -> Mapping[str, Any]:
 
 
 def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "None"
     return hint.__qualname__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
 
 
@@ -262,6 +279,16 @@ def _explain_leaf(exc: BaseException) -> str:
 
 _INT_RANGE: Final = range(-(2**63), 2**64)
 
+#: Times are written by Python, not orjson: orjson 3.13 writes ``time(0, 0, 0, 10000)``
+#: as "00:00:00.10000" (ten times the microseconds when they are 10000-99999).
+_OWN_TIMES: Final = orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _isoformat(value: object) -> str:
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
 
 def dump_value(value: object, hint: Any) -> JSON:
     """JSON for ``value`` that :func:`read_value` reads back by ``hint`` as the same value.
@@ -286,14 +313,19 @@ def dump_value(value: object, hint: Any) -> JSON:
     if isinstance(hint, Unresolved):
         raise TypeError(str(hint))
     as_type = None if _is_any(hint) else hint
+    if _not_a(value, as_type):
+        raise TypeError(
+            f"{short(value)} ({kind.__qualname__}) does not fit the annotation {_type_name(hint)}"
+        )
     try:
-        data = orjson.loads(orjson.dumps(value_converter.unstructure(value, unstructure_as=as_type)))
+        unstructured = value_converter.unstructure(value, unstructure_as=as_type)
+        data = orjson.loads(orjson.dumps(unstructured, default=_isoformat, option=_OWN_TIMES))
     except Exception as exc:
         raise TypeError(f"{short(value)} has no JSON form ({_explain_leaf(exc)})") from None
     try:
         back = read_value(data, hint)
     except Unreadable as exc:
-        raise TypeError(f"{short(value)} does not fit the annotation: {exc}") from None
+        raise TypeError(f"{short(value)} does not fit the annotation {_type_name(hint)}: {exc}") from None
     try:
         same = _same(value, back)
     except Exception:  # a RecursionError, an __eq__ that raises
@@ -305,6 +337,16 @@ def dump_value(value: object, hint: Any) -> JSON:
             + ("; say its type in an annotation" if _is_any(hint) else "")
         )
     return data
+
+
+def _not_a(value: object, hint: Any) -> bool:
+    """Whether ``value`` is plainly not an instance of the class ``hint`` (an int is a float)."""
+    if not isinstance(hint, type) or (hint is float and type(value) is int):
+        return False
+    try:
+        return not isinstance(value, hint)
+    except TypeError:  # a TypedDict, a protocol: cattrs decides
+        return False
 
 
 _ARRAYS: Final = frozenset({list, tuple})
