@@ -299,7 +299,48 @@ def dump_value(value: object, hint: Any) -> JSON:
     subclass as its base). "The same" means equal and of the same type, recursively;
     only list and tuple (both a JSON array) and set and frozenset may stand for each
     other, and which one arrives is the annotation's choice (a list where there is none).
+
+    A value given in its JSON form (plain JSON: ``{"width": 4, "height": 3}`` for an attrs
+    class, ``"09:30"`` for a ``time``, as a web app receives it) is sent as it is when it
+    reads as the annotation: the worker gets what it reads as.
     """
+    try:
+        return _dump_checked(value, hint)
+    except TypeError:
+        if _is_any(hint) or isinstance(hint, Unresolved) or not _is_plain_json(value):
+            raise
+    try:
+        read_value(value, hint)
+    except Unreadable as exc:
+        raise TypeError(f"{short(value)} does not fit the annotation {_type_name(hint)}: {exc}") from None
+    return value
+
+
+def _is_plain_json(value: object) -> bool:
+    """Whether ``value`` is JSON as orjson writes and reads it (lists, not tuples)."""
+    try:
+        return _plain(value)
+    except RecursionError:
+        return False
+
+
+def _plain(value: object) -> bool:
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return value in _INT_RANGE
+    if kind is float:
+        return math.isfinite(typing.cast(float, value))
+    if kind is list:
+        return all(_plain(item) for item in typing.cast(list[object], value))
+    if kind is dict:
+        items = typing.cast(dict[object, object], value).items()
+        return all(type(key) is str and _plain(item) for key, item in items)
+    return False
+
+
+def _dump_checked(value: object, hint: Any) -> JSON:
     kind = type(value)
     plain = _is_any(hint) or hint is kind
     if plain and (
