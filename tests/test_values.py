@@ -356,6 +356,19 @@ def test_command_line_arguments_are_read_by_the_annotations_as_a_worker_reads_th
         read_arguments(describe.fn, ["2030-01-02T09:00", 0], {})
 
 
+@task(key="values.pickled", serializer="pickle")
+def pickled(first: Any, then: Any) -> Any:
+    return first
+
+
+def test_a_value_pickle_cannot_carry_is_refused_at_submit_naming_its_parameter() -> None:
+    assert build_create(pickled, [1j, Fraction(1, 3)], {}).serializer == "pickle"  # pickle carries these
+    with pytest.raises(
+        TypeError, match=r"task values.pickled, parameter 'then': <function .*> cannot be pickled"
+    ):
+        build_create(pickled, [1], {"then": lambda: None})
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -86,7 +86,7 @@ def build_create(
         else:
             bound.arguments[key] = _placeholder(value, task.serializer, deps)
     if task.serializer == "pickle":
-        parameters: Any = serializers.pickle_dumps((bound.args, bound.kwargs))
+        parameters: Any = _pickled(task, bound)
     else:
         parameters = serializers.dump_bound(bound, serializers.hints(task.fn), task=task.key)
     tags, context, parent = submission_context()
@@ -102,6 +102,24 @@ def build_create(
         parent_task_run_id=parent,
         wait_for=list(dict.fromkeys(deps)),
     )
+
+
+def _pickled(task: Task[..., Any], bound: inspect.BoundArguments) -> str:
+    """The pickled ``(args, kwargs)``; a TypeError naming the parameter that cannot be pickled."""
+    try:
+        return serializers.pickle_dumps((bound.args, bound.kwargs))
+    except Exception as exc:
+        for name, value in bound.arguments.items():
+            try:
+                serializers.pickle_dumps(value)
+            except Exception as one:
+                raise TypeError(
+                    f"task {task.key}, parameter {name!r}: {serializers.short(value)} cannot be pickled "
+                    f"({type(one).__name__}: {one})"
+                ) from None
+        raise TypeError(
+            f"task {task.key}: the arguments cannot be pickled ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _is_mapped(value: Any) -> bool:
