@@ -395,10 +395,26 @@ _SETS: Final = frozenset({set, frozenset})
 _MISSING: Final = object()
 
 
+#: Types whose ``==`` says all once the types match.
+_PLAIN: Final = frozenset({str, int, bool, type(None), bytes, uuid.UUID, date, timedelta})
+
+
+@functools.lru_cache(maxsize=1024)
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    """The fields an attrs class or a dataclass is compared by; None for other types."""
+    if attrs.has(kind):
+        return tuple(f.name for f in attrs.fields(kind))
+    if dataclasses.is_dataclass(kind):
+        return tuple(f.name for f in dataclasses.fields(kind) if f.compare)
+    return None
+
+
 def _same(sent: Any, got: Any) -> bool:
     kind = type(sent)
     if kind is not type(got) and not ({kind, type(got)} <= _ARRAYS or {kind, type(got)} <= _SETS):
         return False
+    if kind in _PLAIN:
+        return bool(sent == got)
     if kind in _ARRAYS or isinstance(sent, tuple):  # a NamedTuple's type matched above
         return len(sent) == len(got) and all(_same(a, b) for a, b in zip(sent, got, strict=True))
     if kind in _SETS:
@@ -409,16 +425,9 @@ def _same(sent: Any, got: Any) -> bool:
         return len(sent) == len(got) and all(
             _same(key, keys.get(key, _MISSING)) and _same(value, got[key]) for key, value in sent.items()
         )
-    if attrs.has(kind):
-        return all(
-            _same(getattr(sent, f.name, _MISSING), getattr(got, f.name, _MISSING)) for f in attrs.fields(kind)
-        )
-    if dataclasses.is_dataclass(sent):
-        return all(
-            _same(getattr(sent, f.name, _MISSING), getattr(got, f.name, _MISSING))
-            for f in dataclasses.fields(sent)
-            if f.compare
-        )
+    names = _field_names(kind)
+    if names is not None:
+        return all(_same(getattr(sent, n, _MISSING), getattr(got, n, _MISSING)) for n in names)
     if kind is Decimal:
         return str(sent) == str(got)
     if kind is float:
