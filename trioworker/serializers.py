@@ -29,7 +29,7 @@ import traceback
 import types
 import typing
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import PurePath
@@ -399,13 +399,12 @@ _MISSING: Final = object()
 _PLAIN: Final = frozenset({str, int, bool, type(None), bytes, uuid.UUID, date, timedelta})
 
 
-@functools.lru_cache(maxsize=1024)
-def _field_names(kind: type) -> tuple[str, ...] | None:
+def _field_names(kind: type[object]) -> Iterable[str] | None:
     """The fields an attrs class or a dataclass is compared by; None for other types."""
-    if attrs.has(kind):
-        return tuple(f.name for f in attrs.fields(kind))
+    if getattr(kind, "__attrs_attrs__", None) is not None:  # attrs.has, without its checks
+        return (f.name for f in attrs.fields(kind))
     if dataclasses.is_dataclass(kind):
-        return tuple(f.name for f in dataclasses.fields(kind) if f.compare)
+        return (f.name for f in dataclasses.fields(kind) if f.compare)
     return None
 
 
