@@ -401,8 +401,9 @@ _PLAIN: Final = frozenset({str, int, bool, type(None), bytes, uuid.UUID, date, t
 
 def _field_names(kind: type[object]) -> Iterable[str] | None:
     """The fields an attrs class or a dataclass is compared by; None for other types."""
-    if getattr(kind, "__attrs_attrs__", None) is not None:  # attrs.has, without its checks
-        return (f.name for f in attrs.fields(kind))
+    attrs_fields: tuple[attrs.Attribute[Any], ...] | None = getattr(kind, "__attrs_attrs__", None)
+    if attrs_fields is not None:  # what attrs.fields() returns, without its checks
+        return (f.name for f in attrs_fields)
     if dataclasses.is_dataclass(kind):
         return (f.name for f in dataclasses.fields(kind) if f.compare)
     return None
