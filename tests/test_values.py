@@ -26,8 +26,10 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioworker import ResultDecodeError, StateType, TaskRunFuture, TaskWorker, task
+from trioworker import ResultDecodeError, StateType, TaskRun, TaskRunFuture, TaskWorker, task
 from trioworker.errors import ParameterError
+from trioworker.futures import result_of
+from trioworker.models import make_state
 from trioworker.serializers import (
     Unreadable,
     Unresolved,
@@ -529,6 +531,14 @@ async def test_result_raises_result_decode_error_when_it_cannot_read_a_result(
 
     with pytest.raises(ResultDecodeError, match=r"its annotation 'Decimal' cannot be resolved"):
         await TaskRunFuture(future.task_run_id, answer_as_decimal, future.task_run).result()
+
+
+def test_a_pickled_result_that_does_not_load_is_a_result_decode_error() -> None:
+    run = TaskRun(uuid.uuid4(), "values.pickled", "pickled", make_state(StateType.COMPLETED, data="bm90"))
+    run = attrs.evolve(run, serializer="pickle")
+    with pytest.raises(ResultDecodeError, match=r"cannot be read: cannot unpickle") as info:
+        result_of(run, pickled)
+    assert info.value.data == "bm90" and info.value.task_run is run
 
 
 async def test_a_naive_scheduled_time_reaches_the_server_as_local_time(

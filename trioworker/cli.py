@@ -512,7 +512,7 @@ def parse_task_arguments(items: Sequence[str]) -> tuple[list[JSON], dict[str, JS
 
 async def _run_submit(args: argparse.Namespace) -> None:
     from trioworker.client import connect
-    from trioworker.errors import ParameterError
+    from trioworker.errors import ParameterError, ResultDecodeError
     from trioworker.futures import result_of
     from trioworker.models import StateType
     from trioworker.serializers import read_arguments
@@ -544,7 +544,10 @@ async def _run_submit(args: argparse.Namespace) -> None:
     if run.state.type is not StateType.COMPLETED:
         why = f": {run.state.message}" if run.state.message else ""
         raise CommandError(f"run {run.id} ended {run.state.type.value}{why}")
-    value = run.state.data if run.serializer == "json" else result_of(run, task)
+    try:
+        value = run.state.data if run.serializer == "json" else result_of(run, task)
+    except ResultDecodeError as exc:
+        raise CommandError(str(exc)) from None
     print(_json_text(value), flush=True)
 
 

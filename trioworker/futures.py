@@ -109,7 +109,8 @@ def result_of(run: TaskRun, task: Task[..., Any] | None) -> Any:
             return serializers.pickle_loads(data)
         return data if task is None else serializers.load_result(task.fn, data)
     except (ParameterError, serializers.Unreadable) as exc:
-        what = "" if task is None else f" as {task.key}'s return annotation says"
+        typed = task is not None and run.serializer == "json"
+        what = f" as {task.key}'s return annotation says" if typed and task is not None else ""
         raise ResultDecodeError(
             f"the result of task run {run.name} ({run.id}) cannot be read{what}: {exc}",
             data=data,
