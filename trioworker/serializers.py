@@ -4,7 +4,8 @@ The json serializer dumps each argument by its parameter's annotation with
 :data:`value_converter`, and checks at once that structuring the JSON by the same
 annotation gives back the same value (:func:`dump_value`): a value that would arrive
 changed (a timezone lost, a subclass cut to its base, a type with no JSON form) is refused
-with a TypeError at submit, not discovered on the worker. The worker structures each value
+with a TypeError at submit, not discovered on the worker (plain JSON in the annotation's
+JSON form is sent as it is when it reads as the annotation). The worker structures each value
 back by the annotation; anything that cannot be read there becomes one error
 (:class:`Unreadable`), which the worker turns into a FAILED run and ``result()`` into
 :class:`~trioworker.ResultDecodeError`. A result is dumped and checked the same way, by
@@ -58,10 +59,10 @@ def _make_value_converter() -> OrjsonConverter:
     """The wire converter, with hooks that give back exactly what was dumped.
 
     It differs from :data:`trioworker.models.converter` (whose times are UTC by protocol):
-    a naive datetime stays naive and an aware one keeps its offset; ``time`` and
-    ``timedelta`` and every kind of path travel; an enum or a subclass of ``str``/``int``/``float`` arrives as
-    itself, not as its base; a NamedTuple's string annotations are resolved; ``None`` and
-    an unbound TypeVar are readable annotations.
+    a naive datetime stays naive and an aware one keeps its offset; ``time``, ``timedelta``
+    and every kind of path travel; an enum or a subclass of ``str``/``int``/``float``
+    arrives as itself, not as its base; a NamedTuple's string annotations are resolved;
+    ``None`` and an unbound TypeVar are readable annotations.
     """
     conv = converter.copy()
 
@@ -75,6 +76,8 @@ def _make_value_converter() -> OrjsonConverter:
     conv.register_structure_hook(datetime, read_datetime)
 
     def read_time(value: object, _: object) -> time:
+        if isinstance(value, time):  # an upstream's pickled result
+            return value
         if not isinstance(value, str):
             raise TypeError(f"expected an ISO 8601 time, got {type(value).__name__}")
         return time.fromisoformat(value)
