@@ -17,6 +17,7 @@ from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NamedTuple, TypedDict
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 import httpx
@@ -143,6 +144,9 @@ ROUND_TRIPS: list[tuple[st.SearchStrategy[Any], Any]] = [
     (st.lists(st.datetimes() | aware, max_size=3), list[datetime]),
     (st.dictionaries(st.text(max_size=5), st.times(), max_size=3), dict[str, time]),
     (st.dictionaries(st.uuids(), ints, max_size=3), dict[uuid.UUID, int]),
+    (st.dictionaries(st.dates(), ints, max_size=3), dict[date, int]),
+    (st.dictionaries(st.sampled_from(Room), ints, max_size=2), dict[Room, int]),
+    (ints | st.text(max_size=5), int | str),
     (st.none() | st.datetimes(), datetime | None),
     (st.sampled_from(["a", "b"]), Literal["a", "b"]),
     (st.builds(Slot, st.times(), st.timedeltas(), st.sampled_from(Room)), Slot),
@@ -205,6 +209,12 @@ def test_naive_and_aware_datetimes_stay_as_they_were() -> None:
     assert travel(naive, datetime).tzinfo is None
     plus_two = datetime(2030, 1, 2, 3, 4, tzinfo=timezone(timedelta(hours=2)))
     assert travel(plus_two, datetime).utcoffset() == timedelta(hours=2)
+    try:
+        paris = datetime(2030, 7, 1, 12, tzinfo=ZoneInfo("Europe/Paris"))
+    except ZoneInfoNotFoundError:
+        return  # no zone database here
+    arrived = travel(paris, datetime)
+    assert arrived == paris and arrived.tzinfo == timezone(timedelta(hours=2))  # its fixed offset
 
 
 @pytest.mark.parametrize("hint", [Any, dict[str, time], dict[str, Any]])
