@@ -524,12 +524,19 @@ def parse_task_arguments(items: Sequence[str]) -> tuple[list[JSON], dict[str, JS
 
 async def _run_submit(args: argparse.Namespace) -> None:
     from trioworker.client import connect
+    from trioworker.errors import ParameterError, ResultDecodeError
     from trioworker.futures import result_of
     from trioworker.models import StateType
+    from trioworker.serializers import read_arguments
 
     api_url, api_key = _api(args)
     (task,) = _load_tasks([args.task])
     call_args, call_kwargs = parse_task_arguments(args.arguments)
+    if task.serializer == "json":  # read as the annotations say, as the worker will
+        try:
+            call_args, call_kwargs = read_arguments(task.fn, call_args, call_kwargs)
+        except (TypeError, ParameterError) as exc:
+            raise CommandError(f"cannot submit {task.name}: {exc}") from None
     wait = args.wait or args.timeout is not None
     with _api_errors(api_url):
         async with connect(api_url, api_key):
@@ -549,7 +556,10 @@ async def _run_submit(args: argparse.Namespace) -> None:
     if run.state.type is not StateType.COMPLETED:
         why = f": {run.state.message}" if run.state.message else ""
         raise CommandError(f"run {run.id} ended {run.state.type.value}{why}")
-    value = run.state.data if run.serializer == "json" else result_of(run, task)
+    try:
+        value = run.state.data if run.serializer == "json" else result_of(run, task)
+    except ResultDecodeError as exc:
+        raise CommandError(str(exc)) from None
     print(_json_text(value), flush=True)
 
 

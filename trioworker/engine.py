@@ -53,7 +53,13 @@ FetchRuns = Callable[[list[uuid.UUID]], Awaitable[list[TaskRun]]]
 
 def _swap_in(value: Any, results: dict[uuid.UUID, Any]) -> Any:
     run_id = serializers.future_ref_id(value)
-    return value if run_id is None else results[run_id]
+    if run_id is None:
+        return value
+    if run_id not in results:
+        raise ParameterError(
+            f"a parameter stands for the result of run {run_id}, which this run does not wait for"
+        )
+    return results[run_id]
 
 
 async def _upstream_results(run: TaskRun, fetch: FetchRuns) -> dict[uuid.UUID, Any]:
@@ -110,6 +116,17 @@ async def read_parameters(
     results: dict[uuid.UUID, Any] = {}
     if run.wait_for and fetch is not None:
         results = await _upstream_results(run, fetch)
+    try:
+        return _load(task, run, results, allow_pickle=allow_pickle)
+    except ParameterError:
+        raise
+    except Exception as exc:  # whatever else reading values raised: this run fails, alone
+        raise ParameterError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _load(
+    task: Task[..., Any], run: TaskRun, results: dict[uuid.UUID, Any], *, allow_pickle: bool
+) -> tuple[list[Any], dict[str, Any]]:
     if run.serializer == "json":
         return serializers.load_parameters(task.fn, _swap_in_json(run.parameters, results))
     if run.serializer == "pickle":
@@ -134,12 +151,21 @@ MAX_RESULT_BYTES: Final = 8 * 1024 * 1024
 
 
 def _result_data(task: Task[..., Any], run: TaskRun, value: object) -> JSON:
-    """The result as reported; raises TypeError or ValueError for what cannot travel."""
-    data = (
-        serializers.pickle_dumps(value)
-        if run.serializer == "pickle"
-        else serializers.dump_result(task.fn, value)
-    )
+    """The result as reported; raises TypeError or ValueError for what cannot travel.
+
+    A json result must reach ``result()`` as it is: dumped by the return annotation and
+    read back the same (:func:`~trioworker.serializers.dump_result`); a pickle must pickle.
+    """
+    try:
+        data = (
+            serializers.pickle_dumps(value)
+            if run.serializer == "pickle"
+            else serializers.dump_result(task.fn, value)
+        )
+    except TypeError:
+        raise
+    except Exception as exc:  # a __reduce__ that raises, a RecursionError
+        raise TypeError(f"{type(exc).__name__}: {exc}") from None
     size = len(orjson.dumps(data))  # a TypeError here, not in the socket writer later
     if size > MAX_RESULT_BYTES:
         raise ValueError(f"it is {size} bytes; results are limited to {MAX_RESULT_BYTES} bytes")

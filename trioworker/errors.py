@@ -4,6 +4,7 @@
 
     TrioworkerError
     ├── ParameterError        a run's parameters cannot be read for its task
+    ├── ResultDecodeError     a completed run's result cannot be read as its return annotation
     ├── ApiError              the server refused a request (status code and detail)
     │   └── NotFound          no such task run
     ├── ServerUnavailable     the server cannot be reached
@@ -23,6 +24,21 @@ class TrioworkerError(Exception):
 
 class ParameterError(TrioworkerError):
     """A run's parameters do not fit its task (missing, unexpected, or of the wrong type)."""
+
+
+class ResultDecodeError(TrioworkerError):
+    """``result()`` cannot read a COMPLETED run's result as the task's return annotation.
+
+    The annotation cannot be resolved in this process, or the JSON does not fit it (a
+    worker running other code than the submitter, a result written through the API).
+    Nothing is lost: ``data`` is the result as the server keeps it (JSON, or the base64
+    pickle), ``task_run`` the run.
+    """
+
+    def __init__(self, message: str, *, data: Any = None, task_run: Any = None) -> None:
+        super().__init__(message)
+        self.data = data
+        self.task_run = task_run
 
 
 class ApiError(TrioworkerError):

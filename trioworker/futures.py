@@ -25,7 +25,14 @@ import trio
 
 from trioworker import serializers
 from trioworker.client import TaskRunClient, using_client, using_sync_client
-from trioworker.errors import ApiError, NotFound, ServerUnavailable, TaskRunFailed
+from trioworker.errors import (
+    ApiError,
+    NotFound,
+    ParameterError,
+    ResultDecodeError,
+    ServerUnavailable,
+    TaskRunFailed,
+)
 from trioworker.models import JSON, State, StateType, TaskRun
 
 if TYPE_CHECKING:
@@ -90,11 +97,25 @@ def failure_of(run: TaskRun) -> BaseException:
 
 
 def result_of(run: TaskRun, task: Task[..., Any] | None) -> Any:
-    """The value a COMPLETED run returned, structured by the task's return annotation."""
+    """The value a COMPLETED run returned, structured by the task's return annotation.
+
+    Without a task, the JSON as the server keeps it. Raises :class:`ResultDecodeError`
+    when it cannot be read (the return annotation cannot be resolved here, the JSON does
+    not fit it, a pickle does not load).
+    """
     data = run.state.data
-    if run.serializer == "pickle":
-        return serializers.pickle_loads(data)
-    return data if task is None else serializers.load_result(task.fn, data)
+    try:
+        if run.serializer == "pickle":
+            return serializers.pickle_loads(data)
+        return data if task is None else serializers.load_result(task.fn, data)
+    except (ParameterError, serializers.Unreadable) as exc:
+        typed = task is not None and run.serializer == "json"
+        what = f" as {task.key}'s return annotation says" if typed and task is not None else ""
+        raise ResultDecodeError(
+            f"the result of task run {run.name} ({run.id}) cannot be read{what}: {exc}",
+            data=data,
+            task_run=run,
+        ) from None
 
 
 # --------------------------------------------------------------------------- shared waiting
@@ -275,7 +296,9 @@ class TaskRunFuture(_FutureBase[R]):
 
         A run that did not complete raises its task's own exception type when that class
         is importable here (with the remote traceback as a note), else :class:`TaskRunFailed`.
-        With ``raise_on_failure=False`` that exception is returned instead.
+        With ``raise_on_failure=False`` that exception is returned instead. A run that
+        completed with a result that cannot be read here as the return annotation says
+        raises :class:`~trioworker.ResultDecodeError` either way (the run did not fail).
         """
         await self.wait(timeout)
         return self._outcome(raise_on_failure)

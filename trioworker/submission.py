@@ -2,7 +2,9 @@
 
 Arguments are bound to the task's signature at submit time, so a missing, duplicate or
 unexpected argument raises the same TypeError the call would, here and now, not on a
-worker later. A future passed as an argument becomes a placeholder plus a ``wait_for``
+worker later. So does a value that would not arrive as it is (see
+:func:`trioworker.serializers.dump_value`): the TypeError names the task and the
+parameter. A future passed as an argument becomes a placeholder plus a ``wait_for``
 entry: the server holds the run until that run completed, and the worker puts its result
 in the placeholder's place.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import inspect
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import attrs
@@ -60,7 +62,16 @@ def build_create(
     idempotency_key: str | None = None,
     name: str | None = None,
 ) -> TaskRunCreate:
-    """The create request for one run of ``task`` with these arguments."""
+    """The create request for one run of ``task`` with these arguments.
+
+    Raises TypeError for arguments that do not fit the signature, for a value that would
+    not arrive on the worker as it is (json), and for a ``scheduled_time`` that is not a
+    datetime. A naive ``scheduled_time`` is local time, as ``datetime.timestamp()`` reads it.
+    """
+    if scheduled_time is not None:
+        if not isinstance(scheduled_time, datetime):
+            raise TypeError(f"scheduled_time must be a datetime, got {type(scheduled_time).__name__}")
+        scheduled_time = scheduled_time.astimezone(UTC)  # naive: local time
     bound = serializers.bind(task.fn, tuple(args), dict(kwargs))
     deps: list[uuid.UUID] = [
         w.task_run_id if isinstance(w, _FutureBase) else uuid.UUID(str(w)) for w in wait_for
@@ -75,9 +86,9 @@ def build_create(
         else:
             bound.arguments[key] = _placeholder(value, task.serializer, deps)
     if task.serializer == "pickle":
-        parameters: Any = serializers.pickle_dumps((bound.args, bound.kwargs))
+        parameters: Any = _pickled(task, bound)
     else:
-        parameters = serializers.dump_bound(bound)
+        parameters = serializers.dump_bound(bound, serializers.hints(task.fn), task=task.key)
     tags, context, parent = submission_context()
     return TaskRunCreate(
         task_key=task.key,
@@ -91,6 +102,24 @@ def build_create(
         parent_task_run_id=parent,
         wait_for=list(dict.fromkeys(deps)),
     )
+
+
+def _pickled(task: Task[..., Any], bound: inspect.BoundArguments) -> str:
+    """The pickled ``(args, kwargs)``; a TypeError naming the parameter that cannot be pickled."""
+    try:
+        return serializers.pickle_dumps((bound.args, bound.kwargs))
+    except Exception as exc:
+        for name, value in bound.arguments.items():
+            try:
+                serializers.pickle_dumps(value)
+            except Exception as one:
+                raise TypeError(
+                    f"task {task.key}, parameter {name!r}: {serializers.short(value)} cannot be pickled "
+                    f"({type(one).__name__}: {one})"
+                ) from None
+        raise TypeError(
+            f"task {task.key}: the arguments cannot be pickled ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _is_mapped(value: Any) -> bool:

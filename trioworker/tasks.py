@@ -118,7 +118,9 @@ class Task(Generic[P, R]):
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRunFuture[R]:
         """Submit a run with these arguments; returns its future at once.
 
-        Raises the call's own TypeError for arguments that do not fit the signature.
+        Raises the call's own TypeError for arguments that do not fit the signature, and a
+        TypeError naming the parameter for a value that would not arrive as it is (see the
+        README's *Parameters and results*).
         """
         return await self.apply_async(args, kwargs)
 
@@ -138,7 +140,7 @@ class Task(Generic[P, R]):
             wait_for: futures (or run ids) that must complete before this run starts; if
                 one fails, this run fails without starting. Futures among the arguments
                 are waited for too, and replaced by their results.
-            scheduled_time: not delivered before this time (UTC when naive).
+            scheduled_time: not delivered before this time (a naive one is local time).
             idempotency_key: a second submission with the same key gives the same run.
         """
         create = build_create(
