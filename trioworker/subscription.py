@@ -419,7 +419,7 @@ def _parse_runs(message: dict[str, JSON]) -> list[TaskRun]:
         return converter.structure(runs, list[TaskRun])
     except (cattrs.BaseValidationError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedMessage(
-            f"the server sent a delivery that is not a list of task runs: {_explain(exc)}"
+            f"the server sent a delivery that is not a list of task runs: {explain_error(exc)}"
         ) from None
 
 
@@ -441,7 +441,7 @@ def _parse_results(message: dict[str, JSON]) -> list[tuple[int, SetStateStatus, 
             out.append((ref, status, None if state is None else converter.structure(state, State), details))
     except (cattrs.BaseValidationError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedMessage(
-            f"the server sent state results that cannot be read: {_explain(exc)}"
+            f"the server sent state results that cannot be read: {explain_error(exc)}"
         ) from None
     return out
 
@@ -455,11 +455,11 @@ def _parse_ids(message: dict[str, JSON]) -> list[uuid.UUID]:
     except (KeyError, TypeError, ValueError) as exc:
         kind = message["type"]
         raise MalformedMessage(
-            f"the server sent a {kind!r} message without task run ids: {_explain(exc)}"
+            f"the server sent a {kind!r} message without task run ids: {explain_error(exc)}"
         ) from None
 
 
-def _explain(exc: BaseException) -> str:
+def explain_error(exc: BaseException) -> str:
     """One line for a parse error (cattrs groups become their first leaf)."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
