@@ -66,6 +66,8 @@ class _Watch:
     run: TaskRun | None = None
     missing: bool = False
     waiters: int = 0
+    #: The connection was lost before the run was settled: waiters fall back to HTTP.
+    dropped: bool = False
 
 
 @attrs.define(eq=False)
@@ -82,6 +84,7 @@ class ClientChannel:
     reopened: int = 0
     rng: random.Random = attrs.field(factory=random.Random)
     _lost: trio.Event = attrs.field(factory=trio.Event)
+    _open: trio.Event = attrs.field(factory=trio.Event)
     _refs: itertools.count[int] = attrs.field(factory=itertools.count)
     _calls: dict[int, _Call] = attrs.field(factory=dict)
     _watches: dict[uuid.UUID, _Watch] = attrs.field(factory=dict)
@@ -91,6 +94,10 @@ class ClientChannel:
     @property
     def usable(self) -> bool:
         return self.broken is None and self.ws is not None
+
+    async def wait_usable(self) -> None:
+        """Wait until the channel is open (again, after a loss)."""
+        await self._open.wait()
 
     async def _send(self, message: dict[str, JSON]) -> None:
         ws = self.ws
@@ -137,7 +144,7 @@ class ClientChannel:
                 if self.usable:
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         await self._send({"type": "unwatch", "ids": [str(run_id)]})
-        if self.broken is not None and not watch.done.is_set():
+        if watch.dropped or (self.broken is not None and not watch.done.is_set()):
             raise self._unavailable()
         if watch.missing:
             raise NotFound(404, f"no task run {run_id} (deleted?)")
@@ -183,6 +190,7 @@ class ClientChannel:
                     if reply["type"] != "auth_success":
                         raise MalformedMessage(f"unexpected reply to auth: {reply['type']!r}")
                     self.ws, self.broken, self._lost = ws, None, trio.Event()
+                    self._open.set()
                     if started:
                         self.reopened += 1
                         log.info("channel to %s open again", self.api_url)
@@ -265,13 +273,15 @@ class ClientChannel:
             return
         self.broken = exc
         self._lost.set()
+        self._open = trio.Event()
         what = str(exc) if isinstance(exc, MalformedMessage) else repr(exc)
         log.warning("channel to %s lost (%s); using HTTP until it is open again", self.api_url, what)
         for call in self._calls.values():
             call.error = self._unavailable()
             call.done.set()
         for watch in self._watches.values():
-            watch.done.set()  # waiters see `broken` and fall back
+            watch.dropped = True  # its waiters fall back to HTTP
+            watch.done.set()
         self._watches.clear()
 
 

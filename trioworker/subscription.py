@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import ssl
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
@@ -25,11 +27,13 @@ import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
+    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
+from trioworker._util import only_exception
 from trioworker.errors import SubscriptionRefused
 from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
 
@@ -47,6 +51,8 @@ COALESCE_PASSES: Final = 1
 BACKOFF_FIRST: Final = 0.2
 BACKOFF_FACTOR: Final = 2.0
 BACKOFF_MAX: Final = 15.0
+#: Seconds to open a socket (TCP, TLS and the websocket handshake) before giving up.
+CONNECT_TIMEOUT: Final = 10.0
 #: Close codes with a meaning for us.
 CLOSE_NORMAL: Final = 1000
 CLOSE_POLICY: Final = 1008
@@ -70,18 +76,68 @@ def next_backoff(attempt: int, rng: random.Random) -> float:
 
 @asynccontextmanager
 async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocketConnection]:
-    """Open the socket; always close its TCP stream on the way out.
+    """Open a websocket to ``url`` (``ws://`` or ``wss://``); its TCP stream is ours and is
+    always closed on the way out.
 
-    trio-websocket 0.12 skips closing the stream when the server closed first; closing it
-    here keeps a reconnecting worker from leaking one socket per reconnect.
+    trio-websocket 0.12 leaves the stream open when the server closed first or refused the
+    handshake (an HTTP error status); owning the stream keeps a reconnecting client from
+    leaking one socket per attempt.
+
+    Raises:
+        OSError: the TCP connection failed.
+        HandshakeError: the handshake was refused (:class:`ConnectionRejected`) or took
+            longer than CONNECT_TIMEOUT (:class:`ConnectionTimeout`).
     """
-    ws: WebSocketConnection | None = None
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    with trio.move_on_after(CONNECT_TIMEOUT) as opening:
+        if secure:
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+            )
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+    if opening.cancelled_caught:
+        raise ConnectionTimeout
+    body_error: BaseException | None = None
     try:
-        async with open_websocket_url(url, max_message_size=MAX_MESSAGE_BYTES, message_queue_size=64) as ws:
-            yield ws
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(CONNECT_TIMEOUT) as handshake:
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    host if port in (80, 443) else f"{host}:{port}",
+                    resource,
+                    message_queue_size=64,
+                    max_message_size=MAX_MESSAGE_BYTES,
+                )
+            if handshake.cancelled_caught:
+                raise ConnectionTimeout
+            try:
+                yield ws
+            except BaseException as exc:  # remembered, to be re-raised unwrapped below
+                body_error = exc
+                raise
+            finally:
+                try:
+                    # A close handshake, unless we are cancelled (then the stream is just closed).
+                    with trio.move_on_after(CONNECT_TIMEOUT):
+                        await ws.aclose()
+                finally:
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        single = only_exception(group)
+        if single is None:
+            raise
+        if single is body_error or not isinstance(single, trio.Cancelled):
+            raise single from None
+        raise
     finally:
-        if ws is not None:
-            await trio.aclose_forcefully(ws._stream)
+        await trio.aclose_forcefully(stream)
 
 
 @attrs.define(eq=False)
