@@ -9,7 +9,9 @@ The nursery tree of a running worker::
         runs nursery: one task per run; async code runs here, sync code in
                       trio.to_thread.run_sync; a CapacityLimiter bounds them all
 
-When ``start()`` returns, every task, thread and socket of the worker has ended.
+When ``start()`` returns, every task and socket of the worker has ended, and every thread
+too, except the thread of a sync task still running when the grace period ran out: the
+worker stopped waiting for it (see :class:`TaskWorker`).
 """
 
 from __future__ import annotations
