@@ -399,6 +399,8 @@ class TaskWorker:
                         await self._take(run, runs, subscription)
                 # Stopping: no new runs; the ones running get the grace period.
                 subscription.quit()
+                if math.isinf(self._stop_deadline):  # the deliveries ended without stop()
+                    self._stop_deadline = trio.current_time() + self.shutdown_grace_seconds
                 timers.start_soon(self._grace_period, runs.cancel_scope)
             timers.cancel_scope.cancel()
         while True:
