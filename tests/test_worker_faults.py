@@ -427,6 +427,33 @@ async def test_a_malformed_frame_drops_the_subscription_and_it_is_made_again(
     assert "\n" not in lost.getMessage()
 
 
+@pytest.mark.parametrize("reply", ["{nope", b'{"type": "auth_success"}', '{"type": "subscribed"}', "[]"])
+async def test_a_malformed_handshake_reply_is_retried(
+    proxy: Proxy, fake: FakeSockets, logs: LogEvents, reply: str | bytes
+) -> None:
+    @task(key="f.echo")
+    async def echo(text: str) -> str:
+        return text
+
+    worker = TaskWorker(echo, api_url=proxy.api_url)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.start)
+        first = await fake.next()
+        assert (await first.receive())["type"] == "auth"
+        await first.send(reply)
+        assert await first.close_code() == 1002
+        second = await fake.next()
+        await second.accept_subscription()
+        run = delivered("f.echo", {"text": "in"})
+        await second.send({"type": "task_runs", "task_runs": [run]})
+        with deadline():
+            states = await answer_states(second, {run["id"]: "COMPLETED"}, [])
+        assert states[run["id"]]["data"] == "in"
+        worker.stop()
+        await quit_when_asked(second)
+    assert len(logs.matching("subscription lost")) == 1
+
+
 async def test_reports_whose_answer_was_malformed_are_sent_again(proxy: Proxy, fake: FakeSockets) -> None:
     @task(key="f.echo")
     async def echo(text: str) -> str:

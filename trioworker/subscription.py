@@ -291,12 +291,17 @@ class SubscriptionClient:
             while True:
                 try:
                     async with connect(url) as ws:
-                        await self._handshake(ws)
-                        attempt = 0
-                        if not started:
-                            task_status.started()
-                            started = True
-                        finished = await self._session(ws, deliveries)
+                        try:
+                            await self._handshake(ws)
+                            attempt = 0
+                            if not started:
+                                task_status.started()
+                                started = True
+                            finished = await self._session(ws, deliveries)
+                        except MalformedMessage:
+                            with trio.move_on_after(1):
+                                await ws.aclose(CLOSE_PROTOCOL_ERROR, "malformed message")
+                            raise
                     if finished:
                         return
                 except (OSError, HandshakeError, ConnectionRejected, ConnectionClosed, _Disconnected) as exc:
@@ -368,9 +373,6 @@ class SubscriptionClient:
             return True
         if lost is None:  # pragma: no cover - the reader only ends by an error
             raise _Disconnected("the connection ended without a reason")
-        if isinstance(lost, MalformedMessage):
-            with trio.move_on_after(1):
-                await ws.aclose(CLOSE_PROTOCOL_ERROR, "malformed message")
         raise lost
 
     async def _read_forever(
