@@ -110,7 +110,8 @@ class ClientChannel:
             raise self._unavailable() from exc
 
     def _unavailable(self) -> ServerUnavailable:
-        return ServerUnavailable(f"the channel to {self.api_url} was lost: {self.broken!r}")
+        why = "" if self.broken is None else f": {self.broken}"
+        return ServerUnavailable(f"the channel to {self.api_url} was lost{why}")
 
     async def create(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
         """Create runs; returns them in order (raises ApiError for refused input)."""
