@@ -459,6 +459,8 @@ class TaskWorker:
         """Log what stopping waits for; when the grace period is over, stop waiting."""
         with trio.CancelScope(deadline=self._stop_deadline) as self._grace_scope:
             while True:
+                # A timer for the log line only: the end of the runs is the runs nursery's
+                # exit, which cancels this task.
                 self._log_waiting()
                 await trio.sleep(WAITING_LOG_INTERVAL)
         self._grace_scope = None
