@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 import orjson
 import trio
 
-from trioworker import serializers
+from trioworker import _threads, serializers
 from trioworker._util import raise_passing
 from trioworker.context import running
 from trioworker.errors import ParameterError, StopTaskWorker, TrioworkerError
@@ -178,8 +178,8 @@ async def _call(
     if task.is_async:
         return await task.fn(*args, **kwargs)
     # The thread gets a copy of our contextvars (trio does that), and cancellation waits
-    # for it to return: a thread never outlives its run.
-    return await trio.to_thread.run_sync(partial(task.fn, *args, **kwargs), limiter=thread_limiter)
+    # for it to return, unless the worker gave up on it after its grace period (_threads).
+    return await _threads.run_sync(partial(task.fn, *args, **kwargs), thread_limiter)
 
 
 async def _attempt(

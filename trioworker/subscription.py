@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import ssl
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
@@ -25,11 +27,13 @@ import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
+    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
+from trioworker._util import only_exception
 from trioworker.errors import SubscriptionRefused
 from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
 from trioworker.settings import socket_url
@@ -48,9 +52,12 @@ COALESCE_PASSES: Final = 1
 BACKOFF_FIRST: Final = 0.2
 BACKOFF_FACTOR: Final = 2.0
 BACKOFF_MAX: Final = 15.0
+#: Seconds to open a socket (TCP, TLS and the websocket handshake) before giving up.
+CONNECT_TIMEOUT: Final = 10.0
 #: Close codes with a meaning for us.
 CLOSE_NORMAL: Final = 1000
 CLOSE_POLICY: Final = 1008
+CLOSE_PROTOCOL_ERROR: Final = 1002
 
 
 def websocket_url(api_url: str) -> str:
@@ -69,18 +76,68 @@ def next_backoff(attempt: int, rng: random.Random) -> float:
 
 @asynccontextmanager
 async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocketConnection]:
-    """Open the socket; always close its TCP stream on the way out.
+    """Open a websocket to ``url`` (``ws://`` or ``wss://``); its TCP stream is ours and is
+    always closed on the way out.
 
-    trio-websocket 0.12 skips closing the stream when the server closed first; closing it
-    here keeps a reconnecting worker from leaking one socket per reconnect.
+    trio-websocket 0.12 leaves the stream open when the server closed first or refused the
+    handshake (an HTTP error status); owning the stream keeps a reconnecting client from
+    leaking one socket per attempt.
+
+    Raises:
+        OSError: the TCP connection failed.
+        HandshakeError: the handshake was refused (:class:`ConnectionRejected`) or took
+            longer than CONNECT_TIMEOUT (:class:`ConnectionTimeout`).
     """
-    ws: WebSocketConnection | None = None
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    with trio.move_on_after(CONNECT_TIMEOUT) as opening:
+        if secure:
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+            )
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+    if opening.cancelled_caught:
+        raise ConnectionTimeout
+    body_error: BaseException | None = None
     try:
-        async with open_websocket_url(url, max_message_size=MAX_MESSAGE_BYTES, message_queue_size=64) as ws:
-            yield ws
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(CONNECT_TIMEOUT) as handshake:
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    host if port in (80, 443) else f"{host}:{port}",
+                    resource,
+                    message_queue_size=64,
+                    max_message_size=MAX_MESSAGE_BYTES,
+                )
+            if handshake.cancelled_caught:
+                raise ConnectionTimeout
+            try:
+                yield ws
+            except BaseException as exc:  # remembered, to be re-raised unwrapped below
+                body_error = exc
+                raise
+            finally:
+                try:
+                    # A close handshake, unless we are cancelled (then the stream is just closed).
+                    with trio.move_on_after(CONNECT_TIMEOUT):
+                        await ws.aclose()
+                finally:
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        single = only_exception(group)
+        if single is None:
+            raise
+        if single is body_error or not isinstance(single, trio.Cancelled):
+            raise single from None
+        raise
     finally:
-        if ws is not None:
-            await trio.aclose_forcefully(ws._stream)
+        await trio.aclose_forcefully(stream)
 
 
 @attrs.define(eq=False)
@@ -103,6 +160,11 @@ class _Report:
 
 class _Disconnected(Exception):
     """The socket was lost; the session reconnects."""
+
+
+class MalformedMessage(_Disconnected):
+    """The server sent something the protocol does not allow: the connection is dropped
+    (closed with 1002) and made again."""
 
 
 @attrs.define(eq=False)
@@ -214,22 +276,32 @@ class SubscriptionClient:
         Reports ``started`` after the first successful subscribe.
 
         **Error handling:** every connection loss (refused, reset, abnormal close, server
-        restart with 1012, HTTP errors in the handshake) is retried with backoff. A close
-        with 1008 (the API key was refused) raises :class:`SubscriptionRefused`.
+        restart with 1012, HTTP errors in the handshake) is retried with backoff. So is a
+        malformed message from the server (not JSON, not an object, a binary frame, an
+        unknown type, a run or a field that cannot be read): the connection is closed
+        with 1002 and made again, with one log line, and nothing of that message is
+        applied. A close with 1008 (the API key was refused) raises
+        :class:`SubscriptionRefused`.
         """
         url = websocket_url(self.api_url)
         attempt = 0
+        malformed = 0  # in a row: a server that keeps sending them is not hammered
         started = False
         async with deliveries:
             while True:
                 try:
                     async with connect(url) as ws:
-                        await self._handshake(ws)
-                        attempt = 0
-                        if not started:
-                            task_status.started()
-                            started = True
-                        finished = await self._session(ws, deliveries)
+                        try:
+                            await self._handshake(ws)
+                            attempt = 0
+                            if not started:
+                                task_status.started()
+                                started = True
+                            finished = await self._session(ws, deliveries)
+                        except MalformedMessage:
+                            with trio.move_on_after(1):
+                                await ws.aclose(CLOSE_PROTOCOL_ERROR, "malformed message")
+                            raise
                     if finished:
                         return
                 except (OSError, HandshakeError, ConnectionRejected, ConnectionClosed, _Disconnected) as exc:
@@ -241,7 +313,8 @@ class SubscriptionClient:
                     if self._quitting and not (self._unanswered or self._outbox or self.held()):
                         self.connected = False
                         return  # stopping with nothing left to say: no reason to reconnect
-                    delay = next_backoff(attempt, self.rng)
+                    malformed = malformed + 1 if isinstance(exc, MalformedMessage) else 0
+                    delay = next_backoff(attempt + malformed, self.rng)
                     attempt += 1
                     self.reconnects += 1
                     log.warning("subscription lost (%s); reconnecting in %.2f s", _describe(exc), delay)
@@ -252,7 +325,7 @@ class SubscriptionClient:
         await self._send(ws, {"type": "auth", "token": self.api_key})
         reply = await self._receive(ws)
         if reply.get("type") != "auth_success":
-            raise _Disconnected(f"unexpected handshake reply {reply!r}")
+            raise MalformedMessage(f"unexpected handshake reply {_clip(str(reply))}")
         self._control.clear()  # credit and release messages meant the old connection
         credit = 0 if self._quitting else self.credit
         held = [str(i) for i in self.held()]
@@ -305,14 +378,15 @@ class SubscriptionClient:
     async def _read_forever(
         self, ws: WebSocketConnection, deliveries: trio.MemorySendChannel[TaskRun]
     ) -> None:
+        """Read until the connection is lost; a malformed message drops it (_Disconnected).
+
+        Each message is read whole before any of it is applied, so a bad one changes nothing.
+        """
         while True:
             message = await self._receive(ws)
-            kind = message.get("type")
+            kind = message["type"]
             if kind == "task_runs":
-                try:
-                    runs = converter.structure(message["task_runs"], list[TaskRun])
-                except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as exc:
-                    raise _Disconnected(f"unreadable delivery: {exc!r}") from None
+                runs = _parse_runs(message)
                 # No ack: the protocol makes it optional, and the server learns all it needs
                 # from the RUNNING report that follows (one message per run saved).
                 for run in runs:
@@ -323,14 +397,13 @@ class SubscriptionClient:
                         self._unstarted.discard(run.id)
                         self.release([run.id])  # the worker stopped taking runs
             elif kind == "state_results":
-                self._resolve(message.get("results", []))
+                self._resolve(_parse_results(message))
             elif kind == "cancel":
-                ids = [uuid.UUID(i) for i in message.get("ids", [])]
-                self.on_cancel(ids)
+                self.on_cancel(_parse_ids(message))
             elif kind == "revoke":
-                self._revoke([uuid.UUID(i) for i in message.get("ids", [])])
+                self._revoke(_parse_ids(message))
             else:
-                log.warning("ignoring an unknown message from the server: %r", kind)
+                raise MalformedMessage(f"the server sent a message of unknown type {kind!r}")
 
     async def _write_forever(self, ws: WebSocketConnection) -> None:
         while True:
@@ -350,14 +423,12 @@ class SubscriptionClient:
             for chunk in _by_size(batch):
                 await ws.send_message((b'{"type":"states","states":[%b]}' % b",".join(chunk)).decode())
 
-    def _resolve(self, results: list[dict[str, JSON]]) -> None:
-        for item in results:
-            report = self._unanswered.pop(item.get("ref"), None)  # type: ignore[arg-type]
+    def _resolve(self, results: list[tuple[int, SetStateStatus, State | None, str | None]]) -> None:
+        for ref, status, state, details in results:
+            report = self._unanswered.pop(ref, None)
             if report is None:
                 continue
-            status = SetStateStatus(item["status"])
-            state = report.state if item.get("state") is None else converter.structure(item["state"], State)
-            report.result = SetStateResult(status, state, item.get("details"))
+            report.result = SetStateResult(status, report.state if state is None else state, details)
             report.done.set()
             if report.on_answer is not None:
                 report.on_answer(report.result)
@@ -376,14 +447,82 @@ class SubscriptionClient:
 
     @staticmethod
     async def _receive(ws: WebSocketConnection) -> dict[str, JSON]:
-        raw = await ws.get_message()
-        try:
-            message = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise _Disconnected("the server sent malformed JSON") from None
-        if not isinstance(message, dict):
-            raise _Disconnected("the server sent a message that is not an object")
-        return message
+        return parse_message(await ws.get_message())
+
+
+def parse_message(raw: str | bytes) -> dict[str, JSON]:
+    """One text frame as a JSON object with a string ``"type"``; else :class:`MalformedMessage`."""
+    if not isinstance(raw, str):
+        raise MalformedMessage("the server sent a binary frame (the protocol uses text frames)")
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise MalformedMessage(f"the server sent malformed JSON: {_clip(raw)}") from None
+    if not isinstance(message, dict):
+        raise MalformedMessage(f"the server sent JSON that is not an object: {_clip(raw)}")
+    if not isinstance(message.get("type"), str):
+        raise MalformedMessage(f'the server sent a message without a string "type": {_clip(raw)}')
+    return message
+
+
+def _clip(raw: str, limit: int = 80) -> str:
+    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
+
+
+def _parse_runs(message: dict[str, JSON]) -> list[TaskRun]:
+    try:
+        runs = message["task_runs"]
+        if not isinstance(runs, list):
+            raise TypeError(f"task_runs is {type(runs).__name__}, not a list")
+        return converter.structure(runs, list[TaskRun])
+    except (cattrs.BaseValidationError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedMessage(
+            f"the server sent a delivery that is not a list of task runs: {explain_error(exc)}"
+        ) from None
+
+
+def _parse_results(message: dict[str, JSON]) -> list[tuple[int, SetStateStatus, State | None, str | None]]:
+    out: list[tuple[int, SetStateStatus, State | None, str | None]] = []
+    try:
+        results = message["results"]
+        if not isinstance(results, list):
+            raise TypeError(f"results is {type(results).__name__}, not a list")
+        for item in results:
+            if not isinstance(item, dict):
+                raise TypeError(f"a result is {type(item).__name__}, not an object")
+            ref, details, state = item["ref"], item.get("details"), item.get("state")
+            if not isinstance(ref, int) or isinstance(ref, bool):
+                raise TypeError(f"ref {ref!r} is not a whole number")
+            if details is not None and not isinstance(details, str):
+                raise TypeError(f"details {details!r} is not a string")
+            status = SetStateStatus(item["status"])
+            out.append((ref, status, None if state is None else converter.structure(state, State), details))
+    except (cattrs.BaseValidationError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedMessage(
+            f"the server sent state results that cannot be read: {explain_error(exc)}"
+        ) from None
+    return out
+
+
+def _parse_ids(message: dict[str, JSON]) -> list[uuid.UUID]:
+    try:
+        ids = message["ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise TypeError(f"ids is {ids!r}, not a list of strings")
+        return [uuid.UUID(i) for i in ids]
+    except (KeyError, TypeError, ValueError) as exc:
+        kind = message["type"]
+        raise MalformedMessage(
+            f"the server sent a {kind!r} message without task run ids: {explain_error(exc)}"
+        ) from None
+
+
+def explain_error(exc: BaseException) -> str:
+    """One line for a parse error (cattrs groups become their first leaf)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyError) else f"missing {exc}"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _by_size(reports: list[_Report]) -> list[list[bytes]]:
@@ -409,4 +548,6 @@ def _describe(exc: BaseException) -> str:
         return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
     if isinstance(exc, ConnectionRejected):
         return f"HTTP {exc.status_code} during the handshake"
+    if isinstance(exc, _Disconnected):
+        return str(exc)
     return repr(exc.__cause__ or exc) if isinstance(exc, HandshakeError) else repr(exc)

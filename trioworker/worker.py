@@ -9,7 +9,9 @@ The nursery tree of a running worker::
         runs nursery: one task per run; async code runs here, sync code in
                       trio.to_thread.run_sync; a CapacityLimiter bounds them all
 
-When ``start()`` returns, every task, thread and socket of the worker has ended.
+When ``start()`` returns, every task and socket of the worker has ended, and every thread
+too, except the thread of a sync task still running when the grace period ran out: the
+worker stopped waiting for it (see :class:`TaskWorker`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import enum
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import uuid
@@ -28,16 +31,17 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, final
 
+import httpx
 import trio
 
-from trioworker import engine
+from trioworker import _threads, engine
 from trioworker._util import only_exception
 from trioworker.client import TaskRunClient, connect, using_client
 from trioworker.engine import Outcome
-from trioworker.errors import NotFound, StopTaskWorker
-from trioworker.models import SetStateResult, State, TaskRun, utcnow
+from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
+from trioworker.models import SetStateResult, State, StateDetails, StateType, TaskRun, make_state, utcnow
 from trioworker.settings import DEFAULT_STATUS_HOST, MAX_PREFETCH, Settings, api_root
-from trioworker.subscription import SubscriptionClient, websocket_url
+from trioworker.subscription import SubscriptionClient, next_backoff, websocket_url
 from trioworker.tasks import Task
 
 log = logging.getLogger("trioworker.worker")
@@ -50,6 +54,14 @@ UNLIMITED_CREDIT: Final = 1000
 UNLIMITED_THREADS: Final = 100
 #: Seconds to wait for the server to confirm the quit once runs are done or handed back.
 QUIT_TIMEOUT: Final = 5.0
+#: The same after a stop without grace (a second signal): the hand-back is best effort.
+FORCED_QUIT_TIMEOUT: Final = 1.0
+#: While stopping, the runs still going are logged this often (seconds).
+WAITING_LOG_INTERVAL: Final = 5.0
+#: Runs named in one such log line (the rest are counted).
+WAITING_LOG_RUNS: Final = 10
+#: Runs whose recent worker faults are remembered (for the hand-back backoff).
+FAULTS_REMEMBERED: Final = 1024
 
 
 class WorkerState(enum.Enum):
@@ -111,12 +123,24 @@ class TaskWorker:
             a free slot; when one gets one, the server takes back the runs not started.
             Without a limit there is nothing to wait for, and prefetch is 0.
 
-    **Cancellation handling:** stopping is strict: :meth:`stop` (or cancelling
-    :meth:`start`'s scope, or SIGTERM under :func:`serve`) stops taking runs, lets
-    in-flight runs finish within the grace period, then cancels them. A sync task's
-    thread cannot be interrupted: cancelling it waits until it returns (it may call
-    ``trio.from_thread.check_cancelled()`` to leave early). Runs that did not finish go
-    back to the queue for another worker.
+    **Cancellation handling:** :meth:`stop` (or SIGTERM/SIGINT under :func:`serve`)
+    stops taking runs, lets in-flight runs finish within the grace period, then cancels
+    them and hands them back to the queue (SCHEDULED/Redelivered) for another worker.
+    A sync task's thread cannot be interrupted: it is told (its
+    ``trio.from_thread.check_cancelled()`` raises), and once the grace period is over the
+    worker stops waiting for it. Such a thread runs on in the background until its
+    function returns (in a ``trioworker worker`` process it ends with the process);
+    whatever it returns is discarded, and its run is never reported twice. Before the
+    grace period is over, a cancelled sync run (a cancel from the server, a timeout)
+    waits for its thread as ``trio.to_thread.run_sync`` does. Cancelling :meth:`start`'s
+    scope from outside cancels every run at once and waits for their threads.
+    A sync task's ``trio.from_thread.run`` calls run in Trio's system nursery.
+
+    **Error handling:** each run is its own failure domain. What its task raises ends
+    the run (FAILED or a retry). An error of the worker's own handling of one run (a
+    REST call that fails while it reads a dependency's result, a bug) is logged with the
+    run id and the run is handed back to the queue, after a backoff that grows for that
+    run (up to 15 s); the other runs are untouched.
     """
 
     def __init__(
@@ -161,8 +185,18 @@ class TaskWorker:
         self._state = WorkerState.UNOPENED
         self._limiter = trio.CapacityLimiter(limit if limit is not None else math.inf)
         self._thread_limiter = trio.CapacityLimiter(limit if limit is not None else UNLIMITED_THREADS)
+        #: Runs whose lease the subscription holds for this worker.
         self._held: set[uuid.UUID] = set()
-        self._executing: set[uuid.UUID] = set()
+        #: Runs this worker is executing or about to (from the subscription or
+        #: execute_task_run): one execution per run id at a time.
+        self._claimed: set[uuid.UUID] = set()
+        self._faults: dict[uuid.UUID, int] = {}
+        self._thread_waits = _threads.ThreadWaits()
+        self._stopping = trio.Event()
+        self._stop_deadline = math.inf
+        self._forced = False
+        self._grace_scope: trio.CancelScope | None = None
+        self._quit_scope: trio.CancelScope | None = None
         self._scopes: dict[uuid.UUID, trio.CancelScope] = {}
         self._cancel_requested: set[uuid.UUID] = set()
         self._dispatch_scope: trio.CancelScope | None = None
@@ -277,28 +311,59 @@ class TaskWorker:
                 return
             async with receive:
                 await self._dispatch(receive)
-            with trio.move_on_after(QUIT_TIMEOUT):
+            with trio.CancelScope() as self._quit_scope:
+                self._quit_scope.deadline = trio.current_time() + (
+                    FORCED_QUIT_TIMEOUT if self._forced else QUIT_TIMEOUT
+                )
                 await subscription_done.wait()
+            self._quit_scope = None
             nursery.cancel_scope.cancel()
 
-    def stop(self) -> None:
-        """Stop taking runs; in-flight runs get the grace period, then are cancelled.
+    def stop(self, *, grace_seconds: float | None = None) -> None:
+        """Stop taking runs; in-flight runs get the grace period, then are handed back.
 
-        Safe to call from any Trio task of the worker's run, and more than once.
+        Safe to call from any Trio task of the worker's run, and more than once: a later
+        call can only shorten the wait (``grace_seconds=0`` stops at once: the runs are
+        cancelled, handed back as far as the server can still be told within a second,
+        and no thread is waited for). See the class docstring for threads.
+
+        Args:
+            grace_seconds: seconds in-flight runs may still take (default: the worker's
+                ``shutdown_grace_seconds``).
 
         Raises:
             RuntimeError: the worker was never started.
+            ValueError: ``grace_seconds`` is negative.
         """
         if self._state is WorkerState.UNOPENED:
             raise RuntimeError("this TaskWorker is not running: start() it before calling stop()")
-        if self._state is not WorkerState.RUNNING:
+        grace = self.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        if grace < 0:
+            raise ValueError("grace_seconds must be >= 0")
+        if self._state is WorkerState.STOPPED:
             return
-        log.info("worker %s stopping (grace %g s)", self.client_id, self.shutdown_grace_seconds)
-        self._state = WorkerState.STOPPING
-        if self._startup_scope is not None:
-            self._startup_scope.cancel()
-        if self._dispatch_scope is not None:
-            self._dispatch_scope.cancel()
+        deadline = trio.current_time() + grace
+        if self._state is WorkerState.RUNNING:
+            log.info("worker %s stopping (grace %g s)", self.client_id, grace)
+            self._state = WorkerState.STOPPING
+            self._stopping.set()
+            if self._startup_scope is not None:
+                self._startup_scope.cancel()
+            if self._dispatch_scope is not None:
+                self._dispatch_scope.cancel()
+        elif deadline < self._stop_deadline:
+            log.info("worker %s stopping sooner: runs get %g s more", self.client_id, grace)
+        else:
+            return
+        self._stop_deadline = deadline
+        if grace == 0:
+            self._forced = True
+            if self._quit_scope is not None:
+                self._quit_scope.deadline = min(
+                    self._quit_scope.deadline, trio.current_time() + FORCED_QUIT_TIMEOUT
+                )
+        if self._grace_scope is not None:
+            self._grace_scope.deadline = deadline
 
     @asynccontextmanager
     async def _run_in_background(self) -> AsyncIterator[Self]:
@@ -338,30 +403,19 @@ class TaskWorker:
     async def _dispatch(self, receive: trio.MemoryReceiveChannel[TaskRun]) -> None:
         subscription = self._subscription
         assert subscription is not None
-        async with trio.open_nursery() as runs:
-            with trio.CancelScope() as self._dispatch_scope:
-                if self._state is not WorkerState.RUNNING:
-                    self._dispatch_scope.cancel()
-                async for run in receive:
-                    task = self._tasks.get(run.task_key)
-                    if task is None:
-                        subscription.take(run.id)
-                        await self._unknown_key(run, subscription.release)
-                        continue
-                    if run.id in self._held:
-                        subscription.take(run.id)
-                        continue  # delivered again while we still hold it (after a reconnect)
-                    self._held.add(run.id)
-                    await self._limiter.acquire_on_behalf_of(run.id)
-                    if not subscription.take(run.id):
-                        # Revoked while it waited in the buffer: handed back, not ours.
-                        self._held.discard(run.id)
-                        self._limiter.release_on_behalf_of(run.id)
-                        continue
-                    runs.start_soon(self._run_one, task, run, subscription)
-            # Stopping: no new runs; the ones running get the grace period.
-            subscription.quit()
-            runs.cancel_scope.deadline = trio.current_time() + self.shutdown_grace_seconds
+        async with trio.open_nursery() as timers:
+            async with trio.open_nursery() as runs:
+                with trio.CancelScope() as self._dispatch_scope:
+                    if self._state is not WorkerState.RUNNING:
+                        self._dispatch_scope.cancel()
+                    async for run in receive:
+                        await self._take(run, runs, subscription)
+                # Stopping: no new runs; the ones running get the grace period.
+                subscription.quit()
+                if math.isinf(self._stop_deadline):  # the deliveries ended without stop()
+                    self._stop_deadline = trio.current_time() + self.shutdown_grace_seconds
+                timers.start_soon(self._grace_period, runs.cancel_scope)
+            timers.cancel_scope.cancel()
         while True:
             try:
                 self._held.add(receive.receive_nowait().id)
@@ -371,6 +425,87 @@ class TaskWorker:
             log.info("handing back %d unfinished run(s)", len(self._held))
             subscription.release(sorted(self._held))
             self._held.clear()
+
+    async def _take(self, run: TaskRun, runs: trio.Nursery, subscription: SubscriptionClient) -> None:
+        """Start one delivered run in ``runs`` (or not); errors stay with this run."""
+        acquired = claimed = False
+        task = self._tasks.get(run.task_key)
+        try:
+            if task is None:
+                subscription.take(run.id)
+                await self._unknown_key(run, subscription.release)
+                return
+            if run.id in self._claimed or run.id in self._held:
+                # Delivered again while it runs here (after a reconnect, or while
+                # execute_task_run runs it): one execution; the lease is ours to answer.
+                subscription.take(run.id)
+                if run.id not in self._held:
+                    self._held.add(run.id)  # released when that execution ends
+                    log.info("run %s was delivered while it runs here; it runs once", run.id)
+                return
+            self._held.add(run.id)
+            self._claimed.add(run.id)
+            claimed = True
+            await self._limiter.acquire_on_behalf_of(run.id)
+            acquired = True
+            if not subscription.take(run.id):
+                # Revoked while it waited in the buffer: handed back, not ours.
+                self._held.discard(run.id)
+                self._claimed.discard(run.id)
+                self._limiter.release_on_behalf_of(run.id)
+                return
+            runs.start_soon(self._run_one, task, run, subscription)
+            claimed = acquired = False  # _run_one owns them now
+        except BaseException as exc:
+            if claimed:
+                self._claimed.discard(run.id)
+            if acquired:
+                self._limiter.release_on_behalf_of(run.id)
+            if not isinstance(exc, Exception):
+                raise  # Cancelled: a stopping worker hands back what it holds
+            log.exception("run %s of %s: the worker failed to take it; handing it back", run.id, run.task_key)
+            if claimed or task is None:
+                self._held.add(run.id)
+                self._release_held(run.id)
+
+    async def _grace_period(self, runs: trio.CancelScope) -> None:
+        """Log what stopping waits for; when the grace period is over, stop waiting."""
+        with trio.CancelScope(deadline=self._stop_deadline) as self._grace_scope:
+            while True:
+                # A timer for the log line only: the end of the runs is the runs nursery's
+                # exit, which cancels this task.
+                self._log_waiting()
+                await trio.sleep(WAITING_LOG_INTERVAL)
+        self._grace_scope = None
+        names = self._running_names()
+        if names:
+            log.warning(
+                "grace period over: cancelling %d run(s) and handing them back: %s",
+                len(names),
+                ", ".join(names),
+            )
+        self._thread_waits.give_up()
+        runs.cancel()
+
+    def _running_names(self) -> list[str]:
+        started = {run_id: at for by_id in self.in_flight_task_runs.values() for run_id, at in by_id.items()}
+        keys = {run_id: key for key, by_id in self.in_flight_task_runs.items() for run_id in by_id}
+        now = utcnow()
+        names = []
+        for run_id in sorted(self._scopes, key=lambda i: started.get(i, now)):
+            at = started.get(run_id)
+            running = f"running {(now - at).total_seconds():.1f} s" if at is not None else "starting"
+            names.append(f"{keys.get(run_id, 'run')} {run_id} ({running})")
+        return names
+
+    def _log_waiting(self) -> None:
+        names = self._running_names()
+        if not names:
+            return
+        left = max(0.0, self._stop_deadline - trio.current_time())
+        shown = ", ".join(names[:WAITING_LOG_RUNS])
+        more = f" and {len(names) - WAITING_LOG_RUNS} more" if len(names) > WAITING_LOG_RUNS else ""
+        log.info("stopping: waiting %.1f s more for %d run(s) to finish: %s%s", left, len(names), shown, more)
 
     async def _unknown_key(self, run: TaskRun, release: Callable[[list[uuid.UUID]], None]) -> None:
         if self.delete_failed_submissions:
@@ -391,12 +526,20 @@ class TaskWorker:
                 self._cancel_requested.add(run_id)
 
     async def _run_one(self, task: Task[..., Any], run: TaskRun, reporter: engine.Reporter) -> None:
+        """Execute one claimed run (its limiter token is held); a worker fault hands it back.
+
+        **Error handling:** the run is its own failure domain: an exception of the
+        worker's handling (not of the task: the engine reports those) is logged with the
+        run id, and the run is handed back after a backoff; it never leaves this method.
+        Cancellation propagates (a stopping worker hands back what it still holds).
+        """
         key = task.key
         scope = trio.CancelScope()
         self._scopes[run.id] = scope
         if run.id in self._cancel_requested:
             scope.cancel()
         slot_free = False
+        from_subscription = self._subscription is not None and reporter is self._subscription
 
         def free_slot() -> None:
             """The task's code is done: the next run may start (its report is on its way)."""
@@ -406,41 +549,93 @@ class TaskWorker:
                 self.in_flight_task_runs[key].pop(run.id, None)
                 self._limiter.release_on_behalf_of(run.id)
 
+        threads = _threads.current_thread_waits.set((self._thread_waits, f"run {run.id} of {key}"))
         try:
 
             def on_running() -> None:
                 self.in_flight_task_runs[key][run.id] = utcnow()
                 self.started_task_runs[key] += 1
 
-            outcome = await engine.execute(
-                task,
-                run,
-                reporter,
-                scope=scope,
-                thread_limiter=self._thread_limiter,
-                allow_pickle=self.allow_pickle,
-                on_running=on_running,
-                on_attempt_end=free_slot,
-                fetch=self._fetch_runs,
-                # Runs from the subscription were just leased to us: RUNNING is all but
-                # certain, and a cancel would reach us anyway.
-                queue_report=self._subscription.send_report
-                if self._subscription is not None and reporter is self._subscription
-                else None,
-            )
+            try:
+                outcome = await engine.execute(
+                    task,
+                    run,
+                    reporter,
+                    scope=scope,
+                    thread_limiter=self._thread_limiter,
+                    allow_pickle=self.allow_pickle,
+                    on_running=on_running,
+                    on_attempt_end=free_slot,
+                    fetch=self._fetch_runs,
+                    # Runs from the subscription were just leased to us: RUNNING is all but
+                    # certain, and a cancel would reach us anyway.
+                    queue_report=self._subscription.send_report
+                    if self._subscription is not None and from_subscription
+                    else None,
+                )
+            except Exception as exc:
+                free_slot()
+                await self._hand_back_after_fault(task, run, reporter, exc)
+                return
+            self._faults.pop(run.id, None)
             if outcome is not Outcome.REFUSED:
                 self.finished_task_runs[key] += 1
             if outcome is Outcome.FAILED:
                 self.failed_task_runs[key] += 1
-            if outcome is Outcome.CANCELLED and self._subscription is not None:
-                self._subscription.release([run.id])  # frees the lease the server kept for our answer
+            if outcome is Outcome.CANCELLED or not from_subscription:
+                # A cancelled run: frees the lease the server kept for our answer. A run
+                # executed over REST that the subscription also delivered: its lease.
+                self._release_held(run.id)
             self._held.discard(run.id)
             if outcome is Outcome.STOP:
                 self.stop()
         finally:
+            _threads.current_thread_waits.reset(threads)
             self._scopes.pop(run.id, None)
             self._cancel_requested.discard(run.id)
+            self._claimed.discard(run.id)
             free_slot()
+
+    def _release_held(self, run_id: uuid.UUID) -> None:
+        if run_id in self._held and self._subscription is not None:
+            self._subscription.release([run_id])
+        self._held.discard(run_id)
+
+    async def _hand_back_after_fault(
+        self, task: Task[..., Any], run: TaskRun, reporter: engine.Reporter, exc: Exception
+    ) -> None:
+        """A fault of the worker while it handled ``run``: log it, wait, hand the run back."""
+        faults = self._faults.pop(run.id, 0) + 1
+        self._faults[run.id] = faults
+        while len(self._faults) > FAULTS_REMEMBERED:
+            del self._faults[next(iter(self._faults))]
+        delay = next_backoff(faults - 1, self._subscription.rng if self._subscription else random.Random())
+        transient = isinstance(exc, ServerUnavailable | OSError | TimeoutError | httpx.HTTPError)
+        log.error(
+            "run %s of %s: the worker failed while handling it (%s: %s); handing it back in %.1f s",
+            run.id,
+            task.key,
+            type(exc).__name__,
+            exc,
+            delay,
+            exc_info=None if transient else exc,
+        )
+        with trio.move_on_after(delay):
+            await self._stopping.wait()  # a stopping worker hands it back at once
+        if self._subscription is not None and reporter is self._subscription:
+            self._release_held(run.id)
+            return
+        back = make_state(
+            StateType.SCHEDULED,
+            "Redelivered",
+            message=f"the worker failed while handling it: {type(exc).__name__}",
+            details=StateDetails(reason="release"),
+        )
+        try:
+            await reporter.report(run.id, back)
+        except Exception as again:
+            log.warning("run %s: could not hand it back (%r); it stays as the server has it", run.id, again)
+        self._release_held(run.id)
 
     async def _fetch_runs(self, run_ids: list[uuid.UUID]) -> list[TaskRun]:
         async with using_client() as client:
@@ -449,22 +644,25 @@ class TaskWorker:
     async def execute_task_run(self, task_run: TaskRun) -> None:
         """Run one given run here and now (reporting over REST), outside the subscription.
 
-        The same run handed over twice at once runs once: the second call returns at once.
+        The same run handed over while it runs here (twice at once, or while the
+        subscription runs it) runs once: the later call returns at once. A fault of the
+        worker while it handles the run is logged and the run handed back
+        (SCHEDULED/Redelivered), as far as the server can be told.
         """
-        if task_run.id in self._executing or task_run.id in self._scopes:
+        if task_run.id in self._claimed:
             log.info("run %s is already executing here", task_run.id)
             return
-        self._executing.add(task_run.id)
+        task = self._tasks.get(task_run.task_key)
+        self._claimed.add(task_run.id)
         try:
             async with connect(self.api_url, self.api_key) as client:
-                task = self._tasks.get(task_run.task_key)
                 if task is None:
                     await self._unknown_key(task_run, lambda ids: None)
                     return
                 await self._limiter.acquire_on_behalf_of(task_run.id)
                 await self._run_one(task, task_run, _RestReporter(client))
         finally:
-            self._executing.discard(task_run.id)
+            self._claimed.discard(task_run.id)
 
 
 async def serve(
@@ -477,6 +675,18 @@ async def serve(
 
     Use it as ``trio.run(serve, say, yell)`` or with ``functools.partial`` for options
     (any :class:`TaskWorker` argument). Any other error propagates.
+
+    **Signals:** the first SIGINT or SIGTERM stops the worker with its grace period
+    (``shutdown_grace_seconds``): no new runs, in-flight runs may finish, then the rest
+    are cancelled and handed back to the queue. A second one stops at once: runs are
+    cancelled and handed back as far as the server can be told within a second.
+
+    **Threads:** a sync task's thread still running when the grace period is over (or at
+    the second signal) is not waited for: ``serve()`` returns while it runs on in the
+    background, its result discarded (its run was handed back and runs again elsewhere).
+    In an application that keeps running after ``serve()`` returns, such a thread lives
+    until its function returns; make long sync tasks call
+    ``trio.from_thread.check_cancelled()`` now and then so that they end when stopped.
     """
     worker = TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options)
     async with trio.open_nursery() as nursery:
@@ -485,8 +695,13 @@ async def serve(
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 task_status.started()
                 async for signum in signals:
-                    log.info("received %s", signal.Signals(signum).name)
-                    worker.stop()
+                    name = signal.Signals(signum).name
+                    if not worker.stopping:
+                        log.info("received %s", name)
+                        worker.stop()
+                    else:
+                        log.warning("received %s again: stopping now, without waiting for runs", name)
+                        worker.stop(grace_seconds=0)
 
         await nursery.start(stop_on_signals)
         try:
