@@ -7,6 +7,10 @@ import pytest
 
 from trioworker.server import RunningServer
 
+# pyproject's addopts turn off the plugin's entry point (`-p no:trioworker`): loaded here,
+# after pytest-cov started coverage, trioworker's own import is measured.
+pytest_plugins = ["trioworker.testing"]
+
 
 @pytest.fixture
 async def api(trioworker_server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:

@@ -192,8 +192,11 @@ def test_quickstart_is_the_two_commands() -> None:
     assert all(b.lang == "bash" for b in blocks)
 
 
-def test_ci_runs_the_quickstart_test_command_verbatim() -> None:
-    assert QUICKSTART[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+def test_ci_runs_the_quickstart_test_command_with_coverage_only_added() -> None:
+    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(QUICKSTART[1])]
+    assert len(lines) == 1, lines
+    added = lines[0].removeprefix(QUICKSTART[1]).split()
+    assert added and all(word.startswith("--cov") for word in added), added
 
 
 def test_every_command_has_help() -> None:
@@ -410,15 +413,20 @@ def check_nox(words: list[str]) -> None:
 
 
 def check_whole_suite(words: list[str]) -> None:
-    """``python -m pytest``: this very suite (checked by the Quickstart tests, not run again)."""
-    assert words == ["python", "-m", "pytest"]
+    """``python -m pytest [--cov...]``: this very suite (checked by the Quickstart tests, not run
+    again); coverage options are pytest-cov's, which the ``test`` extra installs."""
+    assert words[:3] == ["python", "-m", "pytest"], words
+    assert all(word.startswith("--cov") for word in words[3:]), words
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    if words[3:]:
+        assert any(d.startswith("pytest-cov") for d in pyproject["project"]["optional-dependencies"]["test"])
 
 
 #: Commands that are checked, not run.
 NOT_RUN: dict[str, Callable[[list[str]], None]] = {
     r"pip install .*": check_pip_install,
     r"nox .*": check_nox,
-    r"python -m pytest": check_whole_suite,
+    r"python -m pytest( --cov\S*)*": check_whole_suite,
 }
 
 #: What a long-running command prints once it is ready.
