@@ -8,18 +8,25 @@ HTTP. Every wait on the server or a worker has a ``trio.fail_after`` deadline.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
+import orjson
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trioworker
-from trioworker.models import StateType
+from trioworker.models import StateType, TaskRun, converter, make_state
 from trioworker.server import RunningServer, ServerConfig, serve_server
+from trioworker.subscription import SUBSCRIPTION_PATH
 from trioworker.tasks import task
 from trioworker.worker import TaskWorker
 
@@ -269,8 +276,8 @@ async def test_a_resumed_subscription_is_told_to_cancel_runs_it_no_longer_holds(
     assert (await api.post(f"/task_runs/{cancelled}/cancel")).status_code == 200
     async with subscribe(trioworker_server, ["k"], credit=1, client_id="other") as other:
         assert [r["id"] for r in await other.runs()] == [taken]
-        async with subscribe(trioworker_server, ["k"], credit=3, client_id="resumer") as again:
-            await again.send({"type": "ack"})
+        resumed = subscribe(trioworker_server, ["k"], credit=3, client_id="resumer", held=delivered)
+        async with resumed as again:
             with trio.fail_after(DEADLINE):
                 notice = await again.receive()
                 while notice["type"] != "cancel":
@@ -281,3 +288,135 @@ async def test_a_resumed_subscription_is_told_to_cancel_runs_it_no_longer_holds(
             assert [r["status"] for r in results] == ["ACCEPT"]
     run = (await api.get(f"/task_runs/{kept}")).json()
     assert (run["state"]["type"], run["run_count"]) == ("COMPLETED", 1)
+
+
+# --------------------------------------------------------------------------- a scripted server
+#
+# What the real server never does (deliver a key the worker did not ask for, deliver a run
+# twice) is played by a websocket server of the test's, on a real socket.
+
+Script = Callable[[WebSocketConnection, dict[str, Any]], Awaitable[None]]
+
+
+def wire_run(key: str, **parameters: Any) -> dict[str, Any]:
+    run = TaskRun(uuid.uuid4(), key, key, make_state(StateType.PENDING), parameters=parameters)
+    wire: dict[str, Any] = converter.unstructure(run)
+    return wire
+
+
+async def send(ws: WebSocketConnection, message: dict[str, Any]) -> None:
+    await ws.send_message(orjson.dumps(message).decode())
+
+
+async def receive(ws: WebSocketConnection) -> dict[str, Any]:
+    message: dict[str, Any] = orjson.loads(await ws.get_message())
+    return message
+
+
+async def answer_until_quit(
+    ws: WebSocketConnection, seen: list[dict[str, Any]], completed: trio.Event | None = None
+) -> None:
+    """Accept every report (recording what comes) until the worker quits; then close with 1000.
+    ``completed`` is set once a COMPLETED report came."""
+    while True:
+        message = await receive(ws)
+        seen.append(message)
+        if message["type"] == "states":
+            results = [{"id": s["id"], "ref": s["ref"], "status": "ACCEPT"} for s in message["states"]]
+            await send(ws, {"type": "state_results", "results": results})
+            if completed is not None and any(s["state"]["type"] == "COMPLETED" for s in message["states"]):
+                completed.set()
+        elif message["type"] == "quit":
+            await ws.aclose(1000, "quit")
+            return
+
+
+@asynccontextmanager
+async def scripted_server(*scripts: Script) -> AsyncIterator[str]:
+    """A subscription endpoint playing ``scripts[n]`` on the n-th connection; yields the API URL.
+
+    The client channel is accepted and left idle (a refused handshake would leak the
+    client's socket inside trio-websocket 0.12)."""
+    connections = iter(scripts)
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        if not request.path.endswith(SUBSCRIPTION_PATH):
+            with contextlib.suppress(ConnectionClosed):
+                await receive(ws)
+                await send(ws, {"type": "auth_success"})
+                await receive(ws)  # nothing comes: the worker creates no runs
+            return
+        script = next(connections)
+        assert (await receive(ws))["type"] == "auth"
+        await send(ws, {"type": "auth_success"})
+        hello = await receive(ws)
+        assert hello["type"] == "subscribe"
+        with contextlib.suppress(ConnectionClosed):
+            await script(ws, hello)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_websocket, handler, "127.0.0.1", 0, ssl_context=None))
+        yield f"http://127.0.0.1:{server.port}/api"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_run_of_a_key_the_worker_does_not_serve_is_released() -> None:
+    stranger = wire_run("p.nobody")
+    seen: list[dict[str, Any]] = []
+    released = trio.Event()
+
+    async def script(ws: WebSocketConnection, hello: dict[str, Any]) -> None:
+        assert hello["keys"] == ["p.add"]
+        await send(ws, {"type": "task_runs", "task_runs": [stranger]})
+        while (message := await receive(ws))["type"] != "release":
+            seen.append(message)
+        seen.append(message)
+        released.set()
+        await answer_until_quit(ws, seen)
+
+    async with scripted_server(script) as api_url, TaskWorker(add, api_url=api_url) as worker:
+        with trio.fail_after(DEADLINE):
+            await released.wait()
+        assert worker.current_tasks == 0
+    assert {"type": "release", "ids": [stranger["id"]]} in seen
+    assert not [m for m in seen if m["type"] == "states"]  # never reported on: it did not run
+
+
+async def test_a_run_delivered_again_after_a_reconnect_runs_once() -> None:
+    entered, proceed = trio.Event(), trio.Event()
+    calls: list[int] = []
+
+    @task(key="p.once")
+    async def once(n: int) -> int:
+        calls.append(n)
+        entered.set()
+        await proceed.wait()
+        return n * 2
+
+    run = wire_run("p.once", n=21)
+    seen: list[dict[str, Any]] = []
+    hellos: list[dict[str, Any]] = []
+
+    async def first(ws: WebSocketConnection, hello: dict[str, Any]) -> None:
+        hellos.append(hello)
+        await send(ws, {"type": "task_runs", "task_runs": [run]})
+        with trio.fail_after(DEADLINE):
+            await entered.wait()
+        await ws.aclose(1011, "lost")  # the connection drops while the run is in flight
+
+    async def second(ws: WebSocketConnection, hello: dict[str, Any]) -> None:
+        hellos.append(hello)
+        await send(ws, {"type": "task_runs", "task_runs": [run]})  # the same run again
+        proceed.set()
+        await answer_until_quit(ws, seen, completed)
+
+    completed = trio.Event()
+    async with scripted_server(first, second) as api_url, TaskWorker(once, api_url=api_url) as worker:
+        with trio.fail_after(DEADLINE):
+            await completed.wait()
+    assert calls == [21]  # ran once
+    assert hellos[1]["held"] == [run["id"]]  # the worker said it still held it
+    finals = [s for m in seen for s in m.get("states", []) if s["state"]["type"] == "COMPLETED"]
+    assert [(s["id"], s["state"]["data"]) for s in finals] == [(run["id"], 42)]
+    assert worker.finished_task_runs == {"p.once": 1}
