@@ -334,7 +334,7 @@ async def test_a_wrong_token_is_refused_with_1008(trioworker_server_control: Ser
 
 
 async def test_the_handshake_has_a_deadline(
-    autojump_clock: trio.testing.MockClock, trioworker_server: RunningServer
+    trioworker_autojump_clock: trio.testing.MockClock, trioworker_server: RunningServer
 ) -> None:
     await expect_close(trioworker_server, [], 4001, "Protocol violation: ", "no auth and subscribe within")
 
