@@ -193,7 +193,9 @@ def test_quickstart_is_the_two_commands() -> None:
 
 
 def test_ci_runs_the_quickstart_test_command_with_coverage_only_added() -> None:
-    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(QUICKSTART[1])]
+    lines = [
+        line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(QUICKSTART[1])
+    ]
     assert len(lines) == 1, lines
     added = lines[0].removeprefix(QUICKSTART[1]).split()
     assert added and all(word.startswith("--cov") for word in added), added

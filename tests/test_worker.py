@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
