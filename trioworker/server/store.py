@@ -714,7 +714,7 @@ class SQLiteStore:
                 while len(group) < MAX_GROUP:
                     try:
                         group.append(receive.receive_nowait())
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: the last group
                         break
                 try:
                     await trio.to_thread.run_sync(_commit_group, self._ops, group)
