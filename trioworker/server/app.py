@@ -121,6 +121,10 @@ def create_app(
     async def api_error(exc: ApiError) -> Response:
         return _json_response({"detail": exc.detail}, exc.status)
 
+    @app.errorhandler(StoreError)
+    async def store_error(exc: StoreError) -> Response:
+        return _json_response({"detail": f"the server's store failed: {exc}"}, 503)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500

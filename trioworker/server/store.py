@@ -500,7 +500,9 @@ class _Ops:
                 continue
             seq, run = found[run_id]
             if run.state.type not in (StateType.PENDING, StateType.RUNNING):
-                out.append(Requeued(run_id, run.state.type, None))
+                # SCHEDULED here: it was leased, but its claim never committed. Index it again.
+                queued = self.queued_of(run, seq) if run.state.type is StateType.SCHEDULED else None
+                out.append(Requeued(run_id, run.state.type, queued))
                 continue
             deliveries = run.delivery_count
             if reason == "release":
@@ -721,8 +723,9 @@ class SQLiteStore:
                     self._commits += 1
                     self._operations += len(group)
                 except Exception as exc:
+                    failed = StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
                     for pending in group:
-                        pending.error = pending.error or exc
+                        pending.error = pending.error or failed
                 for pending in group:
                     pending.done.set()
                 group = []
