@@ -112,10 +112,11 @@ class ClientChannel:
                 if self.usable:
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         await self._send({"type": "unwatch", "ids": [str(run_id)]})
-        if self.broken is not None and not watch.done.is_set():
-            raise self._unavailable()
         if watch.missing:
             raise NotFound(404, f"no task run {run_id} (deleted?)")
+        if watch.run is None and self.broken is not None:
+            # Lost before the run ended (``_break`` sets ``done`` too): the caller falls back.
+            raise self._unavailable()
         return watch.run
 
     async def _watch_soon(self, run_id: uuid.UUID) -> None:
