@@ -420,3 +420,39 @@ async def test_a_run_delivered_again_after_a_reconnect_runs_once() -> None:
     finals = [s for m in seen for s in m.get("states", []) if s["state"]["type"] == "COMPLETED"]
     assert [(s["id"], s["state"]["data"]) for s in finals] == [(run["id"], 42)]
     assert worker.finished_task_runs == {"p.once": 1}
+
+
+# --------------------------------------------------------------------------- the client channel
+
+
+async def test_the_client_channel_lost_mid_wait_falls_back_to_http(
+    trioworker_server: RunningServer, trioworker_worker: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    results: list[int] = []
+    returned = trio.Event()
+    async with trioworker.connect() as client:
+        channel = client.channel
+        assert channel is not None and channel.usable
+        future = await add.delay(1, 2)  # created over the channel
+
+        async def wait() -> None:
+            results.append(await future.result(timeout=DEADLINE))
+            returned.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert future.task_run_id in channel._watches  # the wait is on the channel
+            await trio.aclose_forcefully(channel.ws._stream)  # the socket is lost mid-call
+            with trio.fail_after(DEADLINE):
+                await trio.testing.wait_all_tasks_blocked()
+            assert not channel.usable and not returned.is_set()  # still waiting: over HTTP now
+            async with trioworker_worker(add):
+                with trio.fail_after(DEADLINE):
+                    await returned.wait()
+        assert results == [3]
+        later = await add.delay(2, 3)  # after the loss, calls go over HTTP
+        async with trioworker_worker(add):
+            with trio.fail_after(DEADLINE):
+                assert await later.result(timeout=DEADLINE) == 5
+    assert "falling back to HTTP" in caplog.text
