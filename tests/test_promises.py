@@ -446,7 +446,8 @@ async def test_the_client_channel_lost_mid_wait_falls_back_to_http(
             await trio.aclose_forcefully(channel.ws._stream)  # the socket is lost mid-call
             with trio.fail_after(DEADLINE):
                 await trio.testing.wait_all_tasks_blocked()
-            assert not channel.usable and not returned.is_set()  # still waiting: over HTTP now
+            assert channel.broken is not None  # lost
+            assert not returned.is_set()  # and the wait goes on, over HTTP now
             async with trioworker_worker(add):
                 with trio.fail_after(DEADLINE):
                     await returned.wait()
