@@ -457,3 +457,53 @@ async def test_the_client_channel_lost_mid_wait_falls_back_to_http(
             with trio.fail_after(DEADLINE):
                 assert await later.result(timeout=DEADLINE) == 5
     assert "falling back to HTTP" in caplog.text
+
+
+async def test_a_resumed_worker_told_to_cancel_a_run_it_held_cancels_it() -> None:
+    entered = trio.Event()
+    outcome: list[str] = []
+
+    @task(key="p.lost")
+    async def lost() -> str:
+        entered.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            outcome.append("cancelled")
+
+    run = wire_run("p.lost")
+    seen: list[dict[str, Any]] = []
+    hellos: list[dict[str, Any]] = []
+    ended = trio.Event()
+
+    async def first(ws: WebSocketConnection, hello: dict[str, Any]) -> None:
+        await send(ws, {"type": "task_runs", "task_runs": [run]})
+        with trio.fail_after(DEADLINE):
+            await entered.wait()
+        await ws.aclose(1012, "restarting")
+
+    async def second(ws: WebSocketConnection, hello: dict[str, Any]) -> None:
+        hellos.append(hello)
+        # As the real server answers a resume with a run someone else took (or cancelled).
+        await send(ws, {"type": "cancel", "ids": [run["id"]]})
+        while True:
+            message = await receive(ws)
+            seen.append(message)
+            if message["type"] == "states":
+                results = [{"id": s["id"], "ref": s["ref"], "status": "ACCEPT"} for s in message["states"]]
+                await send(ws, {"type": "state_results", "results": results})
+            if message["type"] == "release":
+                ended.set()
+            if message["type"] == "quit":
+                await ws.aclose(1000, "quit")
+                return
+
+    async with scripted_server(first, second) as api_url, TaskWorker(lost, api_url=api_url) as worker:
+        with trio.fail_after(DEADLINE):
+            await ended.wait()
+        assert worker.current_tasks == 0
+    assert hellos[0]["held"] == [run["id"]]
+    assert outcome == ["cancelled"]
+    reported = [s["state"]["type"] for m in seen for s in m.get("states", [])]
+    assert "COMPLETED" not in reported
+    assert {"type": "release", "ids": [run["id"]]} in seen  # the lease the server kept is let go

@@ -344,10 +344,11 @@ class _SubscriptionSession(JsonSocket):
             with trio.CancelScope(shield=True):
                 try:
                     await self.service.disconnect(sub, clean=self.quitting)
-                except StoreError:
-                    # The server is stopping: the next start requeues what this connection held.
-                    log.info(
-                        "store closed before %s's runs were requeued; the next start does it", sub.client_id
+                except StoreError as exc:
+                    # The store closed (the server is stopping) or failed: the next start
+                    # requeues what this connection held.
+                    log.warning(
+                        "%s's runs were not requeued (%s); the next start does it", sub.client_id, exc
                     )
             log.info("subscription from %s ended", sub.client_id)
 
