@@ -9,6 +9,7 @@ HTTP. Every wait on the server or a worker has a ``trio.fail_after`` deadline.
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 import trioworker
 from trioworker.models import StateType, TaskRun, converter, make_state
 from trioworker.server import RunningServer, ServerConfig, serve_server
+from trioworker.server.store import SQLiteStore
 from trioworker.subscription import SUBSCRIPTION_PATH
 from trioworker.tasks import task
 from trioworker.worker import TaskWorker
@@ -507,3 +509,40 @@ async def test_a_resumed_worker_told_to_cancel_a_run_it_held_cancels_it() -> Non
     reported = [s["state"]["type"] for m in seen for s in m.get("states", [])]
     assert "COMPLETED" not in reported
     assert {"type": "release", "ids": [run["id"]]} in seen  # the lease the server kept is let go
+
+
+@pytest.mark.parametrize("key", ["greeting-42", None])
+async def test_a_create_in_flight_when_the_channel_is_lost(
+    trioworker_server: RunningServer, api: httpx.AsyncClient, key: str | None
+) -> None:
+    store = trioworker_server.service.store
+    assert isinstance(store, SQLiteStore)
+    gate = threading.Event()
+    held = store._queue(lambda ops: gate.wait(DEADLINE))  # the store is busy: no answer comes yet
+    created: list[trioworker.TaskRunFuture[int]] = []
+    errors: list[Exception] = []
+    async with trioworker.connect() as client:
+        channel = client.channel
+        assert channel is not None
+
+        async def create() -> None:
+            try:
+                created.append(await add.apply_async(args=[1, 2], idempotency_key=key))
+            except trioworker.ServerUnavailable as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create)
+            await trio.testing.wait_all_tasks_blocked()  # sent; the server waits for the store
+            assert channel._calls  # in flight
+            await trio.aclose_forcefully(channel.ws._stream)  # the socket is lost mid-call
+            with trio.fail_after(DEADLINE):
+                await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        await held.result()
+    runs = (await api.get("/task_runs")).json()
+    assert len(runs) == 1  # the server got the first call: one run, never two
+    if key is not None:  # sent again over HTTP: the key gives back the same run
+        assert not errors and [str(f.task_run_id) for f in created] == [runs[0]["id"]]
+    else:  # it may or may not exist: the caller is told, not given a second run
+        assert not created and "was lost" in str(errors[0])
