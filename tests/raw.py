@@ -86,6 +86,7 @@ async def subscribe(
     token: str | None = None,
     client_id: str = "test-1",
     prefetch: int | None = None,
+    held: list[str] | None = None,
 ) -> AsyncIterator[Raw]:
     async with connect(server) as ws:
         raw = Raw(ws)
@@ -94,5 +95,7 @@ async def subscribe(
         message = {"type": "subscribe", "keys": keys, "client_id": client_id, "credit": credit}
         if prefetch is not None:
             message["prefetch"] = prefetch
+        if held is not None:
+            message["held"] = held  # what a reconnecting worker says it still works on
         await raw.send(message)
         yield raw

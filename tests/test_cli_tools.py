@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import uuid
@@ -119,14 +118,6 @@ def one_error_line(result: subprocess.CompletedProcess[bytes], *, submitted: boo
         assert re.fullmatch(rf"submitted run {UUID_PATTERN} of \S+", lines.pop(0)), stderr
     assert len(lines) == 1 and lines[0].startswith("trioworker: "), stderr
     return lines[0]
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def all_runs() -> list[Any]:
@@ -255,19 +246,21 @@ ECHO = "tests.fixtures_cli.cli_tasks:echo"  # echo(message: str, times: int = 1)
     ],
 )
 def test_submit_checks_arguments_before_sending_anything(
-    args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch
+    args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch, refused_port: int
 ) -> None:
     monkeypatch.setattr(sys, "path", list(sys.path))  # what loading the task adds is undone
     # Nothing listens there: an error about the arguments comes before any request.
-    parsed = parse_args(["submit", "--api-url", f"http://127.0.0.1:{closed_port()}/api", *args])
+    parsed = parse_args(["submit", "--api-url", f"http://127.0.0.1:{refused_port}/api", *args])
     with pytest.raises(CommandError) as raised:
         trio.run(parsed.handler, parsed)
     assert expected in str(raised.value)
     assert "\n" not in str(raised.value)
 
 
-async def test_commands_report_an_unreachable_server_in_one_line(cli: Cli, tasks_file: Path) -> None:
-    api_url = f"http://127.0.0.1:{closed_port()}/api"
+async def test_commands_report_an_unreachable_server_in_one_line(
+    cli: Cli, tasks_file: Path, refused_port: int
+) -> None:
+    api_url = f"http://127.0.0.1:{refused_port}/api"
     for result in await run_all(
         cli,
         ["submit", f"{tasks_file}:add", "1", "2", "--api-url", api_url],
@@ -405,7 +398,7 @@ async def test_status_reads_a_real_workers_status_server(cli: Cli, trioworker_se
     assert bare.returncode == 0 and worker.client_id in bare.stdout.decode()
 
 
-async def test_status_of_an_unreachable_worker_is_one_line(cli: Cli) -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+async def test_status_of_an_unreachable_worker_is_one_line(cli: Cli, refused_port: int) -> None:
+    url = f"http://127.0.0.1:{refused_port}"
     line = one_error_line(await cli("status", url))
     assert line.startswith(f"trioworker: cannot reach a worker's status server at {url}/status")

@@ -7,7 +7,6 @@ import importlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -370,15 +369,8 @@ async def test_worker_hands_back_runs_still_running_after_the_grace_period(
     assert "Traceback" not in output.text
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-async def test_worker_stops_on_sigterm_while_the_server_is_unreachable() -> None:
-    env = worker_env(TRIOWORKER_API_URL=f"http://127.0.0.1:{unused_port()}/api")
+async def test_worker_stops_on_sigterm_while_the_server_is_unreachable(refused_port: int) -> None:
+    env = worker_env(TRIOWORKER_API_URL=f"http://127.0.0.1:{refused_port}/api")
     async with trio.open_nursery() as nursery:
         process, output = await start_worker(nursery, [f"{TASKS_FILE}:echo"], env)
         await output.wait_for(r"subscription lost .*; reconnecting")

@@ -20,7 +20,9 @@ How each fenced block is run:
 - A block after ``<!-- readme-test: skip reason="..." -->`` is not run (pure reference);
   every skip needs a reason, and there may be at most two.
 
-The port numbers the README uses (4300, 4301, 5000) are replaced by free ports.
+The port numbers the README uses (4300, 4301, 5000) are replaced: where a command binds one,
+by 0 (the server, the status server and hypercorn pick a free port and print it); where a
+command connects to one, by the port that was printed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tomllib
@@ -192,8 +193,13 @@ def test_quickstart_is_the_two_commands() -> None:
     assert all(b.lang == "bash" for b in blocks)
 
 
-def test_ci_runs_the_quickstart_test_command_verbatim() -> None:
-    assert QUICKSTART[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+def test_ci_runs_the_quickstart_test_command_with_coverage_only_added() -> None:
+    lines = [
+        line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(QUICKSTART[1])
+    ]
+    assert len(lines) == 1, lines
+    added = lines[0].removeprefix(QUICKSTART[1]).split()
+    assert added and all(word.startswith("--cov") for word in added), added
 
 
 def test_every_command_has_help() -> None:
@@ -308,34 +314,51 @@ def test_state_names_are_real() -> None:
 # --------------------------------------------------------------------------- the files and snippets
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+#: What a long-running command prints once it listens, per README port it binds.
+LISTENING: dict[str, str] = {
+    "4300": r"trioworker server listening on http://\S+:(\d+)",
+    "4301": r"status server listening on http://\S+:(\d+)",
+    "5000": r"Running on http://\S+:(\d+)",
+}
 
 
-@attrs.frozen
+@attrs.define
 class ReadmeDir:
     path: Path
-    ports: dict[str, str]
+    #: README port -> the port a command of the test bound for it (and printed).
+    ports: dict[str, str] = attrs.field(factory=dict)
 
-    def remap(self, text: str) -> str:
-        """Replace the README's ports where they are ports (``:4300``, ``--port 4300``, ``port=4300``)."""
-        for readme_port, port in self.ports.items():
-            text = re.sub(rf"(?:(?<=:)|(?<=port )|(?<=port=)){readme_port}(?!\d)", port, text)
-        return text
+    def bind_any(self, text: str) -> str:
+        """Where a port is bound (``--port 4300``, ``port=4301``, ``--bind 127.0.0.1:5000``): 0."""
+        ports = "|".join(README_PORTS)
+        return re.sub(rf"(?:(?<=port )|(?<=port=)|(?<=--bind 127\.0\.0\.1:))(?:{ports})(?!\d)", "0", text)
+
+    def connect(self, text: str) -> str:
+        """Where a port is connected to (``http://127.0.0.1:4301``): the port bound for it."""
+
+        def bound(match: re.Match[str]) -> str:
+            port = self.ports.get(match[0])
+            assert port is not None, f"{text!r} connects to port {match[0]}, which no command bound"
+            return port
+
+        return re.sub(rf"(?<=:)(?:{'|'.join(README_PORTS)})(?!\d)", bound, text)
+
+    def learn_ports(self, output: str) -> None:
+        for readme_port, printed in LISTENING.items():
+            if found := re.search(printed, output):
+                self.ports[readme_port] = found[1]
 
 
 @pytest.fixture
 def readme_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ReadmeDir]:
     """A directory with the README's files and a copy of ``examples/``, first on sys.path."""
-    directory = ReadmeDir(tmp_path / "readme", {p: str(free_port()) for p in README_PORTS})
+    directory = ReadmeDir(tmp_path / "readme")
     shutil.copytree(
         ROOT / "examples", directory.path / "examples", ignore=shutil.ignore_patterns("__pycache__")
     )
     for block in FILES:
         assert block.filename is not None
-        (directory.path / block.filename).write_text(directory.remap(block.code))
+        (directory.path / block.filename).write_text(directory.connect(directory.bind_any(block.code)))
     monkeypatch.syspath_prepend(str(directory.path))
     monkeypatch.delitem(sys.modules, "app", raising=False)
     yield directory
@@ -410,15 +433,20 @@ def check_nox(words: list[str]) -> None:
 
 
 def check_whole_suite(words: list[str]) -> None:
-    """``python -m pytest``: this very suite (checked by the Quickstart tests, not run again)."""
-    assert words == ["python", "-m", "pytest"]
+    """``python -m pytest [--cov...]``: this very suite (checked by the Quickstart tests, not run
+    again); coverage options are pytest-cov's, which the ``test`` extra installs."""
+    assert words[:3] == ["python", "-m", "pytest"], words
+    assert all(word.startswith("--cov") for word in words[3:]), words
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    if words[3:]:
+        assert any(d.startswith("pytest-cov") for d in pyproject["project"]["optional-dependencies"]["test"])
 
 
 #: Commands that are checked, not run.
 NOT_RUN: dict[str, Callable[[list[str]], None]] = {
     r"pip install .*": check_pip_install,
     r"nox .*": check_nox,
-    r"python -m pytest": check_whole_suite,
+    r"python -m pytest( --cov\S*)*": check_whole_suite,
 }
 
 #: What a long-running command prints once it is ready.
@@ -453,7 +481,7 @@ class Session:
         """Run consecutive foreground lines in one bash (variables carry over)."""
         if not lines:
             return
-        script = "\n".join(command for command, _ in lines)
+        script = "\n".join(self.readme.connect(command) for command, _ in lines)
         with trio.fail_after(STEP_SECONDS):
             result = await trio.run_process(
                 ["bash", "-e", "-o", "pipefail", "-c", script],
@@ -478,7 +506,7 @@ class Session:
         if re.fullmatch(r"trioworker server\b.*", command) and "--port" not in command:
             command += " --port 0"  # its default port may be taken here
         process = await trio.lowlevel.open_process(
-            ["bash", "-c", f"exec {command}"],
+            ["bash", "-c", f"exec {self.readme.connect(command)}"],
             cwd=self.readme.path,
             env=self.env,
             stdout=subprocess.PIPE,
@@ -493,6 +521,7 @@ class Session:
         assert match is not None, f"{command} ended before it was ready:\n{job.output}"
         if "url" in match.groupdict():  # the commands after it talk to this server
             self.env["TRIOWORKER_API_URL"] = f"{match['url']}/api"
+        self.readme.learn_ports(job.output)  # the ports it bound, for the commands after it
         self.ran.append(command)
 
     async def _read(self, job: Background, ready: str) -> None:
@@ -553,9 +582,9 @@ def shell_env(readme_dir: ReadmeDir, trioworker_server: RunningServer, tmp_path:
 
 @pytest.mark.parametrize("block", SHELL, ids=[b.id for b in SHELL])
 async def test_shell_block(block: Block, readme_dir: ReadmeDir, shell_env: dict[str, str]) -> None:
-    code = readme_dir.remap(block.code)
-    left = re.findall(rf"(?<!\d)(?:{'|'.join(README_PORTS)})(?!\d)", code)
-    assert not left, f"README.md:{block.line}: a port the remapping missed: {left}"
+    code = readme_dir.bind_any(block.code)
+    left = re.findall(rf"(?<![:\d])(?:{'|'.join(README_PORTS)})(?!\d)", code)
+    assert not left, f"README.md:{block.line}: a port neither bound nor connected to: {left}"
     async with session(readme_dir, shell_env) as shell:
         pending: list[tuple[str, str]] = []
         for command, comment in shell_lines(code):

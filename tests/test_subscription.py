@@ -333,6 +333,22 @@ async def test_a_wrong_token_is_refused_with_1008(trioworker_server_control: Ser
 
 
 async def test_the_handshake_has_a_deadline(
-    autojump_clock: trio.testing.MockClock, trioworker_server: RunningServer
+    trioworker_autojump_clock: trio.testing.MockClock, trioworker_server: RunningServer
 ) -> None:
     await expect_close(trioworker_server, [], 4001, "Protocol violation: ", "no auth and subscribe within")
+
+
+@pytest.mark.parametrize("change", ["cancel", "delete"])
+@pytest.mark.parametrize("heads", [1, 3])
+async def test_runs_changed_at_the_head_of_the_queue_do_not_hold_back_the_next(
+    api: httpx.AsyncClient, trioworker_server: RunningServer, change: str, heads: int
+) -> None:
+    *changed, waiting = await create_many(api, "k", heads + 1)
+    for run_id in changed:
+        if change == "cancel":
+            assert (await api.post(f"/task_runs/{run_id}/cancel")).status_code == 200
+        else:
+            assert (await api.delete(f"/task_runs/{run_id}")).status_code == 204
+    async with subscribe(trioworker_server, ["k"], credit=1) as sub:
+        with trio.fail_after(10):
+            assert [r["id"] for r in await sub.runs()] == [waiting]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -504,28 +503,45 @@ async def test_results_that_cannot_travel_fail_the_run(
     assert "cannot be reported" in runs[1]["state"]["message"]
 
 
-async def test_stop_works_while_the_server_is_unreachable() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    worker = TaskWorker(add, api_url=f"http://127.0.0.1:{port}/api")
+async def test_stop_works_while_the_server_is_unreachable(refused_port: int) -> None:
+    worker = TaskWorker(add, api_url=f"http://127.0.0.1:{refused_port}/api")
+    returned = trio.Event()
+
+    async def run() -> None:
+        await worker.start()
+        returned.set()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(worker.start)
-        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()  # connecting, or waiting to try again
+        assert worker.started and not returned.is_set()  # it keeps trying: start() has not returned
         worker.stop()
-    assert worker.stopping
+        with trio.fail_after(10):
+            await returned.wait()  # stop() ends start() without a server to say goodbye to
+    assert worker._subscription is not None and not worker._subscription.connected
 
 
 async def test_a_run_of_a_key_it_does_not_serve_is_left_or_deleted(
     api: httpx.AsyncClient, trioworker_worker: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    @task(key="t.nobody")
+    async def nobody() -> str:
+        return "ran where it is served"
+
     created = (await api.post("/task_runs", json={"task_key": "t.nobody"})).json()
     run = converter.structure(created, TaskRun)
     await trioworker_worker(add).execute_task_run(run)
-    assert (await api.get(f"/task_runs/{run.id}")).json()["state"]["type"] == "SCHEDULED"
+    # Left as it was: a worker that serves the key still gets it and runs it.
+    async with trioworker_worker(nobody):
+        [ended] = await wait_all(api, [str(run.id)])
+    assert (ended["state"]["type"], ended["state"]["data"]) == ("COMPLETED", "ran where it is served")
+    assert ended["run_count"] == 1
+
     monkeypatch.setenv("TRIOWORKER_DELETE_FAILED_SUBMISSIONS", "1")
-    await trioworker_worker(add).execute_task_run(run)
-    assert (await api.get(f"/task_runs/{run.id}")).status_code == 404
+    created = (await api.post("/task_runs", json={"task_key": "t.nobody"})).json()
+    doomed = converter.structure(created, TaskRun)
+    await trioworker_worker(add).execute_task_run(doomed)
+    assert (await api.get(f"/task_runs/{doomed.id}")).status_code == 404
 
 
 async def test_runs_in_a_busy_workers_buffer_go_to_a_worker_with_a_free_slot(

@@ -253,16 +253,31 @@ class TaskRunClient(_Base):
         return await self.call(_Calls.health())
 
     async def create_task_run(self, create: TaskRunCreate) -> TaskRun:
+        """Create one run; see :meth:`create_task_runs` for a channel lost meanwhile."""
         channel = self._live_channel()
         if channel is not None:
-            [run] = await channel.create([create])
-            return run
+            try:
+                [run] = await channel.create([create])
+                return run
+            except ServerUnavailable:
+                if create.idempotency_key is None:
+                    raise
         return await self.call(_Calls.create(create))
 
     async def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
+        """Create runs (over the client channel when one is open); returns them in order.
+
+        Raises ServerUnavailable if the channel is lost before the server answered and a
+        run has no idempotency key (it may or may not have been created). With keys, the
+        call is sent again over HTTP, and the keys make it give back the same runs.
+        """
         channel = self._live_channel()
         if channel is not None:
-            return await channel.create(creates)
+            try:
+                return await channel.create(creates)
+            except ServerUnavailable:
+                if not all(create.idempotency_key is not None for create in creates):
+                    raise
         return await self.call(_Calls.create_many(creates))
 
     async def read_task_run(self, run_id: uuid.UUID) -> TaskRun:

@@ -122,6 +122,10 @@ def create_app(
     async def api_error(exc: ApiError) -> Response:
         return _json_response({"detail": exc.detail}, exc.status)
 
+    @app.errorhandler(StoreError)
+    async def store_error(exc: StoreError) -> Response:
+        return _json_response({"detail": f"the server's store failed: {exc}"}, 503)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
@@ -341,10 +345,11 @@ class _SubscriptionSession(JsonSocket):
             with trio.CancelScope(shield=True):
                 try:
                     await self.service.disconnect(sub, clean=self.quitting)
-                except StoreError:
-                    # The server is stopping: the next start requeues what this connection held.
-                    log.info(
-                        "store closed before %s's runs were requeued; the next start does it", sub.client_id
+                except StoreError as exc:
+                    # The store closed (the server is stopping) or failed: the next start
+                    # requeues what this connection held.
+                    log.warning(
+                        "%s's runs were not requeued (%s); the next start does it", sub.client_id, exc
                     )
             log.info("subscription from %s ended", sub.client_id)
 

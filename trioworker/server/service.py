@@ -276,14 +276,19 @@ class TaskRunService:
         commits, since whatever the worker reports about them is applied after it. Send
         them, then await ``confirm``.
         """
-        ids = self.dispatcher.take(sub)
-        if not ids:
-            return Delivery([])
-        fresh = [run for run_id in ids if (run := self.fresh.pop(run_id)) is not None]
-        if len(fresh) < len(ids):
+        while True:
+            ids = self.dispatcher.take(sub)
+            if not ids:
+                return Delivery([])
+            fresh = [run for run_id in ids if (run := self.fresh.pop(run_id)) is not None]
+            if len(fresh) == len(ids):
+                break
             claimed = await self.store.claim_runs(ids, sub.client_id)
             self._release_unclaimed(ids, {run.id for run in claimed}, sub)
-            return Delivery(claimed)
+            if claimed:
+                return Delivery(claimed)
+            # Every run taken had changed since it was queued (cancelled, deleted): take the
+            # next ones now; nothing else would wake this subscription for them.
         now = utcnow()
         claim = self.store.claim_runs_soon(fresh, sub.client_id, now)
 

@@ -643,7 +643,9 @@ class _Ops:
                 continue
             seq, run = found[run_id]
             if run.state.type not in (StateType.PENDING, StateType.RUNNING):
-                out.append(Requeued(run_id, run.state.type, None))
+                # SCHEDULED here: it was leased, but its claim never committed. Index it again.
+                queued = self.queued_of(run, seq) if run.state.type is StateType.SCHEDULED else None
+                out.append(Requeued(run_id, run.state.type, queued))
                 continue
             deliveries = run.delivery_count
             if reason == "release":
@@ -869,15 +871,16 @@ class SQLiteStore:
                 while len(group) < MAX_GROUP:
                     try:
                         group.append(receive.receive_nowait())
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: the last group
                         break
                 try:
                     await trio.to_thread.run_sync(_commit_group, self._ops, group)
                     self._commits += 1
                     self._operations += len(group)
                 except Exception as exc:
+                    failed = StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
                     for pending in group:
-                        pending.error = pending.error or exc
+                        pending.error = pending.error or failed
                 for pending in group:
                     pending.done.set()
                 group = []
