@@ -170,6 +170,18 @@ async def test_waiting_on_thousands_of_futures_costs_a_few_requests(trioworker_w
     async with trioworker.connect(channel=False) as client:
         futures = await add.map(range(2000))
         requests = count_requests(client)
+        in_flight = [0, 0]  # long-polls now, most at once
+        wait_many = client.wait_many
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+            try:
+                return await wait_many(*args, **kwargs)
+            finally:
+                in_flight[0] -= 1
+
+        client.wait_many = counted  # type: ignore[method-assign]  # counts, then calls the real one
         results: dict[int, int] = {}
         async with trioworker_worker(add, limit=100), trio.open_nursery() as nursery:
 
@@ -179,8 +191,11 @@ async def test_waiting_on_thousands_of_futures_costs_a_few_requests(trioworker_w
             for i, future in enumerate(futures):
                 nursery.start_soon(one, i, future)
         assert results == {i: i + 10 for i in range(2000)}
-        # One shared long-poll at a time, restarted when new waiters arrive: never one per future.
-        assert requests["/task_runs/wait"] <= 2000 / 100
+        # One shared long-poll at a time, restarted when new waiters arrive: never one per
+        # future. How many rounds it takes follows the pace of completions (machine load),
+        # so the count has a wide bound; the one-at-a-time rule is exact.
+        assert in_flight == [0, 1]
+        assert requests["/task_runs/wait"] <= 2000 / 20
 
 
 async def test_wait_all_and_as_completed(trioworker_worker: Make) -> None:
