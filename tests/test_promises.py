@@ -512,9 +512,9 @@ async def test_a_resumed_worker_told_to_cancel_a_run_it_held_cancels_it() -> Non
     assert {"type": "release", "ids": [run["id"]]} in seen  # the lease the server kept is let go
 
 
-@pytest.mark.parametrize("key", ["greeting-42", None])
-async def test_a_create_in_flight_when_the_channel_is_lost(
-    trioworker_server: RunningServer, api: httpx.AsyncClient, key: str | None
+@pytest.mark.parametrize("how", ["key", "no key", "map"])
+async def test_a_create_in_flight_when_the_channel_is_lost_is_sent_again_over_http(
+    trioworker_server: RunningServer, api: httpx.AsyncClient, how: str
 ) -> None:
     store = trioworker_server.service.store
     assert isinstance(store, SQLiteStore)
@@ -528,7 +528,11 @@ async def test_a_create_in_flight_when_the_channel_is_lost(
 
         async def create() -> None:
             try:
-                created.append(await add.apply_async(args=[1, 2], idempotency_key=key))
+                if how == "map":
+                    created.extend(await add.map([1, 2, 3], [4, 5, 6]))
+                else:
+                    key = "greeting-42" if how == "key" else None
+                    created.append(await add.apply_async(args=[1, 2], idempotency_key=key))
             except trioworker.ServerUnavailable as exc:
                 errors.append(exc)
 
@@ -543,8 +547,11 @@ async def test_a_create_in_flight_when_the_channel_is_lost(
             gate.set()
         await held.result()
     runs = (await api.get("/task_runs")).json()
-    assert len(runs) == 1  # the server got the first call: one run, never two
-    if key is not None:  # sent again over HTTP: the key gives back the same run
-        assert not errors and [str(f.task_run_id) for f in created] == [runs[0]["id"]]
-    else:  # it may or may not exist: the caller is told, not given a second run
-        assert not created and "was lost" in str(errors[0])
+    # The server got the first call; the call was sent again over HTTP with the same run ids
+    # (and key, if any), and the server gave back the runs the lost call made: no run twice,
+    # none lost, and the caller gets them.
+    assert not errors
+    assert [str(f.task_run_id) for f in created] == [run["id"] for run in runs]
+    assert [run["parameters"] for run in runs] == (
+        [{"a": 1, "b": 4}, {"a": 2, "b": 5}, {"a": 3, "b": 6}] if how == "map" else [{"a": 1, "b": 2}]
+    )
