@@ -207,14 +207,17 @@ class _CreateRetries:
     """When to send one create again: the rule the async and the blocking client share.
 
     A create that surely did not reach the server (connection refused) raises at once,
-    as every call does. Once it may have (``lost``), it is sent again, with backoff, up to
-    :data:`CREATE_ATTEMPTS` times and within ``timeout`` seconds of ``started``; a refused
-    connection then counts as one more try (the server may be restarting).
+    as every call does. Once it may have and no answer came (``lost``: the channel or the
+    connection dropped, a read timed out), it is sent again with backoff, up to
+    :data:`CREATE_ATTEMPTS` times in all, within the client's ``timeout`` seconds of that
+    first loss; a refused connection then counts as one more try (the server may be
+    restarting).
     """
 
     client: _Base
     call: _Call[Any]
-    started: float
+    #: When the first loss happened (the clock of the caller).
+    lost_at: float = 0.0
     lost: Exception | None = None
     attempts: int = 0
 
@@ -222,29 +225,31 @@ class _CreateRetries:
         """Seconds the next attempt may take."""
         if self.lost is None:
             return self.client.timeout
-        return max(0.0, self.started + self.client.timeout - now)
+        return max(0.0, min(self.client.timeout, self.lost_at + self.client.timeout - now))
 
     def pause_after(self, exc: httpx.TransportError, now: float) -> float:
         """Seconds to wait before sending the create again; raises ServerUnavailable if not."""
         self.attempts += 1
-        if self.lost is None and _not_sent(exc):
-            raise self.client._unreachable(exc) from exc
-        self.lost = exc
+        if self.lost is None:
+            if _not_sent(exc):
+                raise self.client._unreachable(exc) from exc
+            self.lost, self.lost_at = exc, now
         pause = next_backoff(self.attempts - 1, self.client._rng)
-        if self.attempts >= CREATE_ATTEMPTS or now + pause >= self.started + self.client.timeout:
-            raise self.give_up(exc, now) from exc
+        if self.attempts >= CREATE_ATTEMPTS or now + pause >= self.lost_at + self.client.timeout:
+            raise self._give_up(exc) from exc
         log.info("a create got no answer (%r); sending it again in %.2f s", exc, pause)
         return pause
 
-    def give_up(self, exc: Exception, now: float) -> ServerUnavailable:
+    def _give_up(self, exc: Exception) -> ServerUnavailable:
         body = self.call.body
         items = body if isinstance(body, list) else [body]
-        ids = ", ".join(str(item.get("id")) for item in items if isinstance(item, dict))
+        ids = [str(item.get("id")) for item in items if isinstance(item, dict)]
+        shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
         tries = f"{self.attempts} attempt{'s' if self.attempts > 1 else ''}"
         return ServerUnavailable(
             f"cannot reach the trioworker server at {self.client.api_url} to confirm a create "
-            f"({tries} over HTTP in {now - self.started:.1f} s; the last: {exc!r}); "
-            f"its runs may or may not exist: read them by id ({ids})"
+            f"(no answer to {tries} over HTTP; the last: {exc!r}); its runs may or may not "
+            f"exist: read them by id ({shown})"
         )
 
 
@@ -341,10 +346,11 @@ class TaskRunClient(_Base):
     async def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
         """Create runs (over the client channel when one is open); returns them in order.
 
-        A create without an ``id`` gets one (uuid4) first. If the channel, or the HTTP
-        connection, is lost after the create was sent, it is sent again over HTTP with the
-        same ids (the server answers a repeat with the run it already made), up to
-        :data:`CREATE_ATTEMPTS` times within ``timeout`` seconds.
+        A create without an ``id`` gets one (uuid4) first. If the channel or the HTTP
+        connection is lost after the create was sent (or the answer times out), it is sent
+        again over HTTP with the same ids, and the server answers a repeat with the run it
+        already made: up to :data:`CREATE_ATTEMPTS` attempts, with backoff, within
+        ``timeout`` seconds of that loss.
 
         Raises:
             ServerUnavailable: the server refused the connection before anything was sent
@@ -466,7 +472,7 @@ class SyncTaskRunClient(_Base):
         return self._create(_Calls.create_many(with_ids(creates)))
 
     def _create(self, call: _Call[list[TaskRun]]) -> list[TaskRun]:
-        retries = _CreateRetries(self, call, time.monotonic())
+        retries = _CreateRetries(self, call)
         while True:
             args = self._request_args(call)
             args["timeout"] = retries.request_timeout(time.monotonic())
