@@ -369,7 +369,7 @@ class TaskRunClient(_Base):
             try:
                 return await channel.create(creates)
             except ServerUnavailable as exc:
-                log.info("the channel was lost during a create (%s); sending it again over HTTP", exc)
+                log.info("a create was in flight on the lost client channel: sending it again over HTTP")
                 lost = exc
         retries = _CreateRetries(self, call, trio.current_time(), lost)
         while True:
