@@ -60,7 +60,7 @@ log = logging.getLogger("trioworker.client")
 #: Seconds a request may take; long-polls add their own wait on top.
 DEFAULT_TIMEOUT: Final = 30.0
 #: Times, in all, a create whose outcome is unknown is sent before ServerUnavailable (all
-#: within the client's ``timeout``, with jittered backoff from 0.2 s between them).
+#: within the client's ``timeout`` of the first loss, with jittered backoff from 0.2 s).
 CREATE_ATTEMPTS: Final = 8
 #: The longest single long-poll; longer waits are several.
 MAX_POLL_SECONDS: Final = 60.0

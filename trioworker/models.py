@@ -157,7 +157,8 @@ class TaskRunCreate:
 
     ``id`` is the run's id, chosen by the client so that a create whose answer was lost can
     be sent again without making a second run: the server answers a known ``id`` with the
-    run it already has (409 if that run is of another task key). None: the server picks one.
+    run it already has (409 if that run has another task key or idempotency key). None:
+    the server picks one.
     """
 
     task_key: str
