@@ -6,7 +6,8 @@ reads what the client sends. :class:`Proxy` listens on another free port and rou
 TCP connection by the path of its first request: chosen paths to the fake, the rest to
 the real server; :attr:`Proxy.rest_down` makes it drop REST connections (as a server
 restart does). A worker pointed at the proxy thus holds a subscription the test controls
-and makes real REST calls, which can fail on demand.
+and makes real REST calls, which can fail on demand. :class:`CuttingProxy` forwards every
+connection to the real server but cuts creates mid-call, the ways a network can.
 """
 
 from __future__ import annotations
@@ -170,6 +171,93 @@ class Proxy:
 async def routing_proxy(real_port: int, fake_port: int, to_fake: set[str]) -> AsyncIterator[Proxy]:
     async with trio.open_nursery() as nursery:
         proxy = Proxy(0, real_port, fake_port, to_fake)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(*GONE):
+                await proxy.handle(stream)
+
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        proxy.port = listeners[0].socket.getsockname()[1]
+        yield proxy
+        nursery.cancel_scope.cancel()
+
+
+#: How :class:`CuttingProxy` cuts a create: ``before`` it reaches the server; ``after`` the
+#: server answered (the answer is dropped); ``partial`` (half the status line comes
+#: through); ``hang`` (the server answered, the client hears nothing until it gives up).
+CUTS = ("before", "after", "partial", "hang")
+
+
+@attrs.define(eq=False)
+class CuttingProxy:
+    """Forwards HTTP connections to the real server, but cuts the next ``cuts`` creates
+    (``POST .../task_runs`` and ``.../task_runs/batch``) as ``how`` says. ``math.inf``:
+    every one. A cut closes the connection, so the client's next attempt opens another."""
+
+    port: int
+    real_port: int
+    how: str
+    cuts: float = 1
+    #: Creates cut so far, and creates let through.
+    cut: int = 0
+    passed: int = 0
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await client.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head = data.split(b"\r\n\r\n", 1)[0]
+            method, path = head.split(b" ", 2)[:2]
+            create = method == b"POST" and path.rstrip(b"/").endswith((b"/task_runs", b"/task_runs/batch"))
+            if create:
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")[1:]
+                    if line.lower().startswith(b"content-length:")
+                )
+                while len(data) < len(head) + 4 + length:
+                    data += await client.receive_some(65536)
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.real_port)
+            async with upstream:
+                if create and self.cut < self.cuts:
+                    self.cut += 1
+                    if self.how == "before":
+                        return
+                    await upstream.send_all(data)
+                    answer = b""
+                    while b"\r\n" not in answer:  # the server committed the create and answers
+                        answer += await upstream.receive_some(65536)
+                    if self.how == "partial":
+                        await client.send_all(answer[:6])  # "HTTP/1"
+                    elif self.how == "hang":
+                        await client.receive_some(65536)  # until the client gives up and closes
+                    return
+                self.passed += create
+                await upstream.send_all(data)
+                async with trio.open_nursery() as nursery:
+
+                    async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+                        with contextlib.suppress(*GONE):
+                            while chunk := await source.receive_some(65536):
+                                await sink.send_all(chunk)
+                        nursery.cancel_scope.cancel()  # one side went away: close both
+
+                    nursery.start_soon(pump, client, upstream)
+                    nursery.start_soon(pump, upstream, client)
+
+
+@asynccontextmanager
+async def cutting_proxy(real_port: int, how: str, cuts: float = 1) -> AsyncIterator[CuttingProxy]:
+    async with trio.open_nursery() as nursery:
+        proxy = CuttingProxy(0, real_port, how, cuts)
 
         async def handle(stream: trio.SocketStream) -> None:
             with contextlib.suppress(*GONE):

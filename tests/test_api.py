@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import trio
+import trio.testing
 
 from trioworker.server import RunningServer, ServerConfig
+from trioworker.server.store import SQLiteStore
 from trioworker.testing import ServerControl
 
 from .raw import subscribe
@@ -149,6 +153,105 @@ async def test_an_idempotency_key_is_scoped_to_its_task_key(api: httpx.AsyncClie
     assert sorted(run["task_key"] for run in scheduled) == ["a", "b", "c"]
 
 
+async def test_a_create_with_an_id_makes_the_run_with_that_id(api: httpx.AsyncClient) -> None:
+    one, many = uuid.uuid4(), [uuid.uuid4() for _ in range(3)]
+    response = await api.post("/task_runs", json={"task_key": "k", "id": str(one)})
+    assert (response.status_code, response.json()["id"]) == (201, str(one))
+    assert response.json()["name"] == f"k-{one.hex[:8]}"
+    batch = await api.post("/task_runs/batch", json=[{"task_key": "k", "id": str(i)} for i in many])
+    assert batch.status_code == 201
+    assert [run["id"] for run in batch.json()] == [str(i) for i in many]
+    for run_id in [one, *many]:
+        assert (await api.get(f"/task_runs/{run_id}")).json()["id"] == str(run_id)
+    unnamed = await api.post("/task_runs", json={"task_key": "k", "id": None})  # the server picks one
+    assert unnamed.status_code == 201 and unnamed.json()["id"] not in {str(i) for i in [one, *many]}
+
+
+async def test_the_same_create_sent_again_gives_the_same_run(api: httpx.AsyncClient) -> None:
+    one = {"task_key": "k", "id": str(uuid.uuid4()), "parameters": {"n": 1}}
+    first = await api.post("/task_runs", json=one)
+    again = await api.post("/task_runs", json=one)
+    assert (first.status_code, again.status_code) == (201, 200)  # as a known idempotency key
+    assert again.json() == first.json()
+    # A batch sent again, and an id twice in one batch: one run per id.
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    batch = [{"task_key": "k", "id": i, "parameters": {"n": n}} for n, i in enumerate(ids)]
+    answers = [await api.post("/task_runs/batch", json=[*batch, batch[1], one]) for _ in range(2)]
+    assert [a.status_code for a in answers] == [201, 201]
+    assert answers[0].json() == answers[1].json()
+    assert [run["id"] for run in answers[0].json()] == [*ids, ids[1], one["id"]]
+    runs = (await api.get("/task_runs")).json()
+    assert [run["id"] for run in runs] == [one["id"], *ids]
+    # A repeat gives the run as it is now, not as it was created.
+    await api.post(f"/task_runs/{one['id']}/cancel")
+    assert (await api.post("/task_runs", json=one)).json()["state"]["type"] == "CANCELLED"
+
+
+async def test_concurrent_creates_with_one_id_make_one_run(
+    api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    store = trioworker_server.service.store
+    assert isinstance(store, SQLiteStore)
+    run_id = str(uuid.uuid4())
+    singles: list[httpx.Response] = []
+    batches: list[httpx.Response] = []
+
+    async def post(n: int) -> None:
+        one = {"task_key": "k", "id": run_id, "parameters": {"n": n}}
+        if n % 2:
+            batches.append(await api.post("/task_runs/batch", json=[one]))
+        else:
+            singles.append(await api.post("/task_runs", json=one))
+
+    gate = threading.Event()
+    held = store._queue(lambda ops: gate.wait(10))  # the store is busy: the creates queue up
+    async with trio.open_nursery() as nursery:
+        for n in range(6):
+            nursery.start_soon(post, n)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store._send.statistics().current_buffer_used == 6  # all six wait, for one group
+        gate.set()
+    await held.result()
+    answers = [a.json() for a in singles] + [a.json()[0] for a in batches]
+    assert {run["id"] for run in answers} == {run_id}
+    assert len({orjson.dumps(run) for run in answers}) == 1  # each got the one run, whole
+    assert [a.status_code for a in batches] == [201] * 3
+    assert sorted(a.status_code for a in singles) in ([200, 200, 200], [200, 200, 201])
+    assert [run["id"] for run in (await api.get("/task_runs")).json()] == [run_id]
+
+
+async def test_an_id_of_another_run_is_a_409_and_creates_nothing(api: httpx.AsyncClient) -> None:
+    taken = await create(api, "a", idempotency_key="once")
+    other_key = await create(api, "a")
+    fresh = str(uuid.uuid4())
+    for path, body in [
+        ("/task_runs", {"task_key": "b", "id": taken["id"]}),
+        ("/task_runs/batch", [{"task_key": "b", "id": fresh}, {"task_key": "b", "id": taken["id"]}]),
+        ("/task_runs", {"task_key": "a", "id": taken["id"]}),  # no key: not a repeat of it
+        ("/task_runs", {"task_key": "a", "id": taken["id"], "idempotency_key": "twice"}),
+        ("/task_runs", {"task_key": "a", "id": other_key["id"], "idempotency_key": "twice"}),
+    ]:
+        response = await api.post(path, json=body)
+        assert response.status_code == 409, response.text
+        detail = response.json()["detail"]
+        assert "is taken by a run of task 'a'" in detail and "id" in detail
+    assert [run["id"] for run in (await api.get("/task_runs")).json()] == [taken["id"], other_key["id"]]
+    assert (await api.get(f"/task_runs/{fresh}")).status_code == 404  # the batch made nothing
+
+
+async def test_an_idempotency_key_rules_over_an_id(api: httpx.AsyncClient) -> None:
+    first_id, second_id = str(uuid.uuid4()), str(uuid.uuid4())
+    first = await api.post("/task_runs", json={"task_key": "k", "idempotency_key": "once", "id": first_id})
+    assert (first.status_code, first.json()["id"]) == (201, first_id)
+    # A known key gives its run, whatever the id (which is only used for a new run).
+    again = await api.post("/task_runs", json={"task_key": "k", "idempotency_key": "once", "id": second_id})
+    assert (again.status_code, again.json()["id"]) == (200, first_id)
+    assert (await api.get(f"/task_runs/{second_id}")).status_code == 404
+    # The same key and id again (a create sent twice) is the same run too.
+    repeat = await api.post("/task_runs", json={"task_key": "k", "idempotency_key": "once", "id": first_id})
+    assert (repeat.status_code, repeat.json()["id"]) == (200, first_id)
+
+
 async def test_wait_returns_when_the_run_ends(api: httpx.AsyncClient) -> None:
     run = await create(api)
     url = f"/task_runs/{run['id']}/set_state"
@@ -199,6 +302,12 @@ async def test_wait_times_out_with_the_current_state(api: httpx.AsyncClient) -> 
         ("POST", "/task_runs", b'{"task_key": "k", "scheduled_time": "soon"}', 422, "scheduled_time"),
         ("POST", "/task_runs/batch", b'{"task_key": "k"}', 422, "array"),
         ("POST", "/task_runs/batch", b'[{"task_key": "k"}, {"task_key": 5}]', 422, "#1"),
+        ("POST", "/task_runs", b'{"task_key": "k", "id": "not-a-uuid"}', 422, "$.id"),
+        ("POST", "/task_runs", b'{"task_key": "k", "id": ""}', 422, "$.id"),
+        ("POST", "/task_runs", b'{"task_key": "k", "id": 5}', 422, "$.id"),
+        ("POST", "/task_runs", b'{"task_key": "k", "id": ["x"]}', 422, "$.id"),
+        ("POST", "/task_runs", b'{"task_key": "k", "id": "0123456789abcdef0123456789abcdeg"}', 422, "$.id"),
+        ("POST", "/task_runs/batch", b'[{"task_key": "k"}, {"task_key": "k", "id": "x"}]', 422, "#1"),
         ("GET", "/task_runs/not-a-uuid", None, 404, "not a UUID"),
         ("GET", f"/task_runs/{uuid.UUID(int=1)}", None, 404, "no task run"),
         ("GET", "/task_runs?state=EXPLODED", None, 422, "unknown state"),

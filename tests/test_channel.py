@@ -56,6 +56,38 @@ async def test_bad_creates_get_an_error_and_the_socket_stays(trioworker_server: 
     assert created["ref"] == 2
 
 
+async def test_a_create_with_an_id_over_the_channel(trioworker_server: RunningServer) -> None:
+    run_id = str(uuid.uuid4())
+
+    def create(ref: int, **fields: Any) -> dict[str, Any]:
+        return {"type": "create", "ref": ref, "task_runs": [{"task_key": "k", "id": run_id, **fields}]}
+
+    async with open_websocket_url(channel_url(trioworker_server)) as ws:
+        try:
+
+            async def ask(message: dict[str, Any]) -> dict[str, Any]:
+                await ws.send_message(orjson.dumps(message).decode())
+                with trio.fail_after(10):
+                    reply: dict[str, Any] = orjson.loads(await ws.get_message())
+                assert reply["ref"] == message.get("ref")
+                return reply
+
+            await ws.send_message(orjson.dumps(AUTH).decode())
+            with trio.fail_after(10):
+                assert orjson.loads(await ws.get_message()) == {"type": "auth_success"}
+            first = await ask(create(1, parameters={"x": 1}))
+            assert first["type"] == "created" and first["task_runs"][0]["id"] == run_id
+            assert await ask(create(2, parameters={"x": 1})) == {**first, "ref": 2}  # a repeat: the same run
+            taken = await ask(create(3, task_key="other"))
+            assert (taken["type"], taken["status"]) == ("error", 409)
+            assert f"task run id {run_id} is taken by a run of task 'k'" in taken["detail"]
+            bad = await ask({"type": "create", "ref": 4, "task_runs": [{"task_key": "k", "id": "nope"}]})
+            assert (bad["type"], bad["status"]) == ("error", 422) and "$.id" in bad["detail"]
+            assert (await ask(create(5)))["type"] == "created"  # the socket stays
+        finally:
+            await trio.aclose_forcefully(ws._stream)
+
+
 @pytest.mark.parametrize(
     ("messages", "code", "reason"),
     [

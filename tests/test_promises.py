@@ -9,6 +9,7 @@ HTTP. Every wait on the server or a worker has a ``trio.fail_after`` deadline.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,13 +26,15 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trioworker
-from trioworker.models import StateType, TaskRun, converter, make_state
+from trioworker.client import SyncTaskRunClient, TaskRunClient
+from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
 from trioworker.server import RunningServer, ServerConfig, serve_server
 from trioworker.server.store import SQLiteStore
 from trioworker.subscription import SUBSCRIPTION_PATH
 from trioworker.tasks import task
 from trioworker.worker import TaskWorker
 
+from .fakes import CUTS, cutting_proxy
 from .helpers import submit, wait_all
 from .raw import subscribe
 
@@ -512,9 +515,9 @@ async def test_a_resumed_worker_told_to_cancel_a_run_it_held_cancels_it() -> Non
     assert {"type": "release", "ids": [run["id"]]} in seen  # the lease the server kept is let go
 
 
-@pytest.mark.parametrize("key", ["greeting-42", None])
-async def test_a_create_in_flight_when_the_channel_is_lost(
-    trioworker_server: RunningServer, api: httpx.AsyncClient, key: str | None
+@pytest.mark.parametrize("how", ["key", "no key", "map"])
+async def test_a_create_in_flight_when_the_channel_is_lost_is_sent_again_over_http(
+    trioworker_server: RunningServer, api: httpx.AsyncClient, how: str
 ) -> None:
     store = trioworker_server.service.store
     assert isinstance(store, SQLiteStore)
@@ -528,7 +531,11 @@ async def test_a_create_in_flight_when_the_channel_is_lost(
 
         async def create() -> None:
             try:
-                created.append(await add.apply_async(args=[1, 2], idempotency_key=key))
+                if how == "map":
+                    created.extend(await add.map([1, 2, 3], [4, 5, 6]))
+                else:
+                    key = "greeting-42" if how == "key" else None
+                    created.append(await add.apply_async(args=[1, 2], idempotency_key=key))
             except trioworker.ServerUnavailable as exc:
                 errors.append(exc)
 
@@ -543,8 +550,102 @@ async def test_a_create_in_flight_when_the_channel_is_lost(
             gate.set()
         await held.result()
     runs = (await api.get("/task_runs")).json()
-    assert len(runs) == 1  # the server got the first call: one run, never two
-    if key is not None:  # sent again over HTTP: the key gives back the same run
-        assert not errors and [str(f.task_run_id) for f in created] == [runs[0]["id"]]
-    else:  # it may or may not exist: the caller is told, not given a second run
-        assert not created and "was lost" in str(errors[0])
+    # The server got the first call; the call was sent again over HTTP with the same run ids
+    # (and key, if any), and the server gave back the runs the lost call made: no run twice,
+    # none lost, and the caller gets them.
+    assert not errors
+    assert [str(f.task_run_id) for f in created] == [run["id"] for run in runs]
+    assert [run["parameters"] for run in runs] == (
+        [{"a": 1, "b": 4}, {"a": 2, "b": 5}, {"a": 3, "b": 6}] if how == "map" else [{"a": 1, "b": 2}]
+    )
+
+
+def _port(server: RunningServer) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _creates(n: int) -> list[TaskRunCreate]:
+    return [TaskRunCreate(task_key="p.add", parameters={"a": i, "b": 1}) for i in range(n)]
+
+
+async def _create_through(
+    api_url: str, kind: str, creates: list[TaskRunCreate], client_timeout: float
+) -> list[TaskRun]:
+    """Create ``creates`` with the client ``kind`` names (the blocking one in a thread)."""
+    if kind.startswith("sync"):
+
+        def blocking() -> list[TaskRun]:
+            with SyncTaskRunClient(api_url, timeout=client_timeout) as client:
+                if kind == "sync one":
+                    return [client.create_task_run(creates[0])]
+                return client.create_task_runs(creates)
+
+        return await trio.to_thread.run_sync(blocking)
+    async with TaskRunClient(api_url, timeout=client_timeout) as client:
+        if kind == "async one":
+            return [await client.create_task_run(creates[0])]
+        return await client.create_task_runs(creates)
+
+
+@pytest.mark.parametrize(
+    ("how", "kind"),
+    [
+        (how, kind)
+        for how in CUTS
+        for kind in ("async one", "async many", "sync one", "sync many")
+        if how != "hang" or kind.endswith("one")
+    ],
+)
+async def test_a_create_whose_http_call_is_cut_is_sent_again(
+    trioworker_server: RunningServer, api: httpx.AsyncClient, how: str, kind: str
+) -> None:
+    creates = _creates(1 if kind.endswith("one") else 3)
+    async with cutting_proxy(_port(trioworker_server), how) as proxy:
+        with trio.fail_after(DEADLINE):
+            # hang: the answer never comes; the client gives up on it after its timeout (3 s).
+            created = await _create_through(proxy.api_url, kind, creates, client_timeout=3)
+    assert (proxy.cut, proxy.passed) == (1, 1)  # cut once, then sent again
+    runs = (await api.get("/task_runs")).json()
+    # One run per create, never two; the caller got them, in order.
+    assert [run["id"] for run in runs] == [str(run.id) for run in created]
+    assert [run["parameters"] for run in runs] == [c.parameters for c in creates]
+
+
+async def test_task_submissions_whose_http_call_is_cut_are_sent_again(
+    trioworker_server: RunningServer, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with cutting_proxy(_port(trioworker_server), "after", cuts=4) as proxy:
+        monkeypatch.setenv("TRIOWORKER_API_URL", proxy.api_url)
+        with trio.fail_after(DEADLINE):
+            futures: list[Any] = [await add.delay(1, 2), *(await add.map([3, 4], [5, 6]))]
+            futures += await trio.to_thread.run_sync(
+                lambda: [add.sync.delay(7, 8), *add.sync.map([9], [10])]  # the blocking client's own path
+            )
+    assert (proxy.cut, proxy.passed) == (4, 4)
+    runs = (await api.get("/task_runs")).json()
+    assert [run["id"] for run in runs] == [str(f.task_run_id) for f in futures]
+    assert [(run["parameters"]["a"], run["parameters"]["b"]) for run in runs] == [
+        (1, 2),
+        (3, 5),
+        (4, 6),
+        (7, 8),
+        (9, 10),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["async many", "sync one"])
+async def test_a_create_never_answered_gives_up_within_the_timeout_and_names_its_ids(
+    trioworker_server: RunningServer, api: httpx.AsyncClient, kind: str
+) -> None:
+    creates = _creates(1 if kind.endswith("one") else 5)
+    async with cutting_proxy(_port(trioworker_server), "after", cuts=math.inf) as proxy:
+        with trio.fail_after(DEADLINE), pytest.raises(trioworker.ServerUnavailable) as raised:
+            await _create_through(proxy.api_url, kind, creates, client_timeout=1)
+    assert proxy.cut >= 2 and proxy.passed == 0  # sent again, and every answer was cut
+    message = str(raised.value)
+    assert "may or may not exist: read them by id" in message
+    runs = (await api.get("/task_runs")).json()
+    # However often it was sent, each create made one run: the ids the message names.
+    assert len(runs) == len(creates)
+    assert all(run["id"] in message for run in runs[:3])
+    assert ("and 2 more" in message) == (len(creates) == 5)

@@ -4,9 +4,10 @@ Inside ``async with trioworker.connect():`` creates and waits for ended runs tra
 one websocket instead of one HTTP request each: about 0.1 ms a message instead of about
 1.4 ms a request. The channel's task lives in ``connect()``'s nursery. If the socket is
 lost, or the server sends a malformed message (the socket is then closed with 1002),
-what was in flight fails with ServerUnavailable (waits for ended runs, and creates whose
-runs have idempotency keys, go on over HTTP by themselves), calls go over HTTP meanwhile,
-and the channel is opened again with backoff. User code never sees a parse error.
+what was in flight fails with ServerUnavailable (the client then carries waits and
+creates on over HTTP: a create is sent again with the same run ids, which the server
+answers with the runs it made), calls go over HTTP meanwhile, and the channel is opened
+again with backoff. User code never sees a parse error.
 """
 
 from __future__ import annotations

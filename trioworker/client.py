@@ -6,6 +6,11 @@ transport differs. Errors are translated where they happen: a refused or broken 
 becomes :class:`~trioworker.errors.ServerUnavailable`, an error status an
 :class:`~trioworker.errors.ApiError` (:class:`~trioworker.errors.NotFound` for 404).
 
+Creates are the exception to "raise at once": every run they create carries an id the
+client chose, so a create whose answer was lost (the client channel, or its HTTP
+connection, dropped after it was sent) is sent again over HTTP with the same ids, and the
+server answers a repeat with the run it already made: never two runs, never none.
+
 ``async with trioworker.connect():`` (and ``with trioworker.sync.connect():``) makes one
 client, with its kept-alive connection, the one every submission and future in the block
 uses. Without it each call opens a short-lived client of its own.
@@ -13,7 +18,10 @@ uses. Without it each call opens a short-lived client of its own.
 
 from __future__ import annotations
 
+import logging
+import random
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -25,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 import attrs
 import httpx
 import orjson
+import trio
 
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import (
@@ -39,14 +48,20 @@ from trioworker.models import (
     converter,
 )
 from trioworker.settings import Settings, api_root
+from trioworker.subscription import next_backoff
 
 if TYPE_CHECKING:
     from trioworker.channel import ClientChannel
 
 T = TypeVar("T")
 
+log = logging.getLogger("trioworker.client")
+
 #: Seconds a request may take; long-polls add their own wait on top.
 DEFAULT_TIMEOUT: Final = 30.0
+#: Times, in all, a create whose outcome is unknown is sent before ServerUnavailable (all
+#: within the client's ``timeout`` of the first loss, with jittered backoff from 0.2 s).
+CREATE_ATTEMPTS: Final = 8
 #: The longest single long-poll; longer waits are several.
 MAX_POLL_SECONDS: Final = 60.0
 
@@ -62,6 +77,17 @@ def headers_for(api_key: str | None) -> dict[str, str]:
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     return headers
+
+
+def with_ids(creates: Sequence[TaskRunCreate]) -> list[TaskRunCreate]:
+    """``creates``, each with an ``id`` (a fresh uuid4 where it has none): what makes
+    sending one again safe."""
+    return [c if c.id is not None else attrs.evolve(c, id=uuid.uuid4()) for c in creates]
+
+
+def _not_sent(exc: httpx.TransportError) -> bool:
+    """Whether the request cannot have reached the server (no connection was made)."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -95,6 +121,12 @@ class _Call(Generic[T]):
     params: dict[str, Any] | None = None
     #: Extra seconds the answer may take (a long-poll's own wait).
     wait: float = 0.0
+
+
+def _listed(call: _Call[T]) -> _Call[list[T]]:
+    """``call``, its answer read as a list of one."""
+    parse = call.parse
+    return _Call(call.method, call.path, lambda data: [parse(data)], call.body, call.params, call.wait)
 
 
 def _ignore(data: JSON) -> None:
@@ -170,12 +202,65 @@ class _Calls:
         return _Call("POST", "/task_runs/wait", _structure(WaitResult), body, wait=seconds + linger)
 
 
+@attrs.define(eq=False)
+class _CreateRetries:
+    """When to send one create again: the rule the async and the blocking client share.
+
+    A create that surely did not reach the server (connection refused) raises at once,
+    as every call does. Once it may have and no answer came (``lost``: the channel or the
+    connection dropped, a read timed out), it is sent again with backoff, up to
+    :data:`CREATE_ATTEMPTS` times in all, within the client's ``timeout`` seconds of that
+    first loss; a refused connection then counts as one more try (the server may be
+    restarting).
+    """
+
+    client: _Base
+    call: _Call[Any]
+    #: When the first loss happened (the clock of the caller).
+    lost_at: float = 0.0
+    lost: Exception | None = None
+    attempts: int = 0
+
+    def request_timeout(self, now: float) -> float:
+        """Seconds the next attempt may take."""
+        if self.lost is None:
+            return self.client.timeout
+        return max(0.0, min(self.client.timeout, self.lost_at + self.client.timeout - now))
+
+    def pause_after(self, exc: httpx.TransportError, now: float) -> float:
+        """Seconds to wait before sending the create again; raises ServerUnavailable if not."""
+        self.attempts += 1
+        if self.lost is None:
+            if _not_sent(exc):
+                raise self.client._unreachable(exc) from exc
+            self.lost, self.lost_at = exc, now
+        pause = next_backoff(self.attempts - 1, self.client._rng)
+        if self.attempts >= CREATE_ATTEMPTS or now + pause >= self.lost_at + self.client.timeout:
+            raise self._give_up(exc) from exc
+        log.info("a create got no answer (%r); sending it again in %.2f s", exc, pause)
+        return pause
+
+    def _give_up(self, exc: Exception) -> ServerUnavailable:
+        body = self.call.body
+        items = body if isinstance(body, list) else [body]
+        ids = [str(item.get("id")) for item in items if isinstance(item, dict)]
+        shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        tries = f"{self.attempts} attempt{'s' if self.attempts > 1 else ''}"
+        return ServerUnavailable(
+            f"cannot reach the trioworker server at {self.client.api_url} to confirm a create "
+            f"(no answer to {tries} over HTTP; the last: {exc!r}); its runs may or may not "
+            f"exist: read them by id ({shown})"
+        )
+
+
 class _Base:
     def __init__(self, api_url: str | None, api_key: str | None, timeout: float) -> None:
         settings = Settings.from_env()
         self.api_url = api_root(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
         self.timeout = timeout
+        #: Jitter for the pauses between attempts of a create.
+        self._rng = random.Random()
 
     def _options(self) -> dict[str, Any]:
         return {
@@ -253,32 +338,49 @@ class TaskRunClient(_Base):
         return await self.call(_Calls.health())
 
     async def create_task_run(self, create: TaskRunCreate) -> TaskRun:
-        """Create one run; see :meth:`create_task_runs` for a channel lost meanwhile."""
-        channel = self._live_channel()
-        if channel is not None:
-            try:
-                [run] = await channel.create([create])
-                return run
-            except ServerUnavailable:
-                if create.idempotency_key is None:
-                    raise
-        return await self.call(_Calls.create(create))
+        """Create one run; the same as :meth:`create_task_runs` with one."""
+        [with_id] = with_ids([create])
+        [run] = await self._create([with_id], _listed(_Calls.create(with_id)))
+        return run
 
     async def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
         """Create runs (over the client channel when one is open); returns them in order.
 
-        Raises ServerUnavailable if the channel is lost before the server answered and a
-        run has no idempotency key (it may or may not have been created). With keys, the
-        call is sent again over HTTP, and the keys make it give back the same runs.
+        A create without an ``id`` gets one (uuid4) first. If the channel or the HTTP
+        connection is lost after the create was sent (or the answer times out), it is sent
+        again over HTTP with the same ids, and the server answers a repeat with the run it
+        already made: up to :data:`CREATE_ATTEMPTS` attempts, with backoff, within
+        ``timeout`` seconds of that loss.
+
+        Raises:
+            ServerUnavailable: the server refused the connection before anything was sent
+                (nothing was created), or no attempt was answered in time (the message
+                gives the ids, to read the runs by).
+            ApiError: the server refused the input (422, or 409 for an id it holds for
+                another run).
         """
+        creates = with_ids(creates)
+        return await self._create(creates, _Calls.create_many(creates))
+
+    async def _create(self, creates: list[TaskRunCreate], call: _Call[list[TaskRun]]) -> list[TaskRun]:
+        lost: ServerUnavailable | None = None
         channel = self._live_channel()
         if channel is not None:
             try:
                 return await channel.create(creates)
-            except ServerUnavailable:
-                if not all(create.idempotency_key is not None for create in creates):
-                    raise
-        return await self.call(_Calls.create_many(creates))
+            except ServerUnavailable as exc:
+                log.info("a create was in flight on the lost client channel: sending it again over HTTP")
+                lost = exc
+        retries = _CreateRetries(self, call, trio.current_time(), lost)
+        while True:
+            args = self._request_args(call)
+            args["timeout"] = retries.request_timeout(trio.current_time())
+            try:
+                response = await self._http.request(call.method, call.path, **args)
+            except httpx.TransportError as exc:
+                await trio.sleep(retries.pause_after(exc, trio.current_time()))
+            else:
+                return self._parse(call, response)
 
     async def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
         return await self.call(_Calls.read(run_id))
@@ -358,10 +460,28 @@ class SyncTaskRunClient(_Base):
         return self.call(_Calls.health())
 
     def create_task_run(self, create: TaskRunCreate) -> TaskRun:
-        return self.call(_Calls.create(create))
+        """Create one run; the same as :meth:`create_task_runs` with one."""
+        [with_id] = with_ids([create])
+        [run] = self._create(_listed(_Calls.create(with_id)))
+        return run
 
     def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
-        return self.call(_Calls.create_many(creates))
+        """Create runs; returns them in order. As :meth:`TaskRunClient.create_task_runs`
+        (without the channel): a create whose connection dropped after it was sent is sent
+        again with the same ids; the same errors."""
+        return self._create(_Calls.create_many(with_ids(creates)))
+
+    def _create(self, call: _Call[list[TaskRun]]) -> list[TaskRun]:
+        retries = _CreateRetries(self, call)
+        while True:
+            args = self._request_args(call)
+            args["timeout"] = retries.request_timeout(time.monotonic())
+            try:
+                response = self._http.request(call.method, call.path, **args)
+            except httpx.TransportError as exc:
+                time.sleep(retries.pause_after(exc, time.monotonic()))
+            else:
+                return self._parse(call, response)
 
     def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
         return self.call(_Calls.read(run_id))

@@ -153,7 +153,13 @@ class TaskRun:
 
 @attrs.frozen
 class TaskRunCreate:
-    """The body of ``POST /api/task_runs``."""
+    """The body of ``POST /api/task_runs``.
+
+    ``id`` is the run's id, chosen by the client so that a create whose answer was lost can
+    be sent again without making a second run: the server answers a known ``id`` with the
+    run it already has (409 if that run has another task key or idempotency key). None:
+    the server picks one.
+    """
 
     task_key: str
     name: str | None = None
@@ -165,6 +171,7 @@ class TaskRunCreate:
     context: dict[str, JSON] = attrs.field(factory=dict)
     parent_task_run_id: uuid.UUID | None = None
     wait_for: list[uuid.UUID] = attrs.field(factory=list)
+    id: uuid.UUID | None = None
 
 
 @attrs.frozen
@@ -195,7 +202,15 @@ SERIALIZERS: Final = frozenset({"json", "pickle"})
 
 def _make_converter() -> OrjsonConverter:
     conv = make_converter(forbid_extra_keys=False)
-    conv.register_structure_hook(uuid.UUID, lambda v, _: v if isinstance(v, uuid.UUID) else uuid.UUID(v))
+
+    def structure_uuid(value: object, _: object) -> uuid.UUID:
+        if isinstance(value, uuid.UUID):
+            return value
+        if not isinstance(value, str):  # uuid.UUID(5) fails with an AttributeError
+            raise TypeError(f"expected a UUID string, got {type(value).__name__}")
+        return uuid.UUID(value)
+
+    conv.register_structure_hook(uuid.UUID, structure_uuid)
     conv.register_unstructure_hook(uuid.UUID, str)
 
     def structure_datetime(value: object, _: object) -> datetime:

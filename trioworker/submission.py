@@ -62,7 +62,7 @@ def build_create(
     idempotency_key: str | None = None,
     name: str | None = None,
 ) -> TaskRunCreate:
-    """The create request for one run of ``task`` with these arguments.
+    """The create request for one run of ``task`` with these arguments, with a fresh ``id``.
 
     Raises TypeError for arguments that do not fit the signature, for a value that would
     not arrive on the worker as it is (json), and for a ``scheduled_time`` that is not a
@@ -101,6 +101,7 @@ def build_create(
         context=context,
         parent_task_run_id=parent,
         wait_for=list(dict.fromkeys(deps)),
+        id=uuid.uuid4(),  # chosen here, so that a create whose answer was lost can be sent again
     )
 
 

@@ -7,7 +7,8 @@ trioworker.connect():``) does both over this socket instead:
 1. client ``{"type": "auth", "token": ...}`` → ``{"type": "auth_success"}`` (or close 1008);
 2. client ``{"type": "create", "ref": r, "task_runs": [TaskRunCreate, ...]}`` → server
    ``{"type": "created", "ref": r, "task_runs": [TaskRun, ...]}``, or
-   ``{"type": "error", "ref": r, "status": 422, "detail": "..."}`` (the socket stays open);
+   ``{"type": "error", "ref": r, "status": 422, "detail": "..."}`` (409 for a create whose
+   ``id`` another run has; the socket stays open);
 3. client ``{"type": "watch", "ids": [...]}`` → server ``{"type": "ended", "task_runs":
    [...], "missing": [...]}`` as those runs end (already ended ones at once), several per
    message; ``{"type": "unwatch", "ids": [...]}`` stops that.

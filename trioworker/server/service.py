@@ -26,7 +26,8 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.queue import Dispatcher, Subscription
-from trioworker.server.store import Change, QueuedRun, Store, claimed_copy
+from trioworker.server.sockets import ApiError
+from trioworker.server.store import Change, QueuedRun, RunIdTaken, Store, claimed_copy
 
 ACTIVE_STATES = frozenset({StateType.PENDING, StateType.RUNNING})
 
@@ -130,7 +131,17 @@ class TaskRunService:
 
     # -- REST operations
     async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
-        results = await self.store.create_runs(creates)
+        """Create runs; returns each with whether it is new (False: the run an idempotency
+        key or a given ``id`` already named).
+
+        Raises:
+            ApiError: 409 when a given ``id`` belongs to a run the create is not a repeat
+                of (another task key or idempotency key); nothing is created then.
+        """
+        try:
+            results = await self.store.create_runs(creates)
+        except RunIdTaken as exc:
+            raise ApiError(409, str(exc)) from None
         for run, queued in results:
             if queued is not None:
                 self.fresh.add(run, queued)

@@ -103,6 +103,25 @@ class StoreError(Exception):
     """The store cannot do what was asked (closed, or a newer schema than this code knows)."""
 
 
+class RunIdTaken(Exception):
+    """A create gives the id of a run it cannot be a repeat of (another task key or
+    idempotency key); the API answers 409."""
+
+
+def _same_run(run: TaskRun, create: TaskRunCreate) -> TaskRun:
+    """``run``, the one ``create`` names by its id, if ``create`` is a repeat of it."""
+    if run.task_key != create.task_key:
+        raise RunIdTaken(
+            f"task run id {run.id} is taken by a run of task {run.task_key!r}, not {create.task_key!r}"
+        )
+    if run.idempotency_key != create.idempotency_key:
+        raise RunIdTaken(
+            f"task run id {run.id} is taken by a run of task {run.task_key!r} with idempotency key "
+            f"{run.idempotency_key!r}, not {create.idempotency_key!r}"
+        )
+    return run
+
+
 class DatabaseInUse(StoreError):
     """Another trioworker server has this database open: it holds the lock file beside it."""
 
@@ -447,10 +466,18 @@ class _Ops:
             conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('task_runs', ?)", (counter[0],))
 
     def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
-        """Insert new runs; a known idempotency key of the same task key gives back its run
-        (and no QueuedRun). The key is scoped to the task key: ``a`` and ``b`` with one key
-        are two runs."""
+        """Insert new runs; a known idempotency key of the same task key, or else a known
+        ``id``, gives back its run (and no QueuedRun). The key is scoped to the task key:
+        ``a`` and ``b`` with one key are two runs.
+
+        A known ``id`` answers only for the same task key and idempotency key: otherwise
+        :class:`RunIdTaken` is raised and nothing of the batch is written. Creates run one
+        at a time in the committer's transaction, so a repeat (in one batch or in a
+        concurrent request) always sees the run the first one made.
+        """
         out: list[tuple[TaskRun, QueuedRun | None]] = []
+        given = [create.id for create in creates if create.id is not None]
+        known = {run_id: run for run_id, (_, run) in self._fetch(given).items()} if given else {}
         for create in creates:
             if create.idempotency_key is not None:
                 row = self.conn.execute(
@@ -460,8 +487,11 @@ class _Ops:
                 if row is not None:
                     out.append((_row_to_run(*row), None))
                     continue
+            if create.id is not None and create.id in known:
+                out.append((_same_run(known[create.id], create), None))
+                continue
             now = utcnow()
-            run_id = uuid.uuid4()
+            run_id = uuid.uuid4() if create.id is None else create.id
             state = make_state(
                 StateType.SCHEDULED,
                 timestamp=now,
@@ -500,6 +530,7 @@ class _Ops:
             )
             assert cur.lastrowid is not None
             self._log(cur.lastrowid, state)
+            known[run_id] = run
             out.append((run, self.queued_of(run, cur.lastrowid, len(parameters) + len(body))))
         return out
 
