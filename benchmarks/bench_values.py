@@ -20,6 +20,7 @@ import statistics
 import timeit
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import attrs
@@ -83,14 +84,10 @@ def main() -> None:
     print(f"trioworker from {trioworker.__file__}")
     print(f"{'arguments':<26} {'build_create µs':>16} {'load_parameters µs':>19}")
     for label, task, args in CASES:
-        create = submission.build_create(task, args, {})
-        submit = _median_us(
-            lambda t=task, a=args: submission.build_create(t, a, {}), options.number, options.repeat
-        )
+        parameters = submission.build_create(task, args, {}).parameters
+        submit = _median_us(partial(submission.build_create, task, args, {}), options.number, options.repeat)
         read = _median_us(
-            lambda t=task, p=create.parameters: serializers.load_parameters(t.fn, p),
-            options.number,
-            options.repeat,
+            partial(serializers.load_parameters, task.fn, parameters), options.number, options.repeat
         )
         print(f"{label:<26} {submit:>16.1f} {read:>19.1f}")
 
