@@ -21,7 +21,7 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioworker import __version__
+from trioworker import __version__, protocol
 from trioworker.models import (
     JSON,
     SetStateRequest,
@@ -29,12 +29,11 @@ from trioworker.models import (
     StateType,
     converter,
 )
+from trioworker.protocol import CLOSE_NORMAL, CLOSE_PROTOCOL, route
 from trioworker.server.channel import ClientChannel
 from trioworker.server.queue import Subscription
 from trioworker.server.service import ACTIVE_STATES, TaskRunService
 from trioworker.server.sockets import (
-    CLOSE_NORMAL,
-    CLOSE_PROTOCOL,
     HANDSHAKE_TIMEOUT,
     ApiError,
     ConnectionGone,
@@ -50,8 +49,8 @@ from trioworker.settings import MAX_PREFETCH
 
 log = logging.getLogger("trioworker.server")
 
-SUBSCRIPTION_PATH: Final = "/api/task_runs/subscriptions/scheduled"
-CHANNEL_PATH: Final = "/api/task_runs/channel"
+SUBSCRIPTION_PATH: Final = route(protocol.SUBSCRIPTION_PATH)
+CHANNEL_PATH: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
 #: Report messages a connection may have queued before its reader waits for them.
@@ -136,13 +135,13 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> None:
-        if request.path == "/api/health" or api_key is None:
+        if request.path == route(protocol.HEALTH) or api_key is None:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token_ok(token):
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
 
-    @app.get("/api/health")
+    @app.get(route(protocol.HEALTH))
     async def health() -> Response:
         dispatcher = service.dispatcher
         return _json_response(
@@ -159,7 +158,7 @@ def create_app(
     async def create_many(items: list[JSON]) -> list[tuple[object, bool]]:
         return list(await service.create_runs(creates_from(items)))
 
-    @app.post("/api/task_runs")
+    @app.post(route(protocol.RUNS))
     async def create_run() -> Response:
         body = await _body()
         if not isinstance(body, dict):
@@ -167,7 +166,7 @@ def create_app(
         [(run, created)] = await create_many([body])
         return _dump(run, 201 if created else 200)
 
-    @app.post("/api/task_runs/batch")
+    @app.post(route(protocol.RUNS_BATCH))
     async def create_runs() -> Response:
         body = await _body()
         if not isinstance(body, list):
@@ -175,7 +174,7 @@ def create_app(
         results = await create_many(body)
         return _dump([run for run, _ in results], 201)
 
-    @app.get("/api/task_runs")
+    @app.get(route(protocol.RUNS))
     async def list_runs() -> Response:
         state_arg = request.args.get("state")
         state = None
@@ -193,7 +192,7 @@ def create_app(
         )
         return _dump(runs)
 
-    @app.post("/api/task_runs/wait")
+    @app.post(route(protocol.RUNS_WAIT))
     async def wait_many() -> Response:
         body = await _body()
         if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
@@ -213,21 +212,21 @@ def create_app(
         )
         return _dump(result)
 
-    @app.get("/api/task_runs/<run_id>")
+    @app.get(route(protocol.RUN))
     async def read_run(run_id: str) -> Response:
         run = await service.read_run(_parse_id(run_id))
         if run is None:
             raise ApiError(404, f"no task run {run_id}")
         return _dump(run)
 
-    @app.get("/api/task_runs/<run_id>/history")
+    @app.get(route(protocol.RUN_HISTORY))
     async def history(run_id: str) -> Response:
         changes = await service.history(_parse_id(run_id))
         if changes is None:
             raise ApiError(404, f"no task run {run_id}")
         return _dump(changes)
 
-    @app.get("/api/task_runs/<run_id>/wait")
+    @app.get(route(protocol.RUN_WAIT))
     async def wait_one(run_id: str) -> Response:
         rid = _parse_id(run_id)
         timeout = _query_number("timeout", 30, 0, MAX_WAIT_SECONDS)
@@ -241,7 +240,7 @@ def create_app(
             raise ApiError(404, f"no task run {run_id}")
         return _dump(run)
 
-    @app.post("/api/task_runs/<run_id>/set_state")
+    @app.post(route(protocol.RUN_SET_STATE))
     async def set_state(run_id: str) -> Response:
         rid = _parse_id(run_id)
         body = with_state_name(await _body())
@@ -252,7 +251,7 @@ def create_app(
         [result] = await service.set_states([(rid, proposal)])
         return _dump(result)
 
-    @app.post("/api/task_runs/<run_id>/cancel")
+    @app.post(route(protocol.RUN_CANCEL))
     async def cancel(run_id: str) -> Response:
         rid = _parse_id(run_id)
         if await service.read_run(rid) is None:
@@ -262,7 +261,7 @@ def create_app(
             raise ApiError(409, f"cannot cancel: {result.details}")
         return _dump(result)
 
-    @app.delete("/api/task_runs/<run_id>")
+    @app.delete(route(protocol.RUN))
     async def delete(run_id: str) -> Response:
         if await service.delete(_parse_id(run_id)) is None:
             raise ApiError(404, f"no task run {run_id}")
@@ -357,7 +356,7 @@ class _SubscriptionSession(JsonSocket):
         if not await self.authenticate():
             return None
         message = await self.receive()
-        if message["type"] != "subscribe":
+        if message["type"] != protocol.SUBSCRIBE:
             raise ProtocolViolation('the second message must be {"type": "subscribe", ...}')
         keys, client_id, credit = message.get("keys"), message.get("client_id"), message.get("credit")
         if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
@@ -398,11 +397,11 @@ class _SubscriptionSession(JsonSocket):
         while True:
             if sub.cancels:
                 ids, sub.cancels = sub.cancels, []
-                await self.send({"type": "cancel", "ids": [str(i) for i in ids]})
+                await self.send({"type": protocol.CANCEL, "ids": [str(i) for i in ids]})
                 continue
             if sub.revokes:
                 ids, sub.revokes = sub.revokes, []
-                await self.send({"type": "revoke", "ids": [str(i) for i in ids]})
+                await self.send({"type": protocol.REVOKE, "ids": [str(i) for i in ids]})
                 continue
             if self.quitting:
                 if not sub.held and not self.reports_in_flight:
@@ -413,7 +412,9 @@ class _SubscriptionSession(JsonSocket):
             else:
                 delivery = await self.service.next_runs(sub)
                 if delivery.runs:
-                    await self.send({"type": "task_runs", "task_runs": converter.unstructure(delivery.runs)})
+                    await self.send(
+                        {"type": protocol.TASK_RUNS, "task_runs": converter.unstructure(delivery.runs)}
+                    )
                     await delivery.confirm()
                     continue
                 self.service.dispatcher.revoke_for(sub)
@@ -502,7 +503,7 @@ class _SubscriptionSession(JsonSocket):
         await trio.lowlevel.cancel_shielded_checkpoint()
         await self.send(
             {
-                "type": "state_results",
+                "type": protocol.STATE_RESULTS,
                 "results": [
                     {
                         "id": str(report.run_id),
@@ -536,10 +537,10 @@ class _SubscriptionSession(JsonSocket):
         raise ProtocolViolation("already subscribed")
 
     _handlers: Final = {
-        "ack": on_ack,
-        "credit": on_credit,
-        "states": on_states,
-        "release": on_release,
-        "quit": on_quit,
-        "subscribe": on_subscribe,
+        protocol.ACK: on_ack,
+        protocol.CREDIT: on_credit,
+        protocol.STATES: on_states,
+        protocol.RELEASE: on_release,
+        protocol.QUIT: on_quit,
+        protocol.SUBSCRIBE: on_subscribe,
     }

@@ -1,5 +1,6 @@
-"""What the server's websockets share: JSON messages, close codes, authentication, and
-turning request bodies into validated models (shared with the REST routes).
+"""What the server's websockets share: JSON messages, closing, authentication, and
+turning request bodies into validated models (shared with the REST routes). The close
+codes and message types are :mod:`trioworker.protocol`'s.
 """
 
 from __future__ import annotations
@@ -13,14 +14,11 @@ import orjson
 import trio
 from quart import websocket
 
+from trioworker import protocol
 from trioworker.models import JSON, SERIALIZERS, StateType, TaskRunCreate, converter, make_state
 
 log = logging.getLogger("trioworker.server")
 
-CLOSE_NORMAL: Final = 1000
-CLOSE_POLICY: Final = 1008  # auth refused, or the first message was not an auth message
-CLOSE_RESTART: Final = 1012  # the server is stopping; reconnect later
-CLOSE_PROTOCOL: Final = 4001  # the client broke the protocol
 #: How long a new connection may take to authenticate (and subscribe).
 HANDSHAKE_TIMEOUT: Final = 10.0
 MAX_KEY_LENGTH: Final = 200
@@ -108,7 +106,7 @@ def _auth_message(raw: str | bytes) -> dict[str, JSON] | None:
         message = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(message, dict) and message.get("type") == "auth":
+    if isinstance(message, dict) and message.get("type") == protocol.AUTH:
         return message
     return None
 
@@ -153,16 +151,16 @@ class JsonSocket:
         """
         auth = _auth_message(await websocket.receive())
         if auth is None:
-            await self.close(CLOSE_POLICY, EXPECTED_AUTH)
+            await self.close(protocol.CLOSE_POLICY, EXPECTED_AUTH)
             return False
         if not self.token_ok(auth.get("token")):
-            await self.close(CLOSE_POLICY, "Unauthorized: missing or wrong API key")
+            await self.close(protocol.CLOSE_POLICY, "Unauthorized: missing or wrong API key")
             return False
-        await self.send({"type": "auth_success"})
+        await self.send({"type": protocol.AUTH_SUCCESS})
         return True
 
     async def close_on_shutdown(self, scope: trio.CancelScope) -> None:
         await self.closing.wait()
         scope.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await self.close(CLOSE_RESTART, "the server is stopping")
+            await self.close(protocol.CLOSE_RESTART, "the server is stopping")
