@@ -16,8 +16,10 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
 
 import attrs
 
+from trioworker import serializers
 from trioworker.client import using_client, using_sync_client
 from trioworker.futures import SyncTaskRunFuture, TaskRunFuture
+from trioworker.models import JSON
 from trioworker.submission import batches, build_create, map_calls
 
 P = ParamSpec("P")
@@ -109,6 +111,13 @@ class Task(Generic[P, R]):
         if isinstance(delays, float):
             return delays
         return delays[min(retry_number, len(delays)) - 1]
+
+    def load_result(self, data: JSON) -> R:
+        """A json result structured by the return annotation (what a future gives back).
+
+        Raises :class:`trioworker.serializers.Unreadable` when ``data`` does not fit it.
+        """
+        return serializers.load_result(self.fn, data)  # type: ignore[no-any-return]
 
     def with_options(self, **options: Any) -> Task[P, R]:
         """A copy with some options changed, e.g. ``say.with_options(retries=3)``."""
