@@ -1,5 +1,5 @@
 """The shape of the package: its modules import each other without a loop, and each side
-(worker, submitter) imports only what it needs.
+(worker, submitter) imports only what it needs, checked in a fresh interpreter.
 
 The graph is read from the source with ``ast``: every ``import`` counts, at module level,
 under ``if TYPE_CHECKING:`` and inside functions alike, since a loop hidden by a guard or
@@ -11,6 +11,9 @@ else of the package. The implicit import of parent packages is not counted.
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from collections.abc import Mapping, Set
 from pathlib import Path
 
@@ -116,3 +119,55 @@ def test_trioworker_has_no_import_loop() -> None:
     assert {"trioworker.worker", "trioworker.status", "trioworker.tasks"} <= graph.keys()
     cycle = find_cycle(graph)
     assert cycle is None, "import loop: " + " -> ".join(cycle or [])
+
+
+# -- boundaries: what each kind of process imports
+
+#: Modules a process that only submits runs never needs (the worker, the server, the web stack).
+NOT_FOR_SUBMITTERS = ("trioworker.worker", "trioworker.status", "trioworker.server", "quart", "hypercorn")
+
+SUBMITTER = """
+import uuid
+import trioworker
+import trioworker.channel, trioworker.client, trioworker.futures, trioworker.sync
+
+@trioworker.task(key="imports.add")
+def add(x: int) -> int:
+    return x + 1
+
+trioworker.TaskRunFuture(uuid.uuid4(), add)
+trioworker.TaskRunClient("http://127.0.0.1:9")
+"""
+
+
+def modules_after(code: str, tmp_path: Path) -> set[str]:
+    """``sys.modules`` of a fresh interpreter after running ``code``."""
+    script = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def among(modules: Set[str], prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+def test_a_worker_process_never_imports_the_server(tmp_path: Path) -> None:
+    modules = modules_after("import trioworker, trioworker.worker\ntrioworker.TaskWorker", tmp_path)
+    assert "trioworker.worker" in modules
+    assert among(modules, ("trioworker.server",)) == []
+    # Without a status port, not even the status server and its web stack.
+    assert among(modules, ("trioworker.status", "quart", "hypercorn")) == []
+
+
+def test_a_submitting_process_never_imports_the_worker_or_the_web_stack(tmp_path: Path) -> None:
+    modules = modules_after(SUBMITTER, tmp_path)
+    assert {"trioworker.tasks", "trioworker.futures", "trioworker.client"} <= modules
+    assert among(modules, NOT_FOR_SUBMITTERS) == []
+
+
+def test_the_worker_is_still_one_attribute_away(tmp_path: Path) -> None:
+    modules = modules_after("from trioworker import TaskWorker, serve", tmp_path)
+    assert "trioworker.worker" in modules
