@@ -171,3 +171,14 @@ def test_a_submitting_process_never_imports_the_worker_or_the_web_stack(tmp_path
 def test_the_worker_is_still_one_attribute_away(tmp_path: Path) -> None:
     modules = modules_after("from trioworker import TaskWorker, serve", tmp_path)
     assert "trioworker.worker" in modules
+
+
+def test_no_two_classes_share_a_name() -> None:
+    """A name means one thing: the server's and the client's sides of a concept have
+    different names (``Refusal`` on the server, ``ApiError`` in the client)."""
+    where: dict[str, list[str]] = {}
+    for name, path in module_files().items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(name)
+    assert {cls: mods for cls, mods in where.items() if len(mods) > 1} == {}

@@ -52,7 +52,7 @@ def channel_url(api_url: str) -> str:
 
 
 @attrs.define(eq=False)
-class _Call:
+class _PendingCreate:
     done: trio.Event = attrs.field(factory=trio.Event)
     runs: list[TaskRun] = attrs.field(factory=list)
     error: Exception | None = None
@@ -84,7 +84,7 @@ class ClientChannel:
     _lost: trio.Event = attrs.field(factory=trio.Event)
     _open: trio.Event = attrs.field(factory=trio.Event)
     _refs: itertools.count[int] = attrs.field(factory=itertools.count)
-    _calls: dict[int, _Call] = attrs.field(factory=dict)
+    _calls: dict[int, _PendingCreate] = attrs.field(factory=dict)
     _watches: dict[uuid.UUID, _Watch] = attrs.field(factory=dict)
     _to_watch: list[uuid.UUID] = attrs.field(factory=list)
     _flushing: bool = False
@@ -114,7 +114,7 @@ class ClientChannel:
     async def create(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
         """Create runs; returns them in order (raises ApiError for refused input)."""
         ref = next(self._refs)
-        call = self._calls[ref] = _Call()
+        call = self._calls[ref] = _PendingCreate()
         try:
             await self._send(
                 {"type": protocol.CREATE, "ref": ref, "task_runs": converter.unstructure(list(creates))}

@@ -37,6 +37,7 @@ from trioworker.models import (
     StateType,
     TaskRun,
     TaskRunCreate,
+    WaitResult,
     converter,
 )
 from trioworker.settings import Settings, api_root
@@ -74,15 +75,6 @@ def _raise_for_status(response: httpx.Response) -> None:
         detail = response.text or response.reason_phrase
     cls = NotFound if response.status_code == 404 else ApiError
     raise cls(response.status_code, detail)
-
-
-@attrs.frozen
-class WaitResult:
-    """The answer of a wait for many runs."""
-
-    ended: list[TaskRun]
-    missing: list[uuid.UUID]
-    pending: list[uuid.UUID]
 
 
 @attrs.frozen

@@ -62,6 +62,9 @@ def socket_url(api_url: str, path: str) -> str:
     return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{path}"
 
 
+#: The serializers a task (and so a run) may use, for its parameters and its result.
+SERIALIZERS: Final = ("json", "pickle")
+
 # --- paths -------------------------------------------------------------------------------
 
 #: Where the server mounts the API; :func:`api_root` ends every API URL with it.

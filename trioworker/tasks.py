@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import attrs
 
@@ -20,12 +20,12 @@ from trioworker import serializers
 from trioworker.client import using_client, using_sync_client
 from trioworker.futures import SyncTaskRunFuture, TaskRunFuture
 from trioworker.models import JSON
+from trioworker.protocol import SERIALIZERS
 from trioworker.submission import batches, build_create, map_calls
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-SERIALIZER_NAMES: Final = ("json", "pickle")
 
 #: Decides whether a failed attempt should be retried: ``(task, task_run, exception) -> bool``.
 RetryCondition = Callable[["Task[..., Any]", Any, BaseException], bool]
@@ -94,8 +94,8 @@ class Task(Generic[P, R]):
             raise ValueError("retries must be >= 0")
         if self.timeout_seconds is not None and self.timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be > 0")
-        if self.serializer not in SERIALIZER_NAMES:
-            raise ValueError(f"serializer must be one of {SERIALIZER_NAMES}, got {self.serializer!r}")
+        if self.serializer not in SERIALIZERS:
+            raise ValueError(f"serializer must be one of {SERIALIZERS}, got {self.serializer!r}")
 
     @property
     def is_async(self) -> bool:

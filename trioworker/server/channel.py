@@ -29,10 +29,10 @@ from trioworker.models import JSON, TaskRun, converter
 from trioworker.server.service import TaskRunService, Waiter
 from trioworker.server.sockets import (
     HANDSHAKE_TIMEOUT,
-    ApiError,
     ConnectionGone,
     JsonSocket,
     ProtocolViolation,
+    Refusal,
     creates_from,
 )
 
@@ -52,7 +52,10 @@ def _ids(message: dict[str, JSON]) -> list[uuid.UUID]:
     raise ProtocolViolation('"ids" must be a list of task run ids')
 
 
-class ClientChannel(JsonSocket):
+class ChannelSession(JsonSocket):
+    """The server's side of one client channel (the submitter's side is
+    :class:`trioworker.channel.ClientChannel`)."""
+
     def __init__(
         self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
     ) -> None:
@@ -113,7 +116,7 @@ class ClientChannel(JsonSocket):
             runs = [run for run, _ in await self.service.create_runs(creates_from(items))]
             # Let the deliveries the new runs woke go out first: the reply can wait a pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
-        except ApiError as exc:
+        except Refusal as exc:
             await self.send({"type": protocol.ERROR, "ref": ref, "status": exc.status, "detail": exc.detail})
         else:
             await self.send({"type": protocol.CREATED, "ref": ref, "task_runs": converter.unstructure(runs)})

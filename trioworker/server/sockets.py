@@ -15,7 +15,7 @@ import trio
 from quart import websocket
 
 from trioworker import protocol
-from trioworker.models import JSON, SERIALIZERS, StateType, TaskRunCreate, converter, make_state
+from trioworker.models import JSON, StateType, TaskRunCreate, converter, make_state
 
 log = logging.getLogger("trioworker.server")
 
@@ -24,8 +24,9 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 MAX_KEY_LENGTH: Final = 200
 
 
-class ApiError(Exception):
-    """A request the API refuses, with the status code and the sentence the client gets."""
+class Refusal(Exception):
+    """A request the API refuses, with the status code and the sentence the client gets
+    (which the client raises as :class:`trioworker.ApiError`)."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -51,7 +52,7 @@ def structure(data: JSON, cls: type[object], what: str) -> object:
     try:
         return converter.structure(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ApiError(422, f"invalid {what}: {describe(exc)}") from None
+        raise Refusal(422, f"invalid {what}: {describe(exc)}") from None
 
 
 def with_state_name(proposal: JSON) -> JSON:
@@ -73,15 +74,15 @@ def with_state_name(proposal: JSON) -> JSON:
 
 def validate_create(create: TaskRunCreate) -> None:
     if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
-        raise ApiError(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
-    if create.serializer not in SERIALIZERS:
-        raise ApiError(
-            422, f"unknown serializer {create.serializer!r}; expected one of {sorted(SERIALIZERS)}"
+        raise Refusal(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+    if create.serializer not in protocol.SERIALIZERS:
+        raise Refusal(
+            422, f"unknown serializer {create.serializer!r}; expected one of {sorted(protocol.SERIALIZERS)}"
         )
     if create.serializer == "json" and not isinstance(create.parameters, dict):
-        raise ApiError(422, "parameters must be a JSON object (name -> value) with the json serializer")
+        raise Refusal(422, "parameters must be a JSON object (name -> value) with the json serializer")
     if create.serializer == "pickle" and not isinstance(create.parameters, str):
-        raise ApiError(422, "parameters must be a base64 string with the pickle serializer")
+        raise Refusal(422, "parameters must be a base64 string with the pickle serializer")
 
 
 def creates_from(items: list[JSON]) -> list[TaskRunCreate]:
