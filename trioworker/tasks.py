@@ -98,6 +98,12 @@ class Task(Generic[P, R]):
             raise ValueError(f"serializer must be one of {SERIALIZERS}, got {self.serializer!r}")
 
     @property
+    def task_key(self) -> str:
+        """The task key, by Prefect's name for it (``Task.task_key`` there); the same as
+        :attr:`key`, read-only."""
+        return self.key
+
+    @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
 
