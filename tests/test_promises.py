@@ -28,9 +28,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 import trioworker
 from trioworker.client import SyncTaskRunClient, TaskRunClient
 from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
+from trioworker.protocol import SUBSCRIPTION_PATH
 from trioworker.server import RunningServer, ServerConfig, serve_server
 from trioworker.server.store import SQLiteStore
-from trioworker.subscription import SUBSCRIPTION_PATH
 from trioworker.tasks import task
 from trioworker.worker import TaskWorker
 

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -292,6 +293,26 @@ async def test_metrics_count_runs_per_key(api: httpx.AsyncClient, trioworker_ser
         assert worker.failed_task_runs == {"status.ok": 0, "status.boom": 1}
 
 
+async def test_statistics_is_a_frozen_snapshot(
+    api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    async with TaskWorker(ok, boom, api_url=trioworker_server.api_url, limit=2, client_id="stats") as worker:
+        before = worker.statistics()
+        [run_id] = await submit(api, "status.ok", 1)
+        await wait_ended(api, [run_id])
+    after = worker.statistics()  # stopped: the run's task has ended and counted itself
+    assert not before.stopping and after.stopping
+    assert (before.client_id, before.limit, before.task_keys) == ("stats", 2, ("status.ok", "status.boom"))
+    assert before.finished_task_runs == {"status.ok": 0, "status.boom": 0}
+    assert before.started_task_runs == {"status.ok": 0, "status.boom": 0}
+    assert after.finished_task_runs == {"status.ok": 1, "status.boom": 0}
+    assert after.started_task_runs == {"status.ok": 1, "status.boom": 0}
+    assert after.failed_task_runs == {"status.ok": 0, "status.boom": 0}
+    assert after.in_flight_task_runs == {"status.ok": {}, "status.boom": {}}
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        after.stopping = True  # type: ignore[misc]
+
+
 async def test_label_values_are_escaped() -> None:
     assert escape_label_value("plain.key") == "plain.key"
     assert escape_label_value('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
@@ -305,7 +326,7 @@ async def test_label_values_are_escaped() -> None:
 
     # A worker that never started: its counters are all there, at zero.
     worker = TaskWorker(odd, api_url="http://127.0.0.1:9/api", limit=1)
-    text = render_metrics(worker)
+    text = render_metrics(worker.statistics())
     assert 'trioworker_task_runs_started_total{task_key="we\\"ird\\\\key\\nline"} 0\n' in text
     samples, _, _ = parse_metrics(text)
     assert samples["trioworker_task_runs_failed_total", by_key(weird)] == 0
@@ -354,7 +375,7 @@ async def test_app_of_a_stopped_worker(trioworker_server: RunningServer) -> None
         assert worker.status_url is None  # no port, no status server
     assert worker.stopping
 
-    client = create_status_app(worker).test_client()
+    client = create_status_app(worker.statistics).test_client()
     response = await client.get("/health")
     assert response.status_code == 503
     assert await response.get_json() == {"status": "stopping", "connected": False}
@@ -478,7 +499,7 @@ async def test_unknown_route_is_json_404(trioworker_server: RunningServer) -> No
 async def test_serve_status_stops_when_cancelled() -> None:
     worker = TaskWorker(ok, api_url="http://127.0.0.1:9/api")
     async with trio.open_nursery() as nursery:
-        url: str = await nursery.start(serve_status, worker, 0)
+        url: str = await nursery.start(serve_status, worker.statistics, 0)
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             response = await client.get("/health")  # never started: no subscription
@@ -503,7 +524,7 @@ async def test_port_in_use_fails_the_start() -> None:
         async with trio.open_nursery() as nursery:
             # The bind error itself, not hypercorn's nested exception groups.
             with pytest.raises(OSError) as refused:
-                await nursery.start(serve_status, worker, port)
+                await nursery.start(serve_status, worker.statistics, port)
             assert refused.value.errno == errno.EADDRINUSE
 
 

@@ -393,6 +393,20 @@ async def test_a_task_in_a_script_is_keyed_by_the_scripts_name(tmp_path: Any) ->
     assert result.stdout.decode().strip() == "myscript.say"
 
 
+def test_task_key_is_prefects_name_for_the_key() -> None:
+    @trioworker.task(key="submit.prefect_named")
+    def named() -> None: ...
+
+    @trioworker.task
+    def default_keyed() -> None: ...
+
+    assert named.task_key == named.key == "submit.prefect_named"
+    assert default_keyed.task_key == default_keyed.key == f"{__name__}.{default_keyed.fn.__qualname__}"
+    assert named.with_options(key="submit.other").task_key == "submit.other"
+    with pytest.raises(AttributeError):
+        named.task_key = "submit.changed"  # type: ignore[misc]
+
+
 async def test_cancelling_a_running_sync_run_lets_its_thread_finish(trioworker_worker: Make) -> None:
     import threading
 

@@ -2,9 +2,15 @@
 
 The public API is what this module exports; everything else is an implementation detail.
 Blocking twins of the async calls live in :mod:`trioworker.sync`.
+
+``TaskWorker`` and ``serve`` are imported on first use (``trioworker.TaskWorker`` or
+``from trioworker import TaskWorker``), so a process that only submits runs never imports
+the worker.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -35,8 +41,10 @@ from trioworker.models import TaskRun as TaskRun
 from trioworker.submission import unmapped as unmapped
 from trioworker.tasks import Task as Task
 from trioworker.tasks import task as task
-from trioworker.worker import TaskWorker as TaskWorker
-from trioworker.worker import serve as serve
+
+if TYPE_CHECKING:
+    from trioworker.worker import TaskWorker as TaskWorker
+    from trioworker.worker import serve as serve
 
 __all__ = [
     "ApiError",
@@ -70,3 +78,14 @@ __all__ = [
     "user_context",
     "wait_all",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``TaskWorker`` and ``serve``, imported when first asked for (see the module docstring)."""
+    if name in ("TaskWorker", "serve"):
+        from trioworker import worker
+
+        value = getattr(worker, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import trio
 
 
-def only_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one leaf of nested single-member groups, or None when there are several.
+def only_exception(group: BaseException) -> BaseException | None:
+    """The one leaf of nested single-member groups, or None when there are several; an
+    exception that is not a group is its own leaf.
 
     Nurseries wrap even a single error in a group; where exactly one thing went wrong,
     callers deserve that error itself (the ``raise_single_exception_from_group`` idea).

@@ -26,12 +26,12 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
+from trioworker import protocol
 from trioworker._util import only_exception
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
-from trioworker.settings import socket_url
+from trioworker.protocol import CHANNEL_PATH, CLOSE_PROTOCOL_ERROR, socket_url
 from trioworker.subscription import (
-    CLOSE_PROTOCOL_ERROR,
     MalformedMessage,
     explain_error,
     next_backoff,
@@ -41,7 +41,6 @@ from trioworker.subscription import connect as open_socket
 
 log = logging.getLogger("trioworker.channel")
 
-CHANNEL_PATH: Final = "/task_runs/channel"
 #: Seconds to wait for the server's answer to the auth message.
 AUTH_TIMEOUT: Final = 10.0
 #: What ends one connection of the channel (it is then opened again).
@@ -54,7 +53,7 @@ def channel_url(api_url: str) -> str:
 
 
 @attrs.define(eq=False)
-class _Call:
+class _PendingCreate:
     done: trio.Event = attrs.field(factory=trio.Event)
     runs: list[TaskRun] = attrs.field(factory=list)
     error: Exception | None = None
@@ -86,7 +85,7 @@ class ClientChannel:
     _lost: trio.Event = attrs.field(factory=trio.Event)
     _open: trio.Event = attrs.field(factory=trio.Event)
     _refs: itertools.count[int] = attrs.field(factory=itertools.count)
-    _calls: dict[int, _Call] = attrs.field(factory=dict)
+    _calls: dict[int, _PendingCreate] = attrs.field(factory=dict)
     _watches: dict[uuid.UUID, _Watch] = attrs.field(factory=dict)
     _to_watch: list[uuid.UUID] = attrs.field(factory=list)
     _flushing: bool = False
@@ -116,10 +115,10 @@ class ClientChannel:
     async def create(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
         """Create runs; returns them in order (raises ApiError for refused input)."""
         ref = next(self._refs)
-        call = self._calls[ref] = _Call()
+        call = self._calls[ref] = _PendingCreate()
         try:
             await self._send(
-                {"type": "create", "ref": ref, "task_runs": converter.unstructure(list(creates))}
+                {"type": protocol.CREATE, "ref": ref, "task_runs": converter.unstructure(list(creates))}
             )
             await call.done.wait()
         finally:
@@ -144,7 +143,7 @@ class ClientChannel:
                 del self._watches[run_id]
                 if self.usable:
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
-                        await self._send({"type": "unwatch", "ids": [str(run_id)]})
+                        await self._send({"type": protocol.UNWATCH, "ids": [str(run_id)]})
         if watch.dropped or (self.broken is not None and not watch.done.is_set()):
             raise self._unavailable()
         if watch.missing:
@@ -167,7 +166,7 @@ class ClientChannel:
                 await trio.lowlevel.checkpoint()
                 ids, self._to_watch = self._to_watch, []
                 with trio.move_on_after(10) as stuck:
-                    await self._send({"type": "watch", "ids": [str(i) for i in ids]})
+                    await self._send({"type": protocol.WATCH, "ids": [str(i) for i in ids]})
                 if stuck.cancelled_caught:
                     self._break(TimeoutError("a watch message could not be sent in 10 s"))
         finally:
@@ -185,10 +184,12 @@ class ClientChannel:
         while True:
             try:
                 async with open_socket(channel_url(self.api_url)) as ws:
-                    await ws.send_message(orjson.dumps({"type": "auth", "token": self.api_key}).decode())
+                    await ws.send_message(
+                        orjson.dumps({"type": protocol.AUTH, "token": self.api_key}).decode()
+                    )
                     with trio.fail_after(AUTH_TIMEOUT):
                         reply = parse_message(await ws.get_message())
-                    if reply["type"] != "auth_success":
+                    if reply["type"] != protocol.AUTH_SUCCESS:
                         raise MalformedMessage(f"unexpected reply to auth: {reply['type']!r}")
                     self.ws, self.broken, self._lost = ws, None, trio.Event()
                     self._open.set()
@@ -232,13 +233,13 @@ class ClientChannel:
         """Apply one message, read whole first: a malformed one changes nothing."""
         kind = message["type"]
         try:
-            if kind == "created":
+            if kind == protocol.CREATED:
                 runs = converter.structure(message["task_runs"], list[TaskRun])
                 call = self._calls.get(_ref(message))
                 if call is not None:
                     call.runs = runs
                     call.done.set()
-            elif kind == "error":
+            elif kind == protocol.ERROR:
                 status, detail = message.get("status", 400), message.get("detail")
                 if not isinstance(status, int) or isinstance(status, bool):
                     raise TypeError(f"status {status!r} is not a whole number")
@@ -246,7 +247,7 @@ class ClientChannel:
                 if call is not None:
                     call.error = (NotFound if status == 404 else ApiError)(status, str(detail))
                     call.done.set()
-            elif kind == "ended":
+            elif kind == protocol.ENDED:
                 ended = converter.structure(message["task_runs"], list[TaskRun])
                 missing = message.get("missing", [])
                 if not isinstance(missing, list) or not all(isinstance(i, str) for i in missing):

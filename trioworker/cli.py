@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import trio
 
 from trioworker import __version__
+from trioworker._util import only_exception
 from trioworker.settings import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -148,7 +149,7 @@ async def _run_worker(args: argparse.Namespace) -> None:
             prefetch=args.prefetch,
         )
     except Exception as exc:
-        leaf = _single_leaf(exc)
+        leaf = only_exception(exc)
         if isinstance(leaf, SubscriptionRefused):
             raise CommandError(f"{leaf} (check --api-key or TRIOWORKER_API_KEY)") from None
         raise
@@ -266,19 +267,7 @@ def _add_worker_command(commands: Any) -> None:
         help=f"the address the status server listens on (default {DEFAULT_STATUS_HOST}: this machine "
         "only; 0.0.0.0: every interface, for a probe on another host)",
     )
-    worker.add_argument(
-        "--api-url",
-        default=None,
-        metavar="URL",
-        help="the server, as `trioworker server` prints it (http://HOST:PORT) or with /api "
-        f"(default $TRIOWORKER_API_URL, else http://{DEFAULT_HOST}:{DEFAULT_PORT}/api)",
-    )
-    worker.add_argument(
-        "--api-key",
-        default=None,
-        metavar="KEY",
-        help="the API key to send to the server (default $TRIOWORKER_API_KEY)",
-    )
+    _add_api_options(worker)
     worker.add_argument(
         "--grace",
         type=_seconds,
@@ -332,7 +321,7 @@ async def _run_demo(args: argparse.Namespace) -> None:
     try:
         await run_demo(config, _console())
     except Exception as exc:
-        leaf = _single_leaf(exc)
+        leaf = only_exception(exc)
         if isinstance(leaf, DemoError):
             raise CommandError(str(leaf)) from None
         raise
@@ -981,13 +970,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _single_leaf(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-member groups, else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _is_option(item: str) -> bool:
     return item.startswith("-") and re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?", item) is None
 
@@ -1014,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         trio.run(args.handler, args)
     except BaseException as exc:  # re-raised below unless it is a user error
-        leaf = _single_leaf(exc)
+        leaf = only_exception(exc)
         if isinstance(leaf, CommandError | OSError):
             print(f"trioworker: {leaf}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -35,6 +35,7 @@ import httpx
 import orjson
 import trio
 
+from trioworker import protocol
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import (
     JSON,
@@ -45,6 +46,7 @@ from trioworker.models import (
     StateType,
     TaskRun,
     TaskRunCreate,
+    WaitResult,
     converter,
 )
 from trioworker.settings import Settings, api_root
@@ -102,15 +104,6 @@ def _raise_for_status(response: httpx.Response) -> None:
 
 
 @attrs.frozen
-class WaitResult:
-    """The answer of a wait for many runs."""
-
-    ended: list[TaskRun]
-    missing: list[uuid.UUID]
-    pending: list[uuid.UUID]
-
-
-@attrs.frozen
 class _Call(Generic[T]):
     """One API call: the request and how to read its answer."""
 
@@ -142,21 +135,21 @@ class _Calls:
 
     @staticmethod
     def health() -> _Call[dict[str, JSON]]:
-        return _Call("GET", "/health", lambda d: dict(d))
+        return _Call("GET", protocol.HEALTH, lambda d: dict(d))
 
     @staticmethod
     def create(create: TaskRunCreate) -> _Call[TaskRun]:
-        return _Call("POST", "/task_runs", _structure(TaskRun), converter.unstructure(create))
+        return _Call("POST", protocol.RUNS, _structure(TaskRun), converter.unstructure(create))
 
     @staticmethod
     def create_many(creates: Sequence[TaskRunCreate]) -> _Call[list[TaskRun]]:
         return _Call(
-            "POST", "/task_runs/batch", _structure(list[TaskRun]), converter.unstructure(list(creates))
+            "POST", protocol.RUNS_BATCH, _structure(list[TaskRun]), converter.unstructure(list(creates))
         )
 
     @staticmethod
     def read(run_id: uuid.UUID) -> _Call[TaskRun]:
-        return _Call("GET", f"/task_runs/{run_id}", _structure(TaskRun))
+        return _Call("GET", protocol.RUN.format(run_id=run_id), _structure(TaskRun))
 
     @staticmethod
     def read_many(
@@ -167,30 +160,34 @@ class _Calls:
             params["task_key"] = task_key
         if state is not None:
             params["state"] = state.value
-        return _Call("GET", "/task_runs", _structure(list[TaskRun]), params=params)
+        return _Call("GET", protocol.RUNS, _structure(list[TaskRun]), params=params)
 
     @staticmethod
     def history(run_id: uuid.UUID) -> _Call[list[StateChange]]:
-        return _Call("GET", f"/task_runs/{run_id}/history", _structure(list[StateChange]))
+        return _Call("GET", protocol.RUN_HISTORY.format(run_id=run_id), _structure(list[StateChange]))
 
     @staticmethod
     def set_state(run_id: uuid.UUID, state: State, force: bool) -> _Call[SetStateResult]:
         body = converter.unstructure(SetStateRequest(state, force))
-        return _Call("POST", f"/task_runs/{run_id}/set_state", _structure(SetStateResult), body)
+        return _Call("POST", protocol.RUN_SET_STATE.format(run_id=run_id), _structure(SetStateResult), body)
 
     @staticmethod
     def cancel(run_id: uuid.UUID) -> _Call[SetStateResult]:
-        return _Call("POST", f"/task_runs/{run_id}/cancel", _structure(SetStateResult))
+        return _Call("POST", protocol.RUN_CANCEL.format(run_id=run_id), _structure(SetStateResult))
 
     @staticmethod
     def delete(run_id: uuid.UUID) -> _Call[None]:
-        return _Call("DELETE", f"/task_runs/{run_id}", _ignore)
+        return _Call("DELETE", protocol.RUN.format(run_id=run_id), _ignore)
 
     @staticmethod
     def wait(run_id: uuid.UUID, seconds: float) -> _Call[TaskRun]:
         seconds = min(seconds, MAX_POLL_SECONDS)
         return _Call(
-            "GET", f"/task_runs/{run_id}/wait", _structure(TaskRun), params={"timeout": seconds}, wait=seconds
+            "GET",
+            protocol.RUN_WAIT.format(run_id=run_id),
+            _structure(TaskRun),
+            params={"timeout": seconds},
+            wait=seconds,
         )
 
     @staticmethod
@@ -199,7 +196,7 @@ class _Calls:
     ) -> _Call[WaitResult]:
         seconds = min(seconds, MAX_POLL_SECONDS)
         body = {"ids": [str(i) for i in run_ids], "timeout": seconds, "all": wait_all, "linger": linger}
-        return _Call("POST", "/task_runs/wait", _structure(WaitResult), body, wait=seconds + linger)
+        return _Call("POST", protocol.RUNS_WAIT, _structure(WaitResult), body, wait=seconds + linger)
 
 
 @attrs.define(eq=False)

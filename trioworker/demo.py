@@ -309,7 +309,7 @@ async def _start_server(nursery: trio.Nursery, config: DemoConfig, shutdown: tri
     try:
         server: RunningServer = await nursery.start(partial(serve_server, server_config, shutdown=shutdown))
     except Exception as exc:
-        error = only_exception(exc) if isinstance(exc, ExceptionGroup) else exc
+        error = only_exception(exc)
         if not isinstance(error, OSError):
             raise
         raise DemoError(

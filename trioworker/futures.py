@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, overload
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, overload
 
 import attrs
 import trio
@@ -35,10 +35,27 @@ from trioworker.errors import (
 )
 from trioworker.models import JSON, State, StateType, TaskRun
 
-if TYPE_CHECKING:
-    from trioworker.tasks import Task
-
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class ResultReader(Protocol[R_co]):
+    """What a future needs of its task: reading a COMPLETED run's JSON result.
+
+    A :class:`trioworker.Task` is one (its return annotation structures the value), so
+    this module needs nothing else of the tasks module.
+    """
+
+    @property
+    def key(self) -> str:
+        """The task key, to name the task in an error."""
+        ...
+
+    def load_result(self, data: JSON) -> R_co:
+        """The value of a json result; raises :class:`trioworker.serializers.Unreadable`
+        (or :class:`~trioworker.errors.ParameterError`) when ``data`` does not fit."""
+        ...
+
 
 #: Seconds of one long-poll before it is asked again (the client caps one poll at 60).
 POLL_SECONDS: Final = 60.0
@@ -96,7 +113,7 @@ def failure_of(run: TaskRun) -> BaseException:
     )
 
 
-def result_of(run: TaskRun, task: Task[..., Any] | None) -> Any:
+def result_of(run: TaskRun, task: ResultReader[Any] | None) -> Any:
     """The value a COMPLETED run returned, structured by the task's return annotation.
 
     Without a task, the JSON as the server keeps it. Raises :class:`ResultDecodeError`
@@ -107,7 +124,7 @@ def result_of(run: TaskRun, task: Task[..., Any] | None) -> Any:
     try:
         if run.serializer == "pickle":
             return serializers.pickle_loads(data)
-        return data if task is None else serializers.load_result(task.fn, data)
+        return data if task is None else task.load_result(data)
     except (ParameterError, serializers.Unreadable) as exc:
         typed = task is not None and run.serializer == "json"
         what = f" as {task.key}'s return annotation says" if typed and task is not None else ""
@@ -223,7 +240,8 @@ def _watcher_for(client: TaskRunClient) -> _Watcher:
 @attrs.define(eq=False, repr=False)
 class _FutureBase(Generic[R]):
     task_run_id: uuid.UUID
-    task: Task[..., R] | None = None
+    #: Reads the result (a :class:`trioworker.Task`); without it, the JSON as the server keeps it.
+    task: ResultReader[R] | None = None
     #: The run as last seen (after a wait, its final form).
     task_run: TaskRun | None = None
 
@@ -462,5 +480,5 @@ def sync_as_completed(
                 yield future
 
 
-def futures_of(runs: Sequence[TaskRun], task: Task[..., R] | None) -> list[TaskRunFuture[R]]:
+def futures_of(runs: Sequence[TaskRun], task: ResultReader[R] | None) -> list[TaskRunFuture[R]]:
     return [TaskRunFuture(run.id, task, run) for run in runs]

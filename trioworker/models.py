@@ -42,6 +42,8 @@ class StateType(enum.StrEnum):
 TERMINAL_STATES: Final = frozenset(
     {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 )
+#: The states of a run leased to a worker (in flight): it holds a lease until it leaves them.
+ACTIVE_STATES: Final = frozenset({StateType.PENDING, StateType.RUNNING})
 
 
 class SetStateStatus(enum.StrEnum):
@@ -152,6 +154,17 @@ class TaskRun:
 
 
 @attrs.frozen
+class WaitResult:
+    """The answer of a wait for many runs (``POST /task_runs/wait``)."""
+
+    ended: list[TaskRun]
+    #: Ids that do not exist (never did, or were deleted while waited for).
+    missing: list[uuid.UUID]
+    #: Ids still not ended when the wait returned.
+    pending: list[uuid.UUID]
+
+
+@attrs.frozen
 class TaskRunCreate:
     """The body of ``POST /api/task_runs``.
 
@@ -195,9 +208,6 @@ class StateChange:
     name: str
     timestamp: datetime
     message: str | None = None
-
-
-SERIALIZERS: Final = frozenset({"json", "pickle"})
 
 
 def _make_converter() -> OrjsonConverter:

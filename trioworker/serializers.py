@@ -710,8 +710,6 @@ def _jsonable_args(exc: BaseException) -> list[JSON] | None:
     return args if size <= MAX_TEXT_BYTES else None
 
 
-SERIALIZERS: Final = ("json", "pickle")
-
 #: In json parameters, ``{FUTURE_KEY: "<run id>"}`` stands for that run's result.
 FUTURE_KEY: Final = "__trioworker_future__"
 

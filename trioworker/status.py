@@ -2,18 +2,20 @@
 
 :meth:`TaskWorker.start() <trioworker.worker.TaskWorker.start>` runs :func:`serve_status`
 in its own nursery when given ``status_server_port``, so the server lives exactly as long
-as the worker: cancellation is how it stops, and nothing it opens outlives it.
+as the worker: cancellation is how it stops, and nothing it opens outlives it. The worker
+imports this module (and with it quart and hypercorn) only then.
 
-Every route only reads the worker's counters, synchronously, on the Trio thread: a
-response is a consistent snapshot without any locking.
+Every route reads one :class:`~trioworker.statistics.WorkerStatistics`, taken
+synchronously on the Trio thread: a response is a consistent snapshot without any
+locking. This module knows nothing else of the worker.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final
 
 import orjson
 import trio
@@ -24,9 +26,7 @@ from werkzeug.exceptions import HTTPException
 from trioworker._http import serve_app
 from trioworker.models import JSON
 from trioworker.settings import DEFAULT_STATUS_HOST
-
-if TYPE_CHECKING:
-    from trioworker.worker import TaskWorker
+from trioworker.statistics import WorkerStatistics
 
 log = logging.getLogger("trioworker.status")
 
@@ -38,24 +38,24 @@ def _json_response(payload: JSON, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status=status, content_type="application/json")
 
 
-def status_payload(worker: TaskWorker) -> dict[str, JSON]:
-    """The ``/status`` document; the field names are those of Prefect's task worker."""
-    available = worker.available_tasks
+def status_payload(stats: WorkerStatistics) -> dict[str, JSON]:
+    """The ``/status`` document; the field names are those of Prefect's task stats."""
+    available = stats.available_tasks
     return {
-        "client_id": worker.client_id,
-        "started_at": worker.started_at.isoformat() if worker.started_at is not None else None,
-        "stopping": worker.stopping,
-        "connected": worker.connected,
-        "limit": worker.limit,
-        "prefetch": worker.prefetch,
-        "current": worker.current_tasks,
+        "client_id": stats.client_id,
+        "started_at": stats.started_at.isoformat() if stats.started_at is not None else None,
+        "stopping": stats.stopping,
+        "connected": stats.connected,
+        "limit": stats.limit,
+        "prefetch": stats.prefetch,
+        "current": stats.current_tasks,
         # JSON has no infinity: an unlimited worker says null, as its limit does.
         "available": None if math.isinf(available) else int(available),
-        "tasks": list(worker.task_keys),
-        "finished": dict(worker.finished_task_runs),
+        "tasks": list(stats.task_keys),
+        "finished": dict(stats.finished_task_runs),
         "in_flight": {
             key: {str(run_id): started.isoformat() for run_id, started in runs.items()}
-            for key, runs in worker.in_flight_task_runs.items()
+            for key, runs in stats.in_flight_task_runs.items()
         },
     }
 
@@ -91,33 +91,33 @@ def _family(
     return lines
 
 
-def render_metrics(worker: TaskWorker) -> str:
+def render_metrics(stats: WorkerStatistics) -> str:
     """The ``/metrics`` page in the Prometheus text format, written by hand (no dependency)."""
-    keys = worker.task_keys
+    keys = stats.task_keys
 
     def per_key(counts: Mapping[str, int]) -> list[tuple[Mapping[str, str], float]]:
         return [({"task_key": key}, counts.get(key, 0)) for key in keys]
 
-    in_flight = {key: len(worker.in_flight_task_runs.get(key, {})) for key in keys}
-    limit = math.inf if worker.limit is None else worker.limit
+    in_flight = {key: len(stats.in_flight_task_runs.get(key, {})) for key in keys}
+    limit = math.inf if stats.limit is None else stats.limit
     lines = [
         *_family(
             "trioworker_task_runs_started_total",
             "counter",
             "Task runs this worker started running, per task key.",
-            per_key(worker.started_task_runs),
+            per_key(stats.started_task_runs),
         ),
         *_family(
             "trioworker_task_runs_finished_total",
             "counter",
             "Task runs that ended on this worker (completed, failed, retrying or cancelled).",
-            per_key(worker.finished_task_runs),
+            per_key(stats.finished_task_runs),
         ),
         *_family(
             "trioworker_task_runs_failed_total",
             "counter",
             "Task runs that ended FAILED on this worker, per task key.",
-            per_key(worker.failed_task_runs),
+            per_key(stats.failed_task_runs),
         ),
         *_family(
             "trioworker_task_runs_in_flight",
@@ -135,26 +135,27 @@ def render_metrics(worker: TaskWorker) -> str:
             "trioworker_limiter_tokens_borrowed",
             "gauge",
             "Runs holding a slot of the worker's limiter right now.",
-            [({}, worker.current_tasks)],
+            [({}, stats.current_tasks)],
         ),
         *_family(
             "trioworker_worker_up",
             "gauge",
             "1 while the worker takes runs, 0 once it is stopping.",
-            [({}, 0 if worker.stopping else 1)],
+            [({}, 0 if stats.stopping else 1)],
         ),
         *_family(
             "trioworker_worker_connected",
             "gauge",
             "1 while the worker holds a live subscription to the server, else 0.",
-            [({}, 1 if worker.connected else 0)],
+            [({}, 1 if stats.connected else 0)],
         ),
     ]
     return "\n".join(lines) + "\n"
 
 
-def create_status_app(worker: TaskWorker) -> QuartTrio:
-    """The status app for ``worker``; separate from :func:`serve_status` so tests can call it."""
+def create_status_app(statistics: Callable[[], WorkerStatistics]) -> QuartTrio:
+    """The status app of a worker (``statistics``: e.g. ``worker.statistics``, called once
+    per request); separate from :func:`serve_status` so tests can call it."""
     app = QuartTrio("trioworker.status")
 
     @app.errorhandler(HTTPException)
@@ -164,33 +165,35 @@ def create_status_app(worker: TaskWorker) -> QuartTrio:
 
     @app.get("/status")
     async def status() -> Response:
-        return _json_response(status_payload(worker))
+        return _json_response(status_payload(statistics()))
 
     @app.get("/health")
     async def health() -> Response:
         # 503 unless the worker can take runs: while stopping, and while it holds no live
         # subscription (not yet connected, or the server is gone and it is reconnecting).
-        if worker.stopping:
-            return _json_response({"status": "stopping", "connected": worker.connected}, 503)
-        if not worker.connected:
+        stats = statistics()
+        if stats.stopping:
+            return _json_response({"status": "stopping", "connected": stats.connected}, 503)
+        if not stats.connected:
             return _json_response({"status": "disconnected", "connected": False}, 503)
         return _json_response({"status": "ok", "connected": True})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(render_metrics(worker), status=200, content_type=METRICS_CONTENT_TYPE)
+        return Response(render_metrics(statistics()), status=200, content_type=METRICS_CONTENT_TYPE)
 
     return app
 
 
 async def serve_status(
-    worker: TaskWorker,
+    statistics: Callable[[], WorkerStatistics],
     port: int,
     host: str = DEFAULT_STATUS_HOST,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the status app on ``host:port`` until cancelled.
+    """Serve the status app of a worker on ``host:port`` until cancelled (``statistics``:
+    see :func:`create_status_app`).
 
     ``host`` is ``127.0.0.1`` by default (this machine only); ``0.0.0.0`` or ``::`` let a
     probe on another host reach it.
@@ -199,5 +202,5 @@ async def serve_status(
     knows it). A port in use raises ``OSError`` from ``nursery.start``, so the worker
     fails at start instead of running without the server it was asked for.
     """
-    label = f"worker {worker.client_id} status server"
-    await serve_app(create_status_app(worker), host, port, label=label, task_status=task_status)
+    label = f"worker {statistics().client_id} status server"
+    await serve_app(create_status_app(statistics), host, port, label=label, task_status=task_status)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import inspect
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -25,15 +25,27 @@ from trioworker.futures import _FutureBase
 from trioworker.models import TaskRunCreate
 from trioworker.serializers import FUTURE_KEY, FutureRef
 
-if TYPE_CHECKING:
-    from trioworker.tasks import Task
-
 T = TypeVar("T")
 
 #: Runs per request when submitting many (one request per batch, not per run).
 BATCH_SIZE: Final = 500
 
 Parameter = inspect.Parameter
+
+
+class TaskSpec(Protocol):
+    """What a submission needs of a task (a :class:`trioworker.Task` is one)."""
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The function: its signature binds the arguments, its annotations type them."""
+        ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def serializer(self) -> str: ...
 
 
 @attrs.frozen
@@ -53,7 +65,7 @@ def _placeholder(value: Any, serializer: str, wait_for: list[uuid.UUID]) -> Any:
 
 
 def build_create(
-    task: Task[..., Any],
+    task: TaskSpec,
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
     *,
@@ -105,7 +117,7 @@ def build_create(
     )
 
 
-def _pickled(task: Task[..., Any], bound: inspect.BoundArguments) -> str:
+def _pickled(task: TaskSpec, bound: inspect.BoundArguments) -> str:
     """The pickled ``(args, kwargs)``; a TypeError naming the parameter that cannot be pickled."""
     try:
         return serializers.pickle_dumps((bound.args, bound.kwargs))

@@ -33,16 +33,23 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from trioworker import protocol
 from trioworker._util import only_exception
 from trioworker.errors import SubscriptionRefused
 from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
-from trioworker.settings import socket_url
+from trioworker.protocol import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
+    SUBSCRIPTION_PATH,
+    socket_url,
+)
 
 log = logging.getLogger("trioworker.subscription")
 
-SUBSCRIPTION_PATH: Final = "/task_runs/subscriptions/scheduled"
 #: Largest message accepted from the server (a delivery of many runs can be large).
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+_STATES: Final = protocol.STATES.encode()
 #: Reports per message are cut at about this many bytes: the server refuses messages over
 #: its body limit (16 MiB by default) by closing the socket.
 MESSAGE_BUDGET: Final = 1024 * 1024
@@ -54,10 +61,6 @@ BACKOFF_FACTOR: Final = 2.0
 BACKOFF_MAX: Final = 15.0
 #: Seconds to open a socket (TCP, TLS and the websocket handshake) before giving up.
 CONNECT_TIMEOUT: Final = 10.0
-#: Close codes with a meaning for us.
-CLOSE_NORMAL: Final = 1000
-CLOSE_POLICY: Final = 1008
-CLOSE_PROTOCOL_ERROR: Final = 1002
 
 
 def websocket_url(api_url: str) -> str:
@@ -246,19 +249,19 @@ class SubscriptionClient:
     def change_credit(self, delta: int) -> None:
         if delta:
             self.credit += delta
-            self._send_control({"type": "credit", "n": delta})
+            self._send_control({"type": protocol.CREDIT, "n": delta})
 
     def release(self, run_ids: Collection[uuid.UUID]) -> None:
         """Hand back runs this worker will not finish (the server requeues them)."""
         if run_ids:
-            self._send_control({"type": "release", "ids": [str(i) for i in run_ids]})
+            self._send_control({"type": protocol.RELEASE, "ids": [str(i) for i in run_ids]})
 
     def quit(self) -> None:
         """Ask for no more runs; :meth:`run` returns once the server closed the socket."""
         if not self._quitting:
             self._quitting = True
             self.credit = 0
-            self._send_control({"type": "quit"})
+            self._send_control({"type": protocol.QUIT})
 
     def _send_control(self, message: dict[str, JSON]) -> None:
         self._control.append(message)
@@ -322,9 +325,9 @@ class SubscriptionClient:
                     await trio.sleep(delay)
 
     async def _handshake(self, ws: WebSocketConnection) -> None:
-        await self._send(ws, {"type": "auth", "token": self.api_key})
+        await self._send(ws, {"type": protocol.AUTH, "token": self.api_key})
         reply = await self._receive(ws)
-        if reply.get("type") != "auth_success":
+        if reply.get("type") != protocol.AUTH_SUCCESS:
             raise MalformedMessage(f"unexpected handshake reply {_clip(str(reply))}")
         self._control.clear()  # credit and release messages meant the old connection
         credit = 0 if self._quitting else self.credit
@@ -332,7 +335,7 @@ class SubscriptionClient:
         await self._send(
             ws,
             {
-                "type": "subscribe",
+                "type": protocol.SUBSCRIBE,
                 "keys": list(self.keys),
                 "client_id": self.client_id,
                 "credit": credit,
@@ -341,7 +344,7 @@ class SubscriptionClient:
             },
         )
         if self._quitting:
-            await self._send(ws, {"type": "quit"})
+            await self._send(ws, {"type": protocol.QUIT})
         self.connected = True
         log.info("subscribed to %s as %s (credit %d)", " | ".join(self.keys), self.client_id, credit)
 
@@ -385,7 +388,7 @@ class SubscriptionClient:
         while True:
             message = await self._receive(ws)
             kind = message["type"]
-            if kind == "task_runs":
+            if kind == protocol.TASK_RUNS:
                 runs = _parse_runs(message)
                 # No ack: the protocol makes it optional, and the server learns all it needs
                 # from the RUNNING report that follows (one message per run saved).
@@ -396,11 +399,11 @@ class SubscriptionClient:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         self._unstarted.discard(run.id)
                         self.release([run.id])  # the worker stopped taking runs
-            elif kind == "state_results":
+            elif kind == protocol.STATE_RESULTS:
                 self._resolve(_parse_results(message))
-            elif kind == "cancel":
+            elif kind == protocol.CANCEL:
                 self.on_cancel(_parse_ids(message))
-            elif kind == "revoke":
+            elif kind == protocol.REVOKE:
                 self._revoke(_parse_ids(message))
             else:
                 raise MalformedMessage(f"the server sent a message of unknown type {kind!r}")
@@ -421,7 +424,7 @@ class SubscriptionClient:
             for report in batch:
                 self._unanswered[report.ref] = report
             for chunk in _by_size(batch):
-                await ws.send_message((b'{"type":"states","states":[%b]}' % b",".join(chunk)).decode())
+                await ws.send_message((b'{"type":"%b","states":[%b]}' % (_STATES, b",".join(chunk))).decode())
 
     def _resolve(self, results: list[tuple[int, SetStateStatus, State | None, str | None]]) -> None:
         for ref, status, state, details in results:

@@ -12,18 +12,20 @@ import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import attrs
 
+from trioworker import serializers
 from trioworker.client import using_client, using_sync_client
 from trioworker.futures import SyncTaskRunFuture, TaskRunFuture
+from trioworker.models import JSON
+from trioworker.protocol import SERIALIZERS
 from trioworker.submission import batches, build_create, map_calls
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-SERIALIZER_NAMES: Final = ("json", "pickle")
 
 #: Decides whether a failed attempt should be retried: ``(task, task_run, exception) -> bool``.
 RetryCondition = Callable[["Task[..., Any]", Any, BaseException], bool]
@@ -92,8 +94,14 @@ class Task(Generic[P, R]):
             raise ValueError("retries must be >= 0")
         if self.timeout_seconds is not None and self.timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be > 0")
-        if self.serializer not in SERIALIZER_NAMES:
-            raise ValueError(f"serializer must be one of {SERIALIZER_NAMES}, got {self.serializer!r}")
+        if self.serializer not in SERIALIZERS:
+            raise ValueError(f"serializer must be one of {SERIALIZERS}, got {self.serializer!r}")
+
+    @property
+    def task_key(self) -> str:
+        """The task key, by Prefect's name for it (``Task.task_key`` there); the same as
+        :attr:`key`, read-only."""
+        return self.key
 
     @property
     def is_async(self) -> bool:
@@ -109,6 +117,13 @@ class Task(Generic[P, R]):
         if isinstance(delays, float):
             return delays
         return delays[min(retry_number, len(delays)) - 1]
+
+    def load_result(self, data: JSON) -> R:
+        """A json result structured by the return annotation (what a future gives back).
+
+        Raises :class:`trioworker.serializers.Unreadable` when ``data`` does not fit it.
+        """
+        return serializers.load_result(self.fn, data)  # type: ignore[no-any-return]
 
     def with_options(self, **options: Any) -> Task[P, R]:
         """A copy with some options changed, e.g. ``say.with_options(retries=3)``."""

@@ -41,6 +41,7 @@ from trioworker.engine import Outcome
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import SetStateResult, State, StateDetails, StateType, TaskRun, make_state, utcnow
 from trioworker.settings import DEFAULT_STATUS_HOST, MAX_PREFETCH, Settings, api_root
+from trioworker.statistics import WorkerStatistics
 from trioworker.subscription import SubscriptionClient, next_backoff, websocket_url
 from trioworker.tasks import Task
 
@@ -233,6 +234,25 @@ class TaskWorker:
         """Free slots (``math.inf`` without a limit)."""
         return self._limiter.available_tokens
 
+    def statistics(self) -> WorkerStatistics:
+        """A frozen snapshot of the counters and state above (copies: later runs do not
+        change it); the status server reads only this."""
+        return WorkerStatistics(
+            client_id=self.client_id,
+            started_at=self.started_at,
+            stopping=self.stopping,
+            connected=self.connected,
+            limit=self.limit,
+            prefetch=self.prefetch,
+            current_tasks=self.current_tasks,
+            available_tasks=self.available_tasks,
+            task_keys=tuple(self._tasks),
+            in_flight_task_runs={key: dict(runs) for key, runs in self.in_flight_task_runs.items()},
+            started_task_runs=dict(self.started_task_runs),
+            finished_task_runs=dict(self.finished_task_runs),
+            failed_task_runs=dict(self.failed_task_runs),
+        )
+
     def __repr__(self) -> str:
         return f"<TaskWorker {self.client_id} {self._state.value} tasks={self.task_keys} limit={self.limit}>"
 
@@ -283,10 +303,11 @@ class TaskWorker:
         # calls included: it is the ambient client of their context).
         async with connect(self.api_url, self.api_key), trio.open_nursery() as nursery:
             if self.status_server_port is not None:
+                # Only here: a worker without a status port never imports quart or hypercorn.
                 from trioworker.status import serve_status
 
                 self.status_url = await nursery.start(
-                    serve_status, self, self.status_server_port, self.status_server_host
+                    serve_status, self.statistics, self.status_server_port, self.status_server_host
                 )
             subscription_done = trio.Event()
 

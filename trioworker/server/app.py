@@ -21,25 +21,25 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioworker import __version__
+from trioworker import __version__, protocol
 from trioworker.models import (
+    ACTIVE_STATES,
     JSON,
     SetStateRequest,
     SetStateStatus,
     StateType,
     converter,
 )
-from trioworker.server.channel import ClientChannel
+from trioworker.protocol import CLOSE_NORMAL, CLOSE_PROTOCOL, route
+from trioworker.server.channel import ChannelSession
 from trioworker.server.queue import Subscription
-from trioworker.server.service import ACTIVE_STATES, TaskRunService
+from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import (
-    CLOSE_NORMAL,
-    CLOSE_PROTOCOL,
     HANDSHAKE_TIMEOUT,
-    ApiError,
     ConnectionGone,
     JsonSocket,
     ProtocolViolation,
+    Refusal,
     creates_from,
     describe,
     structure,
@@ -50,8 +50,8 @@ from trioworker.settings import MAX_PREFETCH
 
 log = logging.getLogger("trioworker.server")
 
-SUBSCRIPTION_PATH: Final = "/api/task_runs/subscriptions/scheduled"
-CHANNEL_PATH: Final = "/api/task_runs/channel"
+SUBSCRIPTION_PATH: Final = route(protocol.SUBSCRIPTION_PATH)
+CHANNEL_PATH: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
 #: Report messages a connection may have queued before its reader waits for them.
@@ -70,7 +70,7 @@ def _parse_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise ApiError(404, f"no task run {value!r}: not a UUID") from None
+        raise Refusal(404, f"no task run {value!r}: not a UUID") from None
 
 
 async def _body() -> JSON:
@@ -78,7 +78,7 @@ async def _body() -> JSON:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"malformed JSON: {exc}") from None
+        raise Refusal(400, f"malformed JSON: {exc}") from None
 
 
 def _query_number(name: str, default: float, low: float, high: float) -> float:
@@ -88,9 +88,9 @@ def _query_number(name: str, default: float, low: float, high: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ApiError(422, f"{name} must be a number, got {raw!r}") from None
+        raise Refusal(422, f"{name} must be a number, got {raw!r}") from None
     if not low <= value <= high:
-        raise ApiError(422, f"{name} must be between {low:g} and {high:g}")
+        raise Refusal(422, f"{name} must be between {low:g} and {high:g}")
     return value
 
 
@@ -118,8 +118,8 @@ def create_app(
             return True
         return isinstance(token, str) and hmac.compare_digest(token.encode(), api_key.encode())
 
-    @app.errorhandler(ApiError)
-    async def api_error(exc: ApiError) -> Response:
+    @app.errorhandler(Refusal)
+    async def api_error(exc: Refusal) -> Response:
         return _json_response({"detail": exc.detail}, exc.status)
 
     @app.errorhandler(StoreError)
@@ -136,13 +136,13 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> None:
-        if request.path == "/api/health" or api_key is None:
+        if request.path == route(protocol.HEALTH) or api_key is None:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token_ok(token):
-            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
+            raise Refusal(401, "missing or wrong API key (send Authorization: Bearer <key>)")
 
-    @app.get("/api/health")
+    @app.get(route(protocol.HEALTH))
     async def health() -> Response:
         dispatcher = service.dispatcher
         return _json_response(
@@ -159,23 +159,23 @@ def create_app(
     async def create_many(items: list[JSON]) -> list[tuple[object, bool]]:
         return list(await service.create_runs(creates_from(items)))
 
-    @app.post("/api/task_runs")
+    @app.post(route(protocol.RUNS))
     async def create_run() -> Response:
         body = await _body()
         if not isinstance(body, dict):
-            raise ApiError(422, "expected a JSON object describing one task run")
+            raise Refusal(422, "expected a JSON object describing one task run")
         [(run, created)] = await create_many([body])
         return _dump(run, 201 if created else 200)
 
-    @app.post("/api/task_runs/batch")
+    @app.post(route(protocol.RUNS_BATCH))
     async def create_runs() -> Response:
         body = await _body()
         if not isinstance(body, list):
-            raise ApiError(422, "expected a JSON array of task runs")
+            raise Refusal(422, "expected a JSON array of task runs")
         results = await create_many(body)
         return _dump([run for run, _ in results], 201)
 
-    @app.get("/api/task_runs")
+    @app.get(route(protocol.RUNS))
     async def list_runs() -> Response:
         state_arg = request.args.get("state")
         state = None
@@ -183,7 +183,7 @@ def create_app(
             try:
                 state = StateType(state_arg.upper())
             except ValueError:
-                raise ApiError(
+                raise Refusal(
                     422, f"unknown state {state_arg!r}; one of {[s.value for s in StateType]}"
                 ) from None
         limit = int(_query_number("limit", 100, 1, MAX_LIST_LIMIT))
@@ -193,79 +193,79 @@ def create_app(
         )
         return _dump(runs)
 
-    @app.post("/api/task_runs/wait")
+    @app.post(route(protocol.RUNS_WAIT))
     async def wait_many() -> Response:
         body = await _body()
         if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
-            raise ApiError(422, 'expected {"ids": [...], "timeout": seconds, "all": false, "linger": 0}')
+            raise Refusal(422, 'expected {"ids": [...], "timeout": seconds, "all": false, "linger": 0}')
         try:
             ids = [uuid.UUID(str(i)) for i in body["ids"]]
         except ValueError:
-            raise ApiError(422, "ids must be task run UUIDs") from None
+            raise Refusal(422, "ids must be task run UUIDs") from None
         timeout = body.get("timeout", 30)
         if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_WAIT_SECONDS:
-            raise ApiError(422, f"timeout must be a number of seconds between 0 and {MAX_WAIT_SECONDS:g}")
+            raise Refusal(422, f"timeout must be a number of seconds between 0 and {MAX_WAIT_SECONDS:g}")
         linger = body.get("linger", 0)
         if not isinstance(linger, int | float) or not 0 <= linger <= 5:
-            raise ApiError(422, "linger must be a number of seconds between 0 and 5")
+            raise Refusal(422, "linger must be a number of seconds between 0 and 5")
         result = await service.wait(
             ids, seconds=float(timeout), wait_all=bool(body.get("all", False)), linger=float(linger)
         )
         return _dump(result)
 
-    @app.get("/api/task_runs/<run_id>")
+    @app.get(route(protocol.RUN))
     async def read_run(run_id: str) -> Response:
         run = await service.read_run(_parse_id(run_id))
         if run is None:
-            raise ApiError(404, f"no task run {run_id}")
+            raise Refusal(404, f"no task run {run_id}")
         return _dump(run)
 
-    @app.get("/api/task_runs/<run_id>/history")
+    @app.get(route(protocol.RUN_HISTORY))
     async def history(run_id: str) -> Response:
         changes = await service.history(_parse_id(run_id))
         if changes is None:
-            raise ApiError(404, f"no task run {run_id}")
+            raise Refusal(404, f"no task run {run_id}")
         return _dump(changes)
 
-    @app.get("/api/task_runs/<run_id>/wait")
+    @app.get(route(protocol.RUN_WAIT))
     async def wait_one(run_id: str) -> Response:
         rid = _parse_id(run_id)
         timeout = _query_number("timeout", 30, 0, MAX_WAIT_SECONDS)
         result = await service.wait([rid], seconds=timeout, wait_all=True)
         if result.missing:
-            raise ApiError(404, f"no task run {run_id}")
+            raise Refusal(404, f"no task run {run_id}")
         if result.ended:
             return _dump(result.ended[0])
         run = await service.read_run(rid)
         if run is None:
-            raise ApiError(404, f"no task run {run_id}")
+            raise Refusal(404, f"no task run {run_id}")
         return _dump(run)
 
-    @app.post("/api/task_runs/<run_id>/set_state")
+    @app.post(route(protocol.RUN_SET_STATE))
     async def set_state(run_id: str) -> Response:
         rid = _parse_id(run_id)
         body = with_state_name(await _body())
         proposal = structure(body, SetStateRequest, "state request")
         assert isinstance(proposal, SetStateRequest)
         if await service.read_run(rid) is None:
-            raise ApiError(404, f"no task run {run_id}")
+            raise Refusal(404, f"no task run {run_id}")
         [result] = await service.set_states([(rid, proposal)])
         return _dump(result)
 
-    @app.post("/api/task_runs/<run_id>/cancel")
+    @app.post(route(protocol.RUN_CANCEL))
     async def cancel(run_id: str) -> Response:
         rid = _parse_id(run_id)
         if await service.read_run(rid) is None:
-            raise ApiError(404, f"no task run {run_id}")
+            raise Refusal(404, f"no task run {run_id}")
         result = await service.cancel(rid)
         if result.state.type is not StateType.CANCELLED:
-            raise ApiError(409, f"cannot cancel: {result.details}")
+            raise Refusal(409, f"cannot cancel: {result.details}")
         return _dump(result)
 
-    @app.delete("/api/task_runs/<run_id>")
+    @app.delete(route(protocol.RUN))
     async def delete(run_id: str) -> Response:
         if await service.delete(_parse_id(run_id)) is None:
-            raise ApiError(404, f"no task run {run_id}")
+            raise Refusal(404, f"no task run {run_id}")
         return Response(b"", status=204)
 
     @app.websocket(SUBSCRIPTION_PATH)
@@ -277,13 +277,15 @@ def create_app(
     @app.websocket(CHANNEL_PATH)
     async def channel() -> None:
         await websocket.accept()
-        await ClientChannel(service, token_ok, closing).run()
+        await ChannelSession(service, token_ok, closing).run()
 
     return app
 
 
 @attrs.frozen
-class _Report:
+class _ReceivedReport:
+    """One state report as the server read it from a worker's message."""
+
     run_id: uuid.UUID
     request: SetStateRequest
     ref: JSON
@@ -357,7 +359,7 @@ class _SubscriptionSession(JsonSocket):
         if not await self.authenticate():
             return None
         message = await self.receive()
-        if message["type"] != "subscribe":
+        if message["type"] != protocol.SUBSCRIBE:
             raise ProtocolViolation('the second message must be {"type": "subscribe", ...}')
         keys, client_id, credit = message.get("keys"), message.get("client_id"), message.get("credit")
         if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
@@ -398,11 +400,11 @@ class _SubscriptionSession(JsonSocket):
         while True:
             if sub.cancels:
                 ids, sub.cancels = sub.cancels, []
-                await self.send({"type": "cancel", "ids": [str(i) for i in ids]})
+                await self.send({"type": protocol.CANCEL, "ids": [str(i) for i in ids]})
                 continue
             if sub.revokes:
                 ids, sub.revokes = sub.revokes, []
-                await self.send({"type": "revoke", "ids": [str(i) for i in ids]})
+                await self.send({"type": protocol.REVOKE, "ids": [str(i) for i in ids]})
                 continue
             if self.quitting:
                 if not sub.held and not self.reports_in_flight:
@@ -413,7 +415,9 @@ class _SubscriptionSession(JsonSocket):
             else:
                 delivery = await self.service.next_runs(sub)
                 if delivery.runs:
-                    await self.send({"type": "task_runs", "task_runs": converter.unstructure(delivery.runs)})
+                    await self.send(
+                        {"type": protocol.TASK_RUNS, "task_runs": converter.unstructure(delivery.runs)}
+                    )
                     await delivery.confirm()
                     continue
                 self.service.dispatcher.revoke_for(sub)
@@ -440,7 +444,7 @@ class _SubscriptionSession(JsonSocket):
         items = message.get("states")
         if not isinstance(items, list):
             raise ProtocolViolation('"states" must be a list of {"id", "state", "force"?}')
-        reports: list[_Report] = []
+        reports: list[_ReceivedReport] = []
         for item in items:
             if not isinstance(item, dict):
                 raise ProtocolViolation("each state report must be an object")
@@ -449,7 +453,7 @@ class _SubscriptionSession(JsonSocket):
                 request_ = converter.structure(with_state_name(item), SetStateRequest)
             except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
                 raise ProtocolViolation(f"bad state report: {describe(exc)}") from None
-            reports.append(_Report(run_id, request_, item.get("ref")))
+            reports.append(_ReceivedReport(run_id, request_, item.get("ref")))
         sub.started(r.run_id for r in reports)
         sub.finished(r.run_id for r in reports if r.request.state.type not in ACTIVE_STATES)
         await self._enqueue(("states", reports))
@@ -484,7 +488,7 @@ class _SubscriptionSession(JsonSocket):
                         start += 1
                         continue
                     end = start
-                    reports: list[_Report] = []
+                    reports: list[_ReceivedReport] = []
                     while end < len(ops) and ops[end][0] == "states":
                         batch = ops[end][1]
                         assert isinstance(batch, list)
@@ -496,13 +500,13 @@ class _SubscriptionSession(JsonSocket):
                 self.reports_in_flight -= len(ops)
                 sub.wake()
 
-    async def _apply_reports(self, sub: Subscription, reports: list[_Report]) -> None:
+    async def _apply_reports(self, sub: Subscription, reports: list[_ReceivedReport]) -> None:
         results = await self.service.set_states([(r.run_id, r.request) for r in reports], reporter=sub)
         # Let the clients waiting for these runs hear first: the worker needs no hurry.
         await trio.lowlevel.cancel_shielded_checkpoint()
         await self.send(
             {
-                "type": "state_results",
+                "type": protocol.STATE_RESULTS,
                 "results": [
                     {
                         "id": str(report.run_id),
@@ -536,10 +540,10 @@ class _SubscriptionSession(JsonSocket):
         raise ProtocolViolation("already subscribed")
 
     _handlers: Final = {
-        "ack": on_ack,
-        "credit": on_credit,
-        "states": on_states,
-        "release": on_release,
-        "quit": on_quit,
-        "subscribe": on_subscribe,
+        protocol.ACK: on_ack,
+        protocol.CREDIT: on_credit,
+        protocol.STATES: on_states,
+        protocol.RELEASE: on_release,
+        protocol.QUIT: on_quit,
+        protocol.SUBSCRIBE: on_subscribe,
     }

@@ -25,15 +25,15 @@ from typing import Final
 
 import trio
 
+from trioworker import protocol
 from trioworker.models import JSON, TaskRun, converter
 from trioworker.server.service import TaskRunService, Waiter
 from trioworker.server.sockets import (
-    CLOSE_PROTOCOL,
     HANDSHAKE_TIMEOUT,
-    ApiError,
     ConnectionGone,
     JsonSocket,
     ProtocolViolation,
+    Refusal,
     creates_from,
 )
 
@@ -53,7 +53,10 @@ def _ids(message: dict[str, JSON]) -> list[uuid.UUID]:
     raise ProtocolViolation('"ids" must be a list of task run ids')
 
 
-class ClientChannel(JsonSocket):
+class ChannelSession(JsonSocket):
+    """The server's side of one client channel (the submitter's side is
+    :class:`trioworker.channel.ClientChannel`)."""
+
     def __init__(
         self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
     ) -> None:
@@ -82,27 +85,27 @@ class ClientChannel(JsonSocket):
         finally:
             self.service.unwatch(self.waiter, self.watched)
         if violation is not None:
-            await self.close(CLOSE_PROTOCOL, f"Protocol violation: {violation}")
+            await self.close(protocol.CLOSE_PROTOCOL, f"Protocol violation: {violation}")
 
     async def receive_forever(self, nursery: trio.Nursery) -> None:
         while True:
             message = await self.receive()
             kind = message["type"]
-            if kind == "create":
+            if kind == protocol.CREATE:
                 items, ref = message.get("task_runs"), message.get("ref")
                 if not isinstance(items, list):
                     raise ProtocolViolation('"task_runs" of a create message must be a list')
                 slot = object()
                 await self.creates.acquire_on_behalf_of(slot)
                 nursery.start_soon(self.create, items, ref, slot)
-            elif kind == "watch":
+            elif kind == protocol.WATCH:
                 ids = _ids(message)
                 self.watched.update(ids)
                 ended, missing = await self.service.watch(self.waiter, ids)
                 self.watched.difference_update(missing)
                 if ended or missing:
                     await self.send_ended(ended, missing)
-            elif kind == "unwatch":
+            elif kind == protocol.UNWATCH:
                 ids = _ids(message)
                 self.service.unwatch(self.waiter, ids)
                 self.watched.difference_update(ids)
@@ -114,10 +117,10 @@ class ClientChannel(JsonSocket):
             runs = [run for run, _ in await self.service.create_runs(creates_from(items))]
             # Let the deliveries the new runs woke go out first: the reply can wait a pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
-        except ApiError as exc:
-            await self.send({"type": "error", "ref": ref, "status": exc.status, "detail": exc.detail})
+        except Refusal as exc:
+            await self.send({"type": protocol.ERROR, "ref": ref, "status": exc.status, "detail": exc.detail})
         else:
-            await self.send({"type": "created", "ref": ref, "task_runs": converter.unstructure(runs)})
+            await self.send({"type": protocol.CREATED, "ref": ref, "task_runs": converter.unstructure(runs)})
         finally:
             self.creates.release_on_behalf_of(slot)
 
@@ -135,5 +138,9 @@ class ClientChannel(JsonSocket):
 
     async def send_ended(self, ended: list[TaskRun], missing: list[uuid.UUID]) -> None:
         await self.send(
-            {"type": "ended", "task_runs": converter.unstructure(ended), "missing": [str(i) for i in missing]}
+            {
+                "type": protocol.ENDED,
+                "task_runs": converter.unstructure(ended),
+                "missing": [str(i) for i in missing],
+            }
         )

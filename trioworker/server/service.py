@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from trioworker.models import (
+    ACTIVE_STATES,
     SetStateRequest,
     SetStateResult,
     SetStateStatus,
@@ -22,14 +23,13 @@ from trioworker.models import (
     StateType,
     TaskRun,
     TaskRunCreate,
+    WaitResult,
     make_state,
     utcnow,
 )
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.sockets import ApiError
 from trioworker.server.store import Change, QueuedRun, RunIdTaken, Store, claimed_copy
-
-ACTIVE_STATES = frozenset({StateType.PENDING, StateType.RUNNING})
 
 #: Bounds of the fresh-run cache: entries, bytes in all, bytes of one run.
 FRESH_MAX_RUNS: Final = 5_000
@@ -93,15 +93,6 @@ class Waiter:
     ended: list[TaskRun] = attrs.field(factory=list)
     deleted: list[uuid.UUID] = attrs.field(factory=list)
     changed: trio.Event = attrs.field(factory=trio.Event)
-
-
-@attrs.frozen
-class WaitResult:
-    ended: list[TaskRun]
-    #: Ids that do not exist (never did, or were deleted while waited for).
-    missing: list[uuid.UUID]
-    #: Ids still not ended when the wait returned.
-    pending: list[uuid.UUID]
 
 
 @attrs.define(eq=False)

@@ -1,5 +1,6 @@
-"""What the server's websockets share: JSON messages, close codes, authentication, and
-turning request bodies into validated models (shared with the REST routes).
+"""What the server's websockets share: JSON messages, closing, authentication, and
+turning request bodies into validated models (shared with the REST routes). The close
+codes and message types are :mod:`trioworker.protocol`'s.
 """
 
 from __future__ import annotations
@@ -13,21 +14,19 @@ import orjson
 import trio
 from quart import websocket
 
-from trioworker.models import JSON, SERIALIZERS, StateType, TaskRunCreate, converter, make_state
+from trioworker import protocol
+from trioworker.models import JSON, StateType, TaskRunCreate, converter, make_state
 
 log = logging.getLogger("trioworker.server")
 
-CLOSE_NORMAL: Final = 1000
-CLOSE_POLICY: Final = 1008  # auth refused, or the first message was not an auth message
-CLOSE_RESTART: Final = 1012  # the server is stopping; reconnect later
-CLOSE_PROTOCOL: Final = 4001  # the client broke the protocol
 #: How long a new connection may take to authenticate (and subscribe).
 HANDSHAKE_TIMEOUT: Final = 10.0
 MAX_KEY_LENGTH: Final = 200
 
 
-class ApiError(Exception):
-    """A request the API refuses, with the status code and the sentence the client gets."""
+class Refusal(Exception):
+    """A request the API refuses, with the status code and the sentence the client gets
+    (which the client raises as :class:`trioworker.ApiError`)."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -53,7 +52,7 @@ def structure(data: JSON, cls: type[object], what: str) -> object:
     try:
         return converter.structure(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ApiError(422, f"invalid {what}: {describe(exc)}") from None
+        raise Refusal(422, f"invalid {what}: {describe(exc)}") from None
 
 
 def with_state_name(proposal: JSON) -> JSON:
@@ -75,15 +74,15 @@ def with_state_name(proposal: JSON) -> JSON:
 
 def validate_create(create: TaskRunCreate) -> None:
     if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
-        raise ApiError(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
-    if create.serializer not in SERIALIZERS:
-        raise ApiError(
-            422, f"unknown serializer {create.serializer!r}; expected one of {sorted(SERIALIZERS)}"
+        raise Refusal(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+    if create.serializer not in protocol.SERIALIZERS:
+        raise Refusal(
+            422, f"unknown serializer {create.serializer!r}; expected one of {sorted(protocol.SERIALIZERS)}"
         )
     if create.serializer == "json" and not isinstance(create.parameters, dict):
-        raise ApiError(422, "parameters must be a JSON object (name -> value) with the json serializer")
+        raise Refusal(422, "parameters must be a JSON object (name -> value) with the json serializer")
     if create.serializer == "pickle" and not isinstance(create.parameters, str):
-        raise ApiError(422, "parameters must be a base64 string with the pickle serializer")
+        raise Refusal(422, "parameters must be a base64 string with the pickle serializer")
 
 
 def creates_from(items: list[JSON]) -> list[TaskRunCreate]:
@@ -108,7 +107,7 @@ def _auth_message(raw: str | bytes) -> dict[str, JSON] | None:
         message = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(message, dict) and message.get("type") == "auth":
+    if isinstance(message, dict) and message.get("type") == protocol.AUTH:
         return message
     return None
 
@@ -153,16 +152,16 @@ class JsonSocket:
         """
         auth = _auth_message(await websocket.receive())
         if auth is None:
-            await self.close(CLOSE_POLICY, EXPECTED_AUTH)
+            await self.close(protocol.CLOSE_POLICY, EXPECTED_AUTH)
             return False
         if not self.token_ok(auth.get("token")):
-            await self.close(CLOSE_POLICY, "Unauthorized: missing or wrong API key")
+            await self.close(protocol.CLOSE_POLICY, "Unauthorized: missing or wrong API key")
             return False
-        await self.send({"type": "auth_success"})
+        await self.send({"type": protocol.AUTH_SUCCESS})
         return True
 
     async def close_on_shutdown(self, scope: trio.CancelScope) -> None:
         await self.closing.wait()
         scope.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await self.close(CLOSE_RESTART, "the server is stopping")
+            await self.close(protocol.CLOSE_RESTART, "the server is stopping")

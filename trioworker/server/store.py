@@ -31,6 +31,7 @@ import orjson
 import trio
 
 from trioworker.models import (
+    ACTIVE_STATES,
     SetStateRequest,
     SetStateResult,
     SetStateStatus,
@@ -327,7 +328,7 @@ class _InFlight:
 
     def wrote(self, run_id: uuid.UUID, seq: int, run: TaskRun | None) -> None:
         """The row of ``run_id`` now holds ``run`` (None: deleted, or not in flight)."""
-        if run is not None and run.state.type in _IN_FLIGHT and len(self.committed) < IN_FLIGHT_MAX_RUNS:
+        if run is not None and run.state.type in ACTIVE_STATES and len(self.committed) < IN_FLIGHT_MAX_RUNS:
             self.op[run_id] = (seq, run)
         else:
             self.op[run_id] = None
@@ -348,7 +349,8 @@ class _InFlight:
         self.op = {}
 
 
-_IN_FLIGHT = frozenset({StateType.PENDING, StateType.RUNNING})
+#: ACTIVE_STATES as an SQL list: ``'PENDING', 'RUNNING'``.
+_ACTIVE_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(ACTIVE_STATES))
 #: Most in-flight runs kept decoded in memory (beyond that, reports read the store).
 IN_FLIGHT_MAX_RUNS: Final = 10_000
 
@@ -673,7 +675,7 @@ class _Ops:
                 out.append(Requeued(run_id, None, None))
                 continue
             seq, run = found[run_id]
-            if run.state.type not in (StateType.PENDING, StateType.RUNNING):
+            if run.state.type not in ACTIVE_STATES:
                 # SCHEDULED here: it was leased, but its claim never committed. Index it again.
                 queued = self.queued_of(run, seq) if run.state.type is StateType.SCHEDULED else None
                 out.append(Requeued(run_id, run.state.type, queued))
@@ -719,10 +721,7 @@ class _Ops:
                 continue
             seq, run = found[run_id]
             state = run.state
-            if (
-                state.type in (StateType.PENDING, StateType.RUNNING)
-                and state.state_details.client_id == client_id
-            ):
+            if state.type in ACTIVE_STATES and state.state_details.client_id == client_id:
                 kept.append(run_id)
             elif state.type is StateType.SCHEDULED and state.name == "Redelivered":
                 resumed = make_state(
@@ -750,9 +749,7 @@ class _Ops:
     def recover(self, max_deliveries: int) -> list[QueuedRun]:
         held = [
             uuid.UUID(row[0])
-            for row in self.conn.execute(
-                "SELECT id FROM task_runs WHERE state_type IN ('PENDING', 'RUNNING')"
-            )
+            for row in self.conn.execute(f"SELECT id FROM task_runs WHERE state_type IN ({_ACTIVE_SQL})")
         ]
         self.requeue(held, "redelivery", max_deliveries)
         rows = self.conn.execute(

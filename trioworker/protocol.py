@@ -1,0 +1,135 @@
+"""The wire protocol, defined once: what the server and its clients (submitters and workers)
+both have to agree on.
+
+- **URL rule**: :func:`api_root` turns any server URL a user gives into the API root
+  (``http(s)://host[:port][/prefix]/api``); :func:`socket_url` gives the ``ws(s)://`` URL of a
+  websocket path under it.
+- **HTTP paths**, relative to the API root (``RUN`` and the other ``RUN_*`` hold a
+  ``{run_id}`` field); the server mounts them under :data:`API_PREFIX` with :func:`route`.
+- **Websocket paths**: :data:`SUBSCRIPTION_PATH` (workers) and :data:`CHANNEL_PATH`
+  (submitters), relative to the API root.
+- **Close codes** of both websockets, and the ``"type"`` of every JSON message.
+
+This module imports nothing of trioworker, so both sides can import it.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from typing import Final
+
+# --- URL rule ----------------------------------------------------------------------------
+
+
+def api_root(url: str) -> str:
+    """The API root of a server URL: ``http(s)://host[:port][/prefix]/api``, no trailing slash.
+
+    ``http://host:4300``, ``http://host:4300/``, ``http://host:4300/api`` and
+    ``http://host:4300/api/`` all give ``http://host:4300/api``: a path that does not end
+    in ``/api`` gets it added (so a server behind a proxy at ``/queue`` is ``.../queue``).
+
+    Raises:
+        ValueError: one sentence naming the fault: not ``http://`` or ``https://``, no
+            host, a port that is not a number from 0 to 65535, or a query or fragment.
+    """
+    text = url.strip()
+    parts = urllib.parse.urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not text[len(scheme) : len(scheme) + 3] == "://":
+        raise ValueError(f"the API URL must start with http:// or https://, got {url!r}")
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        raise ValueError(f"the API URL has a port that is not a number from 0 to 65535: {url!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"the API URL has no host: {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"the API URL takes no query or fragment: {url!r}")
+    path = re.sub(r"/{2,}", "/", parts.path).rstrip("/")
+    if not path.endswith(API_PREFIX):
+        path += API_PREFIX
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def socket_url(api_url: str, path: str) -> str:
+    """The ``ws(s)://`` URL of ``path`` (e.g. :data:`CHANNEL_PATH`) under :func:`api_root`.
+
+    Raises:
+        ValueError: ``api_url`` is unusable (see :func:`api_root`).
+    """
+    scheme, rest = api_root(api_url).split("://", 1)
+    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{path}"
+
+
+#: The serializers a task (and so a run) may use, for its parameters and its result.
+SERIALIZERS: Final = ("json", "pickle")
+
+# --- paths -------------------------------------------------------------------------------
+
+#: Where the server mounts the API; :func:`api_root` ends every API URL with it.
+API_PREFIX: Final = "/api"
+#: ``GET``: the server's health (unauthenticated).
+HEALTH: Final = "/health"
+#: ``POST`` one create, ``GET`` a filtered list.
+RUNS: Final = "/task_runs"
+#: ``POST`` a list of creates.
+RUNS_BATCH: Final = "/task_runs/batch"
+#: ``POST`` a long-poll for the first of many runs to end.
+RUNS_WAIT: Final = "/task_runs/wait"
+#: ``GET`` or ``DELETE`` one run.
+RUN: Final = "/task_runs/{run_id}"
+RUN_HISTORY: Final = "/task_runs/{run_id}/history"
+RUN_WAIT: Final = "/task_runs/{run_id}/wait"
+RUN_SET_STATE: Final = "/task_runs/{run_id}/set_state"
+RUN_CANCEL: Final = "/task_runs/{run_id}/cancel"
+#: The workers' websocket.
+SUBSCRIPTION_PATH: Final = "/task_runs/subscriptions/scheduled"
+#: The submitters' websocket.
+CHANNEL_PATH: Final = "/task_runs/channel"
+
+
+def route(path: str) -> str:
+    """The server's route for an API path: ``/task_runs/{run_id}`` -> ``/api/task_runs/<run_id>``."""
+    return API_PREFIX + re.sub(r"\{(\w+)\}", r"<\1>", path)
+
+
+# --- close codes -------------------------------------------------------------------------
+
+CLOSE_NORMAL: Final = 1000
+#: A client saw a frame it cannot parse (sent by clients; the server sends CLOSE_PROTOCOL).
+CLOSE_PROTOCOL_ERROR: Final = 1002
+#: Auth refused, or the first message was not an auth message.
+CLOSE_POLICY: Final = 1008
+#: The server is stopping; reconnect later.
+CLOSE_RESTART: Final = 1012
+#: The client broke the protocol (sent by the server).
+CLOSE_PROTOCOL: Final = 4001
+
+# --- message types -----------------------------------------------------------------------
+# Both sockets start with AUTH (client) -> AUTH_SUCCESS (server).
+
+AUTH: Final = "auth"
+AUTH_SUCCESS: Final = "auth_success"
+
+# Subscription, worker -> server.
+SUBSCRIBE: Final = "subscribe"
+ACK: Final = "ack"
+CREDIT: Final = "credit"
+RELEASE: Final = "release"
+STATES: Final = "states"
+QUIT: Final = "quit"
+# Subscription, server -> worker.
+TASK_RUNS: Final = "task_runs"
+STATE_RESULTS: Final = "state_results"
+CANCEL: Final = "cancel"
+REVOKE: Final = "revoke"
+
+# Channel, submitter -> server.
+CREATE: Final = "create"
+WATCH: Final = "watch"
+UNWATCH: Final = "unwatch"
+# Channel, server -> submitter.
+CREATED: Final = "created"
+ERROR: Final = "error"
+ENDED: Final = "ended"
