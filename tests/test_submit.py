@@ -432,3 +432,23 @@ async def test_cancelling_a_running_sync_run_lets_its_thread_finish(trioworker_w
         assert await (await add.delay(1)).result(timeout=10) == 11
     assert finished == [True]
     assert (await future.get_state()).type.value == "CANCELLED"  # the late result was discarded
+
+
+async def test_a_future_made_from_an_id_as_text_sees_its_run_end(trioworker_worker: Make) -> None:
+    async with trioworker_worker(add):
+        done = await add.delay(1, 2)
+        assert await done.result(timeout=10) == 3
+    text = str(done.task_run_id)  # as `trioworker submit` prints it
+    future: TaskRunFuture[int] = TaskRunFuture(text, add)  # the text is read as a UUID
+    assert future.task_run_id == done.task_run_id
+    with trio.fail_after(5):  # it used to wait out its whole timeout, asking the server again and again
+        assert await future.result(timeout=60) == 3
+        assert [f.task_run_id async for f in trioworker.as_completed([future])] == [done.task_run_id]
+    blocking = trioworker.SyncTaskRunFuture(text, add)
+    assert await trio.to_thread.run_sync(lambda: blocking.result(timeout=60)) == 3
+
+
+@pytest.mark.parametrize("bad", ["not-a-uuid", "", 42, None, b"\x00" * 16])
+def test_a_future_needs_a_run_id(bad: object) -> None:
+    with pytest.raises(ValueError, match="is not a task run id"):
+        TaskRunFuture(bad, add)  # type: ignore[arg-type]

@@ -237,9 +237,22 @@ def _watcher_for(client: TaskRunClient) -> _Watcher:
 # --------------------------------------------------------------------------- futures
 
 
+def _run_id(value: uuid.UUID | str) -> uuid.UUID:
+    """A run id from a UUID or its text (as ``trioworker submit`` prints it)."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{value!r} is not a task run id (a UUID, or its text)")
+
+
 @attrs.define(eq=False, repr=False)
 class _FutureBase(Generic[R]):
-    task_run_id: uuid.UUID
+    #: The run's id; a ``str`` given here is read as a UUID (ValueError if it is not one).
+    task_run_id: uuid.UUID = attrs.field(converter=_run_id)
     #: Reads the result (a :class:`trioworker.Task`); without it, the JSON as the server keeps it.
     task: ResultReader[R] | None = None
     #: The run as last seen (after a wait, its final form).
