@@ -252,6 +252,9 @@ REFUSED: list[tuple[Any, Any, str]] = [
     (5, type(None), "5 does not fit the annotation None"),
     (Decimal(1), Unresolved("Decimal", "NameError: name 'Decimal' is not defined"), "cannot be resolved"),
     (object(), Any, "no JSON form"),
+    ("caf\udce9", str, "no JSON form"),  # a lone surrogate, as an undecodable file name gives
+    ("caf\udce9", Any, "no JSON form"),
+    (["ok", "\ud800"], list[str], "no JSON form"),
 ]
 
 
@@ -448,6 +451,7 @@ async def test_values_that_would_arrive_changed_are_refused_at_submit(api: httpx
         (lambda: untyped.delay(math.nan), "parameter 'value': nan would arrive as None"),
         (lambda: untyped.map([1, 2, {3}]), "parameter 'value': {3} would arrive as [3]"),
         (lambda: cost.delay(Decimal(1), 2), "parameter 'amount': its annotation 'Decimal' cannot be"),
+        (lambda: untyped.delay("caf\udce9"), "parameter 'value': 'caf\\udce9' has no JSON form"),
     ]
     for attempt, words in attempts:
         with pytest.raises(TypeError) as info:

@@ -330,7 +330,9 @@ def _is_plain_json(value: object) -> bool:
 
 def _plain(value: object) -> bool:
     kind = type(value)
-    if kind is str or kind is bool or value is None:
+    if kind is str:
+        return _utf8(typing.cast(str, value))
+    if kind is bool or value is None:
         return True
     if kind is int:
         return value in _INT_RANGE
@@ -340,15 +342,26 @@ def _plain(value: object) -> bool:
         return all(_plain(item) for item in typing.cast(list[object], value))
     if kind is dict:
         items = typing.cast(dict[object, object], value).items()
-        return all(type(key) is str and _plain(item) for key, item in items)
+        return all(type(key) is str and _utf8(key) and _plain(item) for key, item in items)
     return False
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can travel as JSON (no lone surrogates, as an undecodable file name has)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _dump_checked(value: object, hint: Any) -> JSON:
     kind = type(value)
     plain = _is_any(hint) or hint is kind
     if plain and (
-        kind is str
+        (kind is str and _utf8(typing.cast(str, value)))
         or kind is bool
         or value is None
         or (kind is int and value in _INT_RANGE)
