@@ -485,3 +485,89 @@ def test_the_bounds_the_readme_gives() -> None:
     assert (MAX_TEXT_BYTES, MAX_TRACEBACK_BYTES) == (64 * 1024, 256 * 1024)
     assert MAX_FAILURE_REPORT_BYTES < 1024 * 1024  # "a failure report is under 1 MiB"
     assert MAX_RESULT_BYTES == 8 * 1024 * 1024
+
+
+# ------------------------------------------------- exceptions too deep or wide to walk
+
+
+def nested(shape: str, size: int) -> BaseException:
+    """An exception ``size`` deep or wide: a group of groups, a ``__cause__`` or
+    ``__context__`` chain, a flat group."""
+    if shape == "wide":
+        return ExceptionGroup("wide", [ValueError(str(i)) for i in range(size)])
+    if shape == "group":
+        group: Exception = ValueError("leaf")
+        for _ in range(size):
+            group = ExceptionGroup("g", [group])
+        return group
+    exc: BaseException = ValueError("leaf")
+    for i in range(size):
+        if shape == "base_group":
+            exc = BaseExceptionGroup("g", [exc])
+        else:
+            outer = ValueError(f"link {i}")
+            setattr(outer, shape, exc)
+            exc = outer
+    return exc
+
+
+SHAPES = [
+    ("group", 1200),
+    ("group", 5000),
+    ("base_group", 5000),
+    ("__cause__", 5000),
+    ("__context__", 5000),
+    ("wide", 50_000),
+]
+
+
+@task(key="f.deep_sync")
+def deep_sync(shape: str, size: int) -> None:
+    raise nested(shape, size)
+
+
+@task(key="f.deep_async")
+async def deep_async(shape: str, size: int) -> None:
+    await trio.lowlevel.checkpoint()
+    raise nested(shape, size)
+
+
+@pytest.mark.parametrize("deep_task", [deep_sync, deep_async], ids=["sync", "async"])
+async def test_an_exception_too_deep_or_wide_to_walk_fails_its_run_once(
+    api: httpx.AsyncClient, trioworker_worker: Make, deep_task: Task[..., Any]
+) -> None:
+    ids = await submit(api, deep_task.key, *({"shape": s, "size": n} for s, n in SHAPES))
+    async with trioworker_worker(deep_task, add) as worker:
+        runs = await wait_all(api, ids, seconds=60)
+        await assert_worker_still_serves(api)
+    assert worker.failed_task_runs[deep_task.key] == len(SHAPES)
+    for (shape, size), run in zip(SHAPES, runs, strict=True):
+        state = run["state"]
+        assert (state["type"], run["run_count"]) == ("FAILED", 1), (shape, size)
+        assert_bounded(state)
+        assert state["data"]["traceback"], (shape, size)
+
+
+@pytest.mark.parametrize(("shape", "size"), [*SHAPES, ("group", 100_000)])
+def test_walking_a_huge_exception_never_recurses(shape: str, size: int) -> None:
+    exc = nested(shape, size)
+    assert passing_part(exc) is None
+    data = describe_exception(exc)
+    assert len(orjson.dumps(data)) <= 3 * MAX_TEXT_BYTES + MAX_TRACEBACK_BYTES + 100
+
+
+async def test_a_cancelled_deep_in_a_group_still_passes() -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as cancelled:
+            exc: BaseException = cancelled
+            for _ in range(5000):
+                exc = BaseExceptionGroup("g", [exc, ValueError("x")] if _ == 0 else [exc])
+            assert passing_part(exc) is cancelled
+            shallow = BaseExceptionGroup("g", [cancelled, ValueError("x")])
+            part = passing_part(shallow)
+            assert isinstance(part, BaseExceptionGroup) and part.exceptions == (cancelled,)
+            raise
+    assert scope.cancelled_caught
