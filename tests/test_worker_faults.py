@@ -23,6 +23,7 @@ import trio
 
 import trioworker
 from trioworker import engine
+from trioworker.cli import EXIT_RUNS_IGNORED_STOP
 from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
 from trioworker.serializers import FUTURE_KEY
 from trioworker.server import RunningServer
@@ -760,4 +761,62 @@ async def test_a_second_signal_stops_the_worker_at_once(
         await output.wait_for("received SIGINT again: stopping now")
     state = (await api.get(f"/task_runs/{run_id}")).json()["state"]
     assert (state["type"], state["name"]) == ("SCHEDULED", "Redelivered"), output.text
+    assert "Traceback" not in output.text
+
+
+IGNORER_SOURCE = """
+import os, sys, time
+from pathlib import Path
+import trio
+from trioworker.tasks import task
+
+@task(key="t.ignorer", timeout_seconds=1)
+async def ignorer(marker: str, how: str) -> str:
+    first = not Path(marker).exists()
+    Path(marker).write_text("seen")
+    if first:
+        print("ignoring now", file=sys.stderr, flush=True)
+        if how == "shield":
+            with trio.CancelScope(shield=True):
+                await trio.sleep(60)
+        else:
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                try:
+                    await trio.sleep(0.1)
+                except trio.Cancelled:
+                    time.sleep(0.01)  # and goes on, as if nothing happened
+        return f"late from {os.getpid()}"
+    return f"finished by {os.getpid()}"
+"""
+
+
+@pytest.mark.parametrize("how", ["shield", "catch"])
+@pytest.mark.parametrize("second_signal", [False, True], ids=["grace_over", "second_signal"])
+async def test_a_worker_process_exits_when_async_runs_ignore_the_stop(
+    tmp_path: Path, api: httpx.AsyncClient, trioworker_server: RunningServer, how: str, second_signal: bool
+) -> None:
+    tasks_file = write(tmp_path / "ignorer.py", IGNORER_SOURCE)
+    [run_id] = await submit(api, "t.ignorer", {"marker": str(tmp_path / "marker"), "how": how})
+    env = worker_env(TRIOWORKER_API_URL=trioworker_server.api_url)
+    grace = "600" if second_signal else "2"
+    async with trio.open_nursery() as nursery:
+        process, output = await start_worker(nursery, [f"{tasks_file}:ignorer", "--grace", grace], env)
+        await output.wait_for("ignoring now")
+        process.send_signal(signal.SIGTERM)
+        if second_signal:
+            await output.wait_for(r"stopping: waiting \d+\.\d s more for 1 run\(s\)")
+            process.send_signal(signal.SIGTERM)
+        with within(20, output):
+            assert await process.wait() == EXIT_RUNS_IGNORED_STOP
+        await output.wait_for(
+            f"runs ignore cancellation after the stop; exiting without them .*t.ignorer {run_id}"
+        )
+
+        second, second_output = await start_worker(nursery, [f"{tasks_file}:ignorer"], env)
+        [run] = await wait_all(api, [run_id], seconds=OUTPUT_TIMEOUT)
+        assert run["state"]["data"] == f"finished by {second.pid}"
+        second.send_signal(signal.SIGTERM)
+        with within(OUTPUT_TIMEOUT, second_output):
+            assert await second.wait() == 0
     assert "Traceback" not in output.text

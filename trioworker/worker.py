@@ -208,6 +208,7 @@ class TaskWorker:
         self._thread_waits = _threads.ThreadWaits()
         self._stopping = trio.Event()
         self._stop_deadline = math.inf
+        self._stop_changed = trio.Event()
         self._forced = False
         self._grace_scope: trio.CancelScope | None = None
         self._quit_scope: trio.CancelScope | None = None
@@ -230,6 +231,31 @@ class TaskWorker:
     @property
     def stopping(self) -> bool:
         return self._state in (WorkerState.STOPPING, WorkerState.STOPPED)
+
+    @property
+    def stop_deadline(self) -> float:
+        """Trio time (``trio.current_time()``) by which this stopping worker has given up on
+        its runs and only hands back what it holds: the end of the grace period, plus the
+        second to hand runs back after a stop without grace. ``math.inf`` while running."""
+        return self._stop_deadline + (FORCED_QUIT_TIMEOUT if self._forced else 0.0)
+
+    @property
+    def stopped_without_grace(self) -> bool:
+        """``stop(grace_seconds=0)`` was called (a second signal under :func:`serve`)."""
+        return self._forced
+
+    async def stop_deadline_changed(self) -> None:
+        """Return when :attr:`stop_deadline` next changes (a stop, a shorter stop)."""
+        await self._stop_changed.wait()
+
+    def unfinished_runs(self) -> list[str]:
+        """The runs still executing, oldest first: ``"<task key> <run id> (running 3.2 s)"``."""
+        return self._running_names()
+
+    def _set_stop_deadline(self, deadline: float) -> None:
+        self._stop_deadline = deadline
+        self._stop_changed.set()
+        self._stop_changed = trio.Event()
 
     @property
     def connected(self) -> bool:
@@ -389,13 +415,12 @@ class TaskWorker:
             log.info("worker %s stopping sooner: runs get %g s more", self.client_id, grace)
         else:
             return
-        self._stop_deadline = deadline
-        if grace == 0:
-            self._forced = True
-            if self._quit_scope is not None:
-                self._quit_scope.deadline = min(
-                    self._quit_scope.deadline, trio.current_time() + FORCED_QUIT_TIMEOUT
-                )
+        self._forced = self._forced or grace == 0
+        self._set_stop_deadline(deadline)
+        if grace == 0 and self._quit_scope is not None:
+            self._quit_scope.deadline = min(
+                self._quit_scope.deadline, trio.current_time() + FORCED_QUIT_TIMEOUT
+            )
         if self._grace_scope is not None:
             self._grace_scope.deadline = deadline
 
@@ -447,7 +472,7 @@ class TaskWorker:
                 # Stopping: no new runs; the ones running get the grace period.
                 subscription.quit()
                 if math.isinf(self._stop_deadline):  # the deliveries ended without stop()
-                    self._stop_deadline = trio.current_time() + self.shutdown_grace_seconds
+                    self._set_stop_deadline(trio.current_time() + self.shutdown_grace_seconds)
                 timers.start_soon(self._grace_period, runs.cancel_scope)
             timers.cancel_scope.cancel()
         while True:
@@ -768,8 +793,17 @@ async def serve(
     In an application that keeps running after ``serve()`` returns, such a thread lives
     until its function returns; make long sync tasks call
     ``trio.from_thread.check_cancelled()`` now and then so that they end when stopped.
+
+    **Async code that ignores cancellation** (a shielded scope, a loop catching
+    ``trio.Cancelled``) delays the return until it ends, like any task in a nursery; code
+    that blocks the event loop blocks signal handling too. The ``trioworker worker``
+    process does not wait for such runs (it exits, see the CLI).
     """
-    worker = TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options)
+    await serve_worker(TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options))
+
+
+async def serve_worker(worker: TaskWorker) -> None:
+    """:func:`serve` for a worker made beforehand (the same signals and ending)."""
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signals(*, task_status: trio.TaskStatus[None]) -> None:
