@@ -267,3 +267,63 @@ async def cutting_proxy(real_port: int, how: str, cuts: float = 1) -> AsyncItera
         proxy.port = listeners[0].socket.getsockname()[1]
         yield proxy
         nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class FreezingProxy:
+    """Forwards TCP connections to the real server until :meth:`freeze`: then it reads and
+    forwards nothing more, either way (a hung server, or a network that drops everything),
+    until :meth:`thaw`. New connections are accepted but hang as well while frozen."""
+
+    port: int
+    real_port: int
+    thawed: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.thawed.set()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def freeze(self) -> None:
+        if self.thawed.is_set():
+            self.thawed = trio.Event()
+
+    def thaw(self) -> None:
+        self.thawed.set()
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            await self.thawed.wait()
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.real_port)
+            async with upstream, trio.open_nursery() as nursery:
+
+                async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+                    with contextlib.suppress(*GONE):
+                        while True:
+                            await self.thawed.wait()
+                            chunk = await source.receive_some(65536)
+                            if not chunk:
+                                break
+                            await self.thawed.wait()  # a chunk read as it froze waits too
+                            await sink.send_all(chunk)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
+
+
+@asynccontextmanager
+async def freezing_proxy(real_port: int) -> AsyncIterator[FreezingProxy]:
+    async with trio.open_nursery() as nursery:
+        proxy = FreezingProxy(0, real_port)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(*GONE):
+                await proxy.handle(stream)
+
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        proxy.port = listeners[0].socket.getsockname()[1]
+        yield proxy
+        nursery.cancel_scope.cancel()

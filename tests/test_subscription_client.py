@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 import uuid
 
 import orjson
@@ -21,6 +23,8 @@ from trioworker.subscription import (
     websocket_url,
 )
 from trioworker.testing import ServerControl
+
+from .fakes import freezing_proxy
 
 
 def test_backoff_grows_with_jitter_up_to_a_ceiling() -> None:
@@ -83,3 +87,58 @@ def test_reports_are_cut_into_messages_of_bounded_size() -> None:
     entries = [orjson.loads(entry) for chunk in chunks for entry in chunk]
     assert [entry["ref"] for entry in entries] == [0, 1, 2, 3, 4]  # in order, each once
     assert entries[1]["state"]["data"] == 1
+
+
+async def test_a_server_that_stops_answering_is_noticed_by_the_keepalive_and_left(
+    trioworker_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with freezing_proxy(int(trioworker_server.url.rsplit(":", 1)[1])) as proxy:
+        client = SubscriptionClient(
+            api_url=proxy.api_url,
+            api_key=None,
+            keys=("k",),
+            client_id="c-1",
+            credit=1,
+            held=set,
+            on_cancel=lambda ids: None,
+            rng=random.Random(1),
+            keepalive_idle=0.2,
+            keepalive_timeout=0.5,
+        )
+        lost = trio.Event()
+        send, receive = trio.open_memory_channel[TaskRun](10)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run, send)
+            handler = WhenLogged("subscription lost .*answered no ping within 0.5 s", lost)
+            logging.getLogger("trioworker").addHandler(handler)
+            try:
+                proxy.freeze()
+                with trio.fail_after(10):
+                    await lost.wait()
+                assert not is_connected(client)  # so the worker's /health says 503
+                proxy.thaw()
+                [(run, _)] = await trioworker_server.service.create_runs([TaskRunCreate(task_key="k")])
+                with trio.fail_after(20):
+                    delivered = await receive.receive()  # over a new connection
+            finally:
+                logging.getLogger("trioworker").removeHandler(handler)
+            assert delivered.id == run.id
+            assert is_connected(client) and client.reconnects >= 1
+            nursery.cancel_scope.cancel()
+
+
+def is_connected(client: SubscriptionClient) -> bool:
+    return client.connected
+
+
+class WhenLogged(logging.Handler):
+    """Sets ``event`` when a record whose message matches ``pattern`` is logged."""
+
+    def __init__(self, pattern: str, event: trio.Event) -> None:
+        super().__init__(logging.DEBUG)
+        self.pattern = re.compile(pattern)
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.pattern.search(record.getMessage()):
+            self.event.set()

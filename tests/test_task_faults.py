@@ -8,6 +8,8 @@ completes a normal run. Unit tests pin the text bounding down.
 
 from __future__ import annotations
 
+import functools
+import re
 import signal
 import sys
 import time
@@ -485,3 +487,180 @@ def test_the_bounds_the_readme_gives() -> None:
     assert (MAX_TEXT_BYTES, MAX_TRACEBACK_BYTES) == (64 * 1024, 256 * 1024)
     assert MAX_FAILURE_REPORT_BYTES < 1024 * 1024  # "a failure report is under 1 MiB"
     assert MAX_RESULT_BYTES == 8 * 1024 * 1024
+
+
+# ------------------------------------------------- exceptions too deep or wide to walk
+
+
+def nested(shape: str, size: int) -> BaseException:
+    """An exception ``size`` deep or wide: a group of groups, a ``__cause__`` or
+    ``__context__`` chain, a flat group."""
+    if shape == "wide":
+        return ExceptionGroup("wide", [ValueError(str(i)) for i in range(size)])
+    if shape == "group":
+        group: Exception = ValueError("leaf")
+        for _ in range(size):
+            group = ExceptionGroup("g", [group])
+        return group
+    exc: BaseException = ValueError("leaf")
+    for i in range(size):
+        if shape == "base_group":
+            exc = BaseExceptionGroup("g", [exc])
+        else:
+            outer = ValueError(f"link {i}")
+            setattr(outer, shape, exc)
+            exc = outer
+    return exc
+
+
+SHAPES = [
+    ("group", 1200),
+    ("group", 5000),
+    ("base_group", 5000),
+    ("__cause__", 5000),
+    ("__context__", 5000),
+    ("wide", 50_000),
+]
+
+
+@task(key="f.deep_sync")
+def deep_sync(shape: str, size: int) -> None:
+    raise nested(shape, size)
+
+
+@task(key="f.deep_async")
+async def deep_async(shape: str, size: int) -> None:
+    await trio.lowlevel.checkpoint()
+    raise nested(shape, size)
+
+
+@pytest.mark.parametrize("deep_task", [deep_sync, deep_async], ids=["sync", "async"])
+async def test_an_exception_too_deep_or_wide_to_walk_fails_its_run_once(
+    api: httpx.AsyncClient, trioworker_worker: Make, deep_task: Task[..., Any]
+) -> None:
+    ids = await submit(api, deep_task.key, *({"shape": s, "size": n} for s, n in SHAPES))
+    async with trioworker_worker(deep_task, add) as worker:
+        runs = await wait_all(api, ids, seconds=60)
+        await assert_worker_still_serves(api)
+    assert worker.failed_task_runs[deep_task.key] == len(SHAPES)
+    for (shape, size), run in zip(SHAPES, runs, strict=True):
+        state = run["state"]
+        assert (state["type"], run["run_count"]) == ("FAILED", 1), (shape, size)
+        assert_bounded(state)
+        assert state["data"]["traceback"], (shape, size)
+
+
+@pytest.mark.parametrize(("shape", "size"), [*SHAPES, ("group", 100_000)])
+def test_walking_a_huge_exception_never_recurses(shape: str, size: int) -> None:
+    exc = nested(shape, size)
+    assert passing_part(exc) is None
+    data = describe_exception(exc)
+    assert len(orjson.dumps(data)) <= 3 * MAX_TEXT_BYTES + MAX_TRACEBACK_BYTES + 100
+
+
+async def test_a_cancelled_deep_in_a_group_still_passes() -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as cancelled:
+            exc: BaseException = cancelled
+            for _ in range(5000):
+                exc = BaseExceptionGroup("g", [exc, ValueError("x")] if _ == 0 else [exc])
+            assert passing_part(exc) is cancelled
+            shallow = BaseExceptionGroup("g", [cancelled, ValueError("x")])
+            part = passing_part(shallow)
+            assert isinstance(part, BaseExceptionGroup) and part.exceptions == (cancelled,)
+            raise
+    assert scope.cancelled_caught
+
+
+# ------------------------------------------- callables that would return an unawaited coroutine
+
+
+async def async_condition(t: object, run: TaskRun, exc: BaseException) -> bool:
+    return False
+
+
+class AsyncCall:
+    async def __call__(self, t: object, run: TaskRun, exc: BaseException) -> bool:
+        return False
+
+
+def sync_task() -> None:
+    pass
+
+
+def gen_task() -> Any:
+    yield 1
+
+
+async def agen_task() -> Any:
+    yield 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry_condition_fn": async_condition}, "retry_condition_fn must be a plain function"),
+        ({"retry_condition_fn": AsyncCall()}, "retry_condition_fn must be a plain function"),
+        ({"retry_condition_fn": functools.partial(async_condition)}, "retry_condition_fn must be a plain"),
+        ({"retry_condition_fn": True}, "retry_condition_fn must be callable, got bool"),
+        ({"retry_delay_seconds": lambda n: n}, "retry_delay_seconds must be a number or a list"),
+        ({"retry_delay_seconds": "5"}, "retry_delay_seconds must be a number or a list"),
+        ({"retry_delay_seconds": [1, "2"]}, "retry_delay_seconds must be a number or a list"),
+        ({"retry_delay_seconds": True}, "retry_delay_seconds must be a number or a list"),
+    ],
+)
+def test_task_options_that_cannot_work_are_refused_at_definition(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TypeError, match=re.escape(message)):
+        task(key="f.refused", retries=1, **options)(sync_task)
+
+
+@pytest.mark.parametrize("fn", [gen_task, agen_task])
+def test_generator_functions_are_refused_as_tasks(fn: Callable[..., Any]) -> None:
+    with pytest.raises(TypeError, match="not a generator"):
+        task(fn)
+
+
+async def test_callables_that_return_a_coroutine_fail_the_run_clearly(
+    api: httpx.AsyncClient, trioworker_worker: Make, recwarn: pytest.WarningsRecorder
+) -> None:
+    def condition_coroutine(t: object, run: TaskRun, exc: BaseException) -> Any:
+        return async_condition(t, run, exc)  # a plain function handing back a coroutine
+
+    @task(key="f.condition_coroutine", retries=3, retry_condition_fn=condition_coroutine)
+    async def condition_is_coroutine() -> None:
+        raise ValueError("not retried")
+
+    async def coroutine() -> int:
+        return 1
+
+    @task(key="f.returns_coroutine")
+    def returns_coroutine() -> Any:
+        return coroutine()
+
+    class Adder:
+        async def __call__(self, a: int, b: int) -> int:
+            await trio.lowlevel.checkpoint()
+            return a + b
+
+    callable_task = task(key="f.callable_object")(Adder())
+    assert callable_task.is_async
+    ids = [
+        *await submit(api, "f.condition_coroutine", {}),
+        *await submit(api, "f.returns_coroutine", {}),
+        *await submit(api, "f.callable_object", {"a": 1, "b": 2}),
+    ]
+    async with trioworker_worker(condition_is_coroutine, returns_coroutine, callable_task):
+        condition, returned, called = await wait_all(api, ids)
+    assert (condition["state"]["type"], condition["run_count"]) == ("FAILED", 1)
+    assert condition["state"]["message"] == "ValueError: not retried"
+    assert returned["state"]["type"] == "FAILED"
+    assert returned["state"]["message"] == (
+        "TypeError: returns_coroutine returned a coroutine: make the task function `async def`"
+    )
+    assert called["state"]["data"] == 3
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]

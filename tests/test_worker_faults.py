@@ -22,11 +22,13 @@ import pytest
 import trio
 
 import trioworker
+from trioworker import engine
+from trioworker.cli import EXIT_RUNS_IGNORED_STOP
 from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
 from trioworker.serializers import FUTURE_KEY
 from trioworker.server import RunningServer
 from trioworker.tasks import task
-from trioworker.worker import TaskWorker
+from trioworker.worker import MAX_WORKER_FAULTS, TaskWorker
 
 from .fakes import CHANNEL_PATH, SUBSCRIPTION_PATH, FakeSockets, Proxy, Session, fake_sockets, routing_proxy
 from .helpers import history, submit, wait_all
@@ -256,6 +258,69 @@ async def test_execute_task_run_survives_a_server_it_cannot_reach(proxy: Proxy, 
         await TaskWorker(never, api_url=proxy.api_url).execute_task_run(run)  # returns, raises nothing
     assert logs.matching(f"run {run.id} of f.never: the worker failed while handling it")
     assert logs.matching(f"run {run.id}: could not hand it back")
+
+
+def broken_failure_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the worker's own handling of a failed run fault, every time."""
+
+    def broken(message: str, exc: BaseException) -> Any:
+        raise RuntimeError("no report for you")
+
+    monkeypatch.setattr(engine, "_failed", broken)
+
+
+async def test_a_run_whose_handling_faults_again_and_again_ends_failed(
+    api: httpx.AsyncClient, trioworker_worker: Any, logs: LogEvents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken_failure_report(monkeypatch)
+
+    @task(key="f.fails")
+    async def fails() -> None:
+        raise ValueError("the task's own failure")
+
+    @task(key="f.fine")
+    async def fine() -> str:
+        return "fine"
+
+    [bad] = await submit(api, "f.fails", {})
+    async with trioworker_worker(fails, fine) as worker:
+        [run] = await wait_all(api, [bad], seconds=30)
+        [good] = await wait_all(api, await submit(api, "f.fine", {}))
+    state = run["state"]
+    assert state["type"] == "FAILED"
+    assert state["message"] == "the worker could not handle this run: RuntimeError: no report for you"
+    assert state["data"]["type"] == "builtins.RuntimeError"
+    assert good["state"]["data"] == "fine"
+    assert (
+        len(logs.matching(f"run {bad} of f.fails: the worker failed while handling it \\("))
+        == MAX_WORKER_FAULTS - 1
+    )
+    assert logs.matching(
+        f"run {bad} of f.fails: the worker failed while handling it {MAX_WORKER_FAULTS} times"
+    )
+    assert worker.failed_task_runs["f.fails"] == 1
+
+
+async def test_execute_task_run_fails_a_run_whose_handling_faults_again_and_again(
+    api: httpx.AsyncClient, trioworker_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken_failure_report(monkeypatch)
+
+    @task(key="f.fails_rest")
+    def fails_rest() -> None:
+        raise ValueError("the task's own failure")
+
+    [run_id] = await submit(api, "f.fails_rest", {})
+    worker = TaskWorker(fails_rest, api_url=trioworker_server.api_url)
+    types = []
+    with deadline():
+        for _ in range(MAX_WORKER_FAULTS):
+            run = converter.structure((await api.get(f"/task_runs/{run_id}")).json(), TaskRun)
+            await worker.execute_task_run(run)
+            types.append((await api.get(f"/task_runs/{run_id}")).json()["state"]["type"])
+    assert types == ["SCHEDULED"] * (MAX_WORKER_FAULTS - 1) + ["FAILED"]
+    [final] = await wait_all(api, [run_id])
+    assert final["state"]["message"].startswith("the worker could not handle this run: RuntimeError")
 
 
 # -- 2. the same run handed over twice runs once
@@ -696,4 +761,62 @@ async def test_a_second_signal_stops_the_worker_at_once(
         await output.wait_for("received SIGINT again: stopping now")
     state = (await api.get(f"/task_runs/{run_id}")).json()["state"]
     assert (state["type"], state["name"]) == ("SCHEDULED", "Redelivered"), output.text
+    assert "Traceback" not in output.text
+
+
+IGNORER_SOURCE = """
+import os, sys, time
+from pathlib import Path
+import trio
+from trioworker.tasks import task
+
+@task(key="t.ignorer", timeout_seconds=1)
+async def ignorer(marker: str, how: str) -> str:
+    first = not Path(marker).exists()
+    Path(marker).write_text("seen")
+    if first:
+        print("ignoring now", file=sys.stderr, flush=True)
+        if how == "shield":
+            with trio.CancelScope(shield=True):
+                await trio.sleep(60)
+        else:
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                try:
+                    await trio.sleep(0.1)
+                except trio.Cancelled:
+                    time.sleep(0.01)  # and goes on, as if nothing happened
+        return f"late from {os.getpid()}"
+    return f"finished by {os.getpid()}"
+"""
+
+
+@pytest.mark.parametrize("how", ["shield", "catch"])
+@pytest.mark.parametrize("second_signal", [False, True], ids=["grace_over", "second_signal"])
+async def test_a_worker_process_exits_when_async_runs_ignore_the_stop(
+    tmp_path: Path, api: httpx.AsyncClient, trioworker_server: RunningServer, how: str, second_signal: bool
+) -> None:
+    tasks_file = write(tmp_path / "ignorer.py", IGNORER_SOURCE)
+    [run_id] = await submit(api, "t.ignorer", {"marker": str(tmp_path / "marker"), "how": how})
+    env = worker_env(TRIOWORKER_API_URL=trioworker_server.api_url)
+    grace = "600" if second_signal else "2"
+    async with trio.open_nursery() as nursery:
+        process, output = await start_worker(nursery, [f"{tasks_file}:ignorer", "--grace", grace], env)
+        await output.wait_for("ignoring now")
+        process.send_signal(signal.SIGTERM)
+        if second_signal:
+            await output.wait_for(r"stopping: waiting \d+\.\d s more for 1 run\(s\)")
+            process.send_signal(signal.SIGTERM)
+        with within(20, output):
+            assert await process.wait() == EXIT_RUNS_IGNORED_STOP
+        await output.wait_for(
+            f"runs ignore cancellation after the stop; exiting without them .*t.ignorer {run_id}"
+        )
+
+        second, second_output = await start_worker(nursery, [f"{tasks_file}:ignorer"], env)
+        [run] = await wait_all(api, [run_id], seconds=OUTPUT_TIMEOUT)
+        assert run["state"]["data"] == f"finished by {second.pid}"
+        second.send_signal(signal.SIGTERM)
+        with within(OUTPUT_TIMEOUT, second_output):
+            assert await second.wait() == 0
     assert "Traceback" not in output.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 from collections.abc import Iterator
+from typing import Final
 
 import trio
 
@@ -24,12 +25,29 @@ def only_exception(group: BaseException) -> BaseException | None:
     return exc
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
+#: At most this many exceptions of a group (groups and leaves, at any depth) are looked at
+#: for what must propagate; a group made to be larger or deeper is walked that far only.
+MAX_GROUP_WALK: Final = 10_000
+
+
+#: Groups nested deeper than this are not split (``split`` recurses once per level).
+MAX_SPLIT_DEPTH: Final = 100
+
+
+def _leaves(exc: BaseException) -> Iterator[tuple[BaseException, int]]:
+    """The leaves of ``exc`` with their depth, first :data:`MAX_GROUP_WALK` nodes only.
+
+    Iterative: a group nested thousands deep cannot make it recurse.
+    """
+    stack: list[tuple[BaseException, int]] = [(exc, 0)]
+    visited = 0
+    while stack and visited < MAX_GROUP_WALK:
+        node, depth = stack.pop()
+        visited += 1
+        if isinstance(node, BaseExceptionGroup):
+            stack.extend((inner, depth + 1) for inner in reversed(node.exceptions))
+        else:
+            yield node, depth
 
 
 def _from_sigint_handler(exc: BaseException) -> bool:
@@ -69,16 +87,23 @@ def passing_part(exc: BaseException) -> BaseException | None:
     * None for everything else: the run's own failure, BaseExceptions included, and a
       Cancelled raised while nothing cancels the caller (one the code kept from elsewhere).
 
+    Bounded for any group: it looks at :data:`MAX_GROUP_WALK` exceptions at most, and never
+    recurses (a group nested deeper than :data:`MAX_SPLIT_DEPTH` passes its first Cancelled
+    instead of its Cancelled part).
+
     Call it where ``exc`` was caught, in the same Trio task.
     """
     leaves = list(_leaves(exc))
-    if any(isinstance(e, KeyboardInterrupt) and _from_sigint_handler(e) for e in leaves):
+    if any(isinstance(e, KeyboardInterrupt) and _from_sigint_handler(e) for e, _ in leaves):
         return exc
-    if any(isinstance(e, trio.Cancelled) for e in leaves) and _cancelled_here():
-        if isinstance(exc, BaseExceptionGroup):
-            cancelled, _ = exc.split(trio.Cancelled)
-            return cancelled
-        return exc
+    if any(isinstance(e, trio.Cancelled) for e, _ in leaves) and _cancelled_here():
+        if not isinstance(exc, BaseExceptionGroup):
+            return exc
+        if max(depth for _, depth in leaves) <= MAX_SPLIT_DEPTH:
+            part, _ = exc.split(trio.Cancelled)
+            return part
+        # split() recurses once per level: too deep a group passes its first Cancelled.
+        return next(e for e, _ in leaves if isinstance(e, trio.Cancelled))
     return None
 
 

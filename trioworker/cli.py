@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
     from trioworker.models import JSON, StateType, TaskRun
     from trioworker.tasks import Task
+    from trioworker.worker import TaskWorker
 
 log = logging.getLogger("trioworker")
 
@@ -130,14 +132,45 @@ def _api_root(args: argparse.Namespace) -> str:
         raise CommandError(f"unusable API URL from {source}: {exc}") from None
 
 
+#: Seconds a stopping ``trioworker worker`` waits past its grace period for runs that ignore
+#: cancellation before it exits anyway (a stop without grace: its second to hand runs back).
+STOP_MARGIN: Final = 5.0
+#: The exit code of a worker process that gave up on runs that ignored cancellation.
+EXIT_RUNS_IGNORED_STOP: Final = 3
+
+
+async def _exit_when_runs_ignore_the_stop(worker: TaskWorker) -> None:
+    """The process keeps the stop's promise: when the worker's stop deadline (plus
+    :data:`STOP_MARGIN` after a graceful stop) is over and runs still execute (async code
+    that ignores cancellation), log them and end the process. The server hands their
+    leases back when the connection drops."""
+    while True:
+        margin = 0.0 if math.isinf(worker.stop_deadline) or worker.stopped_without_grace else STOP_MARGIN
+        with trio.move_on_at(worker.stop_deadline + margin):
+            await worker.stop_deadline_changed()
+            continue
+        runs = worker.unfinished_runs()
+        if not runs:  # the worker is handing back or quitting: it returns soon by itself
+            await worker.stop_deadline_changed()
+            continue
+        log.critical(
+            "runs ignore cancellation after the stop; exiting without them (the server hands them back): %s",
+            ", ".join(runs),
+        )
+        logging.shutdown()  # flushes every handler
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_RUNS_IGNORED_STOP)
+
+
 async def _run_worker(args: argparse.Namespace) -> None:
     from trioworker.errors import SubscriptionRefused
-    from trioworker.worker import serve
+    from trioworker.worker import TaskWorker, serve_worker
 
     tasks = _load_tasks(args.tasks)
     api_url = _api_root(args)
     try:
-        await serve(
+        worker = TaskWorker(
             *tasks,
             limit=args.limit,
             status_server_port=args.status_port,
@@ -148,6 +181,10 @@ async def _run_worker(args: argparse.Namespace) -> None:
             allow_pickle=args.allow_pickle,
             prefetch=args.prefetch,
         )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_exit_when_runs_ignore_the_stop, worker)
+            await serve_worker(worker)
+            nursery.cancel_scope.cancel()
     except Exception as exc:
         leaf = only_exception(exc)
         if isinstance(leaf, SubscriptionRefused):

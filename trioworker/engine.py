@@ -8,6 +8,7 @@ meanwhile gets ABORT, and the engine does not start it).
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import math
 import uuid
@@ -179,7 +180,16 @@ async def _call(
         return await task.fn(*args, **kwargs)
     # The thread gets a copy of our contextvars (trio does that), and cancellation waits
     # for it to return, unless the worker gave up on it after its grace period (_threads).
-    return await _threads.run_sync(partial(task.fn, *args, **kwargs), thread_limiter)
+    return await _threads.run_sync(partial(_call_sync, task, args, kwargs), thread_limiter)
+
+
+def _call_sync(task: Task[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """In the run's thread: the sync task's value; a coroutine it returns fails the attempt."""
+    value = task.fn(*args, **kwargs)
+    if inspect.iscoroutine(value):
+        value.close()  # never awaited: say so once, instead of Python's warning
+        raise TypeError(f"{task.name} returned a coroutine: make the task function `async def`")
+    return value
 
 
 async def _attempt(
@@ -224,7 +234,11 @@ def _retry_state(task: Task[..., Any], run: TaskRun, exc: BaseException, attempt
         return None
     if task.retry_condition_fn is not None:
         try:
-            if not task.retry_condition_fn(task, run, exc):
+            verdict: object = task.retry_condition_fn(task, run, exc)
+            if inspect.iscoroutine(verdict):
+                verdict.close()
+                raise TypeError("it returned a coroutine, not a bool")
+            if not verdict:
                 return None
         except BaseException as error:  # its failure fails the run, not the worker
             raise_passing(error)

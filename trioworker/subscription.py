@@ -61,6 +61,10 @@ BACKOFF_FACTOR: Final = 2.0
 BACKOFF_MAX: Final = 15.0
 #: Seconds to open a socket (TCP, TLS and the websocket handshake) before giving up.
 CONNECT_TIMEOUT: Final = 10.0
+#: Keepalive: after this many seconds with nothing received, the client pings the server ...
+KEEPALIVE_IDLE: Final = 20.0
+#: ... and drops the connection (then reconnects) if no pong came within this many seconds.
+KEEPALIVE_TIMEOUT: Final = 10.0
 
 
 def websocket_url(api_url: str) -> str:
@@ -127,9 +131,11 @@ async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocket
                 raise
             finally:
                 try:
-                    # A close handshake, unless we are cancelled (then the stream is just closed).
-                    with trio.move_on_after(CONNECT_TIMEOUT):
-                        await ws.aclose()
+                    # A close handshake, unless we are cancelled (then the stream is just
+                    # closed) or the server stopped answering (no one would answer it).
+                    if not isinstance(body_error, Unresponsive):
+                        with trio.move_on_after(CONNECT_TIMEOUT):
+                            await ws.aclose()
                 finally:
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -165,6 +171,11 @@ class _Disconnected(Exception):
     """The socket was lost; the session reconnects."""
 
 
+class Unresponsive(_Disconnected):
+    """The server answered no ping in time: the connection is dropped without a close
+    handshake and made again."""
+
+
 class MalformedMessage(_Disconnected):
     """The server sent something the protocol does not allow: the connection is dropped
     (closed with 1002) and made again."""
@@ -184,6 +195,9 @@ class SubscriptionClient:
             another worker gets a free slot first).
         held: returns the runs the worker is still working on (sent on reconnect).
         on_cancel: called with runs the server wants stopped.
+        keepalive_idle: seconds with nothing received after which the server is pinged.
+        keepalive_timeout: seconds to wait for the pong; without it the connection is
+            dropped (:attr:`connected` turns False) and made again as for any loss.
     """
 
     api_url: str
@@ -195,6 +209,8 @@ class SubscriptionClient:
     on_cancel: Callable[[list[uuid.UUID]], None]
     prefetch: int = 0
     rng: random.Random = attrs.field(factory=random.Random)
+    keepalive_idle: float = KEEPALIVE_IDLE
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
     connected: bool = False
     reconnects: int = 0
     _refs: itertools.count[int] = attrs.field(factory=itertools.count)
@@ -206,6 +222,8 @@ class SubscriptionClient:
     #: Delivered runs the worker has not given a slot yet (the ones a revoke may take back).
     _unstarted: set[uuid.UUID] = attrs.field(factory=set)
     _revoked: set[uuid.UUID] = attrs.field(factory=set)
+    #: Ends when nothing was received for keepalive_idle seconds (each message pushes it back).
+    _quiet: trio.CancelScope | None = None
 
     # -- what the worker calls
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult:
@@ -368,6 +386,7 @@ class SubscriptionClient:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(until_lost, partial(self._write_forever, ws))
+            nursery.start_soon(until_lost, partial(self._keep_alive, ws))
             await until_lost(partial(self._read_forever, ws, deliveries))
         reason = lost.reason if isinstance(lost, ConnectionClosed) else None
         closed_normally = reason is not None and reason.code == CLOSE_NORMAL
@@ -387,6 +406,7 @@ class SubscriptionClient:
         """
         while True:
             message = await self._receive(ws)
+            self._heard()
             kind = message["type"]
             if kind == protocol.TASK_RUNS:
                 runs = _parse_runs(message)
@@ -407,6 +427,27 @@ class SubscriptionClient:
                 self._revoke(_parse_ids(message))
             else:
                 raise MalformedMessage(f"the server sent a message of unknown type {kind!r}")
+
+    async def _keep_alive(self, ws: WebSocketConnection) -> None:
+        """Ping the server whenever it has been quiet for keepalive_idle seconds; raise
+        :class:`Unresponsive` when a pong does not come within keepalive_timeout."""
+        while True:
+            self._quiet = trio.CancelScope(deadline=trio.current_time() + self.keepalive_idle)
+            with self._quiet:
+                await trio.sleep_forever()
+            with trio.move_on_after(self.keepalive_timeout) as waiting:
+                await ws.ping()
+            if waiting.cancelled_caught:
+                self.connected = False
+                raise Unresponsive(
+                    f"the server answered no ping within {self.keepalive_timeout:g} s "
+                    f"after {self.keepalive_idle:g} s of silence"
+                )
+
+    def _heard(self) -> None:
+        """Something came from the server: the keepalive waits keepalive_idle from now."""
+        if self._quiet is not None:
+            self._quiet.deadline = trio.current_time() + self.keepalive_idle
 
     async def _write_forever(self, ws: WebSocketConnection) -> None:
         while True:

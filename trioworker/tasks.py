@@ -45,11 +45,30 @@ def default_key(fn: Callable[..., object]) -> str:
     return f"{module}.{fn.__qualname__}"
 
 
+def is_async_callable(fn: object) -> bool:
+    """``fn`` returns a coroutine when called: an ``async def`` function, a partial of one,
+    or an object whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = None if inspect.isroutine(fn) else inspect.getattr_static(type(fn), "__call__", None)
+    return inspect.iscoroutinefunction(call)
+
+
 def _check_delays(value: float | Sequence[float]) -> float | tuple[float, ...]:
+    if (
+        callable(value)
+        or isinstance(value, str | bytes | bool)
+        or not isinstance(value, int | float | Iterable)
+    ):
+        raise TypeError(
+            f"retry_delay_seconds must be a number or a list of numbers, got {type(value).__name__}"
+        )
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("retry_delay_seconds must be >= 0")
         return float(value)
+    if any(isinstance(v, str | bytes | bool) or not isinstance(v, int | float) for v in value):
+        raise TypeError("retry_delay_seconds must be a number or a list of numbers")
     delays = tuple(float(v) for v in value)
     if not delays or any(d < 0 for d in delays):
         raise ValueError("retry_delay_seconds must be a number or a non-empty list of numbers >= 0")
@@ -70,6 +89,7 @@ class Task(Generic[P, R]):
         retry_delay_seconds: the wait before each retry: a number, or a list (one per
             retry; the last repeats).
         retry_condition_fn: ``(task, task_run, exception) -> bool``; False means fail now.
+            A plain function: an async one is refused (TypeError).
         timeout_seconds: an attempt that runs longer fails with ``TimeoutError``.
         serializer: ``"json"`` (default; parameters and result structured by the
             annotations) or ``"pickle"`` (any Python objects; workers must opt in).
@@ -96,6 +116,18 @@ class Task(Generic[P, R]):
             raise ValueError("timeout_seconds must be > 0")
         if self.serializer not in SERIALIZERS:
             raise ValueError(f"serializer must be one of {SERIALIZERS}, got {self.serializer!r}")
+        if inspect.isasyncgenfunction(self.fn) or inspect.isgeneratorfunction(self.fn):
+            raise TypeError(f"@task needs a function that returns its result, not a generator: {self.name}")
+        if self.retry_condition_fn is not None:
+            if not callable(self.retry_condition_fn):
+                raise TypeError(
+                    f"retry_condition_fn must be callable, got {type(self.retry_condition_fn).__name__}"
+                )
+            if is_async_callable(self.retry_condition_fn):
+                raise TypeError(
+                    "retry_condition_fn must be a plain function returning a bool, not async: "
+                    "it is called in the worker's event loop and must not wait"
+                )
 
     @property
     def task_key(self) -> str:
@@ -105,7 +137,7 @@ class Task(Generic[P, R]):
 
     @property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+        return is_async_callable(self.fn)
 
     @functools.cached_property
     def signature(self) -> inspect.Signature:

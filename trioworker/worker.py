@@ -34,12 +34,21 @@ from typing import Any, Final, Self, final
 import httpx
 import trio
 
-from trioworker import _threads, engine
+from trioworker import _threads, engine, serializers
 from trioworker._util import only_exception
 from trioworker.client import TaskRunClient, connect, using_client
 from trioworker.engine import Outcome
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
-from trioworker.models import SetStateResult, State, StateDetails, StateType, TaskRun, make_state, utcnow
+from trioworker.models import (
+    SetStateResult,
+    SetStateStatus,
+    State,
+    StateDetails,
+    StateType,
+    TaskRun,
+    make_state,
+    utcnow,
+)
 from trioworker.settings import DEFAULT_STATUS_HOST, MAX_PREFETCH, Settings, api_root
 from trioworker.statistics import WorkerStatistics
 from trioworker.subscription import SubscriptionClient, next_backoff, websocket_url
@@ -63,6 +72,9 @@ WAITING_LOG_INTERVAL: Final = 5.0
 WAITING_LOG_RUNS: Final = 10
 #: Runs whose recent worker faults are remembered (for the hand-back backoff).
 FAULTS_REMEMBERED: Final = 1024
+#: A run whose handling faults in this worker this many times in a row (faults that are not
+#: the server's or the network's) ends FAILED instead of being handed back again.
+MAX_WORKER_FAULTS: Final = 3
 
 
 class WorkerState(enum.Enum):
@@ -192,9 +204,11 @@ class TaskWorker:
         #: execute_task_run): one execution per run id at a time.
         self._claimed: set[uuid.UUID] = set()
         self._faults: dict[uuid.UUID, int] = {}
+        self._hard_faults: dict[uuid.UUID, int] = {}
         self._thread_waits = _threads.ThreadWaits()
         self._stopping = trio.Event()
         self._stop_deadline = math.inf
+        self._stop_changed = trio.Event()
         self._forced = False
         self._grace_scope: trio.CancelScope | None = None
         self._quit_scope: trio.CancelScope | None = None
@@ -217,6 +231,31 @@ class TaskWorker:
     @property
     def stopping(self) -> bool:
         return self._state in (WorkerState.STOPPING, WorkerState.STOPPED)
+
+    @property
+    def stop_deadline(self) -> float:
+        """Trio time (``trio.current_time()``) by which this stopping worker has given up on
+        its runs and only hands back what it holds: the end of the grace period, plus the
+        second to hand runs back after a stop without grace. ``math.inf`` while running."""
+        return self._stop_deadline + (FORCED_QUIT_TIMEOUT if self._forced else 0.0)
+
+    @property
+    def stopped_without_grace(self) -> bool:
+        """``stop(grace_seconds=0)`` was called (a second signal under :func:`serve`)."""
+        return self._forced
+
+    async def stop_deadline_changed(self) -> None:
+        """Return when :attr:`stop_deadline` next changes (a stop, a shorter stop)."""
+        await self._stop_changed.wait()
+
+    def unfinished_runs(self) -> list[str]:
+        """The runs still executing, oldest first: ``"<task key> <run id> (running 3.2 s)"``."""
+        return self._running_names()
+
+    def _set_stop_deadline(self, deadline: float) -> None:
+        self._stop_deadline = deadline
+        self._stop_changed.set()
+        self._stop_changed = trio.Event()
 
     @property
     def connected(self) -> bool:
@@ -376,13 +415,12 @@ class TaskWorker:
             log.info("worker %s stopping sooner: runs get %g s more", self.client_id, grace)
         else:
             return
-        self._stop_deadline = deadline
-        if grace == 0:
-            self._forced = True
-            if self._quit_scope is not None:
-                self._quit_scope.deadline = min(
-                    self._quit_scope.deadline, trio.current_time() + FORCED_QUIT_TIMEOUT
-                )
+        self._forced = self._forced or grace == 0
+        self._set_stop_deadline(deadline)
+        if grace == 0 and self._quit_scope is not None:
+            self._quit_scope.deadline = min(
+                self._quit_scope.deadline, trio.current_time() + FORCED_QUIT_TIMEOUT
+            )
         if self._grace_scope is not None:
             self._grace_scope.deadline = deadline
 
@@ -434,7 +472,7 @@ class TaskWorker:
                 # Stopping: no new runs; the ones running get the grace period.
                 subscription.quit()
                 if math.isinf(self._stop_deadline):  # the deliveries ended without stop()
-                    self._stop_deadline = trio.current_time() + self.shutdown_grace_seconds
+                    self._set_stop_deadline(trio.current_time() + self.shutdown_grace_seconds)
                 timers.start_soon(self._grace_period, runs.cancel_scope)
             timers.cancel_scope.cancel()
         while True:
@@ -599,6 +637,7 @@ class TaskWorker:
                 await self._hand_back_after_fault(task, run, reporter, exc)
                 return
             self._faults.pop(run.id, None)
+            self._hard_faults.pop(run.id, None)
             if outcome is not Outcome.REFUSED:
                 self.finished_task_runs[key] += 1
             if outcome is Outcome.FAILED:
@@ -625,13 +664,18 @@ class TaskWorker:
     async def _hand_back_after_fault(
         self, task: Task[..., Any], run: TaskRun, reporter: engine.Reporter, exc: Exception
     ) -> None:
-        """A fault of the worker while it handled ``run``: log it, wait, hand the run back."""
-        faults = self._faults.pop(run.id, 0) + 1
-        self._faults[run.id] = faults
-        while len(self._faults) > FAULTS_REMEMBERED:
-            del self._faults[next(iter(self._faults))]
-        delay = next_backoff(faults - 1, self._subscription.rng if self._subscription else random.Random())
+        """A fault of the worker while it handled ``run``: log it, wait, hand the run back.
+
+        The :data:`MAX_WORKER_FAULTS`-th fault in a row that is not the server's or the
+        network's ends the run FAILED instead ("the worker could not handle this run: ..."):
+        a run that always breaks its handling is not handed back forever.
+        """
+        faults = _count(self._faults, run.id)
         transient = isinstance(exc, ServerUnavailable | OSError | TimeoutError | httpx.HTTPError)
+        hard_faults = 0 if transient else _count(self._hard_faults, run.id)
+        if hard_faults >= MAX_WORKER_FAULTS and await self._fail_after_faults(task, run, reporter, exc):
+            return
+        delay = next_backoff(faults - 1, self._subscription.rng if self._subscription else random.Random())
         log.error(
             "run %s of %s: the worker failed while handling it (%s: %s); handing it back in %.1f s",
             run.id,
@@ -657,6 +701,38 @@ class TaskWorker:
         except Exception as again:
             log.warning("run %s: could not hand it back (%r); it stays as the server has it", run.id, again)
         self._release_held(run.id)
+
+    async def _fail_after_faults(
+        self, task: Task[..., Any], run: TaskRun, reporter: engine.Reporter, exc: Exception
+    ) -> bool:
+        """End ``run`` FAILED for the worker's fault ``exc``; False if the server was not told."""
+        line = serializers.exception_line(exc, 1024)
+        log.error(
+            "run %s of %s: the worker failed while handling it %d times (%s); failing it",
+            run.id,
+            task.key,
+            MAX_WORKER_FAULTS,
+            line,
+        )
+        failed = make_state(
+            StateType.FAILED,
+            message=serializers.clip_text(f"the worker could not handle this run: {line}"),
+            data=serializers.describe_exception(exc),
+        )
+        try:
+            answer = await reporter.report(run.id, failed)
+        except Exception as again:
+            log.warning("run %s: could not fail it (%s); handing it back", run.id, type(again).__name__)
+            return False
+        self._faults.pop(run.id, None)
+        self._hard_faults.pop(run.id, None)
+        if answer.status is SetStateStatus.ACCEPT:
+            self.finished_task_runs[task.key] += 1
+            self.failed_task_runs[task.key] += 1
+        if self._subscription is None or reporter is not self._subscription:
+            self._release_held(run.id)  # run over REST: the subscription's lease, if any
+        self._held.discard(run.id)  # a final state ends the lease
+        return True
 
     async def _fetch_runs(self, run_ids: list[uuid.UUID]) -> list[TaskRun]:
         async with using_client() as client:
@@ -686,6 +762,15 @@ class TaskWorker:
             self._claimed.discard(task_run.id)
 
 
+def _count(faults: dict[uuid.UUID, int], run_id: uuid.UUID) -> int:
+    """Count one more fault for ``run_id`` in ``faults`` (the newest kept); the new count."""
+    count = faults.pop(run_id, 0) + 1
+    faults[run_id] = count
+    while len(faults) > FAULTS_REMEMBERED:
+        del faults[next(iter(faults))]
+    return count
+
+
 async def serve(
     *tasks: Task[..., Any],
     limit: int | None = 10,
@@ -708,8 +793,17 @@ async def serve(
     In an application that keeps running after ``serve()`` returns, such a thread lives
     until its function returns; make long sync tasks call
     ``trio.from_thread.check_cancelled()`` now and then so that they end when stopped.
+
+    **Async code that ignores cancellation** (a shielded scope, a loop catching
+    ``trio.Cancelled``) delays the return until it ends, like any task in a nursery; code
+    that blocks the event loop blocks signal handling too. The ``trioworker worker``
+    process does not wait for such runs (it exits, see the CLI).
     """
-    worker = TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options)
+    await serve_worker(TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options))
+
+
+async def serve_worker(worker: TaskWorker) -> None:
+    """:func:`serve` for a worker made beforehand (the same signals and ending)."""
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signals(*, task_status: trio.TaskStatus[None]) -> None:
