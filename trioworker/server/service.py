@@ -28,7 +28,7 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.queue import Dispatcher, Subscription
-from trioworker.server.sockets import ApiError
+from trioworker.server.sockets import Refusal
 from trioworker.server.store import Change, QueuedRun, RunIdTaken, Store, claimed_copy
 
 #: Bounds of the fresh-run cache: entries, bytes in all, bytes of one run.
@@ -126,13 +126,13 @@ class TaskRunService:
         key or a given ``id`` already named).
 
         Raises:
-            ApiError: 409 when a given ``id`` belongs to a run the create is not a repeat
+            Refusal: 409 when a given ``id`` belongs to a run the create is not a repeat
                 of (another task key or idempotency key); nothing is created then.
         """
         try:
             results = await self.store.create_runs(creates)
         except RunIdTaken as exc:
-            raise ApiError(409, str(exc)) from None
+            raise Refusal(409, str(exc)) from None
         for run, queued in results:
             if queued is not None:
                 self.fresh.add(run, queued)
