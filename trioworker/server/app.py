@@ -277,7 +277,10 @@ def create_app(
     @app.post(route(protocol.RUN_SET_STATE))
     async def set_state(run_id: str) -> Response:
         rid = _parse_id(run_id)
-        body = with_state_name(await _body())
+        try:
+            body = with_state_name(await _body())
+        except ValueError as exc:
+            raise Refusal(422, f"invalid state request: {exc}") from None
         proposal = structure(body, SetStateRequest, "state request")
         assert isinstance(proposal, SetStateRequest)
         try:

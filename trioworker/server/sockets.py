@@ -62,14 +62,24 @@ def with_state_name(proposal: JSON) -> JSON:
     """A ``{"state": {...}, ...}`` proposal whose state has a type but no name (missing, null
     or ``""``) gets the type's name (``COMPLETED`` -> ``"Completed"``), as Prefect's clients
     expect. Anything else is returned as it is, for validation to judge.
+
+    Raises:
+        ValueError: ``state`` is not an object, or its ``type`` is missing or not a state
+            type (one line naming ``state.type``, the value and the valid types; not the
+            ``name``, which follows from the type).
     """
     if not isinstance(proposal, dict):
         return proposal
     state = proposal.get("state")
-    if not isinstance(state, dict) or state.get("name") not in (None, ""):
+    if "state" in proposal and not isinstance(state, dict):
+        raise ValueError(f'state must be an object with a "type", got {type(state).__name__}')
+    if not isinstance(state, dict):
         return proposal
     value = state.get("type")
     if not isinstance(value, str) or value not in StateType.__members__:
+        shown = "missing" if "type" not in state else f"{value!r}"
+        raise ValueError(f"state.type is {shown}; it must be one of {', '.join(StateType.__members__)}")
+    if state.get("name") not in (None, ""):
         return proposal
     kind = StateType(value)
     return {**proposal, "state": {**state, "name": make_state(kind).name}}
