@@ -149,6 +149,30 @@ async def test_an_unsupported_db_is_refused_in_one_line(tmp_path: Path, db: str,
     assert await trio.to_thread.run_sync(os.listdir, tmp_path) == []  # no folder "postgresql:", no file
 
 
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("bogus.invalid", "--host 'bogus.invalid' does not resolve: "),
+        ("192.0.2.1", "cannot listen on --host '192.0.2.1' with --port 0: "),
+    ],
+)
+async def test_a_bad_host_is_named_in_one_line(tmp_path: Path, host: str, message: str) -> None:
+    line = await refused(tmp_path, "--host", host, "--db", ":memory:")
+    assert line.startswith(f"trioworker: {message}")
+
+
+async def test_a_port_in_use_is_named_in_one_line(tmp_path: Path) -> None:
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        line = await refused(tmp_path, "--host", "127.0.0.1", "--port", str(port), "--db", ":memory:")
+    assert (
+        line == f"trioworker: cannot listen on --host '127.0.0.1' with --port {port}: Address already in use"
+    )
+
+
 async def test_server_reports_an_unusable_database_in_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
