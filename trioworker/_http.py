@@ -33,7 +33,8 @@ def bind_socket(host: str, port: int, *, settings: tuple[str, str] = ("host", "p
         OSError: one line naming the setting at fault (``settings`` names the host's and
             the port's, e.g. ``("--status-host", "--status-port")``) and its value: a host
             that does not resolve, or an address or port that cannot be bound (in use, not
-            this machine's, not permitted). ``errno`` is the original one.
+            this machine's, not permitted): a :class:`BindError` whose ``errno`` and
+            ``strerror`` are the original ones.
     """
     host_setting, port_setting = settings
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -48,10 +49,20 @@ def bind_socket(host: str, port: int, *, settings: tuple[str, str] = ("host", "p
             message = f"{host_setting} {host!r} does not resolve: {reason}"
         else:
             message = f"cannot listen on {host_setting} {host!r} with {port_setting} {port}: {reason}"
-        error = OSError(message)
-        error.errno = exc.errno
-        raise error from None
+        raise BindError(exc.errno, reason, message) from None
     return sock
+
+
+class BindError(OSError):
+    """A host or port that cannot be bound; ``errno`` and ``strerror`` are the original
+    error's, ``str()`` is one line naming the setting and its value."""
+
+    def __init__(self, errno: int | None, strerror: str, message: str) -> None:
+        super().__init__(errno, strerror)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 async def serve_app(
