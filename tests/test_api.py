@@ -336,13 +336,36 @@ async def test_bad_input_gets_a_json_4xx(
     assert (await api.get("/health")).status_code == 200
 
 
-async def test_bad_state_in_set_state_is_422(api: httpx.AsyncClient) -> None:
+TYPES = "SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, CRASHED"
+
+
+@pytest.mark.parametrize(
+    ("state", "detail"),
+    [
+        ({"type": "EXPLODED", "name": "x"}, f"state.type is 'EXPLODED'; it must be one of {TYPES}"),
+        ({"type": "EXPLODED"}, f"state.type is 'EXPLODED'; it must be one of {TYPES}"),
+        ({"type": "completed"}, f"state.type is 'completed'; it must be one of {TYPES}"),
+        ({"type": 5, "name": ""}, f"state.type is 5; it must be one of {TYPES}"),
+        ({"type": None}, f"state.type is None; it must be one of {TYPES}"),
+        ({}, f"state.type is missing; it must be one of {TYPES}"),
+        ({"name": "Running"}, f"state.type is missing; it must be one of {TYPES}"),
+        ("RUNNING", 'state must be an object with a "type", got str'),
+        ({"type": "RUNNING", "timestamp": "soon"}, "expected datetime @ $.state.timestamp"),
+        ({"type": "RUNNING", "name": 5}, "expected str @ $.state.name"),
+    ],
+)
+async def test_bad_state_in_set_state_is_a_422_naming_the_real_fault(
+    api: httpx.AsyncClient, state: object, detail: str
+) -> None:
+    """The name follows from the type: a bad or missing type is what the answer names."""
     run = await create(api)
-    response = await api.post(
-        f"/task_runs/{run['id']}/set_state", json={"state": {"type": "EXPLODED", "name": "x"}}
-    )
+    response = await api.post(f"/task_runs/{run['id']}/set_state", json={"state": state})
     assert response.status_code == 422
-    assert "state" in response.json()["detail"]
+    answer = response.json()["detail"]
+    assert answer.startswith("invalid state request: ") and answer.endswith(detail)
+    assert len(answer.splitlines()) == 1
+    if "state.type" in detail:
+        assert answer == f"invalid state request: {detail}"  # and no word of the name
 
 
 async def test_oversized_bodies_get_413_and_the_server_keeps_serving(

@@ -89,20 +89,28 @@ async def test_a_second_server_on_the_same_file_refuses_to_start(tmp_path: Path)
             for spelling in [str(db), "sqlite:///data/queue.db", f"sqlite:///{db}", "data/../data/queue.db"]:
                 line = await refused(tmp_path, "--db", spelling)
                 assert line == (
-                    f"trioworker: the database {db} is in use by another trioworker server "
-                    f"(it holds {db}.lock); stop that server first, or use another database"
+                    f"trioworker: the database {db} is in use by another trioworker server; "
+                    "stop that server first, or use another database"
                 )
             link = tmp_path / "link.db"
             link.symlink_to(db)
             assert f"the database {db} is in use" in await refused(tmp_path, "--db", str(link))
+            # The lock is on the file, not its name: a hard link is the same file.
+            hard = tmp_path / "hard.db"
+            await trio.to_thread.run_sync(os.link, db, hard)
+            assert f"the database {hard} is in use" in await refused(tmp_path, "--db", str(hard))
+            # SQLite reads file: as a URI; refused before anything is created.
+            for uri in ["file:data/queue.db", "file:./data/queue.db?mode=rwc", "FILE:data/queue.db"]:
+                assert "unsupported database URL scheme 'file'" in await refused(tmp_path, "--db", uri)
+            left = sorted(await trio.to_thread.run_sync(os.listdir, tmp_path))
+            assert left == ["data", "hard.db", "link.db"]  # no stray "file:." folder
             # The first server lost nothing and still serves.
             assert (await api.get(f"/task_runs/{created.json()['id']}")).status_code == 200
 
-        # Killed outright, it leaves its lock file, but the kernel dropped its lock.
+        # Killed outright, the kernel dropped its lock: a server starts on the file again.
         first.kill()
         with trio.fail_after(10):
             assert await first.wait() == -signal.SIGKILL
-        assert (tmp_path / "data" / "queue.db.lock").exists()
         second, url = await start_server(nursery, tmp_path, "--db", str(db))
         async with httpx.AsyncClient(base_url=url) as api:  # the printed URL is the API's too
             run = await api.get(f"/api/task_runs/{created.json()['id']}")
@@ -122,6 +130,8 @@ async def test_a_second_server_on_the_same_file_refuses_to_start(tmp_path: Path)
         ("postgres://db.example/queue", "unsupported database URL scheme 'postgres'; supported: "),
         ("mysql://db.example/queue", "unsupported database URL scheme 'mysql'; supported: "),
         ("file:///tmp/queue.db", "unsupported database URL scheme 'file'; supported: "),
+        ("file:queue.db", "unsupported database URL scheme 'file'; supported: "),
+        ("file:./queue.db?mode=rwc", "unsupported database URL scheme 'file'; supported: "),
         ("sqlite://db.example/queue.db", "a sqlite:// URL has no host: write sqlite:///relative/path.db"),
         ("sqlite:///queue.db?mode=ro", "a sqlite:// URL takes no query or fragment"),
         ("", "the database is empty; give a SQLite file path"),
@@ -137,6 +147,30 @@ async def test_an_unsupported_db_is_refused_in_one_line(tmp_path: Path, db: str,
         )
     assert "s3cret" not in line
     assert await trio.to_thread.run_sync(os.listdir, tmp_path) == []  # no folder "postgresql:", no file
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("bogus.invalid", "--host 'bogus.invalid' does not resolve: "),
+        ("192.0.2.1", "cannot listen on --host '192.0.2.1' with --port 0: "),
+    ],
+)
+async def test_a_bad_host_is_named_in_one_line(tmp_path: Path, host: str, message: str) -> None:
+    line = await refused(tmp_path, "--host", host, "--db", ":memory:")
+    assert line.startswith(f"trioworker: {message}")
+
+
+async def test_a_port_in_use_is_named_in_one_line(tmp_path: Path) -> None:
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        line = await refused(tmp_path, "--host", "127.0.0.1", "--port", str(port), "--db", ":memory:")
+    assert (
+        line == f"trioworker: cannot listen on --host '127.0.0.1' with --port {port}: Address already in use"
+    )
 
 
 async def test_server_reports_an_unusable_database_in_one_line(tmp_path: Path) -> None:

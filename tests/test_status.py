@@ -28,7 +28,7 @@ from trioworker.tasks import Task, task
 from trioworker.testing import ServerControl
 from trioworker.worker import TaskWorker
 
-from .test_cli_worker import TASKS_FILE, start_worker, worker_env
+from .test_cli_worker import TASKS_FILE, start_worker, worker_command, worker_env
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -539,3 +539,48 @@ async def test_worker_with_a_port_in_use_does_not_start(trioworker_server: Runni
             async with worker:
                 pytest.fail("the worker started without its status server")
     assert worker.stopping and worker.status_url is None
+
+
+@pytest.mark.parametrize(
+    ("host", "line"),
+    [
+        ("bogus.invalid", "trioworker: --status-host 'bogus.invalid' does not resolve: "),
+        ("192.0.2.1", "trioworker: cannot listen on --status-host '192.0.2.1' with --status-port 0: "),
+        ("::1%nope", "trioworker: --status-host '::1%nope' does not resolve: "),
+    ],
+)
+async def test_a_bad_status_host_is_named_in_one_line(
+    trioworker_server: RunningServer, host: str, line: str
+) -> None:
+    """The worker command says which setting it could not use (192.0.2.1 is TEST-NET-1:
+    not this machine's)."""
+    args = [f"{TASKS_FILE}:echo", "--status-port", "0", "--status-host", host]
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            worker_command(*args),
+            env=worker_env(TRIOWORKER_API_URL=trioworker_server.url),
+            capture_stderr=True,
+            check=False,
+        )
+    last = done.stderr.decode().strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith(line), done.stderr.decode()
+
+
+async def test_a_status_port_in_use_is_named_in_one_line(trioworker_server: RunningServer) -> None:
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        args = [f"{TASKS_FILE}:echo", "--status-port", str(port)]
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                worker_command(*args),
+                env=worker_env(TRIOWORKER_API_URL=trioworker_server.url),
+                capture_stderr=True,
+                check=False,
+            )
+    last = done.stderr.decode().strip().splitlines()[-1]
+    assert done.returncode == 1
+    setting = f"--status-host '127.0.0.1' with --status-port {port}"
+    assert last == f"trioworker: cannot listen on {setting}: Address already in use"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -158,11 +160,59 @@ async def test_one_file_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
             with pytest.raises(DatabaseInUse, match=f"^the database {path} is in use by another"):
                 async with SQLiteStore.open(spelling):
                     pytest.fail("opened a file another store has open")
+        hard = tmp_path / "hard.sqlite"
+        os.link(path, hard)  # another name, the same file: the lock is the file's
+        with pytest.raises(DatabaseInUse, match=f"^the database {hard} is in use by another"):
+            async with SQLiteStore.open(hard):
+                pytest.fail("opened a hard link of a file another store has open")
+        for uri in [f"file:{path}", f"file:{path}?mode=rwc", "file:./db.sqlite"]:
+            with pytest.raises(ValueError, match=r"^unsupported database URL scheme 'file'"):
+                async with SQLiteStore.open(uri):
+                    pytest.fail("opened a file: URI")
         assert await store.read_run(run.id) == run  # the first store goes on
     async with SQLiteStore.open(f"sqlite:///{path}") as store:  # closed: the lock went with it
         assert await store.read_run(run.id) == run
     async with SQLiteStore.open(":memory:"), SQLiteStore.open(":memory:"):
         pass  # nothing to share, nothing to lock
+
+
+_TRY_WRITE = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
+try:
+    conn.execute("BEGIN IMMEDIATE")
+except sqlite3.OperationalError as exc:
+    print(exc)
+else:
+    print("wrote")
+"""
+
+
+async def test_sqlite_still_locks_across_processes_beside_the_store_lock(tmp_path: Path) -> None:
+    """The store's flock on the file leaves SQLite's own (fcntl) locks working, even after a
+    refused second open in this process closed a descriptor of the file."""
+    path = tmp_path / "db.sqlite"
+
+    async def other_process_writes() -> str:
+        with trio.fail_after(30):
+            done = await trio.run_process([sys.executable, "-c", _TRY_WRITE, str(path)], capture_stdout=True)
+        return done.stdout.decode().strip()
+
+    async with SQLiteStore.open(path) as store:
+        await store.create_runs([TaskRunCreate(task_key="k")])
+        writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            assert await other_process_writes() == "database is locked"
+            with pytest.raises(DatabaseInUse):
+                async with SQLiteStore.open(path):
+                    pytest.fail("opened a file another store has open")
+            assert await other_process_writes() == "database is locked"
+            writer.execute("ROLLBACK")
+            assert await other_process_writes() == "wrote"
+        finally:
+            writer.close()
+        assert len(await store.list_runs()) == 1
 
 
 @pytest.mark.parametrize(
@@ -180,6 +230,9 @@ async def test_one_file_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
         ("sqlite:////var/lib/queue.db", "/var/lib/queue.db"),
         ("SQLite:////var/lib/my%20queue.db", "/var/lib/my queue.db"),
         ("postgresql:queue.db", "postgresql:queue.db"),  # no "://": a file name like any other
+        (Path("file:queue.db"), "./file:queue.db"),  # a Path is a file name: not a URI to SQLite
+        ("sqlite:///file:queue.db", "./file:queue.db"),
+        ("sqlite:////data/file:queue.db", "/data/file:queue.db"),
     ],
 )
 def test_database_path(db: str | Path, path: str) -> None:

@@ -303,6 +303,25 @@ SUB = {"type": "subscribe", "keys": ["k"], "client_id": "c", "credit": 1}
             "bad state report",
         ),
         ([AUTH, SUB, {"type": "release", "ids": ["nope"]}], '"ids"'),
+        (
+            [
+                AUTH,
+                SUB,
+                {
+                    "type": "states",
+                    "states": [{"id": "00000000-0000-0000-0000-000000000001", "state": {"type": "BOGUS"}}],
+                },
+            ],
+            "bad state report: state.type is 'BOGUS'; it must be one of SCHEDULED, PENDING,",
+        ),
+        (
+            [
+                AUTH,
+                SUB,
+                {"type": "states", "states": [{"id": "00000000-0000-0000-0000-000000000001", "state": {}}]},
+            ],
+            "bad state report: state.type is missing; it must be one of",
+        ),
     ],
 )
 async def test_protocol_violations_close_with_4001(

@@ -22,22 +22,47 @@ log = logging.getLogger("trioworker")
 GRACEFUL_SECONDS: Final = 2.0
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, *, settings: tuple[str, str] = ("host", "port")) -> socket.socket:
     """A bound TCP socket (closed again if binding fails).
 
     We bind it ourselves and hand hypercorn its file descriptor: hypercorn's own binding
     leaves a socket whose bind failed to the garbage collector, and wraps the OSError
     in several exception groups.
+
+    Raises:
+        OSError: one line naming the setting at fault (``settings`` names the host's and
+            the port's, e.g. ``("--status-host", "--status-port")``) and its value: a host
+            that does not resolve, or an address or port that cannot be bound (in use, not
+            this machine's, not permitted): a :class:`BindError` whose ``errno`` and
+            ``strerror`` are the original ones.
     """
+    host_setting, port_setting = settings
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, socket.gaierror):
+            message = f"{host_setting} {host!r} does not resolve: {reason}"
+        else:
+            message = f"cannot listen on {host_setting} {host!r} with {port_setting} {port}: {reason}"
+        raise BindError(exc.errno, reason, message) from None
     return sock
+
+
+class BindError(OSError):
+    """A host or port that cannot be bound; ``errno`` and ``strerror`` are the original
+    error's, ``str()`` is one line naming the setting and its value."""
+
+    def __init__(self, errno: int | None, strerror: str, message: str) -> None:
+        super().__init__(errno, strerror)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 async def serve_app(
@@ -48,14 +73,16 @@ async def serve_app(
     label: str = "server",
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     websocket_max_message_size: int | None = None,
+    settings: tuple[str, str] = ("host", "port"),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until ``shutdown_trigger`` returns or we are cancelled.
 
-    Reports the URL once listening (``port=0`` picks a free port). A port in use raises
-    the plain ``OSError`` before anything starts.
+    Reports the URL once listening (``port=0`` picks a free port). A host or port that
+    cannot be bound raises ``OSError`` (see :func:`bind_socket`; ``settings`` names the
+    two settings in its message) before anything starts.
     """
-    sock = bind_socket(host, port)
+    sock = bind_socket(host, port, settings=settings)
     config = HypercornConfig()
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     config.accesslog = None

@@ -199,8 +199,17 @@ async def serve_status(
     probe on another host reach it.
 
     Reports the URL it listens on (``port=0`` picks a free port, so only the bound socket
-    knows it). A port in use raises ``OSError`` from ``nursery.start``, so the worker
-    fails at start instead of running without the server it was asked for.
+    knows it). A host that does not resolve or a port in use raises ``OSError`` from
+    ``nursery.start``, one line naming ``--status-host`` (or ``--status-port``) and the
+    value, so the worker fails at start instead of running without the server it was
+    asked for.
     """
     label = f"worker {statistics().client_id} status server"
-    await serve_app(create_status_app(statistics), host, port, label=label, task_status=task_status)
+    await serve_app(
+        create_status_app(statistics),
+        host,
+        port,
+        label=label,
+        settings=("--status-host", "--status-port"),
+        task_status=task_status,
+    )

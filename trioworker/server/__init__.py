@@ -91,6 +91,7 @@ async def serve_server(
                     label="trioworker server",
                     shutdown_trigger=shutdown_trigger,
                     websocket_max_message_size=config.max_body_bytes,
+                    settings=("--host", "--port"),
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # the HTTP server stopped: so does the timer

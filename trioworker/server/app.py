@@ -43,6 +43,7 @@ from trioworker.server.sockets import (
     creates_from,
     describe,
     structure,
+    validate_state_request,
     with_state_name,
 )
 from trioworker.server.store import StoreError
@@ -82,6 +83,11 @@ async def _body() -> JSON:
 
 
 def _query_number(name: str, default: float, low: float, high: float) -> float:
+    """The query parameter ``name`` as a number in [low, high] (``default`` when absent).
+
+    Raises:
+        Refusal: 422 naming ``name`` when it is not a number (NaN, inf) or out of bounds.
+    """
     raw = request.args.get(name)
     if raw is None:
         return default
@@ -90,8 +96,38 @@ def _query_number(name: str, default: float, low: float, high: float) -> float:
     except ValueError:
         raise Refusal(422, f"{name} must be a number, got {raw!r}") from None
     if not low <= value <= high:
-        raise Refusal(422, f"{name} must be between {low:g} and {high:g}")
+        raise Refusal(422, f"{name} must be between {low:g} and {high:g}, got {raw!r}")
     return value
+
+
+def _query_int(name: str, default: int, low: int, high: int) -> int:
+    """The query parameter ``name`` as an integer in [low, high] (``default`` when absent).
+
+    Raises:
+        Refusal: 422 naming ``name`` when it is not a decimal integer or out of bounds.
+    """
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    if not text.lstrip("+-").isdigit() or not text.isascii() or len(text) > 30:
+        raise Refusal(422, f"{name} must be an integer, got {raw!r}")
+    value = int(text)
+    if not low <= value <= high:
+        raise Refusal(422, f"{name} must be an integer between {low} and {high}, got {raw!r}")
+    return value
+
+
+def _body_seconds(body: dict[str, JSON], name: str, default: float, high: float) -> float:
+    """The JSON number ``body[name]`` as seconds in [0, high] (``default`` when absent).
+
+    Raises:
+        Refusal: 422 naming ``name`` when it is not a number (a bool is not) or out of bounds.
+    """
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+        raise Refusal(422, f"{name} must be a number of seconds between 0 and {high:g}, got {value!r}")
+    return float(value)
 
 
 def create_app(
@@ -186,8 +222,8 @@ def create_app(
                 raise Refusal(
                     422, f"unknown state {state_arg!r}; one of {[s.value for s in StateType]}"
                 ) from None
-        limit = int(_query_number("limit", 100, 1, MAX_LIST_LIMIT))
-        offset = int(_query_number("offset", 0, 0, 2**62))
+        limit = _query_int("limit", 100, 1, MAX_LIST_LIMIT)
+        offset = _query_int("offset", 0, 0, 2**62)
         runs = await service.list_runs(
             task_key=request.args.get("task_key"), state=state, limit=limit, offset=offset
         )
@@ -202,15 +238,12 @@ def create_app(
             ids = [uuid.UUID(str(i)) for i in body["ids"]]
         except ValueError:
             raise Refusal(422, "ids must be task run UUIDs") from None
-        timeout = body.get("timeout", 30)
-        if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_WAIT_SECONDS:
-            raise Refusal(422, f"timeout must be a number of seconds between 0 and {MAX_WAIT_SECONDS:g}")
-        linger = body.get("linger", 0)
-        if not isinstance(linger, int | float) or not 0 <= linger <= 5:
-            raise Refusal(422, "linger must be a number of seconds between 0 and 5")
-        result = await service.wait(
-            ids, seconds=float(timeout), wait_all=bool(body.get("all", False)), linger=float(linger)
-        )
+        timeout = _body_seconds(body, "timeout", 30, MAX_WAIT_SECONDS)
+        linger = _body_seconds(body, "linger", 0, 5)
+        wait_all = body.get("all", False)
+        if not isinstance(wait_all, bool):
+            raise Refusal(422, f"all must be true or false, got {wait_all!r}")
+        result = await service.wait(ids, seconds=timeout, wait_all=wait_all, linger=linger)
         return _dump(result)
 
     @app.get(route(protocol.RUN))
@@ -244,9 +277,16 @@ def create_app(
     @app.post(route(protocol.RUN_SET_STATE))
     async def set_state(run_id: str) -> Response:
         rid = _parse_id(run_id)
-        body = with_state_name(await _body())
+        try:
+            body = with_state_name(await _body())
+        except ValueError as exc:
+            raise Refusal(422, f"invalid state request: {exc}") from None
         proposal = structure(body, SetStateRequest, "state request")
         assert isinstance(proposal, SetStateRequest)
+        try:
+            validate_state_request(proposal)
+        except ValueError as exc:
+            raise Refusal(422, f"invalid state request: {exc}") from None
         if await service.read_run(rid) is None:
             raise Refusal(404, f"no task run {run_id}")
         [result] = await service.set_states([(rid, proposal)])
@@ -451,6 +491,7 @@ class _SubscriptionSession(JsonSocket):
             try:
                 run_id = uuid.UUID(str(item.get("id")))
                 request_ = converter.structure(with_state_name(item), SetStateRequest)
+                validate_state_request(request_)
             except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
                 raise ProtocolViolation(f"bad state report: {describe(exc)}") from None
             reports.append(_ReceivedReport(run_id, request_, item.get("ref")))

@@ -6,6 +6,7 @@ codes and message types are :mod:`trioworker.protocol`'s.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -15,13 +16,15 @@ import trio
 from quart import websocket
 
 from trioworker import protocol
-from trioworker.models import JSON, StateType, TaskRunCreate, converter, make_state
+from trioworker.models import JSON, SetStateRequest, StateType, TaskRunCreate, converter, make_state
 
 log = logging.getLogger("trioworker.server")
 
 #: How long a new connection may take to authenticate (and subscribe).
 HANDSHAKE_TIMEOUT: Final = 10.0
 MAX_KEY_LENGTH: Final = 200
+#: The longest ``state_details.delay_seconds`` a state proposal may ask for: 100 years.
+MAX_DELAY_SECONDS: Final = 100 * 365 * 86400
 
 
 class Refusal(Exception):
@@ -59,17 +62,44 @@ def with_state_name(proposal: JSON) -> JSON:
     """A ``{"state": {...}, ...}`` proposal whose state has a type but no name (missing, null
     or ``""``) gets the type's name (``COMPLETED`` -> ``"Completed"``), as Prefect's clients
     expect. Anything else is returned as it is, for validation to judge.
+
+    Raises:
+        ValueError: ``state`` is not an object, or its ``type`` is missing or not a state
+            type (one line naming ``state.type``, the value and the valid types; not the
+            ``name``, which follows from the type).
     """
     if not isinstance(proposal, dict):
         return proposal
     state = proposal.get("state")
-    if not isinstance(state, dict) or state.get("name") not in (None, ""):
+    if "state" in proposal and not isinstance(state, dict):
+        raise ValueError(f'state must be an object with a "type", got {type(state).__name__}')
+    if not isinstance(state, dict):
         return proposal
     value = state.get("type")
     if not isinstance(value, str) or value not in StateType.__members__:
+        shown = "missing" if "type" not in state else f"{value!r}"
+        raise ValueError(f"state.type is {shown}; it must be one of {', '.join(StateType.__members__)}")
+    if state.get("name") not in (None, ""):
         return proposal
     kind = StateType(value)
     return {**proposal, "state": {**state, "name": make_state(kind).name}}
+
+
+def validate_state_request(proposal: SetStateRequest) -> None:
+    """Check the numbers of a structured state proposal the server computes with.
+
+    ``state_details.delay_seconds`` must be finite and at most :data:`MAX_DELAY_SECONDS`;
+    zero or negative means due now. (Times are checked when they are parsed.)
+
+    Raises:
+        ValueError: one line naming the field and its bounds.
+    """
+    delay = proposal.state.state_details.delay_seconds
+    if delay is not None and not (math.isfinite(delay) and delay <= MAX_DELAY_SECONDS):
+        raise ValueError(
+            f"state_details.delay_seconds must be a number of seconds of at most {MAX_DELAY_SECONDS} "
+            f"(zero or negative: due now), got {delay!r}"
+        )
 
 
 def validate_create(create: TaskRunCreate) -> None:

@@ -124,7 +124,8 @@ def _same_run(run: TaskRun, create: TaskRunCreate) -> TaskRun:
 
 
 class DatabaseInUse(StoreError):
-    """Another trioworker server has this database open: it holds the lock file beside it."""
+    """Another trioworker server has this database file open (by any name or link): it
+    holds the lock on the file."""
 
 
 #: What a database may be given as (the error for any other URL names them).
@@ -144,12 +145,19 @@ def database_path(db: str | Path) -> str:
     ``sqlite:////absolute/path.db``; ``sqlite://`` is an in-memory database.
 
     Raises:
-        ValueError: ``db`` is empty, or a URL of another scheme (only the scheme is named,
+        ValueError: ``db`` is empty, or starts with ``file:`` (SQLite would read a URI), or
+            a URL of another scheme (only the scheme is named,
             so that a password in the URL is never printed), or a ``sqlite://`` URL with a
             host, a query or a fragment.
     """
     if isinstance(db, Path):
-        return str(db.expanduser())
+        path = str(db.expanduser())
+        # SQLite reads a name that starts with "file:" as a URI: "./" keeps it a file name.
+        return f".{os.sep}{path}" if path[:5].lower() == "file:" else path
+    if db[:5].lower() == "file:":
+        # SQLite would read it as a URI (file:z.db, file:./z.db?mode=rwc): refused, so one
+        # file never has two names that escape its lock, and no stray "file:." folder.
+        raise ValueError(f"unsupported database URL scheme 'file'; supported: {SUPPORTED_DATABASES}")
     match = _URL_SCHEME.match(db)
     if match is None:
         if not db.strip():
@@ -166,41 +174,58 @@ def database_path(db: str | Path) -> str:
             "a sqlite:// URL has no host: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
         )
     path = urllib.parse.unquote(rest[1:])
-    return ":memory:" if path in ("", ":memory:") else str(Path(path).expanduser())
+    return ":memory:" if path in ("", ":memory:") else database_path(Path(path))
 
 
 def _lock(path: str) -> int | None:
-    """Take the lock file beside ``path`` (``<path>.lock``); returns its descriptor.
+    """Lock the database file ``path`` itself (creating it empty if missing); returns the
+    descriptor that holds the lock.
 
-    The lock is the kernel's (``flock``): it goes with the descriptor, so a server that is
-    killed (even with SIGKILL) releases it, and a stale lock file blocks nobody.
+    The lock follows the file, not its name: every spelling of the path, a symlink and a
+    hard link all reach one inode, so they all meet one lock. It is the kernel's
+    (``flock``, on Windows a lock file beside the database): it goes with the descriptor, so
+    a server that is killed (even with SIGKILL) releases it. On Linux ``flock`` and
+    SQLite's own (POSIX ``fcntl``) locks do not interfere, but closing any descriptor of the
+    file drops the process's POSIX locks on it: the caller keeps the descriptor open until
+    every SQLite connection to the file is closed.
 
     Raises:
         DatabaseInUse: another process (or another store in this one) holds it.
+        OSError: the file cannot be opened or created.
     """
     if path == ":memory:":
         return None
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    lock_path = os.path.realpath(path) + ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if sys.platform == "win32":
-            import msvcrt
+    real = os.path.realpath(path)
+    if sys.platform == "win32":  # pragma: no cover - Windows locks are mandatory: not the file
+        import msvcrt
 
+        fd = os.open(real + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
+        except OSError:
+            os.close(fd)
+            raise DatabaseInUse(_in_use(real)) from None
+        return fd
+    import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
-        if sys.platform != "win32" and not isinstance(exc, BlockingIOError):
-            raise
-        raise DatabaseInUse(
-            f"the database {os.path.realpath(path)} is in use by another trioworker server "
-            f"(it holds {lock_path}); stop that server first, or use another database"
-        ) from None
+        raise DatabaseInUse(_in_use(real)) from None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def _in_use(real: str) -> str:
+    return (
+        f"the database {real} is in use by another trioworker server; "
+        "stop that server first, or use another database"
+    )
 
 
 @attrs.frozen
@@ -851,8 +876,9 @@ class SQLiteStore:
     async def open(cls, path: str | Path) -> AsyncIterator[SQLiteStore]:
         """Open (creating or migrating) the database at ``path`` and run its committer.
 
-        ``path`` is anything :func:`database_path` takes. A file is locked for the life of
-        the block (``<path>.lock``), so two servers never share one file.
+        ``path`` is anything :func:`database_path` takes. The file itself is locked for the
+        life of the block (``flock``), so two servers never share one file, whatever path,
+        symlink or hard link each was given.
 
         Raises:
             ValueError: ``path`` is not a database this store can open.
@@ -885,7 +911,7 @@ class SQLiteStore:
                     await trio.to_thread.run_sync(conn.close)
         finally:
             if lock is not None:
-                os.close(lock)  # releases the lock: the database is closed
+                os.close(lock)  # only now: every SQLite connection to the file is closed
 
     async def _commit_forever(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
         with trio.CancelScope(shield=True):
