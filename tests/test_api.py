@@ -394,3 +394,19 @@ async def test_api_key_is_required_when_set(trioworker_server_control: ServerCon
 def test_server_config_defaults() -> None:
     config = ServerConfig()
     assert (config.host, config.port, config.max_deliveries) == ("127.0.0.1", 4300, 5)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("POST", "/nope", 404), ("PUT", "/task_runs", 405), ("POST", "/task_runs/not-an-id/cancel", 404)],
+)
+async def test_an_error_answered_before_the_body_was_read_leaves_the_connection_usable(
+    api: httpx.AsyncClient, method: str, path: str, status: int
+) -> None:
+    # The server answers without reading the 2 MB body; the rest of it must not be read as
+    # the next request on the same kept-alive connection (that one stalled until its timeout).
+    answer = await api.request(method, path, content=b"x" * 2_000_000)
+    assert answer.status_code == status
+    assert answer.headers["connection"] == "close"
+    with trio.fail_after(5):
+        assert (await api.get("/health")).status_code == 200

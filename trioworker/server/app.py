@@ -170,6 +170,16 @@ def create_app(
             detail = f"request body too large (limit {max_body_bytes} bytes)"
         return _json_response({"detail": detail}, status)
 
+    @app.after_request
+    async def close_after_early_errors(response: Response) -> Response:
+        # An error answered before the request's body was read (401, 404, 405, 413) leaves
+        # the rest of that body on the connection, where the next request would be read
+        # from it and stall. Closing it after such an answer keeps clients' pools healthy.
+        has_body = bool(request.content_length) or "Transfer-Encoding" in request.headers
+        if response.status_code >= 400 and has_body:
+            response.headers["Connection"] = "close"
+        return response
+
     @app.before_request
     async def authenticate() -> None:
         if request.path == route(protocol.HEALTH) or api_key is None:
