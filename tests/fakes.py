@@ -17,7 +17,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import orjson
@@ -167,10 +167,19 @@ class Proxy:
                         self._rest.discard(scope)
 
 
+class _Handles(Protocol):
+    port: int
+
+    async def handle(self, client: trio.SocketStream) -> None: ...
+
+
+H = TypeVar("H", bound=_Handles)
+
+
 @asynccontextmanager
-async def routing_proxy(real_port: int, fake_port: int, to_fake: set[str]) -> AsyncIterator[Proxy]:
+async def _serving(proxy: H) -> AsyncIterator[H]:
+    """Serve ``proxy`` on a free loopback port (set as its ``port``) for the block."""
     async with trio.open_nursery() as nursery:
-        proxy = Proxy(0, real_port, fake_port, to_fake)
 
         async def handle(stream: trio.SocketStream) -> None:
             with contextlib.suppress(*GONE):
@@ -180,6 +189,12 @@ async def routing_proxy(real_port: int, fake_port: int, to_fake: set[str]) -> As
         proxy.port = listeners[0].socket.getsockname()[1]
         yield proxy
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def routing_proxy(real_port: int, fake_port: int, to_fake: set[str]) -> AsyncIterator[Proxy]:
+    async with _serving(Proxy(0, real_port, fake_port, to_fake)) as proxy:
+        yield proxy
 
 
 #: How :class:`CuttingProxy` cuts a create: ``before`` it reaches the server; ``after`` the
@@ -256,17 +271,8 @@ class CuttingProxy:
 
 @asynccontextmanager
 async def cutting_proxy(real_port: int, how: str, cuts: float = 1) -> AsyncIterator[CuttingProxy]:
-    async with trio.open_nursery() as nursery:
-        proxy = CuttingProxy(0, real_port, how, cuts)
-
-        async def handle(stream: trio.SocketStream) -> None:
-            with contextlib.suppress(*GONE):
-                await proxy.handle(stream)
-
-        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        proxy.port = listeners[0].socket.getsockname()[1]
+    async with _serving(CuttingProxy(0, real_port, how, cuts)) as proxy:
         yield proxy
-        nursery.cancel_scope.cancel()
 
 
 @attrs.define(eq=False)
@@ -316,14 +322,5 @@ class FreezingProxy:
 
 @asynccontextmanager
 async def freezing_proxy(real_port: int) -> AsyncIterator[FreezingProxy]:
-    async with trio.open_nursery() as nursery:
-        proxy = FreezingProxy(0, real_port)
-
-        async def handle(stream: trio.SocketStream) -> None:
-            with contextlib.suppress(*GONE):
-                await proxy.handle(stream)
-
-        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        proxy.port = listeners[0].socket.getsockname()[1]
+    async with _serving(FreezingProxy(0, real_port)) as proxy:
         yield proxy
-        nursery.cancel_scope.cancel()
