@@ -185,13 +185,24 @@ async def test_server_reports_an_unusable_database_in_one_line(tmp_path: Path) -
     assert result.stderr.decode().strip().splitlines()[-1].startswith("trioworker: ")
 
 
-@pytest.mark.parametrize("port", ["70000", "65536", "-1", "http"])
-async def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, port: str) -> None:
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--port", "70000"),
+        ("--port", "65536"),
+        ("--port", "-1"),
+        ("--port", "http"),
+        ("--max-deliveries", "0"),
+        ("--max-body-bytes", "-1"),
+        ("--max-body-bytes", "0"),
+    ],
+)
+async def test_a_number_out_of_range_is_a_usage_error(tmp_path: Path, option: str, value: str) -> None:
     with trio.fail_after(30):
         result = await trio.run_process(
-            server_command("--port", port, "--db", ":memory:"), capture_stderr=True, check=False, cwd=tmp_path
+            server_command(option, value, "--db", ":memory:"), capture_stderr=True, check=False, cwd=tmp_path
         )
     stderr = result.stderr.decode()
     assert result.returncode == 2, stderr  # argparse's usage error, as for every other option
     assert "Traceback" not in stderr
-    assert "argument --port: " in stderr.splitlines()[-1]
+    assert f"argument {option}: " in stderr.splitlines()[-1]

@@ -990,13 +990,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--max-deliveries",
-        type=int,
+        type=_positive_int,
         default=5,
         help="a run delivered this many times without finishing becomes CRASHED (default 5)",
     )
     server.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=_positive_int,
         default=16 * 1024 * 1024,
         help="largest request body or websocket message accepted (default 16 MiB)",
     )
