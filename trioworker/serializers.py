@@ -661,6 +661,7 @@ def safe_str(value: object, render: Callable[[Any], object] = str) -> str:
             return f"<{getattr(render, '__name__', 'render')}() returned no str>"
         return str.__str__(text)
     except BaseException as error:  # anything: it is the code's failure, not ours
+        raise_passing(error)
         return _failed_to(f"{getattr(render, '__name__', 'render')}()", error)
 
 
@@ -691,6 +692,7 @@ def _traceback_text(exc: BaseException) -> str:
     try:
         return "".join(traceback.format_exception(exc))
     except BaseException as error:  # an odd __notes__ or chain: fall back to its own frames
+        raise_passing(error)
         reason = _failed_to("rendering the traceback", error)
     frames = safe_str(exc.__traceback__, lambda tb: "".join(traceback.format_tb(tb)))
     return f"Traceback (most recent call last):\n{frames}{exception_line(exc)}\n{reason}\n"
