@@ -90,8 +90,8 @@ from bench_worker import (  # noqa: E402
 from worker_tasks import NOOP_KEY, noop  # noqa: E402
 
 import trioworker  # noqa: E402
-from trioworker.client import SyncTaskRunClient, TaskRunClient  # noqa: E402
-from trioworker.futures import SyncTaskRunFuture, TaskRunFuture  # noqa: E402
+from trioworker.client.futures import SyncTaskRunFuture, TaskRunFuture  # noqa: E402
+from trioworker.client.rest import SyncTaskRunClient, TaskRunClient  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "bench_submit.json"
 

@@ -26,7 +26,8 @@ from typing import Any
 import attrs
 
 import trioworker
-from trioworker import serializers, submission
+from trioworker import serializers
+from trioworker.client import submission
 
 
 @attrs.frozen

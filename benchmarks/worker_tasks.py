@@ -19,7 +19,7 @@ import time
 import trio
 
 from trioworker.tasks import task
-from trioworker.worker import serve
+from trioworker.worker.task_worker import serve
 
 NOOP_KEY = "bench.noop"
 SLEEP50_KEY = "bench.sleep50"

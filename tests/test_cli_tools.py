@@ -16,13 +16,13 @@ import pytest
 import trio
 
 from trioworker.cli import CommandError, parse_args, parse_task_arguments
-from trioworker.client import TaskRunClient
-from trioworker.futures import TaskRunFuture, wait_all
+from trioworker.client.futures import TaskRunFuture, wait_all
+from trioworker.client.rest import TaskRunClient
 from trioworker.models import StateType
 from trioworker.server import RunningServer
 from trioworker.tasks import task
 from trioworker.testing import ServerControl
-from trioworker.worker import TaskWorker
+from trioworker.worker.task_worker import TaskWorker
 
 #: The tasks as the subprocesses load them (from a file). The worker of the test serves
 #: the twins below: the same keys and signatures.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from trioworker.client import connect
+from trioworker.client.rest import connect
 from trioworker.demo_tasks import add
 
 KINDS = (

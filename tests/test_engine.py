@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import trio
 
-from trioworker import engine
-from trioworker.engine import Outcome
 from trioworker.models import SetStateResult, SetStateStatus, State, StateType, TaskRun, make_state
 from trioworker.tasks import task
+from trioworker.worker import engine
+from trioworker.worker.engine import Outcome
 
 
 class Answers:

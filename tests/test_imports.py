@@ -116,7 +116,7 @@ def test_the_graph_sees_every_kind_of_import(tmp_path: Path) -> None:
 
 def test_trioworker_has_no_import_loop() -> None:
     graph = import_graph()
-    assert {"trioworker.worker", "trioworker.status", "trioworker.tasks"} <= graph.keys()
+    assert {"trioworker.worker", "trioworker.worker.status", "trioworker.tasks"} <= graph.keys()
     cycle = find_cycle(graph)
     assert cycle is None, "import loop: " + " -> ".join(cycle or [])
 
@@ -124,12 +124,18 @@ def test_trioworker_has_no_import_loop() -> None:
 # -- boundaries: what each kind of process imports
 
 #: Modules a process that only submits runs never needs (the worker, the server, the web stack).
-NOT_FOR_SUBMITTERS = ("trioworker.worker", "trioworker.status", "trioworker.server", "quart", "hypercorn")
+NOT_FOR_SUBMITTERS = (
+    "trioworker.worker",
+    "trioworker.worker.status",
+    "trioworker.server",
+    "quart",
+    "hypercorn",
+)
 
 SUBMITTER = """
 import uuid
 import trioworker
-import trioworker.channel, trioworker.client, trioworker.futures, trioworker.sync
+import trioworker.client.channel, trioworker.client, trioworker.client.futures, trioworker.sync
 
 @trioworker.task(key="imports.add")
 def add(x: int) -> int:
@@ -159,12 +165,12 @@ def test_a_worker_process_never_imports_the_server(tmp_path: Path) -> None:
     assert "trioworker.worker" in modules
     assert among(modules, ("trioworker.server",)) == []
     # Without a status port, not even the status server and its web stack.
-    assert among(modules, ("trioworker.status", "quart", "hypercorn")) == []
+    assert among(modules, ("trioworker.worker.status", "quart", "hypercorn")) == []
 
 
 def test_a_submitting_process_never_imports_the_worker_or_the_web_stack(tmp_path: Path) -> None:
     modules = modules_after(SUBMITTER, tmp_path)
-    assert {"trioworker.tasks", "trioworker.futures", "trioworker.client"} <= modules
+    assert {"trioworker.tasks", "trioworker.client.futures", "trioworker.client"} <= modules
     assert among(modules, NOT_FOR_SUBMITTERS) == []
 
 

@@ -26,13 +26,13 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trioworker
-from trioworker.client import SyncTaskRunClient, TaskRunClient
+from trioworker.client.rest import SyncTaskRunClient, TaskRunClient
 from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
 from trioworker.protocol import SUBSCRIPTION_PATH
 from trioworker.server import RunningServer, ServerConfig, serve_server
 from trioworker.server.store import SQLiteStore
 from trioworker.tasks import task
-from trioworker.worker import TaskWorker
+from trioworker.worker.task_worker import TaskWorker
 
 from .fakes import CUTS, cutting_proxy
 from .helpers import submit, wait_all

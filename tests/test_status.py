@@ -17,16 +17,16 @@ import trio
 import trio.testing
 
 from trioworker.server import RunningServer
-from trioworker.status import (
+from trioworker.tasks import Task, task
+from trioworker.testing import ServerControl
+from trioworker.worker.status import (
     METRICS_CONTENT_TYPE,
     create_status_app,
     escape_label_value,
     render_metrics,
     serve_status,
 )
-from trioworker.tasks import Task, task
-from trioworker.testing import ServerControl
-from trioworker.worker import TaskWorker
+from trioworker.worker.task_worker import TaskWorker
 
 from .test_cli_worker import TASKS_FILE, start_worker, worker_command, worker_env
 

@@ -11,18 +11,17 @@ import orjson
 import pytest
 import trio
 
+from trioworker._websocket import BACKOFF_MAX, next_backoff
 from trioworker.models import StateType, TaskRun, TaskRunCreate, make_state
 from trioworker.server import RunningServer
-from trioworker.subscription import (
-    BACKOFF_MAX,
+from trioworker.testing import ServerControl
+from trioworker.worker.subscription import (
     MESSAGE_BUDGET,
     SubscriptionClient,
     _by_size,
     _Report,
-    next_backoff,
     websocket_url,
 )
-from trioworker.testing import ServerControl
 
 from .fakes import freezing_proxy
 

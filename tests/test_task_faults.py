@@ -24,7 +24,6 @@ import trio.lowlevel
 
 from trioworker import serializers
 from trioworker._util import passing_part
-from trioworker.engine import MAX_RESULT_BYTES
 from trioworker.models import TaskRun
 from trioworker.serializers import (
     CUT_MARKER,
@@ -34,7 +33,8 @@ from trioworker.serializers import (
     describe_exception,
 )
 from trioworker.tasks import Task, task
-from trioworker.worker import TaskWorker, serve
+from trioworker.worker.engine import MAX_RESULT_BYTES
+from trioworker.worker.task_worker import TaskWorker, serve
 
 from .helpers import submit, wait_all
 

@@ -11,13 +11,13 @@ import pytest
 import trio
 
 import trioworker
-from trioworker.channel import channel_url
-from trioworker.client import SyncTaskRunClient, TaskRunClient
+from trioworker.client.channel import channel_url
+from trioworker.client.rest import SyncTaskRunClient, TaskRunClient
 from trioworker.server import RunningServer
 from trioworker.settings import api_root, socket_url
-from trioworker.subscription import websocket_url
 from trioworker.tasks import task
-from trioworker.worker import TaskWorker
+from trioworker.worker.subscription import websocket_url
+from trioworker.worker.task_worker import TaskWorker
 
 
 @task(key="urls.double")

@@ -28,8 +28,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trioworker import ResultDecodeError, StateType, TaskRun, TaskRunFuture, TaskWorker, task
+from trioworker.client.futures import result_of
+from trioworker.client.submission import build_create
 from trioworker.errors import ParameterError
-from trioworker.futures import result_of
 from trioworker.models import make_state
 from trioworker.serializers import (
     Unreadable,
@@ -41,7 +42,6 @@ from trioworker.serializers import (
     read_value,
 )
 from trioworker.server import RunningServer
-from trioworker.submission import build_create
 
 from .helpers import submit, wait_all
 from .values_future import Priced, Room, Slot, answer_as_decimal, book, cost, price

@@ -19,7 +19,7 @@ from trioworker.models import StateType, TaskRun, converter
 from trioworker.server import RunningServer
 from trioworker.tasks import task
 from trioworker.testing import ServerControl
-from trioworker.worker import TaskWorker
+from trioworker.worker.task_worker import TaskWorker
 
 from .helpers import history, submit, wait_all
 
@@ -449,9 +449,9 @@ async def test_nothing_of_the_worker_outlives_it(
 
         worker_side = (
             "trioworker.worker",
-            "trioworker.subscription",
-            "trioworker.engine",
-            "trioworker.status",
+            "trioworker.worker.subscription",
+            "trioworker.worker.engine",
+            "trioworker.worker.status",
             "trio_websocket",
         )
         return [name for name in walk(root) if name.startswith(worker_side)]

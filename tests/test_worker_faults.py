@@ -22,13 +22,13 @@ import pytest
 import trio
 
 import trioworker
-from trioworker import engine
 from trioworker.cli import EXIT_RUNS_IGNORED_STOP
 from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
 from trioworker.serializers import FUTURE_KEY
 from trioworker.server import RunningServer
 from trioworker.tasks import task
-from trioworker.worker import MAX_WORKER_FAULTS, TaskWorker
+from trioworker.worker import engine
+from trioworker.worker.task_worker import MAX_WORKER_FAULTS, TaskWorker
 
 from .fakes import CHANNEL_PATH, SUBSCRIPTION_PATH, FakeSockets, Proxy, Session, fake_sockets, routing_proxy
 from .helpers import history, submit, wait_all

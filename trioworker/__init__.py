@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
 from trioworker import sync as sync
-from trioworker.client import SyncTaskRunClient as SyncTaskRunClient
-from trioworker.client import TaskRunClient as TaskRunClient
-from trioworker.client import connect as connect
+from trioworker._version import __version__ as __version__
+from trioworker.client.futures import SyncTaskRunFuture as SyncTaskRunFuture
+from trioworker.client.futures import TaskRunFuture as TaskRunFuture
+from trioworker.client.futures import as_completed as as_completed
+from trioworker.client.futures import wait_all as wait_all
+from trioworker.client.rest import SyncTaskRunClient as SyncTaskRunClient
+from trioworker.client.rest import TaskRunClient as TaskRunClient
+from trioworker.client.rest import connect as connect
+from trioworker.client.submission import unmapped as unmapped
 from trioworker.context import RunContext as RunContext
 from trioworker.context import current_run as current_run
 from trioworker.context import tags as tags
@@ -31,20 +35,15 @@ from trioworker.errors import StopTaskWorker as StopTaskWorker
 from trioworker.errors import SubscriptionRefused as SubscriptionRefused
 from trioworker.errors import TaskRunFailed as TaskRunFailed
 from trioworker.errors import TrioworkerError as TrioworkerError
-from trioworker.futures import SyncTaskRunFuture as SyncTaskRunFuture
-from trioworker.futures import TaskRunFuture as TaskRunFuture
-from trioworker.futures import as_completed as as_completed
-from trioworker.futures import wait_all as wait_all
 from trioworker.models import State as State
 from trioworker.models import StateType as StateType
 from trioworker.models import TaskRun as TaskRun
-from trioworker.submission import unmapped as unmapped
 from trioworker.tasks import Task as Task
 from trioworker.tasks import task as task
 
 if TYPE_CHECKING:
-    from trioworker.worker import TaskWorker as TaskWorker
-    from trioworker.worker import serve as serve
+    from trioworker.worker.task_worker import TaskWorker as TaskWorker
+    from trioworker.worker.task_worker import serve as serve
 
 __all__ = [
     "ApiError",

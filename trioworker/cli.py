@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
-from trioworker import __version__
 from trioworker._util import only_exception
+from trioworker._version import __version__
 from trioworker.settings import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from trioworker.models import JSON, StateType, TaskRun
     from trioworker.tasks import Task
-    from trioworker.worker import TaskWorker
+    from trioworker.worker.task_worker import TaskWorker
 
 log = logging.getLogger("trioworker")
 
@@ -99,7 +99,7 @@ async def _run_server(args: argparse.Namespace) -> None:
 
 def _load_tasks(specs: Sequence[str]) -> list[Task[..., Any]]:
     """Load every entry point; two different tasks with one key are an error."""
-    from trioworker.entrypoints import EntryPointError, load_task
+    from trioworker.worker.entrypoints import EntryPointError, load_task
 
     # The console script's sys.path starts with its own directory, not the working one:
     # put the working directory first so that `trioworker worker mytasks:say` finds mytasks.
@@ -165,7 +165,7 @@ async def _exit_when_runs_ignore_the_stop(worker: TaskWorker) -> None:
 
 async def _run_worker(args: argparse.Namespace) -> None:
     from trioworker.errors import SubscriptionRefused
-    from trioworker.worker import TaskWorker, serve_worker
+    from trioworker.worker.task_worker import TaskWorker, serve_worker
 
     tasks = _load_tasks(args.tasks)
     api_url = _api_root(args)
@@ -234,7 +234,7 @@ def _seconds(text: str) -> float:
 
 
 def _add_worker_command(commands: Any) -> None:
-    from trioworker.worker import DEFAULT_SHUTDOWN_GRACE_SECONDS
+    from trioworker.worker.task_worker import DEFAULT_SHUTDOWN_GRACE_SECONDS
 
     worker = commands.add_parser(
         "worker",
@@ -549,9 +549,9 @@ def parse_task_arguments(items: Sequence[str]) -> tuple[list[JSON], dict[str, JS
 
 
 async def _run_submit(args: argparse.Namespace) -> None:
-    from trioworker.client import connect
+    from trioworker.client.futures import result_of
+    from trioworker.client.rest import connect
     from trioworker.errors import ParameterError, ResultDecodeError
-    from trioworker.futures import result_of
     from trioworker.models import StateType
     from trioworker.serializers import read_arguments
 
@@ -616,7 +616,7 @@ MAX_RUNS_LISTED: Final = 1000
 async def _run_runs(args: argparse.Namespace) -> None:
     from rich.table import Table
 
-    from trioworker.client import TaskRunClient
+    from trioworker.client.rest import TaskRunClient
 
     api_url, api_key = _api(args)
     with _api_errors(api_url):
@@ -708,7 +708,7 @@ def _run_fields(run: TaskRun) -> Table:
 async def _run_run(args: argparse.Namespace) -> None:
     from rich.table import Table
 
-    from trioworker.client import TaskRunClient
+    from trioworker.client.rest import TaskRunClient
     from trioworker.models import StateType
 
     api_url, api_key = _api(args)

@@ -45,13 +45,13 @@ from rich.table import Table
 from rich.text import Text
 
 from trioworker._util import only_exception
-from trioworker.client import connect
+from trioworker.client.futures import TaskRunFuture, as_completed
+from trioworker.client.rest import connect
 from trioworker.demo_tasks import DEMO_TASKS, add, divide, fetch, greet, square
-from trioworker.futures import TaskRunFuture, as_completed
 from trioworker.models import StateType, TaskRun, utcnow
 from trioworker.server import RunningServer, ServerConfig, serve_server
 from trioworker.settings import DEFAULT_HOST
-from trioworker.worker import TaskWorker
+from trioworker.worker.task_worker import TaskWorker
 
 #: The demo's database, in ``TRIOWORKER_HOME`` (deleted when a demo starts).
 DEMO_DB_NAME: Final = "demo.db"

@@ -11,9 +11,9 @@ they use ``httpx.Client`` and start no event loop::
 
 from __future__ import annotations
 
-from trioworker.client import connect_sync as connect
-from trioworker.futures import SyncTaskRunFuture
-from trioworker.futures import sync_as_completed as as_completed
-from trioworker.futures import sync_wait_all as wait_all
+from trioworker.client.futures import SyncTaskRunFuture
+from trioworker.client.futures import sync_as_completed as as_completed
+from trioworker.client.futures import sync_wait_all as wait_all
+from trioworker.client.rest import connect_sync as connect
 
 __all__ = ["SyncTaskRunFuture", "as_completed", "connect", "wait_all"]

@@ -17,11 +17,11 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import attrs
 
 from trioworker import serializers
-from trioworker.client import using_client, using_sync_client
-from trioworker.futures import SyncTaskRunFuture, TaskRunFuture
+from trioworker.client.futures import SyncTaskRunFuture, TaskRunFuture
+from trioworker.client.rest import using_client, using_sync_client
+from trioworker.client.submission import batches, build_create, map_calls
 from trioworker.models import JSON
 from trioworker.protocol import SERIALIZERS
-from trioworker.submission import batches, build_create, map_calls
 
 P = ParamSpec("P")
 R = TypeVar("R")

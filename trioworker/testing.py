@@ -40,7 +40,7 @@ import trio.testing
 from trioworker.server import RunningServer, ServerConfig, serve_server
 from trioworker.server.queue import trio_anchored_clock
 from trioworker.tasks import Task
-from trioworker.worker import TaskWorker
+from trioworker.worker.task_worker import TaskWorker
 
 
 @attrs.define(eq=False)

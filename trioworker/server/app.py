@@ -21,7 +21,8 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioworker import __version__, protocol
+from trioworker import protocol
+from trioworker._version import __version__
 from trioworker.models import (
     ACTIVE_STATES,
     JSON,

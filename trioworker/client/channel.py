@@ -28,16 +28,11 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from trioworker import protocol
 from trioworker._util import only_exception
+from trioworker._websocket import MalformedMessage, explain_error, next_backoff, parse_message
+from trioworker._websocket import connect as open_socket
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
 from trioworker.protocol import CHANNEL_PATH, CLOSE_PROTOCOL_ERROR, socket_url
-from trioworker.subscription import (
-    MalformedMessage,
-    explain_error,
-    next_backoff,
-    parse_message,
-)
-from trioworker.subscription import connect as open_socket
 
 log = logging.getLogger("trioworker.channel")
 

@@ -36,6 +36,7 @@ import orjson
 import trio
 
 from trioworker import protocol
+from trioworker._websocket import next_backoff
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import (
     JSON,
@@ -50,10 +51,9 @@ from trioworker.models import (
     converter,
 )
 from trioworker.settings import Settings, api_root
-from trioworker.subscription import next_backoff
 
 if TYPE_CHECKING:
-    from trioworker.channel import ClientChannel
+    from trioworker.client.channel import ClientChannel
 
 T = TypeVar("T")
 
@@ -541,7 +541,7 @@ async def connect(
     **Resource handling:** the channel's socket and reader task live exactly as long as
     the block.
     """
-    from trioworker.channel import open_channel
+    from trioworker.client.channel import open_channel
 
     async with TaskRunClient(api_url, api_key) as client:
         token = _current_async.set(client)

@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from trioworker import serializers
-from trioworker.client import TaskRunClient, using_client, using_sync_client
+from trioworker.client.rest import TaskRunClient, using_client, using_sync_client
 from trioworker.errors import (
     ApiError,
     NotFound,

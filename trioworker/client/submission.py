@@ -20,8 +20,8 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 import attrs
 
 from trioworker import serializers
+from trioworker.client.futures import _FutureBase
 from trioworker.context import submission_context
-from trioworker.futures import _FutureBase
 from trioworker.models import TaskRunCreate
 from trioworker.serializers import FUTURE_KEY, FutureRef
 

@@ -34,10 +34,10 @@ from typing import Any, Final, Self, final
 import httpx
 import trio
 
-from trioworker import _threads, engine, serializers
+from trioworker import serializers
 from trioworker._util import only_exception
-from trioworker.client import TaskRunClient, connect, using_client
-from trioworker.engine import Outcome
+from trioworker._websocket import next_backoff
+from trioworker.client.rest import TaskRunClient, connect, using_client
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import (
     SetStateResult,
@@ -50,9 +50,11 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.settings import DEFAULT_STATUS_HOST, MAX_PREFETCH, Settings, api_root
-from trioworker.statistics import WorkerStatistics
-from trioworker.subscription import SubscriptionClient, next_backoff, websocket_url
 from trioworker.tasks import Task
+from trioworker.worker import _threads, engine
+from trioworker.worker.engine import Outcome
+from trioworker.worker.statistics import WorkerStatistics
+from trioworker.worker.subscription import SubscriptionClient, websocket_url
 
 log = logging.getLogger("trioworker.worker")
 
@@ -343,7 +345,7 @@ class TaskWorker:
         async with connect(self.api_url, self.api_key), trio.open_nursery() as nursery:
             if self.status_server_port is not None:
                 # Only here: a worker without a status port never imports quart or hypercorn.
-                from trioworker.status import serve_status
+                from trioworker.worker.status import serve_status
 
                 self.status_url = await nursery.start(
                     serve_status, self.statistics, self.status_server_port, self.status_server_host

@@ -12,11 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import ssl
-import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection
 from functools import partial
 from typing import Final
 
@@ -27,14 +24,21 @@ import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
-    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
-    wrap_client_stream,
 )
 
 from trioworker import protocol
-from trioworker._util import only_exception
+from trioworker._websocket import (
+    Disconnected,
+    MalformedMessage,
+    Unresponsive,
+    clip,
+    connect,
+    explain_error,
+    next_backoff,
+    parse_message,
+)
 from trioworker.errors import SubscriptionRefused
 from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
 from trioworker.protocol import (
@@ -47,20 +51,12 @@ from trioworker.protocol import (
 
 log = logging.getLogger("trioworker.subscription")
 
-#: Largest message accepted from the server (a delivery of many runs can be large).
-MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 _STATES: Final = protocol.STATES.encode()
 #: Reports per message are cut at about this many bytes: the server refuses messages over
 #: its body limit (16 MiB by default) by closing the socket.
 MESSAGE_BUDGET: Final = 1024 * 1024
 #: Scheduler passes the writer lets go by before it sends what was queued.
 COALESCE_PASSES: Final = 1
-#: Reconnect backoff: first wait, growth factor and ceiling, in seconds.
-BACKOFF_FIRST: Final = 0.2
-BACKOFF_FACTOR: Final = 2.0
-BACKOFF_MAX: Final = 15.0
-#: Seconds to open a socket (TCP, TLS and the websocket handshake) before giving up.
-CONNECT_TIMEOUT: Final = 10.0
 #: Keepalive: after this many seconds with nothing received, the client pings the server ...
 KEEPALIVE_IDLE: Final = 20.0
 #: ... and drops the connection (then reconnects) if no pong came within this many seconds.
@@ -73,80 +69,6 @@ def websocket_url(api_url: str) -> str:
     Raises ``ValueError`` for an unusable URL (see :func:`trioworker.settings.api_root`).
     """
     return socket_url(api_url, SUBSCRIPTION_PATH)
-
-
-def next_backoff(attempt: int, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [cap/2, cap], cap growing to BACKOFF_MAX."""
-    cap = min(BACKOFF_MAX, BACKOFF_FIRST * BACKOFF_FACTOR**attempt)
-    return rng.uniform(cap / 2, cap)
-
-
-@asynccontextmanager
-async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocketConnection]:
-    """Open a websocket to ``url`` (``ws://`` or ``wss://``); its TCP stream is ours and is
-    always closed on the way out.
-
-    trio-websocket 0.12 leaves the stream open when the server closed first or refused the
-    handshake (an HTTP error status); owning the stream keeps a reconnecting client from
-    leaking one socket per attempt.
-
-    Raises:
-        OSError: the TCP connection failed.
-        HandshakeError: the handshake was refused (:class:`ConnectionRejected`) or took
-            longer than CONNECT_TIMEOUT (:class:`ConnectionTimeout`).
-    """
-    parts = urllib.parse.urlsplit(url)
-    secure = parts.scheme == "wss"
-    host = parts.hostname or ""
-    port = parts.port or (443 if secure else 80)
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
-    with trio.move_on_after(CONNECT_TIMEOUT) as opening:
-        if secure:
-            stream = await trio.open_ssl_over_tcp_stream(
-                host, port, ssl_context=ssl.create_default_context(), https_compatible=True
-            )
-        else:
-            stream = await trio.open_tcp_stream(host, port)
-    if opening.cancelled_caught:
-        raise ConnectionTimeout
-    body_error: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            with trio.move_on_after(CONNECT_TIMEOUT) as handshake:
-                ws = await wrap_client_stream(
-                    nursery,
-                    stream,
-                    host if port in (80, 443) else f"{host}:{port}",
-                    resource,
-                    message_queue_size=64,
-                    max_message_size=MAX_MESSAGE_BYTES,
-                )
-            if handshake.cancelled_caught:
-                raise ConnectionTimeout
-            try:
-                yield ws
-            except BaseException as exc:  # remembered, to be re-raised unwrapped below
-                body_error = exc
-                raise
-            finally:
-                try:
-                    # A close handshake, unless we are cancelled (then the stream is just
-                    # closed) or the server stopped answering (no one would answer it).
-                    if not isinstance(body_error, Unresponsive):
-                        with trio.move_on_after(CONNECT_TIMEOUT):
-                            await ws.aclose()
-                finally:
-                    nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        single = only_exception(group)
-        if single is None:
-            raise
-        if single is body_error or not isinstance(single, trio.Cancelled):
-            raise single from None
-        raise
-    finally:
-        await trio.aclose_forcefully(stream)
 
 
 @attrs.define(eq=False)
@@ -165,20 +87,6 @@ class _Report:
 
     def entry(self) -> dict[str, JSON]:
         return {"id": str(self.run_id), "ref": self.ref, "state": converter.unstructure(self.state)}
-
-
-class _Disconnected(Exception):
-    """The socket was lost; the session reconnects."""
-
-
-class Unresponsive(_Disconnected):
-    """The server answered no ping in time: the connection is dropped without a close
-    handshake and made again."""
-
-
-class MalformedMessage(_Disconnected):
-    """The server sent something the protocol does not allow: the connection is dropped
-    (closed with 1002) and made again."""
 
 
 @attrs.define(eq=False)
@@ -325,7 +233,7 @@ class SubscriptionClient:
                             raise
                     if finished:
                         return
-                except (OSError, HandshakeError, ConnectionRejected, ConnectionClosed, _Disconnected) as exc:
+                except (OSError, HandshakeError, ConnectionRejected, ConnectionClosed, Disconnected) as exc:
                     self.connected = False
                     if isinstance(exc, ConnectionClosed) and exc.reason and exc.reason.code == CLOSE_POLICY:
                         raise SubscriptionRefused(
@@ -346,7 +254,7 @@ class SubscriptionClient:
         await self._send(ws, {"type": protocol.AUTH, "token": self.api_key})
         reply = await self._receive(ws)
         if reply.get("type") != protocol.AUTH_SUCCESS:
-            raise MalformedMessage(f"unexpected handshake reply {_clip(str(reply))}")
+            raise MalformedMessage(f"unexpected handshake reply {clip(str(reply))}")
         self._control.clear()  # credit and release messages meant the old connection
         credit = 0 if self._quitting else self.credit
         held = [str(i) for i in self.held()]
@@ -381,7 +289,7 @@ class SubscriptionClient:
                 nonlocal lost
                 try:
                     await job()
-                except (ConnectionClosed, _Disconnected, OSError, trio.BrokenResourceError) as exc:
+                except (ConnectionClosed, Disconnected, OSError, trio.BrokenResourceError) as exc:
                     lost = lost or exc
                     nursery.cancel_scope.cancel()
 
@@ -394,13 +302,13 @@ class SubscriptionClient:
             self.connected = False
             return True
         if lost is None:  # pragma: no cover - the reader only ends by an error
-            raise _Disconnected("the connection ended without a reason")
+            raise Disconnected("the connection ended without a reason")
         raise lost
 
     async def _read_forever(
         self, ws: WebSocketConnection, deliveries: trio.MemorySendChannel[TaskRun]
     ) -> None:
-        """Read until the connection is lost; a malformed message drops it (_Disconnected).
+        """Read until the connection is lost; a malformed message drops it (Disconnected).
 
         Each message is read whole before any of it is applied, so a bad one changes nothing.
         """
@@ -494,25 +402,6 @@ class SubscriptionClient:
         return parse_message(await ws.get_message())
 
 
-def parse_message(raw: str | bytes) -> dict[str, JSON]:
-    """One text frame as a JSON object with a string ``"type"``; else :class:`MalformedMessage`."""
-    if not isinstance(raw, str):
-        raise MalformedMessage("the server sent a binary frame (the protocol uses text frames)")
-    try:
-        message = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise MalformedMessage(f"the server sent malformed JSON: {_clip(raw)}") from None
-    if not isinstance(message, dict):
-        raise MalformedMessage(f"the server sent JSON that is not an object: {_clip(raw)}")
-    if not isinstance(message.get("type"), str):
-        raise MalformedMessage(f'the server sent a message without a string "type": {_clip(raw)}')
-    return message
-
-
-def _clip(raw: str, limit: int = 80) -> str:
-    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
-
-
 def _parse_runs(message: dict[str, JSON]) -> list[TaskRun]:
     try:
         runs = message["task_runs"]
@@ -561,14 +450,6 @@ def _parse_ids(message: dict[str, JSON]) -> list[uuid.UUID]:
         ) from None
 
 
-def explain_error(exc: BaseException) -> str:
-    """One line for a parse error (cattrs groups become their first leaf)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyError) else f"missing {exc}"
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _by_size(reports: list[_Report]) -> list[list[bytes]]:
     """Reports as JSON, in messages of at most about MESSAGE_BUDGET bytes (big results go
     alone). Each report is serialized once, here."""
@@ -592,6 +473,6 @@ def _describe(exc: BaseException) -> str:
         return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
     if isinstance(exc, ConnectionRejected):
         return f"HTTP {exc.status_code} during the handshake"
-    if isinstance(exc, _Disconnected):
+    if isinstance(exc, Disconnected):
         return str(exc)
     return repr(exc.__cause__ or exc) if isinstance(exc, HandshakeError) else repr(exc)

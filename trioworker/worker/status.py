@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 from trioworker._http import serve_app
 from trioworker.models import JSON
 from trioworker.settings import DEFAULT_STATUS_HOST
-from trioworker.statistics import WorkerStatistics
+from trioworker.worker.statistics import WorkerStatistics
 
 log = logging.getLogger("trioworker.status")
 
@@ -156,7 +156,7 @@ def render_metrics(stats: WorkerStatistics) -> str:
 def create_status_app(statistics: Callable[[], WorkerStatistics]) -> QuartTrio:
     """The status app of a worker (``statistics``: e.g. ``worker.statistics``, called once
     per request); separate from :func:`serve_status` so tests can call it."""
-    app = QuartTrio("trioworker.status")
+    app = QuartTrio("trioworker.worker.status")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

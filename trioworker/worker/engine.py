@@ -19,7 +19,7 @@ from typing import Any, Final, Protocol
 import orjson
 import trio
 
-from trioworker import _threads, serializers
+from trioworker import serializers
 from trioworker._util import raise_passing
 from trioworker.context import running
 from trioworker.errors import ParameterError, StopTaskWorker, TrioworkerError
@@ -34,6 +34,7 @@ from trioworker.models import (
     make_state,
 )
 from trioworker.tasks import Task
+from trioworker.worker import _threads
 
 log = logging.getLogger("trioworker.engine")
 

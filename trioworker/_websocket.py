@@ -1,0 +1,148 @@
+"""The websocket plumbing both clients share: opening a socket, reading one protocol
+message, reconnect backoff, and the errors that drop a connection.
+
+The worker's subscription (:mod:`trioworker.worker.subscription`) and the submitter's
+channel (:mod:`trioworker.client.channel`) speak different halves of the protocol over the
+same kind of connection; what they have in common lives here, once.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+import orjson
+import trio
+from trio_websocket import ConnectionTimeout, WebSocketConnection, wrap_client_stream
+
+from trioworker._util import only_exception
+from trioworker.models import JSON
+
+#: Largest message accepted from the server (a delivery of many runs can be large).
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+#: Reconnect backoff: first wait, growth factor and ceiling, in seconds.
+BACKOFF_FIRST: Final = 0.2
+BACKOFF_FACTOR: Final = 2.0
+BACKOFF_MAX: Final = 15.0
+#: Seconds to open a socket (TCP, TLS and the websocket handshake) before giving up.
+CONNECT_TIMEOUT: Final = 10.0
+
+
+def next_backoff(attempt: int, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [cap/2, cap], cap growing to BACKOFF_MAX."""
+    cap = min(BACKOFF_MAX, BACKOFF_FIRST * BACKOFF_FACTOR**attempt)
+    return rng.uniform(cap / 2, cap)
+
+
+@asynccontextmanager
+async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocketConnection]:
+    """Open a websocket to ``url`` (``ws://`` or ``wss://``); its TCP stream is ours and is
+    always closed on the way out.
+
+    trio-websocket 0.12 leaves the stream open when the server closed first or refused the
+    handshake (an HTTP error status); owning the stream keeps a reconnecting client from
+    leaking one socket per attempt.
+
+    Raises:
+        OSError: the TCP connection failed.
+        HandshakeError: the handshake was refused (:class:`ConnectionRejected`) or took
+            longer than CONNECT_TIMEOUT (:class:`ConnectionTimeout`).
+    """
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    with trio.move_on_after(CONNECT_TIMEOUT) as opening:
+        if secure:
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+            )
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+    if opening.cancelled_caught:
+        raise ConnectionTimeout
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(CONNECT_TIMEOUT) as handshake:
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    host if port in (80, 443) else f"{host}:{port}",
+                    resource,
+                    message_queue_size=64,
+                    max_message_size=MAX_MESSAGE_BYTES,
+                )
+            if handshake.cancelled_caught:
+                raise ConnectionTimeout
+            try:
+                yield ws
+            except BaseException as exc:  # remembered, to be re-raised unwrapped below
+                body_error = exc
+                raise
+            finally:
+                try:
+                    # A close handshake, unless we are cancelled (then the stream is just
+                    # closed) or the server stopped answering (no one would answer it).
+                    if not isinstance(body_error, Unresponsive):
+                        with trio.move_on_after(CONNECT_TIMEOUT):
+                            await ws.aclose()
+                finally:
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        single = only_exception(group)
+        if single is None:
+            raise
+        if single is body_error or not isinstance(single, trio.Cancelled):
+            raise single from None
+        raise
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+class Disconnected(Exception):
+    """The socket was lost; the session reconnects."""
+
+
+class Unresponsive(Disconnected):
+    """The server answered no ping in time: the connection is dropped without a close
+    handshake and made again."""
+
+
+class MalformedMessage(Disconnected):
+    """The server sent something the protocol does not allow: the connection is dropped
+    (closed with 1002) and made again."""
+
+
+def parse_message(raw: str | bytes) -> dict[str, JSON]:
+    """One text frame as a JSON object with a string ``"type"``; else :class:`MalformedMessage`."""
+    if not isinstance(raw, str):
+        raise MalformedMessage("the server sent a binary frame (the protocol uses text frames)")
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise MalformedMessage(f"the server sent malformed JSON: {clip(raw)}") from None
+    if not isinstance(message, dict):
+        raise MalformedMessage(f"the server sent JSON that is not an object: {clip(raw)}")
+    if not isinstance(message.get("type"), str):
+        raise MalformedMessage(f'the server sent a message without a string "type": {clip(raw)}')
+    return message
+
+
+def clip(raw: str, limit: int = 80) -> str:
+    """``raw`` for an error message: its repr, cut to ``limit`` characters."""
+    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
+
+
+def explain_error(exc: BaseException) -> str:
+    """One line for a parse error (cattrs groups become their first leaf)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyError) else f"missing {exc}"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
