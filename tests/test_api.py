@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import uuid
 from typing import Any
@@ -396,6 +397,9 @@ def test_server_config_defaults() -> None:
     assert (config.host, config.port, config.max_deliveries) == ("127.0.0.1", 4300, 5)
 
 
+# The half-sent body's generator is httpx's; its finalizer may complain that it was not
+# run to its end, which is the point of this test, not a fault.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [("POST", "/nope", 404), ("PUT", "/task_runs", 405), ("POST", "/task_runs/not-an-id/cancel", 404)],
@@ -410,3 +414,6 @@ async def test_an_error_answered_before_the_body_was_read_leaves_the_connection_
     assert answer.headers["connection"] == "close"
     with trio.fail_after(5):
         assert (await api.get("/health")).status_code == 200
+    # httpx sent the body from an async generator that the closed connection left
+    # half-run; it is finalized here, not at some garbage collection in a later test.
+    gc.collect()
