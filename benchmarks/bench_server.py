@@ -4,7 +4,7 @@ Run it as a plain script (no pytest)::
 
     python benchmarks/bench_server.py [--runs N] [--queued M] [--repeat K]
 
-Every phase starts its own server in a separate process (``python -m trioworker.cli server``)
+Every phase starts its own server in a separate process (``python -m trioworker server``)
 with a fresh SQLite file, so client and server never share a CPU-bound event loop:
 
 a) create runs one by one over a single keep-alive ``httpx.Client`` (capped, see ``--single-max``);
@@ -128,7 +128,7 @@ class ServerProcess:
     def start(self) -> None:
         self.port = free_port()
         db = self.workdir / f"bench-{self.label}.db"
-        cmd = [sys.executable, "-m", "trioworker.cli", "server", "--port", str(self.port), "--db", str(db)]
+        cmd = [sys.executable, "-m", "trioworker", "server", "--port", str(self.port), "--db", str(db)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH")) if p)
         with self.log_path.open("wb") as log_file:

@@ -6,7 +6,7 @@ Run it as a plain script (no pytest)::
 
 This process is the submitter: it imports ``bench.noop`` from ``benchmarks/worker_tasks.py``
 (so it and the worker share the task key) and submits through the public API. Every phase
-starts a fresh server (``python -m trioworker.cli server``, its own SQLite file) and a fresh
+starts a fresh server (``python -m trioworker server``, its own SQLite file) and a fresh
 worker (``python benchmarks/worker_tasks.py API_URL LIMIT``, limit ``--limit``, default 100),
 each in its own process; the worker is subscribed before the phase begins (with
 ``--submit-alone`` it starts only after the submission was timed, so that submitting does

@@ -4,7 +4,7 @@ Run it as a plain script (no pytest)::
 
     python benchmarks/bench_worker.py [--runs N] [--repeat K] [--phases abcde]
 
-Every phase starts a fresh server (``python -m trioworker.cli server``, its own SQLite file)
+Every phase starts a fresh server (``python -m trioworker server``, its own SQLite file)
 and a fresh worker (``python benchmarks/worker_tasks.py API_URL LIMIT``, i.e.
 ``trioworker.worker.serve(noop, sleep50, limit=LIMIT)``), each in its own process:
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import trio
 
+from trioworker._version import __version__
 from trioworker.cli import build_parser
 
 
@@ -31,7 +32,7 @@ async def read_until(stream: trio.abc.ReceiveStream, pattern: str) -> tuple[re.M
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_server_serves_and_stops_cleanly_on_signals(tmp_path: Path, sig: signal.Signals) -> None:
     db = tmp_path / "cli.db"
-    command = [sys.executable, "-m", "trioworker.cli", "server", "--port", "0", "--db", str(db)]
+    command = [sys.executable, "-m", "trioworker", "server", "--port", "0", "--db", str(db)]
     async with trio.open_nursery() as nursery:
         run = partial(trio.run_process, command, stderr=subprocess.PIPE, check=False)
         process = await nursery.start(run)
@@ -55,8 +56,30 @@ def test_server_options() -> None:
     assert build_parser().parse_args(["server", "--db", "sqlite:////a/b.db"]).db == "sqlite:////a/b.db"
 
 
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["worker", "--help"], [], ["nope"]])
+def test_python_m_trioworker_is_the_trioworker_command(args: list[str]) -> None:
+    script = Path(sys.executable).parent / "trioworker"  # the console script of pyproject
+    as_module = subprocess.run(
+        [sys.executable, "-m", "trioworker", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    as_script = subprocess.run([script, *args], capture_output=True, text=True, timeout=60, check=False)
+    assert (as_module.returncode, as_module.stdout, as_module.stderr) == (
+        as_script.returncode,
+        as_script.stdout,
+        as_script.stderr,
+    )
+    if args == ["--version"]:
+        assert (as_module.returncode, as_module.stdout) == (0, f"trioworker {__version__}\n")
+    elif args[-1:] == ["--help"]:
+        assert as_module.returncode == 0
+        assert as_module.stdout.startswith(f"usage: trioworker {' '.join(args[:-1])}".rstrip())
+    else:  # argparse's usage error, under the same program name
+        assert as_module.returncode == 2
+        assert as_module.stderr.startswith("usage: trioworker ")
+
+
 def server_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trioworker.cli", "server", "--port", "0", *args]
+    return [sys.executable, "-m", "trioworker", "server", "--port", "0", *args]
 
 
 async def start_server(nursery: trio.Nursery, cwd: Path, *args: str) -> tuple[trio.Process, str]:
@@ -177,7 +200,7 @@ async def test_server_reports_an_unusable_database_in_one_line(tmp_path: Path) -
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = await trio.run_process(
-        [sys.executable, "-m", "trioworker.cli", "server", "--port", "0", "--db", str(blocker / "x.db")],
+        [sys.executable, "-m", "trioworker", "server", "--port", "0", "--db", str(blocker / "x.db")],
         capture_stderr=True,
         check=False,
     )

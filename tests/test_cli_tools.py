@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import trio
 
-from trioworker.cli import CommandError, parse_args, parse_task_arguments
+from trioworker.cli import parse_args
+from trioworker.cli._common import CommandError
+from trioworker.cli.runs import parse_task_arguments
 from trioworker.client.futures import TaskRunFuture, wait_all
 from trioworker.client.rest import TaskRunClient
 from trioworker.models import StateType
@@ -78,7 +80,7 @@ def make_cli(api_url: str) -> Cli:
     async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
         with trio.fail_after(30):
             return await trio.run_process(
-                [sys.executable, "-m", "trioworker.cli", *args],
+                [sys.executable, "-m", "trioworker", *args],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,

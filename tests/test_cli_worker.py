@@ -225,7 +225,7 @@ def test_worker_rejects_bad_options(argv: list[str], capsys: pytest.CaptureFixtu
 
 
 def worker_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trioworker.cli", "worker", *args]
+    return [sys.executable, "-m", "trioworker", "worker", *args]
 
 
 def worker_env(**changes: str) -> dict[str, str]:

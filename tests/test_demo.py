@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from trioworker.cli.demo_tasks import add
 from trioworker.client.rest import connect
-from trioworker.demo_tasks import add
 
 KINDS = (
     "sync task",
@@ -36,7 +36,7 @@ def demo_env(home: Path) -> dict[str, str]:
 
 
 def demo_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trioworker.cli", "demo", *args]
+    return [sys.executable, "-m", "trioworker", "demo", *args]
 
 
 def rows(out: str) -> dict[str, re.Match[str]]:

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Mapping, Set
 from pathlib import Path
 
+import pytest
+
 import trioworker
 
 PACKAGE = Path(trioworker.__file__).parent
@@ -188,3 +190,34 @@ def test_no_two_classes_share_a_name() -> None:
             if isinstance(node, ast.ClassDef):
                 where.setdefault(node.name, []).append(name)
     assert {cls: mods for cls, mods in where.items() if len(mods) > 1} == {}
+
+
+#: What the ``trioworker`` command leaves out unless the command needs it: the server and its
+#: web stack (only ``server`` and ``demo`` run them) and the demo. (Not rich: httpx imports it
+#: for its own command line whenever it is installed.)
+NOT_FOR_THE_WORKER_COMMAND = ("trioworker.server", "trioworker.cli.demo_runner", "quart", "hypercorn")
+
+TASKS_FILE = """
+import trioworker
+
+@trioworker.task(key="imports.say")
+def say() -> None: ...
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["--help"], 0),
+        # Loads the task, then stops at the URL: the command's path up to connecting.
+        (["worker", "jobs:say", "--api-url", "ftp://nowhere"], 1),
+    ],
+)
+def test_the_command_imports_only_what_it_runs(tmp_path: Path, argv: list[str], code: int) -> None:
+    (tmp_path / "jobs.py").write_text(TASKS_FILE)
+    script = f"from trioworker.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as exit:\n"
+    script += f"    assert exit.code == {code}, exit.code\n"
+    modules = modules_after(script, tmp_path)
+    assert {"trioworker.cli.worker", "trioworker.cli.demo"} <= modules  # every group is there
+    assert ("jobs" in modules) == (argv[0] == "worker")
+    assert among(modules, NOT_FOR_THE_WORKER_COMMAND) == []

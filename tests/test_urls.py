@@ -97,7 +97,7 @@ async def test_the_cli_takes_the_printed_url(trioworker_server: RunningServer) -
     for url in spellings(trioworker_server):
         with trio.fail_after(30):
             result = await trio.run_process(
-                [sys.executable, "-m", "trioworker.cli", "runs", "--api-url", url],
+                [sys.executable, "-m", "trioworker", "runs", "--api-url", url],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
@@ -106,7 +106,7 @@ async def test_the_cli_takes_the_printed_url(trioworker_server: RunningServer) -
         assert result.returncode == 0, result.stderr.decode()
     with trio.fail_after(30):
         result = await trio.run_process(
-            [sys.executable, "-m", "trioworker.cli", "runs"],
+            [sys.executable, "-m", "trioworker", "runs"],
             capture_stderr=True,
             stdout=subprocess.DEVNULL,
             check=False,

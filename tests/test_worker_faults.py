@@ -22,7 +22,7 @@ import pytest
 import trio
 
 import trioworker
-from trioworker.cli import EXIT_RUNS_IGNORED_STOP
+from trioworker.cli.worker import EXIT_RUNS_IGNORED_STOP
 from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
 from trioworker.serializers import FUTURE_KEY
 from trioworker.server import RunningServer

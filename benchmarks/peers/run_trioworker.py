@@ -96,7 +96,7 @@ class Bench:
         cmd = [
             sys.executable,
             "-m",
-            "trioworker.cli",
+            "trioworker",
             "server",
             "--host",
             "127.0.0.1",

@@ -3,8 +3,8 @@
 While ``trioworker demo --keep-running`` runs, another shell can submit more runs of them::
 
     export TRIOWORKER_API_URL=http://127.0.0.1:PORT/api     # the URL the demo printed
-    trioworker submit trioworker.demo_tasks:add 2 3 --wait
-    trioworker submit trioworker.demo_tasks:greet name=ann --wait
+    trioworker submit trioworker.cli.demo_tasks:add 2 3 --wait
+    trioworker submit trioworker.cli.demo_tasks:greet name=ann --wait
 
 Every task has a short, explicit key (``demo.add``, ...), so the keys stay the same
 whichever way the module is imported.

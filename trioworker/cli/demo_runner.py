@@ -1,4 +1,5 @@
-"""``trioworker demo``: a server, a worker and a mix of runs, in one Trio process.
+"""The demo that ``trioworker demo`` runs: a server, a worker and a mix of runs, in one Trio
+process.
 
 The nursery tree::
 
@@ -14,7 +15,8 @@ Stopping goes inside out: the body ends (or is cancelled by a signal), the worke
 (its runs finish within the grace period), then the server shuts down and closes the
 database. When :func:`run_demo` returns, nothing it started is left.
 
-Only the command line imports this module (it uses rich).
+Only the ``demo`` command (:mod:`trioworker.cli.demo`) imports this module, when it runs: it
+imports the server and rich.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ from rich.table import Table
 from rich.text import Text
 
 from trioworker._util import only_exception
+from trioworker.cli.demo_tasks import DEMO_TASKS, add, divide, fetch, greet, square
 from trioworker.client.futures import TaskRunFuture, as_completed
 from trioworker.client.rest import connect
-from trioworker.demo_tasks import DEMO_TASKS, add, divide, fetch, greet, square
 from trioworker.models import StateType, TaskRun, utcnow
 from trioworker.server import RunningServer, ServerConfig, serve_server
 from trioworker.settings import DEFAULT_HOST
@@ -267,8 +269,8 @@ def print_keep_running(result: DemoResult, config: DemoConfig, console: Console)
     if config.api_key:
         lines.append("export TRIOWORKER_API_KEY=...   # the same key as this shell's")
     lines += [
-        "trioworker submit trioworker.demo_tasks:add 2 3 --wait",
-        "trioworker submit trioworker.demo_tasks:greet name=ann --wait",
+        "trioworker submit trioworker.cli.demo_tasks:add 2 3 --wait",
+        "trioworker submit trioworker.cli.demo_tasks:greet name=ann --wait",
         "trioworker runs --state FAILED",
         "trioworker run RUN_ID",
     ]

@@ -1,0 +1,90 @@
+"""The ``trioworker`` command: one module per group of commands.
+
+- :mod:`~trioworker.cli.server`: ``server``
+- :mod:`~trioworker.cli.worker`: ``worker`` (and loading tasks by ``MODULE:TASK``)
+- :mod:`~trioworker.cli.runs`: ``submit``, ``runs``, ``run`` (talking to a server)
+- :mod:`~trioworker.cli.status`: ``status`` (talking to a worker's status server)
+- :mod:`~trioworker.cli.demo`: ``demo`` (:mod:`~trioworker.cli.demo_runner` runs it, with the
+  tasks of :mod:`~trioworker.cli.demo_tasks`)
+- :mod:`~trioworker.cli._common`: the user error, logging, value types, the API options
+
+Every group imports what its commands run (the server, the worker, the client, rich) only
+when one of them runs: ``trioworker worker`` never imports the server, nor ``--help`` rich.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from trioworker._util import only_exception
+from trioworker._version import __version__
+from trioworker.cli._common import CommandError, configure_logging
+from trioworker.cli.demo import add_demo_command
+from trioworker.cli.runs import add_runs_commands
+from trioworker.cli.server import add_server_command
+from trioworker.cli.status import add_status_command
+from trioworker.cli.worker import add_worker_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command; a parsed command's ``handler`` is its async main."""
+    parser = argparse.ArgumentParser(
+        prog="trioworker", description="Background task runs for Trio: server, workers and tools."
+    )
+    parser.add_argument("--version", action="version", version=f"trioworker {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.set_defaults(log_level=logging.INFO)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_server_command(commands)
+    add_worker_command(commands)
+    add_demo_command(commands)
+    add_runs_commands(commands)
+    add_status_command(commands)
+    return parser
+
+
+def _is_option(item: str) -> bool:
+    return item.startswith("-") and re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?", item) is None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``submit`` takes its options anywhere among its ARGS.
+
+    (argparse stops filling ``nargs="*"`` at the first option: ``submit t --wait 1 2``
+    would leave ``1 2`` unrecognized. They are ARGS that came after an option.)
+    """
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if args.command == "submit" and not any(_is_option(item) for item in extras):
+            args.arguments = [*args.arguments, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run one command (``argv``: without the program name; default ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit: 1 after a user error (printed as one line on stderr), 130 after Ctrl-C,
+            2 for a bad command line (argparse's usage error).
+    """
+    args = parse_args(argv)
+    configure_logging(args.verbose, args.log_level)
+    try:
+        trio.run(args.handler, args)
+    except BaseException as exc:  # re-raised below unless it is a user error
+        leaf = only_exception(exc)
+        if isinstance(leaf, CommandError | OSError):
+            print(f"trioworker: {leaf}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if isinstance(leaf, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise

@@ -1,0 +1,141 @@
+"""What every group of commands shares: the user error, logging, the argparse value types,
+the ``--api-url``/``--api-key`` options and the rich console.
+
+Light on purpose: every command imports it, so it imports neither rich (only inside
+:func:`console`) nor the client, the worker or the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Final
+
+from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings, api_root
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+#: The commands' logger (its name leads every log line: ``trioworker: ...``).
+log = logging.getLogger("trioworker")
+
+
+class CommandError(Exception):
+    """A user error: printed as one line, exit code 1."""
+
+
+def configure_logging(verbose: bool, level: int = logging.INFO) -> None:
+    """Log to stderr at ``level`` (DEBUG with ``verbose``), one timed line per record."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+# -- argparse value types: a bad value is argparse's usage error (exit code 2)
+
+
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``minimum`` (to ``maximum``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+#: An argparse type: a whole number >= 1.
+positive_int: Final = whole_number(1)
+#: An argparse type: a whole number >= 0.
+count: Final = whole_number(0)
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+# -- the server a command talks to
+
+
+def add_api_options(parser: argparse.ArgumentParser) -> None:
+    """``--api-url`` and ``--api-key``, for a command that talks to a server."""
+    parser.add_argument(
+        "--api-url",
+        default=None,
+        metavar="URL",
+        help="the server, as `trioworker server` prints it (http://HOST:PORT) or with /api "
+        f"(default $TRIOWORKER_API_URL, else http://{DEFAULT_HOST}:{DEFAULT_PORT}/api)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="the API key to send to the server (default $TRIOWORKER_API_KEY)",
+    )
+
+
+def api_root_of(args: argparse.Namespace) -> str:
+    """The API root of ``--api-url``, else of ``TRIOWORKER_API_URL``; CommandError if unusable."""
+    api_url = args.api_url or Settings.from_env().api_url
+    try:
+        return api_root(api_url)
+    except ValueError as exc:
+        source = "--api-url" if args.api_url else "TRIOWORKER_API_URL"
+        raise CommandError(f"unusable API URL from {source}: {exc}") from None
+
+
+def api_of(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The API root and key of the command line, else of the environment; checked."""
+    return api_root_of(args), args.api_key or Settings.from_env().api_key
+
+
+# -- rich output (rich is imported only by the commands that print with it)
+
+#: Columns of rich output that goes to a pipe or a file (COLUMNS overrides it).
+PIPED_WIDTH: Final = 200
+
+
+def stdout_console() -> Console:
+    """A rich console on stdout; piped output is not wrapped at 80 columns (one row per line)."""
+    from rich.console import Console
+
+    width = None
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
+        width = PIPED_WIDTH
+    return Console(width=width)
+
+
+def local_time(when: datetime) -> str:
+    """``when`` in the local time zone, to the second: ``2030-01-02 09:00:00``."""
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,91 @@
+"""``trioworker server``: the REST API and the subscription websocket over the SQLite queue.
+
+The server is imported only when the command runs (``trioworker worker`` never loads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from typing import Any
+
+import trio
+
+from trioworker.cli._common import CommandError, log, port, positive_int
+from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
+
+
+async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+    """Set ``shutdown`` at the first SIGINT or SIGTERM (started once the handlers are in place)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            shutdown.set()
+            return
+
+
+async def run_server(args: argparse.Namespace) -> None:
+    """Serve until SIGINT or SIGTERM; CommandError for an unusable or busy database."""
+    from trioworker.server import ServerConfig, serve_server
+    from trioworker.server.store import StoreError, database_path
+
+    settings = Settings.from_env()
+    try:
+        db_path = database_path(settings.db_path if args.db is None else args.db)
+    except ValueError as exc:
+        raise CommandError(f"unusable --db: {exc}") from None
+    config = ServerConfig(
+        db_path=db_path,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or settings.api_key,
+        max_deliveries=args.max_deliveries,
+        max_body_bytes=args.max_body_bytes,
+    )
+    shutdown = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(shutdown_on_signals, shutdown)
+            await serve_server(config, shutdown=shutdown)
+            nursery.cancel_scope.cancel()
+    except* StoreError as group:  # the database is in use, or of a newer trioworker
+        raise CommandError(str(group.exceptions[0])) from None
+    log.info("server stopped")
+
+
+def add_server_command(commands: Any) -> None:
+    """Add ``server`` to ``commands`` (the parser's subparsers)."""
+    server = commands.add_parser(
+        "server",
+        help="serve the task-run API and queue",
+        description="Serve the REST API and the subscription websocket over a durable SQLite queue. "
+        "Stops cleanly on Ctrl-C and SIGTERM.",
+    )
+    server.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    server.add_argument(
+        "--port", type=port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)"
+    )
+    server.add_argument(
+        "--db",
+        default=None,
+        help="SQLite file (default $TRIOWORKER_HOME/trioworker.db, that is ~/.trioworker/trioworker.db; "
+        "':memory:' keeps nothing), or a sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); "
+        "one server at a time may use a file",
+    )
+    server.add_argument(
+        "--api-key", default=None, help="require this key of clients (default $TRIOWORKER_API_KEY)"
+    )
+    server.add_argument(
+        "--max-deliveries",
+        type=positive_int,
+        default=5,
+        help="a run delivered this many times without finishing becomes CRASHED (default 5)",
+    )
+    server.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=16 * 1024 * 1024,
+        help="largest request body or websocket message accepted (default 16 MiB)",
+    )
+    server.set_defaults(handler=run_server)
