@@ -221,3 +221,5 @@ def test_the_command_imports_only_what_it_runs(tmp_path: Path, argv: list[str], 
     assert {"trioworker.cli.worker", "trioworker.cli.demo"} <= modules  # every group is there
     assert ("jobs" in modules) == (argv[0] == "worker")
     assert among(modules, NOT_FOR_THE_WORKER_COMMAND) == []
+    if argv == ["--help"]:  # help does not load the worker: its defaults come from settings
+        assert among(modules, ("trioworker.worker",)) == []

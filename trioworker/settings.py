@@ -38,6 +38,8 @@ DEFAULT_PORT: Final = 4300
 DEFAULT_STATUS_HOST: Final = "127.0.0.1"
 #: Most runs a worker may have sent ahead into its buffer beyond its limit (``prefetch``).
 MAX_PREFETCH: Final = 1000
+#: Seconds in-flight runs get to finish after a worker's stop() before they are cancelled.
+DEFAULT_SHUTDOWN_GRACE_SECONDS: Final = 30.0
 
 
 @attrs.frozen

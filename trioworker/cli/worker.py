@@ -27,7 +27,7 @@ from trioworker.cli._common import (
     seconds,
     whole_number,
 )
-from trioworker.settings import DEFAULT_STATUS_HOST, MAX_PREFETCH
+from trioworker.settings import DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_STATUS_HOST, MAX_PREFETCH
 
 if TYPE_CHECKING:
     from trioworker.tasks import Task
@@ -123,8 +123,6 @@ async def run_worker(args: argparse.Namespace) -> None:
 
 def add_worker_command(commands: Any) -> None:
     """Add ``worker`` to ``commands`` (the parser's subparsers)."""
-    from trioworker.worker.task_worker import DEFAULT_SHUTDOWN_GRACE_SECONDS
-
     worker = commands.add_parser(
         "worker",
         help="run tasks: subscribe to their runs and execute them",

@@ -49,7 +49,13 @@ from trioworker.models import (
     make_state,
     utcnow,
 )
-from trioworker.settings import DEFAULT_STATUS_HOST, MAX_PREFETCH, Settings, api_root
+from trioworker.settings import (
+    DEFAULT_SHUTDOWN_GRACE_SECONDS,
+    DEFAULT_STATUS_HOST,
+    MAX_PREFETCH,
+    Settings,
+    api_root,
+)
 from trioworker.tasks import Task
 from trioworker.worker import _threads, engine
 from trioworker.worker.engine import Outcome
@@ -58,8 +64,6 @@ from trioworker.worker.subscription import SubscriptionClient, websocket_url
 
 log = logging.getLogger("trioworker.worker")
 
-#: Seconds in-flight runs get to finish after stop() before they are cancelled.
-DEFAULT_SHUTDOWN_GRACE_SECONDS: Final = 30.0
 #: Credit asked for when the worker has no limit.
 UNLIMITED_CREDIT: Final = 1000
 #: Threads for sync tasks when the worker has no limit.
