@@ -36,7 +36,7 @@ import trio
 
 from trioworker import serializers
 from trioworker._util import only_exception
-from trioworker._websocket import next_backoff
+from trioworker._websocket import OpenStream, next_backoff, open_network_stream
 from trioworker.client.rest import TaskRunClient, connect, using_client
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import (
@@ -137,6 +137,10 @@ class TaskWorker:
             server). A run waits in the buffer only while no other worker of its task has
             a free slot; when one gets one, the server takes back the runs not started.
             Without a limit there is nothing to wait for, and prefetch is 0.
+        open_stream: a test seam: opens the byte stream under the worker's websockets
+            (the subscription and the client channel; see :mod:`trioworker._websocket`).
+            The default is TCP, with TLS for ``https://``; tests pass one that returns
+            an in-memory stream whose other end plays the server.
 
     **Cancellation handling:** :meth:`stop` (or SIGTERM/SIGINT under :func:`serve`)
     stops taking runs, lets in-flight runs finish within the grace period, then cancels
@@ -170,6 +174,7 @@ class TaskWorker:
         allow_pickle: bool = False,
         client_id: str | None = None,
         prefetch: int = 0,
+        open_stream: OpenStream = open_network_stream,
     ) -> None:
         self._tasks = _check_tasks(tasks)
         if limit is not None and limit < 1:
@@ -220,6 +225,7 @@ class TaskWorker:
         self._startup_scope: trio.CancelScope | None = None
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
+        self._open_stream = open_stream
 
     # -- what users read
     @property
@@ -321,6 +327,7 @@ class TaskWorker:
             held=lambda: set(self._held),
             on_cancel=self._on_cancel,
             prefetch=self.prefetch,
+            open_stream=self._open_stream,
         )
         try:
             await self._run_tree(send, receive, task_status)
@@ -342,7 +349,10 @@ class TaskWorker:
         """The nursery tree (see the module docstring)."""
         # One client for everything the worker's runs say over REST (their own .delay()
         # calls included: it is the ambient client of their context).
-        async with connect(self.api_url, self.api_key), trio.open_nursery() as nursery:
+        async with (
+            connect(self.api_url, self.api_key, open_stream=self._open_stream),
+            trio.open_nursery() as nursery,
+        ):
             if self.status_server_port is not None:
                 # Only here: a worker without a status port never imports quart or hypercorn.
                 from trioworker.worker.status import serve_status
@@ -754,7 +764,7 @@ class TaskWorker:
         task = self._tasks.get(task_run.task_key)
         self._claimed.add(task_run.id)
         try:
-            async with connect(self.api_url, self.api_key) as client:
+            async with connect(self.api_url, self.api_key, open_stream=self._open_stream) as client:
                 if task is None:
                     await self._unknown_key(task_run, lambda ids: None)
                     return
