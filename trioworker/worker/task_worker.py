@@ -9,9 +9,10 @@ The nursery tree of a running worker::
         runs nursery: one task per run; async code runs here, sync code in
                       trio.to_thread.run_sync; a CapacityLimiter bounds them all
 
-When ``start()`` returns, every task and socket of the worker has ended, and every thread
-too, except the thread of a sync task still running when the grace period ran out: the
-worker stopped waiting for it (see :class:`TaskWorker`).
+When ``start()`` returns, every task and socket of the worker has ended, and no thread runs
+its code, except the thread of a sync task still running when the grace period ran out:
+the worker stopped waiting for it (see :class:`TaskWorker`). (The threads that ran sync
+tasks belong to Trio's thread cache, which keeps them idle for a while for reuse.)
 """
 
 from __future__ import annotations
@@ -803,8 +804,10 @@ async def serve(
     the second signal) is not waited for: ``serve()`` returns while it runs on in the
     background, its result discarded (its run was handed back and runs again elsewhere).
     In an application that keeps running after ``serve()`` returns, such a thread lives
-    until its function returns; make long sync tasks call
+    until its function returns (Trio stopped waiting for it too:
+    ``trio.testing.active_thread_count()`` does not count it); make long sync tasks call
     ``trio.from_thread.check_cancelled()`` now and then so that they end when stopped.
+    Every other thread has finished the task code it ran when ``serve()`` returns.
 
     **Async code that ignores cancellation** (a shielded scope, a loop catching
     ``trio.Cancelled``) delays the return until it ends, like any task in a nursery; code
