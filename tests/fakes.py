@@ -1,12 +1,19 @@
-"""Test seams over real sockets: a websocket server the test speaks for, and a routing proxy.
+"""Test seams: a websocket server the test speaks for (over real sockets or in memory),
+and proxies in front of the real server.
 
-:class:`FakeSockets` accepts websockets on a free port and hands each one to the test as a
+:class:`FakeSockets` accepts websockets and hands each one to the test as a
 :class:`Session`, which sends whatever the test wants (malformed frames included) and
-reads what the client sends. :class:`Proxy` listens on another free port and routes each
-TCP connection by the path of its first request: chosen paths to the fake, the rest to
-the real server; :attr:`Proxy.rest_down` makes it drop REST connections (as a server
-restart does). A worker pointed at the proxy thus holds a subscription the test controls
-and makes real REST calls, which can fail on demand. :class:`CuttingProxy` forwards every
+reads what the client sends. :func:`fake_sockets` accepts them on a free port;
+:func:`memory_sockets` accepts them without a socket, as Trio's own tests do: its
+:meth:`MemorySockets.open_stream` is the clients' ``open_stream`` seam (see
+:mod:`trioworker._websocket`), and returns one end of :func:`trio.testing.memory_stream_pair`
+while the fake serves the other with trio-websocket's ``wrap_server_stream``.
+
+:class:`Proxy` listens on another free port and routes each TCP connection by the path of
+its first request: chosen paths to the fake, the rest to the real server;
+:attr:`Proxy.rest_down` makes it drop REST connections (as a server restart does). A worker
+pointed at the proxy thus holds a subscription the test controls and makes real REST
+calls, which can fail on demand. :class:`CuttingProxy` forwards every
 connection to the real server but cuts creates mid-call, the ways a network can.
 """
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -22,7 +30,10 @@ from typing import Any, Protocol, TypeVar
 import attrs
 import orjson
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+import trio.testing
+from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket, wrap_server_stream
+
+from trioworker.models import StateType, TaskRun, converter, make_state
 
 #: What a socket raises when its peer went away.
 GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -37,6 +48,8 @@ class Session:
     ws: WebSocketConnection
     path: str
     done: trio.Event = attrs.field(factory=trio.Event)
+    #: The byte stream under the websocket, where the fake owns it (in memory).
+    stream: trio.abc.Stream | None = None
 
     async def send(self, message: dict[str, Any] | str | bytes) -> None:
         if isinstance(message, dict):
@@ -79,9 +92,17 @@ class Session:
         reason = self.ws.closed
         return None if reason is None else reason.code
 
+    async def cut(self) -> None:
+        """Drop the connection as a network does: the stream closes, with no close handshake
+        (the client sees an abnormal close, 1006). In-memory sessions only."""
+        assert self.stream is not None, "only a session of memory_sockets() can be cut"
+        await trio.aclose_forcefully(self.stream)
+
 
 @attrs.define(eq=False)
 class FakeSockets:
+    """The websockets the fake accepted, in order; ``port`` is where it listens (0 in memory)."""
+
     port: int
     sessions: trio.MemoryReceiveChannel[Session]
 
@@ -90,20 +111,104 @@ class FakeSockets:
             return await self.sessions.receive()
 
 
+async def _hold(
+    request: WebSocketRequest, stream: trio.abc.Stream | None, send: trio.MemorySendChannel[Session]
+) -> None:
+    """Accept ``request`` and hand the session to the test, until it ends the session."""
+    ws = await request.accept()
+    session = Session(ws, request.path, stream=stream)
+    send.send_nowait(session)
+    await session.done.wait()  # the test ends the session (or the fake's nursery does)
+
+
 @asynccontextmanager
 async def fake_sockets() -> AsyncIterator[FakeSockets]:
     send, receive = trio.open_memory_channel[Session](math.inf)
     async with trio.open_nursery() as nursery:
-
-        async def handler(request: WebSocketRequest) -> None:
-            ws = await request.accept()
-            session = Session(ws, request.path)
-            send.send_nowait(session)
-            await session.done.wait()  # the test ends the session (or the nursery does)
-
-        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+        server = await nursery.start(
+            serve_websocket, partial(_hold, stream=None, send=send), "127.0.0.1", 0, None
+        )
         yield FakeSockets(server.port, receive)
         nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class MemorySockets(FakeSockets):
+    """:class:`FakeSockets` without a socket: give clients :meth:`open_stream`."""
+
+    nursery: trio.Nursery
+    send: trio.MemorySendChannel[Session]
+    #: What each connection asked for: ``(host, port, secure)``, in order.
+    opened: list[tuple[str, int, bool]] = attrs.field(factory=list)
+
+    async def open_stream(self, host: str, port: int, secure: bool) -> trio.abc.Stream:
+        """The ``open_stream`` seam: a fresh in-memory connection to the fake."""
+        self.opened.append((host, port, secure))
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self._serve, server, self.send)
+        return client
+
+    @staticmethod
+    async def _serve(stream: trio.abc.Stream, send: trio.MemorySendChannel[Session]) -> None:
+        async with stream, trio.open_nursery() as nursery:
+            # Waits for the client's handshake (forever, if the client goes away first:
+            # the fake's nursery ends it).
+            request = await wrap_server_stream(nursery, stream)
+            await _hold(request, stream, send)
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def memory_sockets() -> AsyncIterator[MemorySockets]:
+    send, receive = trio.open_memory_channel[Session](math.inf)
+    async with trio.open_nursery() as nursery:
+        yield MemorySockets(0, receive, nursery, send)
+        nursery.cancel_scope.cancel()
+
+
+# -- the server's part of the subscription protocol, for tests that speak it
+
+
+def delivered(key: str, parameters: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """A run as the server delivers it (PENDING)."""
+    run = TaskRun(
+        id=uuid.uuid4(),
+        task_key=key,
+        name=key,
+        state=make_state(StateType.PENDING),
+        parameters=parameters or {},
+    )
+    out: dict[str, Any] = converter.unstructure(run)
+    out.update(fields)
+    return out
+
+
+async def answer_states(
+    session: Session,
+    until: dict[str, str],
+    seen: list[dict[str, Any]],
+    reported: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Answer every state report with ACCEPT until each run in ``until`` reported its state
+    type; returns the last state reported per run. Other messages go to ``seen``; every
+    state type reported is appended, per run id, to ``reported``."""
+    last: dict[str, Any] = {}
+    while any(last.get(run_id, {}).get("type") != kind for run_id, kind in until.items()):
+        message = await session.receive_type("states", seen)
+        results = []
+        for entry in message["states"]:
+            last[entry["id"]] = entry["state"]
+            if reported is not None:
+                reported.setdefault(entry["id"], []).append(entry["state"]["type"])
+            results.append({"id": entry["id"], "ref": entry["ref"], "status": "ACCEPT", "details": None})
+        await session.send({"type": "state_results", "results": results})
+    return last
+
+
+async def quit_when_asked(session: Session) -> None:
+    """Play the server's part of a clean quit."""
+    await session.receive_type("quit")
+    await session.ws.aclose()
 
 
 @attrs.define(eq=False)

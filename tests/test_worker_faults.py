@@ -23,14 +23,25 @@ import trio
 
 import trioworker
 from trioworker.cli.worker import EXIT_RUNS_IGNORED_STOP
-from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
+from trioworker.models import TaskRun, TaskRunCreate, converter
 from trioworker.serializers import FUTURE_KEY
 from trioworker.server import RunningServer
 from trioworker.tasks import task
 from trioworker.worker import engine
 from trioworker.worker.task_worker import MAX_WORKER_FAULTS, TaskWorker
 
-from .fakes import CHANNEL_PATH, SUBSCRIPTION_PATH, FakeSockets, Proxy, Session, fake_sockets, routing_proxy
+from .fakes import (
+    CHANNEL_PATH,
+    SUBSCRIPTION_PATH,
+    FakeSockets,
+    Proxy,
+    Session,
+    answer_states,
+    delivered,
+    fake_sockets,
+    quit_when_asked,
+    routing_proxy,
+)
 from .helpers import history, submit, wait_all
 from .test_cli_worker import OUTPUT_TIMEOUT, start_worker, within, worker_env, write
 
@@ -93,42 +104,6 @@ def logs() -> Iterator[LogEvents]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-def delivered(key: str, parameters: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-    """A run as the server delivers it (PENDING)."""
-    run = TaskRun(
-        id=uuid.uuid4(),
-        task_key=key,
-        name=key,
-        state=make_state(StateType.PENDING),
-        parameters=parameters or {},
-    )
-    out: dict[str, Any] = converter.unstructure(run)
-    out.update(fields)
-    return out
-
-
-async def answer_states(
-    session: Session, until: dict[str, str], seen: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """Answer every state report with ACCEPT until each run in ``until`` reported its state
-    type; returns the last state reported per run. Other messages go to ``seen``."""
-    last: dict[str, Any] = {}
-    while any(last.get(run_id, {}).get("type") != kind for run_id, kind in until.items()):
-        message = await session.receive_type("states", seen)
-        results = []
-        for entry in message["states"]:
-            last[entry["id"]] = entry["state"]
-            results.append({"id": entry["id"], "ref": entry["ref"], "status": "ACCEPT", "details": None})
-        await session.send({"type": "state_results", "results": results})
-    return last
-
-
-async def quit_when_asked(session: Session) -> None:
-    """Play the server's part of a clean quit."""
-    await session.receive_type("quit")
-    await session.ws.aclose()
 
 
 async def complete(api: httpx.AsyncClient, run_id: str, data: Any) -> None:

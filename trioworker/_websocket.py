@@ -4,6 +4,11 @@ message, reconnect backoff, and the errors that drop a connection.
 The worker's subscription (:mod:`trioworker.worker.subscription`) and the submitter's
 channel (:mod:`trioworker.client.channel`) speak different halves of the protocol over the
 same kind of connection; what they have in common lives here, once.
+
+**Test seam:** the byte stream under a websocket is opened by an :data:`OpenStream`
+(:func:`open_network_stream`, TCP and TLS, unless told otherwise). Tests pass one that
+returns an end of :func:`trio.testing.memory_stream_pair` and speak the server's part on
+the other end, as Trio's own tests do: the whole client runs, without a socket.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 import random
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, TypeAlias
 
 import orjson
 import trio
@@ -38,17 +43,38 @@ def next_backoff(attempt: int, rng: random.Random) -> float:
     return rng.uniform(cap / 2, cap)
 
 
+#: Opens the byte stream a websocket runs over: ``(host, port, secure) -> stream``, where
+#: ``secure`` asks for TLS (a ``wss://`` URL). Raises OSError when it cannot.
+OpenStream: TypeAlias = Callable[[str, int, bool], Awaitable[trio.abc.Stream]]
+
+
+async def open_network_stream(host: str, port: int, secure: bool) -> trio.abc.Stream:
+    """The default :data:`OpenStream`: TCP to ``host:port``, with TLS (verified against the
+    system's trust store) when ``secure``. Raises OSError (TLS errors included) on failure."""
+    if secure:
+        return await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+        )
+    return await trio.open_tcp_stream(host, port)
+
+
 @asynccontextmanager
-async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocketConnection]:
-    """Open a websocket to ``url`` (``ws://`` or ``wss://``); its TCP stream is ours and is
+async def connect(
+    url: str, token: str | None = None, *, open_stream: OpenStream = open_network_stream
+) -> AsyncIterator[WebSocketConnection]:
+    """Open a websocket to ``url`` (``ws://`` or ``wss://``); its byte stream is ours and is
     always closed on the way out.
 
     trio-websocket 0.12 leaves the stream open when the server closed first or refused the
     handshake (an HTTP error status); owning the stream keeps a reconnecting client from
     leaking one socket per attempt.
 
+    Args:
+        open_stream: opens the stream under the websocket (a test seam, see the module
+            docstring); the default is TCP, with TLS for ``wss://``.
+
     Raises:
-        OSError: the TCP connection failed.
+        OSError: the stream could not be opened (TCP or TLS failed).
         HandshakeError: the handshake was refused (:class:`ConnectionRejected`) or took
             longer than CONNECT_TIMEOUT (:class:`ConnectionTimeout`).
     """
@@ -57,14 +83,8 @@ async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocket
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
     with trio.move_on_after(CONNECT_TIMEOUT) as opening:
-        if secure:
-            stream = await trio.open_ssl_over_tcp_stream(
-                host, port, ssl_context=ssl.create_default_context(), https_compatible=True
-            )
-        else:
-            stream = await trio.open_tcp_stream(host, port)
+        stream = await open_stream(host, port, secure)
     if opening.cancelled_caught:
         raise ConnectionTimeout
     body_error: BaseException | None = None
@@ -73,7 +93,9 @@ async def connect(url: str, token: str | None = None) -> AsyncIterator[WebSocket
             with trio.move_on_after(CONNECT_TIMEOUT) as handshake:
                 ws = await wrap_client_stream(
                     nursery,
-                    stream,
+                    # Annotated as a socket or TLS stream, but any trio.abc.Stream works
+                    # (trio-websocket's docstring says so; it only reads addresses off sockets).
+                    stream,  # type: ignore[arg-type]
                     host if port in (80, 443) else f"{host}:{port}",
                     resource,
                     message_queue_size=64,

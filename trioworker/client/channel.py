@@ -28,7 +28,14 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from trioworker import protocol
 from trioworker._util import only_exception
-from trioworker._websocket import MalformedMessage, explain_error, next_backoff, parse_message
+from trioworker._websocket import (
+    MalformedMessage,
+    OpenStream,
+    explain_error,
+    next_backoff,
+    open_network_stream,
+    parse_message,
+)
 from trioworker._websocket import connect as open_socket
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
@@ -84,6 +91,8 @@ class ClientChannel:
     _watches: dict[uuid.UUID, _Watch] = attrs.field(factory=dict)
     _to_watch: list[uuid.UUID] = attrs.field(factory=list)
     _flushing: bool = False
+    #: A test seam: opens the byte stream under each connection (see trioworker._websocket).
+    _open_stream: OpenStream = attrs.field(default=open_network_stream, kw_only=True)
 
     @property
     def usable(self) -> bool:
@@ -178,7 +187,7 @@ class ClientChannel:
         started = False
         while True:
             try:
-                async with open_socket(channel_url(self.api_url)) as ws:
+                async with open_socket(channel_url(self.api_url), open_stream=self._open_stream) as ws:
                     await ws.send_message(
                         orjson.dumps({"type": protocol.AUTH, "token": self.api_key}).decode()
                     )
@@ -290,12 +299,16 @@ def _ref(message: dict[str, JSON]) -> int:
 
 
 @asynccontextmanager
-async def open_channel(api_url: str, api_key: str | None) -> AsyncIterator[ClientChannel | None]:
+async def open_channel(
+    api_url: str, api_key: str | None, *, open_stream: OpenStream = open_network_stream
+) -> AsyncIterator[ClientChannel | None]:
     """The channel, or None when it cannot be opened (an older server: use HTTP).
+
+    ``open_stream`` is a test seam (see :mod:`trioworker._websocket`).
 
     **Resource handling:** its task and socket live exactly as long as the block.
     """
-    channel = ClientChannel(None, api_url, api_key)
+    channel = ClientChannel(None, api_url, api_key, open_stream=open_stream)
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

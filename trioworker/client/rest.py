@@ -36,7 +36,7 @@ import orjson
 import trio
 
 from trioworker import protocol
-from trioworker._websocket import next_backoff
+from trioworker._websocket import OpenStream, next_backoff, open_network_stream
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import (
     JSON,
@@ -529,14 +529,19 @@ _current_sync: Final[ContextVar[SyncTaskRunClient | None]] = ContextVar(
 
 @asynccontextmanager
 async def connect(
-    api_url: str | None = None, api_key: str | None = None, *, channel: bool = True
+    api_url: str | None = None,
+    api_key: str | None = None,
+    *,
+    channel: bool = True,
+    open_stream: OpenStream = open_network_stream,
 ) -> AsyncIterator[TaskRunClient]:
     """Use one client for every submission and future inside the block.
 
     The client keeps its HTTP connection alive and, with ``channel`` (the default), opens
     the client channel: one websocket over which runs are created and ended runs come
     back, about ten times cheaper per call than HTTP. Workers do this for the task code
-    they run.
+    they run. ``open_stream`` is a test seam: it opens the channel's byte stream (see
+    :mod:`trioworker._websocket`).
 
     **Resource handling:** the channel's socket and reader task live exactly as long as
     the block.
@@ -547,7 +552,7 @@ async def connect(
         token = _current_async.set(client)
         try:
             if channel:
-                async with open_channel(client.api_url, client.api_key) as opened:
+                async with open_channel(client.api_url, client.api_key, open_stream=open_stream) as opened:
                     client.channel = opened
                     try:
                         yield client

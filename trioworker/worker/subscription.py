@@ -32,11 +32,13 @@ from trioworker import protocol
 from trioworker._websocket import (
     Disconnected,
     MalformedMessage,
+    OpenStream,
     Unresponsive,
     clip,
     connect,
     explain_error,
     next_backoff,
+    open_network_stream,
     parse_message,
 )
 from trioworker.errors import SubscriptionRefused
@@ -106,6 +108,8 @@ class SubscriptionClient:
         keepalive_idle: seconds with nothing received after which the server is pinged.
         keepalive_timeout: seconds to wait for the pong; without it the connection is
             dropped (:attr:`connected` turns False) and made again as for any loss.
+        open_stream: keyword only, a test seam: opens the byte stream under each
+            connection (see :mod:`trioworker._websocket`; default TCP, TLS for https).
     """
 
     api_url: str
@@ -132,6 +136,7 @@ class SubscriptionClient:
     _revoked: set[uuid.UUID] = attrs.field(factory=set)
     #: Ends when nothing was received for keepalive_idle seconds (each message pushes it back).
     _quiet: trio.CancelScope | None = None
+    _open_stream: OpenStream = attrs.field(default=open_network_stream, kw_only=True)
 
     # -- what the worker calls
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult:
@@ -219,7 +224,7 @@ class SubscriptionClient:
         async with deliveries:
             while True:
                 try:
-                    async with connect(url) as ws:
+                    async with connect(url, open_stream=self._open_stream) as ws:
                         try:
                             await self._handshake(ws)
                             attempt = 0

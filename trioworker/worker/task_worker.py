@@ -9,9 +9,10 @@ The nursery tree of a running worker::
         runs nursery: one task per run; async code runs here, sync code in
                       trio.to_thread.run_sync; a CapacityLimiter bounds them all
 
-When ``start()`` returns, every task and socket of the worker has ended, and every thread
-too, except the thread of a sync task still running when the grace period ran out: the
-worker stopped waiting for it (see :class:`TaskWorker`).
+When ``start()`` returns, every task and socket of the worker has ended, and no thread runs
+its code, except the thread of a sync task still running when the grace period ran out:
+the worker stopped waiting for it (see :class:`TaskWorker`). (The threads that ran sync
+tasks belong to Trio's thread cache, which keeps them idle for a while for reuse.)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import trio
 
 from trioworker import serializers
 from trioworker._util import only_exception
-from trioworker._websocket import next_backoff
+from trioworker._websocket import OpenStream, next_backoff, open_network_stream
 from trioworker.client.rest import TaskRunClient, connect, using_client
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import (
@@ -141,6 +142,10 @@ class TaskWorker:
             server). A run waits in the buffer only while no other worker of its task has
             a free slot; when one gets one, the server takes back the runs not started.
             Without a limit there is nothing to wait for, and prefetch is 0.
+        open_stream: a test seam: opens the byte stream under the worker's websockets
+            (the subscription and the client channel; see :mod:`trioworker._websocket`).
+            The default is TCP, with TLS for ``https://``; tests pass one that returns
+            an in-memory stream whose other end plays the server.
 
     **Cancellation handling:** :meth:`stop` (or SIGTERM/SIGINT under :func:`serve`)
     stops taking runs, lets in-flight runs finish within the grace period, then cancels
@@ -174,6 +179,7 @@ class TaskWorker:
         allow_pickle: bool = False,
         client_id: str | None = None,
         prefetch: int = 0,
+        open_stream: OpenStream = open_network_stream,
     ) -> None:
         self._tasks = _check_tasks(tasks)
         if limit is not None and limit < 1:
@@ -224,6 +230,7 @@ class TaskWorker:
         self._startup_scope: trio.CancelScope | None = None
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
+        self._open_stream = open_stream
 
     # -- what users read
     @property
@@ -325,6 +332,7 @@ class TaskWorker:
             held=lambda: set(self._held),
             on_cancel=self._on_cancel,
             prefetch=self.prefetch,
+            open_stream=self._open_stream,
         )
         try:
             await self._run_tree(send, receive, task_status)
@@ -346,7 +354,10 @@ class TaskWorker:
         """The nursery tree (see the module docstring)."""
         # One client for everything the worker's runs say over REST (their own .delay()
         # calls included: it is the ambient client of their context).
-        async with connect(self.api_url, self.api_key), trio.open_nursery() as nursery:
+        async with (
+            connect(self.api_url, self.api_key, open_stream=self._open_stream),
+            trio.open_nursery() as nursery,
+        ):
             if self.status_server_port is not None:
                 # Only here: a worker without a status port never imports quart or hypercorn.
                 from trioworker.worker.status import serve_status
@@ -758,7 +769,7 @@ class TaskWorker:
         task = self._tasks.get(task_run.task_key)
         self._claimed.add(task_run.id)
         try:
-            async with connect(self.api_url, self.api_key) as client:
+            async with connect(self.api_url, self.api_key, open_stream=self._open_stream) as client:
                 if task is None:
                     await self._unknown_key(task_run, lambda ids: None)
                     return
@@ -797,8 +808,10 @@ async def serve(
     the second signal) is not waited for: ``serve()`` returns while it runs on in the
     background, its result discarded (its run was handed back and runs again elsewhere).
     In an application that keeps running after ``serve()`` returns, such a thread lives
-    until its function returns; make long sync tasks call
+    until its function returns (Trio stopped waiting for it too:
+    ``trio.testing.active_thread_count()`` does not count it); make long sync tasks call
     ``trio.from_thread.check_cancelled()`` now and then so that they end when stopped.
+    Every other thread has finished the task code it ran when ``serve()`` returns.
 
     **Async code that ignores cancellation** (a shielded scope, a loop catching
     ``trio.Cancelled``) delays the return until it ends, like any task in a nursery; code
