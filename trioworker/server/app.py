@@ -47,7 +47,7 @@ from trioworker.server.sockets import (
     validate_state_request,
     with_state_name,
 )
-from trioworker.server.store import StoreError
+from trioworker.server.store.base import StoreError
 from trioworker.settings import MAX_PREFETCH
 
 log = logging.getLogger("trioworker.server")
