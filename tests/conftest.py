@@ -2,11 +2,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from trioworker.server import RunningServer
+from trioworker.server.store import Store
+
+from .stores import STORES, OpenStore
 
 # pyproject's addopts turn off the plugin's entry point (`-p no:trioworker`): loaded here,
 # after pytest-cov started coverage, trioworker's own import is measured.
@@ -27,3 +31,17 @@ def refused_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+@pytest.fixture(params=sorted(STORES))
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
+    """Opens the test's own database in each kind of store: once, or again to see what
+    survives a restart."""
+    return STORES[request.param](tmp_path)
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    """The test's own store, open for the whole test (once per kind of store)."""
+    async with open_store() as opened:
+        yield opened

@@ -181,6 +181,37 @@ def test_the_worker_is_still_one_attribute_away(tmp_path: Path) -> None:
     assert "trioworker.worker" in modules
 
 
+#: What the server wing may import besides its own modules: the shared core.
+SERVER_MAY_IMPORT = frozenset(
+    {
+        "trioworker._http",
+        "trioworker._util",
+        "trioworker._version",
+        "trioworker.errors",
+        "trioworker.models",
+        "trioworker.protocol",
+        "trioworker.serializers",
+        "trioworker.settings",
+    }
+)
+
+
+def test_the_server_imports_only_the_shared_core() -> None:
+    """Every module the server's modules reach (not counting parent packages) is the
+    server's own or the shared core: never the client or the worker wing."""
+    graph = import_graph()
+    reached: set[str] = set()
+    todo = ["trioworker.server"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += graph[module]
+    assert "trioworker.server.store.sqlite" in reached
+    assert among(reached, ("trioworker.client", "trioworker.worker")) == []
+    assert sorted(reached - SERVER_MAY_IMPORT - set(among(reached, ("trioworker.server",)))) == []
+
+
 def test_no_two_classes_share_a_name() -> None:
     """A name means one thing: the server's and the client's sides of a concept have
     different names (``Refusal`` on the server, ``ApiError`` in the client)."""

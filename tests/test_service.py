@@ -1,14 +1,14 @@
-"""The service over a real SQLite store: fresh runs delivered before their claim commits."""
+"""The service over a real store (each kind, ``stores.py``): fresh runs delivered before their
+claim commits."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.service import FRESH_MAX_RUN_BYTES, FreshRuns, TaskRunService
-from trioworker.server.store import QueuedRun, SQLiteStore
+from trioworker.server.store import QueuedRun, Store
 
 
 def subscription(service: TaskRunService, credit: int = 10) -> Subscription:
@@ -17,60 +17,56 @@ def subscription(service: TaskRunService, credit: int = 10) -> Subscription:
     return sub
 
 
-async def test_fresh_runs_are_delivered_as_the_claim_leaves_them(tmp_path: Path) -> None:
-    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
-        service = TaskRunService(store, Dispatcher())
-        [(created, _)] = await service.create_runs([TaskRunCreate(task_key="k", parameters={"i": 1})])
-        assert len(service.fresh) == 1
-        sub = subscription(service)
-        delivery = await service.next_runs(sub)
-        [sent] = delivery.runs
-        await delivery.confirm()
-        assert len(service.fresh) == 0
-        stored = await store.read_run(created.id)
-        assert stored == sent  # what was sent is what the store holds, to the microsecond
-        assert sent.state.type is StateType.PENDING
-        assert sent.state.state_details.client_id == "w-1"
-        assert sent.delivery_count == 1
-        assert sub.cancels == []
+async def test_fresh_runs_are_delivered_as_the_claim_leaves_them(store: Store) -> None:
+    service = TaskRunService(store, Dispatcher())
+    [(created, _)] = await service.create_runs([TaskRunCreate(task_key="k", parameters={"i": 1})])
+    assert len(service.fresh) == 1
+    sub = subscription(service)
+    delivery = await service.next_runs(sub)
+    [sent] = delivery.runs
+    await delivery.confirm()
+    assert len(service.fresh) == 0
+    stored = await store.read_run(created.id)
+    assert stored == sent  # what was sent is what the store holds, to the microsecond
+    assert sent.state.type is StateType.PENDING
+    assert sent.state.state_details.client_id == "w-1"
+    assert sent.delivery_count == 1
+    assert sub.cancels == []
 
 
-async def test_a_fresh_run_changed_behind_the_cache_is_cancelled_at_its_holder(tmp_path: Path) -> None:
-    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
-        service = TaskRunService(store, Dispatcher())
-        [(created, _)] = await service.create_runs([TaskRunCreate(task_key="k")])
-        # A change the cache does not hear of (as if it raced with the take below).
-        cancelled = SetStateRequest(make_state(StateType.CANCELLED))
-        await store.set_states([(created.id, cancelled)], now=0.0)
-        sub = subscription(service)
-        delivery = await service.next_runs(sub)
-        assert [run.id for run in delivery.runs] == [created.id]  # sent before the claim ran
-        await delivery.confirm()
-        assert sub.cancels == [created.id]  # so the worker stops it
-        assert service.dispatcher.holder(created.id) is None
-        stored = await store.read_run(created.id)
-        assert stored is not None and stored.state.type is StateType.CANCELLED
+async def test_a_fresh_run_changed_behind_the_cache_is_cancelled_at_its_holder(store: Store) -> None:
+    service = TaskRunService(store, Dispatcher())
+    [(created, _)] = await service.create_runs([TaskRunCreate(task_key="k")])
+    # A change the cache does not hear of (as if it raced with the take below).
+    cancelled = SetStateRequest(make_state(StateType.CANCELLED))
+    await store.set_states([(created.id, cancelled)], now=0.0)
+    sub = subscription(service)
+    delivery = await service.next_runs(sub)
+    assert [run.id for run in delivery.runs] == [created.id]  # sent before the claim ran
+    await delivery.confirm()
+    assert sub.cancels == [created.id]  # so the worker stops it
+    assert service.dispatcher.holder(created.id) is None
+    stored = await store.read_run(created.id)
+    assert stored is not None and stored.state.type is StateType.CANCELLED
 
 
-async def test_a_change_through_the_service_drops_the_fresh_copy(tmp_path: Path) -> None:
-    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
-        service = TaskRunService(store, Dispatcher())
-        [(first, _), (second, _)] = await service.create_runs(
-            [TaskRunCreate(task_key="k"), TaskRunCreate(task_key="k")]
-        )
-        await service.cancel(first.id)
-        await service.delete(second.id)
-        assert len(service.fresh) == 0
-        sub = subscription(service)
-        assert (await service.next_runs(sub)).runs == []  # the stale index entries claim nothing
+async def test_a_change_through_the_service_drops_the_fresh_copy(store: Store) -> None:
+    service = TaskRunService(store, Dispatcher())
+    [(first, _), (second, _)] = await service.create_runs(
+        [TaskRunCreate(task_key="k"), TaskRunCreate(task_key="k")]
+    )
+    await service.cancel(first.id)
+    await service.delete(second.id)
+    assert len(service.fresh) == 0
+    sub = subscription(service)
+    assert (await service.next_runs(sub)).runs == []  # the stale index entries claim nothing
 
 
-async def test_the_fresh_cache_takes_only_small_runs_due_now(tmp_path: Path) -> None:
-    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
-        later = datetime.now(UTC) + timedelta(hours=1)
-        results = await store.create_runs(
-            [TaskRunCreate(task_key="k"), TaskRunCreate(task_key="k", scheduled_time=later)]
-        )
+async def test_the_fresh_cache_takes_only_small_runs_due_now(store: Store) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    results = await store.create_runs(
+        [TaskRunCreate(task_key="k"), TaskRunCreate(task_key="k", scheduled_time=later)]
+    )
     fresh = FreshRuns()
     (now_run, now_queued), (later_run, later_queued) = results
     assert now_queued is not None and later_queued is not None

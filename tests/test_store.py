@@ -1,4 +1,5 @@
-"""The SQLite store on its own: durability, migrations, group commit, and the thread rule."""
+"""The SQLite store on its own: its file, migrations, group commit, the thread rule and its
+cache. What every store does is tested in ``test_store_contract.py``."""
 
 from __future__ import annotations
 
@@ -16,16 +17,6 @@ import trio
 
 from trioworker.models import SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state
 from trioworker.server.store import SCHEMA_VERSION, DatabaseInUse, SQLiteStore, StoreError, database_path
-
-
-async def test_runs_survive_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite"
-    async with SQLiteStore.open(path) as store:
-        [(run, queued)] = await store.create_runs([TaskRunCreate(task_key="k", parameters={"x": 1})])
-        assert queued is not None
-    async with SQLiteStore.open(path) as store:
-        again = await store.read_run(run.id)
-    assert again == run
 
 
 async def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
@@ -133,22 +124,6 @@ async def test_a_schema_1_file_is_migrated_and_keeps_its_runs(tmp_path: Path, wi
     assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     assert conn.execute("SELECT name FROM sqlite_master WHERE name LIKE '%v2%'").fetchall() == []
     conn.close()
-
-
-async def test_a_fresh_file_scopes_idempotency_keys_to_task_keys(tmp_path: Path) -> None:
-    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
-        results = await store.create_runs(
-            [
-                TaskRunCreate(task_key="a", idempotency_key="k"),
-                TaskRunCreate(task_key="b", idempotency_key="k"),
-                TaskRunCreate(task_key="a", idempotency_key="k"),
-                TaskRunCreate(task_key="a"),
-                TaskRunCreate(task_key="a"),
-            ]
-        )
-    [a, b, a_again, plain_1, plain_2] = [run for run, _ in results]
-    assert [queued is None for _, queued in results] == [False, False, True, False, False]
-    assert a.id != b.id and a_again.id == a.id and plain_1.id != plain_2.id
 
 
 async def test_one_file_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
@@ -288,33 +263,8 @@ async def test_a_failing_operation_does_not_spoil_its_group(tmp_path: Path) -> N
         assert len(await store.list_runs()) == 1
 
 
-async def test_claim_skips_runs_that_are_no_longer_scheduled(tmp_path: Path) -> None:
-    async with SQLiteStore.open(":memory:") as store:
-        created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
-        ids = [run.id for run, _ in created]
-        await store.set_states([(ids[1], SetStateRequest(make_state(StateType.CANCELLED)))], now=time.time())
-        claimed = await store.claim_runs([*ids, uuid.uuid4()], "c")
-        assert [r.id for r in claimed] == [ids[0], ids[2]]
-        assert {r.state.type for r in claimed} == {StateType.PENDING}
-        assert await store.claim_runs(ids, "c") == []
-
-
-async def test_recover_requeues_held_runs(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite"
-    async with SQLiteStore.open(path) as store:
-        created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
-        ids = [run.id for run, _ in created]
-        await store.claim_runs(ids[:2], "c")
-        await store.set_states([(ids[0], SetStateRequest(make_state(StateType.RUNNING)))], now=time.time())
-    async with SQLiteStore.open(path) as store:
-        queued = await store.recover(max_deliveries=5)
-        assert [q.id for q in queued] == ids
-        runs = await store.read_runs(ids[:2])
-        assert {(r.state.type, r.state.name) for r in runs} == {(StateType.SCHEDULED, "Redelivered")}
-
-
 def test_in_flight_runs_reach_the_committed_view_only_with_their_commit() -> None:
-    from trioworker.server.store import _InFlight
+    from trioworker.server.store.sqlite import _InFlight
 
     run = TaskRun(id=uuid.uuid4(), task_key="k", name="k", state=make_state(StateType.PENDING), parameters={})
     done = attrs.evolve(run, state=make_state(StateType.COMPLETED))
@@ -360,16 +310,3 @@ async def test_reports_on_claimed_runs_match_what_the_store_holds(tmp_path: Path
     async with SQLiteStore.open(path) as store:
         stored = await store.read_run(run.id)
     assert stored == running.run and claimed.state.type is StateType.PENDING
-
-
-async def test_read_ended_decodes_only_ended_runs(tmp_path: Path) -> None:
-    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
-        created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
-        done, waiting, gone = (run for run, _ in created)
-        cancel = SetStateRequest(make_state(StateType.CANCELLED))
-        await store.set_states([(done.id, cancel)], now=0.0)
-        await store.delete_run(gone.id)
-        ended, found = await store.read_ended([done.id, waiting.id, gone.id])
-    assert [run.id for run in ended] == [done.id]
-    assert ended[0].state.type is StateType.CANCELLED
-    assert found == {done.id, waiting.id}

@@ -1,6 +1,7 @@
-"""The store's failure paths: a failed commit, operations queued at or after close, a store
-that fails while a connection is dropped at shutdown. The server answers with a clear error
-or finishes cleanly, and what it had confirmed is still there afterwards.
+"""The store's failure paths: a failed commit, a store that fails while a connection is
+dropped at shutdown. The server answers with a clear error or finishes cleanly, and what it
+had confirmed is still there afterwards. (Operations queued at or after close: see
+``test_store_contract.py``.)
 
 Failures are injected at the SQLite boundary only: COMMIT fails as on a full disk; the rest
 is the real store, server and sockets.
@@ -18,9 +19,8 @@ import httpx
 import pytest
 import trio
 
-from trioworker.models import StateType, TaskRunCreate
 from trioworker.server import RunningServer, ServerConfig, serve_server
-from trioworker.server.store import SQLiteStore, StoreError
+from trioworker.server.store import SQLiteStore
 from trioworker.testing import ServerControl
 
 from .helpers import submit
@@ -104,22 +104,6 @@ async def test_a_failed_claim_commit_gives_the_run_to_the_next_subscriber(
             await second.finish([run_id])
     state = (await api.get(f"/task_runs/{run_id}")).json()["state"]
     assert state["type"] == "COMPLETED"
-
-
-async def test_operations_queued_at_close_run_and_later_ones_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite"
-    async with SQLiteStore.open(path) as store:
-        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
-        at_close = store.claim_runs_soon([run], "c-1", run.created)  # queued, not awaited
-    [claimed] = await at_close.result()  # it ran before the store closed
-    assert claimed.state.type is StateType.PENDING
-    with pytest.raises(StoreError, match="the store is closed"):
-        await store.read_run(run.id)
-    with pytest.raises(StoreError, match="the store is closed"):
-        store.claim_runs_soon([run], "c-2", run.created)
-    async with SQLiteStore.open(path) as store:
-        again = await store.read_run(run.id)
-    assert again is not None and again.state.type is StateType.PENDING  # the claim was saved
 
 
 @pytest.fixture

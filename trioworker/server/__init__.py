@@ -16,7 +16,7 @@ from trioworker._http import serve_app
 from trioworker.server.app import create_app
 from trioworker.server.queue import Dispatcher, WallClock
 from trioworker.server.service import TaskRunService
-from trioworker.server.store import SQLiteStore
+from trioworker.server.store import open_store
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT
 
 log = logging.getLogger("trioworker.server")
@@ -66,7 +66,7 @@ async def serve_server(
     reconnect elsewhere or later) and gives requests :data:`trioworker._http.GRACEFUL_SECONDS` to finish.
     """
     closing = trio.Event()
-    async with SQLiteStore.open(config.db_path) as store:
+    async with open_store(config.db_path) as store:
         dispatcher = Dispatcher(clock=config.clock) if config.clock else Dispatcher()
         service = TaskRunService(store, dispatcher, max_deliveries=config.max_deliveries)
         queued = await service.recover()
@@ -98,5 +98,5 @@ async def serve_server(
 
             await nursery.start(dispatcher.release_delayed_runs)
             url: str = await nursery.start(run_http)
-            log.info("database %s, %d runs queued", store.path, queued)
+            log.info("database %s, %d runs queued", store.location, queued)
             task_status.started(RunningServer(url=url, service=service))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import attrs
 import trio
 
-from trioworker.server.store import QueuedRun
+from trioworker.server.store.base import QueuedRun
 
 #: Seconds of wall-clock time since the epoch, as the dispatcher sees them.
 WallClock = Callable[[], float]

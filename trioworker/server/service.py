@@ -1,6 +1,6 @@
 """The task-run service: every operation of the API, keeping the store and the dispatcher in step.
 
-The store decides (atomically, in SQLite); the service then tells the dispatcher what
+The store decides (atomically, in its database); the service then tells the dispatcher what
 changed (runs to queue, leases to drop), wakes the clients waiting for runs to end, and
 asks the connection that holds a cancelled run to stop it.
 """
@@ -29,7 +29,8 @@ from trioworker.models import (
 )
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.sockets import Refusal
-from trioworker.server.store import Change, QueuedRun, RunIdTaken, Store, claimed_copy
+from trioworker.server.store.base import Change, QueuedRun, RunIdTaken, Store
+from trioworker.server.store.runs import claimed_copy
 
 #: Bounds of the fresh-run cache: entries, bytes in all, bytes of one run.
 FRESH_MAX_RUNS: Final = 5_000

@@ -1,4 +1,4 @@
-"""Durable storage of task runs: the interface and its SQLite implementation.
+"""The embedded store: SQLite, one file (or memory), one server.
 
 SQLite runs in WAL mode on one connection that only worker threads touch: every
 operation is a plain function of the connection, queued to a committer task that runs
@@ -7,24 +7,21 @@ all operations waiting at that moment in one transaction (group commit) inside o
 of 1,000 writes costs one commit, not 1,000.
 
 Each operation is atomic (its own savepoint) and reads what it changes inside the same
-transaction, so state checks and updates cannot interleave: the store is the single
-source of truth, and the dispatcher's memory is only an index over it.
+transaction, so state checks and updates cannot interleave. What a change does to a run
+is :mod:`trioworker.server.store.runs`'s; this module only reads and writes rows.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import sqlite3
-import sys
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, TypeVar
 
 import attrs
 import orjson
@@ -33,22 +30,29 @@ import trio
 from trioworker.models import (
     ACTIVE_STATES,
     SetStateRequest,
-    SetStateResult,
-    SetStateStatus,
     State,
     StateChange,
-    StateDetails,
     StateType,
     TaskRun,
     TaskRunCreate,
     converter,
-    make_state,
     utcnow,
 )
-from trioworker.server.rules import decide
+from trioworker.server.store.base import Change, QueuedOp, QueuedRun, Requeued, StoreError
+from trioworker.server.store.files import database_path, lock_file
+from trioworker.server.store.runs import (
+    claimed_copy,
+    epoch,
+    judged,
+    missing_run_change,
+    new_run,
+    queued_run,
+    reclaimed,
+    requeued,
+    same_run,
+)
 
 T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
 
 #: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys.
 SCHEMA_VERSION: Final = 2
@@ -100,199 +104,6 @@ CREATE TABLE IF NOT EXISTS task_run_states (
 )"""
 
 
-class StoreError(Exception):
-    """The store cannot do what was asked (closed, or a newer schema than this code knows)."""
-
-
-class RunIdTaken(Exception):
-    """A create gives the id of a run it cannot be a repeat of (another task key or
-    idempotency key); the API answers 409."""
-
-
-def _same_run(run: TaskRun, create: TaskRunCreate) -> TaskRun:
-    """``run``, the one ``create`` names by its id, if ``create`` is a repeat of it."""
-    if run.task_key != create.task_key:
-        raise RunIdTaken(
-            f"task run id {run.id} is taken by a run of task {run.task_key!r}, not {create.task_key!r}"
-        )
-    if run.idempotency_key != create.idempotency_key:
-        raise RunIdTaken(
-            f"task run id {run.id} is taken by a run of task {run.task_key!r} with idempotency key "
-            f"{run.idempotency_key!r}, not {create.idempotency_key!r}"
-        )
-    return run
-
-
-class DatabaseInUse(StoreError):
-    """Another trioworker server has this database file open (by any name or link): it
-    holds the lock on the file."""
-
-
-#: What a database may be given as (the error for any other URL names them).
-SUPPORTED_DATABASES: Final = (
-    "a SQLite file path, ':memory:', or a sqlite:// URL "
-    "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory)"
-)
-
-_URL_SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
-
-
-def database_path(db: str | Path) -> str:
-    """The SQLite file (or ``":memory:"``) that ``db`` names.
-
-    ``db`` is a file path (``~`` is expanded), ``":memory:"``, or a ``sqlite://`` URL in
-    SQLAlchemy's (and Prefect's) form: ``sqlite:///relative.db`` and
-    ``sqlite:////absolute/path.db``; ``sqlite://`` is an in-memory database.
-
-    Raises:
-        ValueError: ``db`` is empty, or starts with ``file:`` (SQLite would read a URI), or
-            a URL of another scheme (only the scheme is named,
-            so that a password in the URL is never printed), or a ``sqlite://`` URL with a
-            host, a query or a fragment.
-    """
-    if isinstance(db, Path):
-        path = str(db.expanduser())
-        # SQLite reads a name that starts with "file:" as a URI: "./" keeps it a file name.
-        return f".{os.sep}{path}" if path[:5].lower() == "file:" else path
-    if db[:5].lower() == "file:":
-        # SQLite would read it as a URI (file:z.db, file:./z.db?mode=rwc): refused, so one
-        # file never has two names that escape its lock, and no stray "file:." folder.
-        raise ValueError(f"unsupported database URL scheme 'file'; supported: {SUPPORTED_DATABASES}")
-    match = _URL_SCHEME.match(db)
-    if match is None:
-        if not db.strip():
-            raise ValueError(f"the database is empty; give {SUPPORTED_DATABASES}")
-        return db if db == ":memory:" else str(Path(db).expanduser())
-    scheme = match.group(1)
-    if scheme.lower() != "sqlite":
-        raise ValueError(f"unsupported database URL scheme {scheme!r}; supported: {SUPPORTED_DATABASES}")
-    rest = db[match.end() :]
-    if "?" in rest or "#" in rest:
-        raise ValueError("a sqlite:// URL takes no query or fragment")
-    if rest and not rest.startswith("/"):
-        raise ValueError(
-            "a sqlite:// URL has no host: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
-        )
-    path = urllib.parse.unquote(rest[1:])
-    return ":memory:" if path in ("", ":memory:") else database_path(Path(path))
-
-
-def _lock(path: str) -> int | None:
-    """Lock the database file ``path`` itself (creating it empty if missing); returns the
-    descriptor that holds the lock.
-
-    The lock follows the file, not its name: every spelling of the path, a symlink and a
-    hard link all reach one inode, so they all meet one lock. It is the kernel's
-    (``flock``, on Windows a lock file beside the database): it goes with the descriptor, so
-    a server that is killed (even with SIGKILL) releases it. On Linux ``flock`` and
-    SQLite's own (POSIX ``fcntl``) locks do not interfere, but closing any descriptor of the
-    file drops the process's POSIX locks on it: the caller keeps the descriptor open until
-    every SQLite connection to the file is closed.
-
-    Raises:
-        DatabaseInUse: another process (or another store in this one) holds it.
-        OSError: the file cannot be opened or created.
-    """
-    if path == ":memory:":
-        return None
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    real = os.path.realpath(path)
-    if sys.platform == "win32":  # pragma: no cover - Windows locks are mandatory: not the file
-        import msvcrt
-
-        fd = os.open(real + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            os.close(fd)
-            raise DatabaseInUse(_in_use(real)) from None
-        return fd
-    import fcntl
-
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DatabaseInUse(_in_use(real)) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _in_use(real: str) -> str:
-    return (
-        f"the database {real} is in use by another trioworker server; "
-        "stop that server first, or use another database"
-    )
-
-
-@attrs.frozen
-class QueuedRun:
-    """What the dispatcher needs to index a SCHEDULED run: no parameters, no result."""
-
-    seq: int
-    id: uuid.UUID
-    task_key: str
-    #: Epoch seconds when it becomes due; None means now.
-    scheduled_at: float | None
-    #: Runs that must complete first.
-    wait_for: tuple[uuid.UUID, ...] = ()
-    #: Bytes the run takes in the store (0 when not known).
-    size: int = 0
-
-
-@attrs.frozen
-class Change:
-    """The outcome of one state change, for the dispatcher and for waiters."""
-
-    result: SetStateResult
-    run: TaskRun | None
-    #: Set when the run became SCHEDULED (again): it goes back into the ready queues.
-    queued: QueuedRun | None = None
-
-
-@attrs.frozen
-class Requeued:
-    """What became of one held run when its connection let go of it."""
-
-    id: uuid.UUID
-    state_type: StateType | None
-    queued: QueuedRun | None
-
-
-class Store(Protocol):
-    """What the server needs from storage. :class:`SQLiteStore` is the embedded default."""
-
-    async def create_runs(
-        self, creates: Sequence[TaskRunCreate]
-    ) -> list[tuple[TaskRun, QueuedRun | None]]: ...
-    async def read_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
-    async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]: ...
-    async def list_runs(
-        self, *, task_key: str | None, state: StateType | None, limit: int, offset: int
-    ) -> list[TaskRun]: ...
-    async def history(self, run_id: uuid.UUID) -> list[StateChange] | None: ...
-    async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]: ...
-    def claim_runs_soon(
-        self, runs: Sequence[TaskRun], client_id: str, now: datetime
-    ) -> QueuedOp[list[TaskRun]]: ...
-    async def set_states(
-        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
-    ) -> list[Change]: ...
-    async def requeue(
-        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
-    ) -> list[Requeued]: ...
-    async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
-    async def reclaim(
-        self, run_ids: Sequence[uuid.UUID], client_id: str
-    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]: ...
-    async def recover(self, max_deliveries: int) -> list[QueuedRun]: ...
-    async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]: ...
-    async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]: ...
-
-
 # --------------------------------------------------------------------------- rows
 
 
@@ -306,20 +117,6 @@ def _body(run: TaskRun) -> bytes:
     data = converter.unstructure(run)
     del data["parameters"]
     return orjson.dumps(data)
-
-
-def claimed_copy(run: TaskRun, client_id: str, now: datetime) -> TaskRun:
-    """``run`` as a claim leaves it: PENDING, leased to ``client_id``, one delivery more."""
-    return attrs.evolve(
-        run,
-        state=make_state(StateType.PENDING, timestamp=now, details=StateDetails(client_id=client_id)),
-        updated=now,
-        delivery_count=run.delivery_count + 1,
-    )
-
-
-def _epoch(when: datetime | None) -> float | None:
-    return None if when is None else when.timestamp()
 
 
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
@@ -427,7 +224,7 @@ class _Ops:
     def _write(self, seq: int, run: TaskRun, *, log_state: bool = True) -> None:
         self.conn.execute(
             "UPDATE task_runs SET state_type = ?, scheduled_at = ?, body = ? WHERE seq = ?",
-            (run.state.type.value, _epoch(run.state.state_details.scheduled_time), _body(run), seq),
+            (run.state.type.value, epoch(run.state.state_details.scheduled_time), _body(run), seq),
         )
         self.in_flight.wrote(run.id, seq, run)
         if log_state:
@@ -515,40 +312,19 @@ class _Ops:
                     out.append((_row_to_run(*row), None))
                     continue
             if create.id is not None and create.id in known:
-                out.append((_same_run(known[create.id], create), None))
+                out.append((same_run(known[create.id], create), None))
                 continue
-            now = utcnow()
-            run_id = uuid.uuid4() if create.id is None else create.id
-            state = make_state(
-                StateType.SCHEDULED,
-                timestamp=now,
-                details=StateDetails(scheduled_time=create.scheduled_time),
-            )
-            run = TaskRun(
-                id=run_id,
-                task_key=create.task_key,
-                name=create.name or f"{create.task_key}-{run_id.hex[:8]}",
-                state=state,
-                parameters=create.parameters,
-                serializer=create.serializer,
-                created=now,
-                updated=now,
-                idempotency_key=create.idempotency_key,
-                tags=list(create.tags),
-                context=dict(create.context),
-                parent_task_run_id=create.parent_task_run_id,
-                wait_for=list(create.wait_for),
-            )
+            run = new_run(create, utcnow())
             parameters, body = orjson.dumps(run.parameters), _body(run)
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
                 " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parameters, body)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    str(run_id),
+                    str(run.id),
                     run.task_key,
-                    state.type.value,
-                    _epoch(create.scheduled_time),
+                    run.state.type.value,
+                    epoch(create.scheduled_time),
                     create.idempotency_key,
                     orjson.dumps([str(i) for i in run.wait_for]).decode() if run.wait_for else None,
                     parameters,
@@ -556,20 +332,10 @@ class _Ops:
                 ),
             )
             assert cur.lastrowid is not None
-            self._log(cur.lastrowid, state)
-            known[run_id] = run
-            out.append((run, self.queued_of(run, cur.lastrowid, len(parameters) + len(body))))
+            self._log(cur.lastrowid, run.state)
+            known[run.id] = run
+            out.append((run, queued_run(run, cur.lastrowid, len(parameters) + len(body))))
         return out
-
-    def queued_of(self, run: TaskRun, seq: int, size: int = 0) -> QueuedRun:
-        return QueuedRun(
-            seq,
-            run.id,
-            run.task_key,
-            _epoch(run.state.state_details.scheduled_time),
-            tuple(run.wait_for),
-            size,
-        )
 
     def states_of(self, run_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, StateType]:
         ids = [str(i) for i in run_ids]
@@ -651,43 +417,21 @@ class _Ops:
         changed: dict[uuid.UUID, tuple[int, TaskRun]] = {}
         for run_id, request in requests:
             if run_id not in found:
-                missing = make_state(StateType.CANCELLED, message="the run does not exist")
-                changes.append(
-                    Change(SetStateResult(SetStateStatus.ABORT, missing, "the run does not exist"), None)
-                )
+                changes.append(missing_run_change())
                 continue
             seq, run = found[run_id]
-            status, why = decide(run.state, request.state, force=request.force)
-            if status is not SetStateStatus.ACCEPT or why == "unchanged":
-                changes.append(Change(SetStateResult(status, run.state, why), run))
+            result, changed_run = judged(run, request, now)
+            if changed_run is None:
+                changes.append(Change(result, run))
                 continue
-            run = self._apply(run, request.state, now)
+            run = changed_run
             found[run_id] = changed[run_id] = (seq, run)
             self._log(seq, run.state)
-            queued = self.queued_of(run, seq) if run.state.type is StateType.SCHEDULED else None
-            changes.append(Change(SetStateResult(status, run.state, None), run, queued))
+            queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
+            changes.append(Change(result, run, queued))
         for seq, run in changed.values():  # once per run (RUNNING and COMPLETED often come together)
             self._write(seq, run, log_state=False)
         return changes
-
-    def _apply(self, run: TaskRun, state: State, clock_now: float) -> TaskRun:
-        now = utcnow()
-        details = state.state_details
-        if state.type is StateType.SCHEDULED and details.delay_seconds is not None:
-            due = datetime.fromtimestamp(clock_now + max(0.0, details.delay_seconds), UTC)
-            details = attrs.evolve(details, scheduled_time=due, delay_seconds=None)
-        state = attrs.evolve(state, timestamp=now, state_details=details)
-        run_count, delivery_count = run.run_count, run.delivery_count
-        if state.type is StateType.RUNNING:
-            run_count += 1
-            if details.client_id is None and run.state.state_details.client_id is not None:
-                state = attrs.evolve(
-                    state, state_details=attrs.evolve(details, client_id=run.state.state_details.client_id)
-                )
-        elif state.type is StateType.SCHEDULED:
-            # A finished attempt (a retry) or a fresh schedule: the crash guard starts over.
-            delivery_count = 0
-        return attrs.evolve(run, state=state, updated=now, run_count=run_count, delivery_count=delivery_count)
 
     def requeue(
         self, run_ids: Sequence[uuid.UUID], reason: str, max_deliveries: int | None
@@ -702,40 +446,19 @@ class _Ops:
             seq, run = found[run_id]
             if run.state.type not in ACTIVE_STATES:
                 # SCHEDULED here: it was leased, but its claim never committed. Index it again.
-                queued = self.queued_of(run, seq) if run.state.type is StateType.SCHEDULED else None
+                queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
                 out.append(Requeued(run_id, run.state.type, queued))
                 continue
-            deliveries = run.delivery_count
-            if reason == "release":
-                deliveries = max(0, deliveries - 1)  # handed back unopened: not a failed delivery
-            if max_deliveries is not None and deliveries >= max_deliveries:
-                state = make_state(
-                    StateType.CRASHED,
-                    timestamp=now,
-                    message=f"delivered {deliveries} times without finishing",
-                )
-            else:
-                state = make_state(
-                    StateType.SCHEDULED,
-                    "Redelivered",
-                    timestamp=now,
-                    details=StateDetails(reason=reason),
-                )
-            run = attrs.evolve(run, state=state, updated=now, delivery_count=deliveries)
+            run = requeued(run, reason, max_deliveries, now)
             self._write(seq, run)
-            queued = self.queued_of(run, seq) if state.type is StateType.SCHEDULED else None
-            out.append(Requeued(run_id, state.type, queued))
+            queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
+            out.append(Requeued(run_id, run.state.type, queued))
         return out
 
     def reclaim(
         self, run_ids: Sequence[uuid.UUID], client_id: str
     ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-        """A reconnected client still works on these runs: give back those nobody else took.
-
-        Returns ``(kept, lost)``. A run is kept when it is still held under ``client_id``
-        (the old connection is not cleaned up yet) or was requeued and not delivered since;
-        a requeued one becomes RUNNING again under ``client_id``. Anything else is lost.
-        """
+        """Give back to ``client_id`` the runs nobody else took (:func:`.runs.reclaimed`)."""
         found = self._fetch(run_ids)
         kept: list[uuid.UUID] = []
         lost: list[uuid.UUID] = []
@@ -745,20 +468,13 @@ class _Ops:
                 lost.append(run_id)
                 continue
             seq, run = found[run_id]
-            state = run.state
-            if state.type in ACTIVE_STATES and state.state_details.client_id == client_id:
-                kept.append(run_id)
-            elif state.type is StateType.SCHEDULED and state.name == "Redelivered":
-                resumed = make_state(
-                    StateType.RUNNING,
-                    timestamp=now,
-                    message="resumed by the same client after a reconnect",
-                    details=StateDetails(client_id=client_id),
-                )
-                self._write(seq, attrs.evolve(run, state=resumed, updated=now))
-                kept.append(run_id)
-            else:
+            kept_run = reclaimed(run, client_id, now)
+            if kept_run is None:
                 lost.append(run_id)
+                continue
+            if kept_run is not run:  # requeued meanwhile: RUNNING again under client_id
+                self._write(seq, kept_run)
+            kept.append(run_id)
         return kept, lost
 
     def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
@@ -788,12 +504,6 @@ class _Ops:
 
 
 # --------------------------------------------------------------------------- committer
-
-
-class QueuedOp(Protocol[T_co]):
-    """An operation queued for the next group commit."""
-
-    async def result(self) -> T_co: ...
 
 
 @attrs.define(eq=False)
@@ -858,7 +568,8 @@ class StoreStatistics:
 
 
 class SQLiteStore:
-    """The embedded store. Open it with :meth:`open`; it lives as long as that block."""
+    """The embedded :class:`~trioworker.server.store.base.Store`. Open it with :meth:`open`;
+    it lives as long as that block."""
 
     def __init__(self, conn: sqlite3.Connection, send: trio.MemorySendChannel[_Pending[object]]) -> None:
         self._ops = _Ops(conn)
@@ -866,6 +577,11 @@ class SQLiteStore:
         self.path: str = ""
         self._operations = 0
         self._commits = 0
+
+    @property
+    def location(self) -> str:
+        """The database file (or ``":memory:"``)."""
+        return self.path
 
     def statistics(self) -> StoreStatistics:
         """How many operations ran, in how many transactions (group commit at work)."""
@@ -891,7 +607,7 @@ class SQLiteStore:
         what was queued is done. Operations submitted after that fail with StoreError.
         """
         path = database_path(path)
-        lock = await trio.to_thread.run_sync(_lock, path)
+        lock = await trio.to_thread.run_sync(lock_file, path)
         try:
             conn = await trio.to_thread.run_sync(_connect, path)
             send, receive = trio.open_memory_channel[_Pending[object]](math.inf)

@@ -1,0 +1,173 @@
+"""What every store shares: the :class:`Store` protocol the service calls, the records it
+answers with, and its errors.
+
+A store is the single source of truth about task runs: each operation is atomic and reads
+what it changes in the same transaction, so state checks and updates cannot interleave; the
+dispatcher's memory is only an index over it. :class:`~trioworker.server.store.sqlite.SQLiteStore`
+is the embedded one; another store implements the same protocol and applies the same rules
+(:mod:`trioworker.server.store.runs`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+import attrs
+
+from trioworker.models import SetStateRequest, SetStateResult, StateChange, StateType, TaskRun, TaskRunCreate
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (closed, failed to commit, or a newer schema
+    than this code knows); the API answers 503."""
+
+
+class RunIdTaken(Exception):
+    """A create gives the id of a run it cannot be a repeat of (another task key or
+    idempotency key); the API answers 409."""
+
+
+@attrs.frozen
+class QueuedRun:
+    """What the dispatcher needs to index a SCHEDULED run: no parameters, no result."""
+
+    #: The store's order of creation (increasing): runs of one key are delivered in it.
+    seq: int
+    id: uuid.UUID
+    task_key: str
+    #: Epoch seconds when it becomes due; None means now.
+    scheduled_at: float | None
+    #: Runs that must complete first.
+    wait_for: tuple[uuid.UUID, ...] = ()
+    #: Bytes the run takes in the store (0 when not known).
+    size: int = 0
+
+
+@attrs.frozen
+class Change:
+    """The outcome of one state change, for the dispatcher and for waiters."""
+
+    result: SetStateResult
+    run: TaskRun | None
+    #: Set when the run became SCHEDULED (again): it goes back into the ready queues.
+    queued: QueuedRun | None = None
+
+
+@attrs.frozen
+class Requeued:
+    """What became of one held run when its connection let go of it."""
+
+    id: uuid.UUID
+    state_type: StateType | None
+    queued: QueuedRun | None
+
+
+class QueuedOp(Protocol[T_co]):
+    """An operation queued in the store, not yet known to be done."""
+
+    async def result(self) -> T_co:
+        """Wait until it ran; its value, or the error it raised (:class:`StoreError` when
+        the store could not run or commit it)."""
+        ...
+
+
+class Store(Protocol):
+    """What the server needs from storage: every read and change of task runs.
+
+    Every method raises :class:`StoreError` when the store is closed or fails to commit
+    (then nothing of that operation was saved). Once called, an operation runs to its end
+    even when its caller is cancelled, so memory and disk stay in step.
+    """
+
+    @property
+    def location(self) -> str:
+        """Where the runs are kept, fit for a log line (no password)."""
+        ...
+
+    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
+        """Create runs, SCHEDULED, in order; each with its queue entry, or with None when
+        it is the run a known idempotency key (of the same task key) or ``id`` names.
+
+        Raises:
+            RunIdTaken: a given ``id`` belongs to a run the create is not a repeat of;
+                nothing of the batch is written.
+        """
+        ...
+
+    async def read_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
+
+    async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
+        """The runs that exist, in the order asked."""
+        ...
+
+    async def list_runs(
+        self,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRun]:
+        """Runs in the order they were created, filtered by key and state type."""
+        ...
+
+    async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
+        """Every state the run had, oldest first; None when the run does not exist."""
+        ...
+
+    async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
+        """Lease the runs still SCHEDULED to ``client_id`` (see :func:`~.runs.claimed_copy`);
+        the others are skipped."""
+        ...
+
+    def claim_runs_soon(
+        self, runs: Sequence[TaskRun], client_id: str, now: datetime
+    ) -> QueuedOp[list[TaskRun]]:
+        """Queue a claim of ``runs`` (as the store holds them, claimed at ``now``) and
+        return at once; every operation called later sees it done."""
+        ...
+
+    async def set_states(
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
+    ) -> list[Change]:
+        """Judge and apply proposed states (:func:`~.runs.judged`), one :class:`Change` per
+        request, in order; ``now`` is the dispatcher's clock (epoch seconds), for relative
+        delays."""
+        ...
+
+    async def requeue(
+        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
+    ) -> list[Requeued]:
+        """Hand held runs back from their holder (:func:`~.runs.requeued`): SCHEDULED
+        again, or CRASHED after ``max_deliveries`` deliveries; ``reason`` is
+        ``"release"`` (handed back unopened) or ``"redelivery"``. A run that is no longer
+        held is only reported (and indexed again when SCHEDULED)."""
+        ...
+
+    async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        """Delete the run and its history; the run as it was, or None when it did not exist."""
+        ...
+
+    async def reclaim(
+        self, run_ids: Sequence[uuid.UUID], client_id: str
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+        """A reconnected client still works on these runs: ``(kept, lost)``. What nobody
+        else took is kept, leased to ``client_id`` again (:func:`~.runs.reclaimed`)."""
+        ...
+
+    async def recover(self, max_deliveries: int) -> list[QueuedRun]:
+        """At start: requeue every held run, and return every SCHEDULED run in order."""
+        ...
+
+    async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
+        """The state types of the runs that exist."""
+        ...
+
+    async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
+        """The runs that ended, and the ids that exist."""
+        ...

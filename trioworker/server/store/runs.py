@@ -1,0 +1,180 @@
+"""How a store changes a run, the same in every store: pure functions of
+:class:`~trioworker.models.TaskRun` (no I/O), so that a store only reads and writes rows.
+
+Times: ``now`` is a UTC datetime; ``clock_now`` and epoch values are seconds since the epoch.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import attrs
+
+from trioworker.models import (
+    ACTIVE_STATES,
+    SetStateRequest,
+    SetStateResult,
+    SetStateStatus,
+    State,
+    StateDetails,
+    StateType,
+    TaskRun,
+    TaskRunCreate,
+    make_state,
+    utcnow,
+)
+from trioworker.server.rules import decide
+from trioworker.server.store.base import Change, QueuedRun, RunIdTaken
+
+
+def epoch(when: datetime | None) -> float | None:
+    """``when`` in epoch seconds (None stays None)."""
+    return None if when is None else when.timestamp()
+
+
+def new_run(create: TaskRunCreate, now: datetime) -> TaskRun:
+    """The SCHEDULED run ``create`` makes at ``now`` (a fresh id unless it gives one)."""
+    run_id = uuid.uuid4() if create.id is None else create.id
+    state = make_state(
+        StateType.SCHEDULED,
+        timestamp=now,
+        details=StateDetails(scheduled_time=create.scheduled_time),
+    )
+    return TaskRun(
+        id=run_id,
+        task_key=create.task_key,
+        name=create.name or f"{create.task_key}-{run_id.hex[:8]}",
+        state=state,
+        parameters=create.parameters,
+        serializer=create.serializer,
+        created=now,
+        updated=now,
+        idempotency_key=create.idempotency_key,
+        tags=list(create.tags),
+        context=dict(create.context),
+        parent_task_run_id=create.parent_task_run_id,
+        wait_for=list(create.wait_for),
+    )
+
+
+def same_run(run: TaskRun, create: TaskRunCreate) -> TaskRun:
+    """``run``, the one ``create`` names by its id, if ``create`` is a repeat of it.
+
+    Raises:
+        RunIdTaken: ``create`` has another task key or idempotency key.
+    """
+    if run.task_key != create.task_key:
+        raise RunIdTaken(
+            f"task run id {run.id} is taken by a run of task {run.task_key!r}, not {create.task_key!r}"
+        )
+    if run.idempotency_key != create.idempotency_key:
+        raise RunIdTaken(
+            f"task run id {run.id} is taken by a run of task {run.task_key!r} with idempotency key "
+            f"{run.idempotency_key!r}, not {create.idempotency_key!r}"
+        )
+    return run
+
+
+def queued_run(run: TaskRun, seq: int, size: int = 0) -> QueuedRun:
+    """The dispatcher's entry for the SCHEDULED ``run``, the ``seq``-th the store created."""
+    return QueuedRun(
+        seq,
+        run.id,
+        run.task_key,
+        epoch(run.state.state_details.scheduled_time),
+        tuple(run.wait_for),
+        size,
+    )
+
+
+def claimed_copy(run: TaskRun, client_id: str, now: datetime) -> TaskRun:
+    """``run`` as a claim leaves it: PENDING, leased to ``client_id``, one delivery more."""
+    return attrs.evolve(
+        run,
+        state=make_state(StateType.PENDING, timestamp=now, details=StateDetails(client_id=client_id)),
+        updated=now,
+        delivery_count=run.delivery_count + 1,
+    )
+
+
+def missing_run_change() -> Change:
+    """The answer to a state proposal for a run that does not exist."""
+    missing = make_state(StateType.CANCELLED, message="the run does not exist")
+    return Change(SetStateResult(SetStateStatus.ABORT, missing, "the run does not exist"), None)
+
+
+def judged(run: TaskRun, request: SetStateRequest, clock_now: float) -> tuple[SetStateResult, TaskRun | None]:
+    """The answer to ``request`` for ``run`` (:func:`~trioworker.server.rules.decide`), and
+    the run as the accepted state leaves it (None: nothing to write)."""
+    status, why = decide(run.state, request.state, force=request.force)
+    if status is not SetStateStatus.ACCEPT or why == "unchanged":
+        return SetStateResult(status, run.state, why), None
+    changed = with_state(run, request.state, clock_now)
+    return SetStateResult(status, changed.state, None), changed
+
+
+def with_state(run: TaskRun, state: State, clock_now: float) -> TaskRun:
+    """``run`` in the accepted ``state``: stamped now, a relative delay made a due time
+    (on the dispatcher's clock, ``clock_now``), the run and delivery counts kept up."""
+    now = utcnow()
+    details = state.state_details
+    if state.type is StateType.SCHEDULED and details.delay_seconds is not None:
+        due = datetime.fromtimestamp(clock_now + max(0.0, details.delay_seconds), UTC)
+        details = attrs.evolve(details, scheduled_time=due, delay_seconds=None)
+    state = attrs.evolve(state, timestamp=now, state_details=details)
+    run_count, delivery_count = run.run_count, run.delivery_count
+    if state.type is StateType.RUNNING:
+        run_count += 1
+        if details.client_id is None and run.state.state_details.client_id is not None:
+            state = attrs.evolve(
+                state, state_details=attrs.evolve(details, client_id=run.state.state_details.client_id)
+            )
+    elif state.type is StateType.SCHEDULED:
+        # A finished attempt (a retry) or a fresh schedule: the crash guard starts over.
+        delivery_count = 0
+    return attrs.evolve(run, state=state, updated=now, run_count=run_count, delivery_count=delivery_count)
+
+
+def requeued(run: TaskRun, reason: str, max_deliveries: int | None, now: datetime) -> TaskRun:
+    """The held ``run`` as its connection lets go of it: SCHEDULED ("Redelivered"), or
+    CRASHED once delivered ``max_deliveries`` times. With ``reason`` ``"release"`` it was
+    handed back unopened, which is not a failed delivery."""
+    deliveries = run.delivery_count
+    if reason == "release":
+        deliveries = max(0, deliveries - 1)
+    if max_deliveries is not None and deliveries >= max_deliveries:
+        state = make_state(
+            StateType.CRASHED,
+            timestamp=now,
+            message=f"delivered {deliveries} times without finishing",
+        )
+    else:
+        state = make_state(
+            StateType.SCHEDULED,
+            "Redelivered",
+            timestamp=now,
+            details=StateDetails(reason=reason),
+        )
+    return attrs.evolve(run, state=state, updated=now, delivery_count=deliveries)
+
+
+def reclaimed(run: TaskRun, client_id: str, now: datetime) -> TaskRun | None:
+    """``run`` as the reconnected ``client_id``, which still works on it, gets it back.
+
+    The same ``run`` when it is still held under ``client_id`` (the old connection is not
+    cleaned up yet); RUNNING again under ``client_id`` when it was requeued and not
+    delivered since; None (lost) when anything else became of it.
+    """
+    state = run.state
+    if state.type in ACTIVE_STATES and state.state_details.client_id == client_id:
+        return run
+    if state.type is StateType.SCHEDULED and state.name == "Redelivered":
+        resumed = make_state(
+            StateType.RUNNING,
+            timestamp=now,
+            message="resumed by the same client after a reconnect",
+            details=StateDetails(client_id=client_id),
+        )
+        return attrs.evolve(run, state=resumed, updated=now)
+    return None
