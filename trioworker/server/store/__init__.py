@@ -3,8 +3,10 @@
 - :mod:`~trioworker.server.store.base`: the :class:`Store` protocol the service calls, the
   records it answers with, its errors;
 - :mod:`~trioworker.server.store.runs`: what a change does to a run, the same in every store;
+- :mod:`~trioworker.server.store.commit`: group commit, and the async interface over a
+  store's synchronous operations;
 - :mod:`~trioworker.server.store.sqlite`: :class:`SQLiteStore`, the embedded store (its SQL,
-  schema and migrations, group commit);
+  schema and migrations);
 - :mod:`~trioworker.server.store.files`: its database file (what ``--db`` may name, the lock).
 
 :func:`open_store` picks the store a database names: a new store is added there.

@@ -1,10 +1,11 @@
 """The embedded store: SQLite, one file (or memory), one server.
 
 SQLite runs in WAL mode on one connection that only worker threads touch: every
-operation is a plain function of the connection, queued to a committer task that runs
-all operations waiting at that moment in one transaction (group commit) inside one
-``trio.to_thread.run_sync`` call. So the Trio thread never blocks on SQLite, and a burst
-of 1,000 writes costs one commit, not 1,000.
+operation is a plain function of the connection (:class:`_Ops`), and
+:class:`~trioworker.server.store.commit.GroupCommitStore` runs all operations waiting at
+a moment in one transaction (group commit) inside one ``trio.to_thread.run_sync`` call.
+So the Trio thread never blocks on SQLite, and a burst of 1,000 writes costs one commit,
+not 1,000.
 
 Each operation is atomic (its own savepoint) and reads what it changes inside the same
 transaction, so state checks and updates cannot interleave. What a change does to a run
@@ -17,13 +18,12 @@ import math
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import Final, TypeVar
 
-import attrs
 import orjson
 import trio
 
@@ -38,7 +38,8 @@ from trioworker.models import (
     converter,
     utcnow,
 )
-from trioworker.server.store.base import Change, QueuedOp, QueuedRun, Requeued, StoreError
+from trioworker.server.store.base import Change, QueuedRun, Requeued, StoreError
+from trioworker.server.store.commit import GroupCommitStore, Pending
 from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
     claimed_copy,
@@ -56,9 +57,6 @@ T = TypeVar("T")
 
 #: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys.
 SCHEMA_VERSION: Final = 2
-
-#: Most operations one group commit takes (bounds one thread call's latency).
-MAX_GROUP: Final = 512
 
 #: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
 _CHUNK: Final = 500
@@ -506,33 +504,19 @@ class _Ops:
 # --------------------------------------------------------------------------- committer
 
 
-@attrs.define(eq=False)
-class _Pending(Generic[T]):
-    op: Callable[[_Ops], T]
-    done: trio.Event = attrs.field(factory=trio.Event)
-    value: T | None = None
-    error: BaseException | None = None
-
-    async def result(self) -> T:
-        """Wait until it ran (shielded: once queued, its caller sees the outcome)."""
-        with trio.CancelScope(shield=True):
-            await self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value  # type: ignore[return-value]
-
-    def run(self, ops: _Ops) -> None:
-        conn = ops.conn
-        conn.execute("SAVEPOINT op")
-        try:
-            self.value = self.op(ops)
-        except Exception as exc:
-            conn.execute("ROLLBACK TO op")
-            ops.in_flight.op_done(ok=False)
-            self.error = exc
-        else:
-            ops.in_flight.op_done(ok=True)
-        conn.execute("RELEASE op")
+def _run_one(ops: _Ops, pending: Pending[_Ops, object]) -> None:
+    """Run one operation in its own savepoint: its failure undoes only its own writes."""
+    conn = ops.conn
+    conn.execute("SAVEPOINT op")
+    try:
+        pending.value = pending.op(ops)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO op")
+        ops.in_flight.op_done(ok=False)
+        pending.error = exc
+    else:
+        ops.in_flight.op_done(ok=True)
+    conn.execute("RELEASE op")
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -546,46 +530,18 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _commit_group(ops: _Ops, group: list[_Pending[object]]) -> None:
-    conn = ops.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for pending in group:
-            pending.run(ops)
-        conn.execute("COMMIT")
-    except BaseException:
-        ops.in_flight.group_done(ok=False)
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    ops.in_flight.group_done(ok=True)
-
-
-@attrs.frozen
-class StoreStatistics:
-    operations: int
-    commits: int
-
-
-class SQLiteStore:
+class SQLiteStore(GroupCommitStore[_Ops]):
     """The embedded :class:`~trioworker.server.store.base.Store`. Open it with :meth:`open`;
     it lives as long as that block."""
 
-    def __init__(self, conn: sqlite3.Connection, send: trio.MemorySendChannel[_Pending[object]]) -> None:
-        self._ops = _Ops(conn)
-        self._send = send
+    def __init__(self, conn: sqlite3.Connection, send: trio.MemorySendChannel[Pending[_Ops, object]]) -> None:
+        super().__init__(_Ops(conn), send)
         self.path: str = ""
-        self._operations = 0
-        self._commits = 0
 
     @property
     def location(self) -> str:
         """The database file (or ``":memory:"``)."""
         return self.path
-
-    def statistics(self) -> StoreStatistics:
-        """How many operations ran, in how many transactions (group commit at work)."""
-        return StoreStatistics(operations=self._operations, commits=self._commits)
 
     @classmethod
     @asynccontextmanager
@@ -610,7 +566,7 @@ class SQLiteStore:
         lock = await trio.to_thread.run_sync(lock_file, path)
         try:
             conn = await trio.to_thread.run_sync(_connect, path)
-            send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
+            send, receive = trio.open_memory_channel[Pending[_Ops, object]](math.inf)
             store = cls(conn, send)
             store.path = path
             try:
@@ -629,125 +585,17 @@ class SQLiteStore:
             if lock is not None:
                 os.close(lock)  # only now: every SQLite connection to the file is closed
 
-    async def _commit_forever(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
-        with trio.CancelScope(shield=True):
-            await self._commit_until_closed(receive)
-
-    async def _commit_until_closed(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
-        group: list[_Pending[object]] = []
+    def _commit_group(self, group: list[Pending[_Ops, object]]) -> None:
+        ops = self._ops
+        conn = ops.conn
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            async for first in receive:
-                group = [first]
-                while len(group) < MAX_GROUP:
-                    try:
-                        group.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: the last group
-                        break
-                try:
-                    await trio.to_thread.run_sync(_commit_group, self._ops, group)
-                    self._commits += 1
-                    self._operations += len(group)
-                except Exception as exc:
-                    failed = StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
-                    for pending in group:
-                        pending.error = pending.error or failed
-                for pending in group:
-                    pending.done.set()
-                group = []
-        finally:
-            closed = StoreError("the store was closed before this operation ran")
             for pending in group:
-                if not pending.done.is_set():
-                    pending.error = closed
-                    pending.done.set()
-            receive.close()
-            while True:
-                try:
-                    pending = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-                pending.error = closed
-                pending.done.set()
-
-    def _queue(self, op: Callable[[_Ops], T]) -> _Pending[T]:
-        """Queue ``op`` for the next group commit; operations run in the order queued."""
-        pending: _Pending[T] = _Pending(op)
-        try:
-            self._send.send_nowait(pending)  # type: ignore[arg-type]
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise StoreError("the store is closed") from None
-        return pending
-
-    async def _run(self, op: Callable[[_Ops], T]) -> T:
-        """Queue ``op`` for the next group commit and wait for its result.
-
-        **Cancellation handling:** once queued, an operation always runs and its caller
-        always sees the outcome (the wait is shielded; operations take milliseconds). That
-        is what keeps memory and disk in step: a claim whose caller was cancelled still
-        returns the runs it leased, so they can be handed back.
-        """
-        return await self._queue(op).result()
-
-    # -- the Store interface
-    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
-        return await self._run(lambda ops: ops.create_runs(creates))
-
-    async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
-        runs = await self._run(lambda ops: ops.read_runs([run_id]))
-        return runs[0] if runs else None
-
-    async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.read_runs(run_ids))
-
-    async def list_runs(
-        self,
-        *,
-        task_key: str | None = None,
-        state: StateType | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.list_runs(task_key, state, limit, offset))
-
-    async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
-        return await self._run(lambda ops: ops.history(run_id))
-
-    async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
-        now = utcnow()
-        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now))
-
-    def claim_runs_soon(
-        self, runs: Sequence[TaskRun], client_id: str, now: datetime
-    ) -> QueuedOp[list[TaskRun]]:
-        """Queue a claim of ``runs`` (as the store holds them) and return at once; later
-        operations see it done."""
-        ids = [run.id for run in runs]
-        known = {run.id: run for run in runs}
-        return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known))
-
-    async def set_states(
-        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
-    ) -> list[Change]:
-        return await self._run(lambda ops: ops.set_states(requests, now))
-
-    async def requeue(
-        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
-    ) -> list[Requeued]:
-        return await self._run(lambda ops: ops.requeue(run_ids, reason, max_deliveries))
-
-    async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
-        return await self._run(lambda ops: ops.delete_run(run_id))
-
-    async def reclaim(
-        self, run_ids: Sequence[uuid.UUID], client_id: str
-    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-        return await self._run(lambda ops: ops.reclaim(run_ids, client_id))
-
-    async def recover(self, max_deliveries: int) -> list[QueuedRun]:
-        return await self._run(lambda ops: ops.recover(max_deliveries))
-
-    async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
-        return await self._run(lambda ops: ops.states_of(run_ids))
-
-    async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
-        return await self._run(lambda ops: ops.read_ended(run_ids))
+                _run_one(ops, pending)
+            conn.execute("COMMIT")
+        except BaseException:
+            ops.in_flight.group_done(ok=False)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        ops.in_flight.group_done(ok=True)
