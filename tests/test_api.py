@@ -14,10 +14,13 @@ import trio
 import trio.testing
 
 from trioworker.server import RunningServer, ServerConfig
-from trioworker.server.store import SQLiteStore
+from trioworker.server.store.commit import GroupCommitStore
 from trioworker.testing import ServerControl
 
 from .raw import subscribe
+
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
 
 
 async def create(api: httpx.AsyncClient, key: str = "say", **fields: object) -> dict[str, Any]:
@@ -192,7 +195,7 @@ async def test_concurrent_creates_with_one_id_make_one_run(
     api: httpx.AsyncClient, trioworker_server: RunningServer
 ) -> None:
     store = trioworker_server.service.store
-    assert isinstance(store, SQLiteStore)
+    assert isinstance(store, GroupCommitStore)
     run_id = str(uuid.uuid4())
     singles: list[httpx.Response] = []
     batches: list[httpx.Response] = []

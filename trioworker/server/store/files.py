@@ -21,8 +21,9 @@ class DatabaseInUse(StoreError):
 
 #: What a database may be given as (the error for any other URL names them).
 SUPPORTED_DATABASES: Final = (
-    "a SQLite file path, ':memory:', or a sqlite:// URL "
-    "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory)"
+    "a SQLite file path, ':memory:', a sqlite:// URL "
+    "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory), "
+    "or a PostgreSQL URL (postgresql://USER@HOST:PORT/DB)"
 )
 
 _URL_SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")

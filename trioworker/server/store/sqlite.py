@@ -1,7 +1,7 @@
 """The embedded store: SQLite, one file (or memory), one server.
 
 SQLite runs in WAL mode on one connection that only worker threads touch: every
-operation is a plain function of the connection (:class:`_Ops`), and
+operation is a plain function of the connection (:class:`_SQLiteOps`), and
 :class:`~trioworker.server.store.commit.GroupCommitStore` runs all operations waiting at
 a moment in one transaction (group commit) inside one ``trio.to_thread.run_sync`` call.
 So the Trio thread never blocks on SQLite, and a burst of 1,000 writes costs one commit,
@@ -35,7 +35,6 @@ from trioworker.models import (
     StateType,
     TaskRun,
     TaskRunCreate,
-    converter,
     utcnow,
 )
 from trioworker.server.store.base import Change, QueuedRun, Requeued, StoreError
@@ -50,6 +49,8 @@ from trioworker.server.store.runs import (
     queued_run,
     reclaimed,
     requeued,
+    run_body,
+    run_from_row,
     same_run,
 )
 
@@ -103,18 +104,6 @@ CREATE TABLE IF NOT EXISTS task_run_states (
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def _row_to_run(parameters: bytes, body: bytes) -> TaskRun:
-    data = orjson.loads(body)
-    data["parameters"] = orjson.loads(parameters)
-    return converter.structure(data, TaskRun)
-
-
-def _body(run: TaskRun) -> bytes:
-    data = converter.unstructure(run)
-    del data["parameters"]
-    return orjson.dumps(data)
 
 
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
@@ -175,7 +164,7 @@ _ACTIVE_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(ACTIVE_STA
 IN_FLIGHT_MAX_RUNS: Final = 10_000
 
 
-class _Ops:
+class _SQLiteOps:
     """The synchronous operations; each runs inside the committer's transaction."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -198,7 +187,7 @@ class _Ops:
                 chunk,
             )
             for seq, parameters, body in rows:
-                run = _row_to_run(parameters, body)
+                run = run_from_row(parameters, body)
                 found[run.id] = (seq, run)
         return found
 
@@ -222,7 +211,7 @@ class _Ops:
     def _write(self, seq: int, run: TaskRun, *, log_state: bool = True) -> None:
         self.conn.execute(
             "UPDATE task_runs SET state_type = ?, scheduled_at = ?, body = ? WHERE seq = ?",
-            (run.state.type.value, epoch(run.state.state_details.scheduled_time), _body(run), seq),
+            (run.state.type.value, epoch(run.state.state_details.scheduled_time), run_body(run), seq),
         )
         self.in_flight.wrote(run.id, seq, run)
         if log_state:
@@ -307,13 +296,13 @@ class _Ops:
                     (create.task_key, create.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    out.append((_row_to_run(*row), None))
+                    out.append((run_from_row(*row), None))
                     continue
             if create.id is not None and create.id in known:
                 out.append((same_run(known[create.id], create), None))
                 continue
             run = new_run(create, utcnow())
-            parameters, body = orjson.dumps(run.parameters), _body(run)
+            parameters, body = orjson.dumps(run.parameters), run_body(run)
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
                 " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parameters, body)"
@@ -374,7 +363,7 @@ class _Ops:
             f"SELECT parameters, body FROM task_runs {clause} ORDER BY seq LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
-        return [_row_to_run(p, b) for p, b in rows]
+        return [run_from_row(p, b) for p, b in rows]
 
     def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         seq = self.seq_of(run_id)
@@ -504,7 +493,7 @@ class _Ops:
 # --------------------------------------------------------------------------- committer
 
 
-def _run_one(ops: _Ops, pending: Pending[_Ops, object]) -> None:
+def _run_one(ops: _SQLiteOps, pending: Pending[_SQLiteOps, object]) -> None:
     """Run one operation in its own savepoint: its failure undoes only its own writes."""
     conn = ops.conn
     conn.execute("SAVEPOINT op")
@@ -530,12 +519,14 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-class SQLiteStore(GroupCommitStore[_Ops]):
+class SQLiteStore(GroupCommitStore[_SQLiteOps]):
     """The embedded :class:`~trioworker.server.store.base.Store`. Open it with :meth:`open`;
     it lives as long as that block."""
 
-    def __init__(self, conn: sqlite3.Connection, send: trio.MemorySendChannel[Pending[_Ops, object]]) -> None:
-        super().__init__(_Ops(conn), send)
+    def __init__(
+        self, conn: sqlite3.Connection, send: trio.MemorySendChannel[Pending[_SQLiteOps, object]]
+    ) -> None:
+        super().__init__(_SQLiteOps(conn), send)
         self.path: str = ""
 
     @property
@@ -566,7 +557,7 @@ class SQLiteStore(GroupCommitStore[_Ops]):
         lock = await trio.to_thread.run_sync(lock_file, path)
         try:
             conn = await trio.to_thread.run_sync(_connect, path)
-            send, receive = trio.open_memory_channel[Pending[_Ops, object]](math.inf)
+            send, receive = trio.open_memory_channel[Pending[_SQLiteOps, object]](math.inf)
             store = cls(conn, send)
             store.path = path
             try:
@@ -585,7 +576,7 @@ class SQLiteStore(GroupCommitStore[_Ops]):
             if lock is not None:
                 os.close(lock)  # only now: every SQLite connection to the file is closed
 
-    def _commit_group(self, group: list[Pending[_Ops, object]]) -> None:
+    def _commit_group(self, group: list[Pending[_SQLiteOps, object]]) -> None:
         ops = self._ops
         conn = ops.conn
         conn.execute("BEGIN IMMEDIATE")
