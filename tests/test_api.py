@@ -294,6 +294,12 @@ async def test_wait_times_out_with_the_current_state(api: httpx.AsyncClient) -> 
     assert response.json()["state"]["type"] == "SCHEDULED"
 
 
+async def test_a_task_key_with_nul_lists_no_runs(api: httpx.AsyncClient) -> None:
+    await create(api)
+    response = await api.get("/task_runs", params={"task_key": "k\x00"})
+    assert (response.status_code, response.json()) == (200, [])
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "detail"),
     [
@@ -312,6 +318,14 @@ async def test_wait_times_out_with_the_current_state(api: httpx.AsyncClient) -> 
         ("POST", "/task_runs", b'{"task_key": "k", "id": ["x"]}', 422, "$.id"),
         ("POST", "/task_runs", b'{"task_key": "k", "id": "0123456789abcdef0123456789abcdeg"}', 422, "$.id"),
         ("POST", "/task_runs/batch", b'[{"task_key": "k"}, {"task_key": "k", "id": "x"}]', 422, "#1"),
+        ("POST", "/task_runs", b'{"task_key": "a\\u0000b"}', 422, "task_key must not contain NUL"),
+        (
+            "POST",
+            "/task_runs",
+            b'{"task_key": "k", "idempotency_key": "\\u0000"}',
+            422,
+            "idempotency_key must",
+        ),
         ("GET", "/task_runs/not-a-uuid", None, 404, "not a UUID"),
         ("GET", f"/task_runs/{uuid.UUID(int=1)}", None, 404, "no task run"),
         ("GET", "/task_runs?state=EXPLODED", None, 422, "unknown state"),

@@ -1,4 +1,5 @@
-"""``trioworker server``: the REST API and the subscription websocket over the SQLite queue.
+"""``trioworker server``: the REST API and the subscription websocket over the durable queue
+(a SQLite file, or a PostgreSQL database).
 
 The server is imported only when the command runs (``trioworker worker`` never loads it).
 """
@@ -26,13 +27,13 @@ async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskSta
 
 
 async def run_server(args: argparse.Namespace) -> None:
-    """Serve until SIGINT or SIGTERM; CommandError for an unusable or busy database."""
+    """Serve until SIGINT or SIGTERM; CommandError for an unusable, unreachable or busy database."""
     from trioworker.server import ServerConfig, serve_server
-    from trioworker.server.store import StoreError, database_path
+    from trioworker.server.store import StoreError, check_database
 
     settings = Settings.from_env()
     try:
-        db_path = database_path(settings.db_path if args.db is None else args.db)
+        db_path = check_database(settings.db_path if args.db is None else args.db)
     except ValueError as exc:
         raise CommandError(f"unusable --db: {exc}") from None
     config = ServerConfig(
@@ -49,7 +50,7 @@ async def run_server(args: argparse.Namespace) -> None:
             await nursery.start(shutdown_on_signals, shutdown)
             await serve_server(config, shutdown=shutdown)
             nursery.cancel_scope.cancel()
-    except* StoreError as group:  # the database is in use, or of a newer trioworker
+    except* StoreError as group:  # the database is in use, unreachable, or of a newer trioworker
         raise CommandError(str(group.exceptions[0])) from None
     log.info("server stopped")
 
@@ -59,8 +60,8 @@ def add_server_command(commands: Any) -> None:
     server = commands.add_parser(
         "server",
         help="serve the task-run API and queue",
-        description="Serve the REST API and the subscription websocket over a durable SQLite queue. "
-        "Stops cleanly on Ctrl-C and SIGTERM.",
+        description="Serve the REST API and the subscription websocket over a durable queue in a "
+        "SQLite file or a PostgreSQL database. Stops cleanly on Ctrl-C and SIGTERM.",
     )
     server.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     server.add_argument(
@@ -71,7 +72,8 @@ def add_server_command(commands: Any) -> None:
         default=None,
         help="SQLite file (default $TRIOWORKER_HOME/trioworker.db, that is ~/.trioworker/trioworker.db; "
         "':memory:' keeps nothing), or a sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); "
-        "one server at a time may use a file",
+        "one server at a time may use a file. Or a PostgreSQL database: "
+        "postgresql://USER[:PASSWORD]@HOST:PORT/DB (its tables are created on start)",
     )
     server.add_argument(
         "--api-key", default=None, help="require this key of clients (default $TRIOWORKER_API_KEY)"

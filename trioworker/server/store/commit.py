@@ -30,7 +30,8 @@ MAX_GROUP: Final = 512
 
 class Operations(Protocol):
     """A store's synchronous operations; each runs inside the committer's transaction, on
-    its thread. Their meaning is :class:`~trioworker.server.store.base.Store`'s."""
+    its thread. Their meaning is :class:`~trioworker.server.store.base.Store`'s. A store's
+    class derives from it (for :meth:`read_ended`)."""
 
     def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]: ...
 
@@ -68,7 +69,11 @@ class Operations(Protocol):
 
     def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]: ...
 
-    def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]: ...
+    def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
+        """The runs that ended, and the ids that exist: only ended runs are read whole."""
+        states = self.states_of(run_ids)
+        ended = [run_id for run_id, state in states.items() if state.is_terminal]
+        return self.read_runs(ended), set(states)
 
 
 OpsT = TypeVar("OpsT", bound=Operations)

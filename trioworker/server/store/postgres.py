@@ -30,6 +30,7 @@ import getpass
 import math
 import os
 import random
+import re
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -55,7 +56,7 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.store.base import Change, QueuedRun, Requeued, StoreError
-from trioworker.server.store.commit import GroupCommitStore, Pending
+from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.runs import (
     claimed_copy,
     epoch,
@@ -112,13 +113,13 @@ MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = {
         )""",
         "CREATE INDEX trioworker_ready_key ON trioworker_ready (task_key, run_seq)",
         "CREATE INDEX trioworker_ready_queued ON trioworker_ready (queued_seq)",
+        # name and message as JSON bytes ({"name": ..., "message": ...}): exact, NUL included.
         """CREATE TABLE trioworker_task_run_states (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             run_seq bigint NOT NULL,
             type text NOT NULL,
-            name text NOT NULL,
             timestamp timestamptz NOT NULL,
-            message text
+            body bytea NOT NULL
         )""",
         "CREATE INDEX trioworker_task_run_states_run ON trioworker_task_run_states (run_seq, id)",
     ),
@@ -164,7 +165,7 @@ class PostgresTarget:
         try:
             info = conninfo_to_dict(url)
         except psycopg.Error as exc:
-            raise ValueError(f"unusable PostgreSQL URL: {_first_line(exc)}") from None
+            raise ValueError(f"cannot read the PostgreSQL URL: {_without_secrets(exc, url)}") from None
         user = str(info.get("user") or os.environ.get("PGUSER") or getpass.getuser())
         return cls(
             url=url,
@@ -182,6 +183,20 @@ class PostgresTarget:
     @property
     def described(self) -> str:
         return f"PostgreSQL at {self.host}:{self.port} (database {self.dbname!r}, user {self.user!r})"
+
+
+def _without_secrets(exc: BaseException, url: str) -> str:
+    """libpq's complaint about ``url``, with every quoted piece of its user and password
+    (or of the whole URL) left out."""
+    netloc = url.partition("://")[2].split("/", 1)[0]
+    userinfo = netloc.rpartition("@")[0]
+
+    def scrub(match: re.Match[str]) -> str:
+        quoted = match.group(1)
+        secret = bool(userinfo) and (quoted in userinfo or userinfo in quoted)
+        return '"..."' if secret or quoted == url else match.group(0)
+
+    return re.sub(r'"([^"]*)"', scrub, _first_line(exc))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -253,7 +268,8 @@ def _new_rev() -> int:
 
 
 def _text(value: str | None) -> str | None:
-    """``value`` fit for a text column of the history (PostgreSQL text holds no NUL)."""
+    """``value`` fit for a text column that is only shown, never read back (PostgreSQL
+    text holds no NUL)."""
     return None if value is None else value.replace("\x00", "\ufffd")
 
 
@@ -293,7 +309,7 @@ class _Cache:
         self.rows.pop(run_id, None)
 
 
-class _PostgresOps:
+class _PostgresOps(Operations):
     """The synchronous operations; each runs inside the committer's transaction on
     ``conn``, which the committer sets before each group."""
 
@@ -401,16 +417,15 @@ class _PostgresOps:
         if not states:
             return
         self._execute(
-            "INSERT INTO trioworker_task_run_states (run_seq, type, name, timestamp, message)"
-            " SELECT w.run_seq, w.type, w.name, w.timestamp, w.message"
-            " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[], %s::text[])"
-            " WITH ORDINALITY AS w(run_seq, type, name, timestamp, message, n) ORDER BY w.n",
+            "INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
+            " SELECT w.run_seq, w.type, w.timestamp, w.body"
+            " FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::bytea[])"
+            " WITH ORDINALITY AS w(run_seq, type, timestamp, body, n) ORDER BY w.n",
             (
                 [seq for seq, _ in states],
                 [state.type.value for _, state in states],
-                [_text(state.name) for _, state in states],
                 [state.timestamp for _, state in states],
-                [_text(state.message) for _, state in states],
+                [orjson.dumps({"name": state.name, "message": state.message}) for _, state in states],
             ),
         )
 
@@ -555,12 +570,6 @@ class _PostgresOps:
         found = self._fetch(run_ids, lock=False)
         return [found[i][2] for i in run_ids if i in found]
 
-    def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
-        """The runs that ended, and the ids that exist: only ended rows are decoded."""
-        states = self.states_of(run_ids)
-        ended = [run_id for run_id, state in states.items() if state.is_terminal]
-        return self.read_runs(ended), set(states)
-
     def list_runs(
         self, task_key: str | None, state: StateType | None, limit: int, offset: int
     ) -> list[TaskRun]:
@@ -580,11 +589,16 @@ class _PostgresOps:
         if row is None:
             return None
         rows = self._execute(
-            "SELECT type, name, timestamp, message FROM trioworker_task_run_states"
-            " WHERE run_seq = %s ORDER BY id",
+            "SELECT type, timestamp, body FROM trioworker_task_run_states WHERE run_seq = %s ORDER BY id",
             (row[0],),
         )
-        return [StateChange(StateType(t), n, ts.astimezone(UTC), m) for t, n, ts, m in rows]
+        changes = []
+        for state_type, timestamp, body in rows:
+            text = orjson.loads(body)
+            changes.append(
+                StateChange(StateType(state_type), text["name"], timestamp.astimezone(UTC), text["message"])
+            )
+        return changes
 
     def claim_runs(
         self,

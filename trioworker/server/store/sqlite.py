@@ -38,7 +38,7 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.store.base import Change, QueuedRun, Requeued, StoreError
-from trioworker.server.store.commit import GroupCommitStore, Pending
+from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
     claimed_copy,
@@ -164,7 +164,7 @@ _ACTIVE_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(ACTIVE_STA
 IN_FLIGHT_MAX_RUNS: Final = 10_000
 
 
-class _SQLiteOps:
+class _SQLiteOps(Operations):
     """The synchronous operations; each runs inside the committer's transaction."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -337,12 +337,6 @@ class _SQLiteOps:
     def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         found = self._fetch(run_ids)
         return [found[i][1] for i in run_ids if i in found]
-
-    def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
-        """The runs that ended, and the ids that exist: only ended rows are decoded."""
-        states = self.states_of(run_ids)
-        ended = [run_id for run_id, state in states.items() if state.is_terminal]
-        return self.read_runs(ended), set(states)
 
     def seq_of(self, run_id: uuid.UUID) -> int | None:
         row = self.conn.execute("SELECT seq FROM task_runs WHERE id = ?", (str(run_id),)).fetchone()
