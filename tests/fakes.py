@@ -15,6 +15,7 @@ its first request: chosen paths to the fake, the rest to the real server;
 pointed at the proxy thus holds a subscription the test controls and makes real REST
 calls, which can fail on demand. :class:`CuttingProxy` forwards every
 connection to the real server but cuts creates mid-call, the ways a network can.
+:class:`OutageProxy` stands in front of a database that restarts or goes down.
 """
 
 from __future__ import annotations
@@ -428,4 +429,51 @@ class FreezingProxy:
 @asynccontextmanager
 async def freezing_proxy(real_port: int) -> AsyncIterator[FreezingProxy]:
     async with _serving(FreezingProxy(0, real_port)) as proxy:
+        yield proxy
+
+
+@attrs.define(eq=False)
+class OutageProxy:
+    """Forwards TCP connections to ``real_port`` (a database) until told otherwise:
+    :meth:`drop` cuts every open connection (as a restart of the database does);
+    while :attr:`refusing`, new connections are closed at once (the database is down)."""
+
+    port: int
+    real_port: int
+    refusing: bool = False
+    #: Connections accepted so far (including refused ones).
+    accepted: int = 0
+    _open: set[trio.CancelScope] = attrs.field(factory=set)
+
+    def drop(self) -> None:
+        for scope in self._open:
+            scope.cancel()
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        self.accepted += 1
+        async with client:
+            if self.refusing:
+                return
+            scope = trio.CancelScope()
+            self._open.add(scope)
+            try:
+                with scope:
+                    upstream = await trio.open_tcp_stream("127.0.0.1", self.real_port)
+                    async with upstream, trio.open_nursery() as nursery:
+
+                        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+                            with contextlib.suppress(*GONE):
+                                while chunk := await source.receive_some(65536):
+                                    await sink.send_all(chunk)
+                            nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(pump, client, upstream)
+                        nursery.start_soon(pump, upstream, client)
+            finally:
+                self._open.discard(scope)
+
+
+@asynccontextmanager
+async def outage_proxy(real_port: int) -> AsyncIterator[OutageProxy]:
+    async with _serving(OutageProxy(0, real_port)) as proxy:
         yield proxy

@@ -62,7 +62,7 @@ def with_params(url: str, **changes: str) -> str:
     return url_of({**conninfo_to_dict(url), **changes})
 
 
-def _binaries() -> Path | None:
+def binaries() -> Path | None:
     """The directory of ``initdb`` and ``pg_ctl``: the newest Debian cluster's, else the PATH's."""
     versions = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parent.parent.name)
@@ -79,11 +79,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: With ``throwaway_cluster(passwords=True)``: the role that must give its password.
+PASSWORD_ROLE: Final = ("trioworker_login", "right")
+
+
 @contextlib.contextmanager
-def throwaway_cluster(bin_dir: Path) -> Iterator[str]:
+def throwaway_cluster(bin_dir: Path, *, passwords: bool = False) -> Iterator[str]:
     """A PostgreSQL cluster in a temporary directory, trusting local logins, for the life
-    of the block: its URL. Tuned for tests (fsync off: a crash loses the cluster, which is
-    thrown away anyway)."""
+    of the block: its URL (of the superuser ``postgres``). Tuned for tests (fsync off: a
+    crash loses the cluster, which is thrown away anyway).
+
+    Args:
+        passwords: the role :data:`PASSWORD_ROLE` exists and must log in with its password
+            (scram-sha-256) over TCP.
+    """
     user = None
     if os.geteuid() == 0:  # initdb refuses root
         try:
@@ -110,10 +119,18 @@ def throwaway_cluster(bin_dir: Path) -> Iterator[str]:
 
     try:
         run(bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        if passwords:
+            role = PASSWORD_ROLE[0]
+            hba = data / "pg_hba.conf"
+            hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
         options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
         run(bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", base / "log", "-w", "start")
         try:
-            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            if passwords:
+                with psycopg.connect(url, autocommit=True) as admin:
+                    admin.execute(f"CREATE ROLE {PASSWORD_ROLE[0]} LOGIN PASSWORD '{PASSWORD_ROLE[1]}'")
+            yield url
         finally:
             run(bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
     finally:
@@ -127,7 +144,7 @@ def session_database() -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         server = os.environ.get(URL_VARIABLE)
         if not server:
-            bin_dir = _binaries()
+            bin_dir = binaries()
             if bin_dir is None:
                 raise Unavailable(
                     f"no PostgreSQL for the tests: set {URL_VARIABLE}, or install PostgreSQL "
