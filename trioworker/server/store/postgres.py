@@ -337,8 +337,8 @@ class _PostgresOps(Operations):
             " CASE WHEN k.rev = r.rev THEN NULL ELSE r.parameters END,"
             " CASE WHEN k.rev = r.rev THEN NULL ELSE r.body END"
             " FROM trioworker_task_runs AS r"
-            " LEFT JOIN unnest(%s::uuid[], %s::bigint[]) AS k(id, rev) ON k.id = r.id"
-            " WHERE r.id = ANY(%s::uuid[]) ORDER BY r.seq" + (" FOR UPDATE OF r" if lock else ""),
+            " LEFT JOIN unnest(%b::uuid[], %b::bigint[]) AS k(id, rev) ON k.id = r.id"
+            " WHERE r.id = ANY(%b::uuid[]) ORDER BY r.seq" + (" FOR UPDATE OF r" if lock else ""),
             ([i for i, _ in known], [rev for _, rev in known], ids),
         )
         found: dict[uuid.UUID, _Row] = {}
@@ -367,9 +367,9 @@ class _PostgresOps(Operations):
         written = self._execute(
             "UPDATE trioworker_task_runs AS r SET rev = w.rev, state_type = w.state_type,"
             " scheduled_at = w.scheduled_at, client_id = w.client_id,"
-            " replica_id = CASE WHEN w.client_id IS NULL THEN NULL ELSE %s::uuid END, body = w.body"
-            " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::float8[], %s::text[],"
-            " %s::bytea[]) AS w(seq, old_rev, rev, state_type, scheduled_at, client_id, body)"
+            " replica_id = CASE WHEN w.client_id IS NULL THEN NULL ELSE %b::uuid END, body = w.body"
+            " FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[], %b::text[], %b::float8[], %b::text[],"
+            " %b::bytea[]) AS w(seq, old_rev, rev, state_type, scheduled_at, client_id, body)"
             " WHERE r.seq = w.seq AND r.rev = w.old_rev",
             (
                 self.replica_id,
@@ -397,11 +397,11 @@ class _PostgresOps(Operations):
         queued = [(seq, run) for seq, run in rows if run.state.type is StateType.SCHEDULED]
         left = [seq for seq, run in rows if run.state.type is not StateType.SCHEDULED]
         if left:
-            self._execute("DELETE FROM trioworker_ready WHERE run_seq = ANY(%s::bigint[])", (left,))
+            self._execute("DELETE FROM trioworker_ready WHERE run_seq = ANY(%b::bigint[])", (left,))
         if queued:
             self._execute(
                 "INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at)"
-                " SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::text[], %s::float8[])"
+                " SELECT * FROM unnest(%b::bigint[], %b::uuid[], %b::text[], %b::float8[])"
                 " ON CONFLICT (run_seq) DO UPDATE"
                 " SET queued_seq = excluded.queued_seq, scheduled_at = excluded.scheduled_at",
                 (
@@ -419,7 +419,7 @@ class _PostgresOps(Operations):
         self._execute(
             "INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
             " SELECT w.run_seq, w.type, w.timestamp, w.body"
-            " FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::bytea[])"
+            " FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[], %b::bytea[])"
             " WITH ORDINALITY AS w(run_seq, type, timestamp, body, n) ORDER BY w.n",
             (
                 [seq for seq, _ in states],
@@ -441,7 +441,7 @@ class _PostgresOps(Operations):
         assert self.conn is not None
         with self.conn.transaction():
             self._execute(
-                "SELECT pg_advisory_xact_lock(%s, hashtext(coalesce(current_schema(), '')))",
+                "SELECT pg_advisory_xact_lock(%b::integer, hashtext(coalesce(current_schema(), '')))",
                 (_MIGRATION_LOCK,),
             )
             [(schema, exists)] = self._execute(
@@ -468,7 +468,7 @@ class _PostgresOps(Operations):
                 for statement in MIGRATIONS[step]:
                     self._execute(statement)
             self._execute("DELETE FROM trioworker_schema")
-            self._execute("INSERT INTO trioworker_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            self._execute("INSERT INTO trioworker_schema (version) VALUES (%b)", (SCHEMA_VERSION,))
 
     # -- operations
     def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
@@ -499,8 +499,8 @@ class _PostgresOps(Operations):
                 " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, rev, parameters, body)"
                 " SELECT w.id, w.task_key, 'SCHEDULED', w.scheduled_at, w.idempotency_key,"
                 " w.wait_for::uuid[], w.rev, w.parameters, w.body"
-                " FROM unnest(%s::uuid[], %s::text[], %s::float8[], %s::text[], %s::text[], %s::bigint[],"
-                " %s::bytea[], %s::bytea[]) WITH ORDINALITY"
+                " FROM unnest(%b::uuid[], %b::text[], %b::float8[], %b::text[], %b::text[], %b::bigint[],"
+                " %b::bytea[], %b::bytea[]) WITH ORDINALITY"
                 " AS w(id, task_key, scheduled_at, idempotency_key, wait_for, rev, parameters, body, n)"
                 " ORDER BY w.n ON CONFLICT DO NOTHING RETURNING id, seq",
                 (
@@ -538,7 +538,7 @@ class _PostgresOps(Operations):
         if keyed:
             rows = self._execute(
                 "SELECT r.task_key, r.idempotency_key, r.parameters, r.body FROM trioworker_task_runs AS r"
-                " JOIN unnest(%s::text[], %s::text[]) AS k(task_key, idempotency_key)"
+                " JOIN unnest(%b::text[], %b::text[]) AS k(task_key, idempotency_key)"
                 " ON r.task_key = k.task_key AND r.idempotency_key = k.idempotency_key",
                 ([c.task_key for c in keyed], [c.idempotency_key for c in keyed]),
             )
@@ -562,7 +562,7 @@ class _PostgresOps(Operations):
         if not run_ids:
             return {}
         rows = self._execute(
-            "SELECT id, state_type FROM trioworker_task_runs WHERE id = ANY(%s::uuid[])", (list(run_ids),)
+            "SELECT id, state_type FROM trioworker_task_runs WHERE id = ANY(%b::uuid[])", (list(run_ids),)
         )
         return {run_id: StateType(state) for run_id, state in rows}
 
@@ -578,18 +578,18 @@ class _PostgresOps(Operations):
         state_type = None if state is None else state.value
         rows = self._execute(
             "SELECT parameters, body FROM trioworker_task_runs"
-            " WHERE (%s::text IS NULL OR task_key = %s::text) AND (%s::text IS NULL OR state_type = %s::text)"
-            " ORDER BY seq LIMIT %s OFFSET %s",
+            " WHERE (%b::text IS NULL OR task_key = %b::text) AND (%b::text IS NULL OR state_type = %b::text)"
+            " ORDER BY seq LIMIT %b OFFSET %b",
             (task_key, task_key, state_type, state_type, limit, offset),
         )
         return [run_from_row(p, b) for p, b in rows]
 
     def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
-        row = self._execute("SELECT seq FROM trioworker_task_runs WHERE id = %s", (run_id,)).fetchone()
+        row = self._execute("SELECT seq FROM trioworker_task_runs WHERE id = %b", (run_id,)).fetchone()
         if row is None:
             return None
         rows = self._execute(
-            "SELECT type, timestamp, body FROM trioworker_task_run_states WHERE run_seq = %s ORDER BY id",
+            "SELECT type, timestamp, body FROM trioworker_task_run_states WHERE run_seq = %b ORDER BY id",
             (row[0],),
         )
         changes = []
@@ -616,7 +616,7 @@ class _PostgresOps(Operations):
         ready = [
             run_id
             for (run_id,) in self._execute(
-                "SELECT run_id FROM trioworker_ready WHERE run_id = ANY(%s::uuid[]) FOR UPDATE SKIP LOCKED",
+                "SELECT run_id FROM trioworker_ready WHERE run_id = ANY(%b::uuid[]) FOR UPDATE SKIP LOCKED",
                 (list(run_ids),),
             )
         ]
@@ -712,9 +712,9 @@ class _PostgresOps(Operations):
         if run_id not in found:
             return None
         seq, _, run = found[run_id]
-        self._execute("DELETE FROM trioworker_task_run_states WHERE run_seq = %s", (seq,))
-        self._execute("DELETE FROM trioworker_ready WHERE run_seq = %s", (seq,))
-        self._execute("DELETE FROM trioworker_task_runs WHERE seq = %s", (seq,))
+        self._execute("DELETE FROM trioworker_task_run_states WHERE run_seq = %b", (seq,))
+        self._execute("DELETE FROM trioworker_ready WHERE run_seq = %b", (seq,))
+        self._execute("DELETE FROM trioworker_task_runs WHERE seq = %b", (seq,))
         self.cache.drop(run_id)
         return run
 
