@@ -198,7 +198,7 @@ async def test_a_write_from_a_stale_read_changes_nothing(postgres_url: str) -> N
         assert await a.read_run(run.id) == change.run
         late = make_state(StateType.RUNNING)
         with pytest.raises(StoreError, match="1 of 1 runs changed in the database"):
-            await a._run(lambda ops: ops._write([(seq, rev, attrs.evolve(seen, state=late))]))
+            await a._run(lambda ops: ops._save([(seq, rev, attrs.evolve(seen, state=late))], []))
         assert await b.read_run(run.id) == change.run
         rows = await sql(postgres_url, "SELECT state_type, client_id FROM trioworker_task_runs")
         assert rows == [("CANCELLED", None)]

@@ -283,6 +283,26 @@ def _lease(run: TaskRun) -> str | None:
     return _text(run.state.state_details.client_id) if run.state.type in ACTIVE_STATES else None
 
 
+#: Appends the history rows of :func:`_log_columns` (in order): a statement, or a CTE's body.
+_LOG: Final = (
+    "INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
+    " SELECT h.run_seq, h.type, h.timestamp, h.body"
+    " FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[], %b::bytea[])"
+    " WITH ORDINALITY AS h(run_seq, type, timestamp, body, n) ORDER BY h.n"
+)
+
+
+def _log_columns(states: Sequence[tuple[int, State]]) -> tuple[list[Any], ...]:
+    """The parameters of :data:`_LOG` for ``(seq, state)`` pairs: name and message go as
+    JSON bytes (exact, NUL included)."""
+    return (
+        [seq for seq, _ in states],
+        [state.type.value for _, state in states],
+        [state.timestamp for _, state in states],
+        [orjson.dumps({"name": state.name, "message": state.message}) for _, state in states],
+    )
+
+
 #: (seq, rev, run): a row as an operation read it.
 _Row = tuple[int, int, TaskRun]
 
@@ -324,22 +344,34 @@ class _PostgresOps(Operations):
         return self.conn.execute(query, params, binary=True)
 
     # -- reading and writing rows
-    def _fetch(self, run_ids: Iterable[uuid.UUID], *, lock: bool) -> dict[uuid.UUID, _Row]:
+    def _fetch(
+        self, run_ids: Iterable[uuid.UUID], *, lock: bool, ready: bool = False
+    ) -> dict[uuid.UUID, _Row]:
         """The rows of ``run_ids`` that exist; with ``lock``, locked for this transaction
         (``FOR UPDATE``, in ``seq`` order). Rows whose ``rev`` the cache knows are not sent
-        or decoded again."""
+        or decoded again.
+
+        With ``ready``, only runs in ``trioworker_ready`` that no other transaction has
+        locked there (``FOR UPDATE SKIP LOCKED``): the ones free to claim.
+        """
         ids = list(dict.fromkeys(run_ids))
         if not ids:
             return {}
         known = [(run_id, row[1]) for run_id in ids if (row := self.cache.get(run_id)) is not None]
+        source = (
+            "SELECT run_seq AS seq FROM trioworker_ready WHERE run_id = ANY(%b::uuid[])"
+            " FOR UPDATE SKIP LOCKED"
+            if ready
+            else "SELECT seq FROM trioworker_task_runs WHERE id = ANY(%b::uuid[])"
+        )
         rows = self._execute(
             "SELECT r.seq, r.id, r.rev,"
             " CASE WHEN k.rev = r.rev THEN NULL ELSE r.parameters END,"
             " CASE WHEN k.rev = r.rev THEN NULL ELSE r.body END"
-            " FROM trioworker_task_runs AS r"
+            f" FROM ({source}) AS q JOIN trioworker_task_runs AS r ON r.seq = q.seq"
             " LEFT JOIN unnest(%b::uuid[], %b::bigint[]) AS k(id, rev) ON k.id = r.id"
-            " WHERE r.id = ANY(%b::uuid[]) ORDER BY r.seq" + (" FOR UPDATE OF r" if lock else ""),
-            ([i for i, _ in known], [rev for _, rev in known], ids),
+            " ORDER BY r.seq" + (" FOR UPDATE OF r" if lock else ""),
+            (ids, [i for i, _ in known], [rev for _, rev in known]),
         )
         found: dict[uuid.UUID, _Row] = {}
         for seq, run_id, rev, parameters, body in rows:
@@ -353,9 +385,11 @@ class _PostgresOps(Operations):
                 found[run_id] = row
         return found
 
-    def _write(self, rows: Sequence[_Row]) -> None:
+    def _save(self, rows: Sequence[_Row], states: Sequence[tuple[int, State]]) -> None:
         """Write runs, each ``(seq, rev it was read at, new content)``, only where the row
-        still has that ``rev``; keep ``trioworker_ready`` to the SCHEDULED runs.
+        still has that ``rev``; keep ``trioworker_ready`` to the SCHEDULED runs (a run
+        queued again gets a new ``queued_seq``); append ``states`` (``(seq, state)``, in
+        order) to the history. One statement.
 
         Raises:
             StoreError: a row changed since it was read (another server wrote it).
@@ -364,24 +398,36 @@ class _PostgresOps(Operations):
         if not rows:
             return
         revs = [_new_rev() for _ in rows]
-        written = self._execute(
-            "UPDATE trioworker_task_runs AS r SET rev = w.rev, state_type = w.state_type,"
+        [(written,)] = self._execute(
+            "WITH w AS (SELECT * FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[], %b::uuid[],"
+            " %b::text[], %b::text[], %b::float8[], %b::text[], %b::bytea[])"
+            " AS u(seq, old_rev, rev, id, task_key, state_type, scheduled_at, client_id, body)),"
+            " written AS (UPDATE trioworker_task_runs AS r SET rev = w.rev, state_type = w.state_type,"
             " scheduled_at = w.scheduled_at, client_id = w.client_id,"
             " replica_id = CASE WHEN w.client_id IS NULL THEN NULL ELSE %b::uuid END, body = w.body"
-            " FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[], %b::text[], %b::float8[], %b::text[],"
-            " %b::bytea[]) AS w(seq, old_rev, rev, state_type, scheduled_at, client_id, body)"
-            " WHERE r.seq = w.seq AND r.rev = w.old_rev",
+            " FROM w WHERE r.seq = w.seq AND r.rev = w.old_rev RETURNING r.seq),"
+            " left_queue AS (DELETE FROM trioworker_ready AS q USING w"
+            " WHERE q.run_seq = w.seq AND w.state_type <> 'SCHEDULED'),"
+            " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at)"
+            " SELECT seq, id, task_key, scheduled_at FROM w WHERE state_type = 'SCHEDULED'"
+            " ON CONFLICT (run_seq) DO UPDATE"
+            " SET queued_seq = excluded.queued_seq, scheduled_at = excluded.scheduled_at),"
+            f" logged AS ({_LOG})"
+            " SELECT count(*) FROM written",
             (
-                self.replica_id,
                 [seq for seq, _, _ in rows],
                 [rev for _, rev, _ in rows],
                 revs,
+                [run.id for _, _, run in rows],
+                [run.task_key for _, _, run in rows],
                 [run.state.type.value for _, _, run in rows],
                 [epoch(run.state.state_details.scheduled_time) for _, _, run in rows],
                 [_lease(run) for _, _, run in rows],
                 [run_body(run) for _, _, run in rows],
+                self.replica_id,
+                *_log_columns(states),
             ),
-        ).rowcount
+        )
         if written != len(rows):
             raise StoreError(
                 f"{len(rows) - written} of {len(rows)} runs changed in the database while they "
@@ -389,45 +435,6 @@ class _PostgresOps(Operations):
             )
         for (seq, _, run), rev in zip(rows, revs, strict=True):
             self.cache.put((seq, rev, run))
-        self._index([(seq, run) for seq, _, run in rows])
-
-    def _index(self, rows: Sequence[tuple[int, TaskRun]]) -> None:
-        """Keep ``trioworker_ready`` to the SCHEDULED runs among ``rows``: a run queued
-        again gets a new ``queued_seq``."""
-        queued = [(seq, run) for seq, run in rows if run.state.type is StateType.SCHEDULED]
-        left = [seq for seq, run in rows if run.state.type is not StateType.SCHEDULED]
-        if left:
-            self._execute("DELETE FROM trioworker_ready WHERE run_seq = ANY(%b::bigint[])", (left,))
-        if queued:
-            self._execute(
-                "INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at)"
-                " SELECT * FROM unnest(%b::bigint[], %b::uuid[], %b::text[], %b::float8[])"
-                " ON CONFLICT (run_seq) DO UPDATE"
-                " SET queued_seq = excluded.queued_seq, scheduled_at = excluded.scheduled_at",
-                (
-                    [seq for seq, _ in queued],
-                    [run.id for _, run in queued],
-                    [run.task_key for _, run in queued],
-                    [epoch(run.state.state_details.scheduled_time) for _, run in queued],
-                ),
-            )
-
-    def _log(self, states: Sequence[tuple[int, State]]) -> None:
-        """Append ``(seq, state)`` to the history, in order."""
-        if not states:
-            return
-        self._execute(
-            "INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
-            " SELECT w.run_seq, w.type, w.timestamp, w.body"
-            " FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[], %b::bytea[])"
-            " WITH ORDINALITY AS w(run_seq, type, timestamp, body, n) ORDER BY w.n",
-            (
-                [seq for seq, _ in states],
-                [state.type.value for _, state in states],
-                [state.timestamp for _, state in states],
-                [orjson.dumps({"name": state.name, "message": state.message}) for _, state in states],
-            ),
-        )
 
     # -- schema
     def migrate(self) -> None:
@@ -493,16 +500,22 @@ class _PostgresOps(Operations):
         parameters = [orjson.dumps(run.parameters) for run in runs]
         bodies = [run_body(run) for run in runs]
         revs = [_new_rev() for _ in runs]
+        state = runs[0].state  # the same SCHEDULED state, stamped ``now``, for every new run
         inserted = dict(
             self._execute(
-                "INSERT INTO trioworker_task_runs"
+                "WITH w AS (SELECT * FROM unnest(%b::uuid[], %b::text[], %b::float8[], %b::text[],"
+                " %b::text[], %b::bigint[], %b::bytea[], %b::bytea[]) WITH ORDINALITY"
+                " AS u(id, task_key, scheduled_at, idempotency_key, wait_for, rev, parameters, body, n)),"
+                " inserted AS (INSERT INTO trioworker_task_runs"
                 " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, rev, parameters, body)"
-                " SELECT w.id, w.task_key, 'SCHEDULED', w.scheduled_at, w.idempotency_key,"
-                " w.wait_for::uuid[], w.rev, w.parameters, w.body"
-                " FROM unnest(%b::uuid[], %b::text[], %b::float8[], %b::text[], %b::text[], %b::bigint[],"
-                " %b::bytea[], %b::bytea[]) WITH ORDINALITY"
-                " AS w(id, task_key, scheduled_at, idempotency_key, wait_for, rev, parameters, body, n)"
-                " ORDER BY w.n ON CONFLICT DO NOTHING RETURNING id, seq",
+                " SELECT id, task_key, 'SCHEDULED', scheduled_at, idempotency_key, wait_for::uuid[], rev,"
+                " parameters, body FROM w ORDER BY n"
+                " ON CONFLICT DO NOTHING RETURNING id, seq, task_key, scheduled_at),"
+                " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at)"
+                " SELECT seq, id, task_key, scheduled_at FROM inserted ORDER BY seq),"
+                " logged AS (INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
+                " SELECT seq, 'SCHEDULED', %b::timestamptz, %b::bytea FROM inserted ORDER BY seq)"
+                " SELECT id, seq FROM inserted",
                 (
                     [run.id for run in runs],
                     [run.task_key for run in runs],
@@ -512,22 +525,20 @@ class _PostgresOps(Operations):
                     revs,
                     parameters,
                     bodies,
+                    state.timestamp,
+                    orjson.dumps({"name": state.name, "message": state.message}),
                 ),
             ).fetchall()
         )
         repeats = self._existing([c for c, run in zip(creates, runs, strict=True) if run.id not in inserted])
         out: list[tuple[TaskRun, QueuedRun | None]] = []
-        logged: list[tuple[int, State]] = []
         for create, run, params, body, rev in zip(creates, runs, parameters, bodies, revs, strict=True):
             seq = inserted.get(run.id)
             if seq is None:
                 out.append((repeats(create), None))
                 continue
             self.cache.put((seq, rev, run))
-            logged.append((seq, run.state))
             out.append((run, queued_run(run, seq, len(params) + len(body))))
-        self._index([(inserted[run.id], run) for run in runs if run.id in inserted])
-        self._log(logged)
         return out
 
     def _existing(self, creates: Sequence[TaskRunCreate]) -> Callable[[TaskRunCreate], TaskRun]:
@@ -613,14 +624,7 @@ class _PostgresOps(Operations):
         The candidates come from ``trioworker_ready`` with ``FOR UPDATE SKIP LOCKED``: a run
         another transaction is claiming right now is skipped, not waited for.
         """
-        ready = [
-            run_id
-            for (run_id,) in self._execute(
-                "SELECT run_id FROM trioworker_ready WHERE run_id = ANY(%b::uuid[]) FOR UPDATE SKIP LOCKED",
-                (list(run_ids),),
-            )
-        ]
-        found = self._fetch(ready, lock=True)
+        found = self._fetch(run_ids, lock=True, ready=True)
         claims: dict[uuid.UUID, _Row] = {}
         for run_id in run_ids:
             if run_id not in found or run_id in claims:
@@ -634,8 +638,7 @@ class _PostgresOps(Operations):
                     continue  # changed since the caller's copy was made
             claims[run_id] = (seq, rev, claimed_copy(run, client_id, now))
         rows = list(claims.values())
-        self._write(rows)
-        self._log([(seq, run.state) for seq, _, run in rows])
+        self._save(rows, [(seq, run.state) for seq, _, run in rows])
         return [run for _, _, run in rows]
 
     def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float) -> list[Change]:
@@ -658,8 +661,7 @@ class _PostgresOps(Operations):
             logged.append((seq, changed_run.state))
             queued = queued_run(changed_run, seq) if changed_run.state.type is StateType.SCHEDULED else None
             changes.append(Change(result, changed_run, queued))
-        self._write(list(changed.values()))  # once per run (RUNNING and COMPLETED often come together)
-        self._log(logged)
+        self._save(list(changed.values()), logged)  # once per run, every state logged
         return changes
 
     def requeue(
@@ -681,8 +683,7 @@ class _PostgresOps(Operations):
             # SCHEDULED and not held: it was leased, but its claim never committed. Index it again.
             queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
             out.append(Requeued(run_id, run.state.type, queued))
-        self._write(rows)
-        self._log([(seq, run.state) for seq, _, run in rows])
+        self._save(rows, [(seq, run.state) for seq, _, run in rows])
         return out
 
     def reclaim(
@@ -703,8 +704,7 @@ class _PostgresOps(Operations):
             if kept_run is not row[2]:  # requeued meanwhile: RUNNING again under client_id
                 rows.append((row[0], row[1], kept_run))
             kept.append(run_id)
-        self._write(rows)
-        self._log([(seq, run.state) for seq, _, run in rows])
+        self._save(rows, [(seq, run.state) for seq, _, run in rows])
         return kept, lost
 
     def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
@@ -712,9 +712,12 @@ class _PostgresOps(Operations):
         if run_id not in found:
             return None
         seq, _, run = found[run_id]
-        self._execute("DELETE FROM trioworker_task_run_states WHERE run_seq = %b", (seq,))
-        self._execute("DELETE FROM trioworker_ready WHERE run_seq = %b", (seq,))
-        self._execute("DELETE FROM trioworker_task_runs WHERE seq = %b", (seq,))
+        self._execute(
+            "WITH history AS (DELETE FROM trioworker_task_run_states WHERE run_seq = %b),"
+            " queued AS (DELETE FROM trioworker_ready WHERE run_seq = %b)"
+            " DELETE FROM trioworker_task_runs WHERE seq = %b",
+            (seq, seq, seq),
+        )
         self.cache.drop(run_id)
         return run
 
