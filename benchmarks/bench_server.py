@@ -14,7 +14,9 @@ a) create runs one by one over a single keep-alive ``httpx.Client`` (capped, see
 b) create N runs in batches (``POST /api/task_runs/batch``);
 c) drain those N runs with one raw subscription (RUNNING + COMPLETED reported per delivery);
 d) queue M runs (not timed as a target), create N more in batches while M are queued,
-   then drain the first N of them: nothing should get slower with the size of the queue.
+   then drain the first N of them: nothing should get slower with the size of the queue;
+e) (PostgreSQL, with ``--ended E``) store E ended runs with SQL, then b) and c) again: the
+   claims go through a small table of ready runs, so nothing should get slower either.
 
 The table shows the median of ``--repeat`` repetitions and the server's peak RSS (VmHWM);
 the JSON results go to ``benchmarks/results/bench_server.json``. The exit code is 1 when a
@@ -284,16 +286,47 @@ def create_batches(
     return time.perf_counter() - began, ids, latencies
 
 
+#: The task key of the ended runs that phase e stores (never read: the checks read TASK_KEY's).
+ENDED_TASK_KEY = "ended"
+
+
+def fill_ended_runs(db: str, m: int) -> float:
+    """Store ``m`` COMPLETED runs (four states each in the history) in the PostgreSQL
+    database ``db`` with SQL, as a long-lived deployment has them; returns the seconds."""
+    import psycopg
+
+    began = time.perf_counter()
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO trioworker_task_runs (id, task_key, state_type, rev, parameters, body)"
+            " SELECT gen_random_uuid(), %s, 'COMPLETED', 0, '{}', '{}' FROM generate_series(1, %s)",
+            (ENDED_TASK_KEY, m),
+        )
+        conn.execute(
+            "INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
+            " SELECT r.seq, t.type, now(), '{}' FROM trioworker_task_runs AS r"
+            " CROSS JOIN unnest(ARRAY['SCHEDULED', 'PENDING', 'RUNNING', 'COMPLETED']) AS t(type)"
+            " WHERE r.task_key = %s",
+            (ENDED_TASK_KEY,),
+        )
+        conn.execute("VACUUM ANALYZE")
+        with contextlib.suppress(psycopg.Error):  # superusers only: the bulk writes reach disk now
+            conn.execute("CHECKPOINT")
+    return time.perf_counter() - began
+
+
 def health(client: httpx.Client) -> dict[str, Any]:
     result: dict[str, Any] = expect(client.get("/health"), 200, "GET /health")
     return result
 
 
 def count_in_state(client: httpx.Client, state: str, *, page: int = 1000) -> int:
+    """How many runs of :data:`TASK_KEY` are in ``state``."""
     total = 0
     while True:
+        params: dict[str, str | int] = {"state": state, "task_key": TASK_KEY, "limit": page, "offset": total}
         runs = expect(
-            client.get("/task_runs", params={"state": state, "limit": page, "offset": total}),
+            client.get("/task_runs", params=params),
             200,
             f"GET /task_runs?state={state}",
         )
@@ -303,7 +336,8 @@ def count_in_state(client: httpx.Client, state: str, *, page: int = 1000) -> int
 
 
 def any_in_state(client: httpx.Client, state: str) -> bool:
-    runs = expect(client.get("/task_runs", params={"state": state, "limit": 1}), 200, "GET /task_runs")
+    params: dict[str, str | int] = {"state": state, "task_key": TASK_KEY, "limit": 1}
+    runs = expect(client.get("/task_runs", params=params), 200, "GET /task_runs")
     return bool(runs)
 
 
@@ -624,13 +658,22 @@ class Bench:
         )
         log(f"    {n / seconds:,.0f} runs/s")
 
-    # b) batches, then c) drain them
-    def bench_batch_and_drain(self, rep: int) -> None:
+    # b) batches, then c) drain them; e) the same on PostgreSQL with M ended runs in the database
+    def bench_batch_and_drain(self, rep: int, *, ended: int = 0) -> None:
         n, batch = self.args.runs, self.args.batch
-        create = self.phase("b_create_batch", f"b) create in batches of {batch}", BATCH_TARGET)
-        drain_phase = self.phase("c_drain", f"c) drain (credit {self.args.credit})", DRAIN_TARGET)
-        log(f"[b] rep {rep}: creating {n} runs in batches of {batch}")
-        with self.server(f"bc{rep}") as server, new_client(server) as client:
+        if ended:
+            create = self.phase("e1_create_ended", f"e) create in batches, {ended:,} ended", BATCH_TARGET)
+            drain_phase = self.phase("e2_drain_ended", f"e) drain, {ended:,} ended runs stored", DRAIN_TARGET)
+        else:
+            create = self.phase("b_create_batch", f"b) create in batches of {batch}", BATCH_TARGET)
+            drain_phase = self.phase("c_drain", f"c) drain (credit {self.args.credit})", DRAIN_TARGET)
+        with self.server(f"e{rep}" if ended else f"bc{rep}") as server, new_client(server) as client:
+            if ended:
+                assert server.db is not None
+                log(f"[e] rep {rep}: storing {ended:,} ended runs (SQL; not a target)")
+                fill = self.phase("e0_fill_ended", f"e) store {ended:,} ended runs (SQL)", None)
+                fill.add(Sample(ended, fill_ended_runs(server.db, ended), *server.memory_mb()))
+            log(f"[b] rep {rep}: creating {n} runs in batches of {batch}")
             cpu0 = server.cpu_seconds()
             seconds, ids, latencies = create_batches(client, n, batch)
             cpu = server.cpu_seconds() - cpu0
@@ -910,7 +953,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--timeout", type=float, default=120.0, help="seconds a drain may take before it stalls"
     )
     parser.add_argument(
-        "--phases", default="abcd", help="which phases to run (letters of a b c d; c needs b)"
+        "--phases", default="abcde", help="which phases to run (letters of a b c d e; c needs b)"
+    )
+    parser.add_argument(
+        "--ended",
+        type=int,
+        default=0,
+        help="E: phase e (PostgreSQL only) stores this many ended runs, then creates and drains N "
+        "(0, the default, skips it; try 1000000)",
     )
     parser.add_argument(
         "--stores",
@@ -931,8 +981,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("runs", "repeat", "credit", "batch", "single_max"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.queued < 0:
-        parser.error("--queued must be >= 0")
+    if args.queued < 0 or args.ended < 0:
+        parser.error("--queued and --ended must be >= 0")
     return args
 
 
@@ -986,6 +1036,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         bench.bench_batch_and_drain(rep)
                     if "d" in args.phases and args.queued > 0:
                         bench.bench_queued(rep)
+                    if "e" in args.phases and args.ended > 0 and bench.store == "postgres":
+                        bench.bench_batch_and_drain(rep, ended=args.ended)
         except (BenchError, httpx.HTTPError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             log(f"\nbenchmark aborted: {error}")
@@ -1000,6 +1052,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(benches) > 1:
             print(f"\nstore: {bench.store}")
         print(render_table(list(bench.phases.values()), args.repeat))
+    for bench in benches:
+        empty, full = bench.phases.get("c_drain"), bench.phases.get("e2_drain_ended")
+        if empty is not None and full is not None and empty.rate:
+            print(
+                f"\n{bench.store}: the drain with {args.ended:,} ended runs stored goes at "
+                f"{full.rate / empty.rate:.2f} x the drain on an empty database"
+            )
     comparison: list[dict[str, Any]] = []
     if len(benches) > 1:
         table, comparison = render_comparison(benches)
