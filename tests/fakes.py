@@ -436,30 +436,38 @@ async def freezing_proxy(real_port: int) -> AsyncIterator[FreezingProxy]:
 class OutageProxy:
     """Forwards TCP connections to ``real_port`` (a database) until told otherwise:
     :meth:`drop` cuts every open connection (as a restart of the database does);
-    while :attr:`refusing`, new connections are closed at once (the database is down)."""
+    :meth:`sever` cuts them on the client's side only (a network that failed: the database
+    does not notice, and its sessions live on); while :attr:`refusing`, new connections are
+    closed at once (the database is down)."""
 
     port: int
     real_port: int
     refusing: bool = False
     #: Connections accepted so far (including refused ones).
     accepted: int = 0
-    _open: set[trio.CancelScope] = attrs.field(factory=set)
+    _open: dict[trio.CancelScope, trio.SocketStream] = attrs.field(factory=dict)
+    #: The database's ends of severed connections, open until the proxy closes.
+    _orphans: list[trio.SocketStream] = attrs.field(factory=list)
 
     def drop(self) -> None:
         for scope in self._open:
             scope.cancel()
+
+    def sever(self) -> None:
+        self._orphans += self._open.values()
+        self.drop()
 
     async def handle(self, client: trio.SocketStream) -> None:
         self.accepted += 1
         async with client:
             if self.refusing:
                 return
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.real_port)
             scope = trio.CancelScope()
-            self._open.add(scope)
+            self._open[scope] = upstream
             try:
                 with scope:
-                    upstream = await trio.open_tcp_stream("127.0.0.1", self.real_port)
-                    async with upstream, trio.open_nursery() as nursery:
+                    async with trio.open_nursery() as nursery:
 
                         async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
                             with contextlib.suppress(*GONE):
@@ -470,10 +478,19 @@ class OutageProxy:
                         nursery.start_soon(pump, client, upstream)
                         nursery.start_soon(pump, upstream, client)
             finally:
-                self._open.discard(scope)
+                del self._open[scope]
+                if upstream not in self._orphans:
+                    await trio.aclose_forcefully(upstream)
+
+    async def aclose(self) -> None:
+        for orphan in self._orphans:
+            await trio.aclose_forcefully(orphan)
 
 
 @asynccontextmanager
 async def outage_proxy(real_port: int) -> AsyncIterator[OutageProxy]:
     async with _serving(OutageProxy(0, real_port)) as proxy:
-        yield proxy
+        try:
+            yield proxy
+        finally:
+            await proxy.aclose()

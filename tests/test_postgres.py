@@ -23,13 +23,21 @@ import trio
 from psycopg.conninfo import conninfo_to_dict
 
 from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
-from trioworker.server.store import StoreError
+from trioworker.server.store import DatabaseInUse, StoreError
 from trioworker.server.store.postgres import SCHEMA_VERSION, PostgresStore, PostgresTarget
 from trioworker.testing import ServerControl
 
 from .fakes import OutageProxy, outage_proxy
 from .helpers import submit
-from .postgres import PASSWORD_ROLE, Unavailable, binaries, throwaway_cluster, unavailable, with_params
+from .postgres import (
+    PASSWORD_ROLE,
+    Unavailable,
+    binaries,
+    fresh_schema,
+    throwaway_cluster,
+    unavailable,
+    with_params,
+)
 from .raw import subscribe
 from .test_cli import read_until, refused, server_command
 
@@ -83,7 +91,7 @@ async def test_the_schema_is_created_versioned_and_a_newer_one_refused(postgres_
 
 async def test_servers_starting_together_create_the_schema_once(postgres_url: str) -> None:
     async def start() -> None:
-        async with PostgresStore.open(postgres_url) as store:
+        async with PostgresStore.open(postgres_url, exclusive=False) as store:
             await store.create_runs([TaskRunCreate(task_key="k")])
 
     async with trio.open_nursery() as nursery:
@@ -112,9 +120,28 @@ def test_the_location_never_shows_the_password() -> None:
 # --------------------------------------------------------------------------- two stores, one database
 
 
+async def test_one_server_per_database(postgres_url: str, postgres_session: str) -> None:
+    async with PostgresStore.open(postgres_url) as first:
+        [(run, _)] = await first.create_runs([TaskRunCreate(task_key="k")])
+        with pytest.raises(
+            DatabaseInUse, match=r"^the database postgresql://.* is in use by another trioworker"
+        ):
+            async with PostgresStore.open(postgres_url):
+                pytest.fail("opened a database another server has")
+        with fresh_schema(postgres_session) as other_schema:
+            async with PostgresStore.open(other_schema):  # the lock is the schema's
+                pass
+        assert await first.read_run(run.id) == run  # the first goes on
+    async with PostgresStore.open(postgres_url) as again:  # closed: the lock went with it
+        assert await again.read_run(run.id) == run
+
+
 async def test_two_stores_make_one_run_per_idempotency_key(postgres_url: str) -> None:
     results: list[tuple[uuid.UUID, bool]] = []
-    async with PostgresStore.open(postgres_url) as a, PostgresStore.open(postgres_url) as b:
+    async with (
+        PostgresStore.open(postgres_url, exclusive=False) as a,
+        PostgresStore.open(postgres_url, exclusive=False) as b,
+    ):
 
         async def create(store: PostgresStore, i: int) -> None:
             [(run, queued)] = await store.create_runs(
@@ -131,7 +158,10 @@ async def test_two_stores_make_one_run_per_idempotency_key(postgres_url: str) ->
 
 
 async def test_two_stores_claim_each_run_once(postgres_url: str) -> None:
-    async with PostgresStore.open(postgres_url) as a, PostgresStore.open(postgres_url) as b:
+    async with (
+        PostgresStore.open(postgres_url, exclusive=False) as a,
+        PostgresStore.open(postgres_url, exclusive=False) as b,
+    ):
         created = await a.create_runs([TaskRunCreate(task_key="k") for _ in range(300)])
         ids = [run.id for run, _ in created]
         claimed: dict[str, list[uuid.UUID]] = {"a": [], "b": []}
@@ -189,7 +219,10 @@ async def test_the_ready_table_holds_the_scheduled_runs_and_numbers_each_queuein
 
 
 async def test_a_write_from_a_stale_read_changes_nothing(postgres_url: str) -> None:
-    async with PostgresStore.open(postgres_url) as a, PostgresStore.open(postgres_url) as b:
+    async with (
+        PostgresStore.open(postgres_url, exclusive=False) as a,
+        PostgresStore.open(postgres_url, exclusive=False) as b,
+    ):
         [(run, _)] = await a.create_runs([TaskRunCreate(task_key="k")])
         [(seq, rev, seen)] = (await a._run(lambda ops: ops._fetch([run.id], lock=False))).values()
         [change] = await b.set_states([(run.id, cancel())], now=time.time())  # elsewhere
@@ -231,6 +264,21 @@ async def test_a_restarted_database_is_invisible_to_the_next_operation(postgres_
         [(other, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
         assert proxy.accepted == 2
         assert [r.id for r in await store.list_runs()] == [run.id, other.id]
+
+
+async def test_a_session_left_behind_by_a_network_failure_is_ended(postgres_url: str) -> None:
+    async with (
+        outage_proxy(port_of(postgres_url)) as proxy,
+        PostgresStore.open(through(proxy, postgres_url)) as store,
+    ):
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+        [(old,)] = await sql(postgres_url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory'")
+        proxy.sever()  # the database's side lives on, and holds the lock
+        assert await store.read_run(run.id) == run  # a new session, which took the lock over
+        [(new,)] = await sql(postgres_url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory'")
+        assert new != old
+        gone = await sql(postgres_url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (old,))
+        assert gone == [(0,)]
 
 
 async def test_while_the_database_is_down_operations_fail_then_resume(postgres_url: str) -> None:
@@ -311,7 +359,9 @@ def password_cluster() -> Iterator[str | Unavailable]:
         yield url
 
 
-@pytest.mark.parametrize("fault", ["refused", "no database", "no role", "wrong password", "newer schema"])
+@pytest.mark.parametrize(
+    "fault", ["refused", "no database", "no role", "wrong password", "newer schema", "in use"]
+)
 async def test_a_database_the_server_cannot_use_is_named_in_one_line(
     fault: str, postgres_url: str, refused_port: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -331,6 +381,16 @@ async def test_a_database_the_server_cannot_use_is_named_in_one_line(
         port = conninfo_to_dict(cluster)["port"]
         expected = f"cannot connect to PostgreSQL at 127.0.0.1:{port} (database 'postgres', user '{role}')"
         reason = f'password authentication failed for user "{role}"'
+    elif fault == "in use":
+        db = with_params(postgres_url, password="s3cret")
+        location = f"postgresql://{info['user']}@{info['host']}:{info['port']}/{info['dbname']}"
+        async with PostgresStore.open(postgres_url):  # another server has it
+            line = await refused(tmp_path, "--db", db)
+        assert line == (
+            f"trioworker: the database {location} is in use by another trioworker server; "
+            "stop that server first, or use another database"
+        )
+        return
     elif fault == "newer schema":
         db = postgres_url
         async with PostgresStore.open(db):

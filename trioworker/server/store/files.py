@@ -15,8 +15,8 @@ from trioworker.server.store.base import StoreError
 
 
 class DatabaseInUse(StoreError):
-    """Another trioworker server has this database file open (by any name or link): it
-    holds the lock on the file."""
+    """Another trioworker server has this database: it holds the lock on the SQLite file (by
+    any name or link), or the PostgreSQL store's advisory lock on the database's schema."""
 
 
 #: What a database may be given as (the error for any other URL names them).

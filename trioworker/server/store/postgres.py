@@ -57,6 +57,7 @@ from trioworker.models import (
 )
 from trioworker.server.store.base import Change, QueuedRun, Requeued, StoreError
 from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
+from trioworker.server.store.files import DatabaseInUse
 from trioworker.server.store.runs import (
     claimed_copy,
     epoch,
@@ -80,6 +81,8 @@ SCHEMA_VERSION: Final = 1
 #: The first key of the advisory lock held while the schema is created or migrated (the
 #: second is the schema's name): "trio" in ASCII.
 _MIGRATION_LOCK: Final = 0x7472696F
+#: The first key of the advisory lock an exclusive store holds for its life: "tsrv".
+_SERVER_LOCK: Final = 0x74737276
 
 #: Statements that bring the schema from the version before each key to that version.
 MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = {
@@ -213,18 +216,28 @@ def _connect_reason(exc: psycopg.Error) -> str:
 
 class _Connection:
     """The store's one connection, made (again) on demand: after PostgreSQL restarts, the
-    next group reconnects. Only the committer's thread uses it."""
+    next group reconnects. Only the committer's thread uses it.
 
-    def __init__(self, target: PostgresTarget) -> None:
+    With ``exclusive``, the connection's session holds an advisory lock (:data:`_SERVER_LOCK`
+    and the schema's name) for the life of the store, as the SQLite store locks its file:
+    a second server on the same database refuses to start. On a new connection the lock is
+    taken again; a session of this store's that the database has not noticed is gone yet
+    (the network failed) is ended first.
+    """
+
+    def __init__(self, target: PostgresTarget, *, exclusive: bool) -> None:
         self.target = target
+        self.exclusive = exclusive
         self.conn: _Conn | None = None
+        self._backend: int | None = None  # the server process of the last connection
         self._lock = threading.Lock()  # close() may come from another thread than the committer's
 
     def get(self) -> _Conn:
         """The open connection, made now if there is none.
 
         Raises:
-            StoreError: PostgreSQL cannot be reached, refuses the login or has no such database.
+            StoreError: PostgreSQL cannot be reached, refuses the login or has no such
+                database; :class:`DatabaseInUse` when another server has it.
         """
         with self._lock:
             if self.conn is not None and not self.conn.closed and not self.conn.broken:
@@ -232,12 +245,35 @@ class _Connection:
             info = conninfo_to_dict(self.target.url)
             extra = {key: value for key, value in _CONNECT_DEFAULTS.items() if key not in info}
             try:
-                self.conn = psycopg.connect(make_conninfo(self.target.url, **extra), autocommit=True)
+                conn = psycopg.connect(make_conninfo(self.target.url, **extra), autocommit=True)
             except psycopg.Error as exc:
                 raise StoreError(
                     f"cannot connect to {self.target.described}: {_connect_reason(exc)}"
                 ) from None
-            return self.conn
+            try:
+                if self.exclusive:
+                    self._lock_database(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self.conn, self._backend = conn, conn.info.backend_pid
+            return conn
+
+    def _lock_database(self, conn: _Conn) -> None:
+        take = "SELECT pg_try_advisory_lock(%b::integer, hashtext(coalesce(current_schema(), '')))"
+        try:
+            [(held,)] = conn.execute(take, (_SERVER_LOCK,)).fetchall()
+            if not held and self._backend is not None:
+                # Our last session may live on (the network failed, not the server): end it.
+                conn.execute("SELECT pg_terminate_backend(%b::integer, 5000)", (self._backend,))
+                [(held,)] = conn.execute(take, (_SERVER_LOCK,)).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot lock {self.target.described}: {_first_line(exc)}") from None
+        if not held:
+            raise DatabaseInUse(
+                f"the database {self.target.location} is in use by another trioworker server; "
+                "stop that server first, or use another database"
+            )
 
     def drop(self) -> None:
         """Forget a broken connection (the next :meth:`get` makes a new one)."""
@@ -749,11 +785,15 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
     :meth:`open`; it lives as long as that block."""
 
     def __init__(
-        self, target: PostgresTarget, send: trio.MemorySendChannel[Pending[_PostgresOps, object]]
+        self,
+        target: PostgresTarget,
+        send: trio.MemorySendChannel[Pending[_PostgresOps, object]],
+        *,
+        exclusive: bool = True,
     ) -> None:
         super().__init__(_PostgresOps(), send)
         self.target = target
-        self._connection = _Connection(target)
+        self._connection = _Connection(target, exclusive=exclusive)
 
     @property
     def location(self) -> str:
@@ -762,15 +802,22 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str) -> AsyncIterator[PostgresStore]:
+    async def open(cls, url: str, *, exclusive: bool = True) -> AsyncIterator[PostgresStore]:
         """Connect to the database ``url`` names, create or migrate its schema, and run the
         committer.
+
+        Args:
+            exclusive: refuse to share the database (its schema) with another exclusive
+                store, as one server per SQLite file. ``False`` lets several stores use it
+                at once: the SQL keeps each run's changes atomic and its leases exclusive,
+                but each store's dispatcher knows only the runs queued through it.
 
         Raises:
             ValueError: ``url`` is not a PostgreSQL URL libpq can read.
             StoreError: the database cannot be reached, refuses the login, does not exist,
                 or has a schema newer than this code knows. The message names the host,
                 port, database and user, never the password.
+            DatabaseInUse: another (exclusive) server has the database.
 
         **Resource handling:** the committer task and the connection live exactly as long as
         the ``async with`` block (as :meth:`SQLiteStore.open
@@ -780,7 +827,7 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
         """
         target = PostgresTarget.parse(url)
         send, receive = trio.open_memory_channel[Pending[_PostgresOps, object]](math.inf)
-        store = cls(target, send)
+        store = cls(target, send, exclusive=exclusive)
         try:
             await trio.to_thread.run_sync(store._start)
             async with trio.open_nursery() as nursery:
