@@ -445,7 +445,7 @@ class OutageProxy:
     refusing: bool = False
     #: Connections accepted so far (including refused ones).
     accepted: int = 0
-    _open: dict[trio.CancelScope, trio.SocketStream] = attrs.field(factory=dict)
+    _open: dict[trio.CancelScope, tuple[trio.SocketStream, trio.Event]] = attrs.field(factory=dict)
     #: The database's ends of severed connections, open until the proxy closes.
     _orphans: list[trio.SocketStream] = attrs.field(factory=list)
 
@@ -454,8 +454,15 @@ class OutageProxy:
             scope.cancel()
 
     def sever(self) -> None:
-        self._orphans += self._open.values()
+        self._orphans += [upstream for upstream, _ in self._open.values()]
         self.drop()
+
+    async def cut(self) -> None:
+        """:meth:`drop`, and wait until every connection is closed."""
+        closed = [done for _, done in self._open.values()]
+        self.drop()
+        for done in closed:
+            await done.wait()
 
     async def handle(self, client: trio.SocketStream) -> None:
         self.accepted += 1
@@ -463,8 +470,8 @@ class OutageProxy:
             if self.refusing:
                 return
             upstream = await trio.open_tcp_stream("127.0.0.1", self.real_port)
-            scope = trio.CancelScope()
-            self._open[scope] = upstream
+            scope, done = trio.CancelScope(), trio.Event()
+            self._open[scope] = (upstream, done)
             try:
                 with scope:
                     async with trio.open_nursery() as nursery:
@@ -481,6 +488,8 @@ class OutageProxy:
                 del self._open[scope]
                 if upstream not in self._orphans:
                     await trio.aclose_forcefully(upstream)
+                await trio.aclose_forcefully(client)
+                done.set()
 
     async def aclose(self) -> None:
         for orphan in self._orphans:

@@ -281,6 +281,63 @@ async def test_a_session_left_behind_by_a_network_failure_is_ended(postgres_url:
         assert gone == [(0,)]
 
 
+async def test_a_connection_lost_in_a_transaction_is_retried_once_on_a_new_one(postgres_url: str) -> None:
+    async with (
+        outage_proxy(port_of(postgres_url)) as proxy,
+        PostgresStore.open(through(proxy, postgres_url)) as store,
+    ):
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+        cuts: list[int] = []
+
+        def cut_then_read(ops: Any, times: int) -> Any:
+            if len(cuts) < times:
+                cuts.append(1)
+                trio.from_thread.run(proxy.cut)  # the connection goes, mid-transaction
+            return ops.read_runs([run.id])
+
+        assert await store._run(lambda ops: cut_then_read(ops, 1)) == [run]  # the second attempt
+        cuts.clear()
+        with pytest.raises(StoreError, match=r"was lost \(.*\); nothing of the operation was saved$"):
+            await store._run(lambda ops: cut_then_read(ops, 2))
+        assert len(cuts) == 2
+        assert await store.read_run(run.id) == run
+
+
+async def test_a_connection_lost_at_commit_is_an_outcome_not_known(postgres_url: str) -> None:
+    async with (
+        outage_proxy(port_of(postgres_url)) as proxy,
+        PostgresStore.open(through(proxy, postgres_url)) as store,
+    ):
+
+        def create_then_cut(ops: Any) -> Any:
+            created = ops.create_runs([TaskRunCreate(task_key="k")])
+            trio.from_thread.run(proxy.cut)  # then the commit is sent on a closed connection
+            return created
+
+        with pytest.raises(StoreError, match=r"lost while committing .*may or may not have been saved$"):
+            await store._run(create_then_cut)
+        assert await store.list_runs() == []  # here it was not: the commit never arrived
+
+
+async def test_a_deadlock_runs_the_group_again(postgres_url: str) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        attempts: list[int] = []
+
+        def deadlocked_once(ops: Any, times: int) -> Any:
+            attempts.append(1)
+            created = ops.create_runs([TaskRunCreate(task_key="k")])
+            if len(attempts) <= times:
+                raise psycopg.errors.DeadlockDetected("deadlock detected")
+            return created
+
+        [(run, _)] = await store._run(lambda ops: deadlocked_once(ops, 1))
+        assert len(attempts) == 2 and [r.id for r in await store.list_runs()] == [run.id]
+        attempts.clear()
+        with pytest.raises(StoreError, match=r"could not commit: DeadlockDetected\('deadlock detected'\)"):
+            await store._run(lambda ops: deadlocked_once(ops, 3))
+        assert len(attempts) == 3 and [r.id for r in await store.list_runs()] == [run.id]
+
+
 async def test_while_the_database_is_down_operations_fail_then_resume(postgres_url: str) -> None:
     async with (
         outage_proxy(port_of(postgres_url)) as proxy,
