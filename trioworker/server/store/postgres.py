@@ -26,6 +26,7 @@ servers inserting one key at once get one run (``INSERT ... ON CONFLICT DO NOTHI
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import math
 import os
@@ -83,6 +84,8 @@ SCHEMA_VERSION: Final = 1
 _MIGRATION_LOCK: Final = 0x7472696F
 #: The first key of the advisory lock an exclusive store holds for its life: "tsrv".
 _SERVER_LOCK: Final = 0x74737276
+#: Seconds a server starting waits for that lock before it says another server has it.
+_LOCK_WAIT_SECONDS: Final = 2
 
 #: Statements that bring the schema from the version before each key to that version.
 MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = {
@@ -220,9 +223,10 @@ class _Connection:
 
     With ``exclusive``, the connection's session holds an advisory lock (:data:`_SERVER_LOCK`
     and the schema's name) for the life of the store, as the SQLite store locks its file:
-    a second server on the same database refuses to start. On a new connection the lock is
-    taken again; a session of this store's that the database has not noticed is gone yet
-    (the network failed) is ended first.
+    a second server on the same database refuses to start (after waiting
+    :data:`_LOCK_WAIT_SECONDS` for the session of one that just stopped to end). On a new
+    connection the lock is taken again; a session of this store's that the database has not
+    noticed is gone yet (the network failed) is ended first.
     """
 
     def __init__(self, target: PostgresTarget, *, exclusive: bool) -> None:
@@ -260,20 +264,27 @@ class _Connection:
             return conn
 
     def _lock_database(self, conn: _Conn) -> None:
-        take = "SELECT pg_try_advisory_lock(%b::integer, hashtext(coalesce(current_schema(), '')))"
+        lock = (_SERVER_LOCK,)
+        which = "%b::integer, hashtext(coalesce(current_schema(), ''))"
         try:
-            [(held,)] = conn.execute(take, (_SERVER_LOCK,)).fetchall()
-            if not held and self._backend is not None:
+            if self._backend is not None:
+                [(held,)] = conn.execute(f"SELECT pg_try_advisory_lock({which})", lock).fetchall()
+                if held:
+                    return
                 # Our last session may live on (the network failed, not the server): end it.
                 conn.execute("SELECT pg_terminate_backend(%b::integer, 5000)", (self._backend,))
-                [(held,)] = conn.execute(take, (_SERVER_LOCK,)).fetchall()
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot lock {self.target.described}: {_first_line(exc)}") from None
-        if not held:
+            # Wait a little: the session of a server that just stopped (or was killed) may
+            # not have ended yet.
+            conn.execute(f"SET lock_timeout = '{_LOCK_WAIT_SECONDS}s'")
+            conn.execute(f"SELECT pg_advisory_lock({which})", lock)
+            conn.execute("RESET lock_timeout")
+        except psycopg.errors.LockNotAvailable:
             raise DatabaseInUse(
                 f"the database {self.target.location} is in use by another trioworker server; "
                 "stop that server first, or use another database"
-            )
+            ) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot lock {self.target.described}: {_first_line(exc)}") from None
 
     def drop(self) -> None:
         """Forget a broken connection (the next :meth:`get` makes a new one)."""
@@ -282,7 +293,15 @@ class _Connection:
         if conn is not None:
             conn.close()
 
-    close = drop
+    def close(self) -> None:
+        """Close the connection, its lock released first (so that a server started right
+        after this one need not wait for the session to end)."""
+        with self._lock:
+            conn = self.conn
+        if conn is not None and self.exclusive and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock_all()")
+        self.drop()
 
 
 def _lost(exc: BaseException, conn: _Conn) -> bool:
