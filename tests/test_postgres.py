@@ -112,6 +112,7 @@ def test_the_location_never_shows_the_password() -> None:
     target = PostgresTarget.parse("postgresql://queue:s3cret@db.example:6543/runs?sslmode=require")
     assert target.location == "postgresql://queue@db.example:6543/runs"
     assert target.described == "PostgreSQL at db.example:6543 (database 'runs', user 'queue')"
+    assert "s3cret" not in repr(target)
     assert PostgresTarget.parse("postgres://h/db").location.endswith("@h:5432/db")
     with pytest.raises(ValueError, match=r"^not a PostgreSQL URL"):
         PostgresTarget.parse("mysql://h/db")

@@ -1,4 +1,6 @@
-"""The PostgreSQL store: the runs in one database that several servers may share.
+"""The PostgreSQL store: the runs in a PostgreSQL database, built to be shared by several
+servers (the scale-out design; today one server holds a database at a time, see
+:class:`_Connection`).
 
 psycopg's async API is asyncio-only, so the store uses one blocking connection, only ever
 from a worker thread (``trio.to_thread.run_sync``), and shares group commit with the
@@ -6,8 +8,8 @@ SQLite store (:class:`~trioworker.server.store.commit.GroupCommitStore`): all op
 waiting at a moment run in one transaction, so a burst costs one commit.
 
 The database holds the truth; memory holds only a cache. Every lease and every condition
-is in the SQL, so that a second server on the same database (part of the scale-out design)
-can neither race nor be overwritten:
+is in the SQL, so that servers sharing a database can neither race nor overwrite each
+other:
 
 - ``trioworker_task_runs``: one row per run; ``client_id`` (and ``replica_id``) name its
   lease holder while it is PENDING or RUNNING; ``rev`` is a random tag that every write
@@ -151,7 +153,8 @@ class PostgresTarget:
     """The database a ``postgresql://`` URL names, and how to speak of it (never with its
     password)."""
 
-    url: str
+    #: As given (its password included: never shown, not even in the repr).
+    url: str = attrs.field(repr=False)
     host: str
     port: str
     dbname: str
