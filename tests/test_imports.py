@@ -254,3 +254,11 @@ def test_the_command_imports_only_what_it_runs(tmp_path: Path, argv: list[str], 
     assert among(modules, NOT_FOR_THE_WORKER_COMMAND) == []
     if argv == ["--help"]:  # help does not load the worker: its defaults come from settings
         assert among(modules, ("trioworker.worker",)) == []
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    """docs/architecture.md draws the wings: a module it does not name is a room missing
+    from the plan (a new module gets its line there)."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    unnamed = [name for name, path in module_files().items() if path.name not in page]
+    assert unnamed == []
