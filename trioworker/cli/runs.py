@@ -25,7 +25,7 @@ from trioworker.cli._common import (
     seconds,
     stdout_console,
 )
-from trioworker.cli.worker import load_tasks
+from trioworker.cli._tasks import load_tasks
 
 if TYPE_CHECKING:
     from rich.table import Table

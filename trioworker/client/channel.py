@@ -41,7 +41,7 @@ from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
 from trioworker.protocol import CHANNEL_PATH, CLOSE_PROTOCOL_ERROR, socket_url
 
-log = logging.getLogger("trioworker.channel")
+log = logging.getLogger("trioworker.client.channel")
 
 #: Seconds to wait for the server's answer to the auth message.
 AUTH_TIMEOUT: Final = 10.0

@@ -290,7 +290,7 @@ class TaskRunClient(_Base):
     Args:
         api_url: the server, ``http://host:port`` as it prints it or ``.../api`` (default
             ``TRIOWORKER_API_URL``); ``ValueError`` if unusable (see
-            :func:`trioworker.settings.api_root`).
+            :func:`trioworker.protocol.api_root`).
         api_key: sent as a bearer token (default ``TRIOWORKER_API_KEY``).
         transport: an httpx transport, for tests that do without a network.
     """

@@ -55,7 +55,7 @@ def _ids(message: dict[str, JSON]) -> list[uuid.UUID]:
 
 class ChannelSession(JsonSocket):
     """The server's side of one client channel (the submitter's side is
-    :class:`trioworker.channel.ClientChannel`)."""
+    :class:`trioworker.client.channel.ClientChannel`)."""
 
     def __init__(
         self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event

@@ -34,9 +34,9 @@ from trioworker.models import (
     make_state,
 )
 from trioworker.tasks import Task
-from trioworker.worker import _threads
+from trioworker.worker import _threads, failures
 
-log = logging.getLogger("trioworker.engine")
+log = logging.getLogger("trioworker.worker.engine")
 
 
 class Reporter(Protocol):
@@ -225,8 +225,8 @@ def _failed(message: str, exc: BaseException) -> State:
     """A FAILED state for ``exc``; its message and data are cut to fit a report."""
     return make_state(
         StateType.FAILED,
-        message=serializers.clip_text(message),
-        data=serializers.describe_exception(exc),
+        message=failures.clip_text(message),
+        data=failures.describe_exception(exc),
     )
 
 
@@ -246,15 +246,15 @@ def _retry_state(task: Task[..., Any], run: TaskRun, exc: BaseException, attempt
             log.warning(
                 "retry_condition_fn of %s failed (%s); not retrying",
                 task.key,
-                serializers.exception_line(error, 1024),
+                failures.exception_line(error, 1024),
             )
             return None
     delay = task.retry_delay(attempt)
     return make_state(
         StateType.SCHEDULED,
         "AwaitingRetry",
-        message=serializers.clip_text(
-            f"retry {attempt} of {task.retries} in {delay:g} s after {serializers.exception_line(exc, None)}"
+        message=failures.clip_text(
+            f"retry {attempt} of {task.retries} in {delay:g} s after {failures.exception_line(exc, None)}"
         ),
         details=StateDetails(delay_seconds=delay, reason="retry"),
     )
@@ -277,7 +277,7 @@ async def execute(
 
     **Error handling:** nothing the run's code raises or returns leaves this function (it
     fails the run, or retries it), BaseExceptions included; every report fits the server
-    (texts cut, see :func:`~trioworker.serializers.clip_text`). Only the cancellations
+    (texts cut, see :func:`~trioworker.worker.failures.clip_text`). Only the cancellations
     below and a real Ctrl-C propagate, and the server's or the connection's errors.
 
     Args:
@@ -303,10 +303,8 @@ async def execute(
         if isinstance(exc, TrioworkerError | OSError) and not isinstance(exc, ParameterError):
             raise
         raise_passing(exc)
-        text = (
-            serializers.safe_str(exc) if isinstance(exc, ParameterError) else serializers.exception_line(exc)
-        )
-        log.error("run %s of %s: %s", run.id, task.key, serializers.clip_text(text, 1024))
+        text = failures.safe_str(exc) if isinstance(exc, ParameterError) else failures.exception_line(exc)
+        log.error("run %s of %s: %s", run.id, task.key, failures.clip_text(text, 1024))
         await reporter.report(run.id, _failed(f"could not read the parameters: {text}", exc))
         return Outcome.FAILED
 
@@ -349,7 +347,7 @@ async def execute(
         except BaseException as unserializable:  # the result's own code may raise anything
             raise_passing(unserializable)
             value = TypeError(
-                f"the result of {task.name} cannot be reported: {serializers.safe_str(unserializable)}"
+                f"the result of {task.name} cannot be reported: {failures.safe_str(unserializable)}"
             )
             value.__cause__ = unserializable
         else:
@@ -367,7 +365,7 @@ async def execute(
         )
         await reporter.report(run.id, back)
         return Outcome.STOP
-    line = serializers.exception_line(error)
+    line = failures.exception_line(error)
     retry = _retry_state(task, run, error, attempt=run.run_count + 1)
     if retry is not None:
         log.info("run %s of %s failed (%s); %s", run.id, task.key, _short(line), _short(retry.message))
@@ -380,4 +378,4 @@ async def execute(
 
 def _short(text: str | None) -> str:
     """A message for the log: a line of the report's text at most."""
-    return serializers.clip_text(text or "", 1024)
+    return failures.clip_text(text or "", 1024)

@@ -51,7 +51,7 @@ from trioworker.protocol import (
     socket_url,
 )
 
-log = logging.getLogger("trioworker.subscription")
+log = logging.getLogger("trioworker.worker.subscription")
 
 _STATES: Final = protocol.STATES.encode()
 #: Reports per message are cut at about this many bytes: the server refuses messages over
@@ -68,7 +68,7 @@ KEEPALIVE_TIMEOUT: Final = 10.0
 def websocket_url(api_url: str) -> str:
     """``http(s)://host[/api]`` -> ``ws(s)://host/api/task_runs/subscriptions/scheduled``.
 
-    Raises ``ValueError`` for an unusable URL (see :func:`trioworker.settings.api_root`).
+    Raises ``ValueError`` for an unusable URL (see :func:`trioworker.protocol.api_root`).
     """
     return socket_url(api_url, SUBSCRIPTION_PATH)
 

@@ -35,7 +35,6 @@ from typing import Any, Final, Self, final
 import httpx
 import trio
 
-from trioworker import serializers
 from trioworker._util import only_exception
 from trioworker._websocket import OpenStream, next_backoff, open_network_stream
 from trioworker.client.rest import TaskRunClient, connect, using_client
@@ -58,7 +57,7 @@ from trioworker.settings import (
     api_root,
 )
 from trioworker.tasks import Task
-from trioworker.worker import _threads, engine
+from trioworker.worker import _threads, engine, failures
 from trioworker.worker.engine import Outcome
 from trioworker.worker.statistics import WorkerStatistics
 from trioworker.worker.subscription import SubscriptionClient, websocket_url
@@ -723,7 +722,7 @@ class TaskWorker:
         self, task: Task[..., Any], run: TaskRun, reporter: engine.Reporter, exc: Exception
     ) -> bool:
         """End ``run`` FAILED for the worker's fault ``exc``; False if the server was not told."""
-        line = serializers.exception_line(exc, 1024)
+        line = failures.exception_line(exc, 1024)
         log.error(
             "run %s of %s: the worker failed while handling it %d times (%s); failing it",
             run.id,
@@ -733,8 +732,8 @@ class TaskWorker:
         )
         failed = make_state(
             StateType.FAILED,
-            message=serializers.clip_text(f"the worker could not handle this run: {line}"),
-            data=serializers.describe_exception(exc),
+            message=failures.clip_text(f"the worker could not handle this run: {line}"),
+            data=failures.describe_exception(exc),
         )
         try:
             answer = await reporter.report(run.id, failed)
