@@ -62,8 +62,12 @@ def socket_url(api_url: str, path: str) -> str:
     return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{path}"
 
 
+#: The serializer of parameters and results typed by the task's annotations (the default).
+SERIALIZER_JSON: Final = "json"
+#: The serializer of any Python object (opt-in on both sides).
+SERIALIZER_PICKLE: Final = "pickle"
 #: The serializers a task (and so a run) may use, for its parameters and its result.
-SERIALIZERS: Final = ("json", "pickle")
+SERIALIZERS: Final = (SERIALIZER_JSON, SERIALIZER_PICKLE)
 
 # --- paths -------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from trioworker.cli._common import (
     stdout_console,
 )
 from trioworker.cli._tasks import load_tasks
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -131,7 +132,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
     api_url, api_key = api_of(args)
     (task,) = load_tasks([args.task])
     call_args, call_kwargs = parse_task_arguments(args.arguments)
-    if task.serializer == "json":  # read as the annotations say, as the worker will
+    if task.serializer == SERIALIZER_JSON:  # read as the annotations say, as the worker will
         try:
             call_args, call_kwargs = read_arguments(task.fn, call_args, call_kwargs)
         except (TypeError, ParameterError) as exc:
@@ -156,7 +157,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
         why = f": {run.state.message}" if run.state.message else ""
         raise CommandError(f"run {run.id} ended {run.state.type.value}{why}")
     try:
-        value = run.state.data if run.serializer == "json" else result_of(run, task)
+        value = run.state.data if run.serializer == SERIALIZER_JSON else result_of(run, task)
     except ResultDecodeError as exc:
         raise CommandError(str(exc)) from None
     print(_json_text(value), flush=True)
@@ -257,9 +258,9 @@ def _run_fields(run: TaskRun) -> Table:
         ("created", local_time(run.created)),
         ("updated", local_time(run.updated)),
         ("attempts", str(run.run_count)),
-        ("parameters", run.parameters if run.serializer == "pickle" else _json_text(run.parameters)),
+        ("parameters", run.parameters if run.serializer == SERIALIZER_PICKLE else _json_text(run.parameters)),
     ]
-    if run.serializer != "json":
+    if run.serializer != SERIALIZER_JSON:
         rows.append(("serializer", run.serializer))
     if run.state.state_details.scheduled_time is not None and run.state.type.value == "SCHEDULED":
         rows.append(("due", local_time(run.state.state_details.scheduled_time)))
@@ -308,7 +309,7 @@ async def _run_run(args: argparse.Namespace) -> None:
     state = run.state
     if state.type is StateType.COMPLETED:
         console.print("[bold]Result[/bold]")
-        result = state.data if run.serializer == "json" else f"(pickled) {state.data}"
+        result = state.data if run.serializer == SERIALIZER_JSON else f"(pickled) {state.data}"
         console.print(_json_text(result), markup=False, highlight=False, soft_wrap=True)
     elif state.is_terminal:
         console.print(f"[bold]{state.type.value}[/bold]", highlight=False)

@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from trioworker._http import serve_app
+from trioworker.protocol import api_root
 from trioworker.server.app import create_app
 from trioworker.server.queue import Dispatcher, WallClock
 from trioworker.server.service import TaskRunService
@@ -45,7 +46,7 @@ class RunningServer:
 
     @property
     def api_url(self) -> str:
-        return f"{self.url}/api"
+        return api_root(self.url)
 
 
 async def serve_server(

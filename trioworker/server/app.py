@@ -34,8 +34,8 @@ from trioworker.server.sockets import (
 from trioworker.server.store.base import StoreError
 from trioworker.server.subscriptions import SubscriptionSession
 
-SUBSCRIPTION_PATH: Final = route(protocol.SUBSCRIPTION_PATH)
-CHANNEL_PATH: Final = route(protocol.CHANNEL_PATH)
+SUBSCRIPTION_ROUTE: Final = route(protocol.SUBSCRIPTION_PATH)
+CHANNEL_ROUTE: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
 
@@ -299,12 +299,12 @@ def create_app(
             raise Refusal(404, f"no task run {run_id}")
         return Response(b"", status=204)
 
-    @app.websocket(SUBSCRIPTION_PATH)
+    @app.websocket(SUBSCRIPTION_ROUTE)
     async def subscription() -> None:
         await websocket.accept()
         await SubscriptionSession(service, token_ok, closing).run()
 
-    @app.websocket(CHANNEL_PATH)
+    @app.websocket(CHANNEL_ROUTE)
     async def channel() -> None:
         await websocket.accept()
         await ChannelSession(service, token_ok, closing).run()

@@ -17,6 +17,7 @@ from quart import websocket
 
 from trioworker import protocol
 from trioworker.models import JSON, SetStateRequest, StateType, TaskRunCreate, converter, make_state
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 
 log = logging.getLogger("trioworker.server")
 
@@ -109,9 +110,9 @@ def validate_create(create: TaskRunCreate) -> None:
         raise Refusal(
             422, f"unknown serializer {create.serializer!r}; expected one of {sorted(protocol.SERIALIZERS)}"
         )
-    if create.serializer == "json" and not isinstance(create.parameters, dict):
+    if create.serializer == SERIALIZER_JSON and not isinstance(create.parameters, dict):
         raise Refusal(422, "parameters must be a JSON object (name -> value) with the json serializer")
-    if create.serializer == "pickle" and not isinstance(create.parameters, str):
+    if create.serializer == SERIALIZER_PICKLE and not isinstance(create.parameters, str):
         raise Refusal(422, "parameters must be a base64 string with the pickle serializer")
 
 

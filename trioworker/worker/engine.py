@@ -33,6 +33,7 @@ from trioworker.models import (
     TaskRun,
     make_state,
 )
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 from trioworker.tasks import Task
 from trioworker.worker import _threads, failures
 
@@ -73,7 +74,7 @@ async def _upstream_results(run: TaskRun, fetch: FetchRuns) -> dict[uuid.UUID, A
             state = "gone" if up is None else up.state.type.value
             raise ParameterError(f"the run {run_id} whose result is an argument is {state}")
         results[run_id] = (
-            serializers.pickle_loads(up.state.data) if up.serializer == "pickle" else up.state.data
+            serializers.pickle_loads(up.state.data) if up.serializer == SERIALIZER_PICKLE else up.state.data
         )
     return results
 
@@ -129,9 +130,9 @@ async def read_parameters(
 def _load(
     task: Task[..., Any], run: TaskRun, results: dict[uuid.UUID, Any], *, allow_pickle: bool
 ) -> tuple[list[Any], dict[str, Any]]:
-    if run.serializer == "json":
+    if run.serializer == SERIALIZER_JSON:
         return serializers.load_parameters(task.fn, _swap_in_json(run.parameters, results))
-    if run.serializer == "pickle":
+    if run.serializer == SERIALIZER_PICKLE:
         if not allow_pickle:
             raise ParameterError(
                 "this run's parameters are pickled and this worker does not accept pickle "
@@ -161,7 +162,7 @@ def _result_data(task: Task[..., Any], run: TaskRun, value: object) -> JSON:
     try:
         data = (
             serializers.pickle_dumps(value)
-            if run.serializer == "pickle"
+            if run.serializer == SERIALIZER_PICKLE
             else serializers.dump_result(task.fn, value)
         )
     except TypeError:
