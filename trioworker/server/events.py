@@ -3,8 +3,8 @@
 1. client ``{"type": "auth", "token": ...}`` → ``{"type": "auth_success"}`` (or close 1008);
 2. then the server sends, and the client only listens:
 
-   - ``{"type": "overview", "overview": Overview}`` at once, then whenever something it
-     shows changed (:class:`~trioworker.server.overview.Overview`; read at most as often
+   - ``{"type": "overview", "overview": Overview, "server_time": ...}`` at once, then
+     whenever something it shows changed (:class:`~trioworker.server.overview.Overview`; read at most as often
      as :meth:`~trioworker.server.live.LiveFeed.overview_interval` allows, once for all tabs);
    - ``{"type": "runs", "runs": [RunNote, ...]}``: the runs that changed since the last
      such message, each once, as it is now (:class:`~trioworker.server.live.RunNote`), at
@@ -24,7 +24,7 @@ from typing import Final
 import trio
 
 from trioworker import protocol
-from trioworker.models import converter
+from trioworker.models import converter, utcnow
 from trioworker.server.live import COALESCE_SECONDS, FeedListener
 from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import ConnectionGone, JsonSocket, ProtocolViolation
@@ -64,7 +64,14 @@ class EventsSession(JsonSocket):
         while True:
             listener.overview_changed = trio.Event()  # before the read: no change is missed
             overview = await self.service.overview()
-            await self.push({"type": protocol.OVERVIEW_MESSAGE, "overview": converter.unstructure(overview)})
+            await self.push(
+                {
+                    "type": protocol.OVERVIEW_MESSAGE,
+                    "overview": converter.unstructure(overview),
+                    # The overview may be shared and older: the tab sets its clock by this.
+                    "server_time": utcnow().isoformat(),
+                }
+            )
             await listener.overview_changed.wait()
 
     async def push_runs(self, listener: FeedListener) -> None:

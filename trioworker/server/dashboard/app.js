@@ -184,6 +184,7 @@ async function api(path, { method = "GET" } = {}) {
 
 function showLogin(message) {
   app.signedOut = true;
+  document.body.dataset.locked = "";
   closeLive();
   fill(document.getElementById("view"), );
   document.getElementById("login").hidden = false;
@@ -248,7 +249,7 @@ function connectLive() {
       app.view?.refresh?.(); // what changed while the feed was down
     } else if (message.type === "overview") {
       app.overview = message.overview;
-      app.clockOffset = Date.parse(message.overview.now) - Date.now();
+      app.clockOffset = Date.parse(message.server_time) - Date.now();
       app.view?.onOverview?.();
     } else if (message.type === "runs") {
       app.view?.onRuns?.(message.runs);
@@ -884,6 +885,7 @@ async function route() {
 
 function start() {
   app.signedOut = false;
+  delete document.body.dataset.locked;
   document.getElementById("login").hidden = true;
   document.getElementById("sign-out").hidden = !app.key;
   connectLive();
