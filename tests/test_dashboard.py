@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -136,17 +137,35 @@ def tasks_for_a_demo(started: trio.Event, stopped: trio.Event) -> list[Any]:
     return [add, fail, hold, parent]
 
 
-async def test_overview_filter_run_page_cancel_retry_and_delete(
+@attrs.frozen
+class Demo:
+    """A real server, an API client for it, and the demo's tasks for a real worker."""
+
+    server: RunningServer
+    api: httpx.AsyncClient
+    #: The ``dash.hold`` run is running; it was stopped.
+    started: trio.Event
+    stopped: trio.Event
+    make_worker: Callable[..., TaskWorker]
+
+    def worker(self, **options: Any) -> TaskWorker:
+        """A worker of the demo's tasks (``async with`` it)."""
+        return self.make_worker(*tasks_for_a_demo(self.started, self.stopped), **options)
+
+
+@pytest.fixture
+def demo(
     browser_ready: None,
     trioworker_server: RunningServer,
     api: httpx.AsyncClient,
     trioworker_worker: Callable[..., TaskWorker],
-    shoot: Shoot,
-) -> None:
-    started, stopped = trio.Event(), trio.Event()
-    async with trioworker_worker(
-        *tasks_for_a_demo(started, stopped), limit=8, client_id="dash-worker-1"
-    ) as w:
+) -> Demo:
+    return Demo(trioworker_server, api, trio.Event(), trio.Event(), trioworker_worker)
+
+
+async def test_overview_filter_run_page_cancel_retry_and_delete(demo: Demo, shoot: Shoot) -> None:
+    server, api, started, stopped = demo.server, demo.api, demo.started, demo.stopped
+    async with demo.worker(limit=8, client_id="dash-worker-1") as w:
         adds = await submit(api, "dash.add", *({"a": i, "b": 1} for i in range(5)))
         [failed] = await submit(api, "dash.fail", {"x": 7})
         [parent] = await submit(api, "dash.parent", {"n": 10})
@@ -160,7 +179,7 @@ async def test_overview_filter_run_page_cancel_retry_and_delete(
         def script(browser: Browser) -> None:
             from playwright.sync_api import expect
 
-            page, errors = open_page(browser, trioworker_server.url + "/")
+            page, errors = open_page(browser, server.url + "/")
             # Overview: counts by key and state, the worker, the chart.
             add_row = page.locator('#task-keys tr[data-task-key="dash.add"]')
             expect(add_row.locator("a.count.c-COMPLETED")).to_have_text("7")  # 5 + 2 children
@@ -204,7 +223,7 @@ async def test_overview_filter_run_page_cancel_retry_and_delete(
             shoot(page, "run-cancelled")
 
             # The parent run lists its children; a child links back to it.
-            page.goto(f"{trioworker_server.url}/#/runs/{parent}")
+            page.goto(f"{server.url}/#/runs/{parent}")
             children = page.locator("#children tbody tr")
             expect(children).to_have_count(2)
             expect(page.locator("#result pre")).to_have_text("21")
@@ -213,7 +232,7 @@ async def test_overview_filter_run_page_cancel_retry_and_delete(
             shoot(page, "child")
 
             # The failed run: its traceback; retry makes a new run that fails too; delete.
-            page.goto(f"{trioworker_server.url}/#/runs?state=FAILED")
+            page.goto(f"{server.url}/#/runs?state=FAILED")
             expect(rows).to_have_count(1)
             rows.first.locator("td:nth-child(2) a").click()
             expect(page.locator("#error")).to_contain_text("ValueError: no good: 7")
@@ -239,15 +258,9 @@ async def test_overview_filter_run_page_cancel_retry_and_delete(
     assert [r["state"]["type"] for r in (await api.get("/task_runs?task_key=dash.fail")).json()] == ["FAILED"]
 
 
-async def test_changes_appear_without_a_reload_and_the_page_does_not_poll(
-    browser_ready: None,
-    trioworker_server: RunningServer,
-    api: httpx.AsyncClient,
-    trioworker_worker: Callable[..., TaskWorker],
-    shoot: Shoot,
-) -> None:
-    started, stopped = trio.Event(), trio.Event()
-    async with trioworker_worker(*tasks_for_a_demo(started, stopped), limit=20):
+async def test_changes_appear_without_a_reload_and_the_page_does_not_poll(demo: Demo, shoot: Shoot) -> None:
+    server, api = demo.server, demo.api
+    async with demo.worker(limit=20):
 
         async def twenty_runs() -> None:
             await wait_all(api, await submit(api, "dash.add", *({"a": i, "b": i} for i in range(20))))
@@ -255,7 +268,7 @@ async def test_changes_appear_without_a_reload_and_the_page_does_not_poll(
         def script(browser: Browser) -> None:
             from playwright.sync_api import expect
 
-            page, errors = open_page(browser, trioworker_server.url + "/")
+            page, errors = open_page(browser, server.url + "/")
             expect(page.locator("#live")).to_have_attribute("data-state", "live")
             expect(page.locator("#workers tbody tr")).to_have_count(1)
             requests: list[str] = []
@@ -314,28 +327,22 @@ async def test_with_an_api_key_the_page_asks_for_it_and_shows_nothing_without_it
     await in_browser(script)
 
 
-async def test_a_narrow_window_has_no_page_wide_scrolling(
-    browser_ready: None,
-    trioworker_server: RunningServer,
-    api: httpx.AsyncClient,
-    trioworker_worker: Callable[..., TaskWorker],
-    shoot: Shoot,
-) -> None:
-    started, stopped = trio.Event(), trio.Event()
-    async with trioworker_worker(*tasks_for_a_demo(started, stopped)):
+async def test_a_narrow_window_has_no_page_wide_scrolling(demo: Demo, shoot: Shoot) -> None:
+    server, api = demo.server, demo.api
+    async with demo.worker():
         [failed] = await submit(api, "dash.fail", {"x": 1})
         await wait_all(api, [failed])
 
         def script(browser: Browser) -> None:
             from playwright.sync_api import expect
 
-            page, errors = open_page(browser, trioworker_server.url + "/", width=390, height=844)
+            page, errors = open_page(browser, server.url + "/", width=390, height=844)
             for view, ready in (
                 ("#/", "#task-keys"),
                 ("#/runs", "#runs-table"),
                 (f"#/runs/{failed}", "#error"),
             ):
-                page.goto(f"{trioworker_server.url}/{view}")
+                page.goto(f"{server.url}/{view}")
                 expect(page.locator(ready)).to_be_visible()
                 wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
                 assert wide <= 0, f"{view} is {wide} px wider than the window"
