@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -86,3 +88,99 @@ async def test_operations_queued_at_close_run_and_later_ones_are_refused(open_st
     async with open_store() as store:
         again = await store.read_run(run.id)
     assert again is not None and again.state.type is StateType.PENDING  # the claim was saved
+
+
+# -- what the operator's view reads
+
+
+async def test_list_runs_newest_first_and_by_parent(store: Store) -> None:
+    [(parent, _)] = await store.create_runs([TaskRunCreate(task_key="p")])
+    created = await store.create_runs(
+        [
+            TaskRunCreate(task_key="k", parent_task_run_id=parent.id),
+            TaskRunCreate(task_key="k"),
+            TaskRunCreate(task_key="other", parent_task_run_id=parent.id),
+            TaskRunCreate(task_key="k", parent_task_run_id=parent.id),
+        ]
+    )
+    ids = [run.id for run, _ in created]
+    everything = await store.list_runs(newest_first=True)
+    assert [r.id for r in everything] == [*reversed(ids), parent.id]
+    assert [r.id for r in await store.list_runs(newest_first=True, limit=2, offset=1)] == [ids[2], ids[1]]
+    children = await store.list_runs(parent_task_run_id=parent.id)
+    assert [r.id for r in children] == [ids[0], ids[2], ids[3]]
+    keyed = await store.list_runs(task_key="k", parent_task_run_id=parent.id, newest_first=True)
+    assert [r.id for r in keyed] == [ids[3], ids[0]]
+    assert await store.list_runs(parent_task_run_id=ids[0]) == []
+
+
+async def test_count_runs_by_task_key_and_state(store: Store) -> None:
+    created = await store.create_runs([TaskRunCreate(task_key=k) for k in ("a", "a", "a", "b")])
+    a1, a2, _, b1 = (run.id for run, _ in created)
+    await store.set_states([(a1, SetStateRequest(make_state(StateType.CANCELLED)))], now=time.time())
+    await store.claim_runs([a2, b1], "c")
+    counts = {(c.task_key, c.state_type): c.count for c in await store.count_runs()}
+    assert counts == {
+        ("a", StateType.CANCELLED): 1,
+        ("a", StateType.PENDING): 1,
+        ("a", StateType.SCHEDULED): 1,
+        ("b", StateType.PENDING): 1,
+    }
+    await store.delete_run(b1)
+    assert {(c.task_key, c.state_type) for c in await store.count_runs()} == set(counts) - {
+        ("b", StateType.PENDING)
+    }
+
+
+async def test_count_ended_by_minute_key_and_state(store: Store) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    created = await store.create_runs([TaskRunCreate(task_key=k) for k in ("a", "a", "b", "b", "b")])
+    a1, a2, b1, b2, b3 = (run.id for run, _ in created)
+    ended = [
+        (a1, StateType.COMPLETED),
+        (a2, StateType.FAILED),
+        (b1, StateType.COMPLETED),
+        (b2, StateType.COMPLETED),
+        (b3, StateType.CANCELLED),
+    ]
+    for run_id, state in ended:
+        if state is not StateType.CANCELLED:
+            await store.claim_runs([run_id], "c")
+            await store.set_states([(run_id, SetStateRequest(make_state(StateType.RUNNING)))], now=0.0)
+        await store.set_states([(run_id, SetStateRequest(make_state(state)))], now=0.0)
+    after = datetime.now(UTC)
+    await store.delete_run(a2)  # a deleted run's end is not counted
+    counts = await store.count_ended(before)
+    totals: Counter[tuple[str, StateType]] = Counter()
+    for count in counts:  # two minutes, when the test crossed a minute's end
+        totals[count.task_key, count.state_type] += count.count
+    assert totals == {
+        ("a", StateType.COMPLETED): 1,
+        ("b", StateType.CANCELLED): 1,
+        ("b", StateType.COMPLETED): 2,
+    }
+    for count in counts:
+        assert count.minute.tzinfo is not None and count.minute.second == count.minute.microsecond == 0
+        assert before.replace(second=0, microsecond=0) <= count.minute <= after
+    assert [c.minute for c in counts] == sorted(c.minute for c in counts)
+    assert await store.count_ended(after + timedelta(seconds=1)) == []
+
+
+async def test_oldest_waiting_is_the_due_run_created_first_per_key(store: Store) -> None:
+    now = datetime.now(UTC)
+    created = await store.create_runs(
+        [
+            TaskRunCreate(task_key="b", scheduled_time=now + timedelta(hours=1)),  # not due
+            TaskRunCreate(task_key="b"),
+            TaskRunCreate(task_key="a"),
+            TaskRunCreate(task_key="a"),
+            TaskRunCreate(task_key="c"),
+            TaskRunCreate(task_key="d", scheduled_time=now - timedelta(minutes=5)),  # due
+        ]
+    )
+    _, b_due, a_first, a_second, c_only, d_due = (run.id for run, _ in created)
+    await store.claim_runs([c_only], "c")  # no longer waiting
+    oldest = await store.oldest_waiting(now)
+    assert [(r.task_key, r.id) for r in oldest] == [("a", a_first), ("b", b_due), ("d", d_due)]
+    await store.claim_runs([a_first], "c")
+    assert [r.id for r in await store.oldest_waiting(now)] == [a_second, b_due, d_due]

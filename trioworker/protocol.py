@@ -87,8 +87,15 @@ RUN_HISTORY: Final = "/task_runs/{run_id}/history"
 RUN_WAIT: Final = "/task_runs/{run_id}/wait"
 RUN_SET_STATE: Final = "/task_runs/{run_id}/set_state"
 RUN_CANCEL: Final = "/task_runs/{run_id}/cancel"
+RUN_RETRY: Final = "/task_runs/{run_id}/retry"
+#: ``GET`` the operator's overview (counts by key and state, ends per minute, workers).
+OVERVIEW: Final = "/overview"
+#: ``GET`` the workers connected to this server (``?task_key=`` filters).
+TASK_WORKERS: Final = "/task_workers"
 #: The workers' websocket.
 SUBSCRIPTION_PATH: Final = "/task_runs/subscriptions/scheduled"
+#: The live feed's websocket (the dashboard's tabs).
+EVENTS_PATH: Final = "/events"
 #: The submitters' websocket.
 CHANNEL_PATH: Final = "/task_runs/channel"
 
@@ -137,3 +144,8 @@ UNWATCH: Final = "unwatch"
 CREATED: Final = "created"
 ERROR: Final = "error"
 ENDED: Final = "ended"
+
+# Live feed, server -> tab (the tab sends only its auth message).
+OVERVIEW_MESSAGE: Final = "overview"
+RUNS_CHANGED: Final = "runs"
+RESYNC: Final = "resync"

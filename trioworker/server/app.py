@@ -1,5 +1,7 @@
-"""The server's quart-trio app: the REST routes under ``/api``, and the two websockets' routes
-(the sessions are :mod:`~trioworker.server.subscriptions`' and :mod:`~trioworker.server.channel`'s).
+"""The server's quart-trio app: the REST routes under ``/api``, the websockets' routes (the
+sessions are :mod:`~trioworker.server.subscriptions`', :mod:`~trioworker.server.channel`'s
+and :mod:`~trioworker.server.events`'), and the dashboard at ``/``
+(:mod:`~trioworker.server.dashboard`).
 
 Every bad input gets a JSON ``{"detail": ...}`` with its 4xx code; the protocol is in the
 README's *Wire protocol* section. The app only translates: each route is one call into
@@ -22,7 +24,10 @@ from trioworker import protocol
 from trioworker._version import __version__
 from trioworker.models import JSON, SetStateRequest, StateType, converter
 from trioworker.protocol import route
+from trioworker.server import dashboard
 from trioworker.server.channel import ChannelSession
+from trioworker.server.events import EventsSession
+from trioworker.server.overview import connected_workers
 from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import (
     Refusal,
@@ -163,7 +168,9 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> None:
-        if request.path == route(protocol.HEALTH) or api_key is None:
+        # The dashboard's page and assets hold no data: they load without the key, then
+        # ask for it (every /api route and the live feed need it).
+        if api_key is None or request.path == route(protocol.HEALTH) or dashboard.is_asset_path(request.path):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token_ok(token):
@@ -215,8 +222,21 @@ def create_app(
                 ) from None
         limit = _query_int("limit", 100, 1, MAX_LIST_LIMIT)
         offset = _query_int("offset", 0, 0, 2**62)
+        sort = request.args.get("sort", "CREATED_ASC").upper()
+        if sort not in ("CREATED_ASC", "CREATED_DESC"):
+            raise Refusal(422, f"sort must be CREATED_ASC (oldest first) or CREATED_DESC, got {sort!r}")
+        parent_arg = request.args.get("parent_task_run_id")
+        try:
+            parent = None if parent_arg is None else uuid.UUID(parent_arg)
+        except ValueError:
+            raise Refusal(422, f"parent_task_run_id must be a task run UUID, got {parent_arg!r}") from None
         runs = await service.list_runs(
-            task_key=request.args.get("task_key"), state=state, limit=limit, offset=offset
+            task_key=request.args.get("task_key"),
+            state=state,
+            limit=limit,
+            offset=offset,
+            parent_task_run_id=parent,
+            newest_first=sort == "CREATED_DESC",
         )
         return _dump(runs)
 
@@ -293,11 +313,35 @@ def create_app(
             raise Refusal(409, f"cannot cancel: {result.details}")
         return _dump(result)
 
+    @app.post(route(protocol.RUN_RETRY))
+    async def retry(run_id: str) -> Response:
+        return _dump(await service.retry(_parse_id(run_id)), 201)
+
     @app.delete(route(protocol.RUN))
     async def delete(run_id: str) -> Response:
         if await service.delete(_parse_id(run_id)) is None:
             raise Refusal(404, f"no task run {run_id}")
         return Response(b"", status=204)
+
+    @app.get(route(protocol.OVERVIEW))
+    async def overview() -> Response:
+        return _dump(await service.overview())
+
+    @app.get(route(protocol.TASK_WORKERS))
+    async def task_workers() -> Response:
+        return _dump(connected_workers(service.dispatcher, request.args.get("task_key")))
+
+    assets = dashboard.read_assets()
+
+    @app.get("/")
+    async def dashboard_page() -> Response:
+        return dashboard.response(assets, dashboard.PAGE)
+
+    @app.get(f"{dashboard.ASSETS_PREFIX}/<name>")
+    async def dashboard_asset(name: str) -> Response:
+        if name not in assets:
+            raise Refusal(404, f"no dashboard asset {name!r}")
+        return dashboard.response(assets, name)
 
     @app.websocket(SUBSCRIPTION_ROUTE)
     async def subscription() -> None:
@@ -308,5 +352,10 @@ def create_app(
     async def channel() -> None:
         await websocket.accept()
         await ChannelSession(service, token_ok, closing).run()
+
+    @app.websocket(route(protocol.EVENTS_PATH))
+    async def events() -> None:
+        await websocket.accept()
+        await EventsSession(service, token_ok, closing).run()
 
     return app

@@ -15,10 +15,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from datetime import datetime
 
 import attrs
 import trio
 
+from trioworker.models import utcnow
 from trioworker.server.store.base import QueuedRun
 
 #: Seconds of wall-clock time since the epoch, as the dispatcher sees them.
@@ -58,6 +60,8 @@ class Subscription:
     revoking: set[uuid.UUID] = attrs.field(factory=set)
     #: Revocations to send (the delivery loop sends them).
     revokes: list[uuid.UUID] = attrs.field(factory=list)
+    #: When the connection subscribed (UTC).
+    connected: datetime = attrs.field(factory=utcnow)
     _wakeup: trio.Event | None = None
 
     def request_cancel(self, run_id: uuid.UUID) -> None:

@@ -59,6 +59,27 @@ class Change:
 
 
 @attrs.frozen
+class RunCount:
+    """How many runs of one task key are in one state type (:meth:`Store.count_runs`)."""
+
+    task_key: str
+    state_type: StateType
+    count: int
+
+
+@attrs.frozen
+class EndedCount:
+    """How many runs of one task key ended in one state type within one minute
+    (:meth:`Store.count_ended`)."""
+
+    #: The minute's start, UTC (seconds and below are zero).
+    minute: datetime
+    task_key: str
+    state_type: StateType
+    count: int
+
+
+@attrs.frozen
 class Requeued:
     """What became of one held run when its connection let go of it."""
 
@@ -112,8 +133,28 @@ class Store(Protocol):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        parent_task_run_id: uuid.UUID | None = None,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        """Runs in the order they were created, filtered by key and state type."""
+        """Runs in the order they were created (``newest_first``: the reverse), filtered by
+        key, state type and parent run (the runs submitted from inside that run); ``offset``
+        runs of that order are skipped, at most ``limit`` returned."""
+        ...
+
+    async def count_runs(self) -> list[RunCount]:
+        """How many runs there are of each task key in each state type (pairs with no run
+        are left out), in no particular order."""
+        ...
+
+    async def count_ended(self, since: datetime) -> list[EndedCount]:
+        """How many runs ended (reached a terminal state) at ``since`` or later, by minute,
+        task key and terminal state type, oldest minute first. A run that ended twice (set
+        back to SCHEDULED by force, then ended again) counts twice; a deleted run not at all."""
+        ...
+
+    async def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        """Per task key, the run first in line: of the SCHEDULED runs due at ``now`` (no
+        scheduled time, or one not after ``now``), the one created first. Ordered by task key."""
         ...
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:

@@ -19,7 +19,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Generic, TypeVar
 
@@ -29,6 +29,7 @@ import trio
 
 from trioworker.models import (
     ACTIVE_STATES,
+    TERMINAL_STATES,
     SetStateRequest,
     State,
     StateChange,
@@ -38,7 +39,15 @@ from trioworker.models import (
     converter,
     utcnow,
 )
-from trioworker.server.store.base import Change, QueuedOp, QueuedRun, Requeued, StoreError
+from trioworker.server.store.base import (
+    Change,
+    EndedCount,
+    QueuedOp,
+    QueuedRun,
+    Requeued,
+    RunCount,
+    StoreError,
+)
 from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
     claimed_copy,
@@ -54,8 +63,9 @@ from trioworker.server.store.runs import (
 
 T = TypeVar("T")
 
-#: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys.
-SCHEMA_VERSION: Final = 2
+#: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys;
+#: 3: the parent run's id in a column of its own (a run's children are found by index).
+SCHEMA_VERSION: Final = 3
 
 #: Most operations one group commit takes (bounds one thread call's latency).
 MAX_GROUP: Final = 512
@@ -72,6 +82,7 @@ CREATE TABLE {name} (
     scheduled_at REAL,
     idempotency_key TEXT,
     wait_for TEXT,
+    parent_id TEXT,
     parameters BLOB NOT NULL,
     body BLOB NOT NULL
 )"""
@@ -83,6 +94,7 @@ _RUNS_COLUMNS: Final = (
     "scheduled_at",
     "idempotency_key",
     "wait_for",
+    "parent_id",
     "parameters",
     "body",
 )
@@ -93,6 +105,11 @@ _INDEXES: Final = (
     # NULLs are distinct in a unique index: runs without a key never collide.
     "CREATE UNIQUE INDEX IF NOT EXISTS ix_task_runs_idempotency ON task_runs (task_key, idempotency_key)",
     "CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq)",
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_parent ON task_runs (parent_id, seq)"
+    " WHERE parent_id IS NOT NULL",
+    # Ends by time (for counts per minute): one entry per ended run, none for other states.
+    "CREATE INDEX IF NOT EXISTS ix_task_run_states_ended ON task_run_states (timestamp)"
+    " WHERE type IN ({terminal})",
 )
 _STATES_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS task_run_states (
@@ -173,6 +190,9 @@ class _InFlight:
 
 #: ACTIVE_STATES as an SQL list: ``'PENDING', 'RUNNING'``.
 _ACTIVE_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(ACTIVE_STATES))
+#: TERMINAL_STATES as an SQL list, the very text of the partial index's condition (SQLite
+#: uses that index only for a query whose condition has the same term).
+_TERMINAL_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES))
 #: Most in-flight runs kept decoded in memory (beyond that, reports read the store).
 IN_FLIGHT_MAX_RUNS: Final = 10_000
 
@@ -258,8 +278,10 @@ class _Ops:
             elif version is None or version < 2:
                 self._migrate_to_2()
             conn.execute(_STATES_TABLE)
+            if has_runs and (version is None or version < 3):
+                self._migrate_to_3()
             for statement in _INDEXES:
-                conn.execute(statement)
+                conn.execute(statement.format(terminal=_TERMINAL_SQL))
             if version is None:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             else:
@@ -288,6 +310,18 @@ class _Ops:
             # The seqs of deleted runs are never reused: keep the old counter.
             conn.execute("DELETE FROM sqlite_sequence WHERE name IN ('task_runs', 'task_runs_v2')")
             conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('task_runs', ?)", (counter[0],))
+
+    def _migrate_to_3(self) -> None:
+        """Schema 3 keeps the parent run's id in a column: add it where missing (a table
+        rebuilt by :meth:`_migrate_to_2` has it) and fill it from the runs' bodies."""
+        conn = self.conn
+        present = {row[1] for row in conn.execute("PRAGMA table_info(task_runs)")}
+        if "parent_id" not in present:
+            conn.execute("ALTER TABLE task_runs ADD COLUMN parent_id TEXT")
+        conn.execute(
+            "UPDATE task_runs SET parent_id = json_extract(CAST(body AS TEXT), '$.parent_task_run_id')"
+            " WHERE parent_id IS NULL"
+        )
 
     def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Insert new runs; a known idempotency key of the same task key, or else a known
@@ -318,8 +352,8 @@ class _Ops:
             parameters, body = orjson.dumps(run.parameters), _body(run)
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
-                " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parameters, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parent_id,"
+                " parameters, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     str(run.id),
                     run.task_key,
@@ -327,6 +361,7 @@ class _Ops:
                     epoch(create.scheduled_time),
                     create.idempotency_key,
                     orjson.dumps([str(i) for i in run.wait_for]).decode() if run.wait_for else None,
+                    None if run.parent_task_run_id is None else str(run.parent_task_run_id),
                     parameters,
                     body,
                 ),
@@ -362,7 +397,13 @@ class _Ops:
         return None if row is None else int(row[0])
 
     def list_runs(
-        self, task_key: str | None, state: StateType | None, limit: int, offset: int
+        self,
+        task_key: str | None,
+        state: StateType | None,
+        limit: int,
+        offset: int,
+        parent: uuid.UUID | None = None,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
         where, args = [], []
         if task_key is not None:
@@ -371,12 +412,44 @@ class _Ops:
         if state is not None:
             where.append("state_type = ?")
             args.append(state.value)
+        if parent is not None:
+            where.append("parent_id = ?")
+            args.append(str(parent))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
+        order = "DESC" if newest_first else "ASC"
         rows = self.conn.execute(
-            f"SELECT parameters, body FROM task_runs {clause} ORDER BY seq LIMIT ? OFFSET ?",
+            f"SELECT parameters, body FROM task_runs {clause} ORDER BY seq {order} LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
         return [_row_to_run(p, b) for p, b in rows]
+
+    def count_runs(self) -> list[RunCount]:
+        rows = self.conn.execute("SELECT task_key, state_type, count(*) FROM task_runs GROUP BY 1, 2")
+        return [RunCount(key, StateType(state), n) for key, state, n in rows]
+
+    def count_ended(self, since: datetime) -> list[EndedCount]:
+        # Timestamps are ISO 8601 in UTC: the first 16 characters name the minute, and
+        # text order is time order.
+        rows = self.conn.execute(
+            "SELECT substr(s.timestamp, 1, 16), r.task_key, s.type, count(*)"
+            " FROM task_run_states AS s JOIN task_runs AS r ON r.seq = s.run_seq"
+            f" WHERE s.type IN ({_TERMINAL_SQL}) AND s.timestamp >= ?"
+            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            (since.astimezone(UTC).isoformat(),),
+        )
+        return [
+            EndedCount(datetime.fromisoformat(f"{minute}:00+00:00"), key, StateType(state), n)
+            for minute, key, state, n in rows
+        ]
+
+    def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        # SQLite gives the bare column (id) of the row where min() found its value.
+        rows = self.conn.execute(
+            "SELECT task_key, min(seq), id FROM task_runs WHERE state_type = 'SCHEDULED'"
+            " AND (scheduled_at IS NULL OR scheduled_at <= ?) GROUP BY task_key ORDER BY task_key",
+            (now.timestamp(),),
+        )
+        return self.read_runs([uuid.UUID(run_id) for _, _, run_id in rows])
 
     def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         seq = self.seq_of(run_id)
@@ -575,6 +648,11 @@ class SQLiteStore:
         self._ops = _Ops(conn)
         self._send = send
         self.path: str = ""
+        #: The connection that counts runs for the operator's view, beside the committer's
+        #: (None: in memory, where the committer's connection is the only way in).
+        self._reader: _Ops | None = None
+        self._reader_lock = trio.Lock()
+        self._closed = False
         self._operations = 0
         self._commits = 0
 
@@ -600,11 +678,13 @@ class SQLiteStore:
             ValueError: ``path`` is not a database this store can open.
             DatabaseInUse: another server (or store) has the file open.
 
-        **Resource handling:** the committer task and the connection live exactly as long as
-        the ``async with`` block. The committer is shielded from cancellation: when the
-        block is cancelled, the cleanup code of the block (a websocket handing back its
-        runs) can still use the store; the committer stops once the block has ended and
-        what was queued is done. Operations submitted after that fail with StoreError.
+        **Resource handling:** the committer task and the connections (the committer's, and
+        a second one for the counts of the operator's view, which read many rows and must
+        not hold up commits) live exactly as long as the ``async with`` block. The committer
+        is shielded from cancellation: when the block is cancelled, the cleanup code of the
+        block (a websocket handing back its runs) can still use the store; the committer
+        stops once the block has ended and what was queued is done. Operations submitted
+        after that fail with StoreError.
         """
         path = database_path(path)
         lock = await trio.to_thread.run_sync(lock_file, path)
@@ -615,6 +695,8 @@ class SQLiteStore:
             store.path = path
             try:
                 await trio.to_thread.run_sync(store._ops.migrate)
+                if path != ":memory:":
+                    store._reader = _Ops(await trio.to_thread.run_sync(_connect, path))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(store._commit_forever, receive)
                     try:
@@ -624,6 +706,10 @@ class SQLiteStore:
             finally:
                 send.close()
                 with trio.CancelScope(shield=True):
+                    async with store._reader_lock:  # a count under way finishes first
+                        store._closed = True
+                        if store._reader is not None:
+                            await trio.to_thread.run_sync(store._reader.conn.close)
                     await trio.to_thread.run_sync(conn.close)
         finally:
             if lock is not None:
@@ -706,8 +792,39 @@ class SQLiteStore:
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        parent_task_run_id: uuid.UUID | None = None,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.list_runs(task_key, state, limit, offset))
+        return await self._run(
+            lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first)
+        )
+
+    async def _count(self, op: Callable[[_Ops], T]) -> T:
+        """Run the read-only ``op`` on the reader connection, beside the committer (which
+        it does not hold up: WAL lets one writer and readers work at once); it sees every
+        operation that returned before it was called. In memory, it is queued as any other.
+
+        Raises:
+            StoreError: the store is closed, or SQLite failed to read.
+        """
+        if self._reader is None:
+            return await self._run(op)
+        async with self._reader_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            try:
+                return await trio.to_thread.run_sync(op, self._reader)
+            except sqlite3.Error as exc:
+                raise StoreError(f"the store could not read: {exc!r}") from None
+
+    async def count_runs(self) -> list[RunCount]:
+        return await self._count(lambda ops: ops.count_runs())
+
+    async def count_ended(self, since: datetime) -> list[EndedCount]:
+        return await self._count(lambda ops: ops.count_ended(since))
+
+    async def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        return await self._count(lambda ops: ops.oldest_waiting(now))
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         return await self._run(lambda ops: ops.history(run_id))
