@@ -1,13 +1,21 @@
-"""Several servers: the REST clients' failover rule, call by call, without a network.
+"""Several servers: the failover rule of the REST clients, the subscription and the whole
+worker, without a network.
 
-Each client gets an ``httpx.MockTransport`` that plays two replicas, ``a.test`` and
+REST: each client gets an ``httpx.MockTransport`` that plays two replicas, ``a.test`` and
 ``b.test``, each as the test says (answering, refusing the connection, losing it after the
 request went out, or answering with a status). What is checked: which server each attempt
 went to, what the call returns or raises, and which server the next call uses.
+
+Websockets: the subscription and the worker open theirs through the ``open_stream`` seam
+to :func:`tests.fakes.memory_sockets`, which records the host of each connection; the test
+plays both replicas, closes a socket with 1012 as a stopping server does, and reads what
+the worker says to the next one. Time passes on Trio's mock clock.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,12 +23,16 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import trio
+import trio.testing
 
-from trioworker.client.rest import CREATE_ATTEMPTS, SyncTaskRunClient, TaskRunClient
-from trioworker.errors import ApiError, NotFound, ServerUnavailable
+from trioworker import protocol
+from trioworker.client.rest import CREATE_ATTEMPTS, SyncTaskRunClient, TaskRunClient, connect
+from trioworker.errors import ApiError, NotFound, ServerUnavailable, SubscriptionRefused
 from trioworker.models import (
     SetStateResult,
     SetStateStatus,
+    State,
     StateType,
     TaskRun,
     TaskRunCreate,
@@ -28,6 +40,12 @@ from trioworker.models import (
     converter,
     make_state,
 )
+from trioworker.tasks import task
+from trioworker.worker.subscription import SubscriptionClient
+from trioworker.worker.task_worker import TaskWorker
+
+from .fakes import MemorySockets, Session, answer_states, delivered, memory_sockets, quit_when_asked
+from .test_in_memory import subscription_client
 
 A, B = "http://a.test:4300", "http://b.test:4300"
 A_API, B_API = f"{A}/api", f"{B}/api"
@@ -248,3 +266,193 @@ async def test_a_lost_create_gives_up_after_its_rounds(autojump_clock: object) -
         await client.call("create_task_run", CREATE)
     assert len(replicas.hosts) <= CREATE_ATTEMPTS * 2
     assert replicas.hosts[:4] == ["a.test", "b.test", "a.test", "b.test"]
+
+
+# -- websockets
+
+
+def hosts(fake: MemorySockets) -> list[str]:
+    """The host of each connection made to the fake, in order."""
+    return [host for host, _, _ in fake.opened]
+
+
+def subscription(fake: MemorySockets, held: set[uuid.UUID], **options: Any) -> SubscriptionClient:
+    """A subscription to replicas A and B, for runs of ``f.k``."""
+    return subscription_client(
+        fake, api_url=[A, B], keys=("f.k",), held=lambda: set(held), rng=random.Random(2), **options
+    )
+
+
+async def test_the_subscription_moves_to_the_next_server_with_the_runs_it_holds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    held: set[uuid.UUID] = set()
+    async with memory_sockets() as fake:
+        client = subscription(fake, held)
+        send, receive = trio.open_memory_channel[TaskRun](math.inf)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run, send)
+            on_a = await fake.next()
+            await on_a.accept_subscription()
+            run = delivered("f.k")
+            await on_a.send({"type": "task_runs", "task_runs": [run]})
+            run_id = (await receive.receive()).id
+            held.add(run_id)
+            answers: list[SetStateResult] = []
+
+            async def report(state: State) -> None:
+                answers.append(await client.report(run_id, state))
+
+            nursery.start_soon(report, make_state(StateType.COMPLETED, data=1))
+            [unanswered] = (await on_a.receive_type("states"))["states"]
+            closed_at = trio.current_time()
+            await on_a.ws.aclose(protocol.CLOSE_RESTART, "the server is stopping")  # replica A stops
+
+            on_b = await fake.next()
+            assert hosts(fake) == ["a.test", "b.test"]
+            assert trio.current_time() == closed_at  # at once: B was not tried in this round
+            assert client.api_url == B_API
+            subscribe = await on_b.accept_subscription()
+            assert subscribe["held"] == [run["id"]]  # B learns the run is this worker's
+            [again] = (await on_b.receive_type("states"))["states"]
+            assert again == unanswered  # the report, sent again to B
+            await on_b.send({"type": "state_results", "results": [{"ref": again["ref"], "status": "ACCEPT"}]})
+            await on_b.cut()  # B goes too: a whole round failed, so the next try waits
+
+            on_a_again = await fake.next()
+            assert hosts(fake) == ["a.test", "b.test", "a.test"]
+            assert trio.current_time() > closed_at
+            await on_a_again.accept_subscription()
+            client.quit()
+            await quit_when_asked(on_a_again)
+    assert [answer.status for answer in answers] == [SetStateStatus.ACCEPT]
+    assert client.reconnects == 2
+
+
+async def test_a_refused_api_key_does_not_move_the_subscription() -> None:
+    async with memory_sockets() as fake:
+        client = subscription(fake, set())
+        send, _ = trio.open_memory_channel[TaskRun](math.inf)
+        async with trio.open_nursery() as nursery:
+
+            async def play_a() -> None:
+                on_a = await fake.next()
+                assert (await on_a.receive())["type"] == "auth"
+                await on_a.ws.aclose(protocol.CLOSE_POLICY, "Unauthorized: missing or wrong API key")
+
+            nursery.start_soon(play_a)
+            with pytest.raises(SubscriptionRefused, match=f"the server at {A_API} refused"):
+                await client.run(send)
+    assert hosts(fake) == ["a.test"]
+    assert client.api_url == A_API
+
+
+async def test_a_dead_first_server_is_skipped_at_start(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_sockets() as fake:
+
+        async def a_is_down(host: str, port: int, secure: bool) -> trio.abc.Stream:
+            if host == "a.test":
+                raise OSError("connection refused")
+            return await fake.open_stream(host, port, secure)
+
+        client = subscription(fake, set(), open_stream=a_is_down)
+        send, _ = trio.open_memory_channel[TaskRun](math.inf)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run, send)
+            on_b = await fake.next()
+            assert trio.current_time() == 0  # no backoff: B was next
+            await on_b.accept_subscription()
+            client.quit()
+            await quit_when_asked(on_b)
+    assert hosts(fake) == ["b.test"]
+    assert client.api_url == B_API and client.reconnects == 1
+
+
+async def test_a_worker_whose_server_stops_keeps_its_run_on_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Replica A stops (its sockets close with 1012) while the worker runs a run: the worker
+    subscribes to B at once naming the run, finishes it, and reports to B; its client
+    channel moves to B as well."""
+    release = trio.Event()
+
+    @task(key="f.slow")
+    async def slow() -> str:
+        await release.wait()
+        return "done"
+
+    async with memory_sockets() as fake:
+        worker = TaskWorker(slow, api_url=f"{A},{B}", client_id="w-1", limit=2, open_stream=fake.open_stream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.start)
+            channel_a = await fake.next()
+            await channel_a.accept_channel()
+            on_a = await fake.next()
+            await on_a.accept_subscription()
+            run = delivered("f.slow")
+            await on_a.send({"type": "task_runs", "task_runs": [run]})
+            await answer_states(on_a, {run["id"]: "RUNNING"}, [])
+
+            stopped_at = trio.current_time()
+            await on_a.ws.aclose(protocol.CLOSE_RESTART, "the server is stopping")
+            await channel_a.ws.aclose(protocol.CLOSE_RESTART, "the server is stopping")
+            by_path = {}
+            for _ in range(2):  # the subscription and the channel, in either order
+                session = await fake.next()
+                by_path[session.path] = session
+            assert trio.current_time() == stopped_at  # no backoff
+            assert hosts(fake)[2:] == ["b.test", "b.test"]
+            await by_path["/api" + protocol.CHANNEL_PATH].accept_channel()
+            on_b = by_path["/api" + protocol.SUBSCRIPTION_PATH]
+            subscribe = await on_b.accept_subscription()
+            assert subscribe["held"] == [run["id"]]
+            assert worker.api_url == B_API and worker.api_urls == (A_API, B_API)
+
+            release.set()
+            reported: dict[str, list[str]] = {}
+            last = await answer_states(on_b, {run["id"]: "COMPLETED"}, [], reported)
+            assert reported == {run["id"]: ["COMPLETED"]}  # ran once: no second RUNNING
+            assert last[run["id"]]["data"] == "done"
+            worker.stop()
+            await quit_when_asked(on_b)
+    assert worker.started_task_runs == {"f.slow": 1}
+
+
+async def test_the_client_channel_skips_a_dead_server_and_moves_on_1012(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At start the channel opens on the first server that takes it; when that one stops,
+    on the next at once; a refused API key (1008) keeps it where it is."""
+    down = {"a.test"}
+    async with memory_sockets() as fake:
+
+        async def open_stream(host: str, port: int, secure: bool) -> trio.abc.Stream:
+            if host in down:
+                raise OSError("connection refused")
+            return await fake.open_stream(host, port, secure)
+
+        c = "http://c.test:4300"
+        async with trio.open_nursery() as nursery:
+            sessions = trio.open_memory_channel[Session](math.inf)
+
+            async def accept_channels() -> None:
+                while True:
+                    session = await fake.next()
+                    await session.accept_channel()
+                    sessions[0].send_nowait(session)
+
+            nursery.start_soon(accept_channels)
+            async with connect([A, B, c], "key", open_stream=open_stream) as client:
+                assert client.channel is not None
+                on_b = await sessions[1].receive()
+                assert (hosts(fake), client.api_url, trio.current_time()) == (["b.test"], B_API, 0)
+                await on_b.ws.aclose(protocol.CLOSE_RESTART, "the server is stopping")
+                on_c = await sessions[1].receive()
+                assert (hosts(fake), client.api_url) == (["b.test", "c.test"], f"{c}/api")
+                assert trio.current_time() == 0  # at once
+                await on_c.ws.aclose(protocol.CLOSE_POLICY, "Unauthorized: missing or wrong API key")
+                await sessions[1].receive()
+                assert hosts(fake)[-1] == "c.test" and trio.current_time() > 0  # stayed, after a pause
+                await client.channel.wait_usable()
+                assert client.channel.reopened == 2
+            nursery.cancel_scope.cancel()
