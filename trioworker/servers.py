@@ -12,7 +12,8 @@ reset or timed-out connection, a lost socket, a websocket closed with 1012 "serv
 restart", a 502/503/504 answer of a proxy or a replica whose database failed), then the
 next URL in order, wrapping (:meth:`Servers.failed`). A whole round of failures (every
 server once) in a row is paced with jittered backoff (:class:`Rounds`, for those that
-reconnect) or ends the call (a REST call that is not a create). An answer of the
+reconnect) or ends the call (a REST call; a create whose outcome is unknown goes on with
+backoff). An answer of the
 application (4xx, a websocket closed with 1008 for a refused API key) is never a reason
 to move: every replica would give the same.
 
@@ -105,7 +106,8 @@ class Servers(Sequence[str]):
     channel; a worker's subscription and its REST client): when one of them finds the
     current server gone, the others use the next one from their next call on.
 
-    Not thread-safe: use one from one Trio run (a blocking client: from one thread).
+    Threads sharing one (a blocking client used from several) may race on a failure: at
+    worst a server is skipped once; :attr:`current` is always one of the roots.
     """
 
     roots: tuple[str, ...]
