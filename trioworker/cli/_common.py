@@ -11,11 +11,12 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
-from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings, api_root
+from trioworker.servers import api_roots
+from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -88,14 +89,32 @@ def seconds(text: str) -> float:
 # -- the server a command talks to
 
 
+class _JoinUrls(argparse.Action):
+    """``--api-url`` given more than once: the URLs, comma-separated in the order given."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        earlier = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{earlier},{values}" if earlier else values)
+
+
 def add_api_options(parser: argparse.ArgumentParser) -> None:
-    """``--api-url`` and ``--api-key``, for a command that talks to a server."""
+    """``--api-url`` (repeatable; each may list several, comma-separated) and
+    ``--api-key``, for a command that talks to a server."""
     parser.add_argument(
         "--api-url",
         default=None,
         metavar="URL",
+        action=_JoinUrls,
         help="the server, as `trioworker server` prints it (http://HOST:PORT) or with /api "
-        f"(default $TRIOWORKER_API_URL, else http://{DEFAULT_HOST}:{DEFAULT_PORT}/api)",
+        f"(default $TRIOWORKER_API_URL, else http://{DEFAULT_HOST}:{DEFAULT_PORT}/api); "
+        "several servers of one deployment: repeat it or separate URLs with commas, in the "
+        "order to try them (the next is used when one fails)",
     )
     parser.add_argument(
         "--api-key",
@@ -105,19 +124,20 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def api_root_of(args: argparse.Namespace) -> str:
-    """The API root of ``--api-url``, else of ``TRIOWORKER_API_URL``; CommandError if unusable."""
+def api_roots_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The API roots of ``--api-url``, else of ``TRIOWORKER_API_URL``, in order;
+    CommandError (one line) if one is unusable, empty or given twice."""
     api_url = args.api_url or Settings.from_env().api_url
     try:
-        return api_root(api_url)
+        return api_roots(api_url)
     except ValueError as exc:
         source = "--api-url" if args.api_url else "TRIOWORKER_API_URL"
         raise CommandError(f"unusable API URL from {source}: {exc}") from None
 
 
-def api_of(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The API root and key of the command line, else of the environment; checked."""
-    return api_root_of(args), args.api_key or Settings.from_env().api_key
+def api_of(args: argparse.Namespace) -> tuple[tuple[str, ...], str | None]:
+    """The API roots and key of the command line, else of the environment; checked."""
+    return api_roots_of(args), args.api_key or Settings.from_env().api_key
 
 
 # -- rich output (rich is imported only by the commands that print with it)

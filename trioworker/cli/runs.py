@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def _api_errors(api_url: str) -> Iterator[None]:
+def _api_errors(api_urls: Sequence[str]) -> Iterator[None]:
     """The client's errors as one line each."""
     from trioworker.errors import ApiError, NotFound, ServerUnavailable
+    from trioworker.servers import as_servers
 
     try:
         yield
@@ -46,7 +47,7 @@ def _api_errors(api_url: str) -> Iterator[None]:
         cause = exc.__cause__
         reason = f": {cause}" if cause is not None and str(cause) else ""
         raise CommandError(
-            f"cannot reach the trioworker server at {api_url}{reason} "
+            f"cannot reach {as_servers(api_urls).describe()}{reason} "
             "(is it running? set --api-url or TRIOWORKER_API_URL)"
         ) from None
     except NotFound as exc:
@@ -129,7 +130,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
     from trioworker.models import StateType
     from trioworker.serializers import read_arguments
 
-    api_url, api_key = api_of(args)
+    api_urls, api_key = api_of(args)
     (task,) = load_tasks([args.task])
     call_args, call_kwargs = parse_task_arguments(args.arguments)
     if task.serializer == SERIALIZER_JSON:  # read as the annotations say, as the worker will
@@ -138,8 +139,8 @@ async def _run_submit(args: argparse.Namespace) -> None:
         except (TypeError, ParameterError) as exc:
             raise CommandError(f"cannot submit {task.name}: {exc}") from None
     wait = args.wait or args.timeout is not None
-    with _api_errors(api_url):
-        async with connect(api_url, api_key):
+    with _api_errors(api_urls):
+        async with connect(api_urls, api_key):
             try:
                 future = await task.apply_async(call_args, call_kwargs)
             except TypeError as exc:  # the arguments do not fit the signature
@@ -192,9 +193,9 @@ async def _run_runs(args: argparse.Namespace) -> None:
 
     from trioworker.client.rest import TaskRunClient
 
-    api_url, api_key = api_of(args)
-    with _api_errors(api_url):
-        async with TaskRunClient(api_url, api_key) as client:
+    api_urls, api_key = api_of(args)
+    with _api_errors(api_urls):
+        async with TaskRunClient(api_urls, api_key) as client:
             runs = await client.read_task_runs(
                 task_key=args.task, state=args.state, limit=args.limit, offset=args.offset
             )
@@ -285,9 +286,9 @@ async def _run_run(args: argparse.Namespace) -> None:
     from trioworker.client.rest import TaskRunClient
     from trioworker.models import StateType
 
-    api_url, api_key = api_of(args)
-    with _api_errors(api_url):
-        async with TaskRunClient(api_url, api_key) as client:
+    api_urls, api_key = api_of(args)
+    with _api_errors(api_urls):
+        async with TaskRunClient(api_urls, api_key) as client:
             run_id = _run_id(args.id)
             run = await client.read_task_run(run_id)
             history = await client.history(run_id)

@@ -19,7 +19,7 @@ from trioworker._util import only_exception
 from trioworker.cli._common import (
     CommandError,
     add_api_options,
-    api_root_of,
+    api_roots_of,
     log,
     port,
     positive_int,
@@ -71,14 +71,14 @@ async def run_worker(args: argparse.Namespace) -> None:
     from trioworker.worker.task_worker import TaskWorker, serve_worker
 
     tasks = load_tasks(args.tasks)
-    api_url = api_root_of(args)
+    api_urls = api_roots_of(args)
     try:
         worker = TaskWorker(
             *tasks,
             limit=args.limit,
             status_server_port=args.status_port,
             status_server_host=args.status_host,
-            api_url=api_url,
+            api_url=api_urls,
             api_key=args.api_key,
             shutdown_grace_seconds=args.grace,
             allow_pickle=args.allow_pickle,

@@ -218,8 +218,8 @@ async def _cancel_when(event: trio.Event, scope: trio.CancelScope, pause: float)
     scope.cancel()
 
 
-_watchers: Final[trio.lowlevel.RunVar[dict[tuple[str, str | None], _Watcher]]] = trio.lowlevel.RunVar(
-    "trioworker_watchers"
+_watchers: Final[trio.lowlevel.RunVar[dict[tuple[tuple[str, ...], str | None], _Watcher]]] = (
+    trio.lowlevel.RunVar("trioworker_watchers")
 )
 
 
@@ -229,7 +229,7 @@ def _watcher_for(client: TaskRunClient) -> _Watcher:
     except LookupError:
         watchers = {}
         _watchers.set(watchers)
-    key = (client.api_url, client.api_key)
+    key = (client.api_urls, client.api_key)  # not the server in use: that one may change
     if key not in watchers:
         watchers[key] = _Watcher()
     return watchers[key]
