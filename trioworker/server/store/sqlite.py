@@ -423,6 +423,19 @@ class _Ops:
         )
         return [_row_to_run(p, b) for p, b in rows]
 
+    def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]:
+        # A range on the unique index of ids: every id that starts with the prefix sorts
+        # from it up to (not including) the prefix with its last character raised by one.
+        if not id_prefix:
+            rows = self.conn.execute("SELECT parameters, body FROM task_runs ORDER BY id LIMIT ?", (limit,))
+        else:
+            end = id_prefix[:-1] + chr(ord(id_prefix[-1]) + 1)
+            rows = self.conn.execute(
+                "SELECT parameters, body FROM task_runs WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                (id_prefix, end, limit),
+            )
+        return [_row_to_run(p, b) for p, b in rows]
+
     def count_runs(self) -> list[RunCount]:
         rows = self.conn.execute("SELECT task_key, state_type, count(*) FROM task_runs GROUP BY 1, 2")
         return [RunCount(key, StateType(state), n) for key, state, n in rows]
@@ -798,6 +811,9 @@ class SQLiteStore:
         return await self._run(
             lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first)
         )
+
+    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.find_runs(id_prefix, limit))
 
     async def _count(self, op: Callable[[_Ops], T]) -> T:
         """Run the read-only ``op`` on the reader connection, beside the committer (which
