@@ -69,7 +69,7 @@ async def test_find_runs_by_an_id_prefix(api: httpx.AsyncClient) -> None:
         await create(api, "k", id=str(run_id))
     other = await create(api, "k", id="1b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a10")
 
-    async def find(**params: object) -> list[str]:
+    async def find(**params: str | int) -> list[str]:
         response = await api.get("/task_runs/find", params=params)
         assert response.status_code == 200, response.text
         return [run["id"] for run in response.json()]
@@ -79,13 +79,14 @@ async def test_find_runs_by_an_id_prefix(api: httpx.AsyncClient) -> None:
     assert await find(id_prefix=str(ids[1])) == [str(ids[1])]
     assert await find(id_prefix="1") == [other["id"]]
     assert await find(id_prefix="2") == []
-    for params, detail in [
+    cases: list[tuple[dict[str, str | int], str]] = [
         ({}, "id_prefix is required"),
         ({"id_prefix": "xyz"}, "id_prefix: a run id or the start of one is 1 to 32 hex digits"),
         ({"id_prefix": "-"}, "id_prefix: a run id or the start of one"),
         ({"id_prefix": "0" * 33}, "id_prefix: a run id or the start of one"),
         ({"id_prefix": "0", "limit": 0}, "limit must be an integer between 1 and 1000"),
-    ]:
+    ]
+    for params, detail in cases:
         response = await api.get("/task_runs/find", params=params)
         assert response.status_code == 422, (params, response.text)
         assert response.json()["detail"].startswith(detail), response.text

@@ -1,0 +1,186 @@
+"""`trioworker cancel`, `retry`, `delete`, ids by their start, `--json` and `--`, as a user
+runs them: real subprocesses talking to the test's in-process server and worker."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from trioworker.cli import parse_args
+from trioworker.client.futures import TaskRunFuture
+from trioworker.client.rest import TaskRunClient
+from trioworker.models import StateType, TaskRun, TaskRunCreate, converter
+from trioworker.server import RunningServer
+from trioworker.worker.task_worker import TaskWorker
+
+from .test_cli_tools import (
+    TASKS_SOURCE,
+    Cli,
+    add,
+    fail,
+    finished_runs,
+    make_cli,
+    one_error_line,
+    run_all,
+    short,
+)
+
+#: Three runs whose ids start alike: 0b7c7c36 names them all, 0b7c7c36-8d3a two of them.
+ALIKE = [
+    uuid.UUID("0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a10"),
+    uuid.UUID("0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a11"),
+    uuid.UUID("0b7c7c36-9d3a-4a4e-9f6e-2f1d2c9b6a10"),
+]
+
+
+@pytest.fixture
+def cli(trioworker_server: RunningServer) -> Cli:
+    return make_cli(trioworker_server.api_url)
+
+
+@pytest.fixture
+def tasks_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tools_tasks.py"
+    path.write_text(TASKS_SOURCE)
+    return path
+
+
+async def create_alike() -> list[TaskRun]:
+    async with TaskRunClient() as client:
+        return await client.create_task_runs([TaskRunCreate(task_key="k", id=run_id) for run_id in ALIKE])
+
+
+async def read(run_id: uuid.UUID) -> TaskRun:
+    async with TaskRunClient() as client:
+        return await client.read_task_run(run_id)
+
+
+async def test_a_run_is_named_by_the_start_of_its_id_where_it_is_unique(cli: Cli) -> None:
+    await create_alike()
+    unique, with_dashes, upper, whole, ambiguous, more = await run_all(
+        cli,
+        ["run", "0b7c7c36-9"],
+        ["run", "0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a1", "--json"],
+        ["run", "0B7C7C368D3A4A4E9F6E2F1D2C9B6A11", "--json"],
+        ["run", str(ALIKE[0]), "--json"],
+        ["run", "0b7c7c36"],
+        ["cancel", "0b7c7c36-8d3a"],
+    )
+    assert unique.returncode == 0, unique.stderr.decode()
+    assert str(ALIKE[2]) in unique.stdout.decode()
+    assert one_error_line(with_dashes) == (
+        "trioworker: the id prefix '0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a1' is ambiguous: 2 runs' ids "
+        f"start with it: {ALIKE[0]} (k), {ALIKE[1]} (k); give more of the id"
+    )
+    assert json.loads(upper.stdout)["id"] == str(ALIKE[1])
+    assert json.loads(whole.stdout)["id"] == str(ALIKE[0])
+    line = one_error_line(ambiguous)
+    assert line.startswith("trioworker: the id prefix '0b7c7c36' is ambiguous: 3 runs' ids start with it: ")
+    assert one_error_line(more).startswith("trioworker: the id prefix '0b7c7c36-8d3a' is ambiguous: 2 runs")
+    assert [(await read(run_id)).state.type for run_id in ALIKE] == [
+        StateType.SCHEDULED
+    ] * 3  # none cancelled
+
+
+async def test_run_json_gives_the_run_and_its_history(
+    cli: Cli, trioworker_worker: Callable[..., TaskWorker]
+) -> None:
+    ids = await finished_runs(trioworker_worker)
+    result = await cli("run", short(ids["add1"]), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    shown = json.loads(result.stdout)
+    history = shown.pop("history")
+    assert converter.structure(shown, TaskRun) == await read(ids["add1"])
+    assert [change["type"] for change in history] == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
+    assert shown["state"]["data"] == 5
+
+
+async def test_cancel_retry_and_delete(cli: Cli, trioworker_worker: Callable[..., TaskWorker]) -> None:
+    ids = await finished_runs(trioworker_worker)  # add1, add2 completed; fail failed; shout scheduled
+    cancelled, not_cancelled, retried, not_retried, deleted = await run_all(
+        cli,
+        ["cancel", short(ids["shout"])],
+        ["cancel", str(ids["add2"])],
+        ["retry", short(ids["fail"])],
+        ["retry", short(ids["add2"])],  # completed: a run that ended can be retried
+        ["delete", short(ids["add1"])],
+    )
+    assert cancelled.returncode == 0, cancelled.stderr.decode()
+    assert cancelled.stdout.decode() == f"cancelled run {ids['shout']} (tools.shout; it was SCHEDULED)\n"
+    assert (await read(ids["shout"])).state.type is StateType.CANCELLED
+
+    assert one_error_line(not_cancelled) == (
+        f"trioworker: cannot cancel run {ids['add2']} (tools.add): "
+        "the run is already COMPLETED; it cannot become CANCELLED"
+    )
+
+    assert retried.returncode == 0, retried.stderr.decode()
+    new_id = uuid.UUID(retried.stdout.decode().strip())  # stdout is the new run's id, nothing else
+    new, old = await read(new_id), await read(ids["fail"])
+    assert (new.task_key, new.parameters, new.state.type) == (
+        old.task_key,
+        old.parameters,
+        StateType.SCHEDULED,
+    )
+    assert not_retried.returncode == 0, not_retried.stderr.decode()
+
+    assert deleted.stdout.decode() == f"deleted run {ids['add1']} (tools.add; it was COMPLETED)\n"
+    assert one_error_line(await cli("run", str(ids["add1"]))) == f"trioworker: no task run {ids['add1']}"
+
+    # A run that has not ended cannot be retried: the new run is scheduled.
+    assert one_error_line(await cli("retry", str(new_id))) == (
+        f"trioworker: cannot retry run {new_id} (tools.fail): the run is SCHEDULED: "
+        "only a run that ended can be retried (cancel it first)"
+    )
+    async with trioworker_worker(fail):
+        failed_again = await TaskRunFuture(new_id, fail).wait(timeout=20)
+    assert failed_again is not None and failed_again.state.type is StateType.FAILED
+
+
+async def test_double_dash_ends_the_options_wherever_it_stands(
+    cli: Cli, tasks_file: Path, trioworker_worker: Callable[..., TaskWorker]
+) -> None:
+    async with trioworker_worker(add):
+        submitted, waited = await run_all(
+            cli,
+            ["submit", f"{tasks_file}:add", "--", "-5"],
+            ["submit", f"{tasks_file}:add", "--wait", "1", "--timeout", "20", "--", "-5"],
+        )
+    assert submitted.returncode == 0, submitted.stderr.decode()
+    run = await read(uuid.UUID(submitted.stdout.decode().strip()))
+    assert run.parameters == {"a": -5, "b": 0}
+    assert waited.returncode == 0, waited.stderr.decode()
+    assert waited.stdout.decode() == "-4\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["submit", "m:t", "--", "-5"], {"task": "m:t", "arguments": ["-5"], "wait": False}),
+        (
+            ["submit", "m:t", "1", "--wait", "2", "--", "--timeout", "3"],
+            {"arguments": ["1", "2", "--timeout", "3"], "wait": True, "timeout": None},
+        ),
+        (["submit", "--wait", "--", "m:t", "-x"], {"task": "m:t", "arguments": ["-x"], "wait": True}),
+        (["submit", "m:t", "--", "1", "--", "2"], {"arguments": ["1", "--", "2"]}),
+        (["run", "--", "-abc"], {"id": "-abc"}),
+        (["cancel", "--", "--api-url"], {"id": "--api-url", "api_url": None}),
+        (["worker", "--limit", "3", "--", "-a:b"], {"tasks": ["-a:b"], "limit": 3}),
+    ],
+)
+def test_double_dash_makes_what_follows_positional(argv: list[str], expected: dict[str, object]) -> None:
+    args = parse_args(argv)
+    assert {name: getattr(args, name) for name in expected} == expected
+
+
+def test_what_follows_a_double_dash_is_named_as_given_when_unrecognized(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["runs", "--", "-x"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "trioworker: error: unrecognized arguments: -x"
