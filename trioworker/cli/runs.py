@@ -101,6 +101,7 @@ def parse_task_arguments(items: Sequence[str]) -> tuple[list[JSON], dict[str, JS
 
 
 async def _run_submit(args: argparse.Namespace) -> None:
+    from trioworker.cli._progress import wait_showing_states
     from trioworker.client.futures import result_of
     from trioworker.client.rest import connect
     from trioworker.errors import ParameterError, ResultDecodeError
@@ -117,7 +118,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
             raise CommandError(f"cannot submit {task.name}: {exc}") from None
     wait = args.wait or args.timeout is not None
     with api_errors(api_urls):
-        async with connect(api_urls, api_key):
+        async with connect(api_urls, api_key) as client:
             try:
                 future = await task.apply_async(call_args, call_kwargs)
             except TypeError as exc:  # the arguments do not fit the signature
@@ -126,7 +127,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
                 print(future.task_run_id, flush=True)
                 return
             print(f"submitted run {future.task_run_id} of {task.key}", file=sys.stderr, flush=True)
-            run = await future.wait(args.timeout)
+            run = await wait_showing_states(client, future, task.key, args.timeout)
     if run is None or not run.state.is_terminal:
         state = "unknown" if run is None else run.state.type.value
         waited = "yet" if args.timeout is None else f"after {args.timeout:g} s"
