@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import signal
-from typing import Any
+from typing import Any, Final
 
 import trio
 
 from trioworker.cli._common import CommandError, log, port, positive_int
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
+
+#: The hosts that listen on every interface of the machine.
+ALL_INTERFACES: Final = ("0.0.0.0", "::", "")
 
 
 async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
@@ -43,13 +46,19 @@ async def run_server(args: argparse.Namespace) -> None:
         max_deliveries=args.max_deliveries,
         max_body_bytes=args.max_body_bytes,
     )
+    if config.host.strip("[]") in ALL_INTERFACES and config.api_key is None:
+        log.warning(
+            "listening on every interface (--host %s) without an API key: anyone who can reach this "
+            "machine can read, submit, cancel and delete runs; set --api-key or TRIOWORKER_API_KEY",
+            config.host,
+        )
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(shutdown_on_signals, shutdown)
             await serve_server(config, shutdown=shutdown)
             nursery.cancel_scope.cancel()
-    except* StoreError as group:  # the database is in use, or of a newer trioworker
+    except* StoreError as group:  # the database is in use, unreadable, or of a newer trioworker
         raise CommandError(str(group.exceptions[0])) from None
     log.info("server stopped")
 

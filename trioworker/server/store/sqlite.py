@@ -18,7 +18,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Generic, TypeVar
@@ -621,6 +621,24 @@ class _Pending(Generic[T]):
         conn.execute("RELEASE op")
 
 
+@contextmanager
+def _opening(path: str) -> Iterator[None]:
+    """Opening the database ``path``: what fails (the file system, SQLite) is a
+    :class:`StoreError` of one line naming the file."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        shown = path if path == ":memory:" else os.path.abspath(path)
+        if isinstance(exc, OSError) and exc.strerror:
+            where = exc.filename and os.path.abspath(exc.filename)
+            reason = exc.strerror if where in (None, shown) else f"{where}: {exc.strerror}"
+            if isinstance(exc, FileExistsError) and where != shown:  # a folder on the way is a file
+                reason = f"{where} is a file, not a folder"
+        else:
+            reason = str(exc) or type(exc).__name__
+        raise StoreError(f"cannot open the database {shown}: {reason}") from None
+
+
 def _connect(path: str) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -690,6 +708,8 @@ class SQLiteStore:
         Raises:
             ValueError: ``path`` is not a database this store can open.
             DatabaseInUse: another server (or store) has the file open.
+            StoreError: the file cannot be opened, created or read as a database: one line
+                naming it (``cannot open the database /abs/path.db: file is not a database``).
 
         **Resource handling:** the committer task and the connections (the committer's, and
         a second one for the counts of the operator's view, which read many rows and must
@@ -700,16 +720,19 @@ class SQLiteStore:
         after that fail with StoreError.
         """
         path = database_path(path)
-        lock = await trio.to_thread.run_sync(lock_file, path)
+        with _opening(path):
+            lock = await trio.to_thread.run_sync(lock_file, path)
         try:
-            conn = await trio.to_thread.run_sync(_connect, path)
+            with _opening(path):
+                conn = await trio.to_thread.run_sync(_connect, path)
             send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
             store = cls(conn, send)
             store.path = path
             try:
-                await trio.to_thread.run_sync(store._ops.migrate)
-                if path != ":memory:":
-                    store._reader = _Ops(await trio.to_thread.run_sync(_connect, path))
+                with _opening(path):
+                    await trio.to_thread.run_sync(store._ops.migrate)
+                    if path != ":memory:":
+                        store._reader = _Ops(await trio.to_thread.run_sync(_connect, path))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(store._commit_forever, receive)
                     try:
