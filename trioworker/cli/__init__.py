@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             2 for a bad command line (argparse's usage error).
     """
     args = parse_args(argv)
-    configure_logging(args.verbose, args.log_level)
+    configure_logging(args.verbose, args.log_level, getattr(args, "log_format", "text"))
     try:
         trio.run(args.handler, args)
     except BaseException as exc:  # re-raised below unless it is a user error

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import trio
 
-from trioworker.cli._common import CommandError, log, port, positive_int
+from trioworker.cli._common import CommandError, add_log_format_option, log, port, positive_int
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
 #: The hosts that listen on every interface of the machine.
@@ -97,4 +97,5 @@ def add_server_command(commands: Any) -> None:
         default=16 * 1024 * 1024,
         help="largest request body or websocket message accepted (default 16 MiB)",
     )
+    add_log_format_option(server)
     server.set_defaults(handler=run_server)

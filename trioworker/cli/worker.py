@@ -19,6 +19,7 @@ from trioworker._util import only_exception
 from trioworker.cli._common import (
     CommandError,
     add_api_options,
+    add_log_format_option,
     api_roots_of,
     log,
     port,
@@ -180,4 +181,5 @@ def add_worker_command(commands: Any) -> None:
         help="accept runs whose parameters are pickled; unpickling runs arbitrary code, so only "
         "use it if you trust everyone who can submit runs",
     )
+    add_log_format_option(worker)
     worker.set_defaults(handler=run_worker)
