@@ -9,6 +9,8 @@
   tasks of :mod:`~trioworker.cli.demo_tasks`)
 - :mod:`~trioworker.cli._common`: the user error, logging, value types, the API options
 - :mod:`~trioworker.cli._api`: the client's errors as one line, the run an id (or its start) names
+- :mod:`~trioworker.cli._environment`: the ``TRIOWORKER_*`` variable of every option of
+  ``server`` and ``worker``
 
 Every group imports what its commands run (the server, the worker, the client, rich) only
 when one of them runs: ``trioworker worker`` never imports the server, nor ``--help`` rich.
@@ -28,6 +30,7 @@ import trio
 from trioworker._util import only_exception
 from trioworker._version import __version__
 from trioworker.cli._common import CommandError, configure_logging
+from trioworker.cli._environment import parsing_with_environment, read_environment
 from trioworker.cli.demo import add_demo_command
 from trioworker.cli.manage import add_manage_commands
 from trioworker.cli.runs import add_runs_commands
@@ -64,7 +67,9 @@ END_OF_OPTIONS: Final = "--"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``submit`` takes its options anywhere among its ARGS, and
-    ``--`` ends the options wherever it stands.
+    ``--`` ends the options wherever it stands. The options of ``server`` and ``worker`` that
+    the command line does not give come from their ``TRIOWORKER_*`` variables (see
+    :mod:`~trioworker.cli._environment`; CommandError for a bad value).
 
     (argparse stops filling ``nargs="*"`` at the first option: ``submit t --wait 1 2``
     would leave ``1 2`` unrecognized. They are ARGS that came after an option. And it
@@ -72,6 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     --wait -- -x`` would leave ``-- -x`` unrecognized.)
     """
     parser = build_parser()
+    parsing_with_environment(parser)
     given = list(sys.argv[1:] if argv is None else argv)
     # After the command's name, each argument after "--" is parsed as a stand-in that
     # cannot look like an option, put back once parsed.
@@ -92,6 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, after[value])
         elif isinstance(value, list):
             setattr(args, name, [after.get(item, item) if isinstance(item, str) else item for item in value])
+    read_environment(args)
     return args
 
 
@@ -100,9 +107,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     Raises:
         SystemExit: 1 after a user error (printed as one line on stderr), 130 after Ctrl-C,
-            2 for a bad command line (argparse's usage error).
+            2 for a bad command line (argparse's usage error) or a bad ``TRIOWORKER_*``
+            variable of an option (one line naming it).
     """
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except CommandError as exc:
+        print(f"trioworker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     configure_logging(args.verbose, args.log_level, getattr(args, "log_format", "text"))
     try:
         trio.run(args.handler, args)

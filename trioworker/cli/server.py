@@ -6,14 +6,18 @@ The server is imported only when the command runs (``trioworker worker`` never l
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from typing import Any, Final
 
 import trio
 
 from trioworker.cli._common import CommandError, add_log_format_option, log, port, positive_int
+from trioworker.cli._environment import from_environment, variable_of
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
+#: The variable of ``--db``.
+DB_VARIABLE: Final = variable_of("--db")
 #: The hosts that listen on every interface of the machine.
 ALL_INTERFACES: Final = ("0.0.0.0", "::", "")
 
@@ -37,7 +41,7 @@ async def run_server(args: argparse.Namespace) -> None:
     try:
         db_path = database_path(settings.db_path if args.db is None else args.db)
     except ValueError as exc:
-        raise CommandError(f"unusable --db: {exc}") from None
+        raise CommandError(f"unusable {args.from_environment.get('db', '--db')}: {exc}") from None
     config = ServerConfig(
         db_path=db_path,
         host=args.host,
@@ -78,9 +82,8 @@ def add_server_command(commands: Any) -> None:
     server.add_argument(
         "--db",
         default=None,
-        help="SQLite file (default $TRIOWORKER_HOME/trioworker.db, that is ~/.trioworker/trioworker.db; "
-        "':memory:' keeps nothing), or a sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); "
-        "one server at a time may use a file",
+        help=f"SQLite file (default now {effective_database()}; ':memory:' keeps nothing), or a "
+        "sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); one server at a time may use a file",
     )
     server.add_argument(
         "--api-key", default=None, help="require this key of clients (default $TRIOWORKER_API_KEY)"
@@ -98,4 +101,13 @@ def add_server_command(commands: Any) -> None:
         help="largest request body or websocket message accepted (default 16 MiB)",
     )
     add_log_format_option(server)
+    from_environment(server)
     server.set_defaults(handler=run_server)
+
+
+def effective_database() -> str:
+    """The database ``trioworker server`` opens without ``--db``, and where that comes from."""
+    named = os.environ.get(DB_VARIABLE)
+    if named:
+        return f"{named}, from ${DB_VARIABLE}"
+    return f"{Settings.from_env().db_path}, that is $TRIOWORKER_HOME/trioworker.db"

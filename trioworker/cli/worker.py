@@ -27,6 +27,7 @@ from trioworker.cli._common import (
     seconds,
     whole_number,
 )
+from trioworker.cli._environment import from_environment
 from trioworker.cli._tasks import load_tasks
 from trioworker.settings import DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_STATUS_HOST, MAX_PREFETCH
 
@@ -182,4 +183,5 @@ def add_worker_command(commands: Any) -> None:
         "use it if you trust everyone who can submit runs",
     )
     add_log_format_option(worker)
+    from_environment(worker)
     worker.set_defaults(handler=run_worker)
