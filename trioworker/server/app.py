@@ -27,6 +27,8 @@ from trioworker.protocol import route
 from trioworker.server import dashboard
 from trioworker.server.channel import ChannelSession
 from trioworker.server.events import EventsSession
+from trioworker.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from trioworker.server.metrics import METRICS_ROUTE
 from trioworker.server.overview import connected_workers
 from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import (
@@ -330,6 +332,13 @@ def create_app(
     @app.get(route(protocol.TASK_WORKERS))
     async def task_workers() -> Response:
         return _dump(connected_workers(service.dispatcher, request.args.get("task_key")))
+
+    @app.get(METRICS_ROUTE)
+    async def metrics() -> Response:
+        overview = await service.overview()
+        return Response(
+            service.metrics.exposition(overview, service.dispatcher), content_type=METRICS_CONTENT_TYPE
+        )
 
     assets = dashboard.read_assets()
 

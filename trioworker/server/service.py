@@ -28,6 +28,7 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.live import LiveFeed
+from trioworker.server.metrics import ServerMetrics
 from trioworker.server.overview import Overview, OverviewReader
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.sockets import Refusal
@@ -114,6 +115,8 @@ class TaskRunService:
     _doomed: list[tuple[uuid.UUID, str]] = attrs.field(factory=list)
     #: Every change made here, for the dashboard's tabs.
     feed: LiveFeed[Overview] = attrs.field(factory=LiveFeed)
+    #: This server's Prometheus metrics.
+    metrics: ServerMetrics = attrs.field(factory=ServerMetrics)
     _overview_reader: OverviewReader = attrs.field(
         default=attrs.Factory(lambda self: OverviewReader(self.store, self.dispatcher), takes_self=True)
     )
@@ -141,10 +144,12 @@ class TaskRunService:
             results = await self.store.create_runs(creates)
         except RunIdTaken as exc:
             raise Refusal(409, str(exc)) from None
+        created = [run for run, queued in results if queued is not None]
         for run, queued in results:
             if queued is not None:
                 self.fresh.add(run, queued)
-        self.feed.runs_changed(run for run, queued in results if queued is not None)
+        self.feed.runs_changed(created)
+        self.metrics.runs_created(created)
         await self._admit(q for _, q in results if q is not None)
         return [(run, queued is not None) for run, queued in results]
 
@@ -230,11 +235,13 @@ class TaskRunService:
         changes = await self.store.set_states(requests, now=self.dispatcher.clock())
         for (run_id, _), change in zip(requests, changes, strict=True):
             self._after_change(run_id, change, reporter)
-        self.feed.runs_changed(
+        changed = [
             c.run
             for c in changes
             if c.run is not None and c.result.status is SetStateStatus.ACCEPT and c.result.details is None
-        )
+        ]
+        self.feed.runs_changed(changed)
+        self.metrics.runs_changed(changed)
         return [c.result for c in changes]
 
     async def cancel(self, run_id: uuid.UUID) -> SetStateResult:
@@ -247,6 +254,7 @@ class TaskRunService:
         self.fresh.pop(run_id)
         if run is not None:
             self.feed.deleted([run_id])
+            self.metrics.forget([run_id])
             holder = self.dispatcher.holder(run_id)
             if holder is not None:
                 self.dispatcher.release(run_id)
@@ -342,7 +350,8 @@ class TaskRunService:
         them, then await ``confirm``.
         """
         while True:
-            ids = self.dispatcher.take(sub)
+            ready_since = self.dispatcher.take_timed(sub)
+            ids = list(ready_since)
             if not ids:
                 return Delivery([])
             fresh = [run for run_id in ids if (run := self.fresh.pop(run_id)) is not None]
@@ -352,6 +361,7 @@ class TaskRunService:
             self._release_unclaimed(ids, {run.id for run in claimed}, sub)
             if claimed:
                 self.feed.runs_changed(claimed)
+                self.metrics.runs_delivered(claimed, ready_since, self.dispatcher.clock())
                 return Delivery(claimed)
             # Every run taken had changed since it was queued (cancelled, deleted): take the
             # next ones now; nothing else would wake this subscription for them.
@@ -364,6 +374,7 @@ class TaskRunService:
 
         runs = [claimed_copy(run, sub.client_id, now) for run in fresh]
         self.feed.runs_changed(runs)
+        self.metrics.runs_delivered(runs, ready_since, self.dispatcher.clock())
         return Delivery(runs, confirm)
 
     def _release_unclaimed(
@@ -417,12 +428,17 @@ class TaskRunService:
             return
         for run_id in run_ids:
             self.dispatcher.release(run_id)
+        started = utcnow()
         outcomes = await self.store.requeue(run_ids, reason=reason, max_deliveries=self.max_deliveries)
         self.feed.states_changed((o.id, o.state_type) for o in outcomes if o.state_type is not None)
+        self.metrics.forget(o.id for o in outcomes if o.state_type is not StateType.CRASHED)
         self.dispatcher.enqueue((o.queued for o in outcomes if o.queued is not None), front=True)
         crashed = [o.id for o in outcomes if o.state_type is StateType.CRASHED]
         if crashed:
-            for run in await self.store.read_runs(crashed):
+            crashed_runs = await self.store.read_runs(crashed)
+            # Only the runs this requeue crashed (one that had crashed before is only reported).
+            self.metrics.runs_changed(run for run in crashed_runs if run.updated >= started)
+            for run in crashed_runs:
                 self._notify_ended(run.id, run)
             await self._fail_doomed()
 
