@@ -11,7 +11,9 @@ README's *Wire protocol* section. The app only translates: each route is one cal
 from __future__ import annotations
 
 import hmac
+import math
 import uuid
+from datetime import UTC, datetime
 from typing import Final
 
 import orjson
@@ -22,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 
 from trioworker import protocol
 from trioworker._version import __version__
-from trioworker.models import JSON, SetStateRequest, StateType, converter
+from trioworker.models import JSON, PurgeRequest, PurgeResult, SetStateRequest, StateType, converter
 from trioworker.protocol import route
 from trioworker.server import dashboard
 from trioworker.server.channel import ChannelSession
@@ -45,6 +47,8 @@ SUBSCRIPTION_ROUTE: Final = route(protocol.SUBSCRIPTION_PATH)
 CHANNEL_ROUTE: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
+#: The most a purge's ``older_than`` may be: 100 years, in seconds.
+MAX_PURGE_AGE: Final = 100 * 365.25 * 86400
 
 
 def _json_response(payload: JSON, status: int = 200) -> Response:
@@ -258,6 +262,20 @@ def create_app(
             raise Refusal(422, f"all must be true or false, got {wait_all!r}")
         result = await service.wait(ids, seconds=timeout, wait_all=wait_all, linger=linger)
         return _dump(result)
+
+    @app.post(route(protocol.RUNS_PURGE))
+    async def purge() -> Response:
+        purge = structure(await _body(), PurgeRequest, "purge request")
+        assert isinstance(purge, PurgeRequest)
+        if not (math.isfinite(purge.older_than) and 0 <= purge.older_than <= MAX_PURGE_AGE):
+            raise Refusal(
+                422, f"older_than must be seconds between 0 and {MAX_PURGE_AGE:.0f}, got {purge.older_than!r}"
+            )
+        if purge.state is not None and not purge.state.is_terminal:
+            raise Refusal(422, f"state must be a state runs end in, not {purge.state.value}")
+        before = datetime.fromtimestamp(service.dispatcher.clock() - purge.older_than, UTC)
+        deleted = await service.purge_ended(before, task_key=purge.task_key, state=purge.state)
+        return _dump(PurgeResult(deleted))
 
     @app.get(route(protocol.RUN))
     async def read_run(run_id: str) -> Response:

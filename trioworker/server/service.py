@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Final
 
 import attrs
@@ -39,6 +40,8 @@ from trioworker.server.store.runs import claimed_copy
 FRESH_MAX_RUNS: Final = 5_000
 FRESH_MAX_BYTES: Final = 16 * 1024 * 1024
 FRESH_MAX_RUN_BYTES: Final = 64 * 1024
+#: Runs a purge deletes per store operation (other operations run between two).
+PURGE_BATCH: Final = 500
 
 
 @attrs.define(eq=False)
@@ -253,15 +256,42 @@ class TaskRunService:
         run = await self.store.delete_run(run_id)
         self.fresh.pop(run_id)
         if run is not None:
-            self.feed.deleted([run_id])
-            self.metrics.forget([run_id])
+            self._deleted([run_id])
+            await self._fail_doomed()
+        return run
+
+    async def purge_ended(
+        self, before: datetime, *, task_key: str | None = None, state: StateType | None = None
+    ) -> int:
+        """Delete the runs that ended before ``before``, with their history (of ``task_key``
+        and in ``state``, a terminal state type, when given); returns how many.
+
+        It deletes :data:`PURGE_BATCH` runs per store operation, so a big purge never holds
+        the store for long: other operations run between its batches.
+        """
+        total = 0
+        while True:
+            ids = await self.store.purge_ended(before, task_key=task_key, state=state, limit=PURGE_BATCH)
+            self._deleted(ids)
+            total += len(ids)
+            if len(ids) < PURGE_BATCH:
+                break
+        await self._fail_doomed()
+        return total
+
+    def _deleted(self, run_ids: Sequence[uuid.UUID]) -> None:
+        """These runs were deleted: tell the tabs, stop their holders, wake their waiters."""
+        if not run_ids:
+            return
+        self.feed.deleted(run_ids)
+        self.metrics.forget(run_ids)
+        for run_id in run_ids:
+            self.fresh.pop(run_id)
             holder = self.dispatcher.holder(run_id)
             if holder is not None:
                 self.dispatcher.release(run_id)
                 holder.request_cancel(run_id)
             self._notify_ended(run_id, None)
-            await self._fail_doomed()
-        return run
 
     async def watch(
         self, waiter: Waiter, run_ids: Sequence[uuid.UUID]
