@@ -26,7 +26,7 @@ from trioworker import protocol
 from trioworker._version import __version__
 from trioworker.models import JSON, PurgeRequest, PurgeResult, SetStateRequest, StateType, converter
 from trioworker.protocol import route
-from trioworker.server import dashboard
+from trioworker.server import dashboard, openapi
 from trioworker.server.channel import ChannelSession
 from trioworker.server.events import EventsSession
 from trioworker.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -137,9 +137,13 @@ def create_app(
         max_body_bytes: larger request bodies get 413.
         closing: set it to make every subscription close with 1012 (the server is stopping).
     """
-    app = QuartTrio("trioworker.server")
+    app = QuartTrio("trioworker.server", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     closing = trio.Event() if closing is None else closing
+
+    api_document = orjson.dumps(openapi.document(__version__))
+    # Routes that hold no data: they answer without the key.
+    open_routes = {route(protocol.HEALTH), route(openapi.DOCS_PATH)}
 
     def token_ok(token: object) -> bool:
         if api_key is None:
@@ -174,9 +178,10 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> None:
-        # The dashboard's page and assets hold no data: they load without the key, then
-        # ask for it (every /api route and the live feed need it).
-        if api_key is None or request.path == route(protocol.HEALTH) or dashboard.is_asset_path(request.path):
+        # The dashboard's page and assets and the API document's page hold no data: they
+        # load without the key, then ask for it (every other /api route and the live feed
+        # need it, as does /metrics).
+        if api_key is None or request.path in open_routes or dashboard.is_asset_path(request.path):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token_ok(token):
@@ -358,7 +363,15 @@ def create_app(
             service.metrics.exposition(overview, service.dispatcher), content_type=METRICS_CONTENT_TYPE
         )
 
+    @app.get(route(openapi.OPENAPI_PATH))
+    async def openapi_document() -> Response:
+        return Response(api_document, content_type="application/json")
+
     assets = dashboard.read_assets()
+
+    @app.get(route(openapi.DOCS_PATH))
+    async def docs_page() -> Response:
+        return dashboard.response(assets, dashboard.DOCS_PAGE)
 
     @app.get("/")
     async def dashboard_page() -> Response:
