@@ -81,6 +81,8 @@ RUNS: Final = "/task_runs"
 RUNS_BATCH: Final = "/task_runs/batch"
 #: ``POST`` a long-poll for the first of many runs to end.
 RUNS_WAIT: Final = "/task_runs/wait"
+#: ``POST`` delete the runs that ended before a time.
+RUNS_PURGE: Final = "/task_runs/purge"
 #: ``GET`` or ``DELETE`` one run.
 RUN: Final = "/task_runs/{run_id}"
 RUN_HISTORY: Final = "/task_runs/{run_id}/history"

@@ -11,6 +11,7 @@ from typing import Any
 
 import trio
 
+from trioworker._util import parse_duration
 from trioworker.cli._common import CommandError, log, port, positive_int
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
@@ -42,6 +43,7 @@ async def run_server(args: argparse.Namespace) -> None:
         api_key=args.api_key or settings.api_key,
         max_deliveries=args.max_deliveries,
         max_body_bytes=args.max_body_bytes,
+        retention=args.retention,
     )
     shutdown = trio.Event()
     try:
@@ -88,4 +90,20 @@ def add_server_command(commands: Any) -> None:
         default=16 * 1024 * 1024,
         help="largest request body or websocket message accepted (default 16 MiB)",
     )
+    server.add_argument(
+        "--retention",
+        type=duration,
+        default="7d",
+        metavar="DURATION",
+        help="delete runs (with their results and history) this long after they ended: seconds, "
+        "or a number with a unit (s, m, h, d, w), e.g. 12h; 0 keeps every run (default 7d)",
+    )
     server.set_defaults(handler=run_server)
+
+
+def duration(text: str) -> float:
+    """An argparse type: seconds from ``90``, ``15m``, ``7d`` (see :func:`parse_duration`)."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
