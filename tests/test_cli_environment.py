@@ -46,6 +46,7 @@ SERVER_ENV = {
     "TRIOWORKER_DB": "/tmp/x.db",
     "TRIOWORKER_MAX_DELIVERIES": "3",
     "TRIOWORKER_MAX_BODY_BYTES": "1024",
+    "TRIOWORKER_RETENTION": "12h",
     "TRIOWORKER_LOG_FORMAT": "json",
 }
 SERVER_VALUES = {
@@ -54,6 +55,7 @@ SERVER_VALUES = {
     "db": "/tmp/x.db",
     "max_deliveries": 3,
     "max_body_bytes": 1024,
+    "retention": 12 * 3600.0,
     "log_format": "json",
 }
 WORKER_ENV = {
@@ -89,6 +91,7 @@ def test_every_option_comes_from_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "db": None,
         "max_deliveries": 5,
         "max_body_bytes": 16 * 1024 * 1024,
+        "retention": 7 * 24 * 3600.0,  # its default is given as text, "7d"
         "log_format": "text",
     }
     assert defaults_worker == {

@@ -291,13 +291,20 @@ async def test_changes_appear_without_a_reload_and_the_page_does_not_poll(demo: 
         await in_browser(script)
 
 
+#: The API key of the tests that set one.
+KEY = "open-sesame"
+
+
+def keyed_client(server: RunningServer) -> httpx.AsyncClient:
+    """An API client that sends :data:`KEY`."""
+    return httpx.AsyncClient(base_url=server.api_url, headers={"Authorization": f"Bearer {KEY}"})
+
+
 async def test_with_an_api_key_the_page_asks_for_it_and_shows_nothing_without_it(
     browser_ready: None, trioworker_server_control: ServerControl, shoot: Shoot
 ) -> None:
-    server = await trioworker_server_control.start(api_key="open-sesame")
-    async with httpx.AsyncClient(
-        base_url=server.api_url, headers={"Authorization": "Bearer open-sesame"}
-    ) as api:
+    server = await trioworker_server_control.start(api_key=KEY)
+    async with keyed_client(server) as api:
         await submit(api, "dash.secret", {"card": "4111"})
 
     def script(browser: Browser) -> None:
@@ -312,7 +319,7 @@ async def test_with_an_api_key_the_page_asks_for_it_and_shows_nothing_without_it
         page.get_by_role("button", name="Show the dashboard").click()
         expect(page.locator("#login-error")).to_have_text("That key was refused.")
         expect(page.locator("body")).not_to_contain_text("dash.secret")
-        page.fill("#api-key", "open-sesame")
+        page.fill("#api-key", KEY)
         page.get_by_role("button", name="Show the dashboard").click()
         expect(page.locator('#task-keys tr[data-task-key="dash.secret"]')).to_be_visible()
         expect(page.locator("#live")).to_have_attribute("data-state", "live")
@@ -350,3 +357,38 @@ async def test_a_narrow_window_has_no_page_wide_scrolling(demo: Demo, shoot: Sho
             assert errors == []
 
         await in_browser(script)
+
+
+async def test_the_api_page_shows_every_operation_of_the_document_after_asking_for_the_key(
+    browser_ready: None, trioworker_server_control: ServerControl, shoot: Shoot
+) -> None:
+    server = await trioworker_server_control.start(api_key=KEY)
+    async with keyed_client(server) as api:
+        document = (await api.get("/openapi.json")).json()
+    operations = [(path, method) for path, item in document["paths"].items() for method in item]
+
+    def script(browser: Browser) -> None:
+        from playwright.sync_api import expect
+
+        page, errors = open_page(browser, server.url + "/api/docs")
+        expect(page.locator("#login")).to_be_visible()
+        page.fill("#api-key", KEY)
+        page.get_by_role("button", name="Show the API").click()
+        ops = page.locator("#docs details.op[data-path]")
+        expect(ops).to_have_count(len(operations))
+        create = page.locator('details.op[data-path="/api/task_runs"][data-method="post"]')
+        create.locator("summary").click()
+        expect(create).to_contain_text("task_key")
+        expect(create.locator("pre.json")).to_contain_text('"task_key": "app.say"')
+        expect(create).to_contain_text("409")
+        shoot(page, "create-run")
+        create.get_by_role("link", name="TaskRunCreate").first.click()
+        expect(page.locator("#schema-TaskRunCreate")).to_have_attribute("open", "")
+        expect(page.locator("#schema-TaskRunCreate")).to_contain_text("idempotency_key")
+        socket = page.locator('details.op[data-path="/api/events"]')
+        expect(socket.locator(".method")).to_have_text("WS")
+        page.reload()  # the key stays for this tab
+        expect(ops).to_have_count(len(operations))
+        assert [e for e in errors if "status of 401" not in e] == []
+
+    await in_browser(script)

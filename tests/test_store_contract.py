@@ -210,3 +210,53 @@ async def test_oldest_waiting_is_the_due_run_created_first_per_key(store: Store)
     assert [(r.task_key, r.id) for r in oldest] == [("a", a_first), ("b", b_due), ("d", d_due)]
     await store.claim_runs([a_first], "c")
     assert [r.id for r in await store.oldest_waiting(now)] == [a_second, b_due, d_due]
+
+
+async def _end(store: Store, run_id: uuid.UUID, state: StateType) -> datetime:
+    """End the run in ``state`` (through RUNNING unless cancelled); the time it ended."""
+    if state is not StateType.CANCELLED:
+        await store.claim_runs([run_id], "c")
+        await store.set_states([(run_id, SetStateRequest(make_state(StateType.RUNNING)))], now=0.0)
+    [change] = await store.set_states([(run_id, SetStateRequest(make_state(state)))], now=0.0)
+    assert change.run is not None and change.run.state.type is state
+    return change.run.state.timestamp
+
+
+async def test_purge_ended_deletes_runs_that_ended_before_a_time_first_ended_first(store: Store) -> None:
+    assert await store.oldest_end() is None
+    created = await store.create_runs([TaskRunCreate(task_key=k) for k in ("a", "a", "b", "a", "a", "a")])
+    first, cancelled, other_key, waiting, revived, late = (run.id for run, _ in created)
+    first_end = await _end(store, first, StateType.COMPLETED)
+    await _end(store, cancelled, StateType.CANCELLED)
+    await _end(store, other_key, StateType.FAILED)
+    await _end(store, revived, StateType.FAILED)  # then set back to SCHEDULED: not ended any more
+    back = SetStateRequest(make_state(StateType.SCHEDULED), force=True)
+    await store.set_states([(revived, back)], now=0.0)
+    late_end = await _end(store, late, StateType.COMPLETED)
+    assert await store.oldest_end() == first_end
+
+    assert await store.purge_ended(first_end) == []  # ended before: strictly earlier
+    assert await store.purge_ended(late_end, task_key="a", state=StateType.FAILED) == []
+    assert await store.purge_ended(late_end, limit=1) == [first]
+    assert await store.history(first) is None and await store.read_run(first) is None
+    assert await store.purge_ended(late_end, task_key="b") == [other_key]
+    assert await store.purge_ended(late_end + timedelta(seconds=1), state=StateType.CANCELLED) == [cancelled]
+    assert await store.oldest_end() == late_end
+    assert await store.purge_ended(late_end + timedelta(seconds=1)) == [late]
+    assert await store.oldest_end() is None
+    left = {run.id: run.state.type for run in await store.list_runs()}
+    assert left == {waiting: StateType.SCHEDULED, revived: StateType.SCHEDULED}
+    history = await store.history(revived)
+    assert history is not None and [c.type for c in history][-2:] == [StateType.FAILED, StateType.SCHEDULED]
+    counts = {(c.task_key, c.state_type): c.count for c in await store.count_runs()}
+    assert counts == {("a", StateType.SCHEDULED): 2}
+
+
+async def test_purge_ended_goes_in_batches_of_the_limit(store: Store) -> None:
+    created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(7)])
+    ids = [run.id for run, _ in created]
+    for run_id in ids:
+        await _end(store, run_id, StateType.CANCELLED)
+    before = datetime.now(UTC) + timedelta(seconds=1)
+    batches = [await store.purge_ended(before, limit=3) for _ in range(4)]
+    assert batches == [ids[:3], ids[3:6], ids[6:], []]

@@ -203,6 +203,25 @@ class SetStateResult:
 
 
 @attrs.frozen
+class PurgeRequest:
+    """The body of ``POST /api/task_runs/purge``: delete the runs that ended more than
+    ``older_than`` seconds ago (with their history), of ``task_key`` and in ``state`` (a
+    terminal state type) when given."""
+
+    older_than: float
+    task_key: str | None = None
+    state: StateType | None = None
+
+
+@attrs.frozen
+class PurgeResult:
+    """The answer of ``POST /api/task_runs/purge``."""
+
+    #: How many runs were deleted.
+    deleted: int
+
+
+@attrs.frozen
 class StateChange:
     """One entry of a run's state history."""
 

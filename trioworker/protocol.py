@@ -83,6 +83,8 @@ RUNS_BATCH: Final = "/task_runs/batch"
 RUNS_WAIT: Final = "/task_runs/wait"
 #: ``GET`` the runs whose id starts with ``?id_prefix=`` (see :func:`id_prefix`).
 RUNS_FIND: Final = "/task_runs/find"
+#: ``POST`` delete the runs that ended before a time.
+RUNS_PURGE: Final = "/task_runs/purge"
 #: ``GET`` or ``DELETE`` one run.
 RUN: Final = "/task_runs/{run_id}"
 RUN_HISTORY: Final = "/task_runs/{run_id}/history"

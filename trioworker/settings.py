@@ -42,6 +42,8 @@ DEFAULT_STATUS_HOST: Final = "127.0.0.1"
 MAX_PREFETCH: Final = 1000
 #: Seconds in-flight runs get to finish after a worker's stop() before they are cancelled.
 DEFAULT_SHUTDOWN_GRACE_SECONDS: Final = 30.0
+#: How long the server keeps a run after it ended (seconds): 7 days.
+DEFAULT_RETENTION_SECONDS: Final = 7 * 24 * 3600.0
 
 
 @attrs.frozen

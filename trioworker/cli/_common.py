@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
+from trioworker._util import parse_duration
 from trioworker.servers import api_roots
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
@@ -133,6 +134,14 @@ def seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def duration(text: str) -> float:
+    """An argparse type: seconds from ``90``, ``15m``, ``7d`` (see :func:`parse_duration`)."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- the server a command talks to

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import trio
 
-from trioworker.cli._common import CommandError, add_log_format_option, log, port, positive_int
+from trioworker.cli._common import CommandError, add_log_format_option, duration, log, port, positive_int
 from trioworker.cli._environment import from_environment, variable_of
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
@@ -49,6 +49,7 @@ async def run_server(args: argparse.Namespace) -> None:
         api_key=args.api_key or settings.api_key,
         max_deliveries=args.max_deliveries,
         max_body_bytes=args.max_body_bytes,
+        retention=args.retention,
     )
     if config.host.strip("[]") in ALL_INTERFACES and config.api_key is None:
         log.warning(
@@ -99,6 +100,14 @@ def add_server_command(commands: Any) -> None:
         type=positive_int,
         default=16 * 1024 * 1024,
         help="largest request body or websocket message accepted (default 16 MiB)",
+    )
+    server.add_argument(
+        "--retention",
+        type=duration,
+        default="7d",
+        metavar="DURATION",
+        help="delete runs (with their results and history) this long after they ended: seconds, "
+        "or a number with a unit (s, m, h, d, w), e.g. 12h; 0 keeps every run (default 7d)",
     )
     add_log_format_option(server)
     from_environment(server)

@@ -11,7 +11,9 @@ README's *Wire protocol* section. The app only translates: each route is one cal
 from __future__ import annotations
 
 import hmac
+import math
 import uuid
+from datetime import UTC, datetime
 from typing import Final
 
 import orjson
@@ -22,11 +24,13 @@ from werkzeug.exceptions import HTTPException
 
 from trioworker import protocol
 from trioworker._version import __version__
-from trioworker.models import JSON, SetStateRequest, StateType, converter
+from trioworker.models import JSON, PurgeRequest, PurgeResult, SetStateRequest, StateType, converter
 from trioworker.protocol import route
-from trioworker.server import dashboard
+from trioworker.server import dashboard, openapi
 from trioworker.server.channel import ChannelSession
 from trioworker.server.events import EventsSession
+from trioworker.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from trioworker.server.metrics import METRICS_ROUTE
 from trioworker.server.overview import connected_workers
 from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import (
@@ -43,6 +47,8 @@ SUBSCRIPTION_ROUTE: Final = route(protocol.SUBSCRIPTION_PATH)
 CHANNEL_ROUTE: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
+#: The most a purge's ``older_than`` may be: 100 years, in seconds.
+MAX_PURGE_AGE: Final = 100 * 365.25 * 86400
 
 
 def _json_response(payload: JSON, status: int = 200) -> Response:
@@ -131,9 +137,13 @@ def create_app(
         max_body_bytes: larger request bodies get 413.
         closing: set it to make every subscription close with 1012 (the server is stopping).
     """
-    app = QuartTrio("trioworker.server")
+    app = QuartTrio("trioworker.server", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     closing = trio.Event() if closing is None else closing
+
+    api_document = orjson.dumps(openapi.document(__version__))
+    # Routes that hold no data: they answer without the key.
+    open_routes = {route(protocol.HEALTH), route(openapi.DOCS_PATH)}
 
     def token_ok(token: object) -> bool:
         if api_key is None:
@@ -168,9 +178,10 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> None:
-        # The dashboard's page and assets hold no data: they load without the key, then
-        # ask for it (every /api route and the live feed need it).
-        if api_key is None or request.path == route(protocol.HEALTH) or dashboard.is_asset_path(request.path):
+        # The dashboard's page and assets and the API document's page hold no data: they
+        # load without the key, then ask for it (every other /api route and the live feed
+        # need it, as does /metrics).
+        if api_key is None or request.path in open_routes or dashboard.is_asset_path(request.path):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token_ok(token):
@@ -269,6 +280,20 @@ def create_app(
         result = await service.wait(ids, seconds=timeout, wait_all=wait_all, linger=linger)
         return _dump(result)
 
+    @app.post(route(protocol.RUNS_PURGE))
+    async def purge() -> Response:
+        purge = structure(await _body(), PurgeRequest, "purge request")
+        assert isinstance(purge, PurgeRequest)
+        if not (math.isfinite(purge.older_than) and 0 <= purge.older_than <= MAX_PURGE_AGE):
+            raise Refusal(
+                422, f"older_than must be seconds between 0 and {MAX_PURGE_AGE:.0f}, got {purge.older_than!r}"
+            )
+        if purge.state is not None and not purge.state.is_terminal:
+            raise Refusal(422, f"state must be a state runs end in, not {purge.state.value}")
+        before = datetime.fromtimestamp(service.dispatcher.clock() - purge.older_than, UTC)
+        deleted = await service.purge_ended(before, task_key=purge.task_key, state=purge.state)
+        return _dump(PurgeResult(deleted))
+
     @app.get(route(protocol.RUN))
     async def read_run(run_id: str) -> Response:
         run = await service.read_run(_parse_id(run_id))
@@ -343,7 +368,22 @@ def create_app(
     async def task_workers() -> Response:
         return _dump(connected_workers(service.dispatcher, request.args.get("task_key")))
 
+    @app.get(METRICS_ROUTE)
+    async def metrics() -> Response:
+        overview = await service.overview()
+        return Response(
+            service.metrics.exposition(overview, service.dispatcher), content_type=METRICS_CONTENT_TYPE
+        )
+
+    @app.get(route(openapi.OPENAPI_PATH))
+    async def openapi_document() -> Response:
+        return Response(api_document, content_type="application/json")
+
     assets = dashboard.read_assets()
+
+    @app.get(route(openapi.DOCS_PATH))
+    async def docs_page() -> Response:
+        return dashboard.response(assets, dashboard.DOCS_PAGE)
 
     @app.get("/")
     async def dashboard_page() -> Response:

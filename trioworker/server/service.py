@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Final
 
 import attrs
@@ -28,6 +29,7 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.live import LiveFeed
+from trioworker.server.metrics import ServerMetrics
 from trioworker.server.overview import Overview, OverviewReader
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.sockets import Refusal
@@ -38,6 +40,8 @@ from trioworker.server.store.runs import claimed_copy
 FRESH_MAX_RUNS: Final = 5_000
 FRESH_MAX_BYTES: Final = 16 * 1024 * 1024
 FRESH_MAX_RUN_BYTES: Final = 64 * 1024
+#: Runs a purge deletes per store operation (other operations run between two).
+PURGE_BATCH: Final = 500
 
 
 @attrs.define(eq=False)
@@ -114,6 +118,8 @@ class TaskRunService:
     _doomed: list[tuple[uuid.UUID, str]] = attrs.field(factory=list)
     #: Every change made here, for the dashboard's tabs.
     feed: LiveFeed[Overview] = attrs.field(factory=LiveFeed)
+    #: This server's Prometheus metrics.
+    metrics: ServerMetrics = attrs.field(factory=ServerMetrics)
     _overview_reader: OverviewReader = attrs.field(
         default=attrs.Factory(lambda self: OverviewReader(self.store, self.dispatcher), takes_self=True)
     )
@@ -141,10 +147,12 @@ class TaskRunService:
             results = await self.store.create_runs(creates)
         except RunIdTaken as exc:
             raise Refusal(409, str(exc)) from None
+        created = [run for run, queued in results if queued is not None]
         for run, queued in results:
             if queued is not None:
                 self.fresh.add(run, queued)
-        self.feed.runs_changed(run for run, queued in results if queued is not None)
+        self.feed.runs_changed(created)
+        self.metrics.runs_created(created)
         await self._admit(q for _, q in results if q is not None)
         return [(run, queued is not None) for run, queued in results]
 
@@ -235,11 +243,13 @@ class TaskRunService:
         changes = await self.store.set_states(requests, now=self.dispatcher.clock())
         for (run_id, _), change in zip(requests, changes, strict=True):
             self._after_change(run_id, change, reporter)
-        self.feed.runs_changed(
+        changed = [
             c.run
             for c in changes
             if c.run is not None and c.result.status is SetStateStatus.ACCEPT and c.result.details is None
-        )
+        ]
+        self.feed.runs_changed(changed)
+        self.metrics.runs_changed(changed)
         return [c.result for c in changes]
 
     async def cancel(self, run_id: uuid.UUID) -> SetStateResult:
@@ -251,14 +261,42 @@ class TaskRunService:
         run = await self.store.delete_run(run_id)
         self.fresh.pop(run_id)
         if run is not None:
-            self.feed.deleted([run_id])
+            self._deleted([run_id])
+            await self._fail_doomed()
+        return run
+
+    async def purge_ended(
+        self, before: datetime, *, task_key: str | None = None, state: StateType | None = None
+    ) -> int:
+        """Delete the runs that ended before ``before``, with their history (of ``task_key``
+        and in ``state``, a terminal state type, when given); returns how many.
+
+        It deletes :data:`PURGE_BATCH` runs per store operation, so a big purge never holds
+        the store for long: other operations run between its batches.
+        """
+        total = 0
+        while True:
+            ids = await self.store.purge_ended(before, task_key=task_key, state=state, limit=PURGE_BATCH)
+            self._deleted(ids)
+            total += len(ids)
+            if len(ids) < PURGE_BATCH:
+                break
+        await self._fail_doomed()
+        return total
+
+    def _deleted(self, run_ids: Sequence[uuid.UUID]) -> None:
+        """These runs were deleted: tell the tabs, stop their holders, wake their waiters."""
+        if not run_ids:
+            return
+        self.feed.deleted(run_ids)
+        self.metrics.forget(run_ids)
+        for run_id in run_ids:
+            self.fresh.pop(run_id)
             holder = self.dispatcher.holder(run_id)
             if holder is not None:
                 self.dispatcher.release(run_id)
                 holder.request_cancel(run_id)
             self._notify_ended(run_id, None)
-            await self._fail_doomed()
-        return run
 
     async def watch(
         self, waiter: Waiter, run_ids: Sequence[uuid.UUID]
@@ -347,7 +385,8 @@ class TaskRunService:
         them, then await ``confirm``.
         """
         while True:
-            ids = self.dispatcher.take(sub)
+            ready_since = self.dispatcher.take_timed(sub)
+            ids = list(ready_since)
             if not ids:
                 return Delivery([])
             fresh = [run for run_id in ids if (run := self.fresh.pop(run_id)) is not None]
@@ -357,6 +396,7 @@ class TaskRunService:
             self._release_unclaimed(ids, {run.id for run in claimed}, sub)
             if claimed:
                 self.feed.runs_changed(claimed)
+                self.metrics.runs_delivered(claimed, ready_since, self.dispatcher.clock())
                 return Delivery(claimed)
             # Every run taken had changed since it was queued (cancelled, deleted): take the
             # next ones now; nothing else would wake this subscription for them.
@@ -369,6 +409,7 @@ class TaskRunService:
 
         runs = [claimed_copy(run, sub.client_id, now) for run in fresh]
         self.feed.runs_changed(runs)
+        self.metrics.runs_delivered(runs, ready_since, self.dispatcher.clock())
         return Delivery(runs, confirm)
 
     def _release_unclaimed(
@@ -422,12 +463,17 @@ class TaskRunService:
             return
         for run_id in run_ids:
             self.dispatcher.release(run_id)
+        started = utcnow()
         outcomes = await self.store.requeue(run_ids, reason=reason, max_deliveries=self.max_deliveries)
         self.feed.states_changed((o.id, o.state_type) for o in outcomes if o.state_type is not None)
+        self.metrics.forget(o.id for o in outcomes if o.state_type is not StateType.CRASHED)
         self.dispatcher.enqueue((o.queued for o in outcomes if o.queued is not None), front=True)
         crashed = [o.id for o in outcomes if o.state_type is StateType.CRASHED]
         if crashed:
-            for run in await self.store.read_runs(crashed):
+            crashed_runs = await self.store.read_runs(crashed)
+            # Only the runs this requeue crashed (one that had crashed before is only reported).
+            self.metrics.runs_changed(run for run in crashed_runs if run.updated >= started)
+            for run in crashed_runs:
                 self._notify_ended(run.id, run)
             await self._fail_doomed()
 

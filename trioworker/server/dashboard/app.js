@@ -1,8 +1,10 @@
-// trioworker dashboard: one ES module, no build step, no dependencies.
+// trioworker dashboard: an ES module (with dom.js), no build step, no dependencies.
 //
 // Everything shown is read from the REST API (/api/...) and kept current by the live feed
 // (the /api/events websocket): the server pushes the overview and the runs that changed;
 // this page never polls. Text from the server is always set as text, never as HTML.
+
+import { h } from "./dom.js";
 
 const STATES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED"];
 const ENDED = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"];
@@ -28,21 +30,6 @@ const app = {
 };
 
 // ---------------------------------------------------------------- small helpers
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (value === null || value === undefined || value === false) continue;
-    if (name === "class") el.className = value;
-    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
-    else el.setAttribute(name, value === true ? "" : String(value));
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return el;
-}
 
 // Replaces the children of `el`, leaving out null, undefined and false.
 function fill(el, ...children) {

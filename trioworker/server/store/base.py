@@ -200,6 +200,28 @@ class Store(Protocol):
         """Delete the run and its history; the run as it was, or None when it did not exist."""
         ...
 
+    async def purge_ended(
+        self,
+        before: datetime,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 1000,
+    ) -> list[uuid.UUID]:
+        """Delete, with their history, at most ``limit`` runs that ended before ``before``
+        (their state is terminal, and its time is earlier), those that ended first first;
+        their ids. ``task_key`` and ``state`` (a terminal state type) narrow them down.
+
+        One call is one operation of the store: callers purge in batches of ``limit``, so
+        that other operations run between them.
+        """
+        ...
+
+    async def oldest_end(self) -> datetime | None:
+        """When the run that ended first (of those that exist and have ended) ended: the
+        time :meth:`purge_ended` compares; None when no run has ended."""
+        ...
+
     async def reclaim(
         self, run_ids: Sequence[uuid.UUID], client_id: str
     ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:

@@ -573,6 +573,52 @@ class _Ops:
         self.in_flight.wrote(run_id, seq, None)
         return run
 
+    def _ended_before(
+        self, conditions: str, args: Sequence[object], limit: int
+    ) -> list[tuple[int, str, str]]:
+        """``(seq, id, end time)`` of ended runs that meet ``conditions`` (on ``s``, the
+        state row of the end, and ``r``, the run), those that ended first first.
+
+        Walks the partial index of ends by time, oldest first, and stops at ``limit``
+        (``CROSS JOIN`` keeps SQLite from driving the query by the runs' states instead,
+        which would read and sort every ended run at each call). A run's end is its last
+        state row: a run set back to SCHEDULED has an earlier end row, not its last.
+        """
+        rows = self.conn.execute(
+            "SELECT r.seq, r.id, s.timestamp FROM task_run_states AS s INDEXED BY ix_task_run_states_ended"
+            " CROSS JOIN task_runs AS r ON r.seq = s.run_seq"
+            f" WHERE s.type IN ({_TERMINAL_SQL}) {conditions}"
+            " AND NOT EXISTS (SELECT 1 FROM task_run_states AS later"
+            " WHERE later.run_seq = s.run_seq AND later.rowid > s.rowid)"
+            " ORDER BY s.timestamp LIMIT ?",
+            [*args, limit],
+        )
+        return [(int(seq), str(run_id), str(ts)) for seq, run_id, ts in rows]
+
+    def purge_ended(
+        self, before: datetime, task_key: str | None, state: StateType | None, limit: int
+    ) -> list[uuid.UUID]:
+        conditions, args = "AND s.timestamp < ?", [before.astimezone(UTC).isoformat()]
+        if task_key is not None:
+            conditions += " AND r.task_key = ?"
+            args.append(task_key)
+        if state is not None:
+            conditions += " AND r.state_type = ?"
+            args.append(state.value)
+        ended = self._ended_before(conditions, args, limit)
+        for chunk in _chunks([seq for seq, _, _ in ended]):
+            marks = _placeholders(len(chunk))
+            self.conn.execute(f"DELETE FROM task_run_states WHERE run_seq IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM task_runs WHERE seq IN ({marks})", chunk)
+        ids = [uuid.UUID(run_id) for _, run_id, _ in ended]
+        for (seq, _, _), run_id in zip(ended, ids, strict=True):
+            self.in_flight.wrote(run_id, seq, None)
+        return ids
+
+    def oldest_end(self) -> datetime | None:
+        first = self._ended_before("", [], 1)
+        return datetime.fromisoformat(first[0][2]) if first else None
+
     def recover(self, max_deliveries: int) -> list[QueuedRun]:
         held = [
             uuid.UUID(row[0])
@@ -893,6 +939,19 @@ class SQLiteStore:
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self._run(lambda ops: ops.delete_run(run_id))
+
+    async def purge_ended(
+        self,
+        before: datetime,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 1000,
+    ) -> list[uuid.UUID]:
+        return await self._run(lambda ops: ops.purge_ended(before, task_key, state, limit))
+
+    async def oldest_end(self) -> datetime | None:
+        return await self._count(lambda ops: ops.oldest_end())
 
     async def reclaim(
         self, run_ids: Sequence[uuid.UUID], client_id: str
