@@ -4,11 +4,15 @@ runs them: real subprocesses talking to the test's in-process server and worker.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from trioworker.cli import parse_args
 from trioworker.client.futures import TaskRunFuture
@@ -184,3 +188,51 @@ def test_what_follows_a_double_dash_is_named_as_given_when_unrecognized(
         parse_args(["runs", "--", "-x"])
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == "trioworker: error: unrecognized arguments: -x"
+
+
+async def test_purge_deletes_the_runs_that_ended_long_ago_once_confirmed(
+    trioworker_server: RunningServer, trioworker_worker: Callable[..., TaskWorker]
+) -> None:
+    ids = await finished_runs(trioworker_worker)  # add1, add2 completed; fail failed; shout scheduled
+    env = {**os.environ, "TRIOWORKER_API_URL": trioworker_server.api_url}
+
+    async def purge(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        with trio.fail_after(30):
+            return await trio.run_process(
+                [sys.executable, "-m", "trioworker", "purge", *args],
+                stdin=stdin,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=env,
+            )
+
+    async def left() -> set[uuid.UUID]:
+        async with TaskRunClient() as client:
+            return {run.id for run in await client.read_task_runs()}
+
+    recent = await purge("--older-than", "1h", "--yes")
+    assert (recent.returncode, recent.stdout) == (0, b"deleted 0 runs that ended more than 1h ago\n")
+    question = "Delete every run that ended, with its result and history? It cannot be undone. [y/N] "
+    for answer in (b"n\n", b"", b"whatever\n"):
+        refused = await purge("--older-than", "0", stdin=answer)
+        assert refused.stderr.decode() == (
+            f"{question}{answer.decode().strip()}\n"
+            "trioworker: nothing was deleted: not confirmed (--yes purges without asking)\n"
+        )
+        assert (refused.returncode, refused.stdout) == (1, b"")
+    assert await left() == set(ids.values())
+
+    failed = await purge("--older-than", "0", "--state", "failed", "--yes")
+    assert failed.stdout == b"deleted 1 run that ended FAILED\n", failed.stderr
+    added = await purge("--task-key", "tools.add", "--older-than", "0s", stdin=b"y\n")
+    assert added.stdout == b"deleted 2 runs of tools.add that ended\n", added.stderr
+    assert added.stderr.decode().startswith("Delete every run of tools.add that ended, with its result")
+    assert await left() == {ids["shout"]}  # a run that has not ended is never touched
+
+    for args, error in [
+        (["--state", "running"], "argument --state: runs do not end in RUNNING"),
+        (["--older-than", "7x"], "argument --older-than: '7x' is not a duration"),
+    ]:
+        bad = await purge("--older-than", "0", "--yes", *args)
+        assert bad.returncode == 2 and error in bad.stderr.decode(), bad.stderr

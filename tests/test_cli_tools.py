@@ -172,7 +172,9 @@ def test_submit_options_may_come_between_the_arguments() -> None:
     assert exited.value.code == 2
 
 
-@pytest.mark.parametrize("command", ["submit", "runs", "run", "cancel", "retry", "delete", "status", "demo"])
+@pytest.mark.parametrize(
+    "command", ["submit", "runs", "run", "cancel", "retry", "delete", "purge", "status", "demo"]
+)
 def test_help_has_a_description_and_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         parse_args([command, "--help"])
@@ -289,6 +291,7 @@ async def test_commands_report_an_unreachable_server_in_one_line(
         ["cancel", "0b7c7c36", "--api-url", api_url],
         ["retry", str(uuid.uuid4()), "--api-url", api_url],
         ["delete", "0b7c", "--api-url", api_url],
+        ["purge", "--older-than", "7d", "--yes", "--api-url", api_url],
     ):
         line = one_error_line(result)
         assert line.startswith(f"trioworker: cannot reach the trioworker server at {api_url}"), line

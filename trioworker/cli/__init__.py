@@ -3,7 +3,7 @@
 - :mod:`~trioworker.cli.server`: ``server``
 - :mod:`~trioworker.cli.worker`: ``worker`` (and loading tasks by ``MODULE:TASK``)
 - :mod:`~trioworker.cli.runs`: ``submit``, ``runs``, ``run`` (talking to a server)
-- :mod:`~trioworker.cli.manage`: ``cancel``, ``retry``, ``delete`` (changing runs)
+- :mod:`~trioworker.cli.manage`: ``cancel``, ``retry``, ``delete``, ``purge`` (changing runs)
 - :mod:`~trioworker.cli.status`: ``status`` (talking to a worker's status server)
 - :mod:`~trioworker.cli.demo`: ``demo`` (:mod:`~trioworker.cli.demo_runner` runs it, with the
   tasks of :mod:`~trioworker.cli.demo_tasks`)
@@ -117,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     configure_logging(args.verbose, args.log_level, getattr(args, "log_format", "text"))
     try:
+        prepare = getattr(args, "prepare", None)
+        if prepare is not None:  # what a command does before its event loop (purge asks)
+            prepare(args)
         trio.run(args.handler, args)
     except BaseException as exc:  # re-raised below unless it is a user error
         leaf = only_exception(exc)

@@ -50,6 +50,8 @@ from trioworker._websocket import OpenStream, open_network_stream
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import (
     JSON,
+    PurgeRequest,
+    PurgeResult,
     SetStateRequest,
     SetStateResult,
     State,
@@ -197,6 +199,13 @@ class _Calls:
     @staticmethod
     def retry(run_id: uuid.UUID) -> _Call[TaskRun]:
         return _Call("POST", protocol.RUN_RETRY.format(run_id=run_id), _structure(TaskRun))
+
+    @staticmethod
+    def purge(older_than: float, task_key: str | None, state: StateType | None) -> _Call[int]:
+        body = converter.unstructure(PurgeRequest(older_than, task_key, state))
+        return _Call(
+            "POST", protocol.RUNS_PURGE, lambda data: converter.structure(data, PurgeResult).deleted, body
+        )
 
     @staticmethod
     def task_workers(task_key: str | None) -> _Call[list[dict[str, JSON]]]:
@@ -500,6 +509,19 @@ class TaskRunClient(_Base):
         """
         return await self.call(_Calls.retry(run_id))
 
+    async def purge(
+        self, older_than: float, *, task_key: str | None = None, state: StateType | None = None
+    ) -> int:
+        """Delete, with their history, the runs that ended more than ``older_than`` seconds
+        ago (0: every ended run), of ``task_key`` and in ``state`` (a state runs end in) when
+        given; how many were deleted. Runs that have not ended are never touched.
+
+        Raises:
+            ApiError: 422 for an ``older_than`` below 0 or over 100 years, or a ``state``
+                runs do not end in.
+        """
+        return await self.call(_Calls.purge(older_than, task_key, state))
+
     async def task_workers(self, task_key: str | None = None) -> list[dict[str, JSON]]:
         """The workers connected to the server in use (subscribed to ``task_key``, when
         given): ``{"client_id", "task_keys", "limit", "prefetch", "runs_in_flight",
@@ -621,6 +643,9 @@ class SyncTaskRunClient(_Base):
 
     def retry(self, run_id: uuid.UUID) -> TaskRun:
         return self.call(_Calls.retry(run_id))
+
+    def purge(self, older_than: float, *, task_key: str | None = None, state: StateType | None = None) -> int:
+        return self.call(_Calls.purge(older_than, task_key, state))
 
     def task_workers(self, task_key: str | None = None) -> list[dict[str, JSON]]:
         return self.call(_Calls.task_workers(task_key))
