@@ -16,7 +16,7 @@ import trio
 
 from trioworker.cli import parse_args
 from trioworker.client.futures import TaskRunFuture
-from trioworker.client.rest import TaskRunClient
+from trioworker.client.rest import SyncTaskRunClient, TaskRunClient
 from trioworker.models import StateType, TaskRun, TaskRunCreate, converter
 from trioworker.server import RunningServer
 from trioworker.worker.task_worker import TaskWorker
@@ -236,3 +236,36 @@ async def test_purge_deletes_the_runs_that_ended_long_ago_once_confirmed(
     ]:
         bad = await purge("--older-than", "0", "--yes", *args)
         assert bad.returncode == 2 and error in bad.stderr.decode(), bad.stderr
+
+
+async def test_the_new_calls_of_both_clients(trioworker_server: RunningServer) -> None:
+    """find_task_runs, read_task_runs(newest_first=), retry, task_workers and purge, async and
+    blocking (in a thread), against the same server."""
+    created = await create_alike()
+    async with TaskRunClient() as client:
+        await client.cancel(ALIKE[0])
+        retried = await client.retry(ALIKE[0])
+        found = [run.id for run in await client.find_task_runs("0b7c7c36-8d3a")]
+        newest = [run.id for run in await client.read_task_runs(newest_first=True)]
+        workers = await client.task_workers("k")
+
+    def blocking() -> tuple[object, ...]:
+        with SyncTaskRunClient(trioworker_server.api_url) as sync:
+            again = sync.retry(ALIKE[0])
+            return (
+                again.id,
+                [run.id for run in sync.find_task_runs("0b7c7c36-8d3a")],
+                [run.id for run in sync.read_task_runs(newest_first=True)],
+                sync.task_workers("k"),
+                sync.purge(0, task_key="k", state=StateType.CANCELLED),
+            )
+
+    again, sync_found, sync_newest, sync_workers, purged = await trio.to_thread.run_sync(blocking)
+    assert found == sync_found == ALIKE[:2]
+    assert newest == [retried.id, *reversed([run.id for run in created])]
+    assert sync_newest == [again, *newest]
+    assert workers == sync_workers == []
+    assert purged == 1
+    async with TaskRunClient() as client:
+        assert await client.purge(0) == 0  # the retries are scheduled: not ended, never purged
+        assert {run.id for run in await client.read_task_runs()} == {retried.id, again, *ALIKE[1:]}
