@@ -141,6 +141,9 @@ async def test_a_real_server_gives_the_documented_answers(keyed_server: RunningS
         await call("post", "/api/task_runs/batch", 201)
         await call("get", "/api/task_runs", 200)
         await call("get", "/api/task_runs", 422, state="SOON")
+        found = await call("get", "/api/task_runs/find", 200)
+        assert [run["id"] for run in found.json()] == [first["id"]]
+        await call("get", "/api/task_runs/find", 422, id_prefix="xyz")
         await call("get", "/api/task_runs/{run_id}", 200)
         await call("get", "/api/task_runs/{run_id}/history", 200)
         await call("post", "/api/task_runs/{run_id}/set_state", 200)

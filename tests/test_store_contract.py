@@ -114,6 +114,32 @@ async def test_list_runs_newest_first_and_by_parent(store: Store) -> None:
     assert await store.list_runs(parent_task_run_id=ids[0]) == []
 
 
+async def test_find_runs_by_the_start_of_their_ids(store: Store) -> None:
+    texts = [
+        "0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a12",
+        "0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a10",
+        "0b7c7c36-9000-4a4e-9f6e-2f1d2c9b6a10",
+        "0b7c7c37-0000-4000-8000-000000000000",
+        "9fffffff-ffff-4fff-bfff-ffffffffffff",
+        "a0000000-0000-4000-8000-000000000000",
+        "ffffffff-ffff-4fff-bfff-ffffffffffff",
+    ]
+    await store.create_runs([TaskRunCreate(task_key="k", id=uuid.UUID(text)) for text in texts])
+
+    async def found(prefix: str, limit: int = 10) -> list[str]:
+        return [str(run.id) for run in await store.find_runs(prefix, limit=limit)]
+
+    assert await found("0b7c7c36") == sorted(texts[:3])  # in id order, not creation order
+    assert await found("0b7c7c36", limit=2) == sorted(texts[:2])
+    assert await found("0b7c7c36-8d3a") == sorted(texts[:2])
+    assert await found("0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a10") == [texts[1]]
+    assert await found("0b7c7c3") == sorted(texts[:4])
+    assert await found("9") == [texts[4]]  # the range after "9" is ":", before "a"
+    assert await found("f") == [texts[6]]  # the range after "f" is "g"
+    assert await found("0b7c7c38") == []
+    assert len(await found("", limit=100)) == len(texts)
+
+
 async def test_count_runs_by_task_key_and_state(store: Store) -> None:
     created = await store.create_runs([TaskRunCreate(task_key=k) for k in ("a", "a", "a", "b")])
     a1, a2, _, b1 = (run.id for run, _ in created)

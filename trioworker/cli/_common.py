@@ -8,13 +8,15 @@ Light on purpose: every command imports it, so it imports neither rich (only ins
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
+from trioworker._util import parse_duration
 from trioworker.servers import api_roots
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
@@ -29,12 +31,60 @@ class CommandError(Exception):
     """A user error: printed as one line, exit code 1."""
 
 
-def configure_logging(verbose: bool, level: int = logging.INFO) -> None:
-    """Log to stderr at ``level`` (DEBUG with ``verbose``), one timed line per record."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+#: The ``--log-format`` choices: a timed line for people, or a JSON object per line.
+LOG_FORMATS: Final = ("text", "json")
+
+#: What every LogRecord has: the rest of its attributes are the fields given with ``extra``.
+_RECORD_ATTRIBUTES: Final = frozenset(
+    [*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime", "taskName"]
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: ``time`` (ISO 8601, UTC, milliseconds),
+    ``level``, ``logger``, ``message``, then the record's structured fields (what the
+    logging call gave as ``extra``: a worker's run line gives ``task_key``, ``run_id``,
+    ``outcome``, ``duration_seconds``, ``attempt``, ``error``), and ``exception`` with the
+    traceback when there is one. A value JSON cannot hold is written as its ``str()``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRIBUTES and not name.startswith("_"):
+                entry.setdefault(name, value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_logging(verbose: bool, level: int = logging.INFO, log_format: str = "text") -> None:
+    """Log to stderr at ``level`` (DEBUG with ``verbose``): one timed line per record, or
+    (``log_format="json"``) one JSON object per line (:class:`JsonFormatter`)."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        )
+    logging.basicConfig(level=logging.DEBUG if verbose else level, handlers=[handler])
+
+
+def add_log_format_option(parser: argparse.ArgumentParser) -> None:
+    """``--log-format text|json``, for a command that runs until stopped."""
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text: a timed line per message, for people (the default); json: one JSON object per "
+        "line with time, level, logger, message and the message's fields, for log collectors",
     )
 
 
@@ -84,6 +134,14 @@ def seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def duration(text: str) -> float:
+    """An argparse type: seconds from ``90``, ``15m``, ``7d`` (see :func:`parse_duration`)."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- the server a command talks to

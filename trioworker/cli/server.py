@@ -6,14 +6,20 @@ The server is imported only when the command runs (``trioworker worker`` never l
 from __future__ import annotations
 
 import argparse
+import os
 import signal
-from typing import Any
+from typing import Any, Final
 
 import trio
 
-from trioworker._util import parse_duration
-from trioworker.cli._common import CommandError, log, port, positive_int
+from trioworker.cli._common import CommandError, add_log_format_option, duration, log, port, positive_int
+from trioworker.cli._environment import from_environment, variable_of
 from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
+
+#: The variable of ``--db``.
+DB_VARIABLE: Final = variable_of("--db")
+#: The hosts that listen on every interface of the machine.
+ALL_INTERFACES: Final = ("0.0.0.0", "::", "")
 
 
 async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
@@ -35,7 +41,7 @@ async def run_server(args: argparse.Namespace) -> None:
     try:
         db_path = database_path(settings.db_path if args.db is None else args.db)
     except ValueError as exc:
-        raise CommandError(f"unusable --db: {exc}") from None
+        raise CommandError(f"unusable {args.from_environment.get('db', '--db')}: {exc}") from None
     config = ServerConfig(
         db_path=db_path,
         host=args.host,
@@ -45,13 +51,19 @@ async def run_server(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         retention=args.retention,
     )
+    if config.host.strip("[]") in ALL_INTERFACES and config.api_key is None:
+        log.warning(
+            "listening on every interface (--host %s) without an API key: anyone who can reach this "
+            "machine can read, submit, cancel and delete runs; set --api-key or TRIOWORKER_API_KEY",
+            config.host,
+        )
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(shutdown_on_signals, shutdown)
             await serve_server(config, shutdown=shutdown)
             nursery.cancel_scope.cancel()
-    except* StoreError as group:  # the database is in use, or of a newer trioworker
+    except* StoreError as group:  # the database is in use, unreadable, or of a newer trioworker
         raise CommandError(str(group.exceptions[0])) from None
     log.info("server stopped")
 
@@ -71,9 +83,8 @@ def add_server_command(commands: Any) -> None:
     server.add_argument(
         "--db",
         default=None,
-        help="SQLite file (default $TRIOWORKER_HOME/trioworker.db, that is ~/.trioworker/trioworker.db; "
-        "':memory:' keeps nothing), or a sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); "
-        "one server at a time may use a file",
+        help=f"SQLite file (default now {effective_database()}; ':memory:' keeps nothing), or a "
+        "sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); one server at a time may use a file",
     )
     server.add_argument(
         "--api-key", default=None, help="require this key of clients (default $TRIOWORKER_API_KEY)"
@@ -98,12 +109,14 @@ def add_server_command(commands: Any) -> None:
         help="delete runs (with their results and history) this long after they ended: seconds, "
         "or a number with a unit (s, m, h, d, w), e.g. 12h; 0 keeps every run (default 7d)",
     )
+    add_log_format_option(server)
+    from_environment(server)
     server.set_defaults(handler=run_server)
 
 
-def duration(text: str) -> float:
-    """An argparse type: seconds from ``90``, ``15m``, ``7d`` (see :func:`parse_duration`)."""
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def effective_database() -> str:
+    """The database ``trioworker server`` opens without ``--db``, and where that comes from."""
+    named = os.environ.get(DB_VARIABLE)
+    if named:
+        return f"{named}, from ${DB_VARIABLE}"
+    return f"{Settings.from_env().db_path}, that is $TRIOWORKER_HOME/trioworker.db"

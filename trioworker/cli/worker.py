@@ -19,6 +19,7 @@ from trioworker._util import only_exception
 from trioworker.cli._common import (
     CommandError,
     add_api_options,
+    add_log_format_option,
     api_roots_of,
     log,
     port,
@@ -26,6 +27,7 @@ from trioworker.cli._common import (
     seconds,
     whole_number,
 )
+from trioworker.cli._environment import from_environment
 from trioworker.cli._tasks import load_tasks
 from trioworker.settings import DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_STATUS_HOST, MAX_PREFETCH
 
@@ -180,4 +182,6 @@ def add_worker_command(commands: Any) -> None:
         help="accept runs whose parameters are pickled; unpickling runs arbitrary code, so only "
         "use it if you trust everyone who can submit runs",
     )
+    add_log_format_option(worker)
+    from_environment(worker)
     worker.set_defaults(handler=run_worker)

@@ -50,6 +50,8 @@ from trioworker._websocket import OpenStream, open_network_stream
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import (
     JSON,
+    PurgeRequest,
+    PurgeResult,
     SetStateRequest,
     SetStateResult,
     State,
@@ -143,6 +145,13 @@ def _ignore(data: JSON) -> None:
     return None
 
 
+def _objects(data: JSON) -> list[dict[str, JSON]]:
+    """A JSON array of objects, as it is."""
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError(f"expected a JSON array of objects, got {type(data).__name__}")
+    return [item for item in data if isinstance(item, dict)]
+
+
 def _structure(cls: Any) -> Callable[[JSON], Any]:
     return lambda data: converter.structure(data, cls)
 
@@ -171,14 +180,37 @@ class _Calls:
 
     @staticmethod
     def read_many(
-        task_key: str | None, state: StateType | None, limit: int, offset: int
+        task_key: str | None, state: StateType | None, limit: int, offset: int, newest_first: bool
     ) -> _Call[list[TaskRun]]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if task_key is not None:
             params["task_key"] = task_key
         if state is not None:
             params["state"] = state.value
+        if newest_first:
+            params["sort"] = "CREATED_DESC"
         return _Call("GET", protocol.RUNS, _structure(list[TaskRun]), params=params)
+
+    @staticmethod
+    def find(id_prefix: str, limit: int) -> _Call[list[TaskRun]]:
+        params = {"id_prefix": id_prefix, "limit": limit}
+        return _Call("GET", protocol.RUNS_FIND, _structure(list[TaskRun]), params=params)
+
+    @staticmethod
+    def retry(run_id: uuid.UUID) -> _Call[TaskRun]:
+        return _Call("POST", protocol.RUN_RETRY.format(run_id=run_id), _structure(TaskRun))
+
+    @staticmethod
+    def purge(older_than: float, task_key: str | None, state: StateType | None) -> _Call[int]:
+        body = converter.unstructure(PurgeRequest(older_than, task_key, state))
+        return _Call(
+            "POST", protocol.RUNS_PURGE, lambda data: converter.structure(data, PurgeResult).deleted, body
+        )
+
+    @staticmethod
+    def task_workers(task_key: str | None) -> _Call[list[dict[str, JSON]]]:
+        params = None if task_key is None else {"task_key": task_key}
+        return _Call("GET", protocol.TASK_WORKERS, _objects, params=params)
 
     @staticmethod
     def history(run_id: uuid.UUID) -> _Call[list[StateChange]]:
@@ -453,8 +485,48 @@ class TaskRunClient(_Base):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return await self.call(_Calls.read_many(task_key, state, limit, offset))
+        """Runs in the order they were created (``newest_first``: the reverse), filtered by
+        task key and state type; ``offset`` of them skipped, at most ``limit`` (1 to 1000)."""
+        return await self.call(_Calls.read_many(task_key, state, limit, offset, newest_first))
+
+    async def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
+        """The runs whose id starts with ``id_prefix`` (hex digits, dashes optional, any
+        case: ``"0b7c7c36"`` as tables show it), in id order, at most ``limit`` (1 to 1000).
+
+        Raises:
+            ApiError: 422 for a prefix that is not hex digits.
+        """
+        return await self.call(_Calls.find(id_prefix, limit))
+
+    async def retry(self, run_id: uuid.UUID) -> TaskRun:
+        """A new SCHEDULED run with the same task, arguments, tags, context and parent as the
+        ended run ``run_id``.
+
+        Raises:
+            NotFound: no such run. ApiError: 409 when it has not ended (cancel it first).
+        """
+        return await self.call(_Calls.retry(run_id))
+
+    async def purge(
+        self, older_than: float, *, task_key: str | None = None, state: StateType | None = None
+    ) -> int:
+        """Delete, with their history, the runs that ended more than ``older_than`` seconds
+        ago (0: every ended run), of ``task_key`` and in ``state`` (a state runs end in) when
+        given; how many were deleted. Runs that have not ended are never touched.
+
+        Raises:
+            ApiError: 422 for an ``older_than`` below 0 or over 100 years, or a ``state``
+                runs do not end in.
+        """
+        return await self.call(_Calls.purge(older_than, task_key, state))
+
+    async def task_workers(self, task_key: str | None = None) -> list[dict[str, JSON]]:
+        """The workers connected to the server in use (subscribed to ``task_key``, when
+        given): ``{"client_id", "task_keys", "limit", "prefetch", "runs_in_flight",
+        "connected_since"}`` each."""
+        return await self.call(_Calls.task_workers(task_key))
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange]:
         return await self.call(_Calls.history(run_id))
@@ -562,8 +634,21 @@ class SyncTaskRunClient(_Base):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return self.call(_Calls.read_many(task_key, state, limit, offset))
+        return self.call(_Calls.read_many(task_key, state, limit, offset, newest_first))
+
+    def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
+        return self.call(_Calls.find(id_prefix, limit))
+
+    def retry(self, run_id: uuid.UUID) -> TaskRun:
+        return self.call(_Calls.retry(run_id))
+
+    def purge(self, older_than: float, *, task_key: str | None = None, state: StateType | None = None) -> int:
+        return self.call(_Calls.purge(older_than, task_key, state))
+
+    def task_workers(self, task_key: str | None = None) -> list[dict[str, JSON]]:
+        return self.call(_Calls.task_workers(task_key))
 
     def history(self, run_id: uuid.UUID) -> list[StateChange]:
         return self.call(_Calls.history(run_id))

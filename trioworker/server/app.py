@@ -251,6 +251,18 @@ def create_app(
         )
         return _dump(runs)
 
+    @app.get(route(protocol.RUNS_FIND))
+    async def find_runs() -> Response:
+        raw = request.args.get("id_prefix")
+        if raw is None:
+            raise Refusal(422, "id_prefix is required: the start of a run id (hex digits, dashes allowed)")
+        try:
+            prefix = protocol.id_prefix(raw)
+        except ValueError as exc:
+            raise Refusal(422, f"id_prefix: {exc}") from None
+        limit = _query_int("limit", 10, 1, MAX_LIST_LIMIT)
+        return _dump(await service.find_runs(prefix, limit=limit))
+
     @app.post(route(protocol.RUNS_WAIT))
     async def wait_many() -> Response:
         body = await _body()

@@ -432,6 +432,34 @@ def document(version: str) -> dict[str, JSON]:
                 errors=(409, 422, 503),
             )
         },
+        api + protocol.RUNS_FIND: {
+            "get": _operation(
+                "findRuns",
+                "Find runs by the start of their ids",
+                tag="runs",
+                description="The runs whose id starts with id_prefix, in the order of their ids: how the "
+                "command line takes a short id (the first 8 hex digits, as its tables show them). Found "
+                "through the index of ids, never by a scan.",
+                params=(
+                    _param(
+                        "id_prefix",
+                        "query",
+                        {"type": "string", "pattern": "^[0-9a-fA-F-]+$", "minLength": 1},
+                        "1 to 32 hex digits, any case, dashes optional.",
+                        required=True,
+                        example=_RUN_ID[:8],
+                    ),
+                    _param(
+                        "limit",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+                        "At most this many.",
+                    ),
+                ),
+                answers={200: ("The runs.", _json_content(runs))},
+                errors=(422, 503),
+            )
+        },
         api + protocol.RUNS_WAIT: {
             "post": _operation(
                 "waitForRuns",

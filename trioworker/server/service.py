@@ -178,6 +178,11 @@ class TaskRunService:
             newest_first=newest_first,
         )
 
+    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
+        """The runs whose id starts with ``id_prefix`` (canonical: see
+        :func:`trioworker.protocol.id_prefix`), in id order, at most ``limit``."""
+        return await self.store.find_runs(id_prefix, limit=limit)
+
     async def overview(self) -> Overview:
         """The operator's overview, shared by every caller while nothing changed (see
         :meth:`~trioworker.server.live.LiveFeed.overview`)."""

@@ -274,7 +274,12 @@ async def execute(
     fetch: FetchRuns | None = None,
     queue_report: QueueReport | None = None,
 ) -> Outcome:
-    """Run one attempt of ``run`` and report where it ended.
+    """Run one attempt of ``run``, report where it ended, and log one line at INFO saying
+    so: ``run ID of KEY: COMPLETED in 0.012 s (attempt 1)``, with ``: why`` for a run that
+    failed, is retried, was refused or stopped. The record carries the same as fields
+    (``task_key``, ``run_id``, ``outcome``, ``duration_seconds``, ``attempt``, and ``error``
+    when there is one), for structured logs. An attempt that ends by propagating (the
+    worker stops, or fails itself) logs nothing here.
 
     **Error handling:** nothing the run's code raises or returns leaves this function (it
     fails the run, or retries it), BaseExceptions included; every report fits the server
@@ -295,6 +300,7 @@ async def execute(
             trip and a commit less per run); an answer other than ACCEPT then cancels the
             attempt, as a cancel arriving a moment later would.
     """
+    ended = partial(_ended, task, run, trio.current_time())
     try:
         args, kwargs = await read_parameters(task, run, allow_pickle=allow_pickle, fetch=fetch)
     except BaseException as exc:
@@ -305,24 +311,27 @@ async def execute(
             raise
         raise_passing(exc)
         text = failures.safe_str(exc) if isinstance(exc, ParameterError) else failures.exception_line(exc)
-        log.error("run %s of %s: %s", run.id, task.key, failures.clip_text(text, 1024))
-        await reporter.report(run.id, _failed(f"could not read the parameters: {text}", exc))
-        return Outcome.FAILED
+        message = f"could not read the parameters: {text}"
+        await reporter.report(run.id, _failed(message, exc))
+        return ended(Outcome.FAILED, _short(message))
 
     refused: list[SetStateResult] = []
     attempt_over = False
 
     def check(answer: SetStateResult) -> None:
         if answer.status is not SetStateStatus.ACCEPT and not refused and not attempt_over:
-            log.info("run %s not started: %s (%s)", run.id, answer.status.value, answer.details)
             refused.append(answer)
             scope.cancel()
+
+    def refusal() -> Outcome:
+        answer = refused[0]
+        return ended(Outcome.REFUSED, f"not started: {answer.status.value} ({answer.details})")
 
     ok, value = False, None
     if queue_report is None:
         check(await reporter.report(run.id, make_state(StateType.RUNNING)))
         if refused:
-            return Outcome.REFUSED
+            return refusal()
     else:
         # Optimistic start: the attempt runs while RUNNING is on its way; a refusal cancels
         # it. An answer after the attempt ended changes nothing: the final report goes right
@@ -336,11 +345,11 @@ async def execute(
     if on_attempt_end is not None:
         on_attempt_end()
     if refused:
-        return Outcome.REFUSED
+        return refusal()
     if scope.cancelled_caught:
         # The server already marked the run (CANCELLED, or deleted, or given to another
         # worker after we lost touch): no report; the worker hands the lease back.
-        return Outcome.CANCELLED
+        return ended(Outcome.CANCELLED)
 
     if ok:
         try:
@@ -353,7 +362,7 @@ async def execute(
             value.__cause__ = unserializable
         else:
             await reporter.report(run.id, make_state(StateType.COMPLETED, data=data))
-            return Outcome.COMPLETED
+            return ended(Outcome.COMPLETED)
 
     error = value
     assert isinstance(error, BaseException)
@@ -365,16 +374,42 @@ async def execute(
             details=StateDetails(reason="release"),
         )
         await reporter.report(run.id, back)
-        return Outcome.STOP
+        return ended(Outcome.STOP, "the task raised StopTaskWorker: the run goes back to the queue")
     line = failures.exception_line(error)
     retry = _retry_state(task, run, error, attempt=run.run_count + 1)
     if retry is not None:
-        log.info("run %s of %s failed (%s); %s", run.id, task.key, _short(line), _short(retry.message))
         await reporter.report(run.id, retry)
-        return Outcome.RETRYING
-    log.info("run %s of %s failed: %s", run.id, task.key, _short(line))
+        return ended(Outcome.RETRYING, _short(retry.message))
     await reporter.report(run.id, _failed(line, error))
-    return Outcome.FAILED
+    return ended(Outcome.FAILED, _short(line))
+
+
+def _ended(
+    task: Task[..., Any], run: TaskRun, started: float, outcome: Outcome, why: str | None = None
+) -> Outcome:
+    """Log the run's line (see :func:`execute`); ``outcome``."""
+    duration = trio.current_time() - started
+    attempt = run.run_count + 1
+    fields: dict[str, object] = {
+        "task_key": task.key,
+        "run_id": str(run.id),
+        "outcome": outcome.name,
+        "duration_seconds": round(duration, 6),
+        "attempt": attempt,
+    }
+    if why is not None:
+        fields["error"] = why
+    log.info(
+        "run %s of %s: %s in %.3f s (attempt %d)%s",
+        run.id,
+        task.key,
+        outcome.name,
+        duration,
+        attempt,
+        "" if why is None else f": {why}",
+        extra=fields,
+    )
+    return outcome
 
 
 def _short(text: str | None) -> str:

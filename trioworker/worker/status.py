@@ -211,5 +211,6 @@ async def serve_status(
         port,
         label=label,
         settings=("--status-host", "--status-port"),
+        role="status server",
         task_status=task_status,
     )

@@ -141,6 +141,12 @@ class Store(Protocol):
         runs of that order are skipped, at most ``limit`` returned."""
         ...
 
+    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
+        """The runs whose id's text (``str(uuid)``) starts with ``id_prefix`` (lower case,
+        with its dashes where a run id has them: :func:`trioworker.protocol.id_prefix`), in
+        the order of their ids, at most ``limit``; found by the index on ids, not by a scan."""
+        ...
+
     async def count_runs(self) -> list[RunCount]:
         """How many runs there are of each task key in each state type (pairs with no run
         are left out), in no particular order."""

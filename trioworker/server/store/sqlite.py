@@ -18,7 +18,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Generic, TypeVar
@@ -423,6 +423,19 @@ class _Ops:
         )
         return [_row_to_run(p, b) for p, b in rows]
 
+    def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]:
+        # A range on the unique index of ids: every id that starts with the prefix sorts
+        # from it up to (not including) the prefix with its last character raised by one.
+        if not id_prefix:
+            rows = self.conn.execute("SELECT parameters, body FROM task_runs ORDER BY id LIMIT ?", (limit,))
+        else:
+            end = id_prefix[:-1] + chr(ord(id_prefix[-1]) + 1)
+            rows = self.conn.execute(
+                "SELECT parameters, body FROM task_runs WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                (id_prefix, end, limit),
+            )
+        return [_row_to_run(p, b) for p, b in rows]
+
     def count_runs(self) -> list[RunCount]:
         rows = self.conn.execute("SELECT task_key, state_type, count(*) FROM task_runs GROUP BY 1, 2")
         return [RunCount(key, StateType(state), n) for key, state, n in rows]
@@ -654,6 +667,24 @@ class _Pending(Generic[T]):
         conn.execute("RELEASE op")
 
 
+@contextmanager
+def _opening(path: str) -> Iterator[None]:
+    """Opening the database ``path``: what fails (the file system, SQLite) is a
+    :class:`StoreError` of one line naming the file."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        shown = path if path == ":memory:" else os.path.abspath(path)
+        if isinstance(exc, OSError) and exc.strerror:
+            where = exc.filename and os.path.abspath(exc.filename)
+            reason = exc.strerror if where in (None, shown) else f"{where}: {exc.strerror}"
+            if isinstance(exc, FileExistsError) and where != shown:  # a folder on the way is a file
+                reason = f"{where} is a file, not a folder"
+        else:
+            reason = str(exc) or type(exc).__name__
+        raise StoreError(f"cannot open the database {shown}: {reason}") from None
+
+
 def _connect(path: str) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -723,6 +754,8 @@ class SQLiteStore:
         Raises:
             ValueError: ``path`` is not a database this store can open.
             DatabaseInUse: another server (or store) has the file open.
+            StoreError: the file cannot be opened, created or read as a database: one line
+                naming it (``cannot open the database /abs/path.db: file is not a database``).
 
         **Resource handling:** the committer task and the connections (the committer's, and
         a second one for the counts of the operator's view, which read many rows and must
@@ -733,16 +766,19 @@ class SQLiteStore:
         after that fail with StoreError.
         """
         path = database_path(path)
-        lock = await trio.to_thread.run_sync(lock_file, path)
+        with _opening(path):
+            lock = await trio.to_thread.run_sync(lock_file, path)
         try:
-            conn = await trio.to_thread.run_sync(_connect, path)
+            with _opening(path):
+                conn = await trio.to_thread.run_sync(_connect, path)
             send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
             store = cls(conn, send)
             store.path = path
             try:
-                await trio.to_thread.run_sync(store._ops.migrate)
-                if path != ":memory:":
-                    store._reader = _Ops(await trio.to_thread.run_sync(_connect, path))
+                with _opening(path):
+                    await trio.to_thread.run_sync(store._ops.migrate)
+                    if path != ":memory:":
+                        store._reader = _Ops(await trio.to_thread.run_sync(_connect, path))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(store._commit_forever, receive)
                     try:
@@ -844,6 +880,9 @@ class SQLiteStore:
         return await self._run(
             lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first)
         )
+
+    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.find_runs(id_prefix, limit))
 
     async def _count(self, op: Callable[[_Ops], T]) -> T:
         """Run the read-only ``op`` on the reader connection, beside the committer (which
