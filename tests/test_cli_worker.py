@@ -19,10 +19,10 @@ import pytest
 import trio
 
 from trioworker.cli import build_parser
+from trioworker.entrypoints import EntryPointError, load_task
 from trioworker.server import RunningServer
 from trioworker.tasks import Task
 from trioworker.testing import ServerControl
-from trioworker.worker.entrypoints import EntryPointError, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_FILE = Path(__file__).resolve().parent / "fixtures_cli" / "cli_tasks.py"

@@ -22,7 +22,9 @@ log = logging.getLogger("trioworker")
 GRACEFUL_SECONDS: Final = 2.0
 
 
-def bind_socket(host: str, port: int, *, settings: tuple[str, str] = ("host", "port")) -> socket.socket:
+def bind_socket(
+    host: str, port: int, *, settings: tuple[str, str] = ("host", "port"), role: str = "server"
+) -> socket.socket:
     """A bound TCP socket (closed again if binding fails).
 
     We bind it ourselves and hand hypercorn its file descriptor: hypercorn's own binding
@@ -33,8 +35,9 @@ def bind_socket(host: str, port: int, *, settings: tuple[str, str] = ("host", "p
         OSError: one line naming the setting at fault (``settings`` names the host's and
             the port's, e.g. ``("--status-host", "--status-port")``) and its value: a host
             that does not resolve, or an address or port that cannot be bound (in use, not
-            this machine's, not permitted): a :class:`BindError` whose ``errno`` and
-            ``strerror`` are the original ones.
+            this machine's, not permitted), saying whose it is (``role``: ``"server"``,
+            ``"status server"``): a :class:`BindError` whose ``errno`` and ``strerror`` are
+            the original ones.
     """
     host_setting, port_setting = settings
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -48,7 +51,9 @@ def bind_socket(host: str, port: int, *, settings: tuple[str, str] = ("host", "p
         if isinstance(exc, socket.gaierror):
             message = f"{host_setting} {host!r} does not resolve: {reason}"
         else:
-            message = f"cannot listen on {host_setting} {host!r} with {port_setting} {port}: {reason}"
+            message = (
+                f"the {role} cannot listen on {host_setting} {host!r} with {port_setting} {port}: {reason}"
+            )
         raise BindError(exc.errno, reason, message) from None
     return sock
 
@@ -74,15 +79,16 @@ async def serve_app(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     websocket_max_message_size: int | None = None,
     settings: tuple[str, str] = ("host", "port"),
+    role: str = "server",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until ``shutdown_trigger`` returns or we are cancelled.
 
     Reports the URL once listening (``port=0`` picks a free port). A host or port that
     cannot be bound raises ``OSError`` (see :func:`bind_socket`; ``settings`` names the
-    two settings in its message) before anything starts.
+    two settings in its message, ``role`` whose port it is) before anything starts.
     """
-    sock = bind_socket(host, port, settings=settings)
+    sock = bind_socket(host, port, settings=settings, role=role)
     config = HypercornConfig()
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     config.accesslog = None

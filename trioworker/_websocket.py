@@ -1,5 +1,7 @@
 """The websocket plumbing both clients share: opening a socket, reading one protocol
-message, reconnect backoff, and the errors that drop a connection.
+message, the errors that drop a connection, and which of them move a client to the next
+server (:func:`connection_failure`; the backoff and the failover rule are
+:mod:`trioworker.servers`).
 
 The worker's subscription (:mod:`trioworker.worker.subscription`) and the submitter's
 channel (:mod:`trioworker.client.channel`) speak different halves of the protocol over the
@@ -13,7 +15,6 @@ the other end, as Trio's own tests do: the whole client runs, without a socket.
 
 from __future__ import annotations
 
-import random
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,25 +23,29 @@ from typing import Final, TypeAlias
 
 import orjson
 import trio
-from trio_websocket import ConnectionTimeout, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from trioworker._util import only_exception
 from trioworker.models import JSON
+from trioworker.protocol import CLOSE_POLICY, CLOSE_PROTOCOL
+
+# The backoff (defined here first) is the failover rule's now; its names stay here too.
+from trioworker.servers import BACKOFF_FACTOR as BACKOFF_FACTOR
+from trioworker.servers import BACKOFF_FIRST as BACKOFF_FIRST
+from trioworker.servers import BACKOFF_MAX as BACKOFF_MAX
+from trioworker.servers import FAILOVER_STATUSES
+from trioworker.servers import next_backoff as next_backoff
 
 #: Largest message accepted from the server (a delivery of many runs can be large).
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
-#: Reconnect backoff: first wait, growth factor and ceiling, in seconds.
-BACKOFF_FIRST: Final = 0.2
-BACKOFF_FACTOR: Final = 2.0
-BACKOFF_MAX: Final = 15.0
 #: Seconds to open a socket (TCP, TLS and the websocket handshake) before giving up.
 CONNECT_TIMEOUT: Final = 10.0
-
-
-def next_backoff(attempt: int, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [cap/2, cap], cap growing to BACKOFF_MAX."""
-    cap = min(BACKOFF_MAX, BACKOFF_FIRST * BACKOFF_FACTOR**attempt)
-    return rng.uniform(cap / 2, cap)
 
 
 #: Opens the byte stream a websocket runs over: ``(host, port, secure) -> stream``, where
@@ -126,6 +131,20 @@ async def connect(
         raise
     finally:
         await trio.aclose_forcefully(stream)
+
+
+def connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, which ended a websocket connection or kept one from being made,
+    is the server going away (the client moves to the next server) rather than its
+    answer (the client stays): a close with 1008 (API key refused) or 4001 (protocol
+    broken by the client), and a refused handshake other than 502/503/504, are answers;
+    everything else (refused, reset, timed out, lost, closed with 1012, malformed) is the
+    server's going."""
+    if isinstance(exc, ConnectionClosed):
+        return exc.reason is None or exc.reason.code not in (CLOSE_POLICY, CLOSE_PROTOCOL)
+    if isinstance(exc, ConnectionRejected):
+        return exc.status_code in FAILOVER_STATUSES
+    return True
 
 
 class Disconnected(Exception):

@@ -3,12 +3,14 @@
 | variable | default | meaning |
 |---|---|---|
 | ``TRIOWORKER_HOME`` | ``~/.trioworker`` | where the embedded server keeps ``trioworker.db`` |
-| ``TRIOWORKER_API_URL`` | ``http://127.0.0.1:4300/api`` | the server clients and workers talk to |
+| ``TRIOWORKER_API_URL`` | ``http://127.0.0.1:4300/api`` | the server(s) to use, comma-separated |
 | ``TRIOWORKER_API_KEY`` | unset | the API key (server: required of clients; clients: sent) |
 
 An API URL may be given as the server prints it (``http://host:port``) or with ``/api``:
 :func:`api_root` (defined in :mod:`trioworker.protocol`, re-exported here) is the one rule
-every client, worker and command applies to it.
+every client, worker and command applies to it. Several servers of one deployment are
+given as a list, comma-separated (``http://a:4300,http://b:4300``), and used in order, the
+next when one fails: see :mod:`trioworker.servers`.
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ DEFAULT_STATUS_HOST: Final = "127.0.0.1"
 MAX_PREFETCH: Final = 1000
 #: Seconds in-flight runs get to finish after a worker's stop() before they are cancelled.
 DEFAULT_SHUTDOWN_GRACE_SECONDS: Final = 30.0
+#: How long the server keeps a run after it ended (seconds): 7 days.
+DEFAULT_RETENTION_SECONDS: Final = 7 * 24 * 3600.0
 
 
 @attrs.frozen
 class Settings:
     home: Path
-    #: As given (trailing slashes removed); :func:`api_root` makes it the API root.
+    #: As given (trailing slashes removed): one URL, or several comma-separated;
+    #: :func:`trioworker.servers.api_roots` makes them API roots.
     api_url: str
     api_key: str | None
 

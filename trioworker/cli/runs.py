@@ -10,11 +10,10 @@ import argparse
 import json
 import logging
 import sys
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from trioworker.cli._api import ID_HELP, SHORT_ID_DIGITS, api_errors, find_run, short_id
 from trioworker.cli._common import (
     CommandError,
     add_api_options,
@@ -25,34 +24,14 @@ from trioworker.cli._common import (
     seconds,
     stdout_console,
 )
-from trioworker.cli.worker import load_tasks
+from trioworker.cli._tasks import load_tasks
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 
 if TYPE_CHECKING:
     from rich.table import Table
     from rich.text import Text
 
     from trioworker.models import JSON, StateType, TaskRun
-
-
-@contextmanager
-def _api_errors(api_url: str) -> Iterator[None]:
-    """The client's errors as one line each."""
-    from trioworker.errors import ApiError, NotFound, ServerUnavailable
-
-    try:
-        yield
-    except ServerUnavailable as exc:
-        cause = exc.__cause__
-        reason = f": {cause}" if cause is not None and str(cause) else ""
-        raise CommandError(
-            f"cannot reach the trioworker server at {api_url}{reason} "
-            "(is it running? set --api-url or TRIOWORKER_API_URL)"
-        ) from None
-    except NotFound as exc:
-        raise CommandError(exc.detail) from None
-    except ApiError as exc:
-        hint = " (check --api-key or TRIOWORKER_API_KEY)" if exc.status_code == 401 else ""
-        raise CommandError(f"the server refused the request: {exc.status_code} {exc.detail}{hint}") from None
 
 
 def _json_text(value: JSON) -> str:
@@ -122,23 +101,24 @@ def parse_task_arguments(items: Sequence[str]) -> tuple[list[JSON], dict[str, JS
 
 
 async def _run_submit(args: argparse.Namespace) -> None:
+    from trioworker.cli._progress import wait_showing_states
     from trioworker.client.futures import result_of
     from trioworker.client.rest import connect
     from trioworker.errors import ParameterError, ResultDecodeError
     from trioworker.models import StateType
     from trioworker.serializers import read_arguments
 
-    api_url, api_key = api_of(args)
+    api_urls, api_key = api_of(args)
     (task,) = load_tasks([args.task])
     call_args, call_kwargs = parse_task_arguments(args.arguments)
-    if task.serializer == "json":  # read as the annotations say, as the worker will
+    if task.serializer == SERIALIZER_JSON:  # read as the annotations say, as the worker will
         try:
             call_args, call_kwargs = read_arguments(task.fn, call_args, call_kwargs)
         except (TypeError, ParameterError) as exc:
             raise CommandError(f"cannot submit {task.name}: {exc}") from None
     wait = args.wait or args.timeout is not None
-    with _api_errors(api_url):
-        async with connect(api_url, api_key):
+    with api_errors(api_urls):
+        async with connect(api_urls, api_key) as client:
             try:
                 future = await task.apply_async(call_args, call_kwargs)
             except TypeError as exc:  # the arguments do not fit the signature
@@ -147,7 +127,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
                 print(future.task_run_id, flush=True)
                 return
             print(f"submitted run {future.task_run_id} of {task.key}", file=sys.stderr, flush=True)
-            run = await future.wait(args.timeout)
+            run = await wait_showing_states(client, future, task.key, args.timeout)
     if run is None or not run.state.is_terminal:
         state = "unknown" if run is None else run.state.type.value
         waited = "yet" if args.timeout is None else f"after {args.timeout:g} s"
@@ -156,7 +136,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
         why = f": {run.state.message}" if run.state.message else ""
         raise CommandError(f"run {run.id} ended {run.state.type.value}{why}")
     try:
-        value = run.state.data if run.serializer == "json" else result_of(run, task)
+        value = run.state.data if run.serializer == SERIALIZER_JSON else result_of(run, task)
     except ResultDecodeError as exc:
         raise CommandError(str(exc)) from None
     print(_json_text(value), flush=True)
@@ -186,22 +166,39 @@ def _page_size(text: str) -> int:
 MAX_RUNS_LISTED: Final = 1000
 
 
+def print_json(value: object) -> None:
+    """``value`` (unstructured) on stdout as JSON, indented (for jq and for eyes), as the
+    API gives it (times in ISO 8601)."""
+    import orjson
+
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.flush()
+
+
 async def _run_runs(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from trioworker.client.rest import TaskRunClient
+    from trioworker.models import converter
 
-    api_url, api_key = api_of(args)
-    with _api_errors(api_url):
-        async with TaskRunClient(api_url, api_key) as client:
+    api_urls, api_key = api_of(args)
+    with api_errors(api_urls):
+        async with TaskRunClient(api_urls, api_key) as client:
             runs = await client.read_task_runs(
-                task_key=args.task, state=args.state, limit=args.limit, offset=args.offset
+                task_key=args.task,
+                state=args.state,
+                limit=args.limit,
+                offset=args.offset,
+                newest_first=True,
             )
+    if args.json:
+        print_json(converter.unstructure(runs))
+        return
     console = stdout_console()
     if not runs:
         console.print("No runs" + (" match." if args.task or args.state else ".") + _page_hint(args, 0))
         return
-    table = Table(title="Task runs (oldest first; times are local)", title_justify="left")
+    table = Table(title="Task runs (newest first; times are local)", title_justify="left")
     table.add_column("id", no_wrap=True)
     table.add_column("task key", overflow="fold")
     table.add_column("name", overflow="fold")
@@ -210,7 +207,7 @@ async def _run_runs(args: argparse.Namespace) -> None:
     table.add_column("updated", no_wrap=True)
     for run in runs:
         table.add_row(
-            str(run.id),
+            short_id(run.id),
             run.task_key,
             run.name,
             _state_text(run.state.type, run.state.name),
@@ -234,13 +231,6 @@ def _page_hint(args: argparse.Namespace, shown: int) -> str:
 # -- run ID
 
 
-def _run_id(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise CommandError(f"no task run {text!r}: run ids are UUIDs, as `trioworker runs` shows") from None
-
-
 def _run_fields(run: TaskRun) -> Table:
     from rich.table import Table
 
@@ -257,9 +247,9 @@ def _run_fields(run: TaskRun) -> Table:
         ("created", local_time(run.created)),
         ("updated", local_time(run.updated)),
         ("attempts", str(run.run_count)),
-        ("parameters", run.parameters if run.serializer == "pickle" else _json_text(run.parameters)),
+        ("parameters", run.parameters if run.serializer == SERIALIZER_PICKLE else _json_text(run.parameters)),
     ]
-    if run.serializer != "json":
+    if run.serializer != SERIALIZER_JSON:
         rows.append(("serializer", run.serializer))
     if run.state.state_details.scheduled_time is not None and run.state.type.value == "SCHEDULED":
         rows.append(("due", local_time(run.state.state_details.scheduled_time)))
@@ -282,14 +272,18 @@ async def _run_run(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from trioworker.client.rest import TaskRunClient
-    from trioworker.models import StateType
+    from trioworker.models import StateType, converter
 
-    api_url, api_key = api_of(args)
-    with _api_errors(api_url):
-        async with TaskRunClient(api_url, api_key) as client:
-            run_id = _run_id(args.id)
-            run = await client.read_task_run(run_id)
-            history = await client.history(run_id)
+    api_urls, api_key = api_of(args)
+    with api_errors(api_urls):
+        async with TaskRunClient(api_urls, api_key) as client:
+            run = await find_run(client, args.id)
+            history = await client.history(run.id)
+    if args.json:
+        fields = converter.unstructure(run)
+        assert isinstance(fields, dict)
+        print_json({**fields, "history": converter.unstructure(history)})
+        return
     console = stdout_console()
     console.print(_run_fields(run))
     console.print()
@@ -308,7 +302,7 @@ async def _run_run(args: argparse.Namespace) -> None:
     state = run.state
     if state.type is StateType.COMPLETED:
         console.print("[bold]Result[/bold]")
-        result = state.data if run.serializer == "json" else f"(pickled) {state.data}"
+        result = state.data if run.serializer == SERIALIZER_JSON else f"(pickled) {state.data}"
         console.print(_json_text(result), markup=False, highlight=False, soft_wrap=True)
     elif state.is_terminal:
         console.print(f"[bold]{state.type.value}[/bold]", highlight=False)
@@ -376,12 +370,17 @@ def add_runs_commands(commands: Any) -> None:
     runs = commands.add_parser(
         "runs",
         help="list task runs in a table",
-        description="List task runs, oldest first, with their id, task key, name, state and times.",
+        description=(
+            "List task runs, newest first, with their id, task key, name, state and times. The\n"
+            f"table shows the first {SHORT_ID_DIGITS} hex digits of each id: the commands that take an id\n"
+            "take any start of one that no other run's id shares."
+        ),
         epilog=(
             "examples:\n"
             "  trioworker runs\n"
             "  trioworker runs --state FAILED\n"
             "  trioworker runs --task demo.square --limit 100 --offset 100\n"
+            "  trioworker runs --state failed --json | jq -r '.[].id'\n"
             "\n"
             "States: SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, CRASHED (any case)."
         ),
@@ -397,6 +396,9 @@ def add_runs_commands(commands: Any) -> None:
         help=f"list at most N runs (default 20, at most {MAX_RUNS_LISTED})",
     )
     runs.add_argument("--offset", type=count, default=0, metavar="N", help="skip the first N runs")
+    runs.add_argument(
+        "--json", action="store_true", help="print the runs as a JSON array (whole ids, every field)"
+    )
     add_api_options(runs)
     runs.set_defaults(handler=_run_runs, log_level=logging.WARNING)
 
@@ -410,12 +412,20 @@ def add_runs_commands(commands: Any) -> None:
         epilog=(
             "examples:\n"
             "  trioworker run 0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a10\n"
+            "  trioworker run 0b7c7c36\n"
             "  trioworker run $(trioworker submit trioworker.cli.demo_tasks:add 2 3)\n"
+            "  trioworker run 0b7c7c36 --json | jq .state.type\n"
             "\n"
-            "An unknown id prints one line on stderr and exits with code 1."
+            "An unknown id, or the start of an id that several runs share, prints one line on\n"
+            "stderr and exits with code 1."
         ),
         formatter_class=formatter,
     )
-    run.add_argument("id", metavar="ID", help="the run's id (as `submit` and `runs` print it)")
+    run.add_argument("id", metavar="ID", help=ID_HELP)
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help='print the run as JSON: its fields as the API gives them, and "history", every state',
+    )
     add_api_options(run)
     run.set_defaults(handler=_run_run, log_level=logging.WARNING)

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -20,43 +19,20 @@ from trioworker._util import only_exception
 from trioworker.cli._common import (
     CommandError,
     add_api_options,
-    api_root_of,
+    add_log_format_option,
+    api_roots_of,
     log,
     port,
     positive_int,
     seconds,
     whole_number,
 )
+from trioworker.cli._environment import from_environment
+from trioworker.cli._tasks import load_tasks
 from trioworker.settings import DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_STATUS_HOST, MAX_PREFETCH
 
 if TYPE_CHECKING:
-    from trioworker.tasks import Task
     from trioworker.worker.task_worker import TaskWorker
-
-
-def load_tasks(specs: Sequence[str]) -> list[Task[..., Any]]:
-    """Load every entry point; two different tasks with one key are an error."""
-    from trioworker.worker.entrypoints import EntryPointError, load_task
-
-    # The console script's sys.path starts with its own directory, not the working one:
-    # put the working directory first so that `trioworker worker mytasks:say` finds mytasks.
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    loaded: dict[str, tuple[str, Task[..., Any]]] = {}
-    for spec in specs:
-        try:
-            task = load_task(spec)
-        except EntryPointError as exc:
-            log.debug("loading %s failed", spec, exc_info=exc.__cause__ or exc)
-            raise CommandError(str(exc)) from None
-        seen = loaded.setdefault(task.key, (spec, task))
-        if seen[1] is not task:
-            raise CommandError(
-                f"{seen[0]!r} and {spec!r} are different tasks with the same key {task.key!r}: "
-                "give one of them another key with @task(key=...)"
-            )
-    return [task for _, task in loaded.values()]
 
 
 #: Seconds a stopping ``trioworker worker`` waits past its grace period for runs that ignore
@@ -97,14 +73,14 @@ async def run_worker(args: argparse.Namespace) -> None:
     from trioworker.worker.task_worker import TaskWorker, serve_worker
 
     tasks = load_tasks(args.tasks)
-    api_url = api_root_of(args)
+    api_urls = api_roots_of(args)
     try:
         worker = TaskWorker(
             *tasks,
             limit=args.limit,
             status_server_port=args.status_port,
             status_server_host=args.status_host,
-            api_url=api_url,
+            api_url=api_urls,
             api_key=args.api_key,
             shutdown_grace_seconds=args.grace,
             allow_pickle=args.allow_pickle,
@@ -206,4 +182,6 @@ def add_worker_command(commands: Any) -> None:
         help="accept runs whose parameters are pickled; unpickling runs arbitrary code, so only "
         "use it if you trust everyone who can submit runs",
     )
+    add_log_format_option(worker)
+    from_environment(worker)
     worker.set_defaults(handler=run_worker)

@@ -11,6 +11,16 @@ client chose, so a create whose answer was lost (the client channel, or its HTTP
 connection, dropped after it was sent) is sent again over HTTP with the same ids, and the
 server answers a repeat with the run it already made: never two runs, never none.
 
+**Several servers** (``api_url="http://a:4300,http://b:4300"`` or a list: replicas of one
+deployment) are used by the failover rule of :mod:`trioworker.servers`: a call goes to the
+current server; after a connection-level failure (refused, reset, timed out, a 502/503/504
+answer) the next server becomes current, and the call is sent to it at once if that is
+safe: when the request cannot have reached the server, or the call is a read (GETs, the
+long-polls) or a create. Any other call raises as with one server (the next call goes to
+the next server). A call gives up after a whole round of failures (every server once),
+except a create whose outcome is unknown, which goes on round after round as above. An
+error answer (4xx) is never sent elsewhere.
+
 ``async with trioworker.connect():`` (and ``with trioworker.sync.connect():``) makes one
 client, with its kept-alive connection, the one every submission and future in the block
 uses. Without it each call opens a short-lived client of its own.
@@ -36,10 +46,12 @@ import orjson
 import trio
 
 from trioworker import protocol
-from trioworker._websocket import OpenStream, next_backoff, open_network_stream
+from trioworker._websocket import OpenStream, open_network_stream
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import (
     JSON,
+    PurgeRequest,
+    PurgeResult,
     SetStateRequest,
     SetStateResult,
     State,
@@ -50,7 +62,8 @@ from trioworker.models import (
     WaitResult,
     converter,
 )
-from trioworker.settings import Settings, api_root
+from trioworker.servers import FAILOVER_STATUSES, ApiUrls, Rounds, UsesServers, as_servers
+from trioworker.settings import Settings
 
 if TYPE_CHECKING:
     from trioworker.client.channel import ClientChannel
@@ -62,7 +75,8 @@ log = logging.getLogger("trioworker.client")
 #: Seconds a request may take; long-polls add their own wait on top.
 DEFAULT_TIMEOUT: Final = 30.0
 #: Times, in all, a create whose outcome is unknown is sent before ServerUnavailable (all
-#: within the client's ``timeout`` of the first loss, with jittered backoff from 0.2 s).
+#: within the client's ``timeout`` of the first loss, with jittered backoff from 0.2 s
+#: between rounds): that many rounds, each server once a round.
 CREATE_ATTEMPTS: Final = 8
 #: The longest single long-poll; longer waits are several.
 MAX_POLL_SECONDS: Final = 60.0
@@ -114,16 +128,28 @@ class _Call(Generic[T]):
     params: dict[str, Any] | None = None
     #: Extra seconds the answer may take (a long-poll's own wait).
     wait: float = 0.0
+    #: Sending it twice does what sending it once does (reads; creates, by their ids):
+    #: after a failure that may have reached the server, it is sent to the next one.
+    retry_safe: bool = attrs.field(default=attrs.Factory(lambda self: self.method == "GET", takes_self=True))
 
 
 def _listed(call: _Call[T]) -> _Call[list[T]]:
     """``call``, its answer read as a list of one."""
     parse = call.parse
-    return _Call(call.method, call.path, lambda data: [parse(data)], call.body, call.params, call.wait)
+    return _Call(
+        call.method, call.path, lambda data: [parse(data)], call.body, call.params, call.wait, call.retry_safe
+    )
 
 
 def _ignore(data: JSON) -> None:
     return None
+
+
+def _objects(data: JSON) -> list[dict[str, JSON]]:
+    """A JSON array of objects, as it is."""
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError(f"expected a JSON array of objects, got {type(data).__name__}")
+    return [item for item in data if isinstance(item, dict)]
 
 
 def _structure(cls: Any) -> Callable[[JSON], Any]:
@@ -139,13 +165,14 @@ class _Calls:
 
     @staticmethod
     def create(create: TaskRunCreate) -> _Call[TaskRun]:
-        return _Call("POST", protocol.RUNS, _structure(TaskRun), converter.unstructure(create))
+        return _Call(
+            "POST", protocol.RUNS, _structure(TaskRun), converter.unstructure(create), retry_safe=True
+        )
 
     @staticmethod
     def create_many(creates: Sequence[TaskRunCreate]) -> _Call[list[TaskRun]]:
-        return _Call(
-            "POST", protocol.RUNS_BATCH, _structure(list[TaskRun]), converter.unstructure(list(creates))
-        )
+        body = converter.unstructure(list(creates))
+        return _Call("POST", protocol.RUNS_BATCH, _structure(list[TaskRun]), body, retry_safe=True)
 
     @staticmethod
     def read(run_id: uuid.UUID) -> _Call[TaskRun]:
@@ -153,14 +180,37 @@ class _Calls:
 
     @staticmethod
     def read_many(
-        task_key: str | None, state: StateType | None, limit: int, offset: int
+        task_key: str | None, state: StateType | None, limit: int, offset: int, newest_first: bool
     ) -> _Call[list[TaskRun]]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if task_key is not None:
             params["task_key"] = task_key
         if state is not None:
             params["state"] = state.value
+        if newest_first:
+            params["sort"] = "CREATED_DESC"
         return _Call("GET", protocol.RUNS, _structure(list[TaskRun]), params=params)
+
+    @staticmethod
+    def find(id_prefix: str, limit: int) -> _Call[list[TaskRun]]:
+        params = {"id_prefix": id_prefix, "limit": limit}
+        return _Call("GET", protocol.RUNS_FIND, _structure(list[TaskRun]), params=params)
+
+    @staticmethod
+    def retry(run_id: uuid.UUID) -> _Call[TaskRun]:
+        return _Call("POST", protocol.RUN_RETRY.format(run_id=run_id), _structure(TaskRun))
+
+    @staticmethod
+    def purge(older_than: float, task_key: str | None, state: StateType | None) -> _Call[int]:
+        body = converter.unstructure(PurgeRequest(older_than, task_key, state))
+        return _Call(
+            "POST", protocol.RUNS_PURGE, lambda data: converter.structure(data, PurgeResult).deleted, body
+        )
+
+    @staticmethod
+    def task_workers(task_key: str | None) -> _Call[list[dict[str, JSON]]]:
+        params = None if task_key is None else {"task_key": task_key}
+        return _Call("GET", protocol.TASK_WORKERS, _objects, params=params)
 
     @staticmethod
     def history(run_id: uuid.UUID) -> _Call[list[StateChange]]:
@@ -196,19 +246,22 @@ class _Calls:
     ) -> _Call[WaitResult]:
         seconds = min(seconds, MAX_POLL_SECONDS)
         body = {"ids": [str(i) for i in run_ids], "timeout": seconds, "all": wait_all, "linger": linger}
-        return _Call("POST", protocol.RUNS_WAIT, _structure(WaitResult), body, wait=seconds + linger)
+        return _Call(
+            "POST", protocol.RUNS_WAIT, _structure(WaitResult), body, wait=seconds + linger, retry_safe=True
+        )
 
 
 @attrs.define(eq=False)
 class _CreateRetries:
     """When to send one create again: the rule the async and the blocking client share.
 
-    A create that surely did not reach the server (connection refused) raises at once,
-    as every call does. Once it may have and no answer came (``lost``: the channel or the
-    connection dropped, a read timed out), it is sent again with backoff, up to
-    :data:`CREATE_ATTEMPTS` times in all, within the client's ``timeout`` seconds of that
-    first loss; a refused connection then counts as one more try (the server may be
-    restarting).
+    A create that surely did not reach a server (connection refused) goes to the next
+    server at once; when every server refused it, it raises, as every call does. Once it
+    may have reached one and no answer came (``lost``: the channel or the connection
+    dropped, a read timed out), it is sent again: to the next server at once, and after a
+    whole round with backoff, up to :data:`CREATE_ATTEMPTS` rounds in all, within the
+    client's ``timeout`` seconds of that first loss; a refused connection then counts as
+    one more try (the server may be restarting).
     """
 
     client: _Base
@@ -217,6 +270,9 @@ class _CreateRetries:
     lost_at: float = 0.0
     lost: Exception | None = None
     attempts: int = 0
+    rounds: Rounds = attrs.field(
+        default=attrs.Factory(lambda self: Rounds(self.client.servers, self.client._rng), takes_self=True)
+    )
 
     def request_timeout(self, now: float) -> float:
         """Seconds the next attempt may take."""
@@ -224,18 +280,36 @@ class _CreateRetries:
             return self.client.timeout
         return max(0.0, min(self.client.timeout, self.lost_at + self.client.timeout - now))
 
-    def pause_after(self, exc: httpx.TransportError, now: float) -> float:
-        """Seconds to wait before sending the create again; raises ServerUnavailable if not."""
+    def pause_after(self, url: str, exc: httpx.TransportError, now: float) -> float:
+        """Seconds to wait before sending the create again (to the now current server);
+        raises ServerUnavailable if it is not to be sent again."""
         self.attempts += 1
+        round_failed = self.rounds.failed(url)
         if self.lost is None:
             if _not_sent(exc):
-                raise self.client._unreachable(exc) from exc
+                if round_failed:
+                    raise self.client._unreachable(exc) from exc
+                return 0.0
             self.lost, self.lost_at = exc, now
-        pause = next_backoff(self.attempts - 1, self.client._rng)
-        if self.attempts >= CREATE_ATTEMPTS or now + pause >= self.lost_at + self.client.timeout:
+        pause = self.rounds.pause() if round_failed else 0.0
+        if (
+            self.attempts >= CREATE_ATTEMPTS * len(self.client.servers)
+            or now + pause >= self.lost_at + self.client.timeout
+        ):
             raise self._give_up(exc) from exc
-        log.info("a create got no answer (%r); sending it again in %.2f s", exc, pause)
+        log.info(
+            "a create sent to %s got no answer (%r); sending it again to %s in %.2f s",
+            url,
+            exc,
+            self.client.servers.current,
+            pause,
+        )
         return pause
+
+    def answered(self, url: str, response: httpx.Response) -> bool:
+        """Whether ``response`` is the create's answer; False when it is a 502/503/504
+        and another server is left to try in this round (it is sent there at once)."""
+        return self.client._answered(self.rounds, url, self.call, response)
 
     def _give_up(self, exc: Exception) -> ServerUnavailable:
         body = self.call.body
@@ -244,28 +318,39 @@ class _CreateRetries:
         shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
         tries = f"{self.attempts} attempt{'s' if self.attempts > 1 else ''}"
         return ServerUnavailable(
-            f"cannot reach the trioworker server at {self.client.api_url} to confirm a create "
+            f"cannot reach {self.client.servers.describe()} to confirm a create "
             f"(no answer to {tries} over HTTP; the last: {exc!r}); its runs may or may not "
             f"exist: read them by id ({shown})"
         )
 
 
-class _Base:
-    def __init__(self, api_url: str | None, api_key: str | None, timeout: float) -> None:
+class _Base(UsesServers):
+    def __init__(self, api_url: ApiUrls | None, api_key: str | None, timeout: float) -> None:
         settings = Settings.from_env()
-        self.api_url = api_root(api_url or settings.api_url)
+        #: The servers, and the one in use (shared with the client channel).
+        self.servers = as_servers(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
         self.timeout = timeout
         #: Jitter for the pauses between attempts of a create.
         self._rng = random.Random()
 
     def _options(self) -> dict[str, Any]:
-        return {
-            "base_url": self.api_url,
-            "headers": headers_for(self.api_key),
-            "timeout": self.timeout,
-            "verify": _ssl_context(),
-        }
+        return {"headers": headers_for(self.api_key), "timeout": self.timeout, "verify": _ssl_context()}
+
+    def _try_next(self, rounds: Rounds, url: str, call: _Call[Any], exc: httpx.TransportError) -> bool:
+        """``call`` to ``url`` failed with ``exc``: move on; whether to send it to the next
+        server now (it cannot have arrived, or sending it again is safe, and the round of
+        servers is not over)."""
+        round_failed = rounds.failed(url)
+        return not round_failed and (call.retry_safe or _not_sent(exc))
+
+    def _answered(self, rounds: Rounds, url: str, call: _Call[Any], response: httpx.Response) -> bool:
+        """Whether ``response`` from ``url`` is ``call``'s answer; False when it is a
+        502/503/504 (``url`` failed: move on) and the call is to go to the next server now."""
+        if response.status_code not in FAILOVER_STATUSES:
+            return True
+        round_failed = rounds.failed(url)
+        return round_failed or not call.retry_safe
 
     def _request_args(self, call: _Call[Any]) -> dict[str, Any]:
         args: dict[str, Any] = {"params": call.params}
@@ -276,7 +361,7 @@ class _Base:
         return args
 
     def _unreachable(self, exc: Exception) -> ServerUnavailable:
-        return ServerUnavailable(f"cannot reach the trioworker server at {self.api_url}: {exc!r}")
+        return ServerUnavailable(f"cannot reach {self.servers.describe()}: {exc!r}")
 
     @staticmethod
     def _parse(call: _Call[T], response: httpx.Response) -> T:
@@ -289,15 +374,18 @@ class TaskRunClient(_Base):
 
     Args:
         api_url: the server, ``http://host:port`` as it prints it or ``.../api`` (default
-            ``TRIOWORKER_API_URL``); ``ValueError`` if unusable (see
-            :func:`trioworker.settings.api_root`).
+            ``TRIOWORKER_API_URL``); or several, replicas of one deployment, in the order
+            to try them: comma-separated in one string, or a sequence (see
+            :mod:`trioworker.servers`; a :class:`~trioworker.servers.Servers` is shared).
+            ``ValueError`` if unusable (see :func:`trioworker.servers.api_roots`).
+            :attr:`api_url` is the server in use, :attr:`api_urls` all of them.
         api_key: sent as a bearer token (default ``TRIOWORKER_API_KEY``).
         transport: an httpx transport, for tests that do without a network.
     """
 
     def __init__(
         self,
-        api_url: str | None = None,
+        api_url: ApiUrls | None = None,
         api_key: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
@@ -325,11 +413,17 @@ class TaskRunClient(_Base):
         await self._http.aclose()
 
     async def call(self, call: _Call[T]) -> T:
-        try:
-            response = await self._http.request(call.method, call.path, **self._request_args(call))
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
-        return self._parse(call, response)
+        rounds = Rounds(self.servers, self._rng)
+        while True:
+            url = self.servers.current
+            try:
+                response = await self._http.request(call.method, url + call.path, **self._request_args(call))
+            except httpx.TransportError as exc:
+                if self._try_next(rounds, url, call, exc):
+                    continue
+                raise self._unreachable(exc) from exc
+            if self._answered(rounds, url, call, response):
+                return self._parse(call, response)
 
     async def health(self) -> dict[str, JSON]:
         return await self.call(_Calls.health())
@@ -372,12 +466,14 @@ class TaskRunClient(_Base):
         while True:
             args = self._request_args(call)
             args["timeout"] = retries.request_timeout(trio.current_time())
+            url = self.servers.current
             try:
-                response = await self._http.request(call.method, call.path, **args)
+                response = await self._http.request(call.method, url + call.path, **args)
             except httpx.TransportError as exc:
-                await trio.sleep(retries.pause_after(exc, trio.current_time()))
+                await trio.sleep(retries.pause_after(url, exc, trio.current_time()))
             else:
-                return self._parse(call, response)
+                if retries.answered(url, response):
+                    return self._parse(call, response)
 
     async def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
         return await self.call(_Calls.read(run_id))
@@ -389,8 +485,48 @@ class TaskRunClient(_Base):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return await self.call(_Calls.read_many(task_key, state, limit, offset))
+        """Runs in the order they were created (``newest_first``: the reverse), filtered by
+        task key and state type; ``offset`` of them skipped, at most ``limit`` (1 to 1000)."""
+        return await self.call(_Calls.read_many(task_key, state, limit, offset, newest_first))
+
+    async def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
+        """The runs whose id starts with ``id_prefix`` (hex digits, dashes optional, any
+        case: ``"0b7c7c36"`` as tables show it), in id order, at most ``limit`` (1 to 1000).
+
+        Raises:
+            ApiError: 422 for a prefix that is not hex digits.
+        """
+        return await self.call(_Calls.find(id_prefix, limit))
+
+    async def retry(self, run_id: uuid.UUID) -> TaskRun:
+        """A new SCHEDULED run with the same task, arguments, tags, context and parent as the
+        ended run ``run_id``.
+
+        Raises:
+            NotFound: no such run. ApiError: 409 when it has not ended (cancel it first).
+        """
+        return await self.call(_Calls.retry(run_id))
+
+    async def purge(
+        self, older_than: float, *, task_key: str | None = None, state: StateType | None = None
+    ) -> int:
+        """Delete, with their history, the runs that ended more than ``older_than`` seconds
+        ago (0: every ended run), of ``task_key`` and in ``state`` (a state runs end in) when
+        given; how many were deleted. Runs that have not ended are never touched.
+
+        Raises:
+            ApiError: 422 for an ``older_than`` below 0 or over 100 years, or a ``state``
+                runs do not end in.
+        """
+        return await self.call(_Calls.purge(older_than, task_key, state))
+
+    async def task_workers(self, task_key: str | None = None) -> list[dict[str, JSON]]:
+        """The workers connected to the server in use (subscribed to ``task_key``, when
+        given): ``{"client_id", "task_keys", "limit", "prefetch", "runs_in_flight",
+        "connected_since"}`` each."""
+        return await self.call(_Calls.task_workers(task_key))
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange]:
         return await self.call(_Calls.history(run_id))
@@ -425,7 +561,7 @@ class SyncTaskRunClient(_Base):
 
     def __init__(
         self,
-        api_url: str | None = None,
+        api_url: ApiUrls | None = None,
         api_key: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
@@ -447,11 +583,17 @@ class SyncTaskRunClient(_Base):
         self._http.close()
 
     def call(self, call: _Call[T]) -> T:
-        try:
-            response = self._http.request(call.method, call.path, **self._request_args(call))
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
-        return self._parse(call, response)
+        rounds = Rounds(self.servers, self._rng)
+        while True:
+            url = self.servers.current
+            try:
+                response = self._http.request(call.method, url + call.path, **self._request_args(call))
+            except httpx.TransportError as exc:
+                if self._try_next(rounds, url, call, exc):
+                    continue
+                raise self._unreachable(exc) from exc
+            if self._answered(rounds, url, call, response):
+                return self._parse(call, response)
 
     def health(self) -> dict[str, JSON]:
         return self.call(_Calls.health())
@@ -473,12 +615,14 @@ class SyncTaskRunClient(_Base):
         while True:
             args = self._request_args(call)
             args["timeout"] = retries.request_timeout(time.monotonic())
+            url = self.servers.current
             try:
-                response = self._http.request(call.method, call.path, **args)
+                response = self._http.request(call.method, url + call.path, **args)
             except httpx.TransportError as exc:
-                time.sleep(retries.pause_after(exc, time.monotonic()))
+                time.sleep(retries.pause_after(url, exc, time.monotonic()))
             else:
-                return self._parse(call, response)
+                if retries.answered(url, response):
+                    return self._parse(call, response)
 
     def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
         return self.call(_Calls.read(run_id))
@@ -490,8 +634,21 @@ class SyncTaskRunClient(_Base):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return self.call(_Calls.read_many(task_key, state, limit, offset))
+        return self.call(_Calls.read_many(task_key, state, limit, offset, newest_first))
+
+    def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
+        return self.call(_Calls.find(id_prefix, limit))
+
+    def retry(self, run_id: uuid.UUID) -> TaskRun:
+        return self.call(_Calls.retry(run_id))
+
+    def purge(self, older_than: float, *, task_key: str | None = None, state: StateType | None = None) -> int:
+        return self.call(_Calls.purge(older_than, task_key, state))
+
+    def task_workers(self, task_key: str | None = None) -> list[dict[str, JSON]]:
+        return self.call(_Calls.task_workers(task_key))
 
     def history(self, run_id: uuid.UUID) -> list[StateChange]:
         return self.call(_Calls.history(run_id))
@@ -529,7 +686,7 @@ _current_sync: Final[ContextVar[SyncTaskRunClient | None]] = ContextVar(
 
 @asynccontextmanager
 async def connect(
-    api_url: str | None = None,
+    api_url: ApiUrls | None = None,
     api_key: str | None = None,
     *,
     channel: bool = True,
@@ -543,6 +700,10 @@ async def connect(
     they run. ``open_stream`` is a test seam: it opens the channel's byte stream (see
     :mod:`trioworker._websocket`).
 
+    ``api_url`` takes one server or several (see :class:`TaskRunClient`); the channel and
+    the calls share one position in the list: when the channel finds its server gone, it
+    opens on the next one, and the calls go there too.
+
     **Resource handling:** the channel's socket and reader task live exactly as long as
     the block.
     """
@@ -552,7 +713,7 @@ async def connect(
         token = _current_async.set(client)
         try:
             if channel:
-                async with open_channel(client.api_url, client.api_key, open_stream=open_stream) as opened:
+                async with open_channel(client.servers, client.api_key, open_stream=open_stream) as opened:
                     client.channel = opened
                     try:
                         yield client
@@ -565,7 +726,7 @@ async def connect(
 
 
 @contextmanager
-def connect_sync(api_url: str | None = None, api_key: str | None = None) -> Iterator[SyncTaskRunClient]:
+def connect_sync(api_url: ApiUrls | None = None, api_key: str | None = None) -> Iterator[SyncTaskRunClient]:
     """The blocking twin of :func:`connect` (``trioworker.sync.connect``)."""
     with SyncTaskRunClient(api_url, api_key) as client:
         token = _current_sync.set(client)

@@ -13,11 +13,13 @@ import attrs
 import trio
 
 from trioworker._http import serve_app
+from trioworker.protocol import api_root
 from trioworker.server.app import create_app
 from trioworker.server.queue import Dispatcher, WallClock
+from trioworker.server.retention import keep_retention
 from trioworker.server.service import TaskRunService
 from trioworker.server.store import open_store
-from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT
+from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RETENTION_SECONDS
 
 log = logging.getLogger("trioworker.server")
 
@@ -34,6 +36,9 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     max_deliveries: int = 5
+    #: Seconds a run is kept after it ended (then it is deleted with its history); 0 keeps
+    #: every run.
+    retention: float = attrs.field(default=DEFAULT_RETENTION_SECONDS, validator=attrs.validators.ge(0))
     #: The dispatcher's clock (epoch seconds); the default is the real wall clock.
     clock: WallClock | None = None
 
@@ -47,7 +52,7 @@ class RunningServer:
 
     @property
     def api_url(self) -> str:
-        return f"{self.url}/api"
+        return api_root(self.url)
 
 
 async def serve_server(
@@ -61,8 +66,9 @@ async def serve_server(
     Starts with ``nursery.start``: it reports a :class:`RunningServer` once the store is
     open, the queues are rebuilt from it and the socket listens.
 
-    **Resource handling:** the store, the delayed-run timer and the HTTP server all live in
-    this call's nursery; when it returns, the database is closed.
+    **Resource handling:** the store, the delayed-run timer, the retention task (see
+    :mod:`~trioworker.server.retention`) and the HTTP server all live in this call's
+    nursery; when it returns, the database is closed.
 
     **Stopping:** setting ``shutdown`` closes every subscription with 1012 (so workers
     reconnect elsewhere or later) and gives requests :data:`trioworker._http.GRACEFUL_SECONDS` to finish.
@@ -96,9 +102,11 @@ async def serve_server(
                     settings=("--host", "--port"),
                     task_status=task_status,
                 )
-                nursery.cancel_scope.cancel()  # the HTTP server stopped: so does the timer
+                nursery.cancel_scope.cancel()  # the HTTP server stopped: so do the timers
 
             await nursery.start(dispatcher.release_delayed_runs)
+            if config.retention > 0:
+                await nursery.start(keep_retention, service, config.retention)
             url: str = await nursery.start(run_http)
             log.info("database %s, %d runs queued", store.location, queued)
             task_status.started(RunningServer(url=url, service=service))

@@ -35,9 +35,8 @@ from typing import Any, Final, Self, final
 import httpx
 import trio
 
-from trioworker import serializers
 from trioworker._util import only_exception
-from trioworker._websocket import OpenStream, next_backoff, open_network_stream
+from trioworker._websocket import OpenStream, open_network_stream
 from trioworker.client.rest import TaskRunClient, connect, using_client
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import (
@@ -50,18 +49,18 @@ from trioworker.models import (
     make_state,
     utcnow,
 )
+from trioworker.servers import ApiUrls, UsesServers, as_servers, next_backoff
 from trioworker.settings import (
     DEFAULT_SHUTDOWN_GRACE_SECONDS,
     DEFAULT_STATUS_HOST,
     MAX_PREFETCH,
     Settings,
-    api_root,
 )
 from trioworker.tasks import Task
-from trioworker.worker import _threads, engine
+from trioworker.worker import _threads, engine, failures
 from trioworker.worker.engine import Outcome
 from trioworker.worker.statistics import WorkerStatistics
-from trioworker.worker.subscription import SubscriptionClient, websocket_url
+from trioworker.worker.subscription import SubscriptionClient
 
 log = logging.getLogger("trioworker.worker")
 
@@ -119,7 +118,7 @@ def _env_flag(name: str) -> bool:
 
 
 @final
-class TaskWorker:
+class TaskWorker(UsesServers):
     """Subscribes to runs of ``tasks`` and runs them, at most ``limit`` at once.
 
     Args:
@@ -127,7 +126,13 @@ class TaskWorker:
         limit: the most runs at once (None: no limit; the worker then asks for up to
             1,000 runs at a time and runs sync tasks on up to 100 threads).
         api_url, api_key: the server (default ``TRIOWORKER_API_URL`` / ``TRIOWORKER_API_KEY``);
-            ``http://host:port`` as the server prints it, or ``.../api``.
+            ``http://host:port`` as the server prints it, or ``.../api``. Or several servers,
+            replicas of one deployment, in the order to try them: comma-separated in one
+            string, or a sequence. The subscription and the REST client share the position
+            in the list (:attr:`api_url` is the server in use, :attr:`api_urls` all of
+            them): when the server in use goes away (its socket lost, closed with 1012,
+            refused), the worker subscribes to the next one at once, naming the runs it
+            still holds, and keeps them; see :mod:`trioworker.servers`.
         shutdown_grace_seconds: after :meth:`stop`, how long in-flight runs may finish
             before they are cancelled and handed back to the queue.
         status_server_port: serve ``/status``, ``/health`` and ``/metrics`` on this port
@@ -171,7 +176,7 @@ class TaskWorker:
         self,
         *tasks: Task[..., Any],
         limit: int | None = 10,
-        api_url: str | None = None,
+        api_url: ApiUrls | None = None,
         api_key: str | None = None,
         shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS,
         status_server_port: int | None = None,
@@ -189,7 +194,8 @@ class TaskWorker:
         if shutdown_grace_seconds < 0:
             raise ValueError("shutdown_grace_seconds must be >= 0")
         settings = Settings.from_env()
-        self.api_url = api_root(api_url or settings.api_url)
+        #: The servers, and the one in use (shared by the subscription and the REST client).
+        self.servers = as_servers(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
         self.limit = limit
         self.shutdown_grace_seconds = shutdown_grace_seconds
@@ -318,13 +324,12 @@ class TaskWorker:
         """
         if self._state is not WorkerState.UNOPENED:
             raise RuntimeError("this TaskWorker was already started; create a new one to start again")
-        websocket_url(self.api_url)  # a clear ValueError now for an unusable URL
         self._state = WorkerState.RUNNING
         self.started_at = utcnow()
         log.info("Subscribing to runs of task(s): %s", " | ".join(self._tasks))
         send, receive = trio.open_memory_channel[TaskRun](math.inf)
         self._subscription = SubscriptionClient(
-            api_url=self.api_url,
+            api_url=self.servers,
             api_key=self.api_key,
             keys=tuple(self._tasks),
             client_id=self.client_id,
@@ -355,7 +360,7 @@ class TaskWorker:
         # One client for everything the worker's runs say over REST (their own .delay()
         # calls included: it is the ambient client of their context).
         async with (
-            connect(self.api_url, self.api_key, open_stream=self._open_stream),
+            connect(self.servers, self.api_key, open_stream=self._open_stream),
             trio.open_nursery() as nursery,
         ):
             if self.status_server_port is not None:
@@ -586,7 +591,7 @@ class TaskWorker:
     async def _unknown_key(self, run: TaskRun, release: Callable[[list[uuid.UUID]], None]) -> None:
         if self.delete_failed_submissions:
             log.warning("deleting run %s: this worker does not serve task %r", run.id, run.task_key)
-            async with TaskRunClient(self.api_url, self.api_key) as client:
+            async with TaskRunClient(self.servers, self.api_key) as client:
                 with contextlib.suppress(NotFound):
                     await client.delete(run.id)
         else:
@@ -723,7 +728,7 @@ class TaskWorker:
         self, task: Task[..., Any], run: TaskRun, reporter: engine.Reporter, exc: Exception
     ) -> bool:
         """End ``run`` FAILED for the worker's fault ``exc``; False if the server was not told."""
-        line = serializers.exception_line(exc, 1024)
+        line = failures.exception_line(exc, 1024)
         log.error(
             "run %s of %s: the worker failed while handling it %d times (%s); failing it",
             run.id,
@@ -733,8 +738,8 @@ class TaskWorker:
         )
         failed = make_state(
             StateType.FAILED,
-            message=serializers.clip_text(f"the worker could not handle this run: {line}"),
-            data=serializers.describe_exception(exc),
+            message=failures.clip_text(f"the worker could not handle this run: {line}"),
+            data=failures.describe_exception(exc),
         )
         try:
             answer = await reporter.report(run.id, failed)
@@ -769,7 +774,7 @@ class TaskWorker:
         task = self._tasks.get(task_run.task_key)
         self._claimed.add(task_run.id)
         try:
-            async with connect(self.api_url, self.api_key, open_stream=self._open_stream) as client:
+            async with connect(self.servers, self.api_key, open_stream=self._open_stream) as client:
                 if task is None:
                     await self._unknown_key(task_run, lambda ids: None)
                     return
