@@ -42,6 +42,11 @@ from .raw import subscribe
 from .test_cli import read_until, refused, server_command
 
 DEADLINE = 30
+#: The sessions holding advisory locks in the test's database (not in other test sessions' own).
+SERVER_LOCKS = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 TABLES = {"trioworker_schema", "trioworker_task_runs", "trioworker_ready", "trioworker_task_run_states"}
 
 
@@ -273,10 +278,10 @@ async def test_a_session_left_behind_by_a_network_failure_is_ended(postgres_url:
         PostgresStore.open(through(proxy, postgres_url)) as store,
     ):
         [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
-        [(old,)] = await sql(postgres_url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory'")
+        [(old,)] = await sql(postgres_url, SERVER_LOCKS)
         proxy.sever()  # the database's side lives on, and holds the lock
         assert await store.read_run(run.id) == run  # a new session, which took the lock over
-        [(new,)] = await sql(postgres_url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory'")
+        [(new,)] = await sql(postgres_url, SERVER_LOCKS)
         assert new != old
         gone = await sql(postgres_url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (old,))
         assert gone == [(0,)]
