@@ -1001,6 +1001,11 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
     def location(self) -> str:
         """``postgresql://USER@HOST:PORT/DB`` (never the password)."""
         return self.target.location
+
+    @property
+    def kind(self) -> str:
+        return "postgresql"
+
     @classmethod
     @asynccontextmanager
     async def open(cls, url: str, *, exclusive: bool = True) -> AsyncIterator[PostgresStore]:

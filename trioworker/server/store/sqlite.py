@@ -672,6 +672,11 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
     def location(self) -> str:
         """The database file (or ``":memory:"``)."""
         return self.path
+
+    @property
+    def kind(self) -> str:
+        return "sqlite"
+
     @classmethod
     @asynccontextmanager
     async def open(cls, path: str | Path) -> AsyncIterator[SQLiteStore]:
