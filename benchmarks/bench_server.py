@@ -2,16 +2,21 @@
 
 Run it as a plain script (no pytest)::
 
-    python benchmarks/bench_server.py [--runs N] [--queued M] [--repeat K]
+    python benchmarks/bench_server.py [--runs N] [--queued M] [--repeat K] [--stores sqlite,postgres]
 
 Every phase starts its own server in a separate process (``python -m trioworker server``)
-with a fresh SQLite file, so client and server never share a CPU-bound event loop:
+with a fresh database, so client and server never share a CPU-bound event loop. The
+database is a SQLite file; with ``--stores sqlite,postgres`` every phase runs once per store
+(PostgreSQL: a fresh database on ``--postgres-url``, dropped afterwards), and a last table
+compares the rates (PostgreSQL / SQLite; the drains must reach :data:`POSTGRES_RATIO_TARGET`):
 
 a) create runs one by one over a single keep-alive ``httpx.Client`` (capped, see ``--single-max``);
 b) create N runs in batches (``POST /api/task_runs/batch``);
 c) drain those N runs with one raw subscription (RUNNING + COMPLETED reported per delivery);
 d) queue M runs (not timed as a target), create N more in batches while M are queued,
-   then drain the first N of them: nothing should get slower with the size of the queue.
+   then drain the first N of them: nothing should get slower with the size of the queue;
+e) (PostgreSQL, with ``--ended E``) store E ended runs with SQL, then b) and c) again: the
+   claims go through a small table of ready runs, so nothing should get slower either.
 
 The table shows the median of ``--repeat`` repetitions and the server's peak RSS (VmHWM);
 the JSON results go to ``benchmarks/results/bench_server.json``. The exit code is 1 when a
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,6 +59,10 @@ TASK_KEY = "noop"
 SUBSCRIPTION_PATH = "/api/task_runs/subscriptions/scheduled"
 BATCH_TARGET = 10_000.0  # runs/s
 DRAIN_TARGET = 5_000.0  # runs/s
+#: A drain on PostgreSQL must reach this share of the rate on SQLite (same machine, same run).
+POSTGRES_RATIO_TARGET = 0.5
+STORES = ("sqlite", "postgres")
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 STARTUP_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 MAX_WS_MESSAGE = 256 * 1024 * 1024
@@ -100,6 +110,8 @@ class ServerProcess:
 
     workdir: Path
     label: str
+    #: What ``--db`` gets (default: a SQLite file of its own in ``workdir``).
+    db: str | None = None
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     startup_seconds: float = 0.0
@@ -127,8 +139,8 @@ class ServerProcess:
 
     def start(self) -> None:
         self.port = free_port()
-        db = self.workdir / f"bench-{self.label}.db"
-        cmd = [sys.executable, "-m", "trioworker", "server", "--port", str(self.port), "--db", str(db)]
+        db = self.db or str(self.workdir / f"bench-{self.label}.db")
+        cmd = [sys.executable, "-m", "trioworker", "server", "--port", str(self.port), "--db", db]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH")) if p)
         with self.log_path.open("wb") as log_file:
@@ -189,8 +201,35 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(workdir: Path, label: str, issues: list[str]) -> Iterator[ServerProcess]:
-    server = ServerProcess(workdir, label)
+def postgres_database(server_url: str, label: str) -> Iterator[str]:
+    """A fresh database on the PostgreSQL server ``server_url`` for the block: its URL."""
+    import psycopg
+
+    name = f"trioworker_bench_{label}_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urllib.parse.urlsplit(server_url)._replace(path=f"/{name}").geturl()
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def running_server(
+    workdir: Path, label: str, issues: list[str], *, postgres_url: str | None = None
+) -> Iterator[ServerProcess]:
+    """A server on a fresh SQLite file, or on a fresh database of the PostgreSQL server
+    ``postgres_url``."""
+    with contextlib.ExitStack() as stack:
+        db = None if postgres_url is None else stack.enter_context(postgres_database(postgres_url, label))
+        yield stack.enter_context(_running_server(workdir, label, issues, db))
+
+
+@contextlib.contextmanager
+def _running_server(workdir: Path, label: str, issues: list[str], db: str | None) -> Iterator[ServerProcess]:
+    server = ServerProcess(workdir, label, db)
     server.start()
     try:
         yield server
@@ -247,16 +286,47 @@ def create_batches(
     return time.perf_counter() - began, ids, latencies
 
 
+#: The task key of the ended runs that phase e stores (never read: the checks read TASK_KEY's).
+ENDED_TASK_KEY = "ended"
+
+
+def fill_ended_runs(db: str, m: int) -> float:
+    """Store ``m`` COMPLETED runs (four states each in the history) in the PostgreSQL
+    database ``db`` with SQL, as a long-lived deployment has them; returns the seconds."""
+    import psycopg
+
+    began = time.perf_counter()
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO trioworker_task_runs (id, task_key, state_type, rev, parameters, body)"
+            " SELECT gen_random_uuid(), %s, 'COMPLETED', 0, '{}', '{}' FROM generate_series(1, %s)",
+            (ENDED_TASK_KEY, m),
+        )
+        conn.execute(
+            "INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
+            " SELECT r.seq, t.type, now(), '{}' FROM trioworker_task_runs AS r"
+            " CROSS JOIN unnest(ARRAY['SCHEDULED', 'PENDING', 'RUNNING', 'COMPLETED']) AS t(type)"
+            " WHERE r.task_key = %s",
+            (ENDED_TASK_KEY,),
+        )
+        conn.execute("VACUUM ANALYZE")
+        with contextlib.suppress(psycopg.Error):  # superusers only: the bulk writes reach disk now
+            conn.execute("CHECKPOINT")
+    return time.perf_counter() - began
+
+
 def health(client: httpx.Client) -> dict[str, Any]:
     result: dict[str, Any] = expect(client.get("/health"), 200, "GET /health")
     return result
 
 
 def count_in_state(client: httpx.Client, state: str, *, page: int = 1000) -> int:
+    """How many runs of :data:`TASK_KEY` are in ``state``."""
     total = 0
     while True:
+        params: dict[str, str | int] = {"state": state, "task_key": TASK_KEY, "limit": page, "offset": total}
         runs = expect(
-            client.get("/task_runs", params={"state": state, "limit": page, "offset": total}),
+            client.get("/task_runs", params=params),
             200,
             f"GET /task_runs?state={state}",
         )
@@ -266,7 +336,8 @@ def count_in_state(client: httpx.Client, state: str, *, page: int = 1000) -> int
 
 
 def any_in_state(client: httpx.Client, state: str) -> bool:
-    runs = expect(client.get("/task_runs", params={"state": state, "limit": 1}), 200, "GET /task_runs")
+    params: dict[str, str | int] = {"state": state, "task_key": TASK_KEY, "limit": 1}
+    runs = expect(client.get("/task_runs", params=params), 200, "GET /task_runs")
     return bool(runs)
 
 
@@ -533,15 +604,25 @@ class PhaseResult:
 class Bench:
     args: argparse.Namespace
     workdir: Path
+    #: One of :data:`STORES`: where the servers of this bench keep their runs.
+    store: str = "sqlite"
     phases: dict[str, PhaseResult] = field(default_factory=dict)
     issues: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)  # failed verifications
     observations: list[str] = field(default_factory=list)  # odd but not wrong
 
     def phase(self, key: str, title: str, target: float | None) -> PhaseResult:
+        """The phase ``key``; its absolute ``target`` holds on SQLite (PostgreSQL's drains are
+        judged against SQLite's: :data:`POSTGRES_RATIO_TARGET`)."""
         if key not in self.phases:
-            self.phases[key] = PhaseResult(key, title, target)
+            self.phases[key] = PhaseResult(key, title, target if self.store == "sqlite" else None)
         return self.phases[key]
+
+    def server(self, label: str) -> contextlib.AbstractContextManager[ServerProcess]:
+        postgres_url = self.args.postgres_url if self.store == "postgres" else None
+        return running_server(
+            self.workdir, f"{self.store[:2]}{label}", self.issues, postgres_url=postgres_url
+        )
 
     def check(self, ok: bool, what: str) -> None:
         if not ok:
@@ -555,7 +636,7 @@ class Bench:
         if n < self.args.runs and not phase.notes:
             phase.notes.append(f"capped at {n} of {self.args.runs} runs (--single-max)")
         log(f"[a] rep {rep}: creating {n} runs one by one")
-        with running_server(self.workdir, f"a{rep}", self.issues) as server, new_client(server) as client:
+        with self.server(f"a{rep}") as server, new_client(server) as client:
             cpu0 = server.cpu_seconds()
             seconds, latencies = create_one_by_one(client, n)
             cpu = server.cpu_seconds() - cpu0
@@ -577,13 +658,22 @@ class Bench:
         )
         log(f"    {n / seconds:,.0f} runs/s")
 
-    # b) batches, then c) drain them
-    def bench_batch_and_drain(self, rep: int) -> None:
+    # b) batches, then c) drain them; e) the same on PostgreSQL with M ended runs in the database
+    def bench_batch_and_drain(self, rep: int, *, ended: int = 0) -> None:
         n, batch = self.args.runs, self.args.batch
-        create = self.phase("b_create_batch", f"b) create in batches of {batch}", BATCH_TARGET)
-        drain_phase = self.phase("c_drain", f"c) drain (credit {self.args.credit})", DRAIN_TARGET)
-        log(f"[b] rep {rep}: creating {n} runs in batches of {batch}")
-        with running_server(self.workdir, f"bc{rep}", self.issues) as server, new_client(server) as client:
+        if ended:
+            create = self.phase("e1_create_ended", f"e) create in batches, {ended:,} ended", BATCH_TARGET)
+            drain_phase = self.phase("e2_drain_ended", f"e) drain, {ended:,} ended runs stored", DRAIN_TARGET)
+        else:
+            create = self.phase("b_create_batch", f"b) create in batches of {batch}", BATCH_TARGET)
+            drain_phase = self.phase("c_drain", f"c) drain (credit {self.args.credit})", DRAIN_TARGET)
+        with self.server(f"e{rep}" if ended else f"bc{rep}") as server, new_client(server) as client:
+            if ended:
+                assert server.db is not None
+                log(f"[e] rep {rep}: storing {ended:,} ended runs (SQL; not a target)")
+                fill = self.phase("e0_fill_ended", f"e) store {ended:,} ended runs (SQL)", None)
+                fill.add(Sample(ended, fill_ended_runs(server.db, ended), *server.memory_mb()))
+            log(f"[b] rep {rep}: creating {n} runs in batches of {batch}")
             cpu0 = server.cpu_seconds()
             seconds, ids, latencies = create_batches(client, n, batch)
             cpu = server.cpu_seconds() - cpu0
@@ -630,7 +720,7 @@ class Bench:
         fill = self.phase("d0_fill", f"d) fill queue 0 -> {m:,} (batches)", None)
         create = self.phase("d1_create_batch_queued", f"d) create in batches, {m:,} queued", BATCH_TARGET)
         drain_phase = self.phase("d2_drain_queued", f"d) drain first {n:,} of {m + n:,} queued", DRAIN_TARGET)
-        with running_server(self.workdir, f"d{rep}", self.issues) as server, new_client(server) as client:
+        with self.server(f"d{rep}") as server, new_client(server) as client:
             log(f"[d] rep {rep}: filling the queue with {m} runs (not a target)")
             cpu0 = server.cpu_seconds()
             seconds, ids, latencies = create_batches(client, m, batch)
@@ -863,16 +953,71 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--timeout", type=float, default=120.0, help="seconds a drain may take before it stalls"
     )
     parser.add_argument(
-        "--phases", default="abcd", help="which phases to run (letters of a b c d; c needs b)"
+        "--phases", default="abcde", help="which phases to run (letters of a b c d e; c needs b)"
+    )
+    parser.add_argument(
+        "--ended",
+        type=int,
+        default=0,
+        help="E: phase e (PostgreSQL only) stores this many ended runs, then creates and drains N "
+        "(0, the default, skips it; try 1000000)",
+    )
+    parser.add_argument(
+        "--stores",
+        default="sqlite",
+        help=f"comma-separated stores to run every phase on, of {', '.join(STORES)} (default sqlite)",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("TRIOWORKER_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+        help="a PostgreSQL server where each phase creates (and drops) a database of its own "
+        f"(default $TRIOWORKER_BENCH_POSTGRES_URL or {DEFAULT_POSTGRES_URL})",
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
+    args.stores = [store.strip() for store in args.stores.split(",") if store.strip()]
+    if not args.stores or any(store not in STORES for store in args.stores):
+        parser.error(f"--stores must name some of {', '.join(STORES)}")
     for name in ("runs", "repeat", "credit", "batch", "single_max"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.queued < 0:
-        parser.error("--queued must be >= 0")
+    if args.queued < 0 or args.ended < 0:
+        parser.error("--queued and --ended must be >= 0")
     return args
+
+
+def render_comparison(benches: Sequence[Bench]) -> tuple[str, list[dict[str, Any]]]:
+    """The rates of every store side by side, with each one's ratio to the first (SQLite):
+    the lines of the table, and the rows as JSON. A drain misses its target below
+    :data:`POSTGRES_RATIO_TARGET`."""
+    first = benches[0]
+    header = [
+        "phase",
+        *(f"{b.store} runs/s" for b in benches),
+        *(f"{b.store}/{first.store}" for b in benches[1:]),
+    ]
+    header += ["target", "result"]
+    rows, results = [], []
+    for key, phase in first.phases.items():
+        others = [b.phases.get(key) for b in benches[1:]]
+        ratios = [math.nan if p is None or not phase.rate else p.rate / phase.rate for p in others]
+        drain = "drain" in key
+        verdict = (
+            "-" if not drain else ("PASS" if all(r >= POSTGRES_RATIO_TARGET for r in ratios) else "FAIL")
+        )
+        rows.append(
+            [
+                phase.title,
+                fmt_number(phase.rate),
+                *(fmt_number(math.nan if p is None else p.rate) for p in others),
+                *(fmt_number(r, 2) for r in ratios),
+                f">= {POSTGRES_RATIO_TARGET:.2f}" if drain else "-",
+                verdict,
+            ]
+        )
+        results.append({"key": key, "title": phase.title, "ratios": ratios, "verdict": verdict})
+    numeric = set(range(1, len(header) - 2))
+    return "\n".join(aligned_table(header, rows, numeric)), results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -880,31 +1025,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     error: str | None = None
     with tempfile.TemporaryDirectory(prefix="trioworker-bench-") as tmp:
-        bench = Bench(args, Path(tmp))
+        benches = [Bench(args, Path(tmp), store) for store in args.stores]
         try:
+            # Each repetition runs every store in turn, so that a noisy spell hits both.
             for rep in range(1, args.repeat + 1):
-                if "a" in args.phases:
-                    bench.bench_single(rep)
-                if "b" in args.phases or "c" in args.phases:
-                    bench.bench_batch_and_drain(rep)
-                if "d" in args.phases and args.queued > 0:
-                    bench.bench_queued(rep)
+                for bench in benches:
+                    if "a" in args.phases:
+                        bench.bench_single(rep)
+                    if "b" in args.phases or "c" in args.phases:
+                        bench.bench_batch_and_drain(rep)
+                    if "d" in args.phases and args.queued > 0:
+                        bench.bench_queued(rep)
+                    if "e" in args.phases and args.ended > 0 and bench.store == "postgres":
+                        bench.bench_batch_and_drain(rep, ended=args.ended)
         except (BenchError, httpx.HTTPError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             log(f"\nbenchmark aborted: {error}")
     elapsed = time.perf_counter() - started
-    phases = list(bench.phases.values())
 
     print()
     print(
         f"trioworker server benchmark: N={args.runs:,} M={args.queued:,} credit={args.credit} "
         f"batch={args.batch} repeat={args.repeat} ({elapsed:.0f} s in all)"
     )
-    print(render_table(phases, args.repeat))
+    for bench in benches:
+        if len(benches) > 1:
+            print(f"\nstore: {bench.store}")
+        print(render_table(list(bench.phases.values()), args.repeat))
+    for bench in benches:
+        empty, full = bench.phases.get("c_drain"), bench.phases.get("e2_drain_ended")
+        if empty is not None and full is not None and empty.rate:
+            print(
+                f"\n{bench.store}: the drain with {args.ended:,} ended runs stored goes at "
+                f"{full.rate / empty.rate:.2f} x the drain on an empty database"
+            )
+    comparison: list[dict[str, Any]] = []
+    if len(benches) > 1:
+        table, comparison = render_comparison(benches)
+        print(f"\nrates by store (ratios to {benches[0].store}):")
+        print(table)
+    checks = [f"[{b.store}] {c}" for b in benches for c in b.checks]
     sections = [
-        ("failed checks", bench.checks),
-        ("observations", bench.observations),
-        ("server log issues", bench.issues),
+        ("failed checks", checks),
+        ("observations", [f"[{b.store}] {o}" for b in benches for o in b.observations]),
+        ("server log issues", [f"[{b.store}] {i}" for b in benches for i in b.issues]),
     ]
     print_sections(sections, error)
     save_results(
@@ -912,15 +1076,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args,
         elapsed,
         {
-            "phases": [p.to_json() for p in phases],
-            "failed_checks": bench.checks,
-            "observations": bench.observations,
-            "server_log_issues": bench.issues,
+            "stores": {
+                b.store: {
+                    "phases": [p.to_json() for p in b.phases.values()],
+                    "failed_checks": b.checks,
+                    "observations": b.observations,
+                    "server_log_issues": b.issues,
+                }
+                for b in benches
+            },
+            "comparison": comparison,
             "error": error,
         },
     )
-    failed = error is not None or bench.checks or any(p.verdict == "FAIL" for p in phases)
-    return 1 if failed else 0
+    missed = any(p.verdict == "FAIL" for b in benches for p in b.phases.values())
+    missed = missed or any(row["verdict"] == "FAIL" for row in comparison)
+    return 1 if error is not None or checks or missed else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 
 from trioworker.server import RunningServer
 from trioworker.server.store import Store
+from trioworker.server.store import open_store as open_any_store
 
+from .postgres import Unavailable, fresh_schema, session_database, unavailable
 from .stores import STORES, OpenStore
 
 #: Where the browser tests list the screenshots they saved (printed at the end of the run).
@@ -36,11 +39,55 @@ def refused_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker("every_store"):
+        metafunc.parametrize("store_kind", sorted(STORES), indirect=True)
+
+
+@pytest.fixture
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The kind of store of the test's server: SQLite, unless the test is marked
+    ``every_store`` (then it runs once per kind)."""
+    kind: str = getattr(request, "param", "sqlite")
+    return kind
+
+
+@pytest.fixture
+def trioworker_db(store_kind: str, request: pytest.FixtureRequest) -> str | Path:
+    """The plugin's server runs on the test's own database of :func:`store_kind`."""
+    return STORES[store_kind](request)
+
+
+@pytest.fixture(scope="session")
+def postgres_session() -> Iterator[str | Unavailable]:
+    """A database of the session's own on a PostgreSQL server (``postgres.py``), or why
+    there is none."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(session_database())
+        except Unavailable as exc:
+            yield exc
+            return
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_session: str | Unavailable) -> Iterator[str]:
+    """A URL of a fresh schema of the test's own in the session's PostgreSQL database
+    (skipped when there is no PostgreSQL; failed instead when CI requires one)."""
+    if isinstance(postgres_session, Unavailable):
+        unavailable(str(postgres_session))
+    assert isinstance(postgres_session, str)
+    with fresh_schema(postgres_session) as url:
+        yield url
+
+
 @pytest.fixture(params=sorted(STORES))
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
+def open_store(request: pytest.FixtureRequest) -> OpenStore:
     """Opens the test's own database in each kind of store: once, or again to see what
     survives a restart."""
-    return STORES[request.param](tmp_path)
+    db = STORES[request.param](request)
+    return lambda: open_any_store(db)
 
 
 @pytest.fixture

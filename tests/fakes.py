@@ -15,6 +15,7 @@ its first request: chosen paths to the fake, the rest to the real server;
 pointed at the proxy thus holds a subscription the test controls and makes real REST
 calls, which can fail on demand. :class:`CuttingProxy` forwards every
 connection to the real server but cuts creates mid-call, the ways a network can.
+:class:`OutageProxy` stands in front of a database that restarts or goes down.
 """
 
 from __future__ import annotations
@@ -429,3 +430,76 @@ class FreezingProxy:
 async def freezing_proxy(real_port: int) -> AsyncIterator[FreezingProxy]:
     async with _serving(FreezingProxy(0, real_port)) as proxy:
         yield proxy
+
+
+@attrs.define(eq=False)
+class OutageProxy:
+    """Forwards TCP connections to ``real_port`` (a database) until told otherwise:
+    :meth:`drop` cuts every open connection (as a restart of the database does);
+    :meth:`sever` cuts them on the client's side only (a network that failed: the database
+    does not notice, and its sessions live on); while :attr:`refusing`, new connections are
+    closed at once (the database is down)."""
+
+    port: int
+    real_port: int
+    refusing: bool = False
+    #: Connections accepted so far (including refused ones).
+    accepted: int = 0
+    _open: dict[trio.CancelScope, tuple[trio.SocketStream, trio.Event]] = attrs.field(factory=dict)
+    #: The database's ends of severed connections, open until the proxy closes.
+    _orphans: list[trio.SocketStream] = attrs.field(factory=list)
+
+    def drop(self) -> None:
+        for scope in self._open:
+            scope.cancel()
+
+    def sever(self) -> None:
+        self._orphans += [upstream for upstream, _ in self._open.values()]
+        self.drop()
+
+    async def cut(self) -> None:
+        """:meth:`drop`, and wait until every connection is closed."""
+        closed = [done for _, done in self._open.values()]
+        self.drop()
+        for done in closed:
+            await done.wait()
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        self.accepted += 1
+        async with client:
+            if self.refusing:
+                return
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.real_port)
+            scope, done = trio.CancelScope(), trio.Event()
+            self._open[scope] = (upstream, done)
+            try:
+                with scope:
+                    async with trio.open_nursery() as nursery:
+
+                        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+                            with contextlib.suppress(*GONE):
+                                while chunk := await source.receive_some(65536):
+                                    await sink.send_all(chunk)
+                            nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(pump, client, upstream)
+                        nursery.start_soon(pump, upstream, client)
+            finally:
+                del self._open[scope]
+                if upstream not in self._orphans:
+                    await trio.aclose_forcefully(upstream)
+                await trio.aclose_forcefully(client)
+                done.set()
+
+    async def aclose(self) -> None:
+        for orphan in self._orphans:
+            await trio.aclose_forcefully(orphan)
+
+
+@asynccontextmanager
+async def outage_proxy(real_port: int) -> AsyncIterator[OutageProxy]:
+    async with _serving(OutageProxy(0, real_port)) as proxy:
+        try:
+            yield proxy
+        finally:
+            await proxy.aclose()

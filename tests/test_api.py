@@ -14,10 +14,13 @@ import trio
 import trio.testing
 
 from trioworker.server import RunningServer, ServerConfig
-from trioworker.server.store import SQLiteStore
+from trioworker.server.store.commit import GroupCommitStore
 from trioworker.testing import ServerControl
 
 from .raw import subscribe
+
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
 
 
 async def create(api: httpx.AsyncClient, key: str = "say", **fields: object) -> dict[str, Any]:
@@ -221,7 +224,7 @@ async def test_concurrent_creates_with_one_id_make_one_run(
     api: httpx.AsyncClient, trioworker_server: RunningServer
 ) -> None:
     store = trioworker_server.service.store
-    assert isinstance(store, SQLiteStore)
+    assert isinstance(store, GroupCommitStore)
     run_id = str(uuid.uuid4())
     singles: list[httpx.Response] = []
     batches: list[httpx.Response] = []
@@ -320,6 +323,12 @@ async def test_wait_times_out_with_the_current_state(api: httpx.AsyncClient) -> 
     assert response.json()["state"]["type"] == "SCHEDULED"
 
 
+async def test_a_task_key_with_nul_lists_no_runs(api: httpx.AsyncClient) -> None:
+    await create(api)
+    response = await api.get("/task_runs", params={"task_key": "k\x00"})
+    assert (response.status_code, response.json()) == (200, [])
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "detail"),
     [
@@ -338,6 +347,14 @@ async def test_wait_times_out_with_the_current_state(api: httpx.AsyncClient) -> 
         ("POST", "/task_runs", b'{"task_key": "k", "id": ["x"]}', 422, "$.id"),
         ("POST", "/task_runs", b'{"task_key": "k", "id": "0123456789abcdef0123456789abcdeg"}', 422, "$.id"),
         ("POST", "/task_runs/batch", b'[{"task_key": "k"}, {"task_key": "k", "id": "x"}]', 422, "#1"),
+        ("POST", "/task_runs", b'{"task_key": "a\\u0000b"}', 422, "task_key must not contain NUL"),
+        (
+            "POST",
+            "/task_runs",
+            b'{"task_key": "k", "idempotency_key": "\\u0000"}',
+            422,
+            "idempotency_key must",
+        ),
         ("GET", "/task_runs/not-a-uuid", None, 404, "not a UUID"),
         ("GET", f"/task_runs/{uuid.UUID(int=1)}", None, 404, "no task run"),
         ("GET", "/task_runs?state=EXPLODED", None, 422, "unknown state"),

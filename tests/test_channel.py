@@ -13,6 +13,9 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from trioworker.server import RunningServer
 from trioworker.testing import ServerControl
 
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
+
 
 def channel_url(server: RunningServer) -> str:
     return server.url.replace("http://", "ws://", 1) + "/api/task_runs/channel"

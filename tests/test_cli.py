@@ -147,10 +147,13 @@ async def test_a_second_server_on_the_same_file_refuses_to_start(tmp_path: Path)
     ("db", "message"),
     [
         (
-            "postgresql://queue:s3cret@db.example/queue",
-            "unsupported database URL scheme 'postgresql'; supported: ",
+            "postgresql://queue:s3cret@db.example/queue?bogus=1",
+            'cannot read the PostgreSQL URL: invalid URI query parameter: "bogus"',
         ),
-        ("postgres://db.example/queue", "unsupported database URL scheme 'postgres'; supported: "),
+        (
+            "postgres://queue:s3%cret@db.example/queue",
+            'cannot read the PostgreSQL URL: invalid percent-encoded token: "..."',
+        ),
         ("mysql://db.example/queue", "unsupported database URL scheme 'mysql'; supported: "),
         ("file:///tmp/queue.db", "unsupported database URL scheme 'file'; supported: "),
         ("file:queue.db", "unsupported database URL scheme 'file'; supported: "),
@@ -165,10 +168,11 @@ async def test_an_unsupported_db_is_refused_in_one_line(tmp_path: Path, db: str,
     assert line.startswith(f"trioworker: unusable --db: {message}")
     if "supported: " in message:
         assert line.endswith(
-            "supported: a SQLite file path, ':memory:', or a sqlite:// URL "
-            "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory)"
+            "supported: a SQLite file path, ':memory:', a sqlite:// URL "
+            "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory), "
+            "or a PostgreSQL URL (postgresql://USER@HOST:PORT/DB)"
         )
-    assert "s3cret" not in line
+    assert "s3cret" not in line and "s3%cret" not in line
     assert await trio.to_thread.run_sync(os.listdir, tmp_path) == []  # no folder "postgresql:", no file
 
 

@@ -225,8 +225,11 @@ async def test_help_shows_the_database_the_server_opens(tmp_path: Path) -> None:
         return result.stdout.decode()
 
     home, named = await help_text(TRIOWORKER_HOME=str(tmp_path)), await help_text(TRIOWORKER_DB="/srv/q.db")
+    postgres = await help_text(TRIOWORKER_DB="postgresql://tw:s3cret@db.example:5432/q?password=s3cret")
     assert f"(default now {tmp_path}/trioworker.db, that is $TRIOWORKER_HOME/trioworker.db;" in home
     assert "(default now /srv/q.db, from $TRIOWORKER_DB;" in named
+    assert "(default now postgresql://tw@db.example:5432/q?..., from $TRIOWORKER_DB;" in postgres
+    assert "s3cret" not in postgres
     assert "[env: TRIOWORKER_MAX_DELIVERIES]" in home
 
 

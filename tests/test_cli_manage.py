@@ -63,6 +63,7 @@ async def read(run_id: uuid.UUID) -> TaskRun:
         return await client.read_task_run(run_id)
 
 
+@pytest.mark.every_store
 async def test_a_run_is_named_by_the_start_of_its_id_where_it_is_unique(cli: Cli) -> None:
     await create_alike()
     unique, with_dashes, upper, whole, ambiguous, more = await run_all(
@@ -190,6 +191,7 @@ def test_what_follows_a_double_dash_is_named_as_given_when_unrecognized(
     assert capsys.readouterr().err.splitlines()[-1] == "trioworker: error: unrecognized arguments: -x"
 
 
+@pytest.mark.every_store
 async def test_purge_deletes_the_runs_that_ended_long_ago_once_confirmed(
     trioworker_server: RunningServer, trioworker_worker: Callable[..., TaskWorker]
 ) -> None:

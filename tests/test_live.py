@@ -28,6 +28,11 @@ from trioworker.testing import ServerControl
 from .helpers import submit, wait_all
 from .raw import connect
 
+pytestmark = pytest.mark.every_store
+
+#: What the overview names each kind of store of the tests (``stores.py``).
+STORE_NAMES = {"sqlite": "sqlite", "postgres": "postgresql"}
+
 
 @task(key="live.hold")
 async def hold() -> None:
@@ -259,7 +264,7 @@ async def test_a_message_from_the_tab_breaks_the_protocol(trioworker_server: Run
 
 
 async def test_the_overview_counts_runs_by_key_and_state_and_names_the_run_first_in_line(
-    trioworker_server: RunningServer, api: httpx.AsyncClient
+    trioworker_server: RunningServer, api: httpx.AsyncClient, store_kind: str
 ) -> None:
     first_a, second_a = await submit(api, "live.a", {}, {})
     [only_b] = await submit(api, "live.b", {})
@@ -275,7 +280,7 @@ async def test_the_overview_counts_runs_by_key_and_state_and_names_the_run_first
     ]
     assert body["workers"] == []
     [server] = body["servers"]
-    assert (server["store"], server["workers"]) == ("sqlite", 0)
+    assert (server["store"], server["workers"]) == (STORE_NAMES[store_kind], 0)
 
 
 async def test_task_workers_lists_the_connected_workers_by_key(

@@ -61,6 +61,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+@pytest.mark.every_store
 async def test_metrics_after_real_runs(
     trioworker_server: RunningServer, api: httpx.AsyncClient, trioworker_worker: Any
 ) -> None:

@@ -30,13 +30,16 @@ from trioworker.client.rest import SyncTaskRunClient, TaskRunClient
 from trioworker.models import StateType, TaskRun, TaskRunCreate, converter, make_state
 from trioworker.protocol import SUBSCRIPTION_PATH
 from trioworker.server import RunningServer, ServerConfig, serve_server
-from trioworker.server.store import SQLiteStore
+from trioworker.server.store.commit import GroupCommitStore
 from trioworker.tasks import task
 from trioworker.worker.task_worker import TaskWorker
 
 from .fakes import CUTS, cutting_proxy
 from .helpers import submit, wait_all
 from .raw import subscribe
+
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
 
 Make = Callable[..., TaskWorker]
 
@@ -520,7 +523,7 @@ async def test_a_create_in_flight_when_the_channel_is_lost_is_sent_again_over_ht
     trioworker_server: RunningServer, api: httpx.AsyncClient, how: str
 ) -> None:
     store = trioworker_server.service.store
-    assert isinstance(store, SQLiteStore)
+    assert isinstance(store, GroupCommitStore)
     gate = threading.Event()
     held = store._queue(lambda ops: gate.wait(DEADLINE))  # the store is busy: no answer comes yet
     created: list[trioworker.TaskRunFuture[int]] = []

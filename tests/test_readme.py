@@ -22,7 +22,8 @@ How each fenced block is run:
 
 The port numbers the README uses (4300, 4301, 5000) are replaced: where a command binds one,
 by 0 (the server, the status server and hypercorn pick a free port and print it); where a
-command connects to one, by the port that was printed.
+command connects to one, by the port that was printed. The PostgreSQL database it names
+(:data:`README_POSTGRES`) is replaced by a fresh one of the test's own (``postgres_url``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ MAX_SKIPS = 2
 #: Ports the README names, replaced by free ones when its commands run.
 README_PORTS = ("4300", "4301", "5000")
 QUICKSTART = ["pip install . && trioworker demo", "pip install -e '.[test]' && python -m pytest"]
+#: The PostgreSQL database the README names.
+README_POSTGRES = "postgresql://postgres@127.0.0.1:5432/trioworker"
 
 Make = Callable[..., trioworker.TaskWorker]
 
@@ -603,10 +606,14 @@ def shell_env(readme_dir: ReadmeDir, trioworker_server: RunningServer, tmp_path:
 
 
 @pytest.mark.parametrize("block", SHELL, ids=[b.id for b in SHELL])
-async def test_shell_block(block: Block, readme_dir: ReadmeDir, shell_env: dict[str, str]) -> None:
+async def test_shell_block(
+    block: Block, readme_dir: ReadmeDir, shell_env: dict[str, str], request: pytest.FixtureRequest
+) -> None:
     code = readme_dir.bind_any(block.code)
     left = re.findall(rf"(?<![:\d])(?:{'|'.join(README_PORTS)})(?!\d)", code)
     assert not left, f"README.md:{block.line}: a port neither bound nor connected to: {left}"
+    if README_POSTGRES in code:
+        code = code.replace(README_POSTGRES, shlex.quote(request.getfixturevalue("postgres_url")))
     async with session(readme_dir, shell_env) as shell:
         pending: list[tuple[str, str]] = []
         for command, comment in shell_lines(code):

@@ -1,10 +1,11 @@
-"""A server stopped (as by a crash) and started again on the same file loses nothing."""
+"""A server stopped (as by a crash) and started again on the same database loses nothing."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
@@ -12,6 +13,9 @@ from trioworker.server.queue import trio_anchored_clock
 from trioworker.testing import ServerControl
 
 from .raw import subscribe
+
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
 
 
 async def test_queued_delayed_and_held_runs_survive_a_restart(

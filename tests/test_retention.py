@@ -20,6 +20,8 @@ from trioworker.testing import ServerControl
 
 from .helpers import submit, wait_all
 
+pytestmark = pytest.mark.every_store
+
 HOUR = 3600.0
 
 

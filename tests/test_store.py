@@ -245,18 +245,6 @@ def test_database_path(db: str | Path, path: str) -> None:
     assert database_path(db) == path
 
 
-async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
-    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
-        before = store.statistics()
-        async with trio.open_nursery() as nursery:
-            for i in range(200):
-                nursery.start_soon(store.create_runs, [TaskRunCreate(task_key="k", parameters={"i": i})])
-        after = store.statistics()
-        assert after.operations - before.operations == 200
-        assert after.commits - before.commits < 20
-        assert len(await store.list_runs(limit=1000)) == 200
-
-
 async def test_sqlite_never_runs_on_the_trio_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trio_thread = threading.get_ident()
     threads: set[int] = set()
@@ -275,23 +263,6 @@ async def test_sqlite_never_runs_on_the_trio_thread(tmp_path: Path, monkeypatch:
         await store.set_states([(run.id, SetStateRequest(make_state(StateType.RUNNING)))], now=time.time())
     assert threads
     assert trio_thread not in threads
-
-
-async def test_a_failing_operation_does_not_spoil_its_group(tmp_path: Path) -> None:
-    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
-        results: list[object] = []
-
-        async def bad() -> None:
-            with pytest.raises(ZeroDivisionError):
-                await store._run(lambda ops: 1 / 0)
-
-        async def good() -> None:
-            results.append(await store.create_runs([TaskRunCreate(task_key="k")]))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(bad)
-            nursery.start_soon(good)
-        assert len(await store.list_runs()) == 1
 
 
 def test_in_flight_runs_reach_the_committed_view_only_with_their_commit() -> None:

@@ -9,9 +9,11 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import trio
 
 from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
-from trioworker.server.store import Store, StoreError
+from trioworker.server.store import RunIdTaken, Store, StoreError
+from trioworker.server.store.commit import GroupCommitStore
 
 from .stores import OpenStore
 
@@ -88,6 +90,164 @@ async def test_operations_queued_at_close_run_and_later_ones_are_refused(open_st
     async with open_store() as store:
         again = await store.read_run(run.id)
     assert again is not None and again.state.type is StateType.PENDING  # the claim was saved
+
+
+def state(state_type: StateType, message: str | None = None) -> SetStateRequest:
+    return SetStateRequest(make_state(state_type, message=message))
+
+
+async def test_history_keeps_every_state_exactly(store: Store) -> None:
+    [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+    [claimed] = await store.claim_runs([run.id], "c")
+    message = "nul\x00, escape \x1b[31m and \u00e9"
+    [running, failed] = await store.set_states(
+        [(run.id, state(StateType.RUNNING)), (run.id, state(StateType.FAILED, message))], now=time.time()
+    )
+    assert running.run is not None and failed.run is not None
+    history = await store.history(run.id)
+    assert history is not None
+    assert [(h.type, h.name, h.timestamp, h.message) for h in history] == [
+        (s.type, s.name, s.timestamp, s.message)
+        for s in (run.state, claimed.state, running.run.state, failed.run.state)
+    ]
+    assert history[-1].message == message
+    assert await store.read_run(run.id) == failed.run
+    assert await store.delete_run(run.id) == failed.run
+    assert await store.history(run.id) is None
+    assert await store.read_run(run.id) is None
+
+
+async def test_a_batch_refused_for_a_taken_id_writes_nothing(store: Store) -> None:
+    [(taken, _)] = await store.create_runs([TaskRunCreate(task_key="a")])
+    with pytest.raises(RunIdTaken, match=f"task run id {taken.id} is taken by a run of task 'a', not 'b'"):
+        await store.create_runs([TaskRunCreate(task_key="a"), TaskRunCreate(task_key="b", id=taken.id)])
+    with pytest.raises(RunIdTaken, match="with idempotency key None, not 'k'"):
+        await store.create_runs([TaskRunCreate(task_key="a", id=taken.id, idempotency_key="k")])
+    assert await store.list_runs() == [taken]
+    [(again, queued)] = await store.create_runs([TaskRunCreate(task_key="a", id=taken.id)])
+    assert (again, queued) == (taken, None)
+
+
+async def test_repeats_in_one_batch_get_the_first_run(store: Store) -> None:
+    given = uuid.uuid4()
+    results = await store.create_runs(
+        [
+            TaskRunCreate(task_key="a", id=given),
+            TaskRunCreate(task_key="a", id=given),
+            TaskRunCreate(task_key="a", idempotency_key="k"),
+            TaskRunCreate(task_key="a", idempotency_key="k", id=uuid.uuid4()),
+        ]
+    )
+    [(first, q1), (repeat, q2), (keyed, q3), (keyed_again, q4)] = results
+    assert first.id == given and repeat == first
+    assert keyed_again == keyed
+    assert [q is None for q in (q1, q2, q3, q4)] == [False, True, False, True]
+    assert q1 is not None and q3 is not None and q1.seq < q3.seq
+    assert len(await store.list_runs()) == 2
+
+
+async def test_list_runs_filters_in_creation_order(store: Store) -> None:
+    created = [run for run, _ in await store.create_runs([TaskRunCreate(task_key=k) for k in "abab"])]
+    await store.set_states([(created[2].id, state(StateType.CANCELLED))], now=time.time())
+    assert [r.id for r in await store.list_runs(task_key="a")] == [created[0].id, created[2].id]
+    assert [r.id for r in await store.list_runs(state=StateType.SCHEDULED)] == [
+        created[0].id,
+        created[1].id,
+        created[3].id,
+    ]
+    assert [r.id for r in await store.list_runs(task_key="a", state=StateType.CANCELLED)] == [created[2].id]
+    assert [r.id for r in await store.list_runs(limit=2, offset=1)] == [created[1].id, created[2].id]
+    assert await store.list_runs(task_key="nobody") == []
+
+
+async def test_a_reconnected_client_keeps_what_nobody_else_took(store: Store) -> None:
+    created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
+    held, requeued, taken = (run.id for run, _ in created)
+    await store.claim_runs([held, requeued, taken], "c")
+    await store.requeue([requeued, taken], reason="redelivery", max_deliveries=5)
+    await store.claim_runs([taken], "other")
+    kept, lost = await store.reclaim([held, requeued, taken, uuid.uuid4()], "c")
+    assert kept == [held, requeued] and len(lost) == 2 and lost[0] == taken
+    runs = {run.id: run for run in await store.read_runs([held, requeued, taken])}
+    assert runs[held].state.type is StateType.PENDING
+    assert (runs[requeued].state.type, runs[requeued].state.state_details.client_id) == (
+        StateType.RUNNING,
+        "c",
+    )
+    assert runs[taken].state.state_details.client_id == "other"
+
+
+async def test_a_run_delivered_too_often_crashes_and_a_release_is_not_a_delivery(store: Store) -> None:
+    [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+    for _ in range(2):
+        await store.claim_runs([run.id], "c")
+        [released] = await store.requeue([run.id], reason="release", max_deliveries=1)
+        assert released.state_type is StateType.SCHEDULED and released.queued is not None
+    await store.claim_runs([run.id], "c")
+    [crashed] = await store.requeue([run.id], reason="redelivery", max_deliveries=1)
+    assert (crashed.state_type, crashed.queued) == (StateType.CRASHED, None)
+    [again] = await store.requeue([run.id], reason="redelivery", max_deliveries=1)  # not held: reported
+    assert (again.state_type, again.queued) == (StateType.CRASHED, None)
+
+
+async def test_recover_gives_due_times_and_dependencies(open_store: OpenStore) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    async with open_store() as store:
+        [(upstream, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+        [(delayed, _), (gated, _)] = await store.create_runs(
+            [
+                TaskRunCreate(task_key="k", scheduled_time=later),
+                TaskRunCreate(task_key="j", wait_for=[upstream.id]),
+            ]
+        )
+    async with open_store() as store:
+        queued = await store.recover(max_deliveries=5)
+    assert [(q.id, q.task_key, q.scheduled_at, q.wait_for) for q in queued] == [
+        (upstream.id, "k", None, ()),
+        (delayed.id, "k", later.timestamp(), ()),
+        (gated.id, "j", None, (upstream.id,)),
+    ]
+    assert [q.seq for q in queued] == sorted(q.seq for q in queued)
+
+
+async def test_concurrent_writes_share_commits(store: Store) -> None:
+    assert isinstance(store, GroupCommitStore)
+    before = store.statistics()
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(store.create_runs, [TaskRunCreate(task_key="k", parameters={"i": i})])
+    after = store.statistics()
+    assert after.operations - before.operations == 200
+    assert after.commits - before.commits < 20
+    assert len(await store.list_runs(limit=1000)) == 200
+
+
+async def test_a_failing_operation_does_not_spoil_its_group(store: Store) -> None:
+    assert isinstance(store, GroupCommitStore)
+    [(taken, _)] = await store.create_runs([TaskRunCreate(task_key="a")])
+    outcomes: list[str] = []
+
+    async def bad() -> None:
+        with pytest.raises(ZeroDivisionError):
+            await store._run(lambda ops: 1 / 0)
+        outcomes.append("bad")
+
+    async def refused() -> None:
+        with pytest.raises(RunIdTaken):
+            await store.create_runs([TaskRunCreate(task_key="b"), TaskRunCreate(task_key="b", id=taken.id)])
+        outcomes.append("refused")
+
+    async def good() -> None:
+        await store.create_runs([TaskRunCreate(task_key="c")])
+        outcomes.append("good")
+
+    before = store.statistics()
+    async with trio.open_nursery() as nursery:
+        for job in (good, bad, refused, good):
+            nursery.start_soon(job)
+    assert sorted(outcomes) == ["bad", "good", "good", "refused"]
+    assert store.statistics().commits - before.commits == 1  # one group: the failures undid only themselves
+    assert sorted(run.task_key for run in await store.list_runs()) == ["a", "c", "c"]
 
 
 # -- what the operator's view reads

@@ -30,6 +30,9 @@ from trioworker.testing import ServerControl
 
 from .helpers import history
 
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
+
 Make = Callable[..., TaskWorker]
 
 

@@ -18,6 +18,9 @@ from trioworker.testing import ServerControl
 
 from .raw import Raw, connect, subscribe
 
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
+
 
 async def create_many(api: httpx.AsyncClient, key: str, n: int, **fields: Any) -> list[str]:
     response = await api.post(

@@ -25,6 +25,9 @@ from trioworker.worker.subscription import (
 
 from .fakes import freezing_proxy
 
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
+
 
 def test_backoff_grows_with_jitter_up_to_a_ceiling() -> None:
     rng = random.Random(7)

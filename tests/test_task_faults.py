@@ -38,6 +38,9 @@ from trioworker.worker.task_worker import TaskWorker, serve
 
 from .helpers import submit, wait_all
 
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
+
 Make = Callable[..., TaskWorker]
 
 #: A failure report is at most this large: its bounded fields plus room for the envelope.

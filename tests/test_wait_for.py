@@ -5,12 +5,16 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import pytest
 
 from trioworker.server import RunningServer
 from trioworker.testing import ServerControl
 
 from .helpers import wait_all
 from .raw import subscribe
+
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
 
 
 async def create(api: httpx.AsyncClient, key: str, **fields: object) -> str:

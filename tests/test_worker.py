@@ -23,6 +23,9 @@ from trioworker.worker.task_worker import TaskWorker
 
 from .helpers import history, submit, wait_all
 
+#: Every test here runs its server on each kind of store (tests/stores.py).
+pytestmark = pytest.mark.every_store
+
 Make = Callable[..., TaskWorker]
 
 

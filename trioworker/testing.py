@@ -4,10 +4,15 @@ Fixtures:
 
 ``trioworker_server``
     A :class:`~trioworker.server.RunningServer` on a free loopback port with a fresh
-    SQLite file in ``tmp_path``. While the test runs, ``TRIOWORKER_API_URL`` points at it.
+    database (``trioworker_db``). While the test runs, ``TRIOWORKER_API_URL`` points at it.
 
 ``trioworker_server_control``
-    A :class:`ServerControl` for tests that stop and start the server on the same file.
+    A :class:`ServerControl` for tests that stop and start the server on the same database.
+
+``trioworker_db``
+    The server's database: a fresh SQLite file in ``tmp_path``. Override it to run the
+    server elsewhere, e.g. on a PostgreSQL database: return a ``postgresql://`` URL (of an
+    empty database or schema of the test's own; the server creates its tables).
 
 ``trioworker_worker``
     A factory: ``async with trioworker_worker(say, yell, limit=5) as worker:`` runs a real
@@ -45,7 +50,7 @@ from trioworker.worker.task_worker import TaskWorker
 
 @attrs.define(eq=False)
 class ServerControl:
-    """Starts and stops an in-process server; every start reuses the same database file."""
+    """Starts and stops an in-process server; every start reuses the same database."""
 
     nursery: trio.Nursery
     config: ServerConfig
@@ -82,7 +87,7 @@ class ServerControl:
         self._scope = self._stopped = self.running = None
 
     async def restart(self) -> RunningServer:
-        """Stop, then start again on the same port and file."""
+        """Stop, then start again on the same port and database."""
         assert self.running is not None
         port = int(self.running.url.rsplit(":", 1)[1])
         await self.stop()
@@ -90,11 +95,16 @@ class ServerControl:
 
 
 @pytest.fixture
+def trioworker_db(tmp_path: Path) -> str | Path:
+    return tmp_path / "trioworker.db"
+
+
+@pytest.fixture
 async def trioworker_server_control(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trioworker_db: str | Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[ServerControl]:
     async with trio.open_nursery() as nursery:
-        config = ServerConfig(db_path=tmp_path / "trioworker.db", port=0, clock=trio_anchored_clock())
+        config = ServerConfig(db_path=trioworker_db, port=0, clock=trio_anchored_clock())
         control = ServerControl(nursery, config)
         monkeypatch.setenv("TRIOWORKER_HOME", str(tmp_path))
         yield control

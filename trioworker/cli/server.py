@@ -1,4 +1,5 @@
-"""``trioworker server``: the REST API and the subscription websocket over the SQLite queue.
+"""``trioworker server``: the REST API and the subscription websocket over the durable queue
+(a SQLite file, or a PostgreSQL database).
 
 The server is imported only when the command runs (``trioworker worker`` never loads it).
 """
@@ -33,13 +34,13 @@ async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskSta
 
 
 async def run_server(args: argparse.Namespace) -> None:
-    """Serve until SIGINT or SIGTERM; CommandError for an unusable or busy database."""
+    """Serve until SIGINT or SIGTERM; CommandError for an unusable, unreachable or busy database."""
     from trioworker.server import ServerConfig, serve_server
-    from trioworker.server.store import StoreError, database_path
+    from trioworker.server.store import StoreError, check_database
 
     settings = Settings.from_env()
     try:
-        db_path = database_path(settings.db_path if args.db is None else args.db)
+        db_path = check_database(settings.db_path if args.db is None else args.db)
     except ValueError as exc:
         raise CommandError(f"unusable {args.from_environment.get('db', '--db')}: {exc}") from None
     config = ServerConfig(
@@ -63,7 +64,7 @@ async def run_server(args: argparse.Namespace) -> None:
             await nursery.start(shutdown_on_signals, shutdown)
             await serve_server(config, shutdown=shutdown)
             nursery.cancel_scope.cancel()
-    except* StoreError as group:  # the database is in use, unreadable, or of a newer trioworker
+    except* StoreError as group:  # the database is in use, unreachable, unreadable, or of a newer trioworker
         raise CommandError(str(group.exceptions[0])) from None
     log.info("server stopped")
 
@@ -73,8 +74,8 @@ def add_server_command(commands: Any) -> None:
     server = commands.add_parser(
         "server",
         help="serve the task-run API and queue",
-        description="Serve the REST API and the subscription websocket over a durable SQLite queue. "
-        "Stops cleanly on Ctrl-C and SIGTERM.",
+        description="Serve the REST API and the subscription websocket over a durable queue in a "
+        "SQLite file or a PostgreSQL database. Stops cleanly on Ctrl-C and SIGTERM.",
     )
     server.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     server.add_argument(
@@ -84,7 +85,9 @@ def add_server_command(commands: Any) -> None:
         "--db",
         default=None,
         help=f"SQLite file (default now {effective_database()}; ':memory:' keeps nothing), or a "
-        "sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); one server at a time may use a file",
+        "sqlite:// URL (sqlite:///relative.db, sqlite:////absolute.db); one server at a time may use a "
+        "file. Or a PostgreSQL database: postgresql://USER[:PASSWORD]@HOST:PORT/DB (its tables are "
+        "created on start)",
     )
     server.add_argument(
         "--api-key", default=None, help="require this key of clients (default $TRIOWORKER_API_KEY)"
@@ -118,5 +121,18 @@ def effective_database() -> str:
     """The database ``trioworker server`` opens without ``--db``, and where that comes from."""
     named = os.environ.get(DB_VARIABLE)
     if named:
-        return f"{named}, from ${DB_VARIABLE}"
+        return f"{without_password(named)}, from ${DB_VARIABLE}"
     return f"{Settings.from_env().db_path}, that is $TRIOWORKER_HOME/trioworker.db"
+
+
+def without_password(db: str) -> str:
+    """``db`` as it may be shown: a URL's password (``USER:PASSWORD@``) left out, and its
+    parameters (``?...``, which may hold one) shortened to ``?...``; a file path as given."""
+    scheme, sep, rest = db.partition("://")
+    if not sep:
+        return db
+    rest, query, _ = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return f"{scheme}{sep}{user}{at}{host}{slash}{path}{'?...' if query else ''}"

@@ -1,4 +1,4 @@
-"""The task-run server: a durable queue (SQLite), a REST API and the subscription websocket.
+"""The task-run server: a durable queue (SQLite or PostgreSQL), a REST API and the subscription websocket.
 
 Only the CLI, the pytest plugin and tests import this package; workers and submitters
 talk to it over the wire.
@@ -28,6 +28,8 @@ log = logging.getLogger("trioworker.server")
 class ServerConfig:
     """How to run the server. ``port=0`` picks a free port (the tests do)."""
 
+    #: The database: a SQLite file (or ``":memory:"``, or a ``sqlite://`` URL), or a
+    #: ``postgresql://`` URL (see :func:`~trioworker.server.store.open_store`).
     db_path: str | Path = ":memory:"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT

@@ -77,7 +77,8 @@ class ServerReplica:
 
     version: str
     started: datetime
-    #: The kind of store (``"sqlite"``).
+    #: The kind of store (:attr:`Store.kind <trioworker.server.store.base.Store.kind>`:
+    #: ``"sqlite"`` or ``"postgresql"``).
     store: str
     #: Workers connected to it.
     workers: int
@@ -115,7 +116,7 @@ class OverviewReader:
 
     store: Store
     dispatcher: Dispatcher
-    store_kind: str = "sqlite"
+    store_kind: str = attrs.field(default=attrs.Factory(lambda self: self.store.kind, takes_self=True))
     started: datetime = attrs.field(factory=utcnow)
     #: Ends counted in minutes before ``_closed_until``.
     _closed: list[EndedCount] = attrs.field(factory=list)

@@ -106,6 +106,10 @@ def validate_state_request(proposal: SetStateRequest) -> None:
 def validate_create(create: TaskRunCreate) -> None:
     if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
         raise Refusal(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+    # Keys are looked up in the store, and PostgreSQL text holds no NUL: none, in every store.
+    for name, key in (("task_key", create.task_key), ("idempotency_key", create.idempotency_key)):
+        if key is not None and "\x00" in key:
+            raise Refusal(422, f"{name} must not contain NUL (\\u0000)")
     if create.serializer not in protocol.SERIALIZERS:
         raise Refusal(
             422, f"unknown serializer {create.serializer!r}; expected one of {sorted(protocol.SERIALIZERS)}"

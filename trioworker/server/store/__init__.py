@@ -3,9 +3,14 @@
 - :mod:`~trioworker.server.store.base`: the :class:`Store` protocol the service calls, the
   records it answers with, its errors;
 - :mod:`~trioworker.server.store.runs`: what a change does to a run, the same in every store;
+- :mod:`~trioworker.server.store.commit`: group commit, and the async interface over a
+  store's synchronous operations;
 - :mod:`~trioworker.server.store.sqlite`: :class:`SQLiteStore`, the embedded store (its SQL,
-  schema and migrations, group commit);
-- :mod:`~trioworker.server.store.files`: its database file (what ``--db`` may name, the lock).
+  schema and migrations);
+- :mod:`~trioworker.server.store.files`: its database file (what ``--db`` may name, the lock);
+- :mod:`~trioworker.server.store.postgres`: :class:`~.postgres.PostgresStore`, the store in a
+  PostgreSQL database (its SQL, schema and migrations, reconnection). It is imported only
+  when a ``postgresql://`` URL is opened (psycopg takes a while to import).
 
 :func:`open_store` picks the store a database names: a new store is added there.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Final
 
 from trioworker.server.store.base import Change as Change
 from trioworker.server.store.base import EndedCount as EndedCount
@@ -45,20 +51,53 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "StoreError",
+    "check_database",
     "claimed_copy",
     "database_path",
+    "is_postgres",
     "open_store",
 ]
+
+
+#: The URL schemes of PostgreSQL databases.
+POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
+
+
+def is_postgres(db: str | Path) -> bool:
+    """``db`` is a PostgreSQL URL (``postgresql://...`` or ``postgres://...``)."""
+    return isinstance(db, str) and db[:13].lower().startswith(POSTGRES_SCHEMES)
+
+
+def check_database(db: str | Path) -> str:
+    """The database ``db`` names, as :func:`open_store` takes it: a PostgreSQL URL as
+    given (once libpq can read it), else the SQLite file of :func:`database_path`.
+
+    Raises:
+        ValueError: ``db`` names no database a store here can open (the message never
+            holds a password).
+    """
+    if is_postgres(db):
+        from trioworker.server.store.postgres import PostgresTarget
+
+        return PostgresTarget.parse(str(db)).url
+    return database_path(db)
 
 
 def open_store(db: str | Path) -> AbstractAsyncContextManager[Store]:
     """Open the store that ``db`` names for the life of an ``async with`` block.
 
-    Every database is SQLite's today: ``db`` is anything :func:`database_path` takes, and
-    the block is :meth:`SQLiteStore.open`'s.
+    A ``postgresql://`` (or ``postgres://``) URL opens :meth:`PostgresStore.open
+    <trioworker.server.store.postgres.PostgresStore.open>`; anything else is a SQLite
+    database (anything :func:`database_path` takes) and opens :meth:`SQLiteStore.open`.
 
     Raises:
         ValueError: ``db`` names no database a store here can open.
-        StoreError: the database cannot be used (:class:`DatabaseInUse`: another server has it).
+        StoreError: the database cannot be used (:class:`DatabaseInUse`: another server has
+            the SQLite file; PostgreSQL cannot be reached, refuses the login or has no such
+            database; the schema is newer than this code knows).
     """
+    if is_postgres(db):
+        from trioworker.server.store.postgres import PostgresStore
+
+        return PostgresStore.open(str(db))
     return SQLiteStore.open(db)

@@ -110,6 +110,11 @@ class Store(Protocol):
         """Where the runs are kept, fit for a log line (no password)."""
         ...
 
+    @property
+    def kind(self) -> str:
+        """What keeps the runs: ``"sqlite"`` or ``"postgresql"`` (the dashboard shows it)."""
+        ...
+
     async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Create runs, SCHEDULED, in order; each with its queue entry, or with None when
         it is the run a known idempotency key (of the same task key) or ``id`` names.

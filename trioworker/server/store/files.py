@@ -15,14 +15,15 @@ from trioworker.server.store.base import StoreError
 
 
 class DatabaseInUse(StoreError):
-    """Another trioworker server has this database file open (by any name or link): it
-    holds the lock on the file."""
+    """Another trioworker server has this database: it holds the lock on the SQLite file (by
+    any name or link), or the PostgreSQL store's advisory lock on the database's schema."""
 
 
 #: What a database may be given as (the error for any other URL names them).
 SUPPORTED_DATABASES: Final = (
-    "a SQLite file path, ':memory:', or a sqlite:// URL "
-    "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory)"
+    "a SQLite file path, ':memory:', a sqlite:// URL "
+    "(sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// for memory), "
+    "or a PostgreSQL URL (postgresql://USER@HOST:PORT/DB)"
 )
 
 _URL_SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")

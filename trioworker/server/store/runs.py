@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime
 
 import attrs
+import orjson
 
 from trioworker.models import (
     ACTIVE_STATES,
@@ -21,11 +22,26 @@ from trioworker.models import (
     StateType,
     TaskRun,
     TaskRunCreate,
+    converter,
     make_state,
     utcnow,
 )
 from trioworker.server.rules import decide
 from trioworker.server.store.base import Change, QueuedRun, RunIdTaken
+
+
+def run_body(run: TaskRun) -> bytes:
+    """``run`` as a store keeps it, but its parameters (which never change): JSON bytes."""
+    data = converter.unstructure(run)
+    del data["parameters"]
+    return orjson.dumps(data)
+
+
+def run_from_row(parameters: bytes, body: bytes) -> TaskRun:
+    """The run a store's ``parameters`` and :func:`run_body` bytes hold."""
+    data = orjson.loads(body)
+    data["parameters"] = orjson.loads(parameters)
+    return converter.structure(data, TaskRun)
 
 
 def epoch(when: datetime | None) -> float | None:

@@ -1,10 +1,11 @@
 """The embedded store: SQLite, one file (or memory), one server.
 
 SQLite runs in WAL mode on one connection that only worker threads touch: every
-operation is a plain function of the connection, queued to a committer task that runs
-all operations waiting at that moment in one transaction (group commit) inside one
-``trio.to_thread.run_sync`` call. So the Trio thread never blocks on SQLite, and a burst
-of 1,000 writes costs one commit, not 1,000.
+operation is a plain function of the connection (:class:`_SQLiteOps`), and
+:class:`~trioworker.server.store.commit.GroupCommitStore` runs all operations waiting at
+a moment in one transaction (group commit) inside one ``trio.to_thread.run_sync`` call.
+So the Trio thread never blocks on SQLite, and a burst of 1,000 writes costs one commit,
+not 1,000.
 
 Each operation is atomic (its own savepoint) and reads what it changes inside the same
 transaction, so state checks and updates cannot interleave. What a change does to a run
@@ -21,9 +22,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import Final, TypeVar
 
-import attrs
 import orjson
 import trio
 
@@ -36,18 +36,10 @@ from trioworker.models import (
     StateType,
     TaskRun,
     TaskRunCreate,
-    converter,
     utcnow,
 )
-from trioworker.server.store.base import (
-    Change,
-    EndedCount,
-    QueuedOp,
-    QueuedRun,
-    Requeued,
-    RunCount,
-    StoreError,
-)
+from trioworker.server.store.base import Change, EndedCount, QueuedRun, Requeued, RunCount, StoreError
+from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
     claimed_copy,
@@ -58,6 +50,8 @@ from trioworker.server.store.runs import (
     queued_run,
     reclaimed,
     requeued,
+    run_body,
+    run_from_row,
     same_run,
 )
 
@@ -66,9 +60,6 @@ T = TypeVar("T")
 #: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys;
 #: 3: the parent run's id in a column of its own (a run's children are found by index).
 SCHEMA_VERSION: Final = 3
-
-#: Most operations one group commit takes (bounds one thread call's latency).
-MAX_GROUP: Final = 512
 
 #: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
 _CHUNK: Final = 500
@@ -122,18 +113,6 @@ CREATE TABLE IF NOT EXISTS task_run_states (
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def _row_to_run(parameters: bytes, body: bytes) -> TaskRun:
-    data = orjson.loads(body)
-    data["parameters"] = orjson.loads(parameters)
-    return converter.structure(data, TaskRun)
-
-
-def _body(run: TaskRun) -> bytes:
-    data = converter.unstructure(run)
-    del data["parameters"]
-    return orjson.dumps(data)
 
 
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
@@ -197,7 +176,7 @@ _TERMINAL_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(TERMINAL
 IN_FLIGHT_MAX_RUNS: Final = 10_000
 
 
-class _Ops:
+class _SQLiteOps(Operations):
     """The synchronous operations; each runs inside the committer's transaction."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -220,7 +199,7 @@ class _Ops:
                 chunk,
             )
             for seq, parameters, body in rows:
-                run = _row_to_run(parameters, body)
+                run = run_from_row(parameters, body)
                 found[run.id] = (seq, run)
         return found
 
@@ -244,7 +223,7 @@ class _Ops:
     def _write(self, seq: int, run: TaskRun, *, log_state: bool = True) -> None:
         self.conn.execute(
             "UPDATE task_runs SET state_type = ?, scheduled_at = ?, body = ? WHERE seq = ?",
-            (run.state.type.value, epoch(run.state.state_details.scheduled_time), _body(run), seq),
+            (run.state.type.value, epoch(run.state.state_details.scheduled_time), run_body(run), seq),
         )
         self.in_flight.wrote(run.id, seq, run)
         if log_state:
@@ -343,13 +322,13 @@ class _Ops:
                     (create.task_key, create.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    out.append((_row_to_run(*row), None))
+                    out.append((run_from_row(*row), None))
                     continue
             if create.id is not None and create.id in known:
                 out.append((same_run(known[create.id], create), None))
                 continue
             run = new_run(create, utcnow())
-            parameters, body = orjson.dumps(run.parameters), _body(run)
+            parameters, body = orjson.dumps(run.parameters), run_body(run)
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
                 " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parent_id,"
@@ -386,12 +365,6 @@ class _Ops:
         found = self._fetch(run_ids)
         return [found[i][1] for i in run_ids if i in found]
 
-    def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
-        """The runs that ended, and the ids that exist: only ended rows are decoded."""
-        states = self.states_of(run_ids)
-        ended = [run_id for run_id, state in states.items() if state.is_terminal]
-        return self.read_runs(ended), set(states)
-
     def seq_of(self, run_id: uuid.UUID) -> int | None:
         row = self.conn.execute("SELECT seq FROM task_runs WHERE id = ?", (str(run_id),)).fetchone()
         return None if row is None else int(row[0])
@@ -421,7 +394,7 @@ class _Ops:
             f"SELECT parameters, body FROM task_runs {clause} ORDER BY seq {order} LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
-        return [_row_to_run(p, b) for p, b in rows]
+        return [run_from_row(p, b) for p, b in rows]
 
     def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]:
         # A range on the unique index of ids: every id that starts with the prefix sorts
@@ -434,7 +407,7 @@ class _Ops:
                 "SELECT parameters, body FROM task_runs WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
                 (id_prefix, end, limit),
             )
-        return [_row_to_run(p, b) for p, b in rows]
+        return [run_from_row(p, b) for p, b in rows]
 
     def count_runs(self) -> list[RunCount]:
         rows = self.conn.execute("SELECT task_key, state_type, count(*) FROM task_runs GROUP BY 1, 2")
@@ -638,33 +611,19 @@ class _Ops:
 # --------------------------------------------------------------------------- committer
 
 
-@attrs.define(eq=False)
-class _Pending(Generic[T]):
-    op: Callable[[_Ops], T]
-    done: trio.Event = attrs.field(factory=trio.Event)
-    value: T | None = None
-    error: BaseException | None = None
-
-    async def result(self) -> T:
-        """Wait until it ran (shielded: once queued, its caller sees the outcome)."""
-        with trio.CancelScope(shield=True):
-            await self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value  # type: ignore[return-value]
-
-    def run(self, ops: _Ops) -> None:
-        conn = ops.conn
-        conn.execute("SAVEPOINT op")
-        try:
-            self.value = self.op(ops)
-        except Exception as exc:
-            conn.execute("ROLLBACK TO op")
-            ops.in_flight.op_done(ok=False)
-            self.error = exc
-        else:
-            ops.in_flight.op_done(ok=True)
-        conn.execute("RELEASE op")
+def _run_one(ops: _SQLiteOps, pending: Pending[_SQLiteOps, object]) -> None:
+    """Run one operation in its own savepoint: its failure undoes only its own writes."""
+    conn = ops.conn
+    conn.execute("SAVEPOINT op")
+    try:
+        pending.value = pending.op(ops)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO op")
+        ops.in_flight.op_done(ok=False)
+        pending.error = exc
+    else:
+        ops.in_flight.op_done(ok=True)
+    conn.execute("RELEASE op")
 
 
 @contextmanager
@@ -696,51 +655,27 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _commit_group(ops: _Ops, group: list[_Pending[object]]) -> None:
-    conn = ops.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for pending in group:
-            pending.run(ops)
-        conn.execute("COMMIT")
-    except BaseException:
-        ops.in_flight.group_done(ok=False)
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    ops.in_flight.group_done(ok=True)
-
-
-@attrs.frozen
-class StoreStatistics:
-    operations: int
-    commits: int
-
-
-class SQLiteStore:
+class SQLiteStore(GroupCommitStore[_SQLiteOps]):
     """The embedded :class:`~trioworker.server.store.base.Store`. Open it with :meth:`open`;
     it lives as long as that block."""
 
-    def __init__(self, conn: sqlite3.Connection, send: trio.MemorySendChannel[_Pending[object]]) -> None:
-        self._ops = _Ops(conn)
-        self._send = send
+    def __init__(
+        self, conn: sqlite3.Connection, send: trio.MemorySendChannel[Pending[_SQLiteOps, object]]
+    ) -> None:
+        super().__init__(_SQLiteOps(conn), send)
         self.path: str = ""
         #: The connection that counts runs for the operator's view, beside the committer's
         #: (None: in memory, where the committer's connection is the only way in).
-        self._reader: _Ops | None = None
-        self._reader_lock = trio.Lock()
-        self._closed = False
-        self._operations = 0
-        self._commits = 0
+        self._reader: _SQLiteOps | None = None
 
     @property
     def location(self) -> str:
         """The database file (or ``":memory:"``)."""
         return self.path
 
-    def statistics(self) -> StoreStatistics:
-        """How many operations ran, in how many transactions (group commit at work)."""
-        return StoreStatistics(operations=self._operations, commits=self._commits)
+    @property
+    def kind(self) -> str:
+        return "sqlite"
 
     @classmethod
     @asynccontextmanager
@@ -771,14 +706,15 @@ class SQLiteStore:
         try:
             with _opening(path):
                 conn = await trio.to_thread.run_sync(_connect, path)
-            send, receive = trio.open_memory_channel[_Pending[object]](math.inf)
+            send, receive = trio.open_memory_channel[Pending[_SQLiteOps, object]](math.inf)
             store = cls(conn, send)
             store.path = path
             try:
                 with _opening(path):
                     await trio.to_thread.run_sync(store._ops.migrate)
                     if path != ":memory:":
-                        store._reader = _Ops(await trio.to_thread.run_sync(_connect, path))
+                        store._reader = _SQLiteOps(await trio.to_thread.run_sync(_connect, path))
+                        store._reads_beside = True
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(store._commit_forever, receive)
                     try:
@@ -788,181 +724,33 @@ class SQLiteStore:
             finally:
                 send.close()
                 with trio.CancelScope(shield=True):
-                    async with store._reader_lock:  # a count under way finishes first
-                        store._closed = True
-                        if store._reader is not None:
-                            await trio.to_thread.run_sync(store._reader.conn.close)
+                    if store._reader is not None:
+                        await store._close_reader(store._reader.conn.close)  # after a count under way
                     await trio.to_thread.run_sync(conn.close)
         finally:
             if lock is not None:
                 os.close(lock)  # only now: every SQLite connection to the file is closed
 
-    async def _commit_forever(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
-        with trio.CancelScope(shield=True):
-            await self._commit_until_closed(receive)
-
-    async def _commit_until_closed(self, receive: trio.MemoryReceiveChannel[_Pending[object]]) -> None:
-        group: list[_Pending[object]] = []
+    def _read_beside(self, op: Callable[[_SQLiteOps], T]) -> T:
+        """Run ``op`` on the reader connection: WAL lets it read while the committer writes,
+        and it sees every transaction committed before it began."""
+        assert self._reader is not None
         try:
-            async for first in receive:
-                group = [first]
-                while len(group) < MAX_GROUP:
-                    try:
-                        group.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: the last group
-                        break
-                try:
-                    await trio.to_thread.run_sync(_commit_group, self._ops, group)
-                    self._commits += 1
-                    self._operations += len(group)
-                except Exception as exc:
-                    failed = StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
-                    for pending in group:
-                        pending.error = pending.error or failed
-                for pending in group:
-                    pending.done.set()
-                group = []
-        finally:
-            closed = StoreError("the store was closed before this operation ran")
+            return op(self._reader)
+        except sqlite3.Error as exc:
+            raise StoreError(f"the store could not read: {exc!r}") from None
+
+    def _commit_group(self, group: list[Pending[_SQLiteOps, object]]) -> None:
+        ops = self._ops
+        conn = ops.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             for pending in group:
-                if not pending.done.is_set():
-                    pending.error = closed
-                    pending.done.set()
-            receive.close()
-            while True:
-                try:
-                    pending = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-                pending.error = closed
-                pending.done.set()
-
-    def _queue(self, op: Callable[[_Ops], T]) -> _Pending[T]:
-        """Queue ``op`` for the next group commit; operations run in the order queued."""
-        pending: _Pending[T] = _Pending(op)
-        try:
-            self._send.send_nowait(pending)  # type: ignore[arg-type]
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise StoreError("the store is closed") from None
-        return pending
-
-    async def _run(self, op: Callable[[_Ops], T]) -> T:
-        """Queue ``op`` for the next group commit and wait for its result.
-
-        **Cancellation handling:** once queued, an operation always runs and its caller
-        always sees the outcome (the wait is shielded; operations take milliseconds). That
-        is what keeps memory and disk in step: a claim whose caller was cancelled still
-        returns the runs it leased, so they can be handed back.
-        """
-        return await self._queue(op).result()
-
-    # -- the Store interface
-    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
-        return await self._run(lambda ops: ops.create_runs(creates))
-
-    async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
-        runs = await self._run(lambda ops: ops.read_runs([run_id]))
-        return runs[0] if runs else None
-
-    async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.read_runs(run_ids))
-
-    async def list_runs(
-        self,
-        *,
-        task_key: str | None = None,
-        state: StateType | None = None,
-        limit: int = 100,
-        offset: int = 0,
-        parent_task_run_id: uuid.UUID | None = None,
-        newest_first: bool = False,
-    ) -> list[TaskRun]:
-        return await self._run(
-            lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first)
-        )
-
-    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.find_runs(id_prefix, limit))
-
-    async def _count(self, op: Callable[[_Ops], T]) -> T:
-        """Run the read-only ``op`` on the reader connection, beside the committer (which
-        it does not hold up: WAL lets one writer and readers work at once); it sees every
-        operation that returned before it was called. In memory, it is queued as any other.
-
-        Raises:
-            StoreError: the store is closed, or SQLite failed to read.
-        """
-        if self._reader is None:
-            return await self._run(op)
-        async with self._reader_lock:
-            if self._closed:
-                raise StoreError("the store is closed")
-            try:
-                return await trio.to_thread.run_sync(op, self._reader)
-            except sqlite3.Error as exc:
-                raise StoreError(f"the store could not read: {exc!r}") from None
-
-    async def count_runs(self) -> list[RunCount]:
-        return await self._count(lambda ops: ops.count_runs())
-
-    async def count_ended(self, since: datetime) -> list[EndedCount]:
-        return await self._count(lambda ops: ops.count_ended(since))
-
-    async def oldest_waiting(self, now: datetime) -> list[TaskRun]:
-        return await self._count(lambda ops: ops.oldest_waiting(now))
-
-    async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
-        return await self._run(lambda ops: ops.history(run_id))
-
-    async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
-        now = utcnow()
-        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now))
-
-    def claim_runs_soon(
-        self, runs: Sequence[TaskRun], client_id: str, now: datetime
-    ) -> QueuedOp[list[TaskRun]]:
-        """Queue a claim of ``runs`` (as the store holds them) and return at once; later
-        operations see it done."""
-        ids = [run.id for run in runs]
-        known = {run.id: run for run in runs}
-        return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known))
-
-    async def set_states(
-        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
-    ) -> list[Change]:
-        return await self._run(lambda ops: ops.set_states(requests, now))
-
-    async def requeue(
-        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
-    ) -> list[Requeued]:
-        return await self._run(lambda ops: ops.requeue(run_ids, reason, max_deliveries))
-
-    async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
-        return await self._run(lambda ops: ops.delete_run(run_id))
-
-    async def purge_ended(
-        self,
-        before: datetime,
-        *,
-        task_key: str | None = None,
-        state: StateType | None = None,
-        limit: int = 1000,
-    ) -> list[uuid.UUID]:
-        return await self._run(lambda ops: ops.purge_ended(before, task_key, state, limit))
-
-    async def oldest_end(self) -> datetime | None:
-        return await self._count(lambda ops: ops.oldest_end())
-
-    async def reclaim(
-        self, run_ids: Sequence[uuid.UUID], client_id: str
-    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-        return await self._run(lambda ops: ops.reclaim(run_ids, client_id))
-
-    async def recover(self, max_deliveries: int) -> list[QueuedRun]:
-        return await self._run(lambda ops: ops.recover(max_deliveries))
-
-    async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
-        return await self._run(lambda ops: ops.states_of(run_ids))
-
-    async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
-        return await self._run(lambda ops: ops.read_ended(run_ids))
+                _run_one(ops, pending)
+            conn.execute("COMMIT")
+        except BaseException:
+            ops.in_flight.group_done(ok=False)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        ops.in_flight.group_done(ok=True)

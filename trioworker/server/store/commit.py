@@ -1,0 +1,358 @@
+"""Group commit, the same in every store: operations queued from Trio run in groups, each
+group in one transaction on a worker thread that the store owns.
+
+A store is an :class:`Operations` (plain synchronous functions of its connection) behind a
+:class:`GroupCommitStore`, which gives the async :class:`~trioworker.server.store.base.Store`
+interface: every call queues one operation; a committer task takes every operation waiting
+at that moment (up to :data:`MAX_GROUP`) and hands the group to the store's
+:meth:`GroupCommitStore._commit_group` inside one ``trio.to_thread.run_sync`` call. So the
+Trio thread never blocks on the database, and a burst of 1,000 writes costs one commit.
+
+The counts of the operator's view (:meth:`GroupCommitStore.count_runs` and the like) read
+many rows: a store may run them beside the committer, on a connection of its own
+(:meth:`GroupCommitStore._read_beside`), so that they never hold up a commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Final, Generic, Protocol, TypeVar
+
+import attrs
+import trio
+
+from trioworker.models import SetStateRequest, StateChange, StateType, TaskRun, TaskRunCreate, utcnow
+from trioworker.server.store.base import (
+    Change,
+    EndedCount,
+    QueuedOp,
+    QueuedRun,
+    Requeued,
+    RunCount,
+    StoreError,
+)
+
+T = TypeVar("T")
+
+#: Most operations one group commit takes (bounds one thread call's latency).
+MAX_GROUP: Final = 512
+
+
+class Operations(Protocol):
+    """A store's synchronous operations; each runs inside the committer's transaction, on
+    its thread. Their meaning is :class:`~trioworker.server.store.base.Store`'s. A store's
+    class derives from it (for :meth:`read_ended`)."""
+
+    def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]: ...
+
+    def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]: ...
+
+    def list_runs(
+        self,
+        task_key: str | None,
+        state: StateType | None,
+        limit: int,
+        offset: int,
+        parent: uuid.UUID | None,
+        newest_first: bool,
+    ) -> list[TaskRun]: ...
+
+    def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]: ...
+
+    def count_runs(self) -> list[RunCount]: ...
+
+    def count_ended(self, since: datetime) -> list[EndedCount]: ...
+
+    def oldest_waiting(self, now: datetime) -> list[TaskRun]: ...
+
+    def history(self, run_id: uuid.UUID) -> list[StateChange] | None: ...
+
+    def claim_runs(
+        self,
+        run_ids: Sequence[uuid.UUID],
+        client_id: str,
+        now: datetime,
+        known: Mapping[uuid.UUID, TaskRun] | None = None,
+    ) -> list[TaskRun]: ...
+
+    def set_states(
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float
+    ) -> list[Change]: ...
+
+    def requeue(
+        self, run_ids: Sequence[uuid.UUID], reason: str, max_deliveries: int | None
+    ) -> list[Requeued]: ...
+
+    def delete_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
+
+    def purge_ended(
+        self, before: datetime, task_key: str | None, state: StateType | None, limit: int
+    ) -> list[uuid.UUID]: ...
+
+    def oldest_end(self) -> datetime | None: ...
+
+    def reclaim(
+        self, run_ids: Sequence[uuid.UUID], client_id: str
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]: ...
+
+    def recover(self, max_deliveries: int) -> list[QueuedRun]: ...
+
+    def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]: ...
+
+    def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
+        """The runs that ended, and the ids that exist: only ended runs are read whole."""
+        states = self.states_of(run_ids)
+        ended = [run_id for run_id, state in states.items() if state.is_terminal]
+        return self.read_runs(ended), set(states)
+
+
+OpsT = TypeVar("OpsT", bound=Operations)
+
+
+@attrs.define(eq=False)
+class Pending(Generic[OpsT, T]):
+    """One queued operation: set ``value`` or ``error``, then ``done``."""
+
+    op: Callable[[OpsT], T]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    value: T | None = None
+    error: BaseException | None = None
+
+    async def result(self) -> T:
+        """Wait until it ran (shielded: once queued, its caller sees the outcome)."""
+        with trio.CancelScope(shield=True):
+            await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+@attrs.frozen
+class StoreStatistics:
+    operations: int
+    commits: int
+
+
+class GroupCommitStore(Generic[OpsT]):
+    """The :class:`~trioworker.server.store.base.Store` interface over ``ops``: each call is
+    one operation of the next group commit.
+
+    A subclass opens its database, then runs :meth:`_commit_forever` in a nursery for the
+    life of the store, and implements :meth:`_commit_group`. One that reads beside the
+    committer sets ``_reads_beside``, implements :meth:`_read_beside`, and closes its reading
+    connection through :meth:`_close_reader`.
+    """
+
+    def __init__(self, ops: OpsT, send: trio.MemorySendChannel[Pending[OpsT, object]]) -> None:
+        self._ops = ops
+        self._send = send
+        self._operations = 0
+        self._commits = 0
+        #: The counts run on a connection of their own (:meth:`_read_beside`), not queued.
+        self._reads_beside = False
+        self._reader_lock = trio.Lock()  # one count at a time; closing waits for it
+        self._reader_closed = False
+
+    def statistics(self) -> StoreStatistics:
+        """How many operations ran, in how many transactions (group commit at work)."""
+        return StoreStatistics(operations=self._operations, commits=self._commits)
+
+    def _commit_group(self, group: list[Pending[OpsT, object]]) -> None:
+        """Run ``group`` in one transaction (on a worker thread): set each operation's
+        ``value`` or ``error``. Raising fails every operation of the group that has no
+        error yet (a :class:`StoreError` as it is, anything else wrapped in one)."""
+        raise NotImplementedError
+
+    async def _commit_forever(self, receive: trio.MemoryReceiveChannel[Pending[OpsT, object]]) -> None:
+        """Run the queued operations in groups until the send side is closed and all is done.
+
+        Shielded from cancellation: the cleanup code of a cancelled server (a websocket
+        handing back its runs) can still use the store; what was queued always runs.
+        """
+        with trio.CancelScope(shield=True):
+            await self._commit_until_closed(receive)
+
+    async def _commit_until_closed(self, receive: trio.MemoryReceiveChannel[Pending[OpsT, object]]) -> None:
+        group: list[Pending[OpsT, object]] = []
+        try:
+            async for first in receive:
+                group = [first]
+                while len(group) < MAX_GROUP:
+                    try:
+                        group.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: the last group
+                        break
+                try:
+                    await trio.to_thread.run_sync(self._commit_group, group)
+                    self._commits += 1
+                    self._operations += len(group)
+                except Exception as exc:
+                    failed = (
+                        exc
+                        if isinstance(exc, StoreError)
+                        else StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
+                    )
+                    for pending in group:
+                        pending.error = pending.error or failed
+                for pending in group:
+                    pending.done.set()
+                group = []
+        finally:
+            closed = StoreError("the store was closed before this operation ran")
+            for pending in group:
+                if not pending.done.is_set():
+                    pending.error = closed
+                    pending.done.set()
+            receive.close()
+            while True:
+                try:
+                    pending = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                pending.error = closed
+                pending.done.set()
+
+    def _read_beside(self, op: Callable[[OpsT], T]) -> T:
+        """Run the read-only ``op`` on the store's reading connection (on a worker thread,
+        one at a time); it must see every operation committed before it was called.
+
+        Raises:
+            StoreError: the database failed to read.
+        """
+        raise NotImplementedError
+
+    async def _close_reader(self, close: Callable[[], None]) -> None:
+        """Refuse further counts, then run ``close`` (on a worker thread) once a count under
+        way has finished. Shielded: it runs whole in a cancelled scope."""
+        with trio.CancelScope(shield=True):
+            async with self._reader_lock:
+                self._reader_closed = True
+                await trio.to_thread.run_sync(close)
+
+    async def _count(self, op: Callable[[OpsT], T]) -> T:
+        """Run the read-only ``op`` beside the committer when the store can (it does not
+        hold up commits), else queue it as any other operation.
+
+        Raises:
+            StoreError: the store is closed, or the database failed to read.
+        """
+        if not self._reads_beside:
+            return await self._run(op)
+        async with self._reader_lock:
+            if self._reader_closed:
+                raise StoreError("the store is closed")
+            return await trio.to_thread.run_sync(self._read_beside, op)
+
+    def _queue(self, op: Callable[[OpsT], T]) -> Pending[OpsT, T]:
+        """Queue ``op`` for the next group commit; operations run in the order queued."""
+        pending: Pending[OpsT, T] = Pending(op)
+        try:
+            self._send.send_nowait(pending)  # type: ignore[arg-type]
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StoreError("the store is closed") from None
+        return pending
+
+    async def _run(self, op: Callable[[OpsT], T]) -> T:
+        """Queue ``op`` for the next group commit and wait for its result.
+
+        **Cancellation handling:** once queued, an operation always runs and its caller
+        always sees the outcome (the wait is shielded; operations take milliseconds). That
+        is what keeps memory and disk in step: a claim whose caller was cancelled still
+        returns the runs it leased, so they can be handed back.
+        """
+        return await self._queue(op).result()
+
+    # -- the Store interface
+    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
+        return await self._run(lambda ops: ops.create_runs(creates))
+
+    async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        runs = await self._run(lambda ops: ops.read_runs([run_id]))
+        return runs[0] if runs else None
+
+    async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.read_runs(run_ids))
+
+    async def list_runs(
+        self,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        parent_task_run_id: uuid.UUID | None = None,
+        newest_first: bool = False,
+    ) -> list[TaskRun]:
+        return await self._run(
+            lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first)
+        )
+
+    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.find_runs(id_prefix, limit))
+
+    async def count_runs(self) -> list[RunCount]:
+        return await self._count(lambda ops: ops.count_runs())
+
+    async def count_ended(self, since: datetime) -> list[EndedCount]:
+        return await self._count(lambda ops: ops.count_ended(since))
+
+    async def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        return await self._count(lambda ops: ops.oldest_waiting(now))
+
+    async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
+        return await self._run(lambda ops: ops.history(run_id))
+
+    async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
+        now = utcnow()
+        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now))
+
+    def claim_runs_soon(
+        self, runs: Sequence[TaskRun], client_id: str, now: datetime
+    ) -> QueuedOp[list[TaskRun]]:
+        """Queue a claim of ``runs`` (as the store holds them) and return at once; later
+        operations see it done."""
+        ids = [run.id for run in runs]
+        known = {run.id: run for run in runs}
+        return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known))
+
+    async def set_states(
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
+    ) -> list[Change]:
+        return await self._run(lambda ops: ops.set_states(requests, now))
+
+    async def requeue(
+        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
+    ) -> list[Requeued]:
+        return await self._run(lambda ops: ops.requeue(run_ids, reason, max_deliveries))
+
+    async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        return await self._run(lambda ops: ops.delete_run(run_id))
+
+    async def purge_ended(
+        self,
+        before: datetime,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 1000,
+    ) -> list[uuid.UUID]:
+        return await self._run(lambda ops: ops.purge_ended(before, task_key, state, limit))
+
+    async def oldest_end(self) -> datetime | None:
+        return await self._count(lambda ops: ops.oldest_end())
+
+    async def reclaim(
+        self, run_ids: Sequence[uuid.UUID], client_id: str
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+        return await self._run(lambda ops: ops.reclaim(run_ids, client_id))
+
+    async def recover(self, max_deliveries: int) -> list[QueuedRun]:
+        return await self._run(lambda ops: ops.recover(max_deliveries))
+
+    async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
+        return await self._run(lambda ops: ops.states_of(run_ids))
+
+    async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
+        return await self._run(lambda ops: ops.read_ended(run_ids))

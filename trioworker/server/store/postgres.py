@@ -1,0 +1,1143 @@
+"""The PostgreSQL store: the runs in a PostgreSQL database, built to be shared by several
+servers (the scale-out design; today one server holds a database at a time, see
+:class:`_Connection`).
+
+psycopg's async API is asyncio-only, so the store uses one blocking connection, only ever
+from a worker thread (``trio.to_thread.run_sync``), and shares group commit with the
+SQLite store (:class:`~trioworker.server.store.commit.GroupCommitStore`): all operations
+waiting at a moment run in one transaction, so a burst costs one commit.
+
+The database holds the truth; memory holds only a cache. Every lease and every condition
+is in the SQL, so that servers sharing a database can neither race nor overwrite each
+other:
+
+- ``trioworker_task_runs``: one row per run; ``client_id`` (and ``replica_id``) name its
+  lease holder while it is PENDING or RUNNING; ``rev`` is a random tag that every write
+  changes: a write is conditional on the ``rev`` it read (and rows are read ``FOR
+  UPDATE``), and the cache of decoded runs is trusted only for a matching ``rev``.
+- ``trioworker_ready``: one row per SCHEDULED run (and only those): the small table that
+  claims lock with ``FOR UPDATE SKIP LOCKED``, whatever the number of ended runs. Its
+  ``queued_seq`` (a sequence) grows each time a run is queued, requeued included.
+- ``trioworker_task_run_states``: every state of every run (the history); the ends
+  (terminal states) are indexed by time, for the counts per minute and retention.
+- ``trioworker_schema``: the schema version; created and migrated on start in one
+  transaction under an advisory lock, so servers starting together migrate once.
+
+Idempotency keys are unique per ``(task_key, idempotency_key)`` in the database: two
+servers inserting one key at once get one run (``INSERT ... ON CONFLICT DO NOTHING``).
+
+The counts of the operator's view run on a second connection (autocommit, no lock), so that
+they never hold up the committer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import math
+import os
+import random
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+
+import attrs
+import orjson
+import psycopg
+import psycopg.errors
+import trio
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from trioworker.models import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    SetStateRequest,
+    State,
+    StateChange,
+    StateType,
+    TaskRun,
+    TaskRunCreate,
+    utcnow,
+)
+from trioworker.server.store.base import Change, EndedCount, QueuedRun, Requeued, RunCount, StoreError
+from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
+from trioworker.server.store.files import DatabaseInUse
+from trioworker.server.store.runs import (
+    claimed_copy,
+    epoch,
+    judged,
+    missing_run_change,
+    new_run,
+    queued_run,
+    reclaimed,
+    requeued,
+    run_body,
+    run_from_row,
+    same_run,
+)
+
+T = TypeVar("T")
+
+#: The schemes of the URLs this store takes.
+SCHEMES: Final = ("postgresql", "postgres")
+
+#: The newest schema this code knows (the PostgreSQL store's own numbering). 1: the first;
+#: 2: the parent run's id in a column (a run's children found by index), ends indexed by
+#: time, runs indexed by task key and state (their counts read the index only).
+SCHEMA_VERSION: Final = 2
+
+#: The first key of the advisory lock held while the schema is created or migrated (the
+#: second is the schema's name): "trio" in ASCII.
+_MIGRATION_LOCK: Final = 0x7472696F
+#: The first key of the advisory lock an exclusive store holds for its life: "tsrv".
+_SERVER_LOCK: Final = 0x74737276
+#: Seconds a server starting waits for that lock before it says another server has it.
+_LOCK_WAIT_SECONDS: Final = 2
+
+_Conn = psycopg.Connection[tuple[Any, ...]]
+
+#: TERMINAL_STATES as an SQL list: the very text of the partial index of ends, which the
+#: planner uses only for a query whose condition implies it.
+_TERMINAL_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES))
+
+
+#: Rows :func:`_fill_parent_ids` reads at a time.
+_FILL_BATCH: Final = 1000
+
+
+def _fill_parent_ids(conn: _Conn) -> None:
+    """Schema 2: copy each run's parent id from its body (read as the store reads runs) to
+    the new column, :data:`_FILL_BATCH` rows at a time. Only bodies holding a parent id's
+    text are read (a run with a parent has ``"parent_task_run_id":"`` in its body)."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, body FROM trioworker_task_runs WHERE seq > %b"
+            """ AND position('"parent_task_run_id":"'::bytea IN body) > 0 ORDER BY seq LIMIT %b""",
+            (last, _FILL_BATCH),
+            binary=True,
+        ).fetchall()
+        if not rows:
+            return
+        last = rows[-1][0]
+        parents = [(seq, orjson.loads(body).get("parent_task_run_id")) for seq, body in rows]
+        conn.execute(
+            "UPDATE trioworker_task_runs AS r SET parent_id = u.parent_id"
+            " FROM unnest(%b::bigint[], %b::uuid[]) AS u(seq, parent_id) WHERE r.seq = u.seq",
+            ([seq for seq, parent in parents if parent], [uuid.UUID(p) for _, p in parents if p]),
+            binary=True,
+        )
+
+
+#: What brings the schema from the version before each key to that version: statements,
+#: and functions of the connection (in the migration's transaction).
+MIGRATIONS: Final[Mapping[int, tuple[str | Callable[[_Conn], None], ...]]] = {
+    1: (
+        """CREATE TABLE trioworker_task_runs (
+            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id uuid NOT NULL UNIQUE,
+            task_key text NOT NULL,
+            state_type text NOT NULL,
+            scheduled_at double precision,
+            idempotency_key text,
+            wait_for uuid[],
+            client_id text,
+            replica_id uuid,
+            rev bigint NOT NULL,
+            parameters bytea NOT NULL,
+            body bytea NOT NULL,
+            CONSTRAINT trioworker_task_runs_idempotency UNIQUE (task_key, idempotency_key)
+        )""",
+        "CREATE INDEX trioworker_task_runs_key ON trioworker_task_runs (task_key, seq)",
+        "CREATE INDEX trioworker_task_runs_state ON trioworker_task_runs (state_type, seq)",
+        "CREATE INDEX trioworker_task_runs_replica ON trioworker_task_runs (replica_id)"
+        " WHERE replica_id IS NOT NULL",
+        "CREATE SEQUENCE trioworker_queued_seq AS bigint",
+        """CREATE TABLE trioworker_ready (
+            run_seq bigint PRIMARY KEY,
+            run_id uuid NOT NULL UNIQUE,
+            task_key text NOT NULL,
+            scheduled_at double precision,
+            queued_seq bigint NOT NULL DEFAULT nextval('trioworker_queued_seq')
+        )""",
+        "CREATE INDEX trioworker_ready_key ON trioworker_ready (task_key, run_seq)",
+        "CREATE INDEX trioworker_ready_queued ON trioworker_ready (queued_seq)",
+        # name and message as JSON bytes ({"name": ..., "message": ...}): exact, NUL included.
+        """CREATE TABLE trioworker_task_run_states (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            run_seq bigint NOT NULL,
+            type text NOT NULL,
+            timestamp timestamptz NOT NULL,
+            body bytea NOT NULL
+        )""",
+        "CREATE INDEX trioworker_task_run_states_run ON trioworker_task_run_states (run_seq, id)",
+    ),
+    2: (
+        "ALTER TABLE trioworker_task_runs ADD COLUMN parent_id uuid",
+        _fill_parent_ids,
+        "CREATE INDEX trioworker_task_runs_parent ON trioworker_task_runs (parent_id, seq)"
+        " WHERE parent_id IS NOT NULL",
+        # Ends by time (counts per minute, retention): one entry per end, none for other states.
+        "CREATE INDEX trioworker_task_run_states_ended ON trioworker_task_run_states (timestamp, id)"
+        f" WHERE type IN ({_TERMINAL_SQL})",
+        "CREATE INDEX trioworker_task_runs_counts ON trioworker_task_runs (task_key, state_type)",
+    ),
+}
+
+#: Most runs the cache of decoded runs keeps (beyond that, operations read the rows).
+CACHE_MAX_RUNS: Final = 10_000
+
+#: Attempts of one group when the database asks for a retry (deadlock, serialization).
+_ATTEMPTS: Final = 3
+
+#: Settings of every connection unless the URL gives them.
+_CONNECT_DEFAULTS: Final = {"connect_timeout": "10", "application_name": "trioworker server"}
+
+
+# --------------------------------------------------------------------------- the database
+
+
+@attrs.frozen
+class PostgresTarget:
+    """The database a ``postgresql://`` URL names, and how to speak of it (never with its
+    password)."""
+
+    #: As given (its password included: never shown, not even in the repr).
+    url: str = attrs.field(repr=False)
+    host: str
+    port: str
+    dbname: str
+    user: str
+
+    @classmethod
+    def parse(cls, url: str) -> PostgresTarget:
+        """Check ``url`` (``postgresql://USER[:PASSWORD]@HOST[:PORT]/DB[?PARAMS]``).
+
+        Raises:
+            ValueError: not a ``postgresql://`` or ``postgres://`` URL, or one libpq cannot
+                read (the message never holds the password).
+        """
+        scheme, sep, _ = url.partition("://")
+        if not sep or scheme.lower() not in SCHEMES:
+            raise ValueError(f"not a PostgreSQL URL: {scheme or url!r} (give postgresql://USER@HOST:PORT/DB)")
+        try:
+            info = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise ValueError(f"cannot read the PostgreSQL URL: {_without_secrets(exc, url)}") from None
+        user = str(info.get("user") or os.environ.get("PGUSER") or getpass.getuser())
+        return cls(
+            url=url,
+            host=str(info.get("host") or os.environ.get("PGHOST") or "localhost"),
+            port=str(info.get("port") or "5432"),
+            dbname=str(info.get("dbname") or user),
+            user=user,
+        )
+
+    @property
+    def location(self) -> str:
+        """``postgresql://USER@HOST:PORT/DB``: the URL without its password and parameters."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+    @property
+    def described(self) -> str:
+        return f"PostgreSQL at {self.host}:{self.port} (database {self.dbname!r}, user {self.user!r})"
+
+
+def _without_secrets(exc: BaseException, url: str) -> str:
+    """libpq's complaint about ``url``, with every quoted piece of its user and password
+    (or of the whole URL) left out."""
+    netloc = url.partition("://")[2].split("/", 1)[0]
+    userinfo = netloc.rpartition("@")[0]
+
+    def scrub(match: re.Match[str]) -> str:
+        quoted = match.group(1)
+        secret = bool(userinfo) and (quoted in userinfo or userinfo in quoted)
+        return '"..."' if secret or quoted == url else match.group(0)
+
+    return re.sub(r'"([^"]*)"', scrub, _first_line(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+
+
+def _connect_reason(exc: psycopg.Error) -> str:
+    """What libpq says went wrong, without the repeated "connection to server ... failed"."""
+    text = _first_line(exc)
+    _, sep, reason = text.rpartition(" failed: ")
+    reason = reason if sep else text.removeprefix("connection failed: ")
+    return reason.removeprefix("FATAL:").strip()
+
+
+class _Connection:
+    """The store's one connection, made (again) on demand: after PostgreSQL restarts, the
+    next group reconnects. Only the committer's thread uses it.
+
+    With ``exclusive``, the connection's session holds an advisory lock (:data:`_SERVER_LOCK`
+    and the schema's name) for the life of the store, as the SQLite store locks its file:
+    a second server on the same database refuses to start (after waiting
+    :data:`_LOCK_WAIT_SECONDS` for the session of one that just stopped to end). On a new
+    connection the lock is taken again; a session of this store's that the database has not
+    noticed is gone yet (the network failed) is ended first.
+    """
+
+    def __init__(self, target: PostgresTarget, *, exclusive: bool) -> None:
+        self.target = target
+        self.exclusive = exclusive
+        self.conn: _Conn | None = None
+        self._backend: int | None = None  # the server process of the last connection
+        self._lock = threading.Lock()  # close() may come from another thread than the committer's
+
+    def get(self) -> _Conn:
+        """The open connection, made now if there is none.
+
+        Raises:
+            StoreError: PostgreSQL cannot be reached, refuses the login or has no such
+                database; :class:`DatabaseInUse` when another server has it.
+        """
+        with self._lock:
+            if self.conn is not None and not self.conn.closed and not self.conn.broken:
+                return self.conn
+            info = conninfo_to_dict(self.target.url)
+            extra = {key: value for key, value in _CONNECT_DEFAULTS.items() if key not in info}
+            try:
+                conn = psycopg.connect(make_conninfo(self.target.url, **extra), autocommit=True)
+            except psycopg.Error as exc:
+                raise StoreError(
+                    f"cannot connect to {self.target.described}: {_connect_reason(exc)}"
+                ) from None
+            try:
+                if self.exclusive:
+                    self._lock_database(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self.conn, self._backend = conn, conn.info.backend_pid
+            return conn
+
+    def _lock_database(self, conn: _Conn) -> None:
+        lock = (_SERVER_LOCK,)
+        which = "%b::integer, hashtext(coalesce(current_schema(), ''))"
+        try:
+            if self._backend is not None:
+                [(held,)] = conn.execute(f"SELECT pg_try_advisory_lock({which})", lock).fetchall()
+                if held:
+                    return
+                # Our last session may live on (the network failed, not the server): end it.
+                conn.execute("SELECT pg_terminate_backend(%b::integer, 5000)", (self._backend,))
+            # Wait a little: the session of a server that just stopped (or was killed) may
+            # not have ended yet.
+            conn.execute(f"SET lock_timeout = '{_LOCK_WAIT_SECONDS}s'")
+            conn.execute(f"SELECT pg_advisory_lock({which})", lock)
+            conn.execute("RESET lock_timeout")
+        except psycopg.errors.LockNotAvailable:
+            raise DatabaseInUse(
+                f"the database {self.target.location} is in use by another trioworker server; "
+                "stop that server first, or use another database"
+            ) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot lock {self.target.described}: {_first_line(exc)}") from None
+
+    def drop(self) -> None:
+        """Forget a broken connection (the next :meth:`get` makes a new one)."""
+        with self._lock:
+            conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        """Close the connection, its lock released first (so that a server started right
+        after this one need not wait for the session to end)."""
+        with self._lock:
+            conn = self.conn
+        if conn is not None and self.exclusive and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock_all()")
+        self.drop()
+
+
+def _lost(exc: BaseException, conn: _Conn) -> bool:
+    """``exc`` means the connection is gone (the server restarted, the network failed)."""
+    return isinstance(exc, psycopg.OperationalError) and conn.broken
+
+
+def _retry(exc: BaseException) -> bool:
+    """PostgreSQL asks to run the transaction again (it lost a race with another)."""
+    return isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _new_rev() -> int:
+    """A fresh ``rev`` tag: random, so two writers never make the same one."""
+    return random.getrandbits(63)
+
+
+def _text(value: str | None) -> str | None:
+    """``value`` fit for a text column that is only shown, never read back (PostgreSQL
+    text holds no NUL)."""
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
+def _uuid_array(ids: Sequence[uuid.UUID]) -> str | None:
+    """``ids`` as an array literal (NULL when empty), for a per-row array in ``unnest``."""
+    return "{" + ",".join(map(str, ids)) + "}" if ids else None
+
+
+#: A run id's canonical text, as the shape an id prefix must follow.
+_ID_TEMPLATE: Final = str(uuid.UUID(int=0))
+
+
+def _id_range(id_prefix: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """The first and the last run id whose text starts with ``id_prefix`` (ids are ordered
+    as their text is); None when no id's text can."""
+    digits = id_prefix.replace("-", "")
+    shaped = len(id_prefix) <= len(_ID_TEMPLATE) and all(
+        (char == "-") == (_ID_TEMPLATE[i] == "-") for i, char in enumerate(id_prefix)
+    )
+    if not shaped or not all(char in "0123456789abcdef" for char in digits):
+        return None
+    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+
+
+def _lease(run: TaskRun) -> str | None:
+    """The ``client_id`` column: the connection that holds the run, while it is held."""
+    return _text(run.state.state_details.client_id) if run.state.type in ACTIVE_STATES else None
+
+
+#: Appends the history rows of :func:`_log_columns` (in order): a statement, or a CTE's body.
+_LOG: Final = (
+    "INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
+    " SELECT h.run_seq, h.type, h.timestamp, h.body"
+    " FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[], %b::bytea[])"
+    " WITH ORDINALITY AS h(run_seq, type, timestamp, body, n) ORDER BY h.n"
+)
+
+
+def _log_columns(states: Sequence[tuple[int, State]]) -> tuple[list[Any], ...]:
+    """The parameters of :data:`_LOG` for ``(seq, state)`` pairs: name and message go as
+    JSON bytes (exact, NUL included)."""
+    return (
+        [seq for seq, _ in states],
+        [state.type.value for _, state in states],
+        [state.timestamp for _, state in states],
+        [orjson.dumps({"name": state.name, "message": state.message}) for _, state in states],
+    )
+
+
+#: (seq, rev, run): a row as an operation read it.
+_Row = tuple[int, int, TaskRun]
+
+
+class _Cache:
+    """Decoded runs by id with the ``rev`` of their row. An entry is used only when the row
+    still has that ``rev``, so a write that rolled back (or came from another server)
+    makes it stale, never wrong. Only the committer's thread touches it."""
+
+    def __init__(self) -> None:
+        self.rows: dict[uuid.UUID, _Row] = {}
+
+    def get(self, run_id: uuid.UUID) -> _Row | None:
+        return self.rows.get(run_id)
+
+    def put(self, row: _Row) -> None:
+        run = row[2]
+        if run.state.type.is_terminal:
+            self.rows.pop(run.id, None)
+        elif run.id in self.rows or len(self.rows) < CACHE_MAX_RUNS:
+            self.rows[run.id] = row
+
+    def drop(self, run_id: uuid.UUID) -> None:
+        self.rows.pop(run_id, None)
+
+
+class _PostgresOps(Operations):
+    """The synchronous operations; each runs inside the committer's transaction on
+    ``conn``, which the committer sets before each group."""
+
+    def __init__(self) -> None:
+        self.conn: _Conn | None = None
+        self.cache = _Cache()
+        #: The server the leases taken here are held through (None: the server is alone).
+        self.replica_id: uuid.UUID | None = None
+
+    def _execute(self, query: str, params: Sequence[object] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
+        assert self.conn is not None, "operations run only inside the committer's transaction"
+        return self.conn.execute(query, params, binary=True)
+
+    # -- reading and writing rows
+    def _fetch(
+        self, run_ids: Iterable[uuid.UUID], *, lock: bool, ready: bool = False
+    ) -> dict[uuid.UUID, _Row]:
+        """The rows of ``run_ids`` that exist; with ``lock``, locked for this transaction
+        (``FOR UPDATE``, in ``seq`` order). Rows whose ``rev`` the cache knows are not sent
+        or decoded again.
+
+        With ``ready``, only runs in ``trioworker_ready`` that no other transaction has
+        locked there (``FOR UPDATE SKIP LOCKED``): the ones free to claim.
+        """
+        ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return {}
+        known = [(run_id, row[1]) for run_id in ids if (row := self.cache.get(run_id)) is not None]
+        source = (
+            "SELECT run_seq AS seq FROM trioworker_ready WHERE run_id = ANY(%b::uuid[])"
+            " FOR UPDATE SKIP LOCKED"
+            if ready
+            else "SELECT seq FROM trioworker_task_runs WHERE id = ANY(%b::uuid[])"
+        )
+        rows = self._execute(
+            "SELECT r.seq, r.id, r.rev,"
+            " CASE WHEN k.rev = r.rev THEN NULL ELSE r.parameters END,"
+            " CASE WHEN k.rev = r.rev THEN NULL ELSE r.body END"
+            f" FROM ({source}) AS q JOIN trioworker_task_runs AS r ON r.seq = q.seq"
+            " LEFT JOIN unnest(%b::uuid[], %b::bigint[]) AS k(id, rev) ON k.id = r.id"
+            " ORDER BY r.seq" + (" FOR UPDATE OF r" if lock else ""),
+            (ids, [i for i, _ in known], [rev for _, rev in known]),
+        )
+        found: dict[uuid.UUID, _Row] = {}
+        for seq, run_id, rev, parameters, body in rows:
+            if parameters is None:
+                cached = self.cache.get(run_id)
+                assert cached is not None
+                found[run_id] = cached
+            else:
+                row = (seq, rev, run_from_row(parameters, body))
+                self.cache.put(row)
+                found[run_id] = row
+        return found
+
+    def _save(self, rows: Sequence[_Row], states: Sequence[tuple[int, State]]) -> None:
+        """Write runs, each ``(seq, rev it was read at, new content)``, only where the row
+        still has that ``rev``; keep ``trioworker_ready`` to the SCHEDULED runs (a run
+        queued again gets a new ``queued_seq``); append ``states`` (``(seq, state)``, in
+        order) to the history. One statement.
+
+        Raises:
+            StoreError: a row changed since it was read (another server wrote it).
+        """
+        rows = list({row[0]: row for row in rows}.values())  # a run named twice is written once
+        if not rows:
+            return
+        revs = [_new_rev() for _ in rows]
+        [(written,)] = self._execute(
+            "WITH w AS (SELECT * FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[], %b::uuid[],"
+            " %b::text[], %b::text[], %b::float8[], %b::text[], %b::bytea[])"
+            " AS u(seq, old_rev, rev, id, task_key, state_type, scheduled_at, client_id, body)),"
+            " written AS (UPDATE trioworker_task_runs AS r SET rev = w.rev, state_type = w.state_type,"
+            " scheduled_at = w.scheduled_at, client_id = w.client_id,"
+            " replica_id = CASE WHEN w.client_id IS NULL THEN NULL ELSE %b::uuid END, body = w.body"
+            " FROM w WHERE r.seq = w.seq AND r.rev = w.old_rev RETURNING r.seq),"
+            " left_queue AS (DELETE FROM trioworker_ready AS q USING w"
+            " WHERE q.run_seq = w.seq AND w.state_type <> 'SCHEDULED'),"
+            " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at)"
+            " SELECT seq, id, task_key, scheduled_at FROM w WHERE state_type = 'SCHEDULED'"
+            " ON CONFLICT (run_seq) DO UPDATE"
+            " SET queued_seq = excluded.queued_seq, scheduled_at = excluded.scheduled_at),"
+            f" logged AS ({_LOG})"
+            " SELECT count(*) FROM written",
+            (
+                [seq for seq, _, _ in rows],
+                [rev for _, rev, _ in rows],
+                revs,
+                [run.id for _, _, run in rows],
+                [run.task_key for _, _, run in rows],
+                [run.state.type.value for _, _, run in rows],
+                [epoch(run.state.state_details.scheduled_time) for _, _, run in rows],
+                [_lease(run) for _, _, run in rows],
+                [run_body(run) for _, _, run in rows],
+                self.replica_id,
+                *_log_columns(states),
+            ),
+        )
+        if written != len(rows):
+            raise StoreError(
+                f"{len(rows) - written} of {len(rows)} runs changed in the database while they "
+                "were being updated; nothing of the operation was saved"
+            )
+        for (seq, _, run), rev in zip(rows, revs, strict=True):
+            self.cache.put((seq, rev, run))
+
+    # -- schema
+    def migrate(self) -> None:
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`, in one
+        transaction under an advisory lock (servers starting together migrate once).
+
+        Raises:
+            StoreError: the schema is newer than this code knows, or the search path names
+                no schema to create the tables in.
+        """
+        assert self.conn is not None
+        with self.conn.transaction():
+            self._execute(
+                "SELECT pg_advisory_xact_lock(%b::integer, hashtext(coalesce(current_schema(), '')))",
+                (_MIGRATION_LOCK,),
+            )
+            [(schema, exists)] = self._execute(
+                "SELECT current_schema(), to_regclass('trioworker_schema') IS NOT NULL"
+            ).fetchall()
+            if schema is None:
+                raise StoreError(
+                    "the database's search_path names no schema that exists: create it, or fix search_path"
+                )
+            version = 0
+            if exists:
+                row = self._execute("SELECT version FROM trioworker_schema").fetchone()
+                version = 0 if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database has trioworker schema version {version}, newer than this "
+                    f"trioworker knows ({SCHEMA_VERSION}); upgrade trioworker"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            if not exists:
+                self._execute("CREATE TABLE trioworker_schema (version integer NOT NULL)")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    if isinstance(statement, str):
+                        self._execute(statement)
+                    else:
+                        statement(self.conn)
+            self._execute("DELETE FROM trioworker_schema")
+            self._execute("INSERT INTO trioworker_schema (version) VALUES (%b)", (SCHEMA_VERSION,))
+
+    # -- operations
+    def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
+        """Insert new runs in one statement; a known idempotency key of the same task key,
+        or else a known ``id``, gives back its run (and no QueuedRun), as SQLite's does.
+
+        The database enforces the keys (``ON CONFLICT DO NOTHING``): what it did not insert
+        is read back, so a repeat in the same batch or from another server meets the run
+        the first one made.
+
+        Raises:
+            RunIdTaken: a given ``id`` belongs to a run the create is not a repeat of.
+        """
+        if not creates:
+            return []
+        given = [create.id for create in creates if create.id is not None]
+        if len(given) != len(set(given)):
+            # One id twice: each create must see what the one before it made.
+            return [result for create in creates for result in self.create_runs([create])]
+        now = utcnow()
+        runs = [new_run(create, now) for create in creates]
+        parameters = [orjson.dumps(run.parameters) for run in runs]
+        bodies = [run_body(run) for run in runs]
+        revs = [_new_rev() for _ in runs]
+        state = runs[0].state  # the same SCHEDULED state, stamped ``now``, for every new run
+        inserted = dict(
+            self._execute(
+                "WITH w AS (SELECT * FROM unnest(%b::uuid[], %b::text[], %b::float8[], %b::text[],"
+                " %b::text[], %b::uuid[], %b::bigint[], %b::bytea[], %b::bytea[]) WITH ORDINALITY"
+                " AS u(id, task_key, scheduled_at, idempotency_key, wait_for, parent_id, rev, parameters,"
+                " body, n)),"
+                " inserted AS (INSERT INTO trioworker_task_runs (id, task_key, state_type, scheduled_at,"
+                " idempotency_key, wait_for, parent_id, rev, parameters, body)"
+                " SELECT id, task_key, 'SCHEDULED', scheduled_at, idempotency_key, wait_for::uuid[],"
+                " parent_id, rev, parameters, body FROM w ORDER BY n"
+                " ON CONFLICT DO NOTHING RETURNING id, seq, task_key, scheduled_at),"
+                " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at)"
+                " SELECT seq, id, task_key, scheduled_at FROM inserted ORDER BY seq),"
+                " logged AS (INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
+                " SELECT seq, 'SCHEDULED', %b::timestamptz, %b::bytea FROM inserted ORDER BY seq)"
+                " SELECT id, seq FROM inserted",
+                (
+                    [run.id for run in runs],
+                    [run.task_key for run in runs],
+                    [epoch(create.scheduled_time) for create in creates],
+                    [create.idempotency_key for create in creates],
+                    [_uuid_array(run.wait_for) for run in runs],
+                    [run.parent_task_run_id for run in runs],
+                    revs,
+                    parameters,
+                    bodies,
+                    state.timestamp,
+                    orjson.dumps({"name": state.name, "message": state.message}),
+                ),
+            ).fetchall()
+        )
+        repeats = self._existing([c for c, run in zip(creates, runs, strict=True) if run.id not in inserted])
+        out: list[tuple[TaskRun, QueuedRun | None]] = []
+        for create, run, params, body, rev in zip(creates, runs, parameters, bodies, revs, strict=True):
+            seq = inserted.get(run.id)
+            if seq is None:
+                out.append((repeats(create), None))
+                continue
+            self.cache.put((seq, rev, run))
+            out.append((run, queued_run(run, seq, len(params) + len(body))))
+        return out
+
+    def _existing(self, creates: Sequence[TaskRunCreate]) -> Callable[[TaskRunCreate], TaskRun]:
+        """For creates the database did not insert: a function giving each the run it
+        repeats (by idempotency key first, else by ``id``)."""
+        keyed = [c for c in creates if c.idempotency_key is not None]
+        by_key: dict[tuple[str, str], TaskRun] = {}
+        if keyed:
+            rows = self._execute(
+                "SELECT r.task_key, r.idempotency_key, r.parameters, r.body FROM trioworker_task_runs AS r"
+                " JOIN unnest(%b::text[], %b::text[]) AS k(task_key, idempotency_key)"
+                " ON r.task_key = k.task_key AND r.idempotency_key = k.idempotency_key",
+                ([c.task_key for c in keyed], [c.idempotency_key for c in keyed]),
+            )
+            by_key = {(key, idem): run_from_row(p, b) for key, idem, p, b in rows}
+        ids = [c.id for c in creates if c.id is not None]
+        by_id = {run_id: row[2] for run_id, row in self._fetch(ids, lock=False).items()}
+
+        def repeated(create: TaskRunCreate) -> TaskRun:
+            if create.idempotency_key is not None:
+                run = by_key.get((create.task_key, create.idempotency_key))
+                if run is not None:
+                    return run
+            if create.id is not None and create.id in by_id:
+                return same_run(by_id[create.id], create)
+            # Another server deleted the run it collided with in between: rare, and safe to retry.
+            raise StoreError("a run this create repeats was deleted meanwhile; nothing was saved, try again")
+
+        return repeated
+
+    def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
+        if not run_ids:
+            return {}
+        rows = self._execute(
+            "SELECT id, state_type FROM trioworker_task_runs WHERE id = ANY(%b::uuid[])", (list(run_ids),)
+        )
+        return {run_id: StateType(state) for run_id, state in rows}
+
+    def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
+        found = self._fetch(run_ids, lock=False)
+        return [found[i][2] for i in run_ids if i in found]
+
+    def list_runs(
+        self,
+        task_key: str | None,
+        state: StateType | None,
+        limit: int,
+        offset: int,
+        parent: uuid.UUID | None = None,
+        newest_first: bool = False,
+    ) -> list[TaskRun]:
+        if task_key is not None and "\x00" in task_key:
+            return []  # no task key holds NUL (PostgreSQL text cannot)
+        # Only the conditions given, so that the planner picks the index that fits them
+        # (by key, by state, by parent, or the runs' order alone).
+        where: list[str] = []
+        args: list[object] = []
+        for column, value in (
+            ("task_key = %b::text", task_key),
+            ("state_type = %b::text", None if state is None else state.value),
+            ("parent_id = %b::uuid", parent),
+        ):
+            if value is not None:
+                where.append(column)
+                args.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._execute(
+            f"SELECT parameters, body FROM trioworker_task_runs {clause}"
+            f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT %b OFFSET %b",
+            (*args, limit, offset),
+        )
+        return [run_from_row(p, b) for p, b in rows]
+
+    def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]:
+        bounds = _id_range(id_prefix)
+        if bounds is None:
+            return []
+        rows = self._execute(
+            "SELECT parameters, body FROM trioworker_task_runs WHERE id BETWEEN %b AND %b"
+            " ORDER BY id LIMIT %b",
+            (*bounds, limit),
+        )
+        return [run_from_row(p, b) for p, b in rows]
+
+    def count_runs(self) -> list[RunCount]:
+        rows = self._execute("SELECT task_key, state_type, count(*) FROM trioworker_task_runs GROUP BY 1, 2")
+        return [RunCount(key, StateType(state), n) for key, state, n in rows]
+
+    def count_ended(self, since: datetime) -> list[EndedCount]:
+        rows = self._execute(
+            "SELECT date_trunc('minute', s.timestamp AT TIME ZONE 'UTC'), r.task_key, s.type, count(*)"
+            " FROM trioworker_task_run_states AS s JOIN trioworker_task_runs AS r ON r.seq = s.run_seq"
+            f" WHERE s.type IN ({_TERMINAL_SQL}) AND s.timestamp >= %b"
+            " GROUP BY 1, 2, 3",
+            (since,),
+        )
+        counts = [EndedCount(minute.replace(tzinfo=UTC), key, StateType(t), n) for minute, key, t, n in rows]
+        return sorted(counts, key=lambda c: (c.minute, c.task_key, c.state_type.value))
+
+    def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        # The ready table holds the SCHEDULED runs: walk its task keys along the index (a
+        # skip scan, one probe per key), then take each key's first due run from the index.
+        rows = self._execute(
+            "WITH RECURSIVE keys AS ("
+            " (SELECT task_key FROM trioworker_ready ORDER BY task_key LIMIT 1)"
+            " UNION ALL SELECT (SELECT q.task_key FROM trioworker_ready AS q WHERE q.task_key > keys.task_key"
+            " ORDER BY q.task_key LIMIT 1) FROM keys WHERE keys.task_key IS NOT NULL)"
+            " SELECT r.parameters, r.body FROM keys CROSS JOIN LATERAL"
+            " (SELECT q.run_seq FROM trioworker_ready AS q WHERE q.task_key = keys.task_key"
+            " AND (q.scheduled_at IS NULL OR q.scheduled_at <= %b) ORDER BY q.run_seq LIMIT 1) AS first"
+            " JOIN trioworker_task_runs AS r ON r.seq = first.run_seq",
+            (now.timestamp(),),
+        )
+        return sorted((run_from_row(p, b) for p, b in rows), key=lambda run: run.task_key)
+
+    def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
+        row = self._execute("SELECT seq FROM trioworker_task_runs WHERE id = %b", (run_id,)).fetchone()
+        if row is None:
+            return None
+        rows = self._execute(
+            "SELECT type, timestamp, body FROM trioworker_task_run_states WHERE run_seq = %b ORDER BY id",
+            (row[0],),
+        )
+        changes = []
+        for state_type, timestamp, body in rows:
+            text = orjson.loads(body)
+            changes.append(
+                StateChange(StateType(state_type), text["name"], timestamp.astimezone(UTC), text["message"])
+            )
+        return changes
+
+    def claim_runs(
+        self,
+        run_ids: Sequence[uuid.UUID],
+        client_id: str,
+        now: datetime,
+        known: Mapping[uuid.UUID, TaskRun] | None = None,
+    ) -> list[TaskRun]:
+        """Claim the runs still SCHEDULED; ``known`` gives runs as the caller holds them
+        (they are claimed only when the store holds them the same).
+
+        The candidates come from ``trioworker_ready`` with ``FOR UPDATE SKIP LOCKED``: a run
+        another transaction is claiming right now is skipped, not waited for.
+        """
+        found = self._fetch(run_ids, lock=True, ready=True)
+        claims: dict[uuid.UUID, _Row] = {}
+        for run_id in run_ids:
+            if run_id not in found or run_id in claims:
+                continue
+            seq, rev, run = found[run_id]
+            if run.state.type is not StateType.SCHEDULED:
+                continue
+            if known is not None:
+                given = known[run_id]
+                if given is not run and given != run:
+                    continue  # changed since the caller's copy was made
+            claims[run_id] = (seq, rev, claimed_copy(run, client_id, now))
+        rows = list(claims.values())
+        self._save(rows, [(seq, run.state) for seq, _, run in rows])
+        return [run for _, _, run in rows]
+
+    def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float) -> list[Change]:
+        """Judge and apply proposed states; ``now`` is the dispatcher's clock (epoch seconds)."""
+        found = self._fetch((run_id for run_id, _ in requests), lock=True)
+        changes: list[Change] = []
+        changed: dict[uuid.UUID, _Row] = {}
+        logged: list[tuple[int, State]] = []
+        for run_id, request in requests:
+            if run_id not in found:
+                changes.append(missing_run_change())
+                continue
+            seq, rev, run = found[run_id]
+            result, changed_run = judged(run, request, now)
+            if changed_run is None:
+                changes.append(Change(result, run))
+                continue
+            # The write stays conditional on the rev that was read.
+            found[run_id] = changed[run_id] = (seq, rev, changed_run)
+            logged.append((seq, changed_run.state))
+            queued = queued_run(changed_run, seq) if changed_run.state.type is StateType.SCHEDULED else None
+            changes.append(Change(result, changed_run, queued))
+        self._save(list(changed.values()), logged)  # once per run, every state logged
+        return changes
+
+    def requeue(
+        self, run_ids: Sequence[uuid.UUID], reason: str, max_deliveries: int | None
+    ) -> list[Requeued]:
+        found = self._fetch(run_ids, lock=True)
+        out: list[Requeued] = []
+        rows: list[_Row] = []
+        now = utcnow()
+        for run_id in run_ids:
+            if run_id not in found:
+                out.append(Requeued(run_id, None, None))
+                continue
+            seq, rev, run = found[run_id]
+            if run.state.type in ACTIVE_STATES:
+                run = requeued(run, reason, max_deliveries, now)
+                found[run_id] = (seq, rev, run)  # named twice: requeued once
+                rows.append((seq, rev, run))
+            # SCHEDULED and not held: it was leased, but its claim never committed. Index it again.
+            queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
+            out.append(Requeued(run_id, run.state.type, queued))
+        self._save(rows, [(seq, run.state) for seq, _, run in rows])
+        return out
+
+    def reclaim(
+        self, run_ids: Sequence[uuid.UUID], client_id: str
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+        """Give back to ``client_id`` the runs nobody else took (:func:`.runs.reclaimed`)."""
+        found = self._fetch(run_ids, lock=True)
+        kept: list[uuid.UUID] = []
+        lost: list[uuid.UUID] = []
+        rows: list[_Row] = []
+        now = utcnow()
+        for run_id in run_ids:
+            row = found.get(run_id)
+            kept_run = None if row is None else reclaimed(row[2], client_id, now)
+            if row is None or kept_run is None:
+                lost.append(run_id)
+                continue
+            if kept_run is not row[2]:  # requeued meanwhile: RUNNING again under client_id
+                rows.append((row[0], row[1], kept_run))
+            kept.append(run_id)
+        self._save(rows, [(seq, run.state) for seq, _, run in rows])
+        return kept, lost
+
+    def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        found = self._fetch([run_id], lock=True)
+        if run_id not in found:
+            return None
+        seq, _, run = found[run_id]
+        self._execute(
+            "WITH history AS (DELETE FROM trioworker_task_run_states WHERE run_seq = %b),"
+            " queued AS (DELETE FROM trioworker_ready WHERE run_seq = %b)"
+            " DELETE FROM trioworker_task_runs WHERE seq = %b",
+            (seq, seq, seq),
+        )
+        self.cache.drop(run_id)
+        return run
+
+    #: The ends (terminal history rows) that are their run's last state, oldest first, along
+    #: the partial index of ends by time: a run set back to SCHEDULED has an end that is not
+    #: its last row. Format with ``conditions`` (on ``s``, the end, and ``r``, the run).
+    _ENDS: Final = (
+        "SELECT r.seq, r.id, s.timestamp FROM trioworker_task_run_states AS s"
+        " JOIN trioworker_task_runs AS r ON r.seq = s.run_seq"
+        f" WHERE s.type IN ({_TERMINAL_SQL}) AND r.state_type IN ({_TERMINAL_SQL}) {{conditions}}"
+        " AND NOT EXISTS (SELECT 1 FROM trioworker_task_run_states AS later"
+        " WHERE later.run_seq = s.run_seq AND later.id > s.id)"
+        " ORDER BY s.timestamp, s.id LIMIT %b"
+    )
+
+    def purge_ended(
+        self, before: datetime, task_key: str | None, state: StateType | None, limit: int
+    ) -> list[uuid.UUID]:
+        """Delete the runs that ended first, with their history, in one statement; a run
+        another transaction is changing right now is skipped (it may not stay ended)."""
+        if task_key is not None and "\x00" in task_key:
+            return []
+        conditions = "AND s.timestamp < %b"
+        args: list[object] = [before]
+        if task_key is not None:
+            conditions += " AND r.task_key = %b"
+            args.append(task_key)
+        if state is not None:
+            conditions += " AND r.state_type = %b"
+            args.append(state.value)
+        rows = self._execute(
+            f"WITH ended AS ({self._ENDS.format(conditions=conditions)} FOR UPDATE OF r SKIP LOCKED),"
+            " history AS (DELETE FROM trioworker_task_run_states AS h USING ended"
+            " WHERE h.run_seq = ended.seq),"
+            " runs AS (DELETE FROM trioworker_task_runs AS r USING ended WHERE r.seq = ended.seq)"
+            " SELECT id FROM ended ORDER BY timestamp, seq",
+            (*args, limit),
+        ).fetchall()
+        for (run_id,) in rows:
+            self.cache.drop(run_id)
+        return [run_id for (run_id,) in rows]
+
+    def oldest_end(self) -> datetime | None:
+        row = self._execute(self._ENDS.format(conditions=""), (1,)).fetchone()
+        return None if row is None else row[2].astimezone(UTC)
+
+    def recover(self, max_deliveries: int) -> list[QueuedRun]:
+        """At start: requeue every held run, and return every SCHEDULED run in order."""
+        held = [
+            run_id
+            for (run_id,) in self._execute(
+                "SELECT id FROM trioworker_task_runs WHERE state_type IN ('PENDING', 'RUNNING') ORDER BY seq"
+            )
+        ]
+        self.requeue(held, "redelivery", max_deliveries)
+        rows = self._execute(
+            "SELECT q.run_seq, q.run_id, q.task_key, q.scheduled_at, r.wait_for FROM trioworker_ready AS q"
+            " JOIN trioworker_task_runs AS r ON r.seq = q.run_seq ORDER BY q.run_seq"
+        )
+        return [QueuedRun(seq, run_id, key, at, tuple(wait or ())) for seq, run_id, key, at, wait in rows]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class _OperationFailed(Exception):
+    """An operation raised without savepoints: its group runs again, each in its own."""
+
+
+class PostgresStore(GroupCommitStore[_PostgresOps]):
+    """A :class:`~trioworker.server.store.base.Store` in a PostgreSQL database. Open it with
+    :meth:`open`; it lives as long as that block."""
+
+    def __init__(
+        self,
+        target: PostgresTarget,
+        send: trio.MemorySendChannel[Pending[_PostgresOps, object]],
+        *,
+        exclusive: bool = True,
+    ) -> None:
+        super().__init__(_PostgresOps(), send)
+        self.target = target
+        self._connection = _Connection(target, exclusive=exclusive)
+        #: The counts' connection (made on the first count, again after it was lost).
+        self._reader = _Connection(target, exclusive=False)
+        self._reader_ops = _PostgresOps()
+        self._reads_beside = True
+
+    @property
+    def location(self) -> str:
+        """``postgresql://USER@HOST:PORT/DB`` (never the password)."""
+        return self.target.location
+
+    @property
+    def kind(self) -> str:
+        return "postgresql"
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, *, exclusive: bool = True) -> AsyncIterator[PostgresStore]:
+        """Connect to the database ``url`` names, create or migrate its schema, and run the
+        committer.
+
+        Args:
+            exclusive: refuse to share the database (its schema) with another exclusive
+                store, as one server per SQLite file. ``False`` lets several stores use it
+                at once: the SQL keeps each run's changes atomic and its leases exclusive,
+                but each store's dispatcher knows only the runs queued through it.
+
+        Raises:
+            ValueError: ``url`` is not a PostgreSQL URL libpq can read.
+            StoreError: the database cannot be reached, refuses the login, does not exist,
+                or has a schema newer than this code knows. The message names the host,
+                port, database and user, never the password.
+            DatabaseInUse: another (exclusive) server has the database.
+
+        **Resource handling:** the committer task and the connections (the committer's, and
+        the counts' one, made on the first count) live exactly as long as the ``async with``
+        block (as :meth:`SQLiteStore.open <trioworker.server.store.sqlite.SQLiteStore.open>`'s).
+        When the database goes away, the operations of that moment fail with
+        :class:`StoreError`; the next ones connect again.
+        """
+        target = PostgresTarget.parse(url)
+        send, receive = trio.open_memory_channel[Pending[_PostgresOps, object]](math.inf)
+        store = cls(target, send, exclusive=exclusive)
+        try:
+            await trio.to_thread.run_sync(store._start)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store._commit_forever, receive)
+                try:
+                    yield store
+                finally:
+                    send.close()  # the committer finishes what is queued, then returns
+        finally:
+            send.close()
+            with trio.CancelScope(shield=True):
+                await store._close_reader(store._reader.close)  # after a count under way
+                await trio.to_thread.run_sync(store._connection.close)
+
+    def _start(self) -> None:
+        conn = self._connection.get()
+        self._ops.conn = conn
+        try:
+            self._ops.migrate()
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot set up the schema in {self.target.described}: {_first_line(exc)}"
+            ) from None
+
+    def _read_beside(self, op: Callable[[_PostgresOps], T]) -> T:
+        """Run ``op`` on the counts' connection (autocommit: each statement sees what was
+        committed before it began); once more on a new connection when the last one was
+        lost (it only reads).
+
+        Raises:
+            StoreError: PostgreSQL cannot be reached or failed to read.
+        """
+        for attempt in (1, 2):
+            conn = self._reader.get()
+            self._reader_ops.conn = conn
+            try:
+                return op(self._reader_ops)
+            except psycopg.Error as exc:
+                lost = _lost(exc, conn)
+                if lost:
+                    self._reader.drop()
+                if not lost or attempt == 2:
+                    raise StoreError(f"could not read {self.target.described}: {_first_line(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def _commit_group(self, group: list[Pending[_PostgresOps, object]]) -> None:
+        """Run ``group`` in one transaction, again when PostgreSQL asks (a deadlock) or when
+        the connection was lost before the commit was sent (nothing was saved: the next
+        attempt runs on a new connection). Operations run without savepoints (one round
+        trip each saved); when one raises, the group runs again with one savepoint each,
+        so that its failure undoes only its own writes."""
+        savepoints = False
+        attempts = 0
+        while True:
+            attempts += 1
+            conn = self._connection.get()
+            self._ops.conn = conn
+            committing = False
+            try:
+                with conn.transaction():
+                    self._run_ops(conn, group, savepoints=savepoints)
+                    committing = True
+                return
+            except _OperationFailed:
+                savepoints = True
+            except psycopg.Error as exc:
+                if _lost(exc, conn):
+                    self._connection.drop()
+                    reason = _first_line(exc)
+                    if committing:
+                        raise StoreError(
+                            f"the connection to {self.target.described} was lost while committing "
+                            f"({reason}); the operation may or may not have been saved"
+                        ) from None
+                    if attempts >= 2:
+                        raise StoreError(
+                            f"the connection to {self.target.described} was lost ({reason}); "
+                            "nothing of the operation was saved"
+                        ) from None
+                elif not (_retry(exc) and attempts < _ATTEMPTS):
+                    raise
+
+    def _run_ops(
+        self,
+        conn: _Conn,
+        group: list[Pending[_PostgresOps, object]],
+        *,
+        savepoints: bool,
+    ) -> None:
+        ops = self._ops
+        for pending in group:
+            pending.value = pending.error = None
+            if not savepoints:
+                try:
+                    pending.value = pending.op(ops)
+                except Exception as exc:
+                    if _lost(exc, conn) or _retry(exc):
+                        raise
+                    raise _OperationFailed from exc
+                continue
+            try:
+                with conn.transaction():  # a savepoint
+                    pending.value = pending.op(ops)
+            except Exception as exc:
+                if _lost(exc, conn) or _retry(exc):
+                    raise
+                pending.error = exc
