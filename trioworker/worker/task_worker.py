@@ -315,13 +315,29 @@ class TaskWorker(UsesServers):
         return f"<TaskWorker {self.client_id} {self._state.value} tasks={self.task_keys} limit={self.limit}>"
 
     # -- lifecycle
-    async def start(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until :meth:`stop`; reports ``started`` once subscribed.
+    async def start(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - Prefect's name: serve at most that long
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until :meth:`stop` (or until ``timeout`` seconds passed); reports ``started``
+        once subscribed.
+
+        Args:
+            timeout: serve for at most this many seconds (Trio's clock, counted from this
+                call), then stop as :meth:`stop` does, the grace period included, log that
+                the time ran out, and return normally. None (the default): until stopped.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN.
+            RuntimeError: the worker was started before.
 
         **Error handling:** a failing run never stops the worker (it ends FAILED). Errors
         of the worker itself (a refused API key, a status port in use) propagate: one error
         as itself, several at once as an exception group.
         """
+        _check_timeout(timeout)
         if self._state is not WorkerState.UNOPENED:
             raise RuntimeError("this TaskWorker was already started; create a new one to start again")
         self._state = WorkerState.RUNNING
@@ -340,7 +356,7 @@ class TaskWorker(UsesServers):
             open_stream=self._open_stream,
         )
         try:
-            await self._run_tree(send, receive, task_status)
+            await self._run_tree(send, receive, task_status, timeout)
         except BaseExceptionGroup as group:
             single = only_exception(group)
             if single is None:
@@ -355,6 +371,7 @@ class TaskWorker(UsesServers):
         send: trio.MemorySendChannel[TaskRun],
         receive: trio.MemoryReceiveChannel[TaskRun],
         task_status: trio.TaskStatus[None],
+        seconds: float | None = None,
     ) -> None:
         """The nursery tree (see the module docstring)."""
         # One client for everything the worker's runs say over REST (their own .delay()
@@ -363,6 +380,8 @@ class TaskWorker(UsesServers):
             connect(self.servers, self.api_key, open_stream=self._open_stream),
             trio.open_nursery() as nursery,
         ):
+            if seconds is not None:
+                nursery.start_soon(self._stop_at, trio.current_time() + seconds, seconds)
             if self.status_server_port is not None:
                 # Only here: a worker without a status port never imports quart or hypercorn.
                 from trioworker.worker.status import serve_status
@@ -445,6 +464,14 @@ class TaskWorker(UsesServers):
             )
         if self._grace_scope is not None:
             self._grace_scope.deadline = deadline
+
+    async def _stop_at(self, deadline: float, seconds: float) -> None:
+        """``start(timeout=...)``: stop at ``deadline`` (Trio time), as :meth:`stop` does.
+        Lives in the worker's nursery, which cancels it when the worker ends first."""
+        await trio.sleep_until(deadline)
+        if self._state is WorkerState.RUNNING:
+            log.info("worker %s: its timeout of %g s ran out", self.client_id, seconds)
+            self.stop()
 
     @asynccontextmanager
     async def _run_in_background(self) -> AsyncIterator[Self]:
@@ -784,6 +811,11 @@ class TaskWorker(UsesServers):
             self._claimed.discard(task_run.id)
 
 
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 (or None), got {timeout!r}")
+
+
 def _count(faults: dict[uuid.UUID, int], run_id: uuid.UUID) -> int:
     """Count one more fault for ``run_id`` in ``faults`` (the newest kept); the new count."""
     count = faults.pop(run_id, 0) + 1
@@ -797,12 +829,18 @@ async def serve(
     *tasks: Task[..., Any],
     limit: int | None = 10,
     status_server_port: int | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - Prefect's name: serve at most that long
     **options: Any,
 ) -> None:
-    """Serve ``tasks`` until SIGINT, SIGTERM or :class:`StopTaskWorker`; then return.
+    """Serve ``tasks`` until SIGINT, SIGTERM or :class:`StopTaskWorker` (or for at most
+    ``timeout`` seconds); then return.
 
     Use it as ``trio.run(serve, say, yell)`` or with ``functools.partial`` for options
     (any :class:`TaskWorker` argument). Any other error propagates.
+
+    **Timeout:** with ``timeout``, the worker stops once that many seconds passed since the
+    call, as a first signal stops it (the grace period included), logs that the time ran
+    out, and ``serve()`` returns normally (see :meth:`TaskWorker.start`).
 
     **Signals:** the first SIGINT or SIGTERM stops the worker with its grace period
     (``shutdown_grace_seconds``): no new runs, in-flight runs may finish, then the rest
@@ -823,11 +861,13 @@ async def serve(
     that blocks the event loop blocks signal handling too. The ``trioworker worker``
     process does not wait for such runs (it exits, see the CLI).
     """
-    await serve_worker(TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options))
+    worker = TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options)
+    await serve_worker(worker, timeout=timeout)
 
 
-async def serve_worker(worker: TaskWorker) -> None:
-    """:func:`serve` for a worker made beforehand (the same signals and ending)."""
+async def serve_worker(worker: TaskWorker, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    """:func:`serve` for a worker made beforehand (the same signals, timeout and ending)."""
+    _check_timeout(timeout)
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signals(*, task_status: trio.TaskStatus[None]) -> None:
@@ -844,7 +884,7 @@ async def serve_worker(worker: TaskWorker) -> None:
 
         await nursery.start(stop_on_signals)
         try:
-            await worker.start()
+            await worker.start(timeout=timeout)
         except* StopTaskWorker:
             log.info("StopTaskWorker: the worker stopped")
         nursery.cancel_scope.cancel()
