@@ -66,6 +66,8 @@ WORKER_ENV = {
     "TRIOWORKER_GRACE": "1.5",
     "TRIOWORKER_ALLOW_PICKLE": "yes",
     "TRIOWORKER_LOG_FORMAT": "json",
+    "TRIOWORKER_TIMEOUT": "90",
+    "TRIOWORKER_MODULE": "app.tasks,other.tasks",
 }
 WORKER_VALUES = {
     "limit": 4,
@@ -75,6 +77,8 @@ WORKER_VALUES = {
     "grace": 1.5,
     "allow_pickle": True,
     "log_format": "json",
+    "timeout": 90.0,
+    "modules": ["app.tasks", "other.tasks"],
 }
 
 
@@ -102,6 +106,8 @@ def test_every_option_comes_from_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "grace": 30.0,
         "allow_pickle": False,
         "log_format": "text",
+        "timeout": None,
+        "modules": None,
     }
     for name, value in {**SERVER_ENV, **WORKER_ENV}.items():
         monkeypatch.setenv(name, value)
