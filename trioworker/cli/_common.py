@@ -214,6 +214,15 @@ def stdout_console() -> Console:
     return Console(width=width)
 
 
+def print_json(value: object) -> None:
+    """``value`` (unstructured) on stdout as JSON, indented (for jq and for eyes), as the
+    API gives it (times in ISO 8601)."""
+    import orjson
+
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.flush()
+
+
 def local_time(when: datetime) -> str:
     """``when`` in the local time zone, to the second: ``2030-01-02 09:00:00``."""
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
