@@ -48,6 +48,8 @@ SERVER_ENV = {
     "TRIOWORKER_MAX_BODY_BYTES": "1024",
     "TRIOWORKER_RETENTION": "12h",
     "TRIOWORKER_LOG_FORMAT": "json",
+    "TRIOWORKER_CERTFILE": "/etc/tls/cert.pem",
+    "TRIOWORKER_KEYFILE": "/etc/tls/key.pem",
 }
 SERVER_VALUES = {
     "host": "0.0.0.0",
@@ -57,6 +59,8 @@ SERVER_VALUES = {
     "max_body_bytes": 1024,
     "retention": 12 * 3600.0,
     "log_format": "json",
+    "certfile": "/etc/tls/cert.pem",
+    "keyfile": "/etc/tls/key.pem",
 }
 WORKER_ENV = {
     "TRIOWORKER_LIMIT": "4",
@@ -97,6 +101,8 @@ def test_every_option_comes_from_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "max_body_bytes": 16 * 1024 * 1024,
         "retention": 7 * 24 * 3600.0,  # its default is given as text, "7d"
         "log_format": "text",
+        "certfile": None,
+        "keyfile": None,
     }
     assert defaults_worker == {
         "limit": 10,

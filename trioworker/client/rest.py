@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from functools import cache
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 
@@ -46,7 +45,8 @@ import orjson
 import trio
 
 from trioworker import protocol
-from trioworker._websocket import OpenStream, open_network_stream
+from trioworker._websocket import OpenStream
+from trioworker.connection import connection_options, tls_failure
 from trioworker.errors import ApiError, NotFound, ServerUnavailable
 from trioworker.models import (
     JSON,
@@ -80,19 +80,6 @@ DEFAULT_TIMEOUT: Final = 30.0
 CREATE_ATTEMPTS: Final = 8
 #: The longest single long-poll; longer waits are several.
 MAX_POLL_SECONDS: Final = 60.0
-
-
-@cache
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every client: building one costs milliseconds."""
-    return ssl.create_default_context()
-
-
-def headers_for(api_key: str | None) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
 
 
 def with_ids(creates: Sequence[TaskRunCreate]) -> list[TaskRunCreate]:
@@ -325,17 +312,31 @@ class _CreateRetries:
 
 
 class _Base(UsesServers):
-    def __init__(self, api_url: ApiUrls | None, api_key: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        api_url: ApiUrls | None,
+        api_key: str | None,
+        timeout: float,
+        ca_bundle: str | Path | None,
+        insecure: bool | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
         settings = Settings.from_env()
         #: The servers, and the one in use (shared with the client channel).
         self.servers = as_servers(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
         self.timeout = timeout
+        #: TLS and the extra headers (shared with the client channel).
+        self.connection = connection_options(ca_bundle, insecure, headers)
         #: Jitter for the pauses between attempts of a create.
         self._rng = random.Random()
 
     def _options(self) -> dict[str, Any]:
-        return {"headers": headers_for(self.api_key), "timeout": self.timeout, "verify": _ssl_context()}
+        return {
+            "headers": self.connection.http_headers(self.api_key),
+            "timeout": self.timeout,
+            "verify": self.connection.ssl_context,
+        }
 
     def _try_next(self, rounds: Rounds, url: str, call: _Call[Any], exc: httpx.TransportError) -> bool:
         """``call`` to ``url`` failed with ``exc``: move on; whether to send it to the next
@@ -361,7 +362,7 @@ class _Base(UsesServers):
         return args
 
     def _unreachable(self, exc: Exception) -> ServerUnavailable:
-        return ServerUnavailable(f"cannot reach {self.servers.describe()}: {exc!r}")
+        return ServerUnavailable(f"cannot reach {self.servers.describe()}: {tls_failure(exc) or repr(exc)}")
 
     @staticmethod
     def _parse(call: _Call[T], response: httpx.Response) -> T:
@@ -380,7 +381,16 @@ class TaskRunClient(_Base):
             ``ValueError`` if unusable (see :func:`trioworker.servers.api_roots`).
             :attr:`api_url` is the server in use, :attr:`api_urls` all of them.
         api_key: sent as a bearer token (default ``TRIOWORKER_API_KEY``).
+        timeout: seconds a request may take (long-polls add their wait); a create whose
+            answer was lost, or that the server's queue limit turned back, is tried again
+            within that long.
         transport: an httpx transport, for tests that do without a network.
+        ca_bundle, insecure, headers: how to connect (default ``TRIOWORKER_API_CA_BUNDLE``,
+            ``TRIOWORKER_API_INSECURE``, ``TRIOWORKER_API_HEADERS``): the CA certificates an
+            ``https://`` server's certificate is checked against (a PEM file or a folder;
+            default the system's), no check at all, headers sent on every request and
+            websocket handshake. See :mod:`trioworker.connection`; ``ValueError`` (one line
+            naming the setting) for one that cannot be used.
     """
 
     def __init__(
@@ -390,8 +400,11 @@ class TaskRunClient(_Base):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(api_url, api_key, timeout)
+        super().__init__(api_url, api_key, timeout, ca_bundle, insecure, headers)
         self._http = httpx.AsyncClient(transport=transport, **self._options())
         #: The client channel while :func:`connect` holds one open.
         self.channel: ClientChannel | None = None
@@ -557,7 +570,8 @@ class TaskRunClient(_Base):
 
 
 class SyncTaskRunClient(_Base):
-    """The blocking twin of :class:`TaskRunClient` (``httpx.Client``; no event loop)."""
+    """The blocking twin of :class:`TaskRunClient` (``httpx.Client``; no event loop); the
+    same arguments."""
 
     def __init__(
         self,
@@ -566,8 +580,11 @@ class SyncTaskRunClient(_Base):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(api_url, api_key, timeout)
+        super().__init__(api_url, api_key, timeout, ca_bundle, insecure, headers)
         self._http = httpx.Client(transport=transport, **self._options())
 
     def __enter__(self) -> Self:
@@ -690,7 +707,10 @@ async def connect(
     api_key: str | None = None,
     *,
     channel: bool = True,
-    open_stream: OpenStream = open_network_stream,
+    open_stream: OpenStream | None = None,
+    ca_bundle: str | Path | None = None,
+    insecure: bool | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> AsyncIterator[TaskRunClient]:
     """Use one client for every submission and future inside the block.
 
@@ -704,16 +724,23 @@ async def connect(
     the calls share one position in the list: when the channel finds its server gone, it
     opens on the next one, and the calls go there too.
 
+    ``ca_bundle``, ``insecure`` and ``headers`` say how to connect, over HTTP and over the
+    channel alike (see :class:`TaskRunClient`).
+
     **Resource handling:** the channel's socket and reader task live exactly as long as
     the block.
     """
     from trioworker.client.channel import open_channel
 
-    async with TaskRunClient(api_url, api_key) as client:
+    async with TaskRunClient(
+        api_url, api_key, ca_bundle=ca_bundle, insecure=insecure, headers=headers
+    ) as client:
         token = _current_async.set(client)
         try:
             if channel:
-                async with open_channel(client.servers, client.api_key, open_stream=open_stream) as opened:
+                async with open_channel(
+                    client.servers, client.api_key, open_stream=open_stream, connection=client.connection
+                ) as opened:
                     client.channel = opened
                     try:
                         yield client
@@ -726,9 +753,18 @@ async def connect(
 
 
 @contextmanager
-def connect_sync(api_url: ApiUrls | None = None, api_key: str | None = None) -> Iterator[SyncTaskRunClient]:
+def connect_sync(
+    api_url: ApiUrls | None = None,
+    api_key: str | None = None,
+    *,
+    ca_bundle: str | Path | None = None,
+    insecure: bool | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Iterator[SyncTaskRunClient]:
     """The blocking twin of :func:`connect` (``trioworker.sync.connect``)."""
-    with SyncTaskRunClient(api_url, api_key) as client:
+    with SyncTaskRunClient(
+        api_url, api_key, ca_bundle=ca_bundle, insecure=insecure, headers=headers
+    ) as client:
         token = _current_sync.set(client)
         try:
             yield client

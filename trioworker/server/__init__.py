@@ -39,6 +39,14 @@ class ServerConfig:
     retention: float = attrs.field(default=DEFAULT_RETENTION_SECONDS, validator=attrs.validators.ge(0))
     #: The dispatcher's clock (epoch seconds); the default is the real wall clock.
     clock: WallClock | None = None
+    #: Serve over TLS (``https://``, ``wss://``) with this certificate (chain) and its
+    #: private key, PEM files; both or neither.
+    certfile: str | Path | None = None
+    keyfile: str | Path | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together: give both, or neither")
 
 
 @attrs.frozen
@@ -94,10 +102,13 @@ async def serve_server(
                     app,
                     config.host,
                     config.port,
+                    certfile=None if config.certfile is None else str(config.certfile),
+                    keyfile=None if config.keyfile is None else str(config.keyfile),
                     label="trioworker server",
                     shutdown_trigger=shutdown_trigger,
                     websocket_max_message_size=config.max_body_bytes,
                     settings=("--host", "--port"),
+                    tls_settings=("--certfile", "--keyfile"),
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # the HTTP server stopped: so do the timers

@@ -26,9 +26,10 @@ import random
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, final
 
@@ -36,8 +37,9 @@ import httpx
 import trio
 
 from trioworker._util import only_exception
-from trioworker._websocket import OpenStream, open_network_stream
+from trioworker._websocket import OpenStream
 from trioworker.client.rest import TaskRunClient, connect, using_client
+from trioworker.connection import connection_options
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import (
     SetStateResult,
@@ -147,6 +149,12 @@ class TaskWorker(UsesServers):
             server). A run waits in the buffer only while no other worker of its task has
             a free slot; when one gets one, the server takes back the runs not started.
             Without a limit there is nothing to wait for, and prefetch is 0.
+        ca_bundle, insecure, headers: how to connect to the servers, over HTTP and
+            websockets alike (default ``TRIOWORKER_API_CA_BUNDLE``,
+            ``TRIOWORKER_API_INSECURE``, ``TRIOWORKER_API_HEADERS``): the CA certificates an
+            ``https://`` server's certificate is checked against (a PEM file or a folder;
+            default the system's), no check at all (a warning is logged), headers sent on
+            every request and websocket handshake (see :mod:`trioworker.connection`).
         open_stream: a test seam: opens the byte stream under the worker's websockets
             (the subscription and the client channel; see :mod:`trioworker._websocket`).
             The default is TCP, with TLS for ``https://``; tests pass one that returns
@@ -184,7 +192,10 @@ class TaskWorker(UsesServers):
         allow_pickle: bool = False,
         client_id: str | None = None,
         prefetch: int = 0,
-        open_stream: OpenStream = open_network_stream,
+        open_stream: OpenStream | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._tasks = _check_tasks(tasks)
         if limit is not None and limit < 1:
@@ -197,6 +208,8 @@ class TaskWorker(UsesServers):
         #: The servers, and the one in use (shared by the subscription and the REST client).
         self.servers = as_servers(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
+        #: TLS and the extra headers of every connection to the servers.
+        self.connection = connection_options(ca_bundle, insecure, headers)
         self.limit = limit
         self.shutdown_grace_seconds = shutdown_grace_seconds
         self.status_server_port = status_server_port
@@ -237,6 +250,18 @@ class TaskWorker(UsesServers):
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
         self._open_stream = open_stream
+
+    def _connect(self) -> contextlib.AbstractAsyncContextManager[TaskRunClient]:
+        """:func:`trioworker.connect` to this worker's servers, as this worker connects."""
+        options = self.connection
+        return connect(
+            self.servers,
+            self.api_key,
+            open_stream=self._open_stream,
+            ca_bundle=options.ca_bundle,
+            insecure=options.insecure,
+            headers=dict(options.headers),
+        )
 
     # -- what users read
     @property
@@ -354,6 +379,7 @@ class TaskWorker(UsesServers):
             on_cancel=self._on_cancel,
             prefetch=self.prefetch,
             open_stream=self._open_stream,
+            connection=self.connection,
         )
         try:
             await self._run_tree(send, receive, task_status, timeout)
@@ -377,7 +403,7 @@ class TaskWorker(UsesServers):
         # One client for everything the worker's runs say over REST (their own .delay()
         # calls included: it is the ambient client of their context).
         async with (
-            connect(self.servers, self.api_key, open_stream=self._open_stream),
+            self._connect(),
             trio.open_nursery() as nursery,
         ):
             if seconds is not None:
@@ -801,7 +827,7 @@ class TaskWorker(UsesServers):
         task = self._tasks.get(task_run.task_key)
         self._claimed.add(task_run.id)
         try:
-            async with connect(self.servers, self.api_key, open_stream=self._open_stream) as client:
+            async with self._connect() as client:
                 if task is None:
                     await self._unknown_key(task_run, lambda ids: None)
                     return
