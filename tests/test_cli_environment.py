@@ -48,6 +48,7 @@ SERVER_ENV = {
     "TRIOWORKER_MAX_BODY_BYTES": "1024",
     "TRIOWORKER_RETENTION": "12h",
     "TRIOWORKER_LOG_FORMAT": "json",
+    "TRIOWORKER_MAX_QUEUED": "1000",
     "TRIOWORKER_CERTFILE": "/etc/tls/cert.pem",
     "TRIOWORKER_KEYFILE": "/etc/tls/key.pem",
 }
@@ -59,6 +60,7 @@ SERVER_VALUES = {
     "max_body_bytes": 1024,
     "retention": 12 * 3600.0,
     "log_format": "json",
+    "max_queued": 1000,
     "certfile": "/etc/tls/cert.pem",
     "keyfile": "/etc/tls/key.pem",
 }
@@ -101,6 +103,7 @@ def test_every_option_comes_from_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "max_body_bytes": 16 * 1024 * 1024,
         "retention": 7 * 24 * 3600.0,  # its default is given as text, "7d"
         "log_format": "text",
+        "max_queued": None,
         "certfile": None,
         "keyfile": None,
     }

@@ -54,6 +54,7 @@ async def run_server(args: argparse.Namespace) -> None:
         max_deliveries=args.max_deliveries,
         max_body_bytes=args.max_body_bytes,
         retention=args.retention,
+        max_queued=args.max_queued,
         certfile=args.certfile,
         keyfile=args.keyfile,
     )
@@ -114,6 +115,14 @@ def add_server_command(commands: Any) -> None:
         metavar="DURATION",
         help="delete runs (with their results and history) this long after they ended: seconds, "
         "or a number with a unit (s, m, h, d, w), e.g. 12h; 0 keeps every run (default 7d)",
+    )
+    server.add_argument(
+        "--max-queued",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="at most N runs of one task key wait for a worker; a create beyond that answers 429 with "
+        "Retry-After, and clients wait and send it again (default: no limit)",
     )
     server.add_argument(
         "--certfile",

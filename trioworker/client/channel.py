@@ -42,7 +42,7 @@ from trioworker._websocket import (
 )
 from trioworker._websocket import connect as open_socket
 from trioworker.connection import ConnectionOptions, connection_options, tls_failure
-from trioworker.errors import ApiError, NotFound, ServerUnavailable
+from trioworker.errors import NotFound, ServerUnavailable, api_error
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
 from trioworker.protocol import CHANNEL_PATH, CLOSE_PROTOCOL_ERROR, socket_url
 from trioworker.servers import ApiUrls, Rounds, Servers, UsesServers, as_servers
@@ -272,7 +272,7 @@ class ClientChannel(UsesServers):
                     raise TypeError(f"status {status!r} is not a whole number")
                 call = self._calls.get(_ref(message))
                 if call is not None:
-                    call.error = (NotFound if status == 404 else ApiError)(status, str(detail))
+                    call.error = api_error(status, str(detail), message)
                     call.done.set()
             elif kind == protocol.ENDED:
                 ended = converter.structure(message["task_runs"], list[TaskRun])

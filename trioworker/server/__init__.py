@@ -15,6 +15,7 @@ import trio
 from trioworker._http import serve_app
 from trioworker.protocol import api_root
 from trioworker.server.app import create_app
+from trioworker.server.limits import QueueLimit
 from trioworker.server.queue import Dispatcher, WallClock
 from trioworker.server.retention import keep_retention
 from trioworker.server.service import TaskRunService
@@ -41,6 +42,9 @@ class ServerConfig:
     clock: WallClock | None = None
     #: Serve over TLS (``https://``, ``wss://``) with this certificate (chain) and its
     #: private key, PEM files; both or neither.
+    #: At most this many runs of one task key wait for a worker; a create beyond it answers
+    #: 429 (see :mod:`~trioworker.server.limits`). None: no bound.
+    max_queued: int | None = None
     certfile: str | Path | None = None
     keyfile: str | Path | None = None
 
@@ -82,7 +86,9 @@ async def serve_server(
     closing = trio.Event()
     async with open_store(config.db_path) as store:
         dispatcher = Dispatcher(clock=config.clock) if config.clock else Dispatcher()
-        service = TaskRunService(store, dispatcher, max_deliveries=config.max_deliveries)
+        service = TaskRunService(
+            store, dispatcher, max_deliveries=config.max_deliveries, queue_limit=QueueLimit(config.max_queued)
+        )
         queued = await service.recover()
         app = create_app(
             service, api_key=config.api_key, max_body_bytes=config.max_body_bytes, closing=closing
