@@ -48,6 +48,9 @@ SERVER_ENV = {
     "TRIOWORKER_MAX_BODY_BYTES": "1024",
     "TRIOWORKER_RETENTION": "12h",
     "TRIOWORKER_LOG_FORMAT": "json",
+    "TRIOWORKER_MAX_QUEUED": "1000",
+    "TRIOWORKER_CERTFILE": "/etc/tls/cert.pem",
+    "TRIOWORKER_KEYFILE": "/etc/tls/key.pem",
 }
 SERVER_VALUES = {
     "host": "0.0.0.0",
@@ -57,6 +60,9 @@ SERVER_VALUES = {
     "max_body_bytes": 1024,
     "retention": 12 * 3600.0,
     "log_format": "json",
+    "max_queued": 1000,
+    "certfile": "/etc/tls/cert.pem",
+    "keyfile": "/etc/tls/key.pem",
 }
 WORKER_ENV = {
     "TRIOWORKER_LIMIT": "4",
@@ -66,6 +72,8 @@ WORKER_ENV = {
     "TRIOWORKER_GRACE": "1.5",
     "TRIOWORKER_ALLOW_PICKLE": "yes",
     "TRIOWORKER_LOG_FORMAT": "json",
+    "TRIOWORKER_TIMEOUT": "90",
+    "TRIOWORKER_MODULE": "app.tasks,other.tasks",
 }
 WORKER_VALUES = {
     "limit": 4,
@@ -75,6 +83,8 @@ WORKER_VALUES = {
     "grace": 1.5,
     "allow_pickle": True,
     "log_format": "json",
+    "timeout": 90.0,
+    "modules": ["app.tasks", "other.tasks"],
 }
 
 
@@ -93,6 +103,9 @@ def test_every_option_comes_from_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "max_body_bytes": 16 * 1024 * 1024,
         "retention": 7 * 24 * 3600.0,  # its default is given as text, "7d"
         "log_format": "text",
+        "max_queued": None,
+        "certfile": None,
+        "keyfile": None,
     }
     assert defaults_worker == {
         "limit": 10,
@@ -102,6 +115,8 @@ def test_every_option_comes_from_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "grace": 30.0,
         "allow_pickle": False,
         "log_format": "text",
+        "timeout": None,
+        "modules": None,
     }
     for name, value in {**SERVER_ENV, **WORKER_ENV}.items():
         monkeypatch.setenv(name, value)

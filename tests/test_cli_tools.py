@@ -73,20 +73,25 @@ def tasks_file(tmp_path: Path) -> Path:
     return path
 
 
+async def run_trioworker(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """``trioworker ARGS`` in a subprocess with ``env``, its output captured."""
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [sys.executable, "-m", "trioworker", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+
+
 def make_cli(api_url: str) -> Cli:
     """``await cli("runs", "--limit", "5")``: the command in a subprocess, output captured."""
     env = {**os.environ, "TRIOWORKER_API_URL": api_url, "COLUMNS": "200"}
     env.pop("TRIOWORKER_API_KEY", None)
 
     async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
-        with trio.fail_after(30):
-            return await trio.run_process(
-                [sys.executable, "-m", "trioworker", *args],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env=env,
-            )
+        return await run_trioworker(*args, env=env)
 
     return run
 

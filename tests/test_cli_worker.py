@@ -205,13 +205,13 @@ def test_worker_options() -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        [],
         ["a:b", "--limit", "0"],
         ["a:b", "--limit", "x"],
         ["a:b", "--limit", "2", "--no-limit"],
         ["a:b", "--grace", "-1"],
         ["a:b", "--grace", "nan"],
         ["a:b", "--status-port", "70000"],
+        ["a:b", "--timeout", "-1"],
     ],
 )
 def test_worker_rejects_bad_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

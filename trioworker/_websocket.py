@@ -7,15 +7,18 @@ The worker's subscription (:mod:`trioworker.worker.subscription`) and the submit
 channel (:mod:`trioworker.client.channel`) speak different halves of the protocol over the
 same kind of connection; what they have in common lives here, once.
 
+TLS and the extra headers of the handshake are the client's
+:class:`~trioworker.connection.ConnectionOptions`, the same as its REST calls use.
+
 **Test seam:** the byte stream under a websocket is opened by an :data:`OpenStream`
-(:func:`open_network_stream`, TCP and TLS, unless told otherwise). Tests pass one that
-returns an end of :func:`trio.testing.memory_stream_pair` and speak the server's part on
-the other end, as Trio's own tests do: the whole client runs, without a socket.
+(:meth:`ConnectionOptions.open_stream <trioworker.connection.ConnectionOptions.open_stream>`,
+TCP and TLS, unless told otherwise). Tests pass one that returns an end of
+:func:`trio.testing.memory_stream_pair` and speak the server's part on the other end, as
+Trio's own tests do: the whole client runs, without a socket.
 """
 
 from __future__ import annotations
 
-import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +35,7 @@ from trio_websocket import (
 )
 
 from trioworker._util import only_exception
+from trioworker.connection import ConnectionOptions, connection_options
 from trioworker.models import JSON
 from trioworker.protocol import CLOSE_POLICY, CLOSE_PROTOCOL
 
@@ -53,19 +57,12 @@ CONNECT_TIMEOUT: Final = 10.0
 OpenStream: TypeAlias = Callable[[str, int, bool], Awaitable[trio.abc.Stream]]
 
 
-async def open_network_stream(host: str, port: int, secure: bool) -> trio.abc.Stream:
-    """The default :data:`OpenStream`: TCP to ``host:port``, with TLS (verified against the
-    system's trust store) when ``secure``. Raises OSError (TLS errors included) on failure."""
-    if secure:
-        return await trio.open_ssl_over_tcp_stream(
-            host, port, ssl_context=ssl.create_default_context(), https_compatible=True
-        )
-    return await trio.open_tcp_stream(host, port)
-
-
 @asynccontextmanager
 async def connect(
-    url: str, token: str | None = None, *, open_stream: OpenStream = open_network_stream
+    url: str,
+    *,
+    open_stream: OpenStream | None = None,
+    connection: ConnectionOptions | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     """Open a websocket to ``url`` (``ws://`` or ``wss://``); its byte stream is ours and is
     always closed on the way out.
@@ -76,20 +73,23 @@ async def connect(
 
     Args:
         open_stream: opens the stream under the websocket (a test seam, see the module
-            docstring); the default is TCP, with TLS for ``wss://``.
+            docstring); the default is ``connection``'s: TCP, with TLS for ``wss://``.
+        connection: TLS and the handshake's extra headers (default: from the environment,
+            see :func:`~trioworker.connection.connection_options`).
 
     Raises:
         OSError: the stream could not be opened (TCP or TLS failed).
         HandshakeError: the handshake was refused (:class:`ConnectionRejected`) or took
             longer than CONNECT_TIMEOUT (:class:`ConnectionTimeout`).
     """
+    connection = connection or connection_options()
     parts = urllib.parse.urlsplit(url)
     secure = parts.scheme == "wss"
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     with trio.move_on_after(CONNECT_TIMEOUT) as opening:
-        stream = await open_stream(host, port, secure)
+        stream = await (open_stream or connection.open_stream)(host, port, secure)
     if opening.cancelled_caught:
         raise ConnectionTimeout
     body_error: BaseException | None = None
@@ -103,6 +103,7 @@ async def connect(
                     stream,  # type: ignore[arg-type]
                     host if port in (80, 443) else f"{host}:{port}",
                     resource,
+                    extra_headers=connection.websocket_headers,
                     message_queue_size=64,
                     max_message_size=MAX_MESSAGE_BYTES,
                 )

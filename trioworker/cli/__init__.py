@@ -4,6 +4,7 @@
 - :mod:`~trioworker.cli.worker`: ``worker`` (and loading tasks by ``MODULE:TASK``)
 - :mod:`~trioworker.cli.runs`: ``submit``, ``runs``, ``run`` (talking to a server)
 - :mod:`~trioworker.cli.manage`: ``cancel``, ``retry``, ``delete``, ``purge`` (changing runs)
+- :mod:`~trioworker.cli.workers`: ``workers`` (the workers connected to a server)
 - :mod:`~trioworker.cli.status`: ``status`` (talking to a worker's status server)
 - :mod:`~trioworker.cli.demo`: ``demo`` (:mod:`~trioworker.cli.demo_runner` runs it, with the
   tasks of :mod:`~trioworker.cli.demo_tasks`)
@@ -37,6 +38,7 @@ from trioworker.cli.runs import add_runs_commands
 from trioworker.cli.server import add_server_command
 from trioworker.cli.status import add_status_command
 from trioworker.cli.worker import add_worker_command
+from trioworker.cli.workers import add_workers_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_command(commands)
     add_runs_commands(commands)
     add_manage_commands(commands)
+    add_workers_command(commands)
     add_status_command(commands)
     return parser
 

@@ -37,17 +37,21 @@ def short_id(run_id: uuid.UUID) -> str:
 @contextmanager
 def api_errors(api_urls: Sequence[str]) -> Iterator[None]:
     """The client's errors as one line each (a :class:`CommandError`)."""
+    from trioworker.connection import tls_failure
     from trioworker.errors import ApiError, NotFound, ServerUnavailable
     from trioworker.servers import as_servers
 
     try:
         yield
     except ServerUnavailable as exc:
+        servers = as_servers(api_urls).describe()
+        tls = tls_failure(exc)
+        if tls is not None:
+            raise CommandError(f"cannot reach {servers}: {tls}") from None
         cause = exc.__cause__
         reason = f": {cause}" if cause is not None and str(cause) else ""
         raise CommandError(
-            f"cannot reach {as_servers(api_urls).describe()}{reason} "
-            "(is it running? set --api-url or TRIOWORKER_API_URL)"
+            f"cannot reach {servers}{reason} (is it running? set --api-url or TRIOWORKER_API_URL)"
         ) from None
     except NotFound as exc:
         raise CommandError(exc.detail) from None

@@ -184,13 +184,22 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
 
 def api_roots_of(args: argparse.Namespace) -> tuple[str, ...]:
     """The API roots of ``--api-url``, else of ``TRIOWORKER_API_URL``, in order;
-    CommandError (one line) if one is unusable, empty or given twice."""
+    CommandError (one line) if one is unusable, empty or given twice, or if a connection
+    setting (``TRIOWORKER_API_CA_BUNDLE``, ``TRIOWORKER_API_INSECURE``,
+    ``TRIOWORKER_API_HEADERS``) cannot be used."""
+    from trioworker.connection import connection_options
+
     api_url = args.api_url or Settings.from_env().api_url
     try:
-        return api_roots(api_url)
+        roots = api_roots(api_url)
     except ValueError as exc:
         source = "--api-url" if args.api_url else "TRIOWORKER_API_URL"
         raise CommandError(f"unusable API URL from {source}: {exc}") from None
+    try:
+        connection_options()  # checked once here: the clients read the same settings
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    return roots
 
 
 def api_of(args: argparse.Namespace) -> tuple[tuple[str, ...], str | None]:
@@ -212,6 +221,15 @@ def stdout_console() -> Console:
     if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
         width = PIPED_WIDTH
     return Console(width=width)
+
+
+def print_json(value: object) -> None:
+    """``value`` (unstructured) on stdout as JSON, indented (for jq and for eyes), as the
+    API gives it (times in ISO 8601)."""
+    import orjson
+
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.flush()
 
 
 def local_time(when: datetime) -> str:

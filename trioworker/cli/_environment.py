@@ -5,7 +5,8 @@ underscores (``--max-deliveries`` is ``TRIOWORKER_MAX_DELIVERIES``, ``--no-limit
 ``TRIOWORKER_NO_LIMIT``). A flag given on the command line wins over its variable; a variable
 wins over the option's default. A variable set to an empty string counts as unset. A flag
 without a value (``--allow-pickle``) is set by ``1``, ``true``, ``yes`` or ``on``, and left
-alone by ``0``, ``false``, ``no`` or ``off``. A value the option would refuse is one line
+alone by ``0``, ``false``, ``no`` or ``off``. A repeatable option (``--module``) takes a
+comma-separated list. A value the option would refuse is one line
 naming the variable (:class:`~trioworker.cli._common.CommandError`).
 
 ``--api-url`` and ``--api-key`` keep their variables (``TRIOWORKER_API_URL``,
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -68,6 +69,15 @@ class EnvOption:
     def is_flag(self) -> bool:
         return self.action.nargs == 0
 
+    @property
+    def is_repeatable(self) -> bool:
+        """Given once or more on the command line (``--module``): its variable is a list."""
+        return isinstance(self.action, argparse._AppendAction)
+
+    def given(self, value: object) -> bool:
+        """Whether ``value``, the option's after the command line was parsed, came from it."""
+        return value is not UNSET and not (self.is_repeatable and value is None)
+
     def fallback(self) -> object:
         """The option's default, converted as argparse converts a default given as text."""
         if isinstance(self.default, str) and not self.is_flag and callable(self.action.type):
@@ -87,6 +97,14 @@ class EnvOption:
                 f"{self.variable}: expected {', '.join(YES)} (or {', '.join(NO)}), got {text!r}"
             )
         convert = self.action.type if callable(self.action.type) else str
+        if self.is_repeatable:  # a comma-separated list
+            items = [item.strip() for item in text.split(",") if item.strip()]
+            return [self._converted(convert, item) for item in items] or UNSET
+        return self._converted(convert, text)
+
+    def _converted(self, convert: Callable[[str], object], text: str) -> object:
+        """``convert(text)``, checked against the option's choices; CommandError naming the
+        variable for a value the option refuses."""
         try:
             value = convert(text)
         except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
@@ -131,7 +149,8 @@ def parsing_with_environment(parser: argparse.ArgumentParser) -> None:
     parse: the parser is built for it), so that :func:`read_environment` tells apart an
     option given on the command line."""
     for option in _options_of(parser):
-        if option.action.default is not argparse.SUPPRESS:
+        # A repeatable option appends to its default: it stays None (not given) instead.
+        if option.action.default is not argparse.SUPPRESS and not option.is_repeatable:
             option.action.default = UNSET
 
 
@@ -150,7 +169,7 @@ def read_environment(args: argparse.Namespace, environ: Mapping[str, str] | None
     for option in getattr(args, OPTIONS_DEST, ()):
         by_dest.setdefault(option.action.dest, []).append(option)
     for dest, options in by_dest.items():
-        if getattr(args, dest, UNSET) is not UNSET:
+        if options[0].given(getattr(args, dest, UNSET)):
             continue  # given on the command line
         values = [
             (o, v) for o in options if env.get(o.variable) and (v := o.value(env[o.variable])) is not UNSET

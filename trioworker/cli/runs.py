@@ -21,6 +21,7 @@ from trioworker.cli._common import (
     count,
     local_time,
     positive_int,
+    print_json,
     seconds,
     stdout_console,
 )
@@ -164,15 +165,6 @@ def _page_size(text: str) -> int:
 
 #: The most runs the server lists in one answer.
 MAX_RUNS_LISTED: Final = 1000
-
-
-def print_json(value: object) -> None:
-    """``value`` (unstructured) on stdout as JSON, indented (for jq and for eyes), as the
-    API gives it (times in ISO 8601)."""
-    import orjson
-
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
-    sys.stdout.flush()
 
 
 async def _run_runs(args: argparse.Namespace) -> None:

@@ -39,6 +39,10 @@ async def run_server(args: argparse.Namespace) -> None:
     from trioworker.server.store import StoreError, check_database
 
     settings = Settings.from_env()
+    if (args.certfile is None) != (args.keyfile is None):
+        given, missing = ("certfile", "keyfile") if args.keyfile is None else ("keyfile", "certfile")
+        source = args.from_environment.get(given, f"--{given}")
+        raise CommandError(f"{source} needs --{missing} (or {variable_of('--' + missing)}): TLS takes both")
     try:
         db_path = check_database(settings.db_path if args.db is None else args.db)
     except ValueError as exc:
@@ -51,6 +55,9 @@ async def run_server(args: argparse.Namespace) -> None:
         max_deliveries=args.max_deliveries,
         max_body_bytes=args.max_body_bytes,
         retention=args.retention,
+        max_queued=args.max_queued,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
     )
     if config.host.strip("[]") in ALL_INTERFACES and config.api_key is None:
         log.warning(
@@ -111,6 +118,24 @@ def add_server_command(commands: Any) -> None:
         metavar="DURATION",
         help="delete runs (with their results and history) this long after they ended: seconds, "
         "or a number with a unit (s, m, h, d, w), e.g. 12h; 0 keeps every run (default 7d)",
+    )
+    server.add_argument(
+        "--max-queued",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="at most N runs of one task key wait for a worker; a create beyond that answers 429 with "
+        "Retry-After, and clients wait and send it again (default: no limit)",
+    )
+    server.add_argument(
+        "--certfile",
+        default=None,
+        metavar="PEM",
+        help="serve over TLS (https:// and wss://) with this certificate, or certificate chain, "
+        "in PEM (with --keyfile)",
+    )
+    server.add_argument(
+        "--keyfile", default=None, metavar="PEM", help="the private key of --certfile, in PEM (unencrypted)"
     )
     add_log_format_option(server)
     from_environment(server)

@@ -38,11 +38,11 @@ from trioworker._websocket import (
     OpenStream,
     connection_failure,
     explain_error,
-    open_network_stream,
     parse_message,
 )
 from trioworker._websocket import connect as open_socket
-from trioworker.errors import ApiError, NotFound, ServerUnavailable
+from trioworker.connection import ConnectionOptions, connection_options, tls_failure
+from trioworker.errors import NotFound, ServerUnavailable, api_error
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
 from trioworker.protocol import CHANNEL_PATH, CLOSE_PROTOCOL_ERROR, socket_url
 from trioworker.servers import ApiUrls, Rounds, Servers, UsesServers, as_servers
@@ -103,8 +103,10 @@ class ClientChannel(UsesServers):
     _flushing: bool = False
     #: The API root of the connection open now, or tried last.
     _url: str = attrs.field(default="", init=False)
+    #: TLS and the handshake's extra headers (see :mod:`trioworker.connection`).
+    connection: ConnectionOptions = attrs.field(factory=connection_options, kw_only=True)
     #: A test seam: opens the byte stream under each connection (see trioworker._websocket).
-    _open_stream: OpenStream = attrs.field(default=open_network_stream, kw_only=True)
+    _open_stream: OpenStream | None = attrs.field(default=None, kw_only=True)
 
     @property
     def usable(self) -> bool:
@@ -202,7 +204,9 @@ class ClientChannel(UsesServers):
             url = self._url = self.servers.current
             failure: Exception | None
             try:
-                async with open_socket(channel_url(url), open_stream=self._open_stream) as ws:
+                async with open_socket(
+                    channel_url(url), open_stream=self._open_stream, connection=self.connection
+                ) as ws:
                     await ws.send_message(
                         orjson.dumps({"type": protocol.AUTH, "token": self.api_key}).decode()
                     )
@@ -268,7 +272,7 @@ class ClientChannel(UsesServers):
                     raise TypeError(f"status {status!r} is not a whole number")
                 call = self._calls.get(_ref(message))
                 if call is not None:
-                    call.error = (NotFound if status == 404 else ApiError)(status, str(detail))
+                    call.error = api_error(status, str(detail), message)
                     call.done.set()
             elif kind == protocol.ENDED:
                 ended = converter.structure(message["task_runs"], list[TaskRun])
@@ -299,7 +303,7 @@ class ClientChannel(UsesServers):
         self.broken = exc
         self._lost.set()
         self._open = trio.Event()
-        what = str(exc) if isinstance(exc, MalformedMessage) else repr(exc)
+        what = str(exc) if isinstance(exc, MalformedMessage) else tls_failure(exc) or repr(exc)
         log.warning("channel to %s lost (%s); using HTTP until it is open again", self._url, what)
         for call in self._calls.values():
             call.error = self._unavailable()
@@ -319,17 +323,24 @@ def _ref(message: dict[str, JSON]) -> int:
 
 @asynccontextmanager
 async def open_channel(
-    api_url: ApiUrls, api_key: str | None, *, open_stream: OpenStream = open_network_stream
+    api_url: ApiUrls,
+    api_key: str | None,
+    *,
+    open_stream: OpenStream | None = None,
+    connection: ConnectionOptions | None = None,
 ) -> AsyncIterator[ClientChannel | None]:
     """The channel, or None when it cannot be opened (an older server: use HTTP).
 
-    ``api_url``: one server or several (see :class:`ClientChannel`).
+    ``api_url``: one server or several (see :class:`ClientChannel`). ``connection``: TLS
+    and the handshake's extra headers (default: from the environment).
 
     ``open_stream`` is a test seam (see :mod:`trioworker._websocket`).
 
     **Resource handling:** its task and socket live exactly as long as the block.
     """
-    channel = ClientChannel(None, api_url, api_key, open_stream=open_stream)
+    channel = ClientChannel(
+        None, api_url, api_key, open_stream=open_stream, connection=connection or connection_options()
+    )
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

@@ -4,12 +4,15 @@
 Both build the same requests (:class:`_Call`) and parse the same answers; only the
 transport differs. Errors are translated where they happen: a refused or broken connection
 becomes :class:`~trioworker.errors.ServerUnavailable`, an error status an
-:class:`~trioworker.errors.ApiError` (:class:`~trioworker.errors.NotFound` for 404).
+:class:`~trioworker.errors.ApiError` (:class:`~trioworker.errors.NotFound` for 404,
+:class:`~trioworker.errors.QueueFull` for 429).
 
 Creates are the exception to "raise at once": every run they create carries an id the
 client chose, so a create whose answer was lost (the client channel, or its HTTP
 connection, dropped after it was sent) is sent again over HTTP with the same ids, and the
-server answers a repeat with the run it already made: never two runs, never none.
+server answers a repeat with the run it already made: never two runs, never none. So is
+a create that a server's queue limit turned back (429), once there is room: the creates
+that fit go first (see :class:`_Backpressure`).
 
 **Several servers** (``api_url="http://a:4300,http://b:4300"`` or a list: replicas of one
 deployment) are used by the failover rule of :mod:`trioworker.servers`: a call goes to the
@@ -30,13 +33,12 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from functools import cache
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 
@@ -46,8 +48,9 @@ import orjson
 import trio
 
 from trioworker import protocol
-from trioworker._websocket import OpenStream, open_network_stream
-from trioworker.errors import ApiError, NotFound, ServerUnavailable
+from trioworker._websocket import OpenStream
+from trioworker.connection import connection_options, tls_failure
+from trioworker.errors import QueueFull, ServerUnavailable, api_error
 from trioworker.models import (
     JSON,
     PurgeRequest,
@@ -82,19 +85,6 @@ CREATE_ATTEMPTS: Final = 8
 MAX_POLL_SECONDS: Final = 60.0
 
 
-@cache
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every client: building one costs milliseconds."""
-    return ssl.create_default_context()
-
-
-def headers_for(api_key: str | None) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
-
-
 def with_ids(creates: Sequence[TaskRunCreate]) -> list[TaskRunCreate]:
     """``creates``, each with an ``id`` (a fresh uuid4 where it has none): what makes
     sending one again safe."""
@@ -109,12 +99,18 @@ def _not_sent(exc: httpx.TransportError) -> bool:
 def _raise_for_status(response: httpx.Response) -> None:
     if response.is_success:
         return
+    fields: dict[str, object] = {}
     try:
-        detail = str(response.json().get("detail", response.text))
-    except (ValueError, AttributeError):
+        body = response.json()
+        if isinstance(body, dict):
+            fields = body
+        detail = str(fields.get("detail", response.text))
+    except ValueError:
         detail = response.text or response.reason_phrase
-    cls = NotFound if response.status_code == 404 else ApiError
-    raise cls(response.status_code, detail)
+    retry_after = response.headers.get("Retry-After", "")
+    if retry_after.isdigit():  # the header wins over the body (a proxy may set it)
+        fields = {**fields, "retry_after": int(retry_after)}
+    raise api_error(response.status_code, detail, fields)
 
 
 @attrs.frozen
@@ -324,18 +320,86 @@ class _CreateRetries:
         )
 
 
+@attrs.define(eq=False)
+class _Backpressure:
+    """What a create the server's queue limit turns back (429: :class:`QueueFull`) does
+    next: the rule the async and the blocking client share.
+
+    The creates go in order. When a refusal says that the first ``room`` of those sent
+    fit, those are sent at once; otherwise the client waits as the server says
+    (``Retry-After``, and up to a fifth more, so that clients do not come back in step)
+    and sends the rest again. Each create carries its id, so none is made twice. It gives
+    up when nothing was accepted for ``timeout`` seconds: :class:`QueueFull`, with the runs
+    made so far.
+    """
+
+    creates: list[TaskRunCreate]
+    timeout: float
+    rng: random.Random
+    #: When something was last accepted (or the call began), on the caller's clock.
+    since: float
+    created: list[TaskRun] = attrs.field(factory=list)
+    #: How many of the creates not made yet to send next.
+    _size: int = attrs.field(default=attrs.Factory(lambda self: len(self.creates), takes_self=True))
+
+    def next(self) -> list[TaskRunCreate]:
+        """The creates to send now (none: done)."""
+        start = len(self.created)
+        return self.creates[start : start + self._size]
+
+    def accepted(self, runs: list[TaskRun], now: float) -> None:
+        self.created += runs
+        self._size = len(self.creates) - len(self.created)
+        self.since = now
+
+    def refused(self, full: QueueFull, sent: int, now: float) -> float:
+        """Seconds to wait before sending :meth:`next`; raises :class:`QueueFull` when the
+        wait would end past ``timeout`` seconds without progress."""
+        if 0 < full.room < sent:
+            self._size = full.room
+            return 0.0
+        self._size = len(self.creates) - len(self.created)
+        pause = full.retry_after * self.rng.uniform(1.0, 1.2)
+        if now + pause > self.since + self.timeout:
+            made = len(self.created)
+            raise QueueFull(
+                f"{full.detail}; it stayed full for {self.timeout:g} s"
+                + (f": {made} of {len(self.creates)} runs were created" if made else ": nothing was created"),
+                task_key=full.task_key,
+                room=full.room,
+                retry_after=full.retry_after,
+                created=self.created,
+            ) from full
+        log.debug("%s: sending it again in %.2f s", full.detail, pause)
+        return pause
+
+
 class _Base(UsesServers):
-    def __init__(self, api_url: ApiUrls | None, api_key: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        api_url: ApiUrls | None,
+        api_key: str | None,
+        timeout: float,
+        ca_bundle: str | Path | None,
+        insecure: bool | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
         settings = Settings.from_env()
         #: The servers, and the one in use (shared with the client channel).
         self.servers = as_servers(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
         self.timeout = timeout
+        #: TLS and the extra headers (shared with the client channel).
+        self.connection = connection_options(ca_bundle, insecure, headers)
         #: Jitter for the pauses between attempts of a create.
         self._rng = random.Random()
 
     def _options(self) -> dict[str, Any]:
-        return {"headers": headers_for(self.api_key), "timeout": self.timeout, "verify": _ssl_context()}
+        return {
+            "headers": self.connection.http_headers(self.api_key),
+            "timeout": self.timeout,
+            "verify": self.connection.ssl_context,
+        }
 
     def _try_next(self, rounds: Rounds, url: str, call: _Call[Any], exc: httpx.TransportError) -> bool:
         """``call`` to ``url`` failed with ``exc``: move on; whether to send it to the next
@@ -361,7 +425,7 @@ class _Base(UsesServers):
         return args
 
     def _unreachable(self, exc: Exception) -> ServerUnavailable:
-        return ServerUnavailable(f"cannot reach {self.servers.describe()}: {exc!r}")
+        return ServerUnavailable(f"cannot reach {self.servers.describe()}: {tls_failure(exc) or repr(exc)}")
 
     @staticmethod
     def _parse(call: _Call[T], response: httpx.Response) -> T:
@@ -380,7 +444,16 @@ class TaskRunClient(_Base):
             ``ValueError`` if unusable (see :func:`trioworker.servers.api_roots`).
             :attr:`api_url` is the server in use, :attr:`api_urls` all of them.
         api_key: sent as a bearer token (default ``TRIOWORKER_API_KEY``).
+        timeout: seconds a request may take (long-polls add their wait); a create whose
+            answer was lost, or that the server's queue limit turned back, is tried again
+            within that long.
         transport: an httpx transport, for tests that do without a network.
+        ca_bundle, insecure, headers: how to connect (default ``TRIOWORKER_API_CA_BUNDLE``,
+            ``TRIOWORKER_API_INSECURE``, ``TRIOWORKER_API_HEADERS``): the CA certificates an
+            ``https://`` server's certificate is checked against (a PEM file or a folder;
+            default the system's), no check at all, headers sent on every request and
+            websocket handshake. See :mod:`trioworker.connection`; ``ValueError`` (one line
+            naming the setting) for one that cannot be used.
     """
 
     def __init__(
@@ -390,8 +463,11 @@ class TaskRunClient(_Base):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(api_url, api_key, timeout)
+        super().__init__(api_url, api_key, timeout, ca_bundle, insecure, headers)
         self._http = httpx.AsyncClient(transport=transport, **self._options())
         #: The client channel while :func:`connect` holds one open.
         self.channel: ClientChannel | None = None
@@ -430,8 +506,7 @@ class TaskRunClient(_Base):
 
     async def create_task_run(self, create: TaskRunCreate) -> TaskRun:
         """Create one run; the same as :meth:`create_task_runs` with one."""
-        [with_id] = with_ids([create])
-        [run] = await self._create([with_id], _listed(_Calls.create(with_id)))
+        [run] = await self._create_fitting(with_ids([create]), lambda part: _listed(_Calls.create(part[0])))
         return run
 
     async def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
@@ -443,15 +518,35 @@ class TaskRunClient(_Base):
         already made: up to :data:`CREATE_ATTEMPTS` attempts, with backoff, within
         ``timeout`` seconds of that loss.
 
+        **Backpressure:** a server with a queue limit (``--max-queued``) turns back
+        creates that do not fit (429). Then the creates that fit are sent first, and the
+        call waits as the server says (``Retry-After``) and sends the rest again, in order,
+        until every one is made or ``timeout`` seconds pass in which none was.
+
         Raises:
             ServerUnavailable: the server refused the connection before anything was sent
                 (nothing was created), or no attempt was answered in time (the message
                 gives the ids, to read the runs by).
+            QueueFull: the queue stayed full for ``timeout`` seconds (``created``: the
+                runs made before).
             ApiError: the server refused the input (422, or 409 for an id it holds for
                 another run).
         """
-        creates = with_ids(creates)
-        return await self._create(creates, _Calls.create_many(creates))
+        return await self._create_fitting(with_ids(creates), _Calls.create_many)
+
+    async def _create_fitting(
+        self, creates: list[TaskRunCreate], make_call: Callable[[list[TaskRunCreate]], _Call[list[TaskRun]]]
+    ) -> list[TaskRun]:
+        """Create ``creates`` as the server's queue limit lets them in (see :class:`_Backpressure`)."""
+        pressure = _Backpressure(creates, self.timeout, self._rng, trio.current_time())
+        while part := pressure.next():
+            try:
+                runs = await self._create(part, make_call(part))
+            except QueueFull as full:
+                await trio.sleep(pressure.refused(full, len(part), trio.current_time()))
+            else:
+                pressure.accepted(runs, trio.current_time())
+        return pressure.created
 
     async def _create(self, creates: list[TaskRunCreate], call: _Call[list[TaskRun]]) -> list[TaskRun]:
         lost: ServerUnavailable | None = None
@@ -557,7 +652,8 @@ class TaskRunClient(_Base):
 
 
 class SyncTaskRunClient(_Base):
-    """The blocking twin of :class:`TaskRunClient` (``httpx.Client``; no event loop)."""
+    """The blocking twin of :class:`TaskRunClient` (``httpx.Client``; no event loop); the
+    same arguments."""
 
     def __init__(
         self,
@@ -566,8 +662,11 @@ class SyncTaskRunClient(_Base):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(api_url, api_key, timeout)
+        super().__init__(api_url, api_key, timeout, ca_bundle, insecure, headers)
         self._http = httpx.Client(transport=transport, **self._options())
 
     def __enter__(self) -> Self:
@@ -600,15 +699,27 @@ class SyncTaskRunClient(_Base):
 
     def create_task_run(self, create: TaskRunCreate) -> TaskRun:
         """Create one run; the same as :meth:`create_task_runs` with one."""
-        [with_id] = with_ids([create])
-        [run] = self._create(_listed(_Calls.create(with_id)))
+        [run] = self._create_fitting(with_ids([create]), lambda part: _listed(_Calls.create(part[0])))
         return run
 
     def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
         """Create runs; returns them in order. As :meth:`TaskRunClient.create_task_runs`
         (without the channel): a create whose connection dropped after it was sent is sent
-        again with the same ids; the same errors."""
-        return self._create(_Calls.create_many(with_ids(creates)))
+        again with the same ids, and a full queue (429) is waited for; the same errors."""
+        return self._create_fitting(with_ids(creates), _Calls.create_many)
+
+    def _create_fitting(
+        self, creates: list[TaskRunCreate], make_call: Callable[[list[TaskRunCreate]], _Call[list[TaskRun]]]
+    ) -> list[TaskRun]:
+        pressure = _Backpressure(creates, self.timeout, self._rng, time.monotonic())
+        while part := pressure.next():
+            try:
+                runs = self._create(make_call(part))
+            except QueueFull as full:
+                time.sleep(pressure.refused(full, len(part), time.monotonic()))
+            else:
+                pressure.accepted(runs, time.monotonic())
+        return pressure.created
 
     def _create(self, call: _Call[list[TaskRun]]) -> list[TaskRun]:
         retries = _CreateRetries(self, call)
@@ -690,7 +801,10 @@ async def connect(
     api_key: str | None = None,
     *,
     channel: bool = True,
-    open_stream: OpenStream = open_network_stream,
+    open_stream: OpenStream | None = None,
+    ca_bundle: str | Path | None = None,
+    insecure: bool | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> AsyncIterator[TaskRunClient]:
     """Use one client for every submission and future inside the block.
 
@@ -704,16 +818,23 @@ async def connect(
     the calls share one position in the list: when the channel finds its server gone, it
     opens on the next one, and the calls go there too.
 
+    ``ca_bundle``, ``insecure`` and ``headers`` say how to connect, over HTTP and over the
+    channel alike (see :class:`TaskRunClient`).
+
     **Resource handling:** the channel's socket and reader task live exactly as long as
     the block.
     """
     from trioworker.client.channel import open_channel
 
-    async with TaskRunClient(api_url, api_key) as client:
+    async with TaskRunClient(
+        api_url, api_key, ca_bundle=ca_bundle, insecure=insecure, headers=headers
+    ) as client:
         token = _current_async.set(client)
         try:
             if channel:
-                async with open_channel(client.servers, client.api_key, open_stream=open_stream) as opened:
+                async with open_channel(
+                    client.servers, client.api_key, open_stream=open_stream, connection=client.connection
+                ) as opened:
                     client.channel = opened
                     try:
                         yield client
@@ -726,9 +847,18 @@ async def connect(
 
 
 @contextmanager
-def connect_sync(api_url: ApiUrls | None = None, api_key: str | None = None) -> Iterator[SyncTaskRunClient]:
+def connect_sync(
+    api_url: ApiUrls | None = None,
+    api_key: str | None = None,
+    *,
+    ca_bundle: str | Path | None = None,
+    insecure: bool | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Iterator[SyncTaskRunClient]:
     """The blocking twin of :func:`connect` (``trioworker.sync.connect``)."""
-    with SyncTaskRunClient(api_url, api_key) as client:
+    with SyncTaskRunClient(
+        api_url, api_key, ca_bundle=ca_bundle, insecure=insecure, headers=headers
+    ) as client:
         token = _current_sync.set(client)
         try:
             yield client

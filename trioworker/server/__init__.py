@@ -15,6 +15,7 @@ import trio
 from trioworker._http import serve_app
 from trioworker.protocol import api_root
 from trioworker.server.app import create_app
+from trioworker.server.limits import QueueLimit
 from trioworker.server.queue import Dispatcher, WallClock
 from trioworker.server.retention import keep_retention
 from trioworker.server.service import TaskRunService
@@ -41,6 +42,17 @@ class ServerConfig:
     retention: float = attrs.field(default=DEFAULT_RETENTION_SECONDS, validator=attrs.validators.ge(0))
     #: The dispatcher's clock (epoch seconds); the default is the real wall clock.
     clock: WallClock | None = None
+    #: Serve over TLS (``https://``, ``wss://``) with this certificate (chain) and its
+    #: private key, PEM files; both or neither.
+    #: At most this many runs of one task key wait for a worker; a create beyond it answers
+    #: 429 (see :mod:`~trioworker.server.limits`). None: no bound.
+    max_queued: int | None = None
+    certfile: str | Path | None = None
+    keyfile: str | Path | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together: give both, or neither")
 
 
 @attrs.frozen
@@ -76,7 +88,9 @@ async def serve_server(
     closing = trio.Event()
     async with open_store(config.db_path) as store:
         dispatcher = Dispatcher(clock=config.clock) if config.clock else Dispatcher()
-        service = TaskRunService(store, dispatcher, max_deliveries=config.max_deliveries)
+        service = TaskRunService(
+            store, dispatcher, max_deliveries=config.max_deliveries, queue_limit=QueueLimit(config.max_queued)
+        )
         queued = await service.recover()
         app = create_app(
             service, api_key=config.api_key, max_body_bytes=config.max_body_bytes, closing=closing
@@ -96,10 +110,13 @@ async def serve_server(
                     app,
                     config.host,
                     config.port,
+                    certfile=None if config.certfile is None else str(config.certfile),
+                    keyfile=None if config.keyfile is None else str(config.keyfile),
                     label="trioworker server",
                     shutdown_trigger=shutdown_trigger,
                     websocket_max_message_size=config.max_body_bytes,
                     settings=("--host", "--port"),
+                    tls_settings=("--certfile", "--keyfile"),
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # the HTTP server stopped: so do the timers

@@ -152,7 +152,9 @@ def create_app(
 
     @app.errorhandler(Refusal)
     async def api_error(exc: Refusal) -> Response:
-        return _json_response({"detail": exc.detail}, exc.status)
+        response = _json_response(exc.body(), exc.status)
+        response.headers.update(exc.headers())
+        return response
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:

@@ -105,7 +105,7 @@ class ChannelSession(JsonSocket):
             # Let the deliveries the new runs woke go out first: the reply can wait a pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
         except Refusal as exc:
-            await self.send({"type": protocol.ERROR, "ref": ref, "status": exc.status, "detail": exc.detail})
+            await self.send({"type": protocol.ERROR, "ref": ref, "status": exc.status, **exc.body()})
         else:
             await self.send({"type": protocol.CREATED, "ref": ref, "task_runs": converter.unstructure(runs)})
         finally:

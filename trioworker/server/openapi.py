@@ -179,6 +179,18 @@ _ERROR: Final = {
     "properties": {"detail": {"type": "string"}},
     "required": ["detail"],
 }
+_QUEUE_FULL: Final = {
+    "type": "object",
+    "description": "A create refused because the queue of its task key is full (--max-queued).",
+    "properties": {
+        "detail": {"type": "string"},
+        "task_key": {"type": "string", "description": "The task key whose queue is full."},
+        "max_queued": {"type": "integer", "description": "The server's --max-queued."},
+        "room": {"type": "integer", "description": "How many of the request's first creates would fit."},
+        "retry_after": {"type": "integer", "description": "Seconds to wait (as the Retry-After header)."},
+    },
+    "required": ["detail", "task_key", "max_queued", "room", "retry_after"],
+}
 _HEALTH: Final = {
     "type": "object",
     "properties": {
@@ -220,6 +232,8 @@ _ERRORS: Final = {
     409: "A conflict with the run's state, said in the detail.",
     413: "The request body is over the server's limit (--max-body-bytes).",
     422: "Well-formed but invalid: the detail names the field.",
+    429: "The queue of a task key is full (the server's --max-queued): nothing was created; send it "
+    "again after Retry-After seconds (room: how many of the first creates fit).",
     503: "The server's store failed; nothing of the request was saved.",
 }
 
@@ -281,8 +295,15 @@ def _operation(
     for status in codes:
         responses[str(status)] = {
             "description": _ERRORS[status],
-            "content": _json_content({"$ref": _SCHEMAS + "Error"}),
+            "content": _json_content({"$ref": _SCHEMAS + ("QueueFull" if status == 429 else "Error")}),
         }
+        if status == 429:
+            responses[str(status)]["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before sending the create again.",
+                    "schema": {"type": "integer", "minimum": 0},
+                }
+            }
     operation["responses"] = responses
     if not secured:
         operation["security"] = []
@@ -328,6 +349,7 @@ def document(version: str) -> dict[str, JSON]:
     set_state = build.schema(SetStateRequest)
     set_state_result = build.schema(SetStateResult)
     build.components["Error"] = _ERROR
+    build.components["QueueFull"] = _QUEUE_FULL
     build.components["Health"] = _HEALTH
     build.components["WaitRequest"] = _WAIT_REQUEST
     # A proposed state needs only its type: a missing name becomes the type's.
@@ -369,7 +391,7 @@ def document(version: str) -> dict[str, JSON]:
                     201: ("The new run, SCHEDULED.", _json_content(run)),
                     200: ("The run the id or idempotency key already named.", _json_content(run)),
                 },
-                errors=(409, 422, 503),
+                errors=(409, 422, 429, 503),
             ),
             "get": _operation(
                 "listRuns",
@@ -429,7 +451,7 @@ def document(version: str) -> dict[str, JSON]:
                 body={"type": "array", "items": create},
                 example=[{"task_key": "app.say", "parameters": {"text": t}} for t in ("a", "b")],
                 answers={201: ("The runs, in the order asked.", _json_content(runs))},
-                errors=(409, 422, 503),
+                errors=(409, 422, 429, 503),
             )
         },
         api + protocol.RUNS_FIND: {
@@ -572,7 +594,7 @@ def document(version: str) -> dict[str, JSON]:
                 "and wait_for; 409 for a run that has not ended.",
                 params=(_run_id("The ended run's id."),),
                 answers={201: ("The new run.", _json_content(run))},
-                errors=(404, 409, 503),
+                errors=(404, 409, 429, 503),
             )
         },
         api + protocol.OVERVIEW: {

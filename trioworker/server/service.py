@@ -28,6 +28,7 @@ from trioworker.models import (
     make_state,
     utcnow,
 )
+from trioworker.server.limits import QueueLimit
 from trioworker.server.live import LiveFeed
 from trioworker.server.metrics import ServerMetrics
 from trioworker.server.overview import Overview, OverviewReader
@@ -108,6 +109,8 @@ class TaskRunService:
     dispatcher: Dispatcher
     #: A run delivered this many times without finishing becomes CRASHED.
     max_deliveries: int = 5
+    #: The bound on runs queued per task key (``--max-queued``; none by default).
+    queue_limit: QueueLimit = attrs.field(factory=QueueLimit)
     _waiters: dict[uuid.UUID, list[Waiter]] = attrs.field(factory=dict)
     fresh: FreshRuns = attrs.field(factory=FreshRuns)
     #: Runs held back until their ``wait_for`` runs complete: id -> (index entry, still pending).
@@ -142,7 +145,13 @@ class TaskRunService:
         Raises:
             Refusal: 409 when a given ``id`` belongs to a run the create is not a repeat
                 of (another task key or idempotency key); nothing is created then.
+            QueueFullRefusal: 429 when they would take a key's queue past :attr:`queue_limit`
+                (see :mod:`~trioworker.server.limits`); nothing is created then.
         """
+        async with self.queue_limit.admitting(creates, self.dispatcher, self.store):
+            return await self._create_runs(creates)
+
+    async def _create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
         try:
             results = await self.store.create_runs(creates)
         except RunIdTaken as exc:

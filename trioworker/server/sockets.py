@@ -37,6 +37,14 @@ class Refusal(Exception):
         self.status = status
         self.detail = detail
 
+    def body(self) -> dict[str, JSON]:
+        """The answer's JSON object (``{"detail": ...}``, and what a kind of refusal adds)."""
+        return {"detail": self.detail}
+
+    def headers(self) -> dict[str, str]:
+        """Headers of the HTTP answer (e.g. ``Retry-After``)."""
+        return {}
+
 
 class ProtocolViolation(Exception):
     """A websocket client broke the protocol; the socket closes with 4001."""

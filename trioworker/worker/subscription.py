@@ -43,9 +43,9 @@ from trioworker._websocket import (
     connect,
     connection_failure,
     explain_error,
-    open_network_stream,
     parse_message,
 )
+from trioworker.connection import ConnectionOptions, connection_options, tls_failure
 from trioworker.errors import SubscriptionRefused
 from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
 from trioworker.protocol import (
@@ -116,8 +116,11 @@ class SubscriptionClient(UsesServers):
         keepalive_idle: seconds with nothing received after which the server is pinged.
         keepalive_timeout: seconds to wait for the pong; without it the connection is
             dropped (:attr:`connected` turns False) and made again as for any loss.
+        connection: keyword only: TLS and the handshake's extra headers (default: from
+            the environment, see :mod:`trioworker.connection`).
         open_stream: keyword only, a test seam: opens the byte stream under each
-            connection (see :mod:`trioworker._websocket`; default TCP, TLS for https).
+            connection (see :mod:`trioworker._websocket`; default ``connection``'s: TCP,
+            TLS for https).
     """
 
     servers: Servers = attrs.field(converter=as_servers, alias="api_url")
@@ -144,7 +147,8 @@ class SubscriptionClient(UsesServers):
     _revoked: set[uuid.UUID] = attrs.field(factory=set)
     #: Ends when nothing was received for keepalive_idle seconds (each message pushes it back).
     _quiet: trio.CancelScope | None = None
-    _open_stream: OpenStream = attrs.field(default=open_network_stream, kw_only=True)
+    connection: ConnectionOptions = attrs.field(factory=connection_options, kw_only=True)
+    _open_stream: OpenStream | None = attrs.field(default=None, kw_only=True)
 
     # -- what the worker calls
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult:
@@ -236,7 +240,9 @@ class SubscriptionClient(UsesServers):
             while True:
                 api_url = self.servers.current
                 try:
-                    async with connect(websocket_url(api_url), open_stream=self._open_stream) as ws:
+                    async with connect(
+                        websocket_url(api_url), open_stream=self._open_stream, connection=self.connection
+                    ) as ws:
                         try:
                             await self._handshake(ws)
                             rounds.succeeded()
@@ -493,6 +499,9 @@ def _by_size(reports: list[_Report]) -> list[list[bytes]]:
 
 
 def _describe(exc: BaseException) -> str:
+    tls = tls_failure(exc)
+    if tls is not None:
+        return tls
     if isinstance(exc, ConnectionClosed) and exc.reason is not None:
         return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
     if isinstance(exc, ConnectionRejected):

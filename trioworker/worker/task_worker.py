@@ -26,9 +26,10 @@ import random
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, final
 
@@ -36,8 +37,9 @@ import httpx
 import trio
 
 from trioworker._util import only_exception
-from trioworker._websocket import OpenStream, open_network_stream
+from trioworker._websocket import OpenStream
 from trioworker.client.rest import TaskRunClient, connect, using_client
+from trioworker.connection import connection_options
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import (
     SetStateResult,
@@ -147,6 +149,12 @@ class TaskWorker(UsesServers):
             server). A run waits in the buffer only while no other worker of its task has
             a free slot; when one gets one, the server takes back the runs not started.
             Without a limit there is nothing to wait for, and prefetch is 0.
+        ca_bundle, insecure, headers: how to connect to the servers, over HTTP and
+            websockets alike (default ``TRIOWORKER_API_CA_BUNDLE``,
+            ``TRIOWORKER_API_INSECURE``, ``TRIOWORKER_API_HEADERS``): the CA certificates an
+            ``https://`` server's certificate is checked against (a PEM file or a folder;
+            default the system's), no check at all (a warning is logged), headers sent on
+            every request and websocket handshake (see :mod:`trioworker.connection`).
         open_stream: a test seam: opens the byte stream under the worker's websockets
             (the subscription and the client channel; see :mod:`trioworker._websocket`).
             The default is TCP, with TLS for ``https://``; tests pass one that returns
@@ -184,7 +192,10 @@ class TaskWorker(UsesServers):
         allow_pickle: bool = False,
         client_id: str | None = None,
         prefetch: int = 0,
-        open_stream: OpenStream = open_network_stream,
+        open_stream: OpenStream | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._tasks = _check_tasks(tasks)
         if limit is not None and limit < 1:
@@ -197,6 +208,8 @@ class TaskWorker(UsesServers):
         #: The servers, and the one in use (shared by the subscription and the REST client).
         self.servers = as_servers(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
+        #: TLS and the extra headers of every connection to the servers.
+        self.connection = connection_options(ca_bundle, insecure, headers)
         self.limit = limit
         self.shutdown_grace_seconds = shutdown_grace_seconds
         self.status_server_port = status_server_port
@@ -237,6 +250,18 @@ class TaskWorker(UsesServers):
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
         self._open_stream = open_stream
+
+    def _connect(self) -> contextlib.AbstractAsyncContextManager[TaskRunClient]:
+        """:func:`trioworker.connect` to this worker's servers, as this worker connects."""
+        options = self.connection
+        return connect(
+            self.servers,
+            self.api_key,
+            open_stream=self._open_stream,
+            ca_bundle=options.ca_bundle,
+            insecure=options.insecure,
+            headers=dict(options.headers),
+        )
 
     # -- what users read
     @property
@@ -315,13 +340,29 @@ class TaskWorker(UsesServers):
         return f"<TaskWorker {self.client_id} {self._state.value} tasks={self.task_keys} limit={self.limit}>"
 
     # -- lifecycle
-    async def start(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until :meth:`stop`; reports ``started`` once subscribed.
+    async def start(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - Prefect's name: serve at most that long
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until :meth:`stop` (or until ``timeout`` seconds passed); reports ``started``
+        once subscribed.
+
+        Args:
+            timeout: serve for at most this many seconds (Trio's clock, counted from this
+                call), then stop as :meth:`stop` does, the grace period included, log that
+                the time ran out, and return normally. None (the default): until stopped.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN.
+            RuntimeError: the worker was started before.
 
         **Error handling:** a failing run never stops the worker (it ends FAILED). Errors
         of the worker itself (a refused API key, a status port in use) propagate: one error
         as itself, several at once as an exception group.
         """
+        _check_timeout(timeout)
         if self._state is not WorkerState.UNOPENED:
             raise RuntimeError("this TaskWorker was already started; create a new one to start again")
         self._state = WorkerState.RUNNING
@@ -338,9 +379,10 @@ class TaskWorker(UsesServers):
             on_cancel=self._on_cancel,
             prefetch=self.prefetch,
             open_stream=self._open_stream,
+            connection=self.connection,
         )
         try:
-            await self._run_tree(send, receive, task_status)
+            await self._run_tree(send, receive, task_status, timeout)
         except BaseExceptionGroup as group:
             single = only_exception(group)
             if single is None:
@@ -355,14 +397,17 @@ class TaskWorker(UsesServers):
         send: trio.MemorySendChannel[TaskRun],
         receive: trio.MemoryReceiveChannel[TaskRun],
         task_status: trio.TaskStatus[None],
+        seconds: float | None = None,
     ) -> None:
         """The nursery tree (see the module docstring)."""
         # One client for everything the worker's runs say over REST (their own .delay()
         # calls included: it is the ambient client of their context).
         async with (
-            connect(self.servers, self.api_key, open_stream=self._open_stream),
+            self._connect(),
             trio.open_nursery() as nursery,
         ):
+            if seconds is not None:
+                nursery.start_soon(self._stop_at, trio.current_time() + seconds, seconds)
             if self.status_server_port is not None:
                 # Only here: a worker without a status port never imports quart or hypercorn.
                 from trioworker.worker.status import serve_status
@@ -445,6 +490,14 @@ class TaskWorker(UsesServers):
             )
         if self._grace_scope is not None:
             self._grace_scope.deadline = deadline
+
+    async def _stop_at(self, deadline: float, seconds: float) -> None:
+        """``start(timeout=...)``: stop at ``deadline`` (Trio time), as :meth:`stop` does.
+        Lives in the worker's nursery, which cancels it when the worker ends first."""
+        await trio.sleep_until(deadline)
+        if self._state is WorkerState.RUNNING:
+            log.info("worker %s: its timeout of %g s ran out", self.client_id, seconds)
+            self.stop()
 
     @asynccontextmanager
     async def _run_in_background(self) -> AsyncIterator[Self]:
@@ -774,7 +827,7 @@ class TaskWorker(UsesServers):
         task = self._tasks.get(task_run.task_key)
         self._claimed.add(task_run.id)
         try:
-            async with connect(self.servers, self.api_key, open_stream=self._open_stream) as client:
+            async with self._connect() as client:
                 if task is None:
                     await self._unknown_key(task_run, lambda ids: None)
                     return
@@ -782,6 +835,11 @@ class TaskWorker(UsesServers):
                 await self._run_one(task, task_run, _RestReporter(client))
         finally:
             self._claimed.discard(task_run.id)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 (or None), got {timeout!r}")
 
 
 def _count(faults: dict[uuid.UUID, int], run_id: uuid.UUID) -> int:
@@ -797,12 +855,18 @@ async def serve(
     *tasks: Task[..., Any],
     limit: int | None = 10,
     status_server_port: int | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - Prefect's name: serve at most that long
     **options: Any,
 ) -> None:
-    """Serve ``tasks`` until SIGINT, SIGTERM or :class:`StopTaskWorker`; then return.
+    """Serve ``tasks`` until SIGINT, SIGTERM or :class:`StopTaskWorker` (or for at most
+    ``timeout`` seconds); then return.
 
     Use it as ``trio.run(serve, say, yell)`` or with ``functools.partial`` for options
     (any :class:`TaskWorker` argument). Any other error propagates.
+
+    **Timeout:** with ``timeout``, the worker stops once that many seconds passed since the
+    call, as a first signal stops it (the grace period included), logs that the time ran
+    out, and ``serve()`` returns normally (see :meth:`TaskWorker.start`).
 
     **Signals:** the first SIGINT or SIGTERM stops the worker with its grace period
     (``shutdown_grace_seconds``): no new runs, in-flight runs may finish, then the rest
@@ -823,11 +887,13 @@ async def serve(
     that blocks the event loop blocks signal handling too. The ``trioworker worker``
     process does not wait for such runs (it exits, see the CLI).
     """
-    await serve_worker(TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options))
+    worker = TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options)
+    await serve_worker(worker, timeout=timeout)
 
 
-async def serve_worker(worker: TaskWorker) -> None:
-    """:func:`serve` for a worker made beforehand (the same signals and ending)."""
+async def serve_worker(worker: TaskWorker, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    """:func:`serve` for a worker made beforehand (the same signals, timeout and ending)."""
+    _check_timeout(timeout)
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signals(*, task_status: trio.TaskStatus[None]) -> None:
@@ -844,7 +910,7 @@ async def serve_worker(worker: TaskWorker) -> None:
 
         await nursery.start(stop_on_signals)
         try:
-            await worker.start()
+            await worker.start(timeout=timeout)
         except* StopTaskWorker:
             log.info("StopTaskWorker: the worker stopped")
         nursery.cancel_scope.cancel()
