@@ -82,7 +82,7 @@ async def connect(
         HandshakeError: the handshake was refused (:class:`ConnectionRejected`) or took
             longer than CONNECT_TIMEOUT (:class:`ConnectionTimeout`).
     """
-    connection = connection or connection_options()
+    connection = connection or connection_options(warn=False)
     parts = urllib.parse.urlsplit(url)
     secure = parts.scheme == "wss"
     host = parts.hostname or ""

@@ -26,7 +26,6 @@ This module uses no wing: the clients, the worker and the commands share it.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import ssl
@@ -116,11 +115,15 @@ def connection_options(
     ca_bundle: str | Path | None = None,
     insecure: bool | None = None,
     headers: Mapping[str, str] | None = None,
+    *,
+    warn: bool = True,
 ) -> ConnectionOptions:
     """The options for these settings; each one not given (None) is read from its variable:
     ``TRIOWORKER_API_CA_BUNDLE``, ``TRIOWORKER_API_INSECURE`` (``1``, ``true``, ``yes``,
     ``on``; or ``0``, ``false``, ``no``, ``off``), ``TRIOWORKER_API_HEADERS`` (a JSON object
-    of header names and string values).
+    of header names and string values). With ``warn`` (the default), an insecure setting
+    logs its warning, once per client that calls this; a check made before the client is
+    built passes ``warn=False``.
 
     Raises:
         ValueError: one line naming the setting (the argument, or the variable it was read
@@ -140,24 +143,26 @@ def connection_options(
         pairs = _checked_headers(headers, "headers")
     else:
         pairs = _checked_headers(_json_headers(settings.api_headers), HEADERS_VARIABLE)
-    return _options(bundle, bundle_source, insecure, pairs)
-
-
-@functools.lru_cache(maxsize=16)
-def _options(
-    ca_bundle: str | None, source: str, insecure: bool, headers: tuple[tuple[str, str], ...]
-) -> ConnectionOptions:
-    """The options of one setting, made once (with its warning, when insecure)."""
-    if insecure:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+    options = _options(bundle, bundle_source, insecure, pairs)
+    if insecure and warn:
         log.warning(
             "TLS certificates of servers are not checked (%s): the traffic is encrypted, but anyone "
             "on the way can read and change it; give the servers' CA with %s instead",
             INSECURE_VARIABLE,
             CA_BUNDLE_VARIABLE,
         )
+    return options
+
+
+def _options(
+    ca_bundle: str | None, source: str, insecure: bool, headers: tuple[tuple[str, str], ...]
+) -> ConnectionOptions:
+    """The options of one setting. Made per client, not cached in the process: a CA file
+    changed meanwhile is read again."""
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     elif ca_bundle is not None:
         context = _bundle_context(ca_bundle, source)
     else:

@@ -196,7 +196,7 @@ def api_roots_of(args: argparse.Namespace) -> tuple[str, ...]:
         source = "--api-url" if args.api_url else "TRIOWORKER_API_URL"
         raise CommandError(f"unusable API URL from {source}: {exc}") from None
     try:
-        connection_options()  # checked once here: the clients read the same settings
+        connection_options(warn=False)  # checked here; the client reads them again, and warns
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     return roots
