@@ -9,7 +9,7 @@ websockets) is made with one :class:`ConnectionOptions`:
   (``TRIOWORKER_API_CA_BUNDLE``), one that the CA certificates of that PEM file (or folder
   of them, as OpenSSL's ``c_rehash`` makes it) vouch for, and only those. The certificate
   must name the host of the URL. ``insecure=True`` (``TRIOWORKER_API_INSECURE=1``) checks
-  nothing and logs a warning once it is set up: the traffic is encrypted, but anyone on
+  nothing and each client that uses it logs a warning as it is set up: the traffic is encrypted, but anyone on
   the way can read and change it.
 - **headers**: sent on every HTTP request and on every websocket handshake
   (``TRIOWORKER_API_HEADERS``, a JSON object: ``{"X-Tenant": "blue"}``), for a proxy or a
