@@ -19,8 +19,6 @@ from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
 #: The variable of ``--db``.
 DB_VARIABLE: Final = variable_of("--db")
-#: The hosts that listen on every interface of the machine.
-ALL_INTERFACES: Final = ("0.0.0.0", "::", "")
 
 
 async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
@@ -36,6 +34,7 @@ async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskSta
 async def run_server(args: argparse.Namespace) -> None:
     """Serve until SIGINT or SIGTERM; CommandError for an unusable, unreachable or busy database."""
     from trioworker.server import ServerConfig, serve_server
+    from trioworker.server.guard import Exposure, exposure
     from trioworker.server.store import StoreError, check_database
 
     settings = Settings.from_env()
@@ -51,11 +50,17 @@ async def run_server(args: argparse.Namespace) -> None:
         max_deliveries=args.max_deliveries,
         max_body_bytes=args.max_body_bytes,
         retention=args.retention,
+        allowed_origins=tuple(args.allowed_origins or ()),
     )
-    if config.host.strip("[]") in ALL_INTERFACES and config.api_key is None:
+    reach = await exposure(config.host)
+    if reach is not Exposure.LOOPBACK and config.api_key is None:
+        where = (
+            "every interface" if reach is Exposure.EVERY_INTERFACE else "an address other machines may reach"
+        )
         log.warning(
-            "listening on every interface (--host %s) without an API key: anyone who can reach this "
+            "listening on %s (--host %s) without an API key: anyone who can reach this "
             "machine can read, submit, cancel and delete runs; set --api-key or TRIOWORKER_API_KEY",
+            where,
             config.host,
         )
     shutdown = trio.Event()
@@ -112,9 +117,27 @@ def add_server_command(commands: Any) -> None:
         help="delete runs (with their results and history) this long after they ended: seconds, "
         "or a number with a unit (s, m, h, d, w), e.g. 12h; 0 keeps every run (default 7d)",
     )
+    server.add_argument(
+        "--allowed-origins",
+        type=origins,
+        default=None,
+        metavar="ORIGINS",
+        help="web pages of these origins (http(s)://host[:port], separated by commas) may change "
+        "runs and open websockets; pages of the server's own address always may (default none)",
+    )
     add_log_format_option(server)
     from_environment(server)
     server.set_defaults(handler=run_server)
+
+
+def origins(text: str) -> list[str]:
+    """An argparse type: origins separated by commas, each ``http(s)://host[:port]``."""
+    from trioworker.server.guard import normalize_origin
+
+    try:
+        return [normalize_origin(item) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def effective_database() -> str:
