@@ -34,7 +34,6 @@ async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskSta
 async def run_server(args: argparse.Namespace) -> None:
     """Serve until SIGINT or SIGTERM; CommandError for an unusable, unreachable or busy database."""
     from trioworker.server import ServerConfig, serve_server
-    from trioworker.server.guard import Exposure, exposure
     from trioworker.server.store import StoreError, check_database
 
     settings = Settings.from_env()
@@ -52,8 +51,29 @@ async def run_server(args: argparse.Namespace) -> None:
         retention=args.retention,
         allowed_origins=tuple(args.allowed_origins or ()),
     )
-    reach = await exposure(config.host)
-    if reach is not Exposure.LOOPBACK and config.api_key is None:
+    shutdown = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(shutdown_on_signals, shutdown)
+
+            async def serve(*, task_status: trio.TaskStatus[object]) -> None:
+                await serve_server(config, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve)
+            await warn_when_exposed(config.host, config.api_key)
+    except* StoreError as group:  # the database is in use, unreachable, unreadable, or of a newer trioworker
+        raise CommandError(str(group.exceptions[0])) from None
+    log.info("server stopped")
+
+
+async def warn_when_exposed(host: str, api_key: str | None) -> None:
+    """Once the server listens: warn when it does, without a key, on an address other
+    machines may reach (every interface, or any address that is not a loopback one)."""
+    from trioworker.server.guard import Exposure, exposure
+
+    reach = await exposure(host)
+    if reach is not Exposure.LOOPBACK and api_key is None:
         where = (
             "every interface" if reach is Exposure.EVERY_INTERFACE else "an address other machines may reach"
         )
@@ -61,17 +81,8 @@ async def run_server(args: argparse.Namespace) -> None:
             "listening on %s (--host %s) without an API key: anyone who can reach this "
             "machine can read, submit, cancel and delete runs; set --api-key or TRIOWORKER_API_KEY",
             where,
-            config.host,
+            host,
         )
-    shutdown = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(shutdown_on_signals, shutdown)
-            await serve_server(config, shutdown=shutdown)
-            nursery.cancel_scope.cancel()
-    except* StoreError as group:  # the database is in use, unreachable, unreadable, or of a newer trioworker
-        raise CommandError(str(group.exceptions[0])) from None
-    log.info("server stopped")
 
 
 def add_server_command(commands: Any) -> None:
