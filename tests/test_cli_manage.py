@@ -307,3 +307,14 @@ async def test_run_data_is_shown_as_text_not_markup_nor_terminal_controls(cli: C
     assert f"k2{escaped}" in one_error_line(not_cancelled) or f"k[/]{escaped}" in one_error_line(
         not_cancelled
     )
+
+
+async def test_cancelling_a_cancelled_run_is_an_error_as_for_any_ended_run(cli: Cli) -> None:
+    async with TaskRunClient() as client:
+        run = await client.create_task_run(TaskRunCreate(task_key="k"))
+        await client.cancel(run.id)
+    again = await cli("cancel", str(run.id))
+    assert one_error_line(again) == (
+        f"trioworker: cannot cancel run {run.id} (k): the run is already CANCELLED; it cannot become CANCELLED"
+    )
+    assert again.stdout == b""

@@ -42,6 +42,13 @@ async def _on_one_run(args: argparse.Namespace, action: Action) -> None:
 
 
 async def _cancel(client: TaskRunClient, run: TaskRun) -> None:
+    from trioworker.models import StateType
+
+    if run.state.type is StateType.CANCELLED:  # the server answers it as done: it was, before
+        raise CommandError(
+            f"cannot cancel run {run.id} ({visible(run.task_key)}): the run is already CANCELLED; "
+            "it cannot become CANCELLED"
+        )
     await client.cancel(run.id)
     print(f"cancelled run {run.id} ({visible(run.task_key)}; it was {run.state.type.value})", flush=True)
 
