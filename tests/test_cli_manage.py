@@ -315,6 +315,7 @@ async def test_cancelling_a_cancelled_run_is_an_error_as_for_any_ended_run(cli: 
         await client.cancel(run.id)
     again = await cli("cancel", str(run.id))
     assert one_error_line(again) == (
-        f"trioworker: cannot cancel run {run.id} (k): the run is already CANCELLED; it cannot become CANCELLED"
+        f"trioworker: cannot cancel run {run.id} (k): "
+        "the run is already CANCELLED; it cannot become CANCELLED"
     )
     assert again.stdout == b""

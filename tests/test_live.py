@@ -323,6 +323,17 @@ async def test_retry_makes_a_new_run_with_the_same_arguments(
     assert (await api.post(f"/task_runs/{uuid.uuid4()}/retry")).status_code == 404
 
 
+async def test_a_retried_run_is_named_as_a_new_submission_would_be(api: httpx.AsyncClient) -> None:
+    """A name the server made holds the old run's id: the new run gets its own; a name
+    given at submission is kept."""
+    [unnamed] = await submit(api, "live.r", {})
+    run = (await api.get(f"/task_runs/{unnamed}")).json()
+    assert run["name"] == f"live.r-{uuid.UUID(unnamed).hex[:8]}"
+    await api.post(f"/task_runs/{unnamed}/cancel")
+    new = (await api.post(f"/task_runs/{unnamed}/retry")).json()
+    assert new["name"] == f"live.r-{uuid.UUID(new['id']).hex[:8]}" != run["name"]
+
+
 async def test_runs_list_newest_first_and_by_parent(
     trioworker_server: RunningServer, api: httpx.AsyncClient
 ) -> None:

@@ -568,8 +568,9 @@ def document(version: str) -> dict[str, JSON]:
                 "retryRun",
                 "Run an ended run again",
                 tag="runs",
-                description="A new SCHEDULED run with the same task, name, parameters, tags, context, parent "
-                "and wait_for; 409 for a run that has not ended.",
+                description="A new SCHEDULED run with the same task, parameters, tags, context, parent "
+                "and wait_for, named as a new submission would be (a name given at submission is kept); "
+                "409 for a run that has not ended.",
                 params=(_run_id("The ended run's id."),),
                 answers={201: ("The new run.", _json_content(run))},
                 errors=(404, 409, 503),
