@@ -60,6 +60,15 @@ def _dump(obj: object, status: int = 200) -> Response:
     return _json_response(converter.unstructure(obj), status)
 
 
+def _summary(run: dict[str, JSON]) -> JSON:
+    """An unstructured run without its parameters and its state's data (``fields=summary``)."""
+    run.pop("parameters", None)
+    state = run.get("state")
+    if isinstance(state, dict):
+        state.pop("data", None)
+    return run
+
+
 def _parse_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -279,6 +288,9 @@ def create_app(
             parent = None if parent_arg is None else uuid.UUID(parent_arg)
         except ValueError:
             raise Refusal(422, f"parent_task_run_id must be a task run UUID, got {parent_arg!r}") from None
+        fields = request.args.get("fields", "all").lower()
+        if fields not in ("all", "summary"):
+            raise Refusal(422, f"fields must be all or summary (no parameters, no result), got {fields!r}")
         runs = await service.list_runs(
             task_key=request.args.get("task_key"),
             state=state,
@@ -287,7 +299,9 @@ def create_app(
             parent_task_run_id=parent,
             newest_first=sort == "CREATED_DESC",
         )
-        return _dump(runs)
+        if fields == "all":
+            return _dump(runs)
+        return _json_response([_summary(converter.unstructure(run)) for run in runs])
 
     @app.get(route(protocol.RUNS_FIND))
     async def find_runs() -> Response:

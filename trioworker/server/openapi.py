@@ -415,6 +415,13 @@ def document(version: str) -> dict[str, JSON]:
                         {"type": "string", "format": "uuid"},
                         "Only the runs submitted from inside this run.",
                     ),
+                    _param(
+                        "fields",
+                        "query",
+                        {"type": "string", "enum": ["all", "summary"], "default": "all"},
+                        "summary: each run without its parameters and without its state's data (the "
+                        "result or error), for lists that show neither.",
+                    ),
                 ),
                 answers={200: ("The runs.", _json_content(runs))},
                 errors=(422, 503),
