@@ -377,7 +377,7 @@ async def test_a_task_key_with_nul_lists_no_runs(api: httpx.AsyncClient) -> None
 async def test_bad_input_gets_a_json_4xx(
     api: httpx.AsyncClient, method: str, path: str, body: bytes | None, status: int, detail: str
 ) -> None:
-    response = await api.request(method, path, content=body)
+    response = await api.request(method, path, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == status
     assert detail in response.json()["detail"]
     assert (await api.get("/health")).status_code == 200
@@ -455,7 +455,9 @@ async def test_an_error_answered_before_the_body_was_read_leaves_the_connection_
 ) -> None:
     # The server answers without reading the 2 MB body; the rest of it must not be read as
     # the next request on the same kept-alive connection (that one stalled until its timeout).
-    answer = await api.request(method, path, content=b"x" * 2_000_000)
+    answer = await api.request(
+        method, path, content=b"x" * 2_000_000, headers={"Content-Type": "application/json"}
+    )
     assert answer.status_code == status
     assert answer.headers["connection"] == "close"
     with trio.fail_after(5):

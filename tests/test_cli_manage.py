@@ -17,7 +17,7 @@ import trio
 from trioworker.cli import parse_args
 from trioworker.client.futures import TaskRunFuture
 from trioworker.client.rest import SyncTaskRunClient, TaskRunClient
-from trioworker.models import StateType, TaskRun, TaskRunCreate, converter
+from trioworker.models import State, StateType, TaskRun, TaskRunCreate, converter
 from trioworker.server import RunningServer
 from trioworker.worker.task_worker import TaskWorker
 
@@ -271,3 +271,51 @@ async def test_the_new_calls_of_both_clients(trioworker_server: RunningServer) -
     async with TaskRunClient() as client:
         assert await client.purge(0) == 0  # the retries are scheduled: not ended, never purged
         assert {run.id for run in await client.read_task_runs()} == {retried.id, again, *ALIKE[1:]}
+
+
+async def test_run_data_is_shown_as_text_not_markup_nor_terminal_controls(cli: Cli) -> None:
+    """Keys, names, messages, parameters and tracebacks are a task's or a submitter's text:
+    ``[/]`` (rich's markup) neither crashes nor vanishes, and no control character (ESC,
+    C1, a bidi override) reaches the terminal raw."""
+    hostile = "[red]x[/] [/]\x1b[2J\x9b\u202eevil\x07"
+    async with TaskRunClient() as client:
+        run = await client.create_task_run(
+            TaskRunCreate(task_key=f"k[/]{hostile}", name=f"name {hostile}", parameters={"p": hostile})
+        )
+        failed = State(
+            type=StateType.FAILED,
+            name=f"Failed {hostile}",
+            message=f"message {hostile}",
+            data={"traceback": f"Traceback {hostile}"},
+        )
+        await client.set_state(run.id, failed, force=True)
+        other = await client.create_task_run(TaskRunCreate(task_key=f"k2{hostile}", name="n"))
+    table, shown, cancelled, not_cancelled = await run_all(
+        cli, ["runs"], ["run", short(run.id)], ["cancel", str(other.id)], ["cancel", str(run.id)]
+    )
+    escaped = "[red]x[/] [/]\\x1b[2J\\x9b\\u202eevil\\x07"
+    for result in (table, shown, cancelled):
+        out = result.stdout.decode()
+        assert result.returncode == 0, result.stderr.decode()
+        assert escaped in out, out
+    for result in (table, shown, cancelled, not_cancelled):
+        for raw in ("\x1b", "\x9b", "\u202e", "\x07"):
+            assert raw not in result.stdout.decode() + result.stderr.decode()
+    out = shown.stdout.decode()
+    for text in (f"k[/]{escaped}", f"name {escaped}", f"message {escaped}", f"Traceback {escaped}"):
+        assert text in out, (text, out)
+    assert f"k2{escaped}" in one_error_line(not_cancelled) or f"k[/]{escaped}" in one_error_line(
+        not_cancelled
+    )
+
+
+async def test_cancelling_a_cancelled_run_is_an_error_as_for_any_ended_run(cli: Cli) -> None:
+    async with TaskRunClient() as client:
+        run = await client.create_task_run(TaskRunCreate(task_key="k"))
+        await client.cancel(run.id)
+    again = await cli("cancel", str(run.id))
+    assert one_error_line(again) == (
+        f"trioworker: cannot cancel run {run.id} (k): "
+        "the run is already CANCELLED; it cannot become CANCELLED"
+    )
+    assert again.stdout == b""

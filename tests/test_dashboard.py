@@ -291,6 +291,32 @@ async def test_changes_appear_without_a_reload_and_the_page_does_not_poll(demo: 
         await in_browser(script)
 
 
+async def test_the_runs_list_loads_once_and_without_parameters_or_results(demo: Demo) -> None:
+    server, api = demo.server, demo.api
+    [first] = await submit(api, "dash.add", {"a": 1, "b": 2})
+
+    def script(browser: Browser) -> None:
+        from playwright.sync_api import expect
+
+        page = browser.new_page()
+        page.set_default_timeout(WAIT_MS)
+        lists: list[str] = []
+        page.on("request", lambda r: lists.append(r.url) if "/api/task_runs?" in r.url else None)
+        page.goto(server.url + "/#/runs")
+        expect(page.locator("#live")).to_have_attribute("data-state", "live")
+        expect(page.locator("#runs-table tbody tr")).to_have_count(1)
+        trio.from_thread.run(submit, api, "dash.add", {"a": 3, "b": 4})
+        expect(page.locator("#runs-table tbody tr")).to_have_count(2)
+        # One request at page load (not a second when the feed connects), one for the new run.
+        assert len(lists) == 2, lists
+        assert all("fields=summary" in url for url in lists), lists
+        page.goto(f"{server.url}/#/runs/{first}")
+        expect(page.locator("#parameters")).to_contain_text('"a": 1')
+        assert "fields=summary" in lists[-1] and f"parent_task_run_id={first}" in lists[-1], lists
+
+    await in_browser(script)
+
+
 #: The API key of the tests that set one.
 KEY = "open-sesame"
 

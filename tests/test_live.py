@@ -323,6 +323,34 @@ async def test_retry_makes_a_new_run_with_the_same_arguments(
     assert (await api.post(f"/task_runs/{uuid.uuid4()}/retry")).status_code == 404
 
 
+async def test_a_retried_run_is_named_as_a_new_submission_would_be(api: httpx.AsyncClient) -> None:
+    """A name the server made holds the old run's id: the new run gets its own; a name
+    given at submission is kept."""
+    [unnamed] = await submit(api, "live.r", {})
+    run = (await api.get(f"/task_runs/{unnamed}")).json()
+    assert run["name"] == f"live.r-{uuid.UUID(unnamed).hex[:8]}"
+    await api.post(f"/task_runs/{unnamed}/cancel")
+    new = (await api.post(f"/task_runs/{unnamed}/retry")).json()
+    assert new["name"] == f"live.r-{uuid.UUID(new['id']).hex[:8]}" != run["name"]
+
+
+async def test_a_summary_list_leaves_out_parameters_and_results(api: httpx.AsyncClient) -> None:
+    big = {"blob": "x" * 100_000}
+    [run_id] = await submit(api, "live.s", big)
+    done = {"state": {"type": "COMPLETED", "name": "Completed", "data": big}, "force": True}
+    assert (await api.post(f"/task_runs/{run_id}/set_state", json=done)).status_code == 200
+    full = (await api.get("/task_runs", params={"task_key": "live.s"})).json()
+    assert full[0]["parameters"] == big and full[0]["state"]["data"] == big
+    response = await api.get("/task_runs", params={"task_key": "live.s", "fields": "summary"})
+    [summary] = response.json()
+    assert len(response.content) < 2000
+    assert "parameters" not in summary and "data" not in summary["state"]
+    assert summary["id"] == run_id and summary["state"]["type"] == "COMPLETED"
+    assert {**summary, "state": {**summary["state"], "data": big}, "parameters": big} == full[0]
+    refused = await api.get("/task_runs", params={"fields": "some"})
+    assert refused.status_code == 422 and "summary" in refused.json()["detail"]
+
+
 async def test_runs_list_newest_first_and_by_parent(
     trioworker_server: RunningServer, api: httpx.AsyncClient
 ) -> None:

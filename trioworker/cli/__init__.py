@@ -30,7 +30,7 @@ import trio
 
 from trioworker._util import only_exception
 from trioworker._version import __version__
-from trioworker.cli._common import CommandError, configure_logging
+from trioworker.cli._common import CommandError, configure_logging, visible
 from trioworker.cli._environment import parsing_with_environment, read_environment
 from trioworker.cli.demo import add_demo_command
 from trioworker.cli.manage import add_manage_commands
@@ -126,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         trio.run(args.handler, args)
     except BaseException as exc:  # re-raised below unless it is a user error
         leaf = only_exception(exc)
-        if isinstance(leaf, CommandError | OSError):
-            print(f"trioworker: {leaf}", file=sys.stderr)
+        if isinstance(leaf, CommandError | OSError):  # may quote a server's or a task's text
+            print(f"trioworker: {visible(str(leaf))}", file=sys.stderr)
             raise SystemExit(1) from None
         if isinstance(leaf, KeyboardInterrupt):
             raise SystemExit(130) from None

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
 #: The commands' logger (its name leads every log line: ``trioworker: ...``).
 log = logging.getLogger("trioworker")
@@ -211,6 +213,26 @@ def api_of(args: argparse.Namespace) -> tuple[tuple[str, ...], str | None]:
 
 #: Columns of rich output that goes to a pipe or a file (COLUMNS overrides it).
 PIPED_WIDTH: Final = 200
+
+
+#: Characters that move the cursor, recolour or reorder the terminal's text: C0 (but tab and
+#: newline) and DEL, C1, and Unicode's bidirectional controls (U+202E would show text
+#: backwards). :func:`visible` shows them as escapes.
+_HIDDEN: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character as an escape (``\\x1b``, ``\\u202e``): what
+    the CLI prints of data from a server or a worker, so it cannot drive the terminal."""
+    return _HIDDEN.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def plain(text: str) -> Text:
+    """``text`` as rich shows it verbatim: no markup read (``[red]`` stays), and control
+    characters :func:`visible`."""
+    from rich.text import Text
+
+    return Text(visible(text))
 
 
 def stdout_console() -> Console:

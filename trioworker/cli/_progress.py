@@ -21,6 +21,7 @@ import trio
 from trioworker import protocol
 from trioworker._websocket import Disconnected, connect, parse_message
 from trioworker.cli._api import short_id
+from trioworker.cli._common import visible
 from trioworker.models import JSON
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class WaitDisplay:
         return f"no worker is subscribed to {self.task_key}: the run waits until one is"
 
     def _line(self) -> str:
-        line = f"run {short_id(self.run_id)} of {self.task_key}: {self.state or '...'}"
+        line = visible(f"run {short_id(self.run_id)} of {self.task_key}: {self.state or '...'}")
         if self.workers == 0 and (self.state or "SCHEDULED").startswith("SCHEDULED"):
             line += f" ({self._no_worker()})"
         return line
@@ -84,7 +85,7 @@ class WaitDisplay:
             self._live.update(Text(self._line()), refresh=True)
             return
         if changed_state:
-            self.console.print(f"run {short_id(self.run_id)}: {state}", markup=False, soft_wrap=True)
+            self.console.print(visible(f"run {short_id(self.run_id)}: {state}"), markup=False, soft_wrap=True)
         if first_none:
             self.console.print(self._no_worker(), markup=False, soft_wrap=True)
         elif came:

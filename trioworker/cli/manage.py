@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from trioworker.cli._api import ID_HELP, api_errors, find_run
-from trioworker.cli._common import CommandError, add_api_options, api_of, duration
+from trioworker.cli._common import CommandError, add_api_options, api_of, duration, visible
 
 if TYPE_CHECKING:
     from trioworker.client.rest import TaskRunClient
@@ -42,8 +42,15 @@ async def _on_one_run(args: argparse.Namespace, action: Action) -> None:
 
 
 async def _cancel(client: TaskRunClient, run: TaskRun) -> None:
+    from trioworker.models import StateType
+
+    if run.state.type is StateType.CANCELLED:  # the server answers it as done: it was, before
+        raise CommandError(
+            f"cannot cancel run {run.id} ({visible(run.task_key)}): the run is already CANCELLED; "
+            "it cannot become CANCELLED"
+        )
     await client.cancel(run.id)
-    print(f"cancelled run {run.id} ({run.task_key}; it was {run.state.type.value})", flush=True)
+    print(f"cancelled run {run.id} ({visible(run.task_key)}; it was {run.state.type.value})", flush=True)
 
 
 async def _retry(client: TaskRunClient, run: TaskRun) -> None:
@@ -53,7 +60,7 @@ async def _retry(client: TaskRunClient, run: TaskRun) -> None:
 
 async def _delete(client: TaskRunClient, run: TaskRun) -> None:
     await client.delete(run.id)
-    print(f"deleted run {run.id} ({run.task_key}; it was {run.state.type.value})", flush=True)
+    print(f"deleted run {run.id} ({visible(run.task_key)}; it was {run.state.type.value})", flush=True)
 
 
 async def _run_cancel(args: argparse.Namespace) -> None:

@@ -20,10 +20,12 @@ from trioworker.cli._common import (
     api_of,
     count,
     local_time,
+    plain,
     positive_int,
     print_json,
     seconds,
     stdout_console,
+    visible,
 )
 from trioworker.cli._tasks import load_tasks
 from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 
 
 def _json_text(value: JSON) -> str:
-    return json.dumps(value, ensure_ascii=False, default=repr)
+    """``value`` as JSON, its control characters :func:`visible`."""
+    return visible(json.dumps(value, ensure_ascii=False, default=repr))
 
 
 _STATE_STYLES: Final = {
@@ -56,7 +59,7 @@ def _state_text(type_: StateType, name: str) -> Text:
 
     text = Text(type_.value, style=_STATE_STYLES.get(type_.value, ""))
     if name.replace(" ", "").upper() != type_.value:
-        text.append(f" ({name})")
+        text.append(f" ({visible(name)})")
     return text
 
 
@@ -200,8 +203,8 @@ async def _run_runs(args: argparse.Namespace) -> None:
     for run in runs:
         table.add_row(
             short_id(run.id),
-            run.task_key,
-            run.name,
+            plain(run.task_key),
+            plain(run.name),
             _state_text(run.state.type, run.state.name),
             local_time(run.created),
             local_time(run.updated),
@@ -233,16 +236,21 @@ def _run_fields(run: TaskRun) -> Table:
     state.append(f" since {local_time(run.state.timestamp)}")
     rows: list[tuple[str, str | Text]] = [
         ("id", str(run.id)),
-        ("task key", run.task_key),
-        ("name", run.name),
+        ("task key", plain(run.task_key)),
+        ("name", plain(run.name)),
         ("state", state),
         ("created", local_time(run.created)),
         ("updated", local_time(run.updated)),
         ("attempts", str(run.run_count)),
-        ("parameters", run.parameters if run.serializer == SERIALIZER_PICKLE else _json_text(run.parameters)),
+        (
+            "parameters",
+            plain(str(run.parameters))
+            if run.serializer == SERIALIZER_PICKLE
+            else plain(_json_text(run.parameters)),
+        ),
     ]
     if run.serializer != SERIALIZER_JSON:
-        rows.append(("serializer", run.serializer))
+        rows.append(("serializer", plain(run.serializer)))
     if run.state.state_details.scheduled_time is not None and run.state.type.value == "SCHEDULED":
         rows.append(("due", local_time(run.state.state_details.scheduled_time)))
     if run.wait_for:
@@ -250,11 +258,11 @@ def _run_fields(run: TaskRun) -> Table:
     if run.parent_task_run_id is not None:
         rows.append(("parent", str(run.parent_task_run_id)))
     if run.tags:
-        rows.append(("tags", ", ".join(run.tags)))
+        rows.append(("tags", plain(", ".join(run.tags))))
     if run.context:
-        rows.append(("context", _json_text(run.context)))
+        rows.append(("context", plain(_json_text(run.context))))
     if run.idempotency_key is not None:
-        rows.append(("idempotency key", run.idempotency_key))
+        rows.append(("idempotency key", plain(run.idempotency_key)))
     for label, value in rows:
         fields.add_row(label, value)
     return fields
@@ -287,7 +295,7 @@ async def _run_run(args: argparse.Namespace) -> None:
         table.add_row(
             change.timestamp.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
             _state_text(change.type, change.name),
-            change.message or "",
+            plain(change.message or ""),
         )
     console.print(table)
     console.print()
@@ -298,13 +306,13 @@ async def _run_run(args: argparse.Namespace) -> None:
         console.print(_json_text(result), markup=False, highlight=False, soft_wrap=True)
     elif state.is_terminal:
         console.print(f"[bold]{state.type.value}[/bold]", highlight=False)
-        console.print(state.message or "(no message)", markup=False, highlight=False, soft_wrap=True)
+        console.print(visible(state.message or "(no message)"), markup=False, highlight=False, soft_wrap=True)
         data = state.data
         traceback = data.get("traceback") if isinstance(data, dict) else None
         if isinstance(traceback, str):
             console.print()
             console.print("[bold]Traceback[/bold] (on the worker)")
-            console.print(traceback.rstrip(), markup=False, highlight=False, soft_wrap=True)
+            console.print(visible(traceback.rstrip()), markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(f"Not ended yet: {state.type.value}.", highlight=False)
 

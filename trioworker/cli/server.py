@@ -19,8 +19,6 @@ from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
 
 #: The variable of ``--db``.
 DB_VARIABLE: Final = variable_of("--db")
-#: The hosts that listen on every interface of the machine.
-ALL_INTERFACES: Final = ("0.0.0.0", "::", "")
 
 
 async def shutdown_on_signals(shutdown: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
@@ -58,22 +56,40 @@ async def run_server(args: argparse.Namespace) -> None:
         max_queued=args.max_queued,
         certfile=args.certfile,
         keyfile=args.keyfile,
+        allowed_origins=tuple(args.allowed_origins or ()),
     )
-    if config.host.strip("[]") in ALL_INTERFACES and config.api_key is None:
-        log.warning(
-            "listening on every interface (--host %s) without an API key: anyone who can reach this "
-            "machine can read, submit, cancel and delete runs; set --api-key or TRIOWORKER_API_KEY",
-            config.host,
-        )
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(shutdown_on_signals, shutdown)
-            await serve_server(config, shutdown=shutdown)
-            nursery.cancel_scope.cancel()
+
+            async def serve(*, task_status: trio.TaskStatus[object]) -> None:
+                await serve_server(config, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve)
+            await warn_when_exposed(config.host, config.api_key)
     except* StoreError as group:  # the database is in use, unreachable, unreadable, or of a newer trioworker
         raise CommandError(str(group.exceptions[0])) from None
     log.info("server stopped")
+
+
+async def warn_when_exposed(host: str, api_key: str | None) -> None:
+    """Once the server listens: warn when it does, without a key, on an address other
+    machines may reach (every interface, or any address that is not a loopback one)."""
+    from trioworker.server.guard import Exposure, exposure
+
+    reach = await exposure(host)
+    if reach is not Exposure.LOOPBACK and api_key is None:
+        where = (
+            "every interface" if reach is Exposure.EVERY_INTERFACE else "an address other machines may reach"
+        )
+        log.warning(
+            "listening on %s (--host %s) without an API key: anyone who can reach this "
+            "machine can read, submit, cancel and delete runs; set --api-key or TRIOWORKER_API_KEY",
+            where,
+            host,
+        )
 
 
 def add_server_command(commands: Any) -> None:
@@ -137,9 +153,27 @@ def add_server_command(commands: Any) -> None:
     server.add_argument(
         "--keyfile", default=None, metavar="PEM", help="the private key of --certfile, in PEM (unencrypted)"
     )
+    server.add_argument(
+        "--allowed-origins",
+        type=origins,
+        default=None,
+        metavar="ORIGINS",
+        help="web pages of these origins (http(s)://host[:port], separated by commas) may change "
+        "runs and open websockets; pages of the server's own address always may (default none)",
+    )
     add_log_format_option(server)
     from_environment(server)
     server.set_defaults(handler=run_server)
+
+
+def origins(text: str) -> list[str]:
+    """An argparse type: origins separated by commas, each ``http(s)://host[:port]``."""
+    from trioworker.server.guard import normalize_origin
+
+    try:
+        return [normalize_origin(item) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def effective_database() -> str:

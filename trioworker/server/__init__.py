@@ -15,6 +15,7 @@ import trio
 from trioworker._http import serve_app
 from trioworker.protocol import api_root
 from trioworker.server.app import create_app
+from trioworker.server.guard import Exposure, exposure
 from trioworker.server.limits import QueueLimit
 from trioworker.server.queue import Dispatcher, WallClock
 from trioworker.server.retention import keep_retention
@@ -40,6 +41,10 @@ class ServerConfig:
     #: Seconds a run is kept after it ended (then it is deleted with its history); 0 keeps
     #: every run.
     retention: float = attrs.field(default=DEFAULT_RETENTION_SECONDS, validator=attrs.validators.ge(0))
+    #: The origins (``http(s)://host[:port]``) of other web pages allowed to change things
+    #: and open websockets; pages of the server's own origin always may (see
+    #: :mod:`~trioworker.server.guard`).
+    allowed_origins: tuple[str, ...] = ()
     #: The dispatcher's clock (epoch seconds); the default is the real wall clock.
     clock: WallClock | None = None
     #: Serve over TLS (``https://``, ``wss://``) with this certificate (chain) and its
@@ -93,7 +98,12 @@ async def serve_server(
         )
         queued = await service.recover()
         app = create_app(
-            service, api_key=config.api_key, max_body_bytes=config.max_body_bytes, closing=closing
+            service,
+            api_key=config.api_key,
+            max_body_bytes=config.max_body_bytes,
+            closing=closing,
+            allowed_origins=config.allowed_origins,
+            loopback_only=await exposure(config.host) is Exposure.LOOPBACK,
         )
 
         async def shutdown_trigger() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import math
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Final
 
@@ -26,7 +27,7 @@ from trioworker import protocol
 from trioworker._version import __version__
 from trioworker.models import JSON, PurgeRequest, PurgeResult, SetStateRequest, StateType, converter
 from trioworker.protocol import route
-from trioworker.server import dashboard, openapi
+from trioworker.server import dashboard, guard, openapi
 from trioworker.server.channel import ChannelSession
 from trioworker.server.events import EventsSession
 from trioworker.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -59,6 +60,15 @@ def _dump(obj: object, status: int = 200) -> Response:
     return _json_response(converter.unstructure(obj), status)
 
 
+def _summary(run: dict[str, JSON]) -> JSON:
+    """An unstructured run without its parameters and its state's data (``fields=summary``)."""
+    run.pop("parameters", None)
+    state = run.get("state")
+    if isinstance(state, dict):
+        state.pop("data", None)
+    return run
+
+
 def _parse_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -67,6 +77,12 @@ def _parse_id(value: str) -> uuid.UUID:
 
 
 async def _body() -> JSON:
+    if request.mimetype != "application/json":
+        # Also what keeps a page of another site from posting a form or text/plain body
+        # (which browsers send without asking): see trioworker.server.guard.
+        raise Refusal(
+            415, f"send the body as Content-Type: application/json, not {request.mimetype or 'none'!r}"
+        )
     raw = await request.get_data()
     try:
         return orjson.loads(raw)
@@ -128,6 +144,8 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 16 * 1024 * 1024,
     closing: trio.Event | None = None,
+    allowed_origins: Collection[str] = (),
+    loopback_only: bool = False,
 ) -> QuartTrio:
     """Build the app around ``service``.
 
@@ -136,7 +154,15 @@ def create_app(
             subscriptions must send it in their auth message.
         max_body_bytes: larger request bodies get 413.
         closing: set it to make every subscription close with 1012 (the server is stopping).
+        allowed_origins: the origins (``http(s)://host[:port]``) of other pages that may
+            change things and open websockets (see :mod:`~trioworker.server.guard`).
+        loopback_only: answer only requests whose ``Host`` is a loopback name (set when the
+            server listens on loopback only).
+
+    Raises:
+        ValueError: for an allowed origin that is not ``http(s)://host[:port]``.
     """
+    origins = frozenset(guard.normalize_origin(o) for o in allowed_origins)
     app = QuartTrio("trioworker.server", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     closing = trio.Event() if closing is None else closing
@@ -177,6 +203,27 @@ def create_app(
         if response.status_code >= 400 and has_body:
             response.headers["Connection"] = "close"
         return response
+
+    def check_origin(method: str, is_websocket: bool) -> None:
+        why = guard.refusal(
+            method=method,
+            websocket=is_websocket,
+            scheme=(websocket if is_websocket else request).scheme,
+            host_header=(websocket if is_websocket else request).headers.get("Host"),
+            origin=(websocket if is_websocket else request).headers.get("Origin"),
+            allowed_origins=origins,
+            loopback_only=loopback_only,
+        )
+        if why is not None:
+            raise Refusal(403, why)
+
+    @app.before_request
+    async def refuse_foreign_pages() -> None:
+        check_origin(request.method, is_websocket=False)
+
+    @app.before_websocket
+    async def refuse_foreign_sockets() -> None:
+        check_origin("GET", is_websocket=True)
 
     @app.before_request
     async def authenticate() -> None:
@@ -243,6 +290,9 @@ def create_app(
             parent = None if parent_arg is None else uuid.UUID(parent_arg)
         except ValueError:
             raise Refusal(422, f"parent_task_run_id must be a task run UUID, got {parent_arg!r}") from None
+        fields = request.args.get("fields", "all").lower()
+        if fields not in ("all", "summary"):
+            raise Refusal(422, f"fields must be all or summary (no parameters, no result), got {fields!r}")
         runs = await service.list_runs(
             task_key=request.args.get("task_key"),
             state=state,
@@ -251,7 +301,9 @@ def create_app(
             parent_task_run_id=parent,
             newest_first=sort == "CREATED_DESC",
         )
-        return _dump(runs)
+        if fields == "all":
+            return _dump(runs)
+        return _json_response([_summary(converter.unstructure(run)) for run in runs])
 
     @app.get(route(protocol.RUNS_FIND))
     async def find_runs() -> Response:

@@ -437,6 +437,13 @@ def document(version: str) -> dict[str, JSON]:
                         {"type": "string", "format": "uuid"},
                         "Only the runs submitted from inside this run.",
                     ),
+                    _param(
+                        "fields",
+                        "query",
+                        {"type": "string", "enum": ["all", "summary"], "default": "all"},
+                        "summary: each run without its parameters and without its state's data (the "
+                        "result or error), for lists that show neither.",
+                    ),
                 ),
                 answers={200: ("The runs.", _json_content(runs))},
                 errors=(422, 503),
@@ -590,8 +597,9 @@ def document(version: str) -> dict[str, JSON]:
                 "retryRun",
                 "Run an ended run again",
                 tag="runs",
-                description="A new SCHEDULED run with the same task, name, parameters, tags, context, parent "
-                "and wait_for; 409 for a run that has not ended.",
+                description="A new SCHEDULED run with the same task, parameters, tags, context, parent "
+                "and wait_for, named as a new submission would be (a name given at submission is kept); "
+                "409 for a run that has not ended.",
                 params=(_run_id("The ended run's id."),),
                 answers={201: ("The new run.", _json_content(run))},
                 errors=(404, 409, 429, 503),

@@ -35,7 +35,7 @@ from trioworker.server.overview import Overview, OverviewReader
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.sockets import Refusal
 from trioworker.server.store.base import Change, QueuedRun, RunIdTaken, Store
-from trioworker.server.store.runs import claimed_copy
+from trioworker.server.store.runs import claimed_copy, default_name
 
 #: Bounds of the fresh-run cache: entries, bytes in all, bytes of one run.
 FRESH_MAX_RUNS: Final = 5_000
@@ -198,8 +198,10 @@ class TaskRunService:
         return await self.feed.overview(self._overview_reader.read)
 
     async def retry(self, run_id: uuid.UUID) -> TaskRun:
-        """A new run of the ended run ``run_id``, with the same task, name, parameters,
-        tags, context, parent and ``wait_for``; SCHEDULED.
+        """A new run of the ended run ``run_id``, with the same task, parameters, tags,
+        context, parent and ``wait_for``; SCHEDULED. Its name is the one a new submission
+        gets (``<task key>-<its id's first 8 hex digits>``) unless the old run's was given
+        at submission (then that name again).
 
         Raises:
             Refusal: 404 when the run does not exist; 409 when it has not ended (cancel it
@@ -215,7 +217,7 @@ class TaskRunService:
             )
         create = TaskRunCreate(
             task_key=run.task_key,
-            name=run.name,
+            name=None if run.name == default_name(run.task_key, run.id) else run.name,
             parameters=run.parameters,
             serializer=run.serializer,
             tags=list(run.tags),

@@ -26,6 +26,7 @@ const app = {
   socket: null,
   reconnectDelay: 1000,
   reconnectTimer: null,
+  feedWasDown: false, // set when the live feed drops: on reconnecting, the view reloads
   signedOut: false,
 };
 
@@ -233,7 +234,10 @@ function connectLive() {
     if (message.type === "auth_success") {
       setLive("live", "Live");
       app.reconnectDelay = 1000;
-      app.view?.refresh?.(); // what changed while the feed was down
+      // What changed while the feed was down; at page load the view is loading already
+      // (its one request), so a first connection asks for nothing more.
+      if (app.feedWasDown) app.view?.refresh?.();
+      app.feedWasDown = false;
     } else if (message.type === "overview") {
       app.overview = message.overview;
       app.clockOffset = Date.parse(message.server_time) - Date.now();
@@ -250,6 +254,7 @@ function connectLive() {
       showLogin(app.key ? "That key was refused." : null);
       return;
     }
+    app.feedWasDown = true;
     setLive("offline", "Reconnecting");
     app.reconnectTimer = setTimeout(connectLive, app.reconnectDelay);
     app.reconnectDelay = Math.min(app.reconnectDelay * 2, 15000);
@@ -552,7 +557,7 @@ class RunsView {
   }
 
   url() {
-    const query = new URLSearchParams({ sort: "CREATED_DESC", limit: String(PAGE_SIZE), offset: String(this.page * PAGE_SIZE) });
+    const query = new URLSearchParams({ sort: "CREATED_DESC", fields: "summary", limit: String(PAGE_SIZE), offset: String(this.page * PAGE_SIZE) });
     if (this.filters.task_key) query.set("task_key", this.filters.task_key);
     if (this.filters.state) query.set("state", this.filters.state);
     return `/task_runs?${query}`;
@@ -689,7 +694,7 @@ class RunView {
     }
     const [history, children] = await Promise.all([
       api(`/task_runs/${encodeURIComponent(this.id)}/history`),
-      api(`/task_runs?parent_task_run_id=${encodeURIComponent(this.id)}&limit=200`),
+      api(`/task_runs?parent_task_run_id=${encodeURIComponent(this.id)}&fields=summary&limit=200`),
     ]);
     if (app.view !== this) return;
     this.run = run;
