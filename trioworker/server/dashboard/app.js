@@ -725,26 +725,36 @@ class RunView {
 
   actions(run) {
     const ended = ENDED.includes(run.state.type);
+    // Delete asks again: while it waits for "Confirm delete", the run's other action
+    // (cancel or retry) is hidden and "Keep" backs out, so backing out never cancels the run.
+    const other = ended
+      ? h("button", { class: "btn", type: "button", id: "retry-run", title: "Create a new run with the same arguments", onclick: () => this.act("retry") }, "Retry")
+      : h("button", { class: "btn", type: "button", id: "cancel-run", onclick: () => this.act("cancel") }, "Cancel run");
+    const keep = h("button", { class: "btn", type: "button", id: "keep-run", title: "Do not delete this run", hidden: true }, "Keep");
     const remove = h("button", { class: "btn danger", type: "button", id: "delete-run" }, "Delete");
     let armed = null;
+    const disarm = () => {
+      clearTimeout(armed);
+      armed = null;
+      remove.classList.remove("armed");
+      remove.textContent = "Delete";
+      keep.hidden = true;
+      other.hidden = false;
+    };
+    keep.addEventListener("click", disarm);
     remove.addEventListener("click", () => {
       if (armed) {
-        clearTimeout(armed);
+        disarm();
         this.act("delete");
         return;
       }
+      other.hidden = true;
+      keep.hidden = false;
       remove.classList.add("armed");
       remove.textContent = "Confirm delete";
-      armed = setTimeout(() => {
-        armed = null;
-        remove.classList.remove("armed");
-        remove.textContent = "Delete";
-      }, 4000);
+      armed = setTimeout(disarm, 4000);
     });
-    return h("div", { class: "actions" },
-      ended ? null : h("button", { class: "btn", type: "button", id: "cancel-run", onclick: () => this.act("cancel") }, "Cancel run"),
-      ended ? h("button", { class: "btn", type: "button", id: "retry-run", title: "Create a new run with the same arguments", onclick: () => this.act("retry") }, "Retry") : null,
-      remove);
+    return h("div", { class: "actions" }, other, keep, remove);
   }
 
   outcome(run) {
@@ -771,6 +781,7 @@ class RunView {
     const started = firstOf(history, "RUNNING");
     const ended = ENDED.includes(run.state.type) ? run.state.timestamp : null;
     const retries = history.filter((change) => change.name === "AwaitingRetry").length;
+    const deliveries = history.filter((change) => change.type === "PENDING").length;
     const client = run.state.state_details?.client_id;
     const scheduled = run.state.state_details?.scheduled_time;
 
@@ -782,7 +793,10 @@ class RunView {
       fact("Ended", ended ? formatTime(ended) : "—"),
       fact("Duration", started && ended ? formatDuration(Date.parse(ended) - Date.parse(started.timestamp)) : started ? "running" : "—"),
       fact("Attempts", `${num(run.run_count)}${retries ? ` (${retries} ${retries === 1 ? "retry" : "retries"})` : ""}`),
-      fact("Deliveries", num(run.delivery_count)),
+      // Every delivery to a worker is a PENDING state in the history; the run's own
+      // delivery_count (the crash guard's) starts over with each attempt.
+      fact("Deliveries", h("span", { id: "deliveries" }, num(deliveries)),
+        run.delivery_count !== deliveries ? h("span", { class: "sub" }, `${num(run.delivery_count)} in this attempt`) : null),
       client ? fact("Worker", h("span", { class: "mono" }, client)) : null,
       scheduled ? fact("Scheduled for", formatTime(scheduled)) : null,
       fact("Parent run", run.parent_task_run_id ? h("a", { class: "mono", href: `#/runs/${encodeURIComponent(run.parent_task_run_id)}`, id: "parent-run" }, shortId(run.parent_task_run_id)) : "—"),
