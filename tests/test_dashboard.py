@@ -353,6 +353,29 @@ async def test_a_run_page_counts_the_deliveries_of_every_attempt(demo: Demo) -> 
     await in_browser(script)
 
 
+async def test_a_run_page_reaches_every_child_past_the_first_two_hundred(demo: Demo) -> None:
+    server, api = demo.server, demo.api
+    [parent] = await submit(api, "dash.parent", {"n": 1})
+    adds = ({"a": i, "b": 0} for i in range(210))
+    children = await submit(api, "dash.add", *adds, parent_task_run_id=parent)
+
+    def script(browser: Browser) -> None:
+        from playwright.sync_api import expect
+
+        page, errors = open_page(browser, f"{server.url}/#/runs/{parent}")
+        rows = page.locator("#children tbody tr")
+        expect(rows).to_have_count(200)
+        expect(page.locator("#children-summary")).to_contain_text("the first 200 child runs of more, below")
+        page.locator("#more-children").click()
+        expect(rows).to_have_count(210)
+        expect(rows.last).to_have_attribute("data-run-id", children[-1])
+        expect(page.locator("#children-count")).to_have_text("210 child runs, submitted from inside this run")
+        expect(page.locator("#more-children")).to_have_count(0)
+        assert errors == []
+
+    await in_browser(script)
+
+
 #: The API key of the tests that set one.
 KEY = "open-sesame"
 

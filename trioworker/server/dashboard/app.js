@@ -14,6 +14,10 @@ const LABEL = {
 };
 const STORE_NAMES = { sqlite: "SQLite", postgresql: "PostgreSQL" };
 const PAGE_SIZE = 50;
+// Children a run page shows at first, and adds per "Show more".
+const CHILD_PAGE = 200;
+// The most runs one list request returns (the server's limit).
+const CHILD_REQUEST = 1000;
 const KEY_STORAGE = "trioworker.apiKey";
 // A view refetches what it shows at most this often when the feed says it changed.
 const REFETCH_MS = 1000;
@@ -657,7 +661,25 @@ class RunView {
     this.id = id;
     this.run = null;
     this.childIds = new Set();
+    // How many children the page shows; "Show more" adds CHILD_PAGE.
+    this.childLimit = CHILD_PAGE;
+    this.moreChildren = false;
     this.refetch = throttled(() => this.load(), REFETCH_MS);
+  }
+
+  // The first `this.childLimit` children, oldest first, and whether there are more (one more
+  // is asked for), read in requests of at most CHILD_REQUEST (the list's own limit).
+  async loadChildren() {
+    const want = this.childLimit + 1;
+    const children = [];
+    while (children.length < want) {
+      const limit = Math.min(CHILD_REQUEST, want - children.length);
+      const page = await api(`/task_runs?parent_task_run_id=${encodeURIComponent(this.id)}&fields=summary&limit=${limit}&offset=${children.length}`);
+      children.push(...page);
+      if (page.length < limit) break;
+    }
+    this.moreChildren = children.length > this.childLimit;
+    return children.slice(0, this.childLimit);
   }
 
   async show() {
@@ -694,7 +716,7 @@ class RunView {
     }
     const [history, children] = await Promise.all([
       api(`/task_runs/${encodeURIComponent(this.id)}/history`),
-      api(`/task_runs?parent_task_run_id=${encodeURIComponent(this.id)}&fields=summary&limit=200`),
+      this.loadChildren(),
     ]);
     if (app.view !== this) return;
     this.run = run;
@@ -833,22 +855,32 @@ class RunView {
         Object.keys(run.context || {}).length
           ? h("section", { class: "card" }, h("header", {}, h("h2", {}, "Context")), h("pre", { class: "json" }, json(run.context)))
           : h("section", { class: "card", id: "children-summary" }, h("header", {}, h("h2", {}, "Submitted from this run")),
-            h("div", { class: "body muted" }, children.length ? `${children.length} child run${children.length === 1 ? "" : "s"}, below` : "None: runs that this run's task submits show here."))),
+            h("div", { class: "body muted" }, children.length ? `${this.childCount(children)}, below` : "None: runs that this run's task submits show here."))),
       h("section", { class: "card", id: "history" },
         h("header", {}, h("h2", {}, "State history"), h("span", { class: "muted" }, `${history.length} states`)),
         h("div", { class: "table-wrap" }, h("table", {},
           h("thead", {}, h("tr", {}, h("th", {}, "Time"), h("th", {}, "State"), h("th", { class: "num" }, "After"), h("th", {}, "Message"))),
           h("tbody", {}, historyRows)))),
       children.length ? h("section", { class: "card", id: "children" },
-        h("header", {}, h("h2", {}, "Child runs"), h("span", { class: "muted" }, "submitted from inside this run")),
+        h("header", {}, h("h2", {}, "Child runs"), h("span", { class: "muted", id: "children-count" }, `${this.childCount(children)}, submitted from inside this run`)),
         h("div", { class: "table-wrap" }, h("table", {},
           h("thead", {}, h("tr", {}, h("th", {}, "State"), h("th", {}, "Run"), h("th", {}, "Task key"), h("th", {}, "Created"))),
           h("tbody", {}, children.map((child) => h("tr", { "data-run-id": child.id },
             h("td", {}, badge(child.state.type, child.state.name)),
             h("td", {}, runLink(child), h("span", { class: "sub mono" }, shortId(child.id))),
             h("td", {}, child.task_key),
-            h("td", {}, formatTime(child.created)))))))) : null,
+            h("td", {}, formatTime(child.created))))))),
+        this.moreChildren ? h("div", { class: "body" }, h("button", { class: "btn", type: "button", id: "more-children", onclick: () => {
+          this.childLimit += CHILD_PAGE;
+          this.load();
+        } }, `Show ${num(CHILD_PAGE)} more`)) : null) : null,
     );
+  }
+
+  // "N child runs", or "the first N of more child runs" while more are not shown yet.
+  childCount(children) {
+    const n = `${num(children.length)} child run${children.length === 1 ? "" : "s"}`;
+    return this.moreChildren ? `the first ${n} of more` : n;
   }
 }
 
