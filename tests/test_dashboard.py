@@ -216,6 +216,16 @@ async def test_overview_filter_run_page_cancel_retry_and_delete(demo: Demo, shoo
             rows.first.locator("td:nth-child(2) a").click()
             expect(page.locator("#run-id")).to_have_text(held)
             expect(page.locator("#history tbody tr")).to_have_count(3)  # scheduled, pending, running
+            # Delete, then back out: while "Confirm delete" waits, cancel is out of reach and
+            # "Keep" leaves the run as it was.
+            expect(page.locator("#keep-run")).to_be_hidden()
+            page.locator("#delete-run").click()
+            expect(page.locator("#delete-run")).to_have_text("Confirm delete")
+            expect(page.locator("#cancel-run")).to_be_hidden()
+            page.locator("#keep-run").click()
+            expect(page.locator("#delete-run")).to_have_text("Delete")
+            expect(page.locator("#keep-run")).to_be_hidden()
+            expect(page.locator("#run-name .badge")).to_have_text("Running")
             page.locator("#cancel-run").click()
             expect(page.locator("#run-name .badge")).to_have_text("Cancelled")
             expect(page.locator("#cancel-run")).to_have_count(0)
@@ -244,6 +254,8 @@ async def test_overview_filter_run_page_cancel_retry_and_delete(demo: Demo, shoo
             expect(page.locator("#run-name .badge")).to_have_text("Failed")  # it ran again, live
             page.locator("#delete-run").click()
             expect(page.locator("#delete-run")).to_have_text("Confirm delete")
+            expect(page.locator("#retry-run")).to_be_hidden()
+            expect(page.locator("#keep-run")).to_be_visible()
             page.locator("#delete-run").click()
             expect(page.locator(".toast", has_text="Deleted.")).to_be_visible()
             expect(rows).to_have_count(1)  # back on dash.fail's runs: the first failure only
@@ -313,6 +325,53 @@ async def test_the_runs_list_loads_once_and_without_parameters_or_results(demo: 
         page.goto(f"{server.url}/#/runs/{first}")
         expect(page.locator("#parameters")).to_contain_text('"a": 1')
         assert "fields=summary" in lists[-1] and f"parent_task_run_id={first}" in lists[-1], lists
+
+    await in_browser(script)
+
+
+async def test_a_run_page_counts_the_deliveries_of_every_attempt(demo: Demo) -> None:
+    server, api = demo.server, demo.api
+
+    @task(key="dash.flaky", retries=2)
+    def flaky() -> None:
+        raise RuntimeError("again")
+
+    async with demo.make_worker(flaky):
+        [run_id] = await submit(api, "dash.flaky", {})
+        [run] = await wait_all(api, [run_id])
+    assert run["state"]["type"] == "FAILED" and run["run_count"] == 3
+    assert run["delivery_count"] == 1  # the crash guard's count: this attempt's only
+
+    def script(browser: Browser) -> None:
+        from playwright.sync_api import expect
+
+        page, errors = open_page(browser, f"{server.url}/#/runs/{run_id}")
+        expect(page.locator("#deliveries")).to_have_text("3")
+        expect(page.locator("#deliveries + .sub")).to_have_text("1 in this attempt")
+        assert errors == []
+
+    await in_browser(script)
+
+
+async def test_a_run_page_reaches_every_child_past_the_first_two_hundred(demo: Demo) -> None:
+    server, api = demo.server, demo.api
+    [parent] = await submit(api, "dash.parent", {"n": 1})
+    adds = ({"a": i, "b": 0} for i in range(210))
+    children = await submit(api, "dash.add", *adds, parent_task_run_id=parent)
+
+    def script(browser: Browser) -> None:
+        from playwright.sync_api import expect
+
+        page, errors = open_page(browser, f"{server.url}/#/runs/{parent}")
+        rows = page.locator("#children tbody tr")
+        expect(rows).to_have_count(200)
+        expect(page.locator("#children-summary")).to_contain_text("the first 200 child runs of more, below")
+        page.locator("#more-children").click()
+        expect(rows).to_have_count(210)
+        expect(rows.last).to_have_attribute("data-run-id", children[-1])
+        expect(page.locator("#children-count")).to_have_text("210 child runs, submitted from inside this run")
+        expect(page.locator("#more-children")).to_have_count(0)
+        assert errors == []
 
     await in_browser(script)
 

@@ -4,9 +4,11 @@ runs newest first and by parent). The page itself is tested in a browser: ``test
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -16,7 +18,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
+from trioworker.models import SetStateRequest, SetStateStatus, StateType, TaskRunCreate, make_state
 from trioworker.server import RunningServer
 from trioworker.server.live import MAX_PENDING_NOTES, MIN_OVERVIEW_SECONDS, LiveFeed, RunNote
 from trioworker.server.queue import Dispatcher, Subscription
@@ -150,6 +152,26 @@ async def test_the_service_tells_the_feed_of_every_change(store: Store) -> None:
         assert listener.overview_changed.is_set()
         await service.delete(run.id)
         assert listener.take()[0] == [RunNote(run.id, deleted=True)]
+
+
+async def test_the_overview_stops_counting_ended_runs_once_they_are_deleted(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    wall = [time.time()]
+    service = TaskRunService(store, Dispatcher(clock=lambda: wall[0]))
+    runs = [run for run, _ in await service.create_runs([TaskRunCreate(task_key="k") for _ in range(4)])]
+    for run in runs:
+        assert (await service.cancel(run.id)).status is SetStateStatus.ACCEPT
+
+    async def ended() -> int:
+        return sum(count.count for count in (await service.overview()).ended)
+
+    wall[0] += 120  # the minute they ended in is closed: the reader keeps its count
+    assert await ended() == 4
+    await service.delete(runs[0].id)
+    assert await ended() == 3
+    assert await service.purge_ended(datetime.now(UTC)) == 3  # as retention does
+    assert await ended() == 0
 
 
 # -- the live feed's websocket

@@ -121,6 +121,16 @@ class OverviewReader:
     #: Ends counted in minutes before ``_closed_until``.
     _closed: list[EndedCount] = attrs.field(factory=list)
     _closed_until: datetime | None = None
+    #: How many times runs were deleted (:meth:`forget`): a read that overlapped one keeps
+    #: nothing of what it counted.
+    _deletions: int = 0
+
+    def forget(self) -> None:
+        """Runs were deleted (delete, purge, retention): the kept ends of closed minutes may
+        count them, so the next read counts the whole hour again."""
+        self._deletions += 1
+        self._closed = []
+        self._closed_until = None
 
     async def read(self) -> Overview:
         now = datetime.fromtimestamp(self.dispatcher.clock(), UTC)
@@ -151,7 +161,10 @@ class OverviewReader:
         since = _minute(now - ENDED_WINDOW) + timedelta(minutes=1)
         closed = [c for c in self._closed if c.minute >= since]
         start = since if self._closed_until is None or self._closed_until < since else self._closed_until
+        deletions = self._deletions
         ended = closed + await self.store.count_ended(start)
+        if deletions != self._deletions:
+            return ended  # runs were deleted meanwhile: keep none of it (forget() cleared it)
         self._closed_until = _minute(now - CLOSED_AFTER)
         self._closed = [c for c in ended if c.minute < self._closed_until]
         return ended

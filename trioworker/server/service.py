@@ -301,6 +301,7 @@ class TaskRunService:
             return
         self.feed.deleted(run_ids)
         self.metrics.forget(run_ids)
+        self._overview_reader.forget()
         for run_id in run_ids:
             self.fresh.pop(run_id)
             holder = self.dispatcher.holder(run_id)

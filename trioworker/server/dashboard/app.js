@@ -14,6 +14,10 @@ const LABEL = {
 };
 const STORE_NAMES = { sqlite: "SQLite", postgresql: "PostgreSQL" };
 const PAGE_SIZE = 50;
+// Children a run page shows at first, and adds per "Show more".
+const CHILD_PAGE = 200;
+// The most runs one list request returns (the server's limit).
+const CHILD_REQUEST = 1000;
 const KEY_STORAGE = "trioworker.apiKey";
 // A view refetches what it shows at most this often when the feed says it changed.
 const REFETCH_MS = 1000;
@@ -657,7 +661,25 @@ class RunView {
     this.id = id;
     this.run = null;
     this.childIds = new Set();
+    // How many children the page shows; "Show more" adds CHILD_PAGE.
+    this.childLimit = CHILD_PAGE;
+    this.moreChildren = false;
     this.refetch = throttled(() => this.load(), REFETCH_MS);
+  }
+
+  // The first `this.childLimit` children, oldest first, and whether there are more (one more
+  // is asked for), read in requests of at most CHILD_REQUEST (the list's own limit).
+  async loadChildren() {
+    const want = this.childLimit + 1;
+    const children = [];
+    while (children.length < want) {
+      const limit = Math.min(CHILD_REQUEST, want - children.length);
+      const page = await api(`/task_runs?parent_task_run_id=${encodeURIComponent(this.id)}&fields=summary&limit=${limit}&offset=${children.length}`);
+      children.push(...page);
+      if (page.length < limit) break;
+    }
+    this.moreChildren = children.length > this.childLimit;
+    return children.slice(0, this.childLimit);
   }
 
   async show() {
@@ -694,7 +716,7 @@ class RunView {
     }
     const [history, children] = await Promise.all([
       api(`/task_runs/${encodeURIComponent(this.id)}/history`),
-      api(`/task_runs?parent_task_run_id=${encodeURIComponent(this.id)}&fields=summary&limit=200`),
+      this.loadChildren(),
     ]);
     if (app.view !== this) return;
     this.run = run;
@@ -725,26 +747,36 @@ class RunView {
 
   actions(run) {
     const ended = ENDED.includes(run.state.type);
+    // Delete asks again: while it waits for "Confirm delete", the run's other action
+    // (cancel or retry) is hidden and "Keep" backs out, so backing out never cancels the run.
+    const other = ended
+      ? h("button", { class: "btn", type: "button", id: "retry-run", title: "Create a new run with the same arguments", onclick: () => this.act("retry") }, "Retry")
+      : h("button", { class: "btn", type: "button", id: "cancel-run", onclick: () => this.act("cancel") }, "Cancel run");
+    const keep = h("button", { class: "btn", type: "button", id: "keep-run", title: "Do not delete this run", hidden: true }, "Keep");
     const remove = h("button", { class: "btn danger", type: "button", id: "delete-run" }, "Delete");
     let armed = null;
+    const disarm = () => {
+      clearTimeout(armed);
+      armed = null;
+      remove.classList.remove("armed");
+      remove.textContent = "Delete";
+      keep.hidden = true;
+      other.hidden = false;
+    };
+    keep.addEventListener("click", disarm);
     remove.addEventListener("click", () => {
       if (armed) {
-        clearTimeout(armed);
+        disarm();
         this.act("delete");
         return;
       }
+      other.hidden = true;
+      keep.hidden = false;
       remove.classList.add("armed");
       remove.textContent = "Confirm delete";
-      armed = setTimeout(() => {
-        armed = null;
-        remove.classList.remove("armed");
-        remove.textContent = "Delete";
-      }, 4000);
+      armed = setTimeout(disarm, 4000);
     });
-    return h("div", { class: "actions" },
-      ended ? null : h("button", { class: "btn", type: "button", id: "cancel-run", onclick: () => this.act("cancel") }, "Cancel run"),
-      ended ? h("button", { class: "btn", type: "button", id: "retry-run", title: "Create a new run with the same arguments", onclick: () => this.act("retry") }, "Retry") : null,
-      remove);
+    return h("div", { class: "actions" }, other, keep, remove);
   }
 
   outcome(run) {
@@ -771,6 +803,7 @@ class RunView {
     const started = firstOf(history, "RUNNING");
     const ended = ENDED.includes(run.state.type) ? run.state.timestamp : null;
     const retries = history.filter((change) => change.name === "AwaitingRetry").length;
+    const deliveries = history.filter((change) => change.type === "PENDING").length;
     const client = run.state.state_details?.client_id;
     const scheduled = run.state.state_details?.scheduled_time;
 
@@ -782,7 +815,10 @@ class RunView {
       fact("Ended", ended ? formatTime(ended) : "—"),
       fact("Duration", started && ended ? formatDuration(Date.parse(ended) - Date.parse(started.timestamp)) : started ? "running" : "—"),
       fact("Attempts", `${num(run.run_count)}${retries ? ` (${retries} ${retries === 1 ? "retry" : "retries"})` : ""}`),
-      fact("Deliveries", num(run.delivery_count)),
+      // Every delivery to a worker is a PENDING state in the history; the run's own
+      // delivery_count (the crash guard's) starts over with each attempt.
+      fact("Deliveries", h("span", { id: "deliveries" }, num(deliveries)),
+        run.delivery_count !== deliveries ? h("span", { class: "sub" }, `${num(run.delivery_count)} in this attempt`) : null),
       client ? fact("Worker", h("span", { class: "mono" }, client)) : null,
       scheduled ? fact("Scheduled for", formatTime(scheduled)) : null,
       fact("Parent run", run.parent_task_run_id ? h("a", { class: "mono", href: `#/runs/${encodeURIComponent(run.parent_task_run_id)}`, id: "parent-run" }, shortId(run.parent_task_run_id)) : "—"),
@@ -819,22 +855,32 @@ class RunView {
         Object.keys(run.context || {}).length
           ? h("section", { class: "card" }, h("header", {}, h("h2", {}, "Context")), h("pre", { class: "json" }, json(run.context)))
           : h("section", { class: "card", id: "children-summary" }, h("header", {}, h("h2", {}, "Submitted from this run")),
-            h("div", { class: "body muted" }, children.length ? `${children.length} child run${children.length === 1 ? "" : "s"}, below` : "None: runs that this run's task submits show here."))),
+            h("div", { class: "body muted" }, children.length ? `${this.childCount(children)}, below` : "None: runs that this run's task submits show here."))),
       h("section", { class: "card", id: "history" },
         h("header", {}, h("h2", {}, "State history"), h("span", { class: "muted" }, `${history.length} states`)),
         h("div", { class: "table-wrap" }, h("table", {},
           h("thead", {}, h("tr", {}, h("th", {}, "Time"), h("th", {}, "State"), h("th", { class: "num" }, "After"), h("th", {}, "Message"))),
           h("tbody", {}, historyRows)))),
       children.length ? h("section", { class: "card", id: "children" },
-        h("header", {}, h("h2", {}, "Child runs"), h("span", { class: "muted" }, "submitted from inside this run")),
+        h("header", {}, h("h2", {}, "Child runs"), h("span", { class: "muted", id: "children-count" }, `${this.childCount(children)}, submitted from inside this run`)),
         h("div", { class: "table-wrap" }, h("table", {},
           h("thead", {}, h("tr", {}, h("th", {}, "State"), h("th", {}, "Run"), h("th", {}, "Task key"), h("th", {}, "Created"))),
           h("tbody", {}, children.map((child) => h("tr", { "data-run-id": child.id },
             h("td", {}, badge(child.state.type, child.state.name)),
             h("td", {}, runLink(child), h("span", { class: "sub mono" }, shortId(child.id))),
             h("td", {}, child.task_key),
-            h("td", {}, formatTime(child.created)))))))) : null,
+            h("td", {}, formatTime(child.created))))))),
+        this.moreChildren ? h("div", { class: "body" }, h("button", { class: "btn", type: "button", id: "more-children", onclick: () => {
+          this.childLimit += CHILD_PAGE;
+          this.load();
+        } }, `Show ${num(CHILD_PAGE)} more`)) : null) : null,
     );
+  }
+
+  // "N child runs", or "the first N of more child runs" while more are not shown yet.
+  childCount(children) {
+    const n = `${num(children.length)} child run${children.length === 1 ? "" : "s"}`;
+    return this.moreChildren ? `the first ${n} of more` : n;
   }
 }
 
