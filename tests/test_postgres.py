@@ -42,7 +42,13 @@ from .raw import subscribe
 from .test_cli import read_until, refused, server_command
 
 DEADLINE = 30
-TABLES = {"trioworker_schema", "trioworker_task_runs", "trioworker_ready", "trioworker_task_run_states"}
+TABLES = {
+    "trioworker_schema",
+    "trioworker_task_runs",
+    "trioworker_ready",
+    "trioworker_task_run_states",
+    "trioworker_replicas",
+}
 
 
 async def sql(url: str, query: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
@@ -225,14 +231,14 @@ async def test_a_write_from_a_stale_read_changes_nothing(postgres_url: str) -> N
         PostgresStore.open(postgres_url, exclusive=False) as b,
     ):
         [(run, _)] = await a.create_runs([TaskRunCreate(task_key="k")])
-        [(seq, rev, seen)] = (await a._run(lambda ops: ops._fetch([run.id], lock=False))).values()
+        [row] = (await a._run(lambda ops: ops._fetch([run.id], lock=False))).values()
         [change] = await b.set_states([(run.id, cancel())], now=time.time())  # elsewhere
         assert change.run is not None
         # What a holds in its cache is stale now: it reads the row again, not its copy.
         assert await a.read_run(run.id) == change.run
         late = make_state(StateType.RUNNING)
         with pytest.raises(StoreError, match="1 of 1 runs changed in the database"):
-            await a._run(lambda ops: ops._save([(seq, rev, attrs.evolve(seen, state=late))], []))
+            await a._run(lambda ops: ops._save([row._replace(run=attrs.evolve(row.run, state=late))], []))
         assert await b.read_run(run.id) == change.run
         rows = await sql(postgres_url, "SELECT state_type, client_id FROM trioworker_task_runs")
         assert rows == [("CANCELLED", None)]
