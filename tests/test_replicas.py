@@ -1,7 +1,8 @@
 """Several servers (replicas) on one PostgreSQL database.
 
-The store's part, with two or three stores on one database, each registered as a
+First the store's part, with two or three stores on one database, each registered as a
 server: leases held by (server, client), the reaper, claims from the ready table, notices.
+Then real servers (in-process, each its own replica) and real workers on one database.
 """
 
 from __future__ import annotations
@@ -11,15 +12,27 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 
+import attrs
+import httpx
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+import trioworker
 from trioworker.models import SetStateRequest, SetStateStatus, StateType, TaskRunCreate, make_state
-from trioworker.server.store.base import LEASED_ELSEWHERE, Notice
+from trioworker.server import RunningServer, ServerConfig
+from trioworker.server.store.base import LEASED_ELSEWHERE, Notice, SharedStore
 from trioworker.server.store.postgres import NOTICE_BYTES, PostgresStore, decode_notice, encode_notices
+from trioworker.tasks import Task, task
+from trioworker.testing import ServerControl
+from trioworker.worker.task_worker import TaskWorker
 
-from .test_postgres import sql
+from .fakes import outage_proxy
+from .helpers import history, submit, wait_all
+from .raw import connect, subscribe
+from .test_postgres import port_of, sql, through
 
 DEADLINE = 30
 
@@ -254,6 +267,17 @@ async def test_two_servers_claim_each_ready_run_once(postgres_url: str) -> None:
         assert sorted(claimed) == sorted(run.id for run, _ in created)
 
 
+async def test_a_claim_whose_outcome_was_not_heard_is_delivered_by_the_next(postgres_url: str) -> None:
+    async with server_store(postgres_url) as (store, _):
+        created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(4)])
+        ids = [run.id for run, _ in created]
+        first = await store.claim_ready(["k"], 1, "w", time.time())
+        await store.claim_ready(["k"], 1, "w", time.time())  # its answer "lost"
+        await store.claim_ready(["k"], 1, "other", time.time())
+        retried = await store.claim_ready(["k"], 2, "w", time.time(), known=[r.id for r in first.runs])
+        assert [r.id for r in retried.runs] == [ids[1], ids[3]]  # the lost one first, then a new one
+
+
 # --------------------------------------------------------------------------- notices
 
 
@@ -300,3 +324,352 @@ async def test_a_listener_hears_what_another_server_committed(postgres_url: str)
             assert heard[3] == Notice(a_id, ("after",), ())
         finally:
             listener.close()
+
+
+# --------------------------------------------------------------------------- servers and workers
+
+
+@attrs.define(eq=False)
+class Replicas:
+    """Starts servers on one database, each a replica of its own (``replica_timeout`` short)."""
+
+    nursery: trio.Nursery
+    url: str
+    controls: list[ServerControl] = attrs.field(factory=list)
+
+    async def start(
+        self, *, db: str | None = None, replica_timeout: float = 1.0
+    ) -> tuple[ServerControl, RunningServer]:
+        config = ServerConfig(db_path=db or self.url, port=0, replica_timeout=replica_timeout)
+        control = ServerControl(self.nursery, config)
+        self.controls.append(control)
+        return control, await control.start()
+
+
+@pytest.fixture
+async def replicas(postgres_url: str) -> AsyncIterator[Replicas]:
+    async with trio.open_nursery() as nursery:
+        yield Replicas(nursery, postgres_url)
+        nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class Record:
+    """What the tasks of this module did (:meth:`reset` before each test)."""
+
+    ran: list[str] = attrs.field(factory=list)
+    started: trio.Event = attrs.field(factory=trio.Event)
+    stopped: trio.Event = attrs.field(factory=trio.Event)
+    stopped_at: float = 0.0
+
+    def reset(self) -> None:
+        self.ran.clear()
+        self.started = trio.Event()
+        self.stopped = trio.Event()
+
+
+record = Record()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_record() -> None:
+    record.reset()
+
+
+@task(key="r.echo")
+async def echo(text: str) -> str:
+    record.ran.append(text)
+    return text
+
+
+@task(key="r.block")
+async def block() -> None:
+    record.started.set()
+    try:
+        await trio.sleep_forever()
+    finally:
+        record.stopped_at = time.monotonic()
+        record.stopped.set()
+
+
+@task(key="r.fail")
+async def fail() -> None:
+    raise ValueError("upstream failed")
+
+
+@asynccontextmanager
+async def connect_channel(server: RunningServer) -> AsyncIterator[WebSocketConnection]:
+    """A client channel to ``server``, authenticated."""
+    url = server.url.replace("http://", "ws://", 1) + "/api/task_runs/channel"
+    async with open_websocket_url(url) as ws:
+        try:
+            await ws.send_message('{"type": "auth", "token": null}')
+            assert await ws.get_message() == '{"type":"auth_success"}'
+            yield ws
+        finally:
+            await trio.aclose_forcefully(ws._stream)
+
+
+def worker(server: RunningServer, *tasks: Task[..., Any], **options: Any) -> TaskWorker:
+    return TaskWorker(*tasks, api_url=server.api_url, shutdown_grace_seconds=5.0, **options)
+
+
+async def test_a_run_created_on_one_server_runs_on_a_worker_of_another(replicas: Replicas) -> None:
+    _, a = await replicas.start()
+    _, b = await replicas.start()
+    async with (
+        httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a,
+        worker(b, echo) as on_b,
+    ):
+        started = time.monotonic()
+        [run_id] = await submit(api_a, "r.echo", {"text": "hello"})
+        [run] = await wait_all(api_a, [run_id])  # the wait on a sees the end reported through b
+        latency = time.monotonic() - started
+    assert run["state"]["type"] == "COMPLETED" and run["state"]["data"] == "hello"
+    assert on_b.finished_task_runs == {"r.echo": 1}
+    assert latency < 2  # no safety-net round: the notice woke b (measured: about 10 ms)
+
+
+async def test_a_future_on_one_server_resolves_when_the_run_ends_through_another(replicas: Replicas) -> None:
+    _, a = await replicas.start()
+    _, b = await replicas.start()
+    async with trioworker.connect(a.api_url) as client, worker(b, echo):
+        assert client.channel is not None and client.channel.usable  # the future waits on a's channel
+        future = await echo.delay("over there")
+        with trio.fail_after(DEADLINE):
+            assert await future.result(timeout=DEADLINE) == "over there"
+
+
+async def test_a_cancel_sent_to_one_server_reaches_a_worker_on_another_within_a_second(
+    replicas: Replicas,
+) -> None:
+    _, a = await replicas.start()
+    _, b = await replicas.start()
+    async with httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a, worker(b, block):
+        [run_id] = await submit(api_a, "r.block", {})
+        with trio.fail_after(DEADLINE):
+            await record.started.wait()
+        sent = time.monotonic()
+        response = await api_a.post(f"/task_runs/{run_id}/cancel")
+        assert response.status_code == 200
+        with trio.fail_after(DEADLINE):
+            await record.stopped.wait()
+        assert record.stopped_at - sent < 1.0
+        [run] = await wait_all(api_a, [run_id])
+    assert run["state"]["type"] == "CANCELLED"
+
+
+async def test_wait_for_holds_across_servers(replicas: Replicas) -> None:
+    _, a = await replicas.start()
+    _, b = await replicas.start()
+    async with (
+        httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a,
+        httpx.AsyncClient(base_url=b.api_url, timeout=DEADLINE) as api_b,
+    ):
+        [upstream, doomed_upstream] = [(await submit(api_a, key, {}))[0] for key in ("r.block", "r.fail")]
+        [dependent] = await submit(api_b, "r.echo", {"text": "after"}, wait_for=[upstream])
+        [doomed] = await submit(api_b, "r.echo", {"text": "never"}, wait_for=[doomed_upstream])
+        async with worker(a, block, fail), worker(b, echo) as on_b:
+            with trio.fail_after(DEADLINE):
+                await record.started.wait()
+            [failed] = await wait_all(api_b, [doomed])  # failed through a, seen by b, which fails it
+            assert failed["state"]["type"] == "FAILED"
+            assert failed["state"]["message"].startswith(
+                f"not started: a run it waits for ({doomed_upstream}) "
+            )
+            waiting = (await api_b.get(f"/task_runs/{dependent}")).json()
+            assert waiting["state"]["type"] == "SCHEDULED"  # held back while the upstream runs
+            assert (
+                await api_a.post(
+                    f"/task_runs/{upstream}/set_state", json={"state": {"type": "COMPLETED"}, "force": True}
+                )
+            ).status_code == 200
+            [after] = await wait_all(api_b, [dependent])
+        assert after["state"]["data"] == "after"
+        assert on_b.finished_task_runs == {"r.echo": 1}
+        assert record.ran == ["after"]
+
+
+async def test_an_idempotency_key_makes_one_run_across_servers(replicas: Replicas) -> None:
+    servers = [(await replicas.start())[1] for _ in range(2)]
+    ids: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+
+            async def create(server: RunningServer, n: int) -> None:
+                async with httpx.AsyncClient(base_url=server.api_url, timeout=DEADLINE) as api:
+                    body = {"task_key": "r.echo", "idempotency_key": "once", "parameters": {"text": str(n)}}
+                    response = await api.post("/task_runs", json=body)
+                    assert response.status_code in (200, 201)
+                    ids.append(response.json()["id"])
+
+            nursery.start_soon(create, servers[n % 2], n)
+    assert len(set(ids)) == 1
+    assert await sql(replicas.url, "SELECT count(*) FROM trioworker_task_runs") == [(1,)]
+
+
+async def test_many_runs_on_two_servers_each_run_once(replicas: Replicas) -> None:
+    _, a = await replicas.start()
+    _, b = await replicas.start()
+    texts = [str(n) for n in range(300)]
+    async with (
+        httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a,
+        httpx.AsyncClient(base_url=b.api_url, timeout=DEADLINE) as api_b,
+        worker(a, echo, limit=5) as on_a,
+        worker(b, echo, limit=5) as on_b,
+    ):
+        ids = await submit(api_a, "r.echo", *({"text": t} for t in texts[:150]))
+        ids += await submit(api_b, "r.echo", *({"text": t} for t in texts[150:]))
+        runs = await wait_all(api_b, ids, seconds=DEADLINE)
+    assert all(run["state"]["type"] == "COMPLETED" for run in runs)
+    assert sorted(record.ran) == sorted(texts)  # each once
+    assert on_a.finished_task_runs["r.echo"] + on_b.finished_task_runs["r.echo"] == len(texts)
+    assert min(on_a.finished_task_runs["r.echo"], on_b.finished_task_runs["r.echo"]) > 0
+
+
+# ------------------------------------------------------------------ servers that die, or lose the database
+
+
+async def replica_rows(url: str) -> int:
+    [(count,)] = await sql(url, "SELECT count(*) FROM trioworker_replicas")
+    return int(count)
+
+
+@attrs.frozen
+class Death:
+    """Servers ``a`` and ``b`` on one database; a worker ``"w"`` ran the run ``run_id``
+    through ``a``, then ``a`` lost its database and died (leaving its row and its lease)."""
+
+    a: RunningServer
+    b: RunningServer
+    api_b: httpx.AsyncClient
+    run_id: str
+
+
+@asynccontextmanager
+async def a_server_died_with_a_run(replicas: Replicas) -> AsyncIterator[Death]:
+    async with outage_proxy(port_of(replicas.url)) as proxy:
+        dying, a = await replicas.start(db=through(proxy, replicas.url))
+        _, b = await replicas.start()
+        async with httpx.AsyncClient(base_url=b.api_url, timeout=DEADLINE) as api_b:
+            [run_id] = await submit(api_b, "k", {})
+            async with subscribe(a, ["k"], credit=1, client_id="w") as on_a:
+                assert [r["id"] for r in await on_a.runs()] == [run_id]
+                await on_a.report([run_id], "RUNNING")
+                proxy.refusing = True  # a loses its database, then dies: nothing is handed back
+                proxy.drop()
+                await dying.stop()
+            assert await leases(replicas.url, [uuid.UUID(run_id)]) == [("RUNNING", "w", a.service.replica_id)]
+            yield Death(a, b, api_b, run_id)
+
+
+async def test_the_runs_of_a_server_that_died_run_elsewhere_after_its_timeout(replicas: Replicas) -> None:
+    async with a_server_died_with_a_run(replicas) as death:
+        died = time.monotonic()
+        async with subscribe(death.b, ["k"], credit=1, client_id="x") as on_b:
+            [again] = await on_b.runs()
+            waited = time.monotonic() - died
+            assert (again["id"], again["delivery_count"]) == (death.run_id, 2)
+            await on_b.finish([death.run_id])
+        assert waited < 5  # a's timeout (1 s), then b's next heartbeat (every 0.25 s)
+        names = [name for _, name in await history(death.api_b, death.run_id)]
+        assert names == [
+            "Scheduled",
+            "Pending",
+            "Running",
+            "Redelivered",
+            "Pending",
+            "Running",
+            "Completed",
+        ]
+    assert await replica_rows(replicas.url) == 1  # a's row went with its runs
+
+
+async def test_a_worker_that_reaches_another_server_before_the_timeout_keeps_its_run(
+    replicas: Replicas,
+) -> None:
+    async with a_server_died_with_a_run(replicas) as death:
+        run_id, b = death.run_id, death.b
+        # The worker fails over to b at once, with the run it still works on.
+        async with subscribe(b, ["k"], credit=1, client_id="w", held=[run_id]) as back:
+            [again] = await back.report([run_id], "RUNNING")  # a repeat: its run, through b now
+            assert again["status"] == "ACCEPT"
+            assert await leases(replicas.url, [uuid.UUID(run_id)]) == [("RUNNING", "w", b.service.replica_id)]
+            # b finds a dead (now, rather than in a second) ...
+            assert death.a.service.replica_id is not None and isinstance(b.service.store, SharedStore)
+            await declare_dead(replicas.url, death.a.service.replica_id)
+            await b.service.store.heartbeat(max_deliveries=5)
+            assert await replica_rows(replicas.url) == 1
+            # ... and leaves the run alone: the next run of the key goes to another worker first.
+            async with subscribe(b, ["k"], credit=1, client_id="x") as other:
+                [next_id] = await submit(death.api_b, "k", {})
+                assert [r["id"] for r in await other.runs()] == [next_id]
+                await other.finish([next_id])
+            [done] = await back.report([run_id], "COMPLETED")
+            assert done["status"] == "ACCEPT"
+        names = [name for _, name in await history(death.api_b, run_id)]
+        assert names == ["Scheduled", "Pending", "Running", "Completed"]  # delivered once
+
+
+async def test_a_server_that_cannot_heartbeat_closes_its_sockets_until_it_can(
+    replicas: Replicas, postgres_url: str
+) -> None:
+    async with outage_proxy(port_of(postgres_url)) as proxy:
+        _, a = await replicas.start(db=through(proxy, postgres_url))
+        async with httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api:
+            async with subscribe(a, ["k"], credit=1) as sub, connect_channel(a) as channel:
+                proxy.refusing = True
+                proxy.drop()
+                cut = time.monotonic()
+                for ws in (sub.ws, channel):
+                    with trio.fail_after(DEADLINE), pytest.raises(ConnectionClosed) as closed:
+                        await ws.get_message()
+                    assert closed.value.reason is not None
+                    assert (closed.value.reason.code, closed.value.reason.reason) == (
+                        1012,
+                        "the server cannot reach its database",
+                    )
+                assert time.monotonic() - cut < 1.5  # within the timeout (1 s) of its last heartbeat
+            response = await api.get("/health")
+            assert response.status_code == 503
+            assert response.json()["detail"] == "the server cannot reach its database; use another server"
+            async with connect(a) as refused:
+                with trio.fail_after(DEADLINE), pytest.raises(ConnectionClosed) as closed:
+                    await refused.get_message()
+                assert closed.value.reason is not None and closed.value.reason.code == 1012
+
+            proxy.refusing = False
+            with trio.fail_after(DEADLINE):
+                await a.service.fence.wait_lowered()
+            assert (await api.get("/health")).status_code == 200
+            [run_id] = await submit(api, "k", {})
+            async with subscribe(a, ["k"], credit=1) as sub:
+                assert [r["id"] for r in await sub.runs()] == [run_id]
+
+
+async def test_a_server_that_lost_its_connections_catches_up(replicas: Replicas, postgres_url: str) -> None:
+    async with outage_proxy(port_of(postgres_url)) as proxy:
+        _, a = await replicas.start()
+        _, b = await replicas.start(db=through(proxy, postgres_url), replica_timeout=30)
+        async with httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a:
+            [held] = await submit(api_a, "k", {})
+            async with subscribe(b, ["k"], credit=2, client_id="w") as on_b:
+                assert [r["id"] for r in await on_b.runs()] == [held]
+                await on_b.report([held], "RUNNING")
+                proxy.refusing = True  # as a database restart would, for b only
+                proxy.drop()
+                # Meanwhile, through a: the held run is cancelled, another is queued. b hears nothing.
+                assert (await api_a.post(f"/task_runs/{held}/cancel")).status_code == 200
+                [queued] = await submit(api_a, "k", {})
+                proxy.refusing = False
+                # b's listener connects again and reads what it missed: its socket kept open.
+                seen: list[dict[str, Any]] = []
+                with trio.fail_after(DEADLINE):
+                    while {m["type"] for m in seen} < {"cancel", "task_runs"}:
+                        seen.append(await on_b.receive())
+                by_type = {m["type"]: m for m in seen}
+                assert by_type["cancel"]["ids"] == [held]
+                assert [r["id"] for r in by_type["task_runs"]["task_runs"]] == [queued]
+                [answer] = await on_b.report([held], "CANCELLED")
+                assert answer["status"] == "ACCEPT"  # a repeat of the state it has
+                await on_b.finish([queued])

@@ -7,6 +7,7 @@ talk to it over the wire.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import attrs
@@ -15,9 +16,10 @@ import trio
 from trioworker._http import serve_app
 from trioworker.server.app import create_app
 from trioworker.server.queue import Dispatcher, WallClock
+from trioworker.server.replicas import Replica
 from trioworker.server.service import TaskRunService
-from trioworker.server.store import open_store
-from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT
+from trioworker.server.store import SharedStore, open_store
+from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REPLICA_TIMEOUT_SECONDS
 
 log = logging.getLogger("trioworker.server")
 
@@ -34,6 +36,11 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     max_deliveries: int = 5
+    #: On PostgreSQL (which several servers may share): seconds this server may go without
+    #: a heartbeat before the others hand back its runs (and it closes its sockets).
+    replica_timeout: float = attrs.field(
+        default=DEFAULT_REPLICA_TIMEOUT_SECONDS, validator=attrs.validators.gt(0)
+    )
     #: The dispatcher's clock (epoch seconds); the default is the real wall clock.
     clock: WallClock | None = None
 
@@ -62,15 +69,24 @@ async def serve_server(
     open, the queues are rebuilt from it and the socket listens.
 
     **Resource handling:** the store, the delayed-run timer and the HTTP server all live in
-    this call's nursery; when it returns, the database is closed.
+    this call's nursery; when it returns, the database is closed. On PostgreSQL, so do the
+    tasks of :class:`~trioworker.server.replicas.Replica` (heartbeat, listener): the server
+    is one of those sharing the database, and recovers at start only what dead ones held.
 
     **Stopping:** setting ``shutdown`` closes every subscription with 1012 (so workers
-    reconnect elsewhere or later) and gives requests :data:`trioworker._http.GRACEFUL_SECONDS` to finish.
+    reconnect elsewhere or later) and gives requests :data:`trioworker._http.GRACEFUL_SECONDS`
+    to finish; on PostgreSQL the server's row is deleted then. Cancelled, it leaves its row,
+    which the other servers find dead after ``replica_timeout`` (as if it had crashed).
     """
     closing = trio.Event()
     async with open_store(config.db_path) as store:
-        dispatcher = Dispatcher(clock=config.clock) if config.clock else Dispatcher()
+        shared = isinstance(store, SharedStore)
+        dispatcher = Dispatcher(clock=config.clock or time.time, shared=shared)
         service = TaskRunService(store, dispatcher, max_deliveries=config.max_deliveries)
+        replica = None
+        if isinstance(store, SharedStore):
+            replica = Replica(store, service, config.replica_timeout)
+            await replica.register()
         queued = await service.recover()
         app = create_app(
             service, api_key=config.api_key, max_body_bytes=config.max_body_bytes, closing=closing
@@ -99,6 +115,13 @@ async def serve_server(
                 nursery.cancel_scope.cancel()  # the HTTP server stopped: so does the timer
 
             await nursery.start(dispatcher.release_delayed_runs)
+            if replica is not None:
+                await nursery.start(replica.run)
             url: str = await nursery.start(run_http)
+            if replica is not None:
+                await replica.register(url)
+                log.info("server %s among those sharing the database", replica.id)
             log.info("database %s, %d runs queued", store.location, queued)
             task_status.started(RunningServer(url=url, service=service))
+        if replica is not None:
+            await replica.unregister()

@@ -273,9 +273,19 @@ class SharedStore(Store, Protocol):
         """Renew this server's row, and hand back the runs held through dead servers."""
         ...
 
-    async def claim_ready(self, keys: Sequence[str], limit: int, client_id: str, now: float) -> Claimed:
+    async def claim_ready(
+        self,
+        keys: Sequence[str],
+        limit: int,
+        client_id: str,
+        now: float,
+        *,
+        known: Sequence[uuid.UUID] | None = None,
+    ) -> Claimed:
         """Lease up to ``limit`` runs of ``keys``, due at ``now`` (epoch seconds), oldest
-        first, to ``client_id`` through this server."""
+        first, to ``client_id`` through this server. With ``known`` (the runs the caller
+        knows it holds), first the PENDING runs leased to ``client_id`` here that are not
+        among them: a claim whose outcome the caller did not learn may have leased them."""
         ...
 
     async def release_waiting(self, run_ids: Sequence[uuid.UUID]) -> None:

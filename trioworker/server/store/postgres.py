@@ -897,13 +897,36 @@ class _PostgresOps(Operations):
         self._save(rows)
         return [row.run for row in rows]
 
-    def claim_ready(self, keys: Sequence[str], limit: int, client_id: str, clock_now: float) -> Claimed:
+    def claim_ready(
+        self,
+        keys: Sequence[str],
+        limit: int,
+        client_id: str,
+        clock_now: float,
+        known: Sequence[uuid.UUID] | None = None,
+    ) -> Claimed:
         """Claim up to ``limit`` due runs of ``keys`` from ``trioworker_ready``, oldest
         first, for ``client_id`` through this server; due means at ``clock_now`` (epoch
         seconds, the dispatcher's clock). Rows another transaction has locked (another
         server claiming, a run being changed) are skipped, not waited for. When fewer than
         ``limit`` are claimed, :attr:`Claimed.next_due` says when the next delayed run of
-        ``keys`` falls due."""
+        ``keys`` falls due.
+
+        With ``known``, the PENDING runs leased to ``client_id`` through this server and
+        not in ``known`` come first (already claimed: a claim whose commit the caller did
+        not hear of)."""
+        adopted: list[TaskRun] = []
+        if known is not None:
+            strays = [
+                run_id
+                for (run_id,) in self._execute(
+                    "SELECT id FROM trioworker_task_runs WHERE replica_id = %b AND client_id = %b"
+                    " AND state_type = 'PENDING' AND NOT id = ANY(%b::uuid[]) ORDER BY seq LIMIT %b",
+                    (self.replica_id, _text(client_id), list(known), limit),
+                )
+            ]
+            adopted = [row.run for row in self._fetch(strays, lock=True, skip_locked=True).values()]
+            limit -= len(adopted)
         ids = [
             run_id
             for (run_id,) in self._execute(
@@ -922,13 +945,13 @@ class _PostgresOps(Operations):
         ]
         self._save(rows)
         next_due = None
-        if len(rows) < limit:
+        if len(rows) < limit and limit > 0:
             [(next_due,)] = self._execute(
                 "SELECT min(scheduled_at) FROM trioworker_ready WHERE task_key = ANY(%b::text[])"
                 " AND NOT waiting AND scheduled_at > %b",
                 (list(keys), clock_now),
             ).fetchall()
-        return Claimed([row.run for row in rows], next_due)
+        return Claimed(adopted + [row.run for row in rows], next_due)
 
     def set_states(
         self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float, holder: str | None = None
@@ -1215,8 +1238,16 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
     async def heartbeat(self, max_deliveries: int) -> Heartbeat:
         return await self._run(lambda ops: ops.heartbeat(max_deliveries))
 
-    async def claim_ready(self, keys: Sequence[str], limit: int, client_id: str, now: float) -> Claimed:
-        return await self._run(lambda ops: ops.claim_ready(keys, limit, client_id, now))
+    async def claim_ready(
+        self,
+        keys: Sequence[str],
+        limit: int,
+        client_id: str,
+        now: float,
+        *,
+        known: Sequence[uuid.UUID] | None = None,
+    ) -> Claimed:
+        return await self._run(lambda ops: ops.claim_ready(keys, limit, client_id, now, known))
 
     async def release_waiting(self, run_ids: Sequence[uuid.UUID]) -> None:
         await self._run(lambda ops: ops.release_waiting(run_ids))
