@@ -15,6 +15,9 @@ from trioworker.server.store import open_store as open_any_store
 from .postgres import Unavailable, fresh_schema, session_database, unavailable
 from .stores import STORES, OpenStore
 
+#: Where the browser tests list the screenshots they saved (printed at the end of the run).
+SCREENSHOTS = pytest.StashKey[list[str]]()
+
 # pyproject's addopts turn off the plugin's entry point (`-p no:trioworker`): loaded here,
 # after pytest-cov started coverage, trioworker's own import is measured.
 pytest_plugins = ["trioworker.testing"]
@@ -92,3 +95,11 @@ async def store(open_store: OpenStore) -> AsyncIterator[Store]:
     """The test's own store, open for the whole test (once per kind of store)."""
     async with open_store() as opened:
         yield opened
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    shots = config.stash.get(SCREENSHOTS, [])
+    if shots:
+        terminalreporter.section("dashboard screenshots")
+        for path in shots:
+            terminalreporter.write_line(path)

@@ -15,8 +15,8 @@ from trioworker.server import RunningServer
 SUBSCRIPTION = "/api/task_runs/subscriptions/scheduled"
 
 
-def ws_url(server: RunningServer) -> str:
-    return server.url.replace("http://", "ws://", 1) + SUBSCRIPTION
+def ws_url(server: RunningServer, path: str = SUBSCRIPTION) -> str:
+    return server.url.replace("http://", "ws://", 1) + path
 
 
 class Raw:
@@ -62,15 +62,18 @@ class Raw:
 
 
 @asynccontextmanager
-async def connect(server: RunningServer) -> AsyncIterator[WebSocketConnection]:
-    """``open_websocket_url`` that always closes its TCP stream.
+async def connect(
+    server: RunningServer, path: str = SUBSCRIPTION, **options: Any
+) -> AsyncIterator[WebSocketConnection]:
+    """``open_websocket_url`` (of the websocket at ``path``, with ``options``) that always
+    closes its TCP stream.
 
     trio-websocket 0.12 returns early from ``aclose()`` when the server closed first, and
     leaves the socket to the garbage collector (a ResourceWarning): close it here.
     """
     ws: WebSocketConnection | None = None
     try:
-        async with open_websocket_url(ws_url(server)) as ws:
+        async with open_websocket_url(ws_url(server, path), **options) as ws:
             yield ws
     finally:
         if ws is not None:

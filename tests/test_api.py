@@ -66,6 +66,35 @@ async def test_list_filters_by_key_and_state(api: httpx.AsyncClient) -> None:
     assert [r["id"] for r in limited] == [a["id"]]
 
 
+async def test_find_runs_by_an_id_prefix(api: httpx.AsyncClient) -> None:
+    ids = [uuid.UUID(f"0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a1{i}") for i in range(3)]
+    for run_id in reversed(ids):
+        await create(api, "k", id=str(run_id))
+    other = await create(api, "k", id="1b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a10")
+
+    async def find(**params: str | int) -> list[str]:
+        response = await api.get("/task_runs/find", params=params)
+        assert response.status_code == 200, response.text
+        return [run["id"] for run in response.json()]
+
+    assert await find(id_prefix="0b7c7c36") == [str(i) for i in ids]
+    assert await find(id_prefix="0B7C7C368D3A", limit=2) == [str(i) for i in ids[:2]]  # any case, no dashes
+    assert await find(id_prefix=str(ids[1])) == [str(ids[1])]
+    assert await find(id_prefix="1") == [other["id"]]
+    assert await find(id_prefix="2") == []
+    cases: list[tuple[dict[str, str | int], str]] = [
+        ({}, "id_prefix is required"),
+        ({"id_prefix": "xyz"}, "id_prefix: a run id or the start of one is 1 to 32 hex digits"),
+        ({"id_prefix": "-"}, "id_prefix: a run id or the start of one"),
+        ({"id_prefix": "0" * 33}, "id_prefix: a run id or the start of one"),
+        ({"id_prefix": "0", "limit": 0}, "limit must be an integer between 1 and 1000"),
+    ]
+    for params, detail in cases:
+        response = await api.get("/task_runs/find", params=params)
+        assert response.status_code == 422, (params, response.text)
+        assert response.json()["detail"].startswith(detail), response.text
+
+
 async def test_cancel_a_scheduled_run_is_never_delivered(
     api: httpx.AsyncClient, trioworker_server: RunningServer
 ) -> None:
@@ -348,7 +377,7 @@ async def test_a_task_key_with_nul_lists_no_runs(api: httpx.AsyncClient) -> None
 async def test_bad_input_gets_a_json_4xx(
     api: httpx.AsyncClient, method: str, path: str, body: bytes | None, status: int, detail: str
 ) -> None:
-    response = await api.request(method, path, content=body)
+    response = await api.request(method, path, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == status
     assert detail in response.json()["detail"]
     assert (await api.get("/health")).status_code == 200
@@ -426,7 +455,9 @@ async def test_an_error_answered_before_the_body_was_read_leaves_the_connection_
 ) -> None:
     # The server answers without reading the 2 MB body; the rest of it must not be read as
     # the next request on the same kept-alive connection (that one stalled until its timeout).
-    answer = await api.request(method, path, content=b"x" * 2_000_000)
+    answer = await api.request(
+        method, path, content=b"x" * 2_000_000, headers={"Content-Type": "application/json"}
+    )
     assert answer.status_code == status
     assert answer.headers["connection"] == "close"
     with trio.fail_after(5):

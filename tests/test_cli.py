@@ -180,7 +180,7 @@ async def test_an_unsupported_db_is_refused_in_one_line(tmp_path: Path, db: str,
     ("host", "message"),
     [
         ("bogus.invalid", "--host 'bogus.invalid' does not resolve: "),
-        ("192.0.2.1", "cannot listen on --host '192.0.2.1' with --port 0: "),
+        ("192.0.2.1", "the server cannot listen on --host '192.0.2.1' with --port 0: "),
     ],
 )
 async def test_a_bad_host_is_named_in_one_line(tmp_path: Path, host: str, message: str) -> None:
@@ -195,21 +195,47 @@ async def test_a_port_in_use_is_named_in_one_line(tmp_path: Path) -> None:
         listener.listen()
         port = listener.getsockname()[1]
         line = await refused(tmp_path, "--host", "127.0.0.1", "--port", str(port), "--db", ":memory:")
-    assert (
-        line == f"trioworker: cannot listen on --host '127.0.0.1' with --port {port}: Address already in use"
-    )
+    setting = f"--host '127.0.0.1' with --port {port}"
+    assert line == f"trioworker: the server cannot listen on {setting}: Address already in use"
 
 
-async def test_server_reports_an_unusable_database_in_one_line(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    result = await trio.run_process(
-        [sys.executable, "-m", "trioworker", "server", "--port", "0", "--db", str(blocker / "x.db")],
-        capture_stderr=True,
-        check=False,
+async def test_a_database_the_server_cannot_open_is_named_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "not-sqlite.db").write_text("this is not a SQLite database, and is long enough to show it")
+    (tmp_path / "folder.db").mkdir()
+    cases = {
+        "file/x.db": f"{tmp_path}/file is a file, not a folder",
+        "not-sqlite.db": "file is not a database",
+        "folder.db": "Is a directory",
+        "sqlite:///not-sqlite.db": "file is not a database",
+    }
+    for db, reason in cases.items():
+        named = tmp_path / db.removeprefix("sqlite:///")
+        line = await refused(tmp_path, "--db", db)
+        assert line == f"trioworker: cannot open the database {named}: {reason}", line
+    assert (tmp_path / "not-sqlite.db").read_text().startswith("this is not")  # left as it was
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "0", "0.0", "::0", "0:0:0:0:0:0:0:0"])
+async def test_a_server_on_every_interface_without_an_api_key_is_warned_about(
+    tmp_path: Path, host: str
+) -> None:
+    warning = (
+        f"listening on every interface (--host {host}) without an API key: anyone who can reach "
+        "this machine can read, submit, cancel and delete runs; set --api-key or TRIOWORKER_API_KEY"
     )
-    assert result.returncode == 1
-    assert result.stderr.decode().strip().splitlines()[-1].startswith("trioworker: ")
+    for args, warned in [((), True), (("--api-key", "k"), False)]:
+        command = server_command("--host", host, "--db", ":memory:", *args)
+        async with trio.open_nursery() as nursery:
+            run = partial(trio.run_process, command, stderr=subprocess.PIPE, check=False, cwd=tmp_path)
+            process: trio.Process = await nursery.start(run)
+            assert process.stderr is not None
+            _, seen = await read_until(process.stderr, r"listening on http://")
+            process.send_signal(signal.SIGTERM)
+            _, rest = await read_until(process.stderr, r"server stopped")
+            with trio.fail_after(10):
+                assert await process.wait() == 0
+        assert (warning in seen + rest) is warned, seen + rest
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ talking to the test's in-process server (which keeps serving while the test awai
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,7 +21,7 @@ from trioworker.cli._common import CommandError
 from trioworker.cli.runs import parse_task_arguments
 from trioworker.client.futures import TaskRunFuture, wait_all
 from trioworker.client.rest import TaskRunClient
-from trioworker.models import StateType
+from trioworker.models import StateType, TaskRun, converter
 from trioworker.server import RunningServer
 from trioworker.tasks import task
 from trioworker.testing import ServerControl
@@ -72,20 +73,25 @@ def tasks_file(tmp_path: Path) -> Path:
     return path
 
 
+async def run_trioworker(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """``trioworker ARGS`` in a subprocess with ``env``, its output captured."""
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [sys.executable, "-m", "trioworker", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+
+
 def make_cli(api_url: str) -> Cli:
     """``await cli("runs", "--limit", "5")``: the command in a subprocess, output captured."""
     env = {**os.environ, "TRIOWORKER_API_URL": api_url, "COLUMNS": "200"}
     env.pop("TRIOWORKER_API_KEY", None)
 
     async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
-        with trio.fail_after(30):
-            return await trio.run_process(
-                [sys.executable, "-m", "trioworker", *args],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env=env,
-            )
+        return await run_trioworker(*args, env=env)
 
     return run
 
@@ -108,16 +114,31 @@ async def run_all(cli: Cli, *commands: list[str]) -> list[subprocess.CompletedPr
     return [results[index] for index in range(len(commands))]
 
 
+#: What ``submit --wait`` prints on stderr (not at a terminal) while it waits.
+PROGRESS_LINE = (
+    r"run [0-9a-f]{8}: [A-Z]+( \(\w+\))?|no worker is subscribed to \S+: the run waits until one is"
+)
+
+
+def waited_lines(stderr: str) -> list[str]:
+    """The lines ``submit --wait`` printed on stderr after the one that names the run it
+    submitted and the states it showed while it waited (checked)."""
+    lines = stderr.strip().splitlines()
+    assert re.fullmatch(rf"submitted run {UUID_PATTERN} of \S+", lines.pop(0)), stderr
+    while lines and re.fullmatch(PROGRESS_LINE, lines[0]):
+        lines.pop(0)
+    return lines
+
+
 def one_error_line(result: subprocess.CompletedProcess[bytes], *, submitted: bool = False) -> str:
     """The command failed with exit code 1 and one line ``trioworker: ...`` on stderr.
 
-    ``submitted``: ``submit --wait`` said which run it submitted first (on its own line).
+    ``submitted``: ``submit --wait`` said which run it submitted first (on its own line),
+    and which states it saw while it waited.
     """
     stderr = result.stderr.decode()
     assert result.returncode == 1, (result.returncode, stderr)
-    lines = stderr.strip().splitlines()
-    if submitted:
-        assert re.fullmatch(rf"submitted run {UUID_PATTERN} of \S+", lines.pop(0)), stderr
+    lines = waited_lines(stderr) if submitted else stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trioworker: "), stderr
     return lines[0]
 
@@ -156,7 +177,9 @@ def test_submit_options_may_come_between_the_arguments() -> None:
     assert exited.value.code == 2
 
 
-@pytest.mark.parametrize("command", ["submit", "runs", "run", "status", "demo"])
+@pytest.mark.parametrize(
+    "command", ["submit", "runs", "run", "cancel", "retry", "delete", "purge", "status", "demo"]
+)
 def test_help_has_a_description_and_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         parse_args([command, "--help"])
@@ -200,7 +223,8 @@ async def test_submit_wait_prints_the_result_as_json(
         failed = await cli("submit", f"{tasks_file}:fail", "boom", "--wait")
     assert added.returncode == 0, added.stderr.decode()
     assert added.stdout.decode() == "5\n"
-    assert re.fullmatch(rf"submitted run {UUID_PATTERN} of tools\.add\n", added.stderr.decode())
+    assert waited_lines(added.stderr.decode()) == []
+    assert added.stderr.decode().splitlines()[-1].endswith(": COMPLETED")
     assert shouted.returncode == 0, shouted.stderr.decode()
     assert shouted.stdout.decode() == '"HI!"\n'
     line = one_error_line(failed, submitted=True)
@@ -268,6 +292,11 @@ async def test_commands_report_an_unreachable_server_in_one_line(
         ["submit", f"{tasks_file}:add", "1", "2", "--api-url", api_url],
         ["runs", "--api-url", api_url],
         ["run", str(uuid.uuid4()), "--api-url", api_url],
+        ["run", "0b7c7c36", "--api-url", api_url],
+        ["cancel", "0b7c7c36", "--api-url", api_url],
+        ["retry", str(uuid.uuid4()), "--api-url", api_url],
+        ["delete", "0b7c", "--api-url", api_url],
+        ["purge", "--older-than", "7d", "--yes", "--api-url", api_url],
     ):
         line = one_error_line(result)
         assert line.startswith(f"trioworker: cannot reach the trioworker server at {api_url}"), line
@@ -285,7 +314,7 @@ async def test_a_refused_api_key_is_one_line(
     submitted = await cli("submit", f"{tasks_file}:add", "1", "--api-key", "sekrit")
     assert submitted.returncode == 0, submitted.stderr.decode()
     listed = await cli("runs", "--api-key", "sekrit")
-    assert ids_in(listed.stdout.decode()) == [uuid.UUID(submitted.stdout.decode().strip())]
+    assert short_ids_in(listed.stdout.decode()) == [short(uuid.UUID(submitted.stdout.decode().strip()))]
 
 
 # -- runs and run
@@ -309,35 +338,57 @@ def ids_in(text: str) -> list[uuid.UUID]:
     return [uuid.UUID(match) for match in re.findall(UUID_PATTERN, text)]
 
 
-async def test_runs_lists_runs_in_a_table_with_filters(
+def short(run_id: uuid.UUID) -> str:
+    """A run id as the tables show it."""
+    return str(run_id)[:8]
+
+
+def short_ids_in(table: str) -> list[str]:
+    """The ids in the rows of a table, in order."""
+    return re.findall(r"^│ ([0-9a-f]{8}) ", table, re.M)
+
+
+async def test_runs_lists_runs_newest_first_with_filters(
     cli: Cli, trioworker_worker: Callable[..., TaskWorker]
 ) -> None:
     ids = await finished_runs(trioworker_worker)
-    everything, by_task, by_state, both, page = await run_all(
+    everything, by_task, by_state, both, page, as_json, filtered_json = await run_all(
         cli,
         ["runs"],
         ["runs", "--task", "tools.add"],
         ["runs", "--state", "failed"],
         ["runs", "--task", "tools.add", "--state", "FAILED"],
         ["runs", "--limit", "2", "--offset", "1"],
+        ["runs", "--json"],
+        ["runs", "--json", "--task", "tools.add", "--limit", "1"],
     )
     assert everything.returncode == 0, everything.stderr.decode()
     out = everything.stdout.decode()
-    assert ids_in(out) == [ids["add1"], ids["add2"], ids["fail"], ids["shout"]]  # oldest first
+    newest_first = [ids["shout"], ids["fail"], ids["add2"], ids["add1"]]
+    assert short_ids_in(out) == [short(i) for i in newest_first]
+    assert ids_in(out) == []  # whole ids only in --json
+    assert "newest first" in out
     for heading in ("id", "task key", "name", "state", "created", "updated"):
         assert heading in out
-    rows = {uuid.UUID(m.group(1)): m.group(0) for m in re.finditer(rf"({UUID_PATTERN}).*", out)}
-    assert "tools.add" in rows[ids["add1"]] and "COMPLETED" in rows[ids["add1"]]
-    assert "tools.fail" in rows[ids["fail"]] and "FAILED" in rows[ids["fail"]]
-    assert "SCHEDULED" in rows[ids["shout"]]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^│ ([0-9a-f]{8}) .*", out, re.M)}
+    assert "tools.add" in rows[short(ids["add1"])] and "COMPLETED" in rows[short(ids["add1"])]
+    assert "tools.fail" in rows[short(ids["fail"])] and "FAILED" in rows[short(ids["fail"])]
+    assert "SCHEDULED" in rows[short(ids["shout"])]
     assert "4 runs" in out
 
-    assert ids_in(by_task.stdout.decode()) == [ids["add1"], ids["add2"]]
-    assert ids_in(by_state.stdout.decode()) == [ids["fail"]]
-    assert ids_in(both.stdout.decode()) == [] and "No runs match." in both.stdout.decode()
-    assert ids_in(page.stdout.decode()) == [ids["add2"], ids["fail"]]
+    assert short_ids_in(by_task.stdout.decode()) == [short(ids["add2"]), short(ids["add1"])]
+    assert short_ids_in(by_state.stdout.decode()) == [short(ids["fail"])]
+    assert short_ids_in(both.stdout.decode()) == [] and "No runs match." in both.stdout.decode()
+    assert short_ids_in(page.stdout.decode()) == [short(ids["fail"]), short(ids["add2"])]
     assert "more with --offset 3" in page.stdout.decode()
     assert all(result.returncode == 0 for result in (by_task, by_state, both, page))
+
+    assert as_json.returncode == 0, as_json.stderr.decode()
+    listed = json.loads(as_json.stdout)
+    assert [uuid.UUID(run["id"]) for run in listed] == newest_first
+    async with TaskRunClient() as client:
+        assert converter.structure(listed[2], TaskRun) == await client.read_task_run(ids["add2"])
+    assert [run["id"] for run in json.loads(filtered_json.stdout)] == [str(ids["add2"])]
 
 
 def history_of(out: str) -> list[str]:
@@ -373,9 +424,15 @@ async def test_run_shows_fields_history_and_result_or_traceback(
 
 async def test_run_of_an_unknown_id_is_one_line(cli: Cli) -> None:
     unknown = uuid.uuid4()
-    missing, malformed = await run_all(cli, ["run", str(unknown)], ["run", "not-an-id"])
+    missing, malformed, no_start = await run_all(
+        cli, ["run", str(unknown)], ["run", "not-an-id"], ["run", "0b7c7c36"]
+    )
     assert one_error_line(missing) == f"trioworker: no task run {unknown}"
-    assert "run ids are UUIDs" in one_error_line(malformed)
+    assert one_error_line(malformed) == (
+        "trioworker: no task run 'not-an-id': "
+        "a run id is hex digits (and dashes), as `trioworker runs` shows it"
+    )
+    assert one_error_line(no_start) == "trioworker: no task run has an id that starts with '0b7c7c36'"
 
 
 # -- status

@@ -19,10 +19,10 @@ import pytest
 import trio
 
 from trioworker.cli import build_parser
+from trioworker.entrypoints import EntryPointError, load_task
 from trioworker.server import RunningServer
 from trioworker.tasks import Task
 from trioworker.testing import ServerControl
-from trioworker.worker.entrypoints import EntryPointError, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_FILE = Path(__file__).resolve().parent / "fixtures_cli" / "cli_tasks.py"
@@ -205,13 +205,13 @@ def test_worker_options() -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        [],
         ["a:b", "--limit", "0"],
         ["a:b", "--limit", "x"],
         ["a:b", "--limit", "2", "--no-limit"],
         ["a:b", "--grace", "-1"],
         ["a:b", "--grace", "nan"],
         ["a:b", "--status-port", "70000"],
+        ["a:b", "--timeout", "-1"],
     ],
 )
 def test_worker_rejects_bad_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -165,3 +165,10 @@ async def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         f"trioworker: cannot serve on 127.0.0.1:{port}: Address already in use "
         "(leave out --port to use a free one)\n"
     )
+
+
+def test_the_demo_tasks_keep_their_first_documented_path() -> None:
+    from trioworker.entrypoints import load_task
+
+    assert load_task("trioworker.demo_tasks:add") is add
+    assert load_task("trioworker.cli.demo_tasks:add") is add

@@ -5,13 +5,17 @@ The graph is read from the source with ``ast``: every ``import`` counts, at modu
 under ``if TYPE_CHECKING:`` and inside functions alike, since a loop hidden by a guard or
 a late import is still a loop in the design. An import of a name from a package counts
 as an import of its submodule when that name is one (``from trioworker import protocol``),
-else of the package. The implicit import of parent packages is not counted.
+else of the package. Importing ``a.b.c`` runs ``a/b/__init__.py`` first, so it counts as an
+import of the package ``a.b`` too (a loop through a wing's ``__init__`` is a loop). The root
+package is the exception: ``trioworker/__init__.py`` is the public surface, which by design
+gathers names from the wings, and Python runs it before any of them.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Mapping, Set
@@ -60,9 +64,23 @@ def imported_modules(name: str, path: Path, modules: Set[str]) -> set[str]:
     return found
 
 
+def with_parent_packages(name: str, targets: Set[str], modules: Set[str]) -> set[str]:
+    """``targets`` and every package above each of them (the root and ``name``'s own
+    ancestors excepted, which are running already when ``name`` runs)."""
+    own = {name.rsplit(".", depth)[0] for depth in range(name.count(".") + 1)}
+    found = set(targets)
+    for target in targets:
+        parts = target.split(".")
+        found.update(".".join(parts[:n]) for n in range(2, len(parts)))
+    return {m for m in found if m in modules and m not in own and m != PACKAGE.name}
+
+
 def import_graph() -> dict[str, set[str]]:
     files = module_files()
-    return {name: imported_modules(name, path, files.keys()) for name, path in files.items()}
+    return {
+        name: with_parent_packages(name, imported_modules(name, path, files.keys()), files.keys())
+        for name, path in files.items()
+    }
 
 
 def find_cycle(graph: Mapping[str, Set[str]]) -> list[str] | None:
@@ -114,6 +132,14 @@ def test_the_graph_sees_every_kind_of_import(tmp_path: Path) -> None:
     )
     modules = {"pkg", "pkg.m", "pkg.a", "pkg.b", "pkg.c", "pkg.d", "pkg.e", "pkg.f"}
     assert imported_modules("pkg.m", source, modules) == modules - {"pkg", "pkg.m"}
+
+
+def test_a_wing_package_counts_as_imported_with_its_modules() -> None:
+    modules = {"trioworker", "trioworker.a", "trioworker.a.b", "trioworker.a.b.c", "trioworker.d"}
+    found = with_parent_packages("trioworker.d", {"trioworker.a.b.c"}, modules)
+    assert found == {"trioworker.a", "trioworker.a.b", "trioworker.a.b.c"}
+    # A module's own packages are running already when it runs: no edge to them.
+    assert with_parent_packages("trioworker.a.x", {"trioworker.a.b"}, modules) == {"trioworker.a.b"}
 
 
 def test_trioworker_has_no_import_loop() -> None:
@@ -242,6 +268,8 @@ def say() -> None: ...
         (["--help"], 0),
         # Loads the task, then stops at the URL: the command's path up to connecting.
         (["worker", "jobs:say", "--api-url", "ftp://nowhere"], 1),
+        # Loads the task, then finds no server (port 9, discard, is closed on loopback).
+        (["submit", "jobs:say", "--api-url", "http://127.0.0.1:9"], 1),
     ],
 )
 def test_the_command_imports_only_what_it_runs(tmp_path: Path, argv: list[str], code: int) -> None:
@@ -250,7 +278,18 @@ def test_the_command_imports_only_what_it_runs(tmp_path: Path, argv: list[str], 
     script += f"    assert exit.code == {code}, exit.code\n"
     modules = modules_after(script, tmp_path)
     assert {"trioworker.cli.worker", "trioworker.cli.demo"} <= modules  # every group is there
-    assert ("jobs" in modules) == (argv[0] == "worker")
+    assert ("jobs" in modules) == (argv[0] != "--help")
     assert among(modules, NOT_FOR_THE_WORKER_COMMAND) == []
-    if argv == ["--help"]:  # help does not load the worker: its defaults come from settings
+    if argv[0] != "worker":  # help takes its defaults from settings; submit only submits
         assert among(modules, ("trioworker.worker",)) == []
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    """docs/architecture.md lists every module by its path: one it does not name is a room
+    missing from the plan (a new module gets its row there), one it names that is gone is
+    a room that no longer exists."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `([\w/]+\.py)` \|", page, flags=re.MULTILINE))
+    present = {path.relative_to(PACKAGE).as_posix() for path in module_files().values()}
+    assert sorted(present - listed) == []
+    assert sorted(listed - present) == []

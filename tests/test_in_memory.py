@@ -38,10 +38,19 @@ API_URL = "http://server.test:4300"
 
 
 class _NoNetwork(trio.abc.SocketFactory, trio.abc.HostnameResolver):
-    """Fails the test at any socket made, or name looked up, through Trio."""
+    """Refuses any socket made, or name looked up, through Trio, and remembers each try:
+    code under test may catch the error (a worker turns it into a FAILED run), so the
+    fixture fails the test afterwards from what was remembered."""
+
+    def __init__(self) -> None:
+        self.tries: list[str] = []
+
+    def _refuse(self, what: str) -> NoReturn:
+        self.tries.append(what)
+        raise AssertionError(what)
 
     def socket(self, family: int = 0, type: int = 0, proto: int = 0) -> NoReturn:
-        raise AssertionError(f"a socket was opened (family {family}, type {type})")
+        self._refuse(f"a socket was opened (family {family}, type {type})")
 
     async def getaddrinfo(
         self,
@@ -52,28 +61,30 @@ class _NoNetwork(trio.abc.SocketFactory, trio.abc.HostnameResolver):
         proto: int = 0,
         flags: int = 0,
     ) -> NoReturn:
-        raise AssertionError(f"a name was looked up: {host!r}")
+        self._refuse(f"a name was looked up: {host!r}")
 
     async def getnameinfo(
         self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
     ) -> NoReturn:
-        raise AssertionError(f"an address was looked up: {sockaddr!r}")
+        self._refuse(f"an address was looked up: {sockaddr!r}")
 
 
 @pytest.fixture
-async def no_network() -> AsyncIterator[None]:
-    """For this test's Trio run only (both settings are run-local), no socket. (Not
-    ``autouse``: pytest-trio does not run async autouse fixtures; ``fake`` asks for it.)"""
+async def no_network() -> AsyncIterator[_NoNetwork]:
+    """For this test's Trio run only (both settings are run-local), no socket; the test
+    fails if anything tried one. (Not ``autouse``: pytest-trio does not run async autouse
+    fixtures; ``fake`` asks for it.)"""
     guard = _NoNetwork()
     trio.socket.set_custom_socket_factory(guard)
     trio.socket.set_custom_hostname_resolver(guard)
-    yield
+    yield guard
     trio.socket.set_custom_socket_factory(None)
     trio.socket.set_custom_hostname_resolver(None)
+    assert guard.tries == [], "the network was used"
 
 
 @pytest.fixture
-async def fake(no_network: None) -> AsyncIterator[MemorySockets]:
+async def fake(no_network: _NoNetwork) -> AsyncIterator[MemorySockets]:
     async with memory_sockets() as sockets:
         yield sockets
 
@@ -97,12 +108,19 @@ def is_connected(client: SubscriptionClient | TaskWorker) -> bool:
     return client.connected
 
 
-async def test_the_guard_refuses_every_socket(no_network: None) -> None:
+async def test_the_guard_refuses_every_socket_and_remembers_it() -> None:
+    guard = _NoNetwork()
+    trio.socket.set_custom_socket_factory(guard)
+    trio.socket.set_custom_hostname_resolver(guard)
     with pytest.raises(ExceptionGroup) as opened:
         await trio.open_tcp_stream("127.0.0.1", 4300)
     assert opened.group_contains(AssertionError, match="a socket was opened")
     with pytest.raises(AssertionError, match="a name was looked up"):
         await trio.open_tcp_stream("server.test", 4300)
+    assert [t.split(" (")[0].split(":")[0] for t in guard.tries] == [
+        "a socket was opened",
+        "a name was looked up",
+    ]
 
 
 async def test_connect_opens_its_stream_through_the_seam_and_closes_it(fake: MemorySockets) -> None:

@@ -32,7 +32,11 @@ async def new_run(api: httpx.AsyncClient, **fields: object) -> str:
 
 async def set_delay(api: httpx.AsyncClient, run_id: str, delay: str) -> httpx.Response:
     body = b'{"state": {"type": "SCHEDULED", "state_details": {"delay_seconds": %s}}, "force": true}'
-    return await api.post(f"/task_runs/{run_id}/set_state", content=body % delay.encode())
+    return await api.post(
+        f"/task_runs/{run_id}/set_state",
+        content=body % delay.encode(),
+        headers={"Content-Type": "application/json"},
+    )
 
 
 @pytest.mark.parametrize("delay", ["1e12", "1e300", "3e11", "3153600001", "1e400", "-1e400"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
 from trioworker.server.store import DatabaseInUse, StoreError
+from trioworker.server.store import postgres as postgres_store
 from trioworker.server.store.postgres import _SERVER_LOCK, SCHEMA_VERSION, PostgresStore, PostgresTarget
 from trioworker.testing import ServerControl
 
@@ -49,6 +51,12 @@ TABLES = {
     "trioworker_task_run_states",
     "trioworker_replicas",
 }
+
+#: Undoes schema step 3 (a database of schema 2, as main made them).
+SCHEMA_3_UNDONE = (
+    "DROP TABLE trioworker_replicas",
+    "ALTER TABLE trioworker_ready DROP COLUMN waiting",
+)
 
 
 async def sql(url: str, query: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
@@ -112,6 +120,61 @@ async def test_a_search_path_without_a_schema_is_a_clear_error(postgres_url: str
     with pytest.raises(StoreError, match="search_path names no schema that exists"):
         async with PostgresStore.open(nowhere):
             pytest.fail("opened a database with nowhere to create tables")
+
+
+async def test_a_schema_1_database_is_migrated_and_keeps_its_runs(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        [(parent, _)] = await store.create_runs([TaskRunCreate(task_key="p")])
+        created = await store.create_runs(
+            [
+                TaskRunCreate(task_key="c", parent_task_run_id=parent.id),
+                TaskRunCreate(task_key="c", parameters={"text": '"parent_task_run_id":"'}),
+                TaskRunCreate(task_key="c", parent_task_run_id=parent.id),
+            ]
+        )
+        first, plain, second = (run.id for run, _ in created)
+        nul = SetStateRequest(make_state(StateType.CANCELLED, message='nul \x00 "parent_task_run_id":"x"'))
+        [ended] = await store.set_states([(plain, nul)], now=0.0)
+        assert ended.run is not None
+    for statement in (  # back to schema 1
+        *SCHEMA_3_UNDONE,
+        "DROP INDEX trioworker_task_runs_parent",
+        "DROP INDEX trioworker_task_run_states_ended",
+        "DROP INDEX trioworker_task_runs_counts",
+        "ALTER TABLE trioworker_task_runs DROP COLUMN parent_id",
+        "UPDATE trioworker_schema SET version = 1",
+    ):
+        await sql(postgres_url, statement)
+    monkeypatch.setattr(postgres_store, "_FILL_BATCH", 1)  # a batch per run with a parent
+    async with PostgresStore.open(postgres_url) as store:
+        assert [r.id for r in await store.list_runs(parent_task_run_id=parent.id)] == [first, second]
+        assert await store.read_run(plain) == ended.run
+        assert [(c.task_key, c.count) for c in await store.count_ended(ended.run.state.timestamp)] == [
+            ("c", 1)
+        ]
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
+    indexes = await sql(postgres_url, "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")
+    assert {
+        "trioworker_task_runs_parent",
+        "trioworker_task_run_states_ended",
+        "trioworker_task_runs_counts",
+    } <= {name for (name,) in indexes}
+
+
+async def test_a_schema_2_database_is_migrated_and_its_runs_that_wait_still_wait(postgres_url: str) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        [(upstream, _)] = await store.create_runs([TaskRunCreate(task_key="u")])
+        [(waiting, _)] = await store.create_runs([TaskRunCreate(task_key="w", wait_for=[upstream.id])])
+    for statement in (*SCHEMA_3_UNDONE, "UPDATE trioworker_schema SET version = 2"):
+        await sql(postgres_url, statement)
+    async with PostgresStore.open(postgres_url) as store:
+        assert [q.id for q in await store.recover(5) if q.wait_for] == [waiting.id]
+        claimed = await store.claim_ready(["w"], 10, "worker", time.time())
+        assert claimed.runs == []  # it waits for its upstream, as before the migration
+        assert await store.read_run(waiting.id) == waiting
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
 
 
 def test_the_location_never_shows_the_password() -> None:
@@ -278,6 +341,35 @@ OUR_LOCK = (
     f"SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = {_SERVER_LOCK}"
     " AND objid = (hashtext(current_schema())::bigint & 4294967295)::text::oid"
 )
+
+
+async def test_counts_read_beside_the_committer_on_a_connection_of_their_own(postgres_url: str) -> None:
+    async with (
+        outage_proxy(port_of(postgres_url)) as proxy,
+        PostgresStore.open(through(proxy, postgres_url)) as store,
+    ):
+        await store.create_runs([TaskRunCreate(task_key="k")])
+        held, release = threading.Event(), threading.Event()
+
+        def hold(ops: Any) -> None:  # the committer waits here, in its transaction
+            held.set()
+            release.wait(DEADLINE)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._run, hold)
+            try:
+                await trio.to_thread.run_sync(held.wait, DEADLINE)
+                with trio.fail_after(DEADLINE):
+                    counts = await store.count_runs()  # not queued behind the committer
+            finally:
+                release.set()
+        assert [(c.task_key, c.state_type, c.count) for c in counts] == [("k", StateType.SCHEDULED, 1)]
+        assert proxy.accepted == 2  # the committer's connection, and the counts' own
+        await proxy.cut()  # as a restart does
+        assert [c.count for c in await store.count_runs()] == [1]  # on a new connection, at once
+        assert proxy.accepted == 3
+    with pytest.raises(StoreError, match="the store is closed"):
+        await store.count_runs()
 
 
 async def test_a_session_left_behind_by_a_network_failure_is_ended(postgres_url: str) -> None:

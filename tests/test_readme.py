@@ -287,12 +287,34 @@ def test_every_command_is_described() -> None:
         assert f"**`trioworker {name}" in text, f"trioworker {name} has no paragraph"
 
 
+def option_variables() -> dict[str, argparse.Action]:
+    """The variable of every option of ``server`` and ``worker``, by the documented rule."""
+    commands = subcommands(build_parser())
+    return {
+        "TRIOWORKER_" + option.removeprefix("--").upper().replace("-", "_"): action
+        for name in ("server", "worker")
+        for option, action in options_of(commands[name]).items()
+        if option.startswith("--")
+    }
+
+
 def test_the_settings_table_lists_every_setting_with_its_default() -> None:
     rows = re.findall(r"^\| `(TRIOWORKER_\w+)` \| ([^|]+) \|", section_text("Settings"), re.M)
     source = "".join(p.read_text() for p in (ROOT / "trioworker").rglob("*.py"))
     used = set(re.findall(r"\bTRIOWORKER_[A-Z_]+\b", source))
-    assert {name for name, _ in rows} == used
+    assert {name for name, _ in rows} == used | set(option_variables())
     defaults = dict(rows)
+    for variable, action in option_variables().items():
+        shown = defaults[variable].strip()
+        if variable in ("TRIOWORKER_API_URL", "TRIOWORKER_API_KEY"):  # the clients' settings: below
+            pass
+        elif any(action.default is unset for unset in (None, False, argparse.SUPPRESS)):
+            assert shown == "unset" or variable == "TRIOWORKER_DB", (variable, shown)
+        else:
+            value = f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+            assert shown == f"`{value}`", (variable, shown, action.default)
+        assert f"[env: {variable}]" in (action.help or ""), f"{variable} is not in the option's help"
+    assert defaults["TRIOWORKER_DB"].strip() == "`$TRIOWORKER_HOME/trioworker.db`"
     settings = Settings.from_env({})
     assert defaults["TRIOWORKER_API_URL"].strip() == f"`{settings.api_url}`"
     assert Path(defaults["TRIOWORKER_HOME"].strip().strip("`")).expanduser() == settings.home

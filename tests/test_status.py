@@ -545,7 +545,10 @@ async def test_worker_with_a_port_in_use_does_not_start(trioworker_server: Runni
     ("host", "line"),
     [
         ("bogus.invalid", "trioworker: --status-host 'bogus.invalid' does not resolve: "),
-        ("192.0.2.1", "trioworker: cannot listen on --status-host '192.0.2.1' with --status-port 0: "),
+        (
+            "192.0.2.1",
+            "trioworker: the status server cannot listen on --status-host '192.0.2.1' with --status-port 0: ",
+        ),
         ("::1%nope", "trioworker: --status-host '::1%nope' does not resolve: "),
     ],
 )
@@ -583,4 +586,4 @@ async def test_a_status_port_in_use_is_named_in_one_line(trioworker_server: Runn
     last = done.stderr.decode().strip().splitlines()[-1]
     assert done.returncode == 1
     setting = f"--status-host '127.0.0.1' with --status-port {port}"
-    assert last == f"trioworker: cannot listen on {setting}: Address already in use"
+    assert last == f"trioworker: the status server cannot listen on {setting}: Address already in use"

@@ -126,6 +126,37 @@ async def test_a_schema_1_file_is_migrated_and_keeps_its_runs(tmp_path: Path, wi
     conn.close()
 
 
+async def test_a_schema_2_file_gets_the_parent_column_filled(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        [(parent, _)] = await store.create_runs([TaskRunCreate(task_key="p")])
+        [(child, _), (other, _)] = await store.create_runs(
+            [TaskRunCreate(task_key="c", parent_task_run_id=parent.id), TaskRunCreate(task_key="c")]
+        )
+    conn = sqlite3.connect(path, isolation_level=None)  # back to schema 2: no parent column
+    conn.execute("DROP INDEX ix_task_runs_parent")
+    conn.execute("ALTER TABLE task_runs DROP COLUMN parent_id")
+    conn.execute("UPDATE schema_version SET version = 2")
+    conn.close()
+    async with SQLiteStore.open(path) as store:
+        assert [r.id for r in await store.list_runs(parent_task_run_id=parent.id)] == [child.id]
+        assert await store.read_run(other.id) == other
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    conn.close()
+
+
+async def test_counts_read_beside_the_committer_and_stop_with_the_store(tmp_path: Path) -> None:
+    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        await store.create_runs([TaskRunCreate(task_key="k")])
+        commits = store.statistics().commits
+        [count] = await store.count_runs()
+        assert (count.task_key, count.count) == ("k", 1)
+        assert store.statistics().commits == commits  # the committer was not asked
+    with pytest.raises(StoreError, match="the store is closed"):
+        await store.count_runs()
+
+
 async def test_one_file_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     async with SQLiteStore.open(path) as store:

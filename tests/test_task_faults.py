@@ -22,18 +22,18 @@ import pytest
 import trio
 import trio.lowlevel
 
-from trioworker import serializers
 from trioworker._util import passing_part
 from trioworker.models import TaskRun
-from trioworker.serializers import (
+from trioworker.tasks import Task, task
+from trioworker.worker import failures
+from trioworker.worker.engine import MAX_RESULT_BYTES
+from trioworker.worker.failures import (
     CUT_MARKER,
     MAX_TEXT_BYTES,
     MAX_TRACEBACK_BYTES,
     clip_text,
     describe_exception,
 )
-from trioworker.tasks import Task, task
-from trioworker.worker.engine import MAX_RESULT_BYTES
 from trioworker.worker.task_worker import TaskWorker, serve
 
 from .helpers import submit, wait_all
@@ -481,9 +481,9 @@ def test_a_ctrl_c_that_trio_delivers_passes() -> None:
 
 
 def test_safe_str_never_raises() -> None:
-    assert serializers.safe_str(StrRaises()) == "<str() failed: builtins.RuntimeError>"
-    assert serializers.safe_str(StrExits(), repr) == "<repr() failed: builtins.SystemExit>"
-    assert serializers.exception_line(SystemExit()) == "SystemExit"
+    assert failures.safe_str(StrRaises()) == "<str() failed: builtins.RuntimeError>"
+    assert failures.safe_str(StrExits(), repr) == "<repr() failed: builtins.SystemExit>"
+    assert failures.exception_line(SystemExit()) == "SystemExit"
 
 
 def test_the_bounds_the_readme_gives() -> None:

@@ -29,6 +29,7 @@ from trioworker.context import user_context as user_context
 from trioworker.errors import ApiError as ApiError
 from trioworker.errors import NotFound as NotFound
 from trioworker.errors import ParameterError as ParameterError
+from trioworker.errors import QueueFull as QueueFull
 from trioworker.errors import ResultDecodeError as ResultDecodeError
 from trioworker.errors import ServerUnavailable as ServerUnavailable
 from trioworker.errors import StopTaskWorker as StopTaskWorker
@@ -49,6 +50,7 @@ __all__ = [
     "ApiError",
     "NotFound",
     "ParameterError",
+    "QueueFull",
     "ResultDecodeError",
     "RunContext",
     "ServerUnavailable",

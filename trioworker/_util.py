@@ -112,3 +112,30 @@ def raise_passing(exc: BaseException) -> None:
     passing = passing_part(exc)
     if passing is not None:
         raise passing
+
+
+#: Seconds per unit of :func:`parse_duration`.
+DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a duration as people write it: ``90`` or ``90s`` (seconds), ``15m``,
+    ``12h``, ``7d``, ``2w``; decimals are fine (``1.5h``).
+
+    Raises:
+        ValueError: one sentence naming the text: not a number with an optional unit
+            (s, m, h, d, w), negative, or not finite.
+    """
+    value = text.strip().lower()
+    unit = DURATION_UNITS.get(value[-1:]) if value else None
+    number = value[:-1].strip() if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a duration: a number of seconds, or a number with a unit "
+            "(s, m, h, d, w), e.g. 90, 15m, 7d"
+        ) from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{text!r} is not a duration: it must be a finite number, 0 or more")
+    return seconds

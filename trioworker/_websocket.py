@@ -1,20 +1,24 @@
 """The websocket plumbing both clients share: opening a socket, reading one protocol
-message, reconnect backoff, and the errors that drop a connection.
+message, the errors that drop a connection, and which of them move a client to the next
+server (:func:`connection_failure`; the backoff and the failover rule are
+:mod:`trioworker.servers`).
 
 The worker's subscription (:mod:`trioworker.worker.subscription`) and the submitter's
 channel (:mod:`trioworker.client.channel`) speak different halves of the protocol over the
 same kind of connection; what they have in common lives here, once.
 
+TLS and the extra headers of the handshake are the client's
+:class:`~trioworker.connection.ConnectionOptions`, the same as its REST calls use.
+
 **Test seam:** the byte stream under a websocket is opened by an :data:`OpenStream`
-(:func:`open_network_stream`, TCP and TLS, unless told otherwise). Tests pass one that
-returns an end of :func:`trio.testing.memory_stream_pair` and speak the server's part on
-the other end, as Trio's own tests do: the whole client runs, without a socket.
+(:meth:`ConnectionOptions.open_stream <trioworker.connection.ConnectionOptions.open_stream>`,
+TCP and TLS, unless told otherwise). Tests pass one that returns an end of
+:func:`trio.testing.memory_stream_pair` and speak the server's part on the other end, as
+Trio's own tests do: the whole client runs, without a socket.
 """
 
 from __future__ import annotations
 
-import random
-import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,25 +26,30 @@ from typing import Final, TypeAlias
 
 import orjson
 import trio
-from trio_websocket import ConnectionTimeout, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from trioworker._util import only_exception
+from trioworker.connection import ConnectionOptions, connection_options
 from trioworker.models import JSON
+from trioworker.protocol import CLOSE_POLICY, CLOSE_PROTOCOL
+
+# The backoff (defined here first) is the failover rule's now; its names stay here too.
+from trioworker.servers import BACKOFF_FACTOR as BACKOFF_FACTOR
+from trioworker.servers import BACKOFF_FIRST as BACKOFF_FIRST
+from trioworker.servers import BACKOFF_MAX as BACKOFF_MAX
+from trioworker.servers import FAILOVER_STATUSES
+from trioworker.servers import next_backoff as next_backoff
 
 #: Largest message accepted from the server (a delivery of many runs can be large).
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
-#: Reconnect backoff: first wait, growth factor and ceiling, in seconds.
-BACKOFF_FIRST: Final = 0.2
-BACKOFF_FACTOR: Final = 2.0
-BACKOFF_MAX: Final = 15.0
 #: Seconds to open a socket (TCP, TLS and the websocket handshake) before giving up.
 CONNECT_TIMEOUT: Final = 10.0
-
-
-def next_backoff(attempt: int, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [cap/2, cap], cap growing to BACKOFF_MAX."""
-    cap = min(BACKOFF_MAX, BACKOFF_FIRST * BACKOFF_FACTOR**attempt)
-    return rng.uniform(cap / 2, cap)
 
 
 #: Opens the byte stream a websocket runs over: ``(host, port, secure) -> stream``, where
@@ -48,19 +57,12 @@ def next_backoff(attempt: int, rng: random.Random) -> float:
 OpenStream: TypeAlias = Callable[[str, int, bool], Awaitable[trio.abc.Stream]]
 
 
-async def open_network_stream(host: str, port: int, secure: bool) -> trio.abc.Stream:
-    """The default :data:`OpenStream`: TCP to ``host:port``, with TLS (verified against the
-    system's trust store) when ``secure``. Raises OSError (TLS errors included) on failure."""
-    if secure:
-        return await trio.open_ssl_over_tcp_stream(
-            host, port, ssl_context=ssl.create_default_context(), https_compatible=True
-        )
-    return await trio.open_tcp_stream(host, port)
-
-
 @asynccontextmanager
 async def connect(
-    url: str, token: str | None = None, *, open_stream: OpenStream = open_network_stream
+    url: str,
+    *,
+    open_stream: OpenStream | None = None,
+    connection: ConnectionOptions | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     """Open a websocket to ``url`` (``ws://`` or ``wss://``); its byte stream is ours and is
     always closed on the way out.
@@ -71,20 +73,23 @@ async def connect(
 
     Args:
         open_stream: opens the stream under the websocket (a test seam, see the module
-            docstring); the default is TCP, with TLS for ``wss://``.
+            docstring); the default is ``connection``'s: TCP, with TLS for ``wss://``.
+        connection: TLS and the handshake's extra headers (default: from the environment,
+            see :func:`~trioworker.connection.connection_options`).
 
     Raises:
         OSError: the stream could not be opened (TCP or TLS failed).
         HandshakeError: the handshake was refused (:class:`ConnectionRejected`) or took
             longer than CONNECT_TIMEOUT (:class:`ConnectionTimeout`).
     """
+    connection = connection or connection_options(warn=False)
     parts = urllib.parse.urlsplit(url)
     secure = parts.scheme == "wss"
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     with trio.move_on_after(CONNECT_TIMEOUT) as opening:
-        stream = await open_stream(host, port, secure)
+        stream = await (open_stream or connection.open_stream)(host, port, secure)
     if opening.cancelled_caught:
         raise ConnectionTimeout
     body_error: BaseException | None = None
@@ -98,6 +103,7 @@ async def connect(
                     stream,  # type: ignore[arg-type]
                     host if port in (80, 443) else f"{host}:{port}",
                     resource,
+                    extra_headers=connection.websocket_headers,
                     message_queue_size=64,
                     max_message_size=MAX_MESSAGE_BYTES,
                 )
@@ -126,6 +132,20 @@ async def connect(
         raise
     finally:
         await trio.aclose_forcefully(stream)
+
+
+def connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, which ended a websocket connection or kept one from being made,
+    is the server going away (the client moves to the next server) rather than its
+    answer (the client stays): a close with 1008 (API key refused) or 4001 (protocol
+    broken by the client), and a refused handshake other than 502/503/504, are answers;
+    everything else (refused, reset, timed out, lost, closed with 1012, malformed) is the
+    server's going."""
+    if isinstance(exc, ConnectionClosed):
+        return exc.reason is None or exc.reason.code not in (CLOSE_POLICY, CLOSE_PROTOCOL)
+    if isinstance(exc, ConnectionRejected):
+        return exc.status_code in FAILOVER_STATUSES
+    return True
 
 
 class Disconnected(Exception):

@@ -6,7 +6,8 @@
     ├── ParameterError        a run's parameters cannot be read for its task
     ├── ResultDecodeError     a completed run's result cannot be read as its return annotation
     ├── ApiError              the server refused a request (status code and detail)
-    │   └── NotFound          no such task run
+    │   ├── NotFound          no such task run
+    │   └── QueueFull         a task key's queue stayed full (429) for the client's timeout
     ├── ServerUnavailable     the server cannot be reached
     ├── SubscriptionRefused   the server refused the worker's API key (close 1008)
     └── TaskRunFailed         a run ended FAILED, CRASHED or CANCELLED (type, message, traceback)
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -52,6 +54,57 @@ class ApiError(TrioworkerError):
 
 class NotFound(ApiError):
     """The task run does not exist (never did, or was deleted)."""
+
+
+class QueueFull(ApiError):
+    """The server's queue of ``task_key`` is full (its ``--max-queued``): 429.
+
+    A client waits and sends the create again (after ``retry_after`` seconds, the server's
+    ``Retry-After``) as long as its timeout allows; this is raised once that ran out.
+    ``room`` is how many of the request's first creates would have fit; ``created`` the
+    runs this call did create before it gave up (a ``map`` sends what fits first).
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        task_key: str | None = None,
+        room: int = 0,
+        retry_after: float = 1.0,
+        created: Sequence[Any] = (),
+    ) -> None:
+        super().__init__(429, detail)
+        self.task_key = task_key
+        self.room = room
+        self.retry_after = retry_after
+        self.created = list(created)
+
+
+def api_error(status_code: int, detail: str, fields: Mapping[str, object] | None = None) -> ApiError:
+    """The error for an error answer of the server: :class:`NotFound` for 404,
+    :class:`QueueFull` for 429 (``fields``: the answer's other fields, ``room``,
+    ``retry_after`` and ``task_key``; a field that is not of its type is left at its
+    default), else :class:`ApiError`."""
+    if status_code == 404:
+        return NotFound(status_code, detail)
+    if status_code == 429:
+        fields = fields or {}
+        task_key = fields.get("task_key")
+        return QueueFull(
+            detail,
+            task_key=task_key if isinstance(task_key, str) else None,
+            room=int(_number(fields.get("room"), 0, 0, 2**31)),
+            retry_after=_number(fields.get("retry_after"), 1.0, 0, 60),
+        )
+    return ApiError(status_code, detail)
+
+
+def _number(value: object, default: float, low: float, high: float) -> float:
+    """``value`` when it is a number in [low, high] (not a bool), else ``default``."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    return default
 
 
 class ServerUnavailable(TrioworkerError):

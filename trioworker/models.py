@@ -17,6 +17,8 @@ import attrs
 import orjson
 from cattrs.preconf.orjson import OrjsonConverter, make_converter
 
+from trioworker.protocol import SERIALIZER_JSON
+
 #: A JSON value as it appears on the wire (parameters, results, context).
 JSON: TypeAlias = Any
 
@@ -135,7 +137,7 @@ class TaskRun:
     state: State
     parameters: JSON = attrs.field(factory=dict)
     #: How ``parameters`` and the result are encoded: ``"json"`` or ``"pickle"``.
-    serializer: str = "json"
+    serializer: str = SERIALIZER_JSON
     created: datetime = attrs.field(factory=utcnow)
     updated: datetime = attrs.field(factory=utcnow)
     #: Attempts that reached RUNNING.
@@ -177,7 +179,7 @@ class TaskRunCreate:
     task_key: str
     name: str | None = None
     parameters: JSON = attrs.field(factory=dict)
-    serializer: str = "json"
+    serializer: str = SERIALIZER_JSON
     scheduled_time: datetime | None = None
     idempotency_key: str | None = None
     tags: list[str] = attrs.field(factory=list)
@@ -198,6 +200,25 @@ class SetStateResult:
     status: SetStateStatus
     state: State
     details: str | None = None
+
+
+@attrs.frozen
+class PurgeRequest:
+    """The body of ``POST /api/task_runs/purge``: delete the runs that ended more than
+    ``older_than`` seconds ago (with their history), of ``task_key`` and in ``state`` (a
+    terminal state type) when given."""
+
+    older_than: float
+    task_key: str | None = None
+    state: StateType | None = None
+
+
+@attrs.frozen
+class PurgeResult:
+    """The answer of ``POST /api/task_runs/purge``."""
+
+    #: How many runs were deleted.
+    deleted: int
 
 
 @attrs.frozen

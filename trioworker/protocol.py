@@ -62,8 +62,12 @@ def socket_url(api_url: str, path: str) -> str:
     return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{path}"
 
 
+#: The serializer of parameters and results typed by the task's annotations (the default).
+SERIALIZER_JSON: Final = "json"
+#: The serializer of any Python object (opt-in on both sides).
+SERIALIZER_PICKLE: Final = "pickle"
 #: The serializers a task (and so a run) may use, for its parameters and its result.
-SERIALIZERS: Final = ("json", "pickle")
+SERIALIZERS: Final = (SERIALIZER_JSON, SERIALIZER_PICKLE)
 
 # --- paths -------------------------------------------------------------------------------
 
@@ -77,16 +81,46 @@ RUNS: Final = "/task_runs"
 RUNS_BATCH: Final = "/task_runs/batch"
 #: ``POST`` a long-poll for the first of many runs to end.
 RUNS_WAIT: Final = "/task_runs/wait"
+#: ``GET`` the runs whose id starts with ``?id_prefix=`` (see :func:`id_prefix`).
+RUNS_FIND: Final = "/task_runs/find"
+#: ``POST`` delete the runs that ended before a time.
+RUNS_PURGE: Final = "/task_runs/purge"
 #: ``GET`` or ``DELETE`` one run.
 RUN: Final = "/task_runs/{run_id}"
 RUN_HISTORY: Final = "/task_runs/{run_id}/history"
 RUN_WAIT: Final = "/task_runs/{run_id}/wait"
 RUN_SET_STATE: Final = "/task_runs/{run_id}/set_state"
 RUN_CANCEL: Final = "/task_runs/{run_id}/cancel"
+RUN_RETRY: Final = "/task_runs/{run_id}/retry"
+#: ``GET`` the operator's overview (counts by key and state, ends per minute, workers).
+OVERVIEW: Final = "/overview"
+#: ``GET`` the workers connected to this server (``?task_key=`` filters).
+TASK_WORKERS: Final = "/task_workers"
 #: The workers' websocket.
 SUBSCRIPTION_PATH: Final = "/task_runs/subscriptions/scheduled"
+#: The live feed's websocket (the dashboard's tabs).
+EVENTS_PATH: Final = "/events"
 #: The submitters' websocket.
 CHANNEL_PATH: Final = "/task_runs/channel"
+
+
+#: Where the dashes of a run id's text stand (``str(uuid)``: 8-4-4-4-12 hex digits).
+_ID_DASHES: Final = (8, 12, 16, 20)
+
+
+def id_prefix(text: str) -> str:
+    """The start of a run id's canonical text (``str(uuid)``: lower case, with dashes) that
+    ``text`` gives: ``"0B7C7C368d"`` and ``"0b7c7c36-8d"`` both give ``"0b7c7c36-8d"``.
+
+    Raises:
+        ValueError: ``text`` holds something other than hex digits and dashes, no hex
+            digit, or more than a run id's 32.
+    """
+    digits = text.strip().replace("-", "").lower()
+    if not digits or len(digits) > 32 or not all(c in "0123456789abcdef" for c in digits):
+        raise ValueError(f"a run id or the start of one is 1 to 32 hex digits (dashes allowed), got {text!r}")
+    parts = [digits[start:end] for start, end in zip((0, *_ID_DASHES), (*_ID_DASHES, 32), strict=True)]
+    return "-".join(part for part in parts if part)
 
 
 def route(path: str) -> str:
@@ -133,3 +167,8 @@ UNWATCH: Final = "unwatch"
 CREATED: Final = "created"
 ERROR: Final = "error"
 ENDED: Final = "ended"
+
+# Live feed, server -> tab (the tab sends only its auth message).
+OVERVIEW_MESSAGE: Final = "overview"
+RUNS_CHANGED: Final = "runs"
+RESYNC: Final = "resync"

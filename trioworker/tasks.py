@@ -21,7 +21,7 @@ from trioworker.client.futures import SyncTaskRunFuture, TaskRunFuture
 from trioworker.client.rest import using_client, using_sync_client
 from trioworker.client.submission import batches, build_create, map_calls
 from trioworker.models import JSON
-from trioworker.protocol import SERIALIZERS
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZERS
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -103,7 +103,7 @@ class Task(Generic[P, R]):
     retry_delay_seconds: float | tuple[float, ...] = attrs.field(default=0.0, converter=_check_delays)
     retry_condition_fn: RetryCondition | None = None
     timeout_seconds: float | None = None
-    serializer: str = "json"
+    serializer: str = SERIALIZER_JSON
 
     def __attrs_post_init__(self) -> None:
         if not callable(self.fn):
@@ -289,7 +289,7 @@ def _make_task(fn: Callable[..., Any], options: dict[str, Any]) -> Task[..., Any
         retry_delay_seconds=options.get("retry_delay_seconds", 0.0),
         retry_condition_fn=options.get("retry_condition_fn"),
         timeout_seconds=options.get("timeout_seconds"),
-        serializer=options.get("serializer", "json"),
+        serializer=options.get("serializer", SERIALIZER_JSON),
     )
 
 
@@ -320,7 +320,7 @@ def task(
     retry_delay_seconds: float | Sequence[float] = 0.0,
     retry_condition_fn: RetryCondition | None = None,
     timeout_seconds: float | None = None,
-    serializer: str = "json",
+    serializer: str = SERIALIZER_JSON,
 ) -> TaskDecorator: ...
 def task(
     fn: Callable[..., Any] | None = None,
@@ -332,7 +332,7 @@ def task(
     retry_delay_seconds: float | Sequence[float] = 0.0,
     retry_condition_fn: RetryCondition | None = None,
     timeout_seconds: float | None = None,
-    serializer: str = "json",
+    serializer: str = SERIALIZER_JSON,
 ) -> Task[..., Any] | TaskDecorator:
     """Mark a function (sync or async) as a task: ``@task`` or ``@task(retries=3, ...)``.
 

@@ -3,10 +3,15 @@
 - :mod:`~trioworker.cli.server`: ``server``
 - :mod:`~trioworker.cli.worker`: ``worker`` (and loading tasks by ``MODULE:TASK``)
 - :mod:`~trioworker.cli.runs`: ``submit``, ``runs``, ``run`` (talking to a server)
+- :mod:`~trioworker.cli.manage`: ``cancel``, ``retry``, ``delete``, ``purge`` (changing runs)
+- :mod:`~trioworker.cli.workers`: ``workers`` (the workers connected to a server)
 - :mod:`~trioworker.cli.status`: ``status`` (talking to a worker's status server)
 - :mod:`~trioworker.cli.demo`: ``demo`` (:mod:`~trioworker.cli.demo_runner` runs it, with the
   tasks of :mod:`~trioworker.cli.demo_tasks`)
 - :mod:`~trioworker.cli._common`: the user error, logging, value types, the API options
+- :mod:`~trioworker.cli._api`: the client's errors as one line, the run an id (or its start) names
+- :mod:`~trioworker.cli._environment`: the ``TRIOWORKER_*`` variable of every option of
+  ``server`` and ``worker``
 
 Every group imports what its commands run (the server, the worker, the client, rich) only
 when one of them runs: ``trioworker worker`` never imports the server, nor ``--help`` rich.
@@ -19,17 +24,21 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 import trio
 
 from trioworker._util import only_exception
 from trioworker._version import __version__
-from trioworker.cli._common import CommandError, configure_logging
+from trioworker.cli._common import CommandError, configure_logging, visible
+from trioworker.cli._environment import parsing_with_environment, read_environment
 from trioworker.cli.demo import add_demo_command
+from trioworker.cli.manage import add_manage_commands
 from trioworker.cli.runs import add_runs_commands
 from trioworker.cli.server import add_server_command
 from trioworker.cli.status import add_status_command
 from trioworker.cli.worker import add_worker_command
+from trioworker.cli.workers import add_workers_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_command(commands)
     add_demo_command(commands)
     add_runs_commands(commands)
+    add_manage_commands(commands)
+    add_workers_command(commands)
     add_status_command(commands)
     return parser
 
@@ -53,19 +64,44 @@ def _is_option(item: str) -> bool:
     return item.startswith("-") and re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?", item) is None
 
 
+#: Stands for the ``--`` argument: the options end there, whatever follows is positional.
+END_OF_OPTIONS: Final = "--"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; ``submit`` takes its options anywhere among its ARGS.
+    """Parse the command line; ``submit`` takes its options anywhere among its ARGS, and
+    ``--`` ends the options wherever it stands. The options of ``server`` and ``worker`` that
+    the command line does not give come from their ``TRIOWORKER_*`` variables (see
+    :mod:`~trioworker.cli._environment`; CommandError for a bad value).
 
     (argparse stops filling ``nargs="*"`` at the first option: ``submit t --wait 1 2``
-    would leave ``1 2`` unrecognized. They are ARGS that came after an option.)
+    would leave ``1 2`` unrecognized. They are ARGS that came after an option. And it
+    takes ``--`` for the end of options only where a positional may start: ``submit t 1
+    --wait -- -x`` would leave ``-- -x`` unrecognized.)
     """
     parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
+    parsing_with_environment(parser)
+    given = list(sys.argv[1:] if argv is None else argv)
+    # After the command's name, each argument after "--" is parsed as a stand-in that
+    # cannot look like an option, put back once parsed.
+    after: dict[str, str] = {}
+    command_at = next((i for i, item in enumerate(given) if not item.startswith("-")), len(given))
+    if END_OF_OPTIONS in given[command_at:]:
+        end = given.index(END_OF_OPTIONS, command_at)
+        after = {f"\0{index}": item for index, item in enumerate(given[end + 1 :])}
+        given = [*given[:end], *after]
+    args, extras = parser.parse_known_args(given)
     if extras:
         if args.command == "submit" and not any(_is_option(item) for item in extras):
             args.arguments = [*args.arguments, *extras]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+            parser.error(f"unrecognized arguments: {' '.join(after.get(item, item) for item in extras)}")
+    for name, value in vars(args).items():
+        if isinstance(value, str) and value in after:
+            setattr(args, name, after[value])
+        elif isinstance(value, list):
+            setattr(args, name, [after.get(item, item) if isinstance(item, str) else item for item in value])
+    read_environment(args)
     return args
 
 
@@ -74,16 +110,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     Raises:
         SystemExit: 1 after a user error (printed as one line on stderr), 130 after Ctrl-C,
-            2 for a bad command line (argparse's usage error).
+            2 for a bad command line (argparse's usage error) or a bad ``TRIOWORKER_*``
+            variable of an option (one line naming it).
     """
-    args = parse_args(argv)
-    configure_logging(args.verbose, args.log_level)
     try:
+        args = parse_args(argv)
+    except CommandError as exc:
+        print(f"trioworker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(args.verbose, args.log_level, getattr(args, "log_format", "text"))
+    try:
+        prepare = getattr(args, "prepare", None)
+        if prepare is not None:  # what a command does before its event loop (purge asks)
+            prepare(args)
         trio.run(args.handler, args)
     except BaseException as exc:  # re-raised below unless it is a user error
         leaf = only_exception(exc)
-        if isinstance(leaf, CommandError | OSError):
-            print(f"trioworker: {leaf}", file=sys.stderr)
+        if isinstance(leaf, CommandError | OSError):  # may quote a server's or a task's text
+            print(f"trioworker: {visible(str(leaf))}", file=sys.stderr)
             raise SystemExit(1) from None
         if isinstance(leaf, KeyboardInterrupt):
             raise SystemExit(130) from None

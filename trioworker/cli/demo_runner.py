@@ -51,6 +51,7 @@ from trioworker.cli.demo_tasks import DEMO_TASKS, add, divide, fetch, greet, squ
 from trioworker.client.futures import TaskRunFuture, as_completed
 from trioworker.client.rest import connect
 from trioworker.models import StateType, TaskRun, utcnow
+from trioworker.protocol import api_root
 from trioworker.server import RunningServer, ServerConfig, serve_server
 from trioworker.settings import DEFAULT_HOST
 from trioworker.worker.task_worker import TaskWorker
@@ -247,7 +248,7 @@ def print_result(result: DemoResult, config: DemoConfig, console: Console) -> No
     console.print(results_table(result.kinds))
     console.print(summary_line(result))
     console.print()
-    console.print(f"Server:    {result.server_url}  (API: {result.server_url}/api)")
+    console.print(f"Server:    {result.server_url}  (API: {api_root(result.server_url)})")
     console.print(f"Database:  {config.db_path}")
     if result.status_url is not None:
         console.print(f"Worker:    {result.status_url}/status")
@@ -260,7 +261,7 @@ def print_result(result: DemoResult, config: DemoConfig, console: Console) -> No
 
 
 def print_keep_running(result: DemoResult, config: DemoConfig, console: Console) -> None:
-    api_url = f"{result.server_url}/api"
+    api_url = api_root(result.server_url)
     console.print()
     console.print("The server and the worker keep running; Ctrl-C (or SIGTERM) stops them.")
     console.print("Submit more runs from another shell:")

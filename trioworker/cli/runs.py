@@ -10,22 +10,25 @@ import argparse
 import json
 import logging
 import sys
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from trioworker.cli._api import ID_HELP, SHORT_ID_DIGITS, api_errors, find_run, short_id
 from trioworker.cli._common import (
     CommandError,
     add_api_options,
     api_of,
     count,
     local_time,
+    plain,
     positive_int,
+    print_json,
     seconds,
     stdout_console,
+    visible,
 )
-from trioworker.cli.worker import load_tasks
+from trioworker.cli._tasks import load_tasks
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -34,29 +37,9 @@ if TYPE_CHECKING:
     from trioworker.models import JSON, StateType, TaskRun
 
 
-@contextmanager
-def _api_errors(api_url: str) -> Iterator[None]:
-    """The client's errors as one line each."""
-    from trioworker.errors import ApiError, NotFound, ServerUnavailable
-
-    try:
-        yield
-    except ServerUnavailable as exc:
-        cause = exc.__cause__
-        reason = f": {cause}" if cause is not None and str(cause) else ""
-        raise CommandError(
-            f"cannot reach the trioworker server at {api_url}{reason} "
-            "(is it running? set --api-url or TRIOWORKER_API_URL)"
-        ) from None
-    except NotFound as exc:
-        raise CommandError(exc.detail) from None
-    except ApiError as exc:
-        hint = " (check --api-key or TRIOWORKER_API_KEY)" if exc.status_code == 401 else ""
-        raise CommandError(f"the server refused the request: {exc.status_code} {exc.detail}{hint}") from None
-
-
 def _json_text(value: JSON) -> str:
-    return json.dumps(value, ensure_ascii=False, default=repr)
+    """``value`` as JSON, its control characters :func:`visible`."""
+    return visible(json.dumps(value, ensure_ascii=False, default=repr))
 
 
 _STATE_STYLES: Final = {
@@ -76,7 +59,7 @@ def _state_text(type_: StateType, name: str) -> Text:
 
     text = Text(type_.value, style=_STATE_STYLES.get(type_.value, ""))
     if name.replace(" ", "").upper() != type_.value:
-        text.append(f" ({name})")
+        text.append(f" ({visible(name)})")
     return text
 
 
@@ -122,23 +105,24 @@ def parse_task_arguments(items: Sequence[str]) -> tuple[list[JSON], dict[str, JS
 
 
 async def _run_submit(args: argparse.Namespace) -> None:
+    from trioworker.cli._progress import wait_showing_states
     from trioworker.client.futures import result_of
     from trioworker.client.rest import connect
     from trioworker.errors import ParameterError, ResultDecodeError
     from trioworker.models import StateType
     from trioworker.serializers import read_arguments
 
-    api_url, api_key = api_of(args)
+    api_urls, api_key = api_of(args)
     (task,) = load_tasks([args.task])
     call_args, call_kwargs = parse_task_arguments(args.arguments)
-    if task.serializer == "json":  # read as the annotations say, as the worker will
+    if task.serializer == SERIALIZER_JSON:  # read as the annotations say, as the worker will
         try:
             call_args, call_kwargs = read_arguments(task.fn, call_args, call_kwargs)
         except (TypeError, ParameterError) as exc:
             raise CommandError(f"cannot submit {task.name}: {exc}") from None
     wait = args.wait or args.timeout is not None
-    with _api_errors(api_url):
-        async with connect(api_url, api_key):
+    with api_errors(api_urls):
+        async with connect(api_urls, api_key) as client:
             try:
                 future = await task.apply_async(call_args, call_kwargs)
             except TypeError as exc:  # the arguments do not fit the signature
@@ -147,7 +131,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
                 print(future.task_run_id, flush=True)
                 return
             print(f"submitted run {future.task_run_id} of {task.key}", file=sys.stderr, flush=True)
-            run = await future.wait(args.timeout)
+            run = await wait_showing_states(client, future, task.key, args.timeout)
     if run is None or not run.state.is_terminal:
         state = "unknown" if run is None else run.state.type.value
         waited = "yet" if args.timeout is None else f"after {args.timeout:g} s"
@@ -156,7 +140,7 @@ async def _run_submit(args: argparse.Namespace) -> None:
         why = f": {run.state.message}" if run.state.message else ""
         raise CommandError(f"run {run.id} ended {run.state.type.value}{why}")
     try:
-        value = run.state.data if run.serializer == "json" else result_of(run, task)
+        value = run.state.data if run.serializer == SERIALIZER_JSON else result_of(run, task)
     except ResultDecodeError as exc:
         raise CommandError(str(exc)) from None
     print(_json_text(value), flush=True)
@@ -190,18 +174,26 @@ async def _run_runs(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from trioworker.client.rest import TaskRunClient
+    from trioworker.models import converter
 
-    api_url, api_key = api_of(args)
-    with _api_errors(api_url):
-        async with TaskRunClient(api_url, api_key) as client:
+    api_urls, api_key = api_of(args)
+    with api_errors(api_urls):
+        async with TaskRunClient(api_urls, api_key) as client:
             runs = await client.read_task_runs(
-                task_key=args.task, state=args.state, limit=args.limit, offset=args.offset
+                task_key=args.task,
+                state=args.state,
+                limit=args.limit,
+                offset=args.offset,
+                newest_first=True,
             )
+    if args.json:
+        print_json(converter.unstructure(runs))
+        return
     console = stdout_console()
     if not runs:
         console.print("No runs" + (" match." if args.task or args.state else ".") + _page_hint(args, 0))
         return
-    table = Table(title="Task runs (oldest first; times are local)", title_justify="left")
+    table = Table(title="Task runs (newest first; times are local)", title_justify="left")
     table.add_column("id", no_wrap=True)
     table.add_column("task key", overflow="fold")
     table.add_column("name", overflow="fold")
@@ -210,9 +202,9 @@ async def _run_runs(args: argparse.Namespace) -> None:
     table.add_column("updated", no_wrap=True)
     for run in runs:
         table.add_row(
-            str(run.id),
-            run.task_key,
-            run.name,
+            short_id(run.id),
+            plain(run.task_key),
+            plain(run.name),
             _state_text(run.state.type, run.state.name),
             local_time(run.created),
             local_time(run.updated),
@@ -234,13 +226,6 @@ def _page_hint(args: argparse.Namespace, shown: int) -> str:
 # -- run ID
 
 
-def _run_id(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise CommandError(f"no task run {text!r}: run ids are UUIDs, as `trioworker runs` shows") from None
-
-
 def _run_fields(run: TaskRun) -> Table:
     from rich.table import Table
 
@@ -251,16 +236,21 @@ def _run_fields(run: TaskRun) -> Table:
     state.append(f" since {local_time(run.state.timestamp)}")
     rows: list[tuple[str, str | Text]] = [
         ("id", str(run.id)),
-        ("task key", run.task_key),
-        ("name", run.name),
+        ("task key", plain(run.task_key)),
+        ("name", plain(run.name)),
         ("state", state),
         ("created", local_time(run.created)),
         ("updated", local_time(run.updated)),
         ("attempts", str(run.run_count)),
-        ("parameters", run.parameters if run.serializer == "pickle" else _json_text(run.parameters)),
+        (
+            "parameters",
+            plain(str(run.parameters))
+            if run.serializer == SERIALIZER_PICKLE
+            else plain(_json_text(run.parameters)),
+        ),
     ]
-    if run.serializer != "json":
-        rows.append(("serializer", run.serializer))
+    if run.serializer != SERIALIZER_JSON:
+        rows.append(("serializer", plain(run.serializer)))
     if run.state.state_details.scheduled_time is not None and run.state.type.value == "SCHEDULED":
         rows.append(("due", local_time(run.state.state_details.scheduled_time)))
     if run.wait_for:
@@ -268,11 +258,11 @@ def _run_fields(run: TaskRun) -> Table:
     if run.parent_task_run_id is not None:
         rows.append(("parent", str(run.parent_task_run_id)))
     if run.tags:
-        rows.append(("tags", ", ".join(run.tags)))
+        rows.append(("tags", plain(", ".join(run.tags))))
     if run.context:
-        rows.append(("context", _json_text(run.context)))
+        rows.append(("context", plain(_json_text(run.context))))
     if run.idempotency_key is not None:
-        rows.append(("idempotency key", run.idempotency_key))
+        rows.append(("idempotency key", plain(run.idempotency_key)))
     for label, value in rows:
         fields.add_row(label, value)
     return fields
@@ -282,14 +272,18 @@ async def _run_run(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from trioworker.client.rest import TaskRunClient
-    from trioworker.models import StateType
+    from trioworker.models import StateType, converter
 
-    api_url, api_key = api_of(args)
-    with _api_errors(api_url):
-        async with TaskRunClient(api_url, api_key) as client:
-            run_id = _run_id(args.id)
-            run = await client.read_task_run(run_id)
-            history = await client.history(run_id)
+    api_urls, api_key = api_of(args)
+    with api_errors(api_urls):
+        async with TaskRunClient(api_urls, api_key) as client:
+            run = await find_run(client, args.id)
+            history = await client.history(run.id)
+    if args.json:
+        fields = converter.unstructure(run)
+        assert isinstance(fields, dict)
+        print_json({**fields, "history": converter.unstructure(history)})
+        return
     console = stdout_console()
     console.print(_run_fields(run))
     console.print()
@@ -301,24 +295,24 @@ async def _run_run(args: argparse.Namespace) -> None:
         table.add_row(
             change.timestamp.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
             _state_text(change.type, change.name),
-            change.message or "",
+            plain(change.message or ""),
         )
     console.print(table)
     console.print()
     state = run.state
     if state.type is StateType.COMPLETED:
         console.print("[bold]Result[/bold]")
-        result = state.data if run.serializer == "json" else f"(pickled) {state.data}"
+        result = state.data if run.serializer == SERIALIZER_JSON else f"(pickled) {state.data}"
         console.print(_json_text(result), markup=False, highlight=False, soft_wrap=True)
     elif state.is_terminal:
         console.print(f"[bold]{state.type.value}[/bold]", highlight=False)
-        console.print(state.message or "(no message)", markup=False, highlight=False, soft_wrap=True)
+        console.print(visible(state.message or "(no message)"), markup=False, highlight=False, soft_wrap=True)
         data = state.data
         traceback = data.get("traceback") if isinstance(data, dict) else None
         if isinstance(traceback, str):
             console.print()
             console.print("[bold]Traceback[/bold] (on the worker)")
-            console.print(traceback.rstrip(), markup=False, highlight=False, soft_wrap=True)
+            console.print(visible(traceback.rstrip()), markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(f"Not ended yet: {state.type.value}.", highlight=False)
 
@@ -376,12 +370,17 @@ def add_runs_commands(commands: Any) -> None:
     runs = commands.add_parser(
         "runs",
         help="list task runs in a table",
-        description="List task runs, oldest first, with their id, task key, name, state and times.",
+        description=(
+            "List task runs, newest first, with their id, task key, name, state and times. The\n"
+            f"table shows the first {SHORT_ID_DIGITS} hex digits of each id: the commands that take an id\n"
+            "take any start of one that no other run's id shares."
+        ),
         epilog=(
             "examples:\n"
             "  trioworker runs\n"
             "  trioworker runs --state FAILED\n"
             "  trioworker runs --task demo.square --limit 100 --offset 100\n"
+            "  trioworker runs --state failed --json | jq -r '.[].id'\n"
             "\n"
             "States: SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, CRASHED (any case)."
         ),
@@ -397,6 +396,9 @@ def add_runs_commands(commands: Any) -> None:
         help=f"list at most N runs (default 20, at most {MAX_RUNS_LISTED})",
     )
     runs.add_argument("--offset", type=count, default=0, metavar="N", help="skip the first N runs")
+    runs.add_argument(
+        "--json", action="store_true", help="print the runs as a JSON array (whole ids, every field)"
+    )
     add_api_options(runs)
     runs.set_defaults(handler=_run_runs, log_level=logging.WARNING)
 
@@ -410,12 +412,20 @@ def add_runs_commands(commands: Any) -> None:
         epilog=(
             "examples:\n"
             "  trioworker run 0b7c7c36-8d3a-4a4e-9f6e-2f1d2c9b6a10\n"
+            "  trioworker run 0b7c7c36\n"
             "  trioworker run $(trioworker submit trioworker.cli.demo_tasks:add 2 3)\n"
+            "  trioworker run 0b7c7c36 --json | jq .state.type\n"
             "\n"
-            "An unknown id prints one line on stderr and exits with code 1."
+            "An unknown id, or the start of an id that several runs share, prints one line on\n"
+            "stderr and exits with code 1."
         ),
         formatter_class=formatter,
     )
-    run.add_argument("id", metavar="ID", help="the run's id (as `submit` and `runs` print it)")
+    run.add_argument("id", metavar="ID", help=ID_HELP)
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help='print the run as JSON: its fields as the API gives them, and "history", every state',
+    )
     add_api_options(run)
     run.set_defaults(handler=_run_run, log_level=logging.WARNING)

@@ -10,7 +10,7 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from trioworker.cli._common import CommandError, local_time, stdout_console
+from trioworker.cli._common import CommandError, local_time, plain, stdout_console
 
 if TYPE_CHECKING:
     from trioworker.models import JSON
@@ -64,7 +64,7 @@ def _print_status(status: dict[str, JSON], url: str) -> None:
     fields = Table.grid(padding=(0, 2))
     fields.add_column(style="bold", no_wrap=True)
     fields.add_column()
-    fields.add_row("worker", str(status.get("client_id")))
+    fields.add_row("worker", plain(str(status.get("client_id"))))
     fields.add_row(
         "status", Text("stopping", "yellow") if status.get("stopping") else Text("running", "green")
     )
@@ -73,7 +73,7 @@ def _print_status(status: dict[str, JSON], url: str) -> None:
         try:
             fields.add_row("started", local_time(datetime.fromisoformat(started)))
         except ValueError:
-            fields.add_row("started", started)
+            fields.add_row("started", plain(started))
     limit = status.get("limit")
     fields.add_row(
         "runs now",
@@ -81,7 +81,7 @@ def _print_status(status: dict[str, JSON], url: str) -> None:
         + ("no limit" if limit is None else f"{status.get('available')} free of {limit}")
         + (f", up to {status['prefetch']} more sent ahead" if status.get("prefetch") else ""),
     )
-    fields.add_row("from", url)
+    fields.add_row("from", plain(url))
     console.print(fields, highlight=False)
     finished = _of_type(status.get("finished"), dict, {})
     in_flight = _of_type(status.get("in_flight"), dict, {})
@@ -91,7 +91,7 @@ def _print_status(status: dict[str, JSON], url: str) -> None:
     table.add_column("finished", justify="right")
     table.add_column("running now", justify="right")
     for key in tasks:
-        table.add_row(str(key), str(finished.get(key, 0)), str(len(in_flight.get(key) or {})))
+        table.add_row(plain(str(key)), plain(str(finished.get(key, 0))), str(len(in_flight.get(key) or {})))
     console.print()
     console.print(table)
 

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -20,43 +19,20 @@ from trioworker._util import only_exception
 from trioworker.cli._common import (
     CommandError,
     add_api_options,
-    api_root_of,
+    add_log_format_option,
+    api_roots_of,
     log,
     port,
     positive_int,
     seconds,
     whole_number,
 )
+from trioworker.cli._environment import from_environment
+from trioworker.cli._tasks import load_tasks
 from trioworker.settings import DEFAULT_SHUTDOWN_GRACE_SECONDS, DEFAULT_STATUS_HOST, MAX_PREFETCH
 
 if TYPE_CHECKING:
-    from trioworker.tasks import Task
     from trioworker.worker.task_worker import TaskWorker
-
-
-def load_tasks(specs: Sequence[str]) -> list[Task[..., Any]]:
-    """Load every entry point; two different tasks with one key are an error."""
-    from trioworker.worker.entrypoints import EntryPointError, load_task
-
-    # The console script's sys.path starts with its own directory, not the working one:
-    # put the working directory first so that `trioworker worker mytasks:say` finds mytasks.
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    loaded: dict[str, tuple[str, Task[..., Any]]] = {}
-    for spec in specs:
-        try:
-            task = load_task(spec)
-        except EntryPointError as exc:
-            log.debug("loading %s failed", spec, exc_info=exc.__cause__ or exc)
-            raise CommandError(str(exc)) from None
-        seen = loaded.setdefault(task.key, (spec, task))
-        if seen[1] is not task:
-            raise CommandError(
-                f"{seen[0]!r} and {spec!r} are different tasks with the same key {task.key!r}: "
-                "give one of them another key with @task(key=...)"
-            )
-    return [task for _, task in loaded.values()]
 
 
 #: Seconds a stopping ``trioworker worker`` waits past its grace period for runs that ignore
@@ -90,21 +66,37 @@ async def _exit_when_runs_ignore_the_stop(worker: TaskWorker) -> None:
         os._exit(EXIT_RUNS_IGNORED_STOP)
 
 
+def _named_tasks(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The entry points and the ``--module`` modules of the command line: one or the
+    other; CommandError (one line) for both or neither."""
+    specs, modules = list(args.tasks), list(args.modules or ())
+    if specs and modules:
+        variable = args.from_environment.get("modules")
+        source = variable or "--module"
+        given = f"{variable}={','.join(modules)}" if variable else " ".join(f"--module {m}" for m in modules)
+        raise CommandError(
+            f"name the tasks as MODULE:TASK or with {source}, not both (got {' '.join(specs)} and {given})"
+        )
+    if not specs and not modules:
+        raise CommandError("no tasks to serve: name them as MODULE:TASK ... or with --module MODULE")
+    return specs, modules
+
+
 async def run_worker(args: argparse.Namespace) -> None:
-    """Run the tasks until SIGINT or SIGTERM; CommandError for a bad entry point, an unusable
-    API URL or a refused API key."""
+    """Run the tasks until SIGINT or SIGTERM (or ``--timeout``); CommandError for a bad entry
+    point or module, an unusable API URL or a refused API key."""
     from trioworker.errors import SubscriptionRefused
     from trioworker.worker.task_worker import TaskWorker, serve_worker
 
-    tasks = load_tasks(args.tasks)
-    api_url = api_root_of(args)
+    tasks = load_tasks(*_named_tasks(args))
+    api_urls = api_roots_of(args)
     try:
         worker = TaskWorker(
             *tasks,
             limit=args.limit,
             status_server_port=args.status_port,
             status_server_host=args.status_host,
-            api_url=api_url,
+            api_url=api_urls,
             api_key=args.api_key,
             shutdown_grace_seconds=args.grace,
             allow_pickle=args.allow_pickle,
@@ -112,7 +104,7 @@ async def run_worker(args: argparse.Namespace) -> None:
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_exit_when_runs_ignore_the_stop, worker)
-            await serve_worker(worker)
+            await serve_worker(worker, timeout=args.timeout)
             nursery.cancel_scope.cancel()
     except Exception as exc:
         leaf = only_exception(exc)
@@ -137,20 +129,30 @@ def add_worker_command(commands: Any) -> None:
         epilog=(
             "examples:\n"
             "  trioworker worker myapp.tasks:send_email myapp.tasks:resize_image\n"
+            "  trioworker worker --module myapp.tasks --timeout 3600\n"
             "  trioworker worker ./tasks.py:say --limit 4 --api-url http://queue.internal:4300/api\n"
             "\n"
-            "An unreachable server is retried with backoff. A bad entry point, an unusable API URL\n"
-            "or a refused API key stops the worker at once with one line on stderr, exit code 1."
+            "An unreachable server is retried with backoff. A bad entry point or module, an unusable\n"
+            "API URL or a refused API key stops the worker at once with one line on stderr, exit code 1."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     worker.add_argument(
         "tasks",
-        nargs="+",
+        nargs="*",
         metavar="MODULE:TASK",
         help="a task made with @task, as package.module:name (imported with the current directory "
         "on sys.path) or path/to/file.py:name (loaded from the file as a module named after it, "
         "its directory put on sys.path so it can import its siblings)",
+    )
+    worker.add_argument(
+        "--module",
+        dest="modules",
+        action="append",
+        default=None,
+        metavar="MODULE",
+        help="serve every task of this module (package.module or path/to/file.py: its "
+        "module-level names that are tasks); repeatable; instead of MODULE:TASK arguments",
     )
     limits = worker.add_mutually_exclusive_group()
     limits.add_argument(
@@ -201,9 +203,19 @@ def add_worker_command(commands: Any) -> None:
         f"handed back to the queue (default {DEFAULT_SHUTDOWN_GRACE_SECONDS:g})",
     )
     worker.add_argument(
+        "--timeout",
+        type=seconds,
+        default=None,
+        metavar="SECONDS",
+        help="serve for at most SECONDS, then stop as SIGTERM stops it (--grace included) and exit "
+        "with code 0 (default: until stopped)",
+    )
+    worker.add_argument(
         "--allow-pickle",
         action="store_true",
         help="accept runs whose parameters are pickled; unpickling runs arbitrary code, so only "
         "use it if you trust everyone who can submit runs",
     )
+    add_log_format_option(worker)
+    from_environment(worker)
     worker.set_defaults(handler=run_worker)

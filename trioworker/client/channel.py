@@ -8,6 +8,11 @@ what was in flight fails with ServerUnavailable (the client then carries waits a
 creates on over HTTP: a create is sent again with the same run ids, which the server
 answers with the runs it made), calls go over HTTP meanwhile, and the channel is opened
 again with backoff. User code never sees a parse error.
+
+With several servers, the channel follows the failover rule of :mod:`trioworker.servers`
+on the :class:`~trioworker.servers.Servers` it shares with its client: a lost connection
+(a close with 1012 included) opens it again on the next server at once; backoff comes
+after a whole round failed. A close with 1008 (the API key refused) keeps it where it is.
 """
 
 from __future__ import annotations
@@ -31,17 +36,18 @@ from trioworker._util import only_exception
 from trioworker._websocket import (
     MalformedMessage,
     OpenStream,
+    connection_failure,
     explain_error,
-    next_backoff,
-    open_network_stream,
     parse_message,
 )
 from trioworker._websocket import connect as open_socket
-from trioworker.errors import ApiError, NotFound, ServerUnavailable
+from trioworker.connection import ConnectionOptions, connection_options, tls_failure
+from trioworker.errors import NotFound, ServerUnavailable, api_error
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
 from trioworker.protocol import CHANNEL_PATH, CLOSE_PROTOCOL_ERROR, socket_url
+from trioworker.servers import ApiUrls, Rounds, Servers, UsesServers, as_servers
 
-log = logging.getLogger("trioworker.channel")
+log = logging.getLogger("trioworker.client.channel")
 
 #: Seconds to wait for the server's answer to the auth message.
 AUTH_TIMEOUT: Final = 10.0
@@ -72,12 +78,16 @@ class _Watch:
 
 
 @attrs.define(eq=False)
-class ClientChannel:
+class ClientChannel(UsesServers):
     """The channel, reopened when lost. Use :func:`open_channel`; check :attr:`usable`
-    before each use (while it is being reopened, calls go over HTTP)."""
+    before each use (while it is being reopened, calls go over HTTP).
+
+    ``api_url`` (one URL, several, or a :class:`~trioworker.servers.Servers` to share) is
+    kept as :attr:`servers`; :attr:`api_url` is the server in use.
+    """
 
     ws: WebSocketConnection | None
-    api_url: str
+    servers: Servers = attrs.field(converter=as_servers, alias="api_url")
     api_key: str | None = None
     #: What ended the last connection; None while one is open.
     broken: Exception | None = None
@@ -91,8 +101,12 @@ class ClientChannel:
     _watches: dict[uuid.UUID, _Watch] = attrs.field(factory=dict)
     _to_watch: list[uuid.UUID] = attrs.field(factory=list)
     _flushing: bool = False
+    #: The API root of the connection open now, or tried last.
+    _url: str = attrs.field(default="", init=False)
+    #: TLS and the handshake's extra headers (see :mod:`trioworker.connection`).
+    connection: ConnectionOptions = attrs.field(factory=connection_options, kw_only=True)
     #: A test seam: opens the byte stream under each connection (see trioworker._websocket).
-    _open_stream: OpenStream = attrs.field(default=open_network_stream, kw_only=True)
+    _open_stream: OpenStream | None = attrs.field(default=None, kw_only=True)
 
     @property
     def usable(self) -> bool:
@@ -114,7 +128,7 @@ class ClientChannel:
 
     def _unavailable(self) -> ServerUnavailable:
         why = "" if self.broken is None else f": {self.broken}"
-        return ServerUnavailable(f"the channel to {self.api_url} was lost{why}")
+        return ServerUnavailable(f"the channel to {self._url or self.api_url} was lost{why}")
 
     async def create(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
         """Create runs; returns them in order (raises ApiError for refused input)."""
@@ -180,14 +194,19 @@ class ClientChannel:
         """Hold the channel open, opening it again after every loss, until cancelled.
 
         Reports ``started(True)`` once open, or ``started(False)`` (and returns) when the
-        first attempt fails: an older server without the channel, or none at all; the
-        client then uses HTTP only.
+        first attempt fails on every server (a connection-level failure moves to the next
+        one at once), or is refused: an older server without the channel, or none at
+        all; the client then uses HTTP only.
         """
-        attempt = 0
+        rounds = Rounds(self.servers, self.rng)
         started = False
         while True:
+            url = self._url = self.servers.current
+            failure: Exception | None
             try:
-                async with open_socket(channel_url(self.api_url), open_stream=self._open_stream) as ws:
+                async with open_socket(
+                    channel_url(url), open_stream=self._open_stream, connection=self.connection
+                ) as ws:
                     await ws.send_message(
                         orjson.dumps({"type": protocol.AUTH, "token": self.api_key}).decode()
                     )
@@ -199,11 +218,11 @@ class ClientChannel:
                     self._open.set()
                     if started:
                         self.reopened += 1
-                        log.info("channel to %s open again", self.api_url)
+                        log.info("channel to %s open again", url)
                     else:
                         started = True
                         task_status.started(True)
-                    attempt = 0
+                    rounds.succeeded()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.read_forever, ws)
                         await self._lost.wait()
@@ -211,16 +230,20 @@ class ClientChannel:
                     if self._dropped_for_malformed():
                         with trio.move_on_after(1):
                             await ws.aclose(CLOSE_PROTOCOL_ERROR, "malformed message")
+                failure = self.broken
             except _LOST as exc:
                 if not started:
-                    log.debug("no channel to %s (%r); using HTTP", self.api_url, exc)
+                    if connection_failure(exc) and not rounds.failed(url):
+                        log.debug("no channel to %s (%r); trying %s", url, exc, self.servers.current)
+                        continue
+                    log.debug("no channel to %s (%r); using HTTP", url, exc)
                     task_status.started(False)
                     return
                 self._break(exc)
+                failure = exc
             self.ws = None
-            delay = next_backoff(attempt, self.rng)
-            attempt += 1
-            await trio.sleep(delay)
+            if rounds.failed(url, fail_over=failure is None or connection_failure(failure)):
+                await trio.sleep(rounds.pause())
 
     def _dropped_for_malformed(self) -> bool:
         return isinstance(self.broken, MalformedMessage)
@@ -249,7 +272,7 @@ class ClientChannel:
                     raise TypeError(f"status {status!r} is not a whole number")
                 call = self._calls.get(_ref(message))
                 if call is not None:
-                    call.error = (NotFound if status == 404 else ApiError)(status, str(detail))
+                    call.error = api_error(status, str(detail), message)
                     call.done.set()
             elif kind == protocol.ENDED:
                 ended = converter.structure(message["task_runs"], list[TaskRun])
@@ -280,8 +303,8 @@ class ClientChannel:
         self.broken = exc
         self._lost.set()
         self._open = trio.Event()
-        what = str(exc) if isinstance(exc, MalformedMessage) else repr(exc)
-        log.warning("channel to %s lost (%s); using HTTP until it is open again", self.api_url, what)
+        what = str(exc) if isinstance(exc, MalformedMessage) else tls_failure(exc) or repr(exc)
+        log.warning("channel to %s lost (%s); using HTTP until it is open again", self._url, what)
         for call in self._calls.values():
             call.error = self._unavailable()
             call.done.set()
@@ -300,15 +323,24 @@ def _ref(message: dict[str, JSON]) -> int:
 
 @asynccontextmanager
 async def open_channel(
-    api_url: str, api_key: str | None, *, open_stream: OpenStream = open_network_stream
+    api_url: ApiUrls,
+    api_key: str | None,
+    *,
+    open_stream: OpenStream | None = None,
+    connection: ConnectionOptions | None = None,
 ) -> AsyncIterator[ClientChannel | None]:
     """The channel, or None when it cannot be opened (an older server: use HTTP).
+
+    ``api_url``: one server or several (see :class:`ClientChannel`). ``connection``: TLS
+    and the handshake's extra headers (default: from the environment).
 
     ``open_stream`` is a test seam (see :mod:`trioworker._websocket`).
 
     **Resource handling:** its task and socket live exactly as long as the block.
     """
-    channel = ClientChannel(None, api_url, api_key, open_stream=open_stream)
+    channel = ClientChannel(
+        None, api_url, api_key, open_stream=open_stream, connection=connection or connection_options()
+    )
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

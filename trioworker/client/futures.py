@@ -34,6 +34,7 @@ from trioworker.errors import (
     TaskRunFailed,
 )
 from trioworker.models import JSON, State, StateType, TaskRun
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -122,11 +123,11 @@ def result_of(run: TaskRun, task: ResultReader[Any] | None) -> Any:
     """
     data = run.state.data
     try:
-        if run.serializer == "pickle":
+        if run.serializer == SERIALIZER_PICKLE:
             return serializers.pickle_loads(data)
         return data if task is None else task.load_result(data)
     except (ParameterError, serializers.Unreadable) as exc:
-        typed = task is not None and run.serializer == "json"
+        typed = task is not None and run.serializer == SERIALIZER_JSON
         what = f" as {task.key}'s return annotation says" if typed and task is not None else ""
         raise ResultDecodeError(
             f"the result of task run {run.name} ({run.id}) cannot be read{what}: {exc}",
@@ -217,8 +218,8 @@ async def _cancel_when(event: trio.Event, scope: trio.CancelScope, pause: float)
     scope.cancel()
 
 
-_watchers: Final[trio.lowlevel.RunVar[dict[tuple[str, str | None], _Watcher]]] = trio.lowlevel.RunVar(
-    "trioworker_watchers"
+_watchers: Final[trio.lowlevel.RunVar[dict[tuple[tuple[str, ...], str | None], _Watcher]]] = (
+    trio.lowlevel.RunVar("trioworker_watchers")
 )
 
 
@@ -228,7 +229,7 @@ def _watcher_for(client: TaskRunClient) -> _Watcher:
     except LookupError:
         watchers = {}
         _watchers.set(watchers)
-    key = (client.api_url, client.api_key)
+    key = (client.api_urls, client.api_key)  # not the server in use: that one may change
     if key not in watchers:
         watchers[key] = _Watcher()
     return watchers[key]

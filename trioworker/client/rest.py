@@ -4,12 +4,25 @@
 Both build the same requests (:class:`_Call`) and parse the same answers; only the
 transport differs. Errors are translated where they happen: a refused or broken connection
 becomes :class:`~trioworker.errors.ServerUnavailable`, an error status an
-:class:`~trioworker.errors.ApiError` (:class:`~trioworker.errors.NotFound` for 404).
+:class:`~trioworker.errors.ApiError` (:class:`~trioworker.errors.NotFound` for 404,
+:class:`~trioworker.errors.QueueFull` for 429).
 
 Creates are the exception to "raise at once": every run they create carries an id the
 client chose, so a create whose answer was lost (the client channel, or its HTTP
 connection, dropped after it was sent) is sent again over HTTP with the same ids, and the
-server answers a repeat with the run it already made: never two runs, never none.
+server answers a repeat with the run it already made: never two runs, never none. So is
+a create that a server's queue limit turned back (429), once there is room: the creates
+that fit go first (see :class:`_Backpressure`).
+
+**Several servers** (``api_url="http://a:4300,http://b:4300"`` or a list: replicas of one
+deployment) are used by the failover rule of :mod:`trioworker.servers`: a call goes to the
+current server; after a connection-level failure (refused, reset, timed out, a 502/503/504
+answer) the next server becomes current, and the call is sent to it at once if that is
+safe: when the request cannot have reached the server, or the call is a read (GETs, the
+long-polls) or a create. Any other call raises as with one server (the next call goes to
+the next server). A call gives up after a whole round of failures (every server once),
+except a create whose outcome is unknown, which goes on round after round as above. An
+error answer (4xx) is never sent elsewhere.
 
 ``async with trioworker.connect():`` (and ``with trioworker.sync.connect():``) makes one
 client, with its kept-alive connection, the one every submission and future in the block
@@ -20,13 +33,12 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from functools import cache
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 
@@ -36,10 +48,13 @@ import orjson
 import trio
 
 from trioworker import protocol
-from trioworker._websocket import OpenStream, next_backoff, open_network_stream
-from trioworker.errors import ApiError, NotFound, ServerUnavailable
+from trioworker._websocket import OpenStream
+from trioworker.connection import connection_options, tls_failure
+from trioworker.errors import QueueFull, ServerUnavailable, api_error
 from trioworker.models import (
     JSON,
+    PurgeRequest,
+    PurgeResult,
     SetStateRequest,
     SetStateResult,
     State,
@@ -50,7 +65,8 @@ from trioworker.models import (
     WaitResult,
     converter,
 )
-from trioworker.settings import Settings, api_root
+from trioworker.servers import FAILOVER_STATUSES, ApiUrls, Rounds, UsesServers, as_servers
+from trioworker.settings import Settings
 
 if TYPE_CHECKING:
     from trioworker.client.channel import ClientChannel
@@ -62,23 +78,11 @@ log = logging.getLogger("trioworker.client")
 #: Seconds a request may take; long-polls add their own wait on top.
 DEFAULT_TIMEOUT: Final = 30.0
 #: Times, in all, a create whose outcome is unknown is sent before ServerUnavailable (all
-#: within the client's ``timeout`` of the first loss, with jittered backoff from 0.2 s).
+#: within the client's ``timeout`` of the first loss, with jittered backoff from 0.2 s
+#: between rounds): that many rounds, each server once a round.
 CREATE_ATTEMPTS: Final = 8
 #: The longest single long-poll; longer waits are several.
 MAX_POLL_SECONDS: Final = 60.0
-
-
-@cache
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every client: building one costs milliseconds."""
-    return ssl.create_default_context()
-
-
-def headers_for(api_key: str | None) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
 
 
 def with_ids(creates: Sequence[TaskRunCreate]) -> list[TaskRunCreate]:
@@ -95,12 +99,18 @@ def _not_sent(exc: httpx.TransportError) -> bool:
 def _raise_for_status(response: httpx.Response) -> None:
     if response.is_success:
         return
+    fields: dict[str, object] = {}
     try:
-        detail = str(response.json().get("detail", response.text))
-    except (ValueError, AttributeError):
+        body = response.json()
+        if isinstance(body, dict):
+            fields = body
+        detail = str(fields.get("detail", response.text))
+    except ValueError:
         detail = response.text or response.reason_phrase
-    cls = NotFound if response.status_code == 404 else ApiError
-    raise cls(response.status_code, detail)
+    retry_after = response.headers.get("Retry-After", "")
+    if retry_after.isdigit():  # the header wins over the body (a proxy may set it)
+        fields = {**fields, "retry_after": int(retry_after)}
+    raise api_error(response.status_code, detail, fields)
 
 
 @attrs.frozen
@@ -114,16 +124,28 @@ class _Call(Generic[T]):
     params: dict[str, Any] | None = None
     #: Extra seconds the answer may take (a long-poll's own wait).
     wait: float = 0.0
+    #: Sending it twice does what sending it once does (reads; creates, by their ids):
+    #: after a failure that may have reached the server, it is sent to the next one.
+    retry_safe: bool = attrs.field(default=attrs.Factory(lambda self: self.method == "GET", takes_self=True))
 
 
 def _listed(call: _Call[T]) -> _Call[list[T]]:
     """``call``, its answer read as a list of one."""
     parse = call.parse
-    return _Call(call.method, call.path, lambda data: [parse(data)], call.body, call.params, call.wait)
+    return _Call(
+        call.method, call.path, lambda data: [parse(data)], call.body, call.params, call.wait, call.retry_safe
+    )
 
 
 def _ignore(data: JSON) -> None:
     return None
+
+
+def _objects(data: JSON) -> list[dict[str, JSON]]:
+    """A JSON array of objects, as it is."""
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError(f"expected a JSON array of objects, got {type(data).__name__}")
+    return [item for item in data if isinstance(item, dict)]
 
 
 def _structure(cls: Any) -> Callable[[JSON], Any]:
@@ -139,13 +161,14 @@ class _Calls:
 
     @staticmethod
     def create(create: TaskRunCreate) -> _Call[TaskRun]:
-        return _Call("POST", protocol.RUNS, _structure(TaskRun), converter.unstructure(create))
+        return _Call(
+            "POST", protocol.RUNS, _structure(TaskRun), converter.unstructure(create), retry_safe=True
+        )
 
     @staticmethod
     def create_many(creates: Sequence[TaskRunCreate]) -> _Call[list[TaskRun]]:
-        return _Call(
-            "POST", protocol.RUNS_BATCH, _structure(list[TaskRun]), converter.unstructure(list(creates))
-        )
+        body = converter.unstructure(list(creates))
+        return _Call("POST", protocol.RUNS_BATCH, _structure(list[TaskRun]), body, retry_safe=True)
 
     @staticmethod
     def read(run_id: uuid.UUID) -> _Call[TaskRun]:
@@ -153,14 +176,37 @@ class _Calls:
 
     @staticmethod
     def read_many(
-        task_key: str | None, state: StateType | None, limit: int, offset: int
+        task_key: str | None, state: StateType | None, limit: int, offset: int, newest_first: bool
     ) -> _Call[list[TaskRun]]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if task_key is not None:
             params["task_key"] = task_key
         if state is not None:
             params["state"] = state.value
+        if newest_first:
+            params["sort"] = "CREATED_DESC"
         return _Call("GET", protocol.RUNS, _structure(list[TaskRun]), params=params)
+
+    @staticmethod
+    def find(id_prefix: str, limit: int) -> _Call[list[TaskRun]]:
+        params = {"id_prefix": id_prefix, "limit": limit}
+        return _Call("GET", protocol.RUNS_FIND, _structure(list[TaskRun]), params=params)
+
+    @staticmethod
+    def retry(run_id: uuid.UUID) -> _Call[TaskRun]:
+        return _Call("POST", protocol.RUN_RETRY.format(run_id=run_id), _structure(TaskRun))
+
+    @staticmethod
+    def purge(older_than: float, task_key: str | None, state: StateType | None) -> _Call[int]:
+        body = converter.unstructure(PurgeRequest(older_than, task_key, state))
+        return _Call(
+            "POST", protocol.RUNS_PURGE, lambda data: converter.structure(data, PurgeResult).deleted, body
+        )
+
+    @staticmethod
+    def task_workers(task_key: str | None) -> _Call[list[dict[str, JSON]]]:
+        params = None if task_key is None else {"task_key": task_key}
+        return _Call("GET", protocol.TASK_WORKERS, _objects, params=params)
 
     @staticmethod
     def history(run_id: uuid.UUID) -> _Call[list[StateChange]]:
@@ -196,19 +242,22 @@ class _Calls:
     ) -> _Call[WaitResult]:
         seconds = min(seconds, MAX_POLL_SECONDS)
         body = {"ids": [str(i) for i in run_ids], "timeout": seconds, "all": wait_all, "linger": linger}
-        return _Call("POST", protocol.RUNS_WAIT, _structure(WaitResult), body, wait=seconds + linger)
+        return _Call(
+            "POST", protocol.RUNS_WAIT, _structure(WaitResult), body, wait=seconds + linger, retry_safe=True
+        )
 
 
 @attrs.define(eq=False)
 class _CreateRetries:
     """When to send one create again: the rule the async and the blocking client share.
 
-    A create that surely did not reach the server (connection refused) raises at once,
-    as every call does. Once it may have and no answer came (``lost``: the channel or the
-    connection dropped, a read timed out), it is sent again with backoff, up to
-    :data:`CREATE_ATTEMPTS` times in all, within the client's ``timeout`` seconds of that
-    first loss; a refused connection then counts as one more try (the server may be
-    restarting).
+    A create that surely did not reach a server (connection refused) goes to the next
+    server at once; when every server refused it, it raises, as every call does. Once it
+    may have reached one and no answer came (``lost``: the channel or the connection
+    dropped, a read timed out), it is sent again: to the next server at once, and after a
+    whole round with backoff, up to :data:`CREATE_ATTEMPTS` rounds in all, within the
+    client's ``timeout`` seconds of that first loss; a refused connection then counts as
+    one more try (the server may be restarting).
     """
 
     client: _Base
@@ -217,6 +266,9 @@ class _CreateRetries:
     lost_at: float = 0.0
     lost: Exception | None = None
     attempts: int = 0
+    rounds: Rounds = attrs.field(
+        default=attrs.Factory(lambda self: Rounds(self.client.servers, self.client._rng), takes_self=True)
+    )
 
     def request_timeout(self, now: float) -> float:
         """Seconds the next attempt may take."""
@@ -224,18 +276,36 @@ class _CreateRetries:
             return self.client.timeout
         return max(0.0, min(self.client.timeout, self.lost_at + self.client.timeout - now))
 
-    def pause_after(self, exc: httpx.TransportError, now: float) -> float:
-        """Seconds to wait before sending the create again; raises ServerUnavailable if not."""
+    def pause_after(self, url: str, exc: httpx.TransportError, now: float) -> float:
+        """Seconds to wait before sending the create again (to the now current server);
+        raises ServerUnavailable if it is not to be sent again."""
         self.attempts += 1
+        round_failed = self.rounds.failed(url)
         if self.lost is None:
             if _not_sent(exc):
-                raise self.client._unreachable(exc) from exc
+                if round_failed:
+                    raise self.client._unreachable(exc) from exc
+                return 0.0
             self.lost, self.lost_at = exc, now
-        pause = next_backoff(self.attempts - 1, self.client._rng)
-        if self.attempts >= CREATE_ATTEMPTS or now + pause >= self.lost_at + self.client.timeout:
+        pause = self.rounds.pause() if round_failed else 0.0
+        if (
+            self.attempts >= CREATE_ATTEMPTS * len(self.client.servers)
+            or now + pause >= self.lost_at + self.client.timeout
+        ):
             raise self._give_up(exc) from exc
-        log.info("a create got no answer (%r); sending it again in %.2f s", exc, pause)
+        log.info(
+            "a create sent to %s got no answer (%r); sending it again to %s in %.2f s",
+            url,
+            exc,
+            self.client.servers.current,
+            pause,
+        )
         return pause
+
+    def answered(self, url: str, response: httpx.Response) -> bool:
+        """Whether ``response`` is the create's answer; False when it is a 502/503/504
+        and another server is left to try in this round (it is sent there at once)."""
+        return self.client._answered(self.rounds, url, self.call, response)
 
     def _give_up(self, exc: Exception) -> ServerUnavailable:
         body = self.call.body
@@ -244,28 +314,107 @@ class _CreateRetries:
         shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
         tries = f"{self.attempts} attempt{'s' if self.attempts > 1 else ''}"
         return ServerUnavailable(
-            f"cannot reach the trioworker server at {self.client.api_url} to confirm a create "
+            f"cannot reach {self.client.servers.describe()} to confirm a create "
             f"(no answer to {tries} over HTTP; the last: {exc!r}); its runs may or may not "
             f"exist: read them by id ({shown})"
         )
 
 
-class _Base:
-    def __init__(self, api_url: str | None, api_key: str | None, timeout: float) -> None:
+@attrs.define(eq=False)
+class _Backpressure:
+    """What a create the server's queue limit turns back (429: :class:`QueueFull`) does
+    next: the rule the async and the blocking client share.
+
+    The creates go in order. When a refusal says that the first ``room`` of those sent
+    fit, those are sent at once; otherwise the client waits as the server says
+    (``Retry-After``, and up to a fifth more, so that clients do not come back in step)
+    and sends the rest again. Each create carries its id, so none is made twice. It gives
+    up when nothing was accepted for ``timeout`` seconds: :class:`QueueFull`, with the runs
+    made so far.
+    """
+
+    creates: list[TaskRunCreate]
+    timeout: float
+    rng: random.Random
+    #: When something was last accepted (or the call began), on the caller's clock.
+    since: float
+    created: list[TaskRun] = attrs.field(factory=list)
+    #: How many of the creates not made yet to send next.
+    _size: int = attrs.field(default=attrs.Factory(lambda self: len(self.creates), takes_self=True))
+
+    def next(self) -> list[TaskRunCreate]:
+        """The creates to send now (none: done)."""
+        start = len(self.created)
+        return self.creates[start : start + self._size]
+
+    def accepted(self, runs: list[TaskRun], now: float) -> None:
+        self.created += runs
+        self._size = len(self.creates) - len(self.created)
+        self.since = now
+
+    def refused(self, full: QueueFull, sent: int, now: float) -> float:
+        """Seconds to wait before sending :meth:`next`; raises :class:`QueueFull` when the
+        wait would end past ``timeout`` seconds without progress."""
+        if 0 < full.room < sent:
+            self._size = full.room
+            return 0.0
+        self._size = len(self.creates) - len(self.created)
+        pause = full.retry_after * self.rng.uniform(1.0, 1.2)
+        if now + pause > self.since + self.timeout:
+            made = len(self.created)
+            raise QueueFull(
+                f"{full.detail}; it stayed full for {self.timeout:g} s"
+                + (f": {made} of {len(self.creates)} runs were created" if made else ": nothing was created"),
+                task_key=full.task_key,
+                room=full.room,
+                retry_after=full.retry_after,
+                created=self.created,
+            ) from full
+        log.debug("%s: sending it again in %.2f s", full.detail, pause)
+        return pause
+
+
+class _Base(UsesServers):
+    def __init__(
+        self,
+        api_url: ApiUrls | None,
+        api_key: str | None,
+        timeout: float,
+        ca_bundle: str | Path | None,
+        insecure: bool | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
         settings = Settings.from_env()
-        self.api_url = api_root(api_url or settings.api_url)
+        #: The servers, and the one in use (shared with the client channel).
+        self.servers = as_servers(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
         self.timeout = timeout
+        #: TLS and the extra headers (shared with the client channel).
+        self.connection = connection_options(ca_bundle, insecure, headers)
         #: Jitter for the pauses between attempts of a create.
         self._rng = random.Random()
 
     def _options(self) -> dict[str, Any]:
         return {
-            "base_url": self.api_url,
-            "headers": headers_for(self.api_key),
+            "headers": self.connection.http_headers(self.api_key),
             "timeout": self.timeout,
-            "verify": _ssl_context(),
+            "verify": self.connection.ssl_context,
         }
+
+    def _try_next(self, rounds: Rounds, url: str, call: _Call[Any], exc: httpx.TransportError) -> bool:
+        """``call`` to ``url`` failed with ``exc``: move on; whether to send it to the next
+        server now (it cannot have arrived, or sending it again is safe, and the round of
+        servers is not over)."""
+        round_failed = rounds.failed(url)
+        return not round_failed and (call.retry_safe or _not_sent(exc))
+
+    def _answered(self, rounds: Rounds, url: str, call: _Call[Any], response: httpx.Response) -> bool:
+        """Whether ``response`` from ``url`` is ``call``'s answer; False when it is a
+        502/503/504 (``url`` failed: move on) and the call is to go to the next server now."""
+        if response.status_code not in FAILOVER_STATUSES:
+            return True
+        round_failed = rounds.failed(url)
+        return round_failed or not call.retry_safe
 
     def _request_args(self, call: _Call[Any]) -> dict[str, Any]:
         args: dict[str, Any] = {"params": call.params}
@@ -276,7 +425,7 @@ class _Base:
         return args
 
     def _unreachable(self, exc: Exception) -> ServerUnavailable:
-        return ServerUnavailable(f"cannot reach the trioworker server at {self.api_url}: {exc!r}")
+        return ServerUnavailable(f"cannot reach {self.servers.describe()}: {tls_failure(exc) or repr(exc)}")
 
     @staticmethod
     def _parse(call: _Call[T], response: httpx.Response) -> T:
@@ -289,21 +438,36 @@ class TaskRunClient(_Base):
 
     Args:
         api_url: the server, ``http://host:port`` as it prints it or ``.../api`` (default
-            ``TRIOWORKER_API_URL``); ``ValueError`` if unusable (see
-            :func:`trioworker.settings.api_root`).
+            ``TRIOWORKER_API_URL``); or several, replicas of one deployment, in the order
+            to try them: comma-separated in one string, or a sequence (see
+            :mod:`trioworker.servers`; a :class:`~trioworker.servers.Servers` is shared).
+            ``ValueError`` if unusable (see :func:`trioworker.servers.api_roots`).
+            :attr:`api_url` is the server in use, :attr:`api_urls` all of them.
         api_key: sent as a bearer token (default ``TRIOWORKER_API_KEY``).
+        timeout: seconds a request may take (long-polls add their wait); a create whose
+            answer was lost, or that the server's queue limit turned back, is tried again
+            within that long.
         transport: an httpx transport, for tests that do without a network.
+        ca_bundle, insecure, headers: how to connect (default ``TRIOWORKER_API_CA_BUNDLE``,
+            ``TRIOWORKER_API_INSECURE``, ``TRIOWORKER_API_HEADERS``): the CA certificates an
+            ``https://`` server's certificate is checked against (a PEM file or a folder;
+            default the system's), no check at all, headers sent on every request and
+            websocket handshake. See :mod:`trioworker.connection`; ``ValueError`` (one line
+            naming the setting) for one that cannot be used.
     """
 
     def __init__(
         self,
-        api_url: str | None = None,
+        api_url: ApiUrls | None = None,
         api_key: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(api_url, api_key, timeout)
+        super().__init__(api_url, api_key, timeout, ca_bundle, insecure, headers)
         self._http = httpx.AsyncClient(transport=transport, **self._options())
         #: The client channel while :func:`connect` holds one open.
         self.channel: ClientChannel | None = None
@@ -325,19 +489,24 @@ class TaskRunClient(_Base):
         await self._http.aclose()
 
     async def call(self, call: _Call[T]) -> T:
-        try:
-            response = await self._http.request(call.method, call.path, **self._request_args(call))
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
-        return self._parse(call, response)
+        rounds = Rounds(self.servers, self._rng)
+        while True:
+            url = self.servers.current
+            try:
+                response = await self._http.request(call.method, url + call.path, **self._request_args(call))
+            except httpx.TransportError as exc:
+                if self._try_next(rounds, url, call, exc):
+                    continue
+                raise self._unreachable(exc) from exc
+            if self._answered(rounds, url, call, response):
+                return self._parse(call, response)
 
     async def health(self) -> dict[str, JSON]:
         return await self.call(_Calls.health())
 
     async def create_task_run(self, create: TaskRunCreate) -> TaskRun:
         """Create one run; the same as :meth:`create_task_runs` with one."""
-        [with_id] = with_ids([create])
-        [run] = await self._create([with_id], _listed(_Calls.create(with_id)))
+        [run] = await self._create_fitting(with_ids([create]), lambda part: _listed(_Calls.create(part[0])))
         return run
 
     async def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
@@ -349,15 +518,35 @@ class TaskRunClient(_Base):
         already made: up to :data:`CREATE_ATTEMPTS` attempts, with backoff, within
         ``timeout`` seconds of that loss.
 
+        **Backpressure:** a server with a queue limit (``--max-queued``) turns back
+        creates that do not fit (429). Then the creates that fit are sent first, and the
+        call waits as the server says (``Retry-After``) and sends the rest again, in order,
+        until every one is made or ``timeout`` seconds pass in which none was.
+
         Raises:
             ServerUnavailable: the server refused the connection before anything was sent
                 (nothing was created), or no attempt was answered in time (the message
                 gives the ids, to read the runs by).
+            QueueFull: the queue stayed full for ``timeout`` seconds (``created``: the
+                runs made before).
             ApiError: the server refused the input (422, or 409 for an id it holds for
                 another run).
         """
-        creates = with_ids(creates)
-        return await self._create(creates, _Calls.create_many(creates))
+        return await self._create_fitting(with_ids(creates), _Calls.create_many)
+
+    async def _create_fitting(
+        self, creates: list[TaskRunCreate], make_call: Callable[[list[TaskRunCreate]], _Call[list[TaskRun]]]
+    ) -> list[TaskRun]:
+        """Create ``creates`` as the server's queue limit lets them in (see :class:`_Backpressure`)."""
+        pressure = _Backpressure(creates, self.timeout, self._rng, trio.current_time())
+        while part := pressure.next():
+            try:
+                runs = await self._create(part, make_call(part))
+            except QueueFull as full:
+                await trio.sleep(pressure.refused(full, len(part), trio.current_time()))
+            else:
+                pressure.accepted(runs, trio.current_time())
+        return pressure.created
 
     async def _create(self, creates: list[TaskRunCreate], call: _Call[list[TaskRun]]) -> list[TaskRun]:
         lost: ServerUnavailable | None = None
@@ -372,12 +561,14 @@ class TaskRunClient(_Base):
         while True:
             args = self._request_args(call)
             args["timeout"] = retries.request_timeout(trio.current_time())
+            url = self.servers.current
             try:
-                response = await self._http.request(call.method, call.path, **args)
+                response = await self._http.request(call.method, url + call.path, **args)
             except httpx.TransportError as exc:
-                await trio.sleep(retries.pause_after(exc, trio.current_time()))
+                await trio.sleep(retries.pause_after(url, exc, trio.current_time()))
             else:
-                return self._parse(call, response)
+                if retries.answered(url, response):
+                    return self._parse(call, response)
 
     async def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
         return await self.call(_Calls.read(run_id))
@@ -389,8 +580,48 @@ class TaskRunClient(_Base):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return await self.call(_Calls.read_many(task_key, state, limit, offset))
+        """Runs in the order they were created (``newest_first``: the reverse), filtered by
+        task key and state type; ``offset`` of them skipped, at most ``limit`` (1 to 1000)."""
+        return await self.call(_Calls.read_many(task_key, state, limit, offset, newest_first))
+
+    async def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
+        """The runs whose id starts with ``id_prefix`` (hex digits, dashes optional, any
+        case: ``"0b7c7c36"`` as tables show it), in id order, at most ``limit`` (1 to 1000).
+
+        Raises:
+            ApiError: 422 for a prefix that is not hex digits.
+        """
+        return await self.call(_Calls.find(id_prefix, limit))
+
+    async def retry(self, run_id: uuid.UUID) -> TaskRun:
+        """A new SCHEDULED run with the same task, arguments, tags, context and parent as the
+        ended run ``run_id``.
+
+        Raises:
+            NotFound: no such run. ApiError: 409 when it has not ended (cancel it first).
+        """
+        return await self.call(_Calls.retry(run_id))
+
+    async def purge(
+        self, older_than: float, *, task_key: str | None = None, state: StateType | None = None
+    ) -> int:
+        """Delete, with their history, the runs that ended more than ``older_than`` seconds
+        ago (0: every ended run), of ``task_key`` and in ``state`` (a state runs end in) when
+        given; how many were deleted. Runs that have not ended are never touched.
+
+        Raises:
+            ApiError: 422 for an ``older_than`` below 0 or over 100 years, or a ``state``
+                runs do not end in.
+        """
+        return await self.call(_Calls.purge(older_than, task_key, state))
+
+    async def task_workers(self, task_key: str | None = None) -> list[dict[str, JSON]]:
+        """The workers connected to the server in use (subscribed to ``task_key``, when
+        given): ``{"client_id", "task_keys", "limit", "prefetch", "runs_in_flight",
+        "connected_since"}`` each."""
+        return await self.call(_Calls.task_workers(task_key))
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange]:
         return await self.call(_Calls.history(run_id))
@@ -421,17 +652,21 @@ class TaskRunClient(_Base):
 
 
 class SyncTaskRunClient(_Base):
-    """The blocking twin of :class:`TaskRunClient` (``httpx.Client``; no event loop)."""
+    """The blocking twin of :class:`TaskRunClient` (``httpx.Client``; no event loop); the
+    same arguments."""
 
     def __init__(
         self,
-        api_url: str | None = None,
+        api_url: ApiUrls | None = None,
         api_key: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(api_url, api_key, timeout)
+        super().__init__(api_url, api_key, timeout, ca_bundle, insecure, headers)
         self._http = httpx.Client(transport=transport, **self._options())
 
     def __enter__(self) -> Self:
@@ -447,38 +682,58 @@ class SyncTaskRunClient(_Base):
         self._http.close()
 
     def call(self, call: _Call[T]) -> T:
-        try:
-            response = self._http.request(call.method, call.path, **self._request_args(call))
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
-        return self._parse(call, response)
+        rounds = Rounds(self.servers, self._rng)
+        while True:
+            url = self.servers.current
+            try:
+                response = self._http.request(call.method, url + call.path, **self._request_args(call))
+            except httpx.TransportError as exc:
+                if self._try_next(rounds, url, call, exc):
+                    continue
+                raise self._unreachable(exc) from exc
+            if self._answered(rounds, url, call, response):
+                return self._parse(call, response)
 
     def health(self) -> dict[str, JSON]:
         return self.call(_Calls.health())
 
     def create_task_run(self, create: TaskRunCreate) -> TaskRun:
         """Create one run; the same as :meth:`create_task_runs` with one."""
-        [with_id] = with_ids([create])
-        [run] = self._create(_listed(_Calls.create(with_id)))
+        [run] = self._create_fitting(with_ids([create]), lambda part: _listed(_Calls.create(part[0])))
         return run
 
     def create_task_runs(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
         """Create runs; returns them in order. As :meth:`TaskRunClient.create_task_runs`
         (without the channel): a create whose connection dropped after it was sent is sent
-        again with the same ids; the same errors."""
-        return self._create(_Calls.create_many(with_ids(creates)))
+        again with the same ids, and a full queue (429) is waited for; the same errors."""
+        return self._create_fitting(with_ids(creates), _Calls.create_many)
+
+    def _create_fitting(
+        self, creates: list[TaskRunCreate], make_call: Callable[[list[TaskRunCreate]], _Call[list[TaskRun]]]
+    ) -> list[TaskRun]:
+        pressure = _Backpressure(creates, self.timeout, self._rng, time.monotonic())
+        while part := pressure.next():
+            try:
+                runs = self._create(make_call(part))
+            except QueueFull as full:
+                time.sleep(pressure.refused(full, len(part), time.monotonic()))
+            else:
+                pressure.accepted(runs, time.monotonic())
+        return pressure.created
 
     def _create(self, call: _Call[list[TaskRun]]) -> list[TaskRun]:
         retries = _CreateRetries(self, call)
         while True:
             args = self._request_args(call)
             args["timeout"] = retries.request_timeout(time.monotonic())
+            url = self.servers.current
             try:
-                response = self._http.request(call.method, call.path, **args)
+                response = self._http.request(call.method, url + call.path, **args)
             except httpx.TransportError as exc:
-                time.sleep(retries.pause_after(exc, time.monotonic()))
+                time.sleep(retries.pause_after(url, exc, time.monotonic()))
             else:
-                return self._parse(call, response)
+                if retries.answered(url, response):
+                    return self._parse(call, response)
 
     def read_task_run(self, run_id: uuid.UUID) -> TaskRun:
         return self.call(_Calls.read(run_id))
@@ -490,8 +745,21 @@ class SyncTaskRunClient(_Base):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return self.call(_Calls.read_many(task_key, state, limit, offset))
+        return self.call(_Calls.read_many(task_key, state, limit, offset, newest_first))
+
+    def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
+        return self.call(_Calls.find(id_prefix, limit))
+
+    def retry(self, run_id: uuid.UUID) -> TaskRun:
+        return self.call(_Calls.retry(run_id))
+
+    def purge(self, older_than: float, *, task_key: str | None = None, state: StateType | None = None) -> int:
+        return self.call(_Calls.purge(older_than, task_key, state))
+
+    def task_workers(self, task_key: str | None = None) -> list[dict[str, JSON]]:
+        return self.call(_Calls.task_workers(task_key))
 
     def history(self, run_id: uuid.UUID) -> list[StateChange]:
         return self.call(_Calls.history(run_id))
@@ -529,11 +797,14 @@ _current_sync: Final[ContextVar[SyncTaskRunClient | None]] = ContextVar(
 
 @asynccontextmanager
 async def connect(
-    api_url: str | None = None,
+    api_url: ApiUrls | None = None,
     api_key: str | None = None,
     *,
     channel: bool = True,
-    open_stream: OpenStream = open_network_stream,
+    open_stream: OpenStream | None = None,
+    ca_bundle: str | Path | None = None,
+    insecure: bool | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> AsyncIterator[TaskRunClient]:
     """Use one client for every submission and future inside the block.
 
@@ -543,16 +814,27 @@ async def connect(
     they run. ``open_stream`` is a test seam: it opens the channel's byte stream (see
     :mod:`trioworker._websocket`).
 
+    ``api_url`` takes one server or several (see :class:`TaskRunClient`); the channel and
+    the calls share one position in the list: when the channel finds its server gone, it
+    opens on the next one, and the calls go there too.
+
+    ``ca_bundle``, ``insecure`` and ``headers`` say how to connect, over HTTP and over the
+    channel alike (see :class:`TaskRunClient`).
+
     **Resource handling:** the channel's socket and reader task live exactly as long as
     the block.
     """
     from trioworker.client.channel import open_channel
 
-    async with TaskRunClient(api_url, api_key) as client:
+    async with TaskRunClient(
+        api_url, api_key, ca_bundle=ca_bundle, insecure=insecure, headers=headers
+    ) as client:
         token = _current_async.set(client)
         try:
             if channel:
-                async with open_channel(client.api_url, client.api_key, open_stream=open_stream) as opened:
+                async with open_channel(
+                    client.servers, client.api_key, open_stream=open_stream, connection=client.connection
+                ) as opened:
                     client.channel = opened
                     try:
                         yield client
@@ -565,9 +847,18 @@ async def connect(
 
 
 @contextmanager
-def connect_sync(api_url: str | None = None, api_key: str | None = None) -> Iterator[SyncTaskRunClient]:
+def connect_sync(
+    api_url: ApiUrls | None = None,
+    api_key: str | None = None,
+    *,
+    ca_bundle: str | Path | None = None,
+    insecure: bool | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Iterator[SyncTaskRunClient]:
     """The blocking twin of :func:`connect` (``trioworker.sync.connect``)."""
-    with SyncTaskRunClient(api_url, api_key) as client:
+    with SyncTaskRunClient(
+        api_url, api_key, ca_bundle=ca_bundle, insecure=insecure, headers=headers
+    ) as client:
         token = _current_sync.set(client)
         try:
             yield client

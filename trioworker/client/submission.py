@@ -23,6 +23,7 @@ from trioworker import serializers
 from trioworker.client.futures import _FutureBase
 from trioworker.context import submission_context
 from trioworker.models import TaskRunCreate
+from trioworker.protocol import SERIALIZER_PICKLE
 from trioworker.serializers import FUTURE_KEY, FutureRef
 
 T = TypeVar("T")
@@ -58,7 +59,7 @@ class unmapped(Generic[T]):
 def _placeholder(value: Any, serializer: str, wait_for: list[uuid.UUID]) -> Any:
     if isinstance(value, _FutureBase):
         wait_for.append(value.task_run_id)
-        if serializer == "pickle":
+        if serializer == SERIALIZER_PICKLE:
             return FutureRef(value.task_run_id)
         return {FUTURE_KEY: str(value.task_run_id)}
     return value
@@ -97,7 +98,7 @@ def build_create(
             bound.arguments[key] = {k: _placeholder(v, task.serializer, deps) for k, v in value.items()}
         else:
             bound.arguments[key] = _placeholder(value, task.serializer, deps)
-    if task.serializer == "pickle":
+    if task.serializer == SERIALIZER_PICKLE:
         parameters: Any = _pickled(task, bound)
     else:
         parameters = serializers.dump_bound(bound, serializers.hints(task.fn), task=task.key)

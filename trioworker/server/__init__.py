@@ -14,12 +14,21 @@ import attrs
 import trio
 
 from trioworker._http import serve_app
+from trioworker.protocol import api_root
 from trioworker.server.app import create_app
+from trioworker.server.guard import Exposure, exposure
+from trioworker.server.limits import QueueLimit
 from trioworker.server.queue import Dispatcher, WallClock
 from trioworker.server.replicas import Replica
+from trioworker.server.retention import keep_retention
 from trioworker.server.service import TaskRunService
 from trioworker.server.store import SharedStore, open_store
-from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REPLICA_TIMEOUT_SECONDS
+from trioworker.settings import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_REPLICA_TIMEOUT_SECONDS,
+    DEFAULT_RETENTION_SECONDS,
+)
 
 log = logging.getLogger("trioworker.server")
 
@@ -41,8 +50,26 @@ class ServerConfig:
     replica_timeout: float = attrs.field(
         default=DEFAULT_REPLICA_TIMEOUT_SECONDS, validator=attrs.validators.gt(0)
     )
+    #: Seconds a run is kept after it ended (then it is deleted with its history); 0 keeps
+    #: every run.
+    retention: float = attrs.field(default=DEFAULT_RETENTION_SECONDS, validator=attrs.validators.ge(0))
+    #: The origins (``http(s)://host[:port]``) of other web pages allowed to change things
+    #: and open websockets; pages of the server's own origin always may (see
+    #: :mod:`~trioworker.server.guard`).
+    allowed_origins: tuple[str, ...] = ()
     #: The dispatcher's clock (epoch seconds); the default is the real wall clock.
     clock: WallClock | None = None
+    #: Serve over TLS (``https://``, ``wss://``) with this certificate (chain) and its
+    #: private key, PEM files; both or neither.
+    #: At most this many runs of one task key wait for a worker; a create beyond it answers
+    #: 429 (see :mod:`~trioworker.server.limits`). None: no bound.
+    max_queued: int | None = None
+    certfile: str | Path | None = None
+    keyfile: str | Path | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together: give both, or neither")
 
 
 @attrs.frozen
@@ -54,7 +81,7 @@ class RunningServer:
 
     @property
     def api_url(self) -> str:
-        return f"{self.url}/api"
+        return api_root(self.url)
 
 
 async def serve_server(
@@ -68,10 +95,11 @@ async def serve_server(
     Starts with ``nursery.start``: it reports a :class:`RunningServer` once the store is
     open, the queues are rebuilt from it and the socket listens.
 
-    **Resource handling:** the store, the delayed-run timer and the HTTP server all live in
-    this call's nursery; when it returns, the database is closed. On PostgreSQL, so do the
-    tasks of :class:`~trioworker.server.replicas.Replica` (heartbeat, listener): the server
-    is one of those sharing the database, and recovers at start only what dead ones held.
+    **Resource handling:** the store, the delayed-run timer, the retention task (see
+    :mod:`~trioworker.server.retention`) and the HTTP server all live in this call's
+    nursery; when it returns, the database is closed. On PostgreSQL, so do the tasks of
+    :class:`~trioworker.server.replicas.Replica` (heartbeat, listener): the server is one
+    of those sharing the database, and recovers at start only what dead ones held.
 
     **Stopping:** setting ``shutdown`` closes every subscription with 1012 (so workers
     reconnect elsewhere or later) and gives requests :data:`trioworker._http.GRACEFUL_SECONDS`
@@ -82,14 +110,24 @@ async def serve_server(
     async with open_store(config.db_path) as store:
         shared = isinstance(store, SharedStore)
         dispatcher = Dispatcher(clock=config.clock or time.time, shared=shared)
-        service = TaskRunService(store, dispatcher, max_deliveries=config.max_deliveries)
+        service = TaskRunService(
+            store,
+            dispatcher,
+            max_deliveries=config.max_deliveries,
+            queue_limit=QueueLimit(config.max_queued),
+        )
         replica = None
         if isinstance(store, SharedStore):
             replica = Replica(store, service, config.replica_timeout)
             await replica.register()
         queued = await service.recover()
         app = create_app(
-            service, api_key=config.api_key, max_body_bytes=config.max_body_bytes, closing=closing
+            service,
+            api_key=config.api_key,
+            max_body_bytes=config.max_body_bytes,
+            closing=closing,
+            allowed_origins=config.allowed_origins,
+            loopback_only=await exposure(config.host) is Exposure.LOOPBACK,
         )
 
         async def shutdown_trigger() -> None:
@@ -106,17 +144,22 @@ async def serve_server(
                     app,
                     config.host,
                     config.port,
+                    certfile=None if config.certfile is None else str(config.certfile),
+                    keyfile=None if config.keyfile is None else str(config.keyfile),
                     label="trioworker server",
                     shutdown_trigger=shutdown_trigger,
                     websocket_max_message_size=config.max_body_bytes,
                     settings=("--host", "--port"),
+                    tls_settings=("--certfile", "--keyfile"),
                     task_status=task_status,
                 )
-                nursery.cancel_scope.cancel()  # the HTTP server stopped: so does the timer
+                nursery.cancel_scope.cancel()  # the HTTP server stopped: so do the timers
 
             await nursery.start(dispatcher.release_delayed_runs)
             if replica is not None:
                 await nursery.start(replica.run)
+            if config.retention > 0:
+                await nursery.start(keep_retention, service, config.retention)
             url: str = await nursery.start(run_http)
             if replica is not None:
                 await replica.register(url)

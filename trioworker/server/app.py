@@ -1,5 +1,7 @@
-"""The server's quart-trio app: the REST routes under ``/api``, and the two websockets' routes
-(the sessions are :mod:`~trioworker.server.subscriptions`' and :mod:`~trioworker.server.channel`'s).
+"""The server's quart-trio app: the REST routes under ``/api``, the websockets' routes (the
+sessions are :mod:`~trioworker.server.subscriptions`', :mod:`~trioworker.server.channel`'s
+and :mod:`~trioworker.server.events`'), and the dashboard at ``/``
+(:mod:`~trioworker.server.dashboard`).
 
 Every bad input gets a JSON ``{"detail": ...}`` with its 4xx code; the protocol is in the
 README's *Wire protocol* section. The app only translates: each route is one call into
@@ -9,7 +11,10 @@ README's *Wire protocol* section. The app only translates: each route is one cal
 from __future__ import annotations
 
 import hmac
+import math
 import uuid
+from collections.abc import Collection
+from datetime import UTC, datetime
 from typing import Final
 
 import orjson
@@ -20,9 +25,14 @@ from werkzeug.exceptions import HTTPException
 
 from trioworker import protocol
 from trioworker._version import __version__
-from trioworker.models import JSON, SetStateRequest, StateType, converter
+from trioworker.models import JSON, PurgeRequest, PurgeResult, SetStateRequest, StateType, converter
 from trioworker.protocol import route
+from trioworker.server import dashboard, guard, openapi
 from trioworker.server.channel import ChannelSession
+from trioworker.server.events import EventsSession
+from trioworker.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from trioworker.server.metrics import METRICS_ROUTE
+from trioworker.server.overview import connected_workers
 from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import (
     Refusal,
@@ -34,10 +44,12 @@ from trioworker.server.sockets import (
 from trioworker.server.store.base import StoreError
 from trioworker.server.subscriptions import SubscriptionSession
 
-SUBSCRIPTION_PATH: Final = route(protocol.SUBSCRIPTION_PATH)
-CHANNEL_PATH: Final = route(protocol.CHANNEL_PATH)
+SUBSCRIPTION_ROUTE: Final = route(protocol.SUBSCRIPTION_PATH)
+CHANNEL_ROUTE: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
+#: The most a purge's ``older_than`` may be: 100 years, in seconds.
+MAX_PURGE_AGE: Final = 100 * 365.25 * 86400
 
 
 def _json_response(payload: JSON, status: int = 200) -> Response:
@@ -48,6 +60,15 @@ def _dump(obj: object, status: int = 200) -> Response:
     return _json_response(converter.unstructure(obj), status)
 
 
+def _summary(run: dict[str, JSON]) -> JSON:
+    """An unstructured run without its parameters and its state's data (``fields=summary``)."""
+    run.pop("parameters", None)
+    state = run.get("state")
+    if isinstance(state, dict):
+        state.pop("data", None)
+    return run
+
+
 def _parse_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -56,6 +77,12 @@ def _parse_id(value: str) -> uuid.UUID:
 
 
 async def _body() -> JSON:
+    if request.mimetype != "application/json":
+        # Also what keeps a page of another site from posting a form or text/plain body
+        # (which browsers send without asking): see trioworker.server.guard.
+        raise Refusal(
+            415, f"send the body as Content-Type: application/json, not {request.mimetype or 'none'!r}"
+        )
     raw = await request.get_data()
     try:
         return orjson.loads(raw)
@@ -117,6 +144,8 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 16 * 1024 * 1024,
     closing: trio.Event | None = None,
+    allowed_origins: Collection[str] = (),
+    loopback_only: bool = False,
 ) -> QuartTrio:
     """Build the app around ``service``.
 
@@ -125,10 +154,22 @@ def create_app(
             subscriptions must send it in their auth message.
         max_body_bytes: larger request bodies get 413.
         closing: set it to make every subscription close with 1012 (the server is stopping).
+        allowed_origins: the origins (``http(s)://host[:port]``) of other pages that may
+            change things and open websockets (see :mod:`~trioworker.server.guard`).
+        loopback_only: answer only requests whose ``Host`` is a loopback name (set when the
+            server listens on loopback only).
+
+    Raises:
+        ValueError: for an allowed origin that is not ``http(s)://host[:port]``.
     """
-    app = QuartTrio("trioworker.server")
+    origins = frozenset(guard.normalize_origin(o) for o in allowed_origins)
+    app = QuartTrio("trioworker.server", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     closing = trio.Event() if closing is None else closing
+
+    api_document = orjson.dumps(openapi.document(__version__))
+    # Routes that hold no data: they answer without the key.
+    open_routes = {route(protocol.HEALTH), route(openapi.DOCS_PATH)}
 
     def token_ok(token: object) -> bool:
         if api_key is None:
@@ -137,7 +178,9 @@ def create_app(
 
     @app.errorhandler(Refusal)
     async def api_error(exc: Refusal) -> Response:
-        return _json_response({"detail": exc.detail}, exc.status)
+        response = _json_response(exc.body(), exc.status)
+        response.headers.update(exc.headers())
+        return response
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:
@@ -161,11 +204,35 @@ def create_app(
             response.headers["Connection"] = "close"
         return response
 
+    def check_origin(method: str, is_websocket: bool) -> None:
+        why = guard.refusal(
+            method=method,
+            websocket=is_websocket,
+            scheme=(websocket if is_websocket else request).scheme,
+            host_header=(websocket if is_websocket else request).headers.get("Host"),
+            origin=(websocket if is_websocket else request).headers.get("Origin"),
+            allowed_origins=origins,
+            loopback_only=loopback_only,
+        )
+        if why is not None:
+            raise Refusal(403, why)
+
+    @app.before_request
+    async def refuse_foreign_pages() -> None:
+        check_origin(request.method, is_websocket=False)
+
+    @app.before_websocket
+    async def refuse_foreign_sockets() -> None:
+        check_origin("GET", is_websocket=True)
+
     @app.before_request
     async def authenticate() -> None:
         if service.fence.raised:  # load balancers and clients move to another server
             raise Refusal(503, f"{service.fence.reason}; use another server")
-        if request.path == route(protocol.HEALTH) or api_key is None:
+        # The dashboard's page and assets and the API document's page hold no data: they
+        # load without the key, then ask for it (every other /api route and the live feed
+        # need it, as does /metrics).
+        if api_key is None or request.path in open_routes or dashboard.is_asset_path(request.path):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token_ok(token):
@@ -218,10 +285,40 @@ def create_app(
                 ) from None
         limit = _query_int("limit", 100, 1, MAX_LIST_LIMIT)
         offset = _query_int("offset", 0, 0, 2**62)
+        sort = request.args.get("sort", "CREATED_ASC").upper()
+        if sort not in ("CREATED_ASC", "CREATED_DESC"):
+            raise Refusal(422, f"sort must be CREATED_ASC (oldest first) or CREATED_DESC, got {sort!r}")
+        parent_arg = request.args.get("parent_task_run_id")
+        try:
+            parent = None if parent_arg is None else uuid.UUID(parent_arg)
+        except ValueError:
+            raise Refusal(422, f"parent_task_run_id must be a task run UUID, got {parent_arg!r}") from None
+        fields = request.args.get("fields", "all").lower()
+        if fields not in ("all", "summary"):
+            raise Refusal(422, f"fields must be all or summary (no parameters, no result), got {fields!r}")
         runs = await service.list_runs(
-            task_key=request.args.get("task_key"), state=state, limit=limit, offset=offset
+            task_key=request.args.get("task_key"),
+            state=state,
+            limit=limit,
+            offset=offset,
+            parent_task_run_id=parent,
+            newest_first=sort == "CREATED_DESC",
         )
-        return _dump(runs)
+        if fields == "all":
+            return _dump(runs)
+        return _json_response([_summary(converter.unstructure(run)) for run in runs])
+
+    @app.get(route(protocol.RUNS_FIND))
+    async def find_runs() -> Response:
+        raw = request.args.get("id_prefix")
+        if raw is None:
+            raise Refusal(422, "id_prefix is required: the start of a run id (hex digits, dashes allowed)")
+        try:
+            prefix = protocol.id_prefix(raw)
+        except ValueError as exc:
+            raise Refusal(422, f"id_prefix: {exc}") from None
+        limit = _query_int("limit", 10, 1, MAX_LIST_LIMIT)
+        return _dump(await service.find_runs(prefix, limit=limit))
 
     @app.post(route(protocol.RUNS_WAIT))
     async def wait_many() -> Response:
@@ -239,6 +336,20 @@ def create_app(
             raise Refusal(422, f"all must be true or false, got {wait_all!r}")
         result = await service.wait(ids, seconds=timeout, wait_all=wait_all, linger=linger)
         return _dump(result)
+
+    @app.post(route(protocol.RUNS_PURGE))
+    async def purge() -> Response:
+        purge = structure(await _body(), PurgeRequest, "purge request")
+        assert isinstance(purge, PurgeRequest)
+        if not (math.isfinite(purge.older_than) and 0 <= purge.older_than <= MAX_PURGE_AGE):
+            raise Refusal(
+                422, f"older_than must be seconds between 0 and {MAX_PURGE_AGE:.0f}, got {purge.older_than!r}"
+            )
+        if purge.state is not None and not purge.state.is_terminal:
+            raise Refusal(422, f"state must be a state runs end in, not {purge.state.value}")
+        before = datetime.fromtimestamp(service.dispatcher.clock() - purge.older_than, UTC)
+        deleted = await service.purge_ended(before, task_key=purge.task_key, state=purge.state)
+        return _dump(PurgeResult(deleted))
 
     @app.get(route(protocol.RUN))
     async def read_run(run_id: str) -> Response:
@@ -296,11 +407,50 @@ def create_app(
             raise Refusal(409, f"cannot cancel: {result.details}")
         return _dump(result)
 
+    @app.post(route(protocol.RUN_RETRY))
+    async def retry(run_id: str) -> Response:
+        return _dump(await service.retry(_parse_id(run_id)), 201)
+
     @app.delete(route(protocol.RUN))
     async def delete(run_id: str) -> Response:
         if await service.delete(_parse_id(run_id)) is None:
             raise Refusal(404, f"no task run {run_id}")
         return Response(b"", status=204)
+
+    @app.get(route(protocol.OVERVIEW))
+    async def overview() -> Response:
+        return _dump(await service.overview())
+
+    @app.get(route(protocol.TASK_WORKERS))
+    async def task_workers() -> Response:
+        return _dump(connected_workers(service.dispatcher, request.args.get("task_key")))
+
+    @app.get(METRICS_ROUTE)
+    async def metrics() -> Response:
+        overview = await service.overview()
+        return Response(
+            service.metrics.exposition(overview, service.dispatcher), content_type=METRICS_CONTENT_TYPE
+        )
+
+    @app.get(route(openapi.OPENAPI_PATH))
+    async def openapi_document() -> Response:
+        return Response(api_document, content_type="application/json")
+
+    assets = dashboard.read_assets()
+
+    @app.get(route(openapi.DOCS_PATH))
+    async def docs_page() -> Response:
+        return dashboard.response(assets, dashboard.DOCS_PAGE)
+
+    @app.get("/")
+    async def dashboard_page() -> Response:
+        return dashboard.response(assets, dashboard.PAGE)
+
+    @app.get(f"{dashboard.ASSETS_PREFIX}/<name>")
+    async def dashboard_asset(name: str) -> Response:
+        if name not in assets:
+            raise Refusal(404, f"no dashboard asset {name!r}")
+        return dashboard.response(assets, name)
 
     async def refused_while_fenced() -> bool:
         """The fence is raised: close the new socket with 1012 (True)."""
@@ -309,16 +459,22 @@ def create_app(
         await websocket.close(protocol.CLOSE_RESTART, f"{service.fence.reason}; use another server"[:123])
         return True
 
-    @app.websocket(SUBSCRIPTION_PATH)
+    @app.websocket(SUBSCRIPTION_ROUTE)
     async def subscription() -> None:
         await websocket.accept()
         if not await refused_while_fenced():
             await SubscriptionSession(service, token_ok, closing).run()
 
-    @app.websocket(CHANNEL_PATH)
+    @app.websocket(CHANNEL_ROUTE)
     async def channel() -> None:
         await websocket.accept()
         if not await refused_while_fenced():
             await ChannelSession(service, token_ok, closing).run()
+
+    @app.websocket(route(protocol.EVENTS_PATH))
+    async def events() -> None:
+        await websocket.accept()
+        if not await refused_while_fenced():
+            await EventsSession(service, token_ok, closing).run()
 
     return app

@@ -29,8 +29,6 @@ from trioworker import protocol
 from trioworker.models import JSON, TaskRun, converter
 from trioworker.server.service import TaskRunService, Waiter
 from trioworker.server.sockets import (
-    HANDSHAKE_TIMEOUT,
-    ConnectionGone,
     JsonSocket,
     ProtocolViolation,
     Refusal,
@@ -55,7 +53,7 @@ def _ids(message: dict[str, JSON]) -> list[uuid.UUID]:
 
 class ChannelSession(JsonSocket):
     """The server's side of one client channel (the submitter's side is
-    :class:`trioworker.channel.ClientChannel`)."""
+    :class:`trioworker.client.channel.ClientChannel`)."""
 
     def __init__(
         self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
@@ -67,25 +65,14 @@ class ChannelSession(JsonSocket):
         self.creates = trio.CapacityLimiter(MAX_CONCURRENT_CREATES)
 
     async def run(self) -> None:
-        violation: str | None = None
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                if not await self.authenticate():
-                    return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.close_on_shutdown, nursery.cancel_scope)
-                nursery.start_soon(self.push_ended)
-                await self.receive_forever(nursery)
-        except* ProtocolViolation as group:
-            violation = str(group.exceptions[0])
-        except* trio.TooSlowError:
-            violation = f"no auth within {HANDSHAKE_TIMEOUT:g} s"
-        except* ConnectionGone:
-            pass
+            await self.serve_authenticated(self.session)
         finally:
             self.service.unwatch(self.waiter, self.watched)
-        if violation is not None:
-            await self.close(protocol.CLOSE_PROTOCOL, f"Protocol violation: {violation}")
+
+    async def session(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self.push_ended)
+        await self.receive_forever(nursery)
 
     async def receive_forever(self, nursery: trio.Nursery) -> None:
         while True:
@@ -118,7 +105,7 @@ class ChannelSession(JsonSocket):
             # Let the deliveries the new runs woke go out first: the reply can wait a pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
         except Refusal as exc:
-            await self.send({"type": protocol.ERROR, "ref": ref, "status": exc.status, "detail": exc.detail})
+            await self.send({"type": protocol.ERROR, "ref": ref, "status": exc.status, **exc.body()})
         else:
             await self.send({"type": protocol.CREATED, "ref": ref, "task_runs": converter.unstructure(runs)})
         finally:

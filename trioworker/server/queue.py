@@ -20,10 +20,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from datetime import datetime
 
 import attrs
 import trio
 
+from trioworker.models import utcnow
 from trioworker.server.store.base import QueuedRun
 
 #: Seconds of wall-clock time since the epoch, as the dispatcher sees them.
@@ -68,6 +70,8 @@ class Subscription:
     #: A claim for it from a shared store failed, maybe after its commit: the next claim
     #: also takes the runs leased to it there that it does not know of.
     claim_failed: bool = False
+    #: When the connection subscribed (UTC).
+    connected: datetime = attrs.field(factory=utcnow)
     _wakeup: trio.Event | None = None
     #: Woken since it last waited: the next :meth:`wait_for_work` returns at once.
     _woken: bool = False
@@ -146,8 +150,8 @@ class Dispatcher:
     # Index entries are plain tuples of ints, floats and strings: CPython stops tracking
     # such tuples in its garbage collector, so 100,000 queued runs cost full collections
     # nothing. (Objects, even slotted ones, would be walked by every full collection.)
-    #: task key -> FIFO of (seq, run id as str)
-    _ready: dict[str, deque[tuple[int, str]]] = attrs.field(factory=dict)
+    #: task key -> FIFO of (seq, run id as str, ready since: epoch seconds)
+    _ready: dict[str, deque[tuple[int, str, float]]] = attrs.field(factory=dict)
     #: heap of (due epoch seconds, seq, run id as str, task key)
     _delayed: list[tuple[float, int, str, str]] = attrs.field(factory=list)
     _delayed_changed: trio.Event = attrs.field(factory=trio.Event)
@@ -157,11 +161,14 @@ class Dispatcher:
     _hinted: dict[str, float] = attrs.field(factory=dict)
 
     # -- queues
-    def enqueue(self, runs: Iterable[QueuedRun], *, front: bool = False) -> None:
+    def enqueue(self, runs: Iterable[QueuedRun], *, front: bool = False, due: bool = False) -> None:
         """Index runs that are SCHEDULED in the store.
+
+        A run due now is ready since now; the others wait in the delayed heap.
 
         Args:
             front: they were queued before (a redelivery): put them ahead of newer runs.
+            due: they are delayed runs whose time came: ready since their scheduled time.
         """
         runs = list(runs)
         now = self.clock()
@@ -177,10 +184,11 @@ class Dispatcher:
             ready.sort(key=lambda r: r.seq, reverse=True)
         for run in ready:
             queue = self._ready.setdefault(run.task_key, deque())
+            since = run.scheduled_at if due and run.scheduled_at is not None else now
             if front:
-                queue.appendleft((run.seq, str(run.id)))
+                queue.appendleft((run.seq, str(run.id), since))
             else:
-                queue.append((run.seq, str(run.id)))
+                queue.append((run.seq, str(run.id), since))
             woken.add(run.task_key)
         for key in woken:
             for sub in self._subscribers.get(key, ()):
@@ -228,8 +236,14 @@ class Dispatcher:
         Beyond its free slots (into its prefetch buffer) it takes only runs of keys for
         which no other subscription has a free slot.
         """
+        return list(self.take_timed(sub))
+
+    def take_timed(self, sub: Subscription) -> dict[uuid.UUID, float]:
+        """What :meth:`take` takes, each with the time it has been ready since (epoch
+        seconds on :attr:`clock`: when it was queued, or its scheduled time when it was
+        delayed), in the order taken."""
         room, slots = sub.room, sub.free_slots
-        taken: list[uuid.UUID] = []
+        taken: dict[uuid.UUID, float] = {}
         queues = {key: q for key in sub.keys if (q := self._ready.get(key))}
         buffering = False
         while room > 0 and queues:
@@ -240,14 +254,15 @@ class Dispatcher:
                     break
             key = min(queues, key=lambda k: queues[k][0][0]) if len(queues) > 1 else next(iter(queues))
             queue = queues[key]
-            run_id = uuid.UUID(queue.popleft()[1])
+            _, text_id, since = queue.popleft()
+            run_id = uuid.UUID(text_id)
             if not queue:
                 del queues[key]
             if run_id in self._leases:
                 continue  # a stale duplicate of a run someone holds
             if buffering:
                 sub.prefetched[run_id] = key
-            taken.append(run_id)
+            taken[run_id] = since
             self._leases[run_id] = sub
             sub.held.add(run_id)
             room -= 1
@@ -385,7 +400,7 @@ class Dispatcher:
                 else:
                     due.append(QueuedRun(seq, uuid.UUID(run_id), key, at))
             if due:
-                self.enqueue(due)
+                self.enqueue(due, due=True)
             self.hint_keys(keys)
             self._delayed_changed = trio.Event()
             wait = self._delayed[0][0] - now if self._delayed else math.inf

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Final
 
 import attrs
@@ -35,6 +36,10 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.fence import Fence
+from trioworker.server.limits import QueueLimit
+from trioworker.server.live import LiveFeed
+from trioworker.server.metrics import ServerMetrics
+from trioworker.server.overview import Overview, OverviewReader
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.sockets import Refusal
 from trioworker.server.store.base import (
@@ -49,7 +54,7 @@ from trioworker.server.store.base import (
     Store,
     StoreError,
 )
-from trioworker.server.store.runs import claimed_copy
+from trioworker.server.store.runs import claimed_copy, default_name
 
 log = logging.getLogger("trioworker.server")
 
@@ -57,6 +62,8 @@ log = logging.getLogger("trioworker.server")
 FRESH_MAX_RUNS: Final = 5_000
 FRESH_MAX_BYTES: Final = 16 * 1024 * 1024
 FRESH_MAX_RUN_BYTES: Final = 64 * 1024
+#: Runs a purge deletes per store operation (other operations run between two).
+PURGE_BATCH: Final = 500
 
 
 @attrs.define(eq=False)
@@ -123,6 +130,8 @@ class TaskRunService:
     dispatcher: Dispatcher
     #: A run delivered this many times without finishing becomes CRASHED.
     max_deliveries: int = 5
+    #: The bound on runs queued per task key (``--max-queued``; none by default).
+    queue_limit: QueueLimit = attrs.field(factory=QueueLimit)
     _waiters: dict[uuid.UUID, list[Waiter]] = attrs.field(factory=dict)
     fresh: FreshRuns = attrs.field(factory=FreshRuns)
     #: Runs held back until their ``wait_for`` runs complete: id -> (index entry, still pending).
@@ -131,6 +140,13 @@ class TaskRunService:
     _dependents: dict[uuid.UUID, set[uuid.UUID]] = attrs.field(factory=dict)
     #: Blocked runs to fail because an upstream did not complete: (id, why).
     _doomed: list[tuple[uuid.UUID, str]] = attrs.field(factory=list)
+    #: Every change made here, for the dashboard's tabs.
+    feed: LiveFeed[Overview] = attrs.field(factory=LiveFeed)
+    #: This server's Prometheus metrics.
+    metrics: ServerMetrics = attrs.field(factory=ServerMetrics)
+    _overview_reader: OverviewReader = attrs.field(
+        default=attrs.Factory(lambda self: OverviewReader(self.store, self.dispatcher), takes_self=True)
+    )
     #: Blocked runs whose upstreams all completed, to release in a shared store.
     _unblocked: list[QueuedRun] = attrs.field(factory=list)
     #: This server's id among those sharing the store (None: it is alone).
@@ -163,15 +179,24 @@ class TaskRunService:
         Raises:
             Refusal: 409 when a given ``id`` belongs to a run the create is not a repeat
                 of (another task key or idempotency key); nothing is created then.
+            QueueFullRefusal: 429 when they would take a key's queue past :attr:`queue_limit`
+                (see :mod:`~trioworker.server.limits`); nothing is created then.
         """
+        async with self.queue_limit.admitting(creates, self.dispatcher, self.store):
+            return await self._create_runs(creates)
+
+    async def _create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
         try:
             results = await self.store.create_runs(creates)
         except RunIdTaken as exc:
             raise Refusal(409, str(exc)) from None
+        created = [run for run, queued in results if queued is not None]
         if self._shared is None:
             for run, queued in results:
                 if queued is not None:
                     self.fresh.add(run, queued)
+        self.feed.runs_changed(created)
+        self.metrics.runs_created(created)
         await self._admit(q for _, q in results if q is not None)
         return [(run, queued is not None) for run, queued in results]
 
@@ -179,9 +204,64 @@ class TaskRunService:
         return await self.store.read_run(run_id)
 
     async def list_runs(
-        self, *, task_key: str | None, state: StateType | None, limit: int, offset: int
+        self,
+        *,
+        task_key: str | None,
+        state: StateType | None,
+        limit: int,
+        offset: int,
+        parent_task_run_id: uuid.UUID | None = None,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return await self.store.list_runs(task_key=task_key, state=state, limit=limit, offset=offset)
+        return await self.store.list_runs(
+            task_key=task_key,
+            state=state,
+            limit=limit,
+            offset=offset,
+            parent_task_run_id=parent_task_run_id,
+            newest_first=newest_first,
+        )
+
+    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
+        """The runs whose id starts with ``id_prefix`` (canonical: see
+        :func:`trioworker.protocol.id_prefix`), in id order, at most ``limit``."""
+        return await self.store.find_runs(id_prefix, limit=limit)
+
+    async def overview(self) -> Overview:
+        """The operator's overview, shared by every caller while nothing changed (see
+        :meth:`~trioworker.server.live.LiveFeed.overview`)."""
+        return await self.feed.overview(self._overview_reader.read)
+
+    async def retry(self, run_id: uuid.UUID) -> TaskRun:
+        """A new run of the ended run ``run_id``, with the same task, parameters, tags,
+        context, parent and ``wait_for``; SCHEDULED. Its name is the one a new submission
+        gets (``<task key>-<its id's first 8 hex digits>``) unless the old run's was given
+        at submission (then that name again).
+
+        Raises:
+            Refusal: 404 when the run does not exist; 409 when it has not ended (cancel it
+                first: two runs of one call would run at once).
+        """
+        run = await self.store.read_run(run_id)
+        if run is None:
+            raise Refusal(404, f"no task run {run_id}")
+        if not run.state.is_terminal:
+            raise Refusal(
+                409,
+                f"the run is {run.state.type.value}: only a run that ended can be retried (cancel it first)",
+            )
+        create = TaskRunCreate(
+            task_key=run.task_key,
+            name=None if run.name == default_name(run.task_key, run.id) else run.name,
+            parameters=run.parameters,
+            serializer=run.serializer,
+            tags=list(run.tags),
+            context=dict(run.context),
+            parent_task_run_id=run.parent_task_run_id,
+            wait_for=list(run.wait_for),
+        )
+        [(new, _)] = await self.create_runs([create])
+        return new
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         return await self.store.history(run_id)
@@ -210,6 +290,13 @@ class TaskRunService:
         changes = await self.store.set_states(requests, now=self.dispatcher.clock(), holder=holder)
         for (run_id, _), change in zip(requests, changes, strict=True):
             self._after_change(run_id, change, reporter)
+        changed = [
+            c.run
+            for c in changes
+            if c.run is not None and c.result.status is SetStateStatus.ACCEPT and c.result.details is None
+        ]
+        self.feed.runs_changed(changed)
+        self.metrics.runs_changed(changed)
         return [c.result for c in changes]
 
     async def cancel(self, run_id: uuid.UUID) -> SetStateResult:
@@ -225,8 +312,32 @@ class TaskRunService:
             await self._fail_doomed()
         return run
 
+    async def purge_ended(
+        self, before: datetime, *, task_key: str | None = None, state: StateType | None = None
+    ) -> int:
+        """Delete the runs that ended before ``before``, with their history (of ``task_key``
+        and in ``state``, a terminal state type, when given); returns how many.
+
+        It deletes :data:`PURGE_BATCH` runs per store operation, so a big purge never holds
+        the store for long: other operations run between its batches.
+        """
+        total = 0
+        while True:
+            ids = await self.store.purge_ended(before, task_key=task_key, state=state, limit=PURGE_BATCH)
+            self._deleted(ids)
+            total += len(ids)
+            if len(ids) < PURGE_BATCH:
+                break
+        await self._fail_doomed()
+        return total
+
     def _deleted(self, run_ids: Sequence[uuid.UUID]) -> None:
-        """These runs were deleted: stop their holders, wake their waiters."""
+        """These runs were deleted: tell the tabs, stop their holders, wake their waiters."""
+        if not run_ids:
+            return
+        self.feed.deleted(run_ids)
+        self.metrics.forget(run_ids)
+        self._overview_reader.forget()
         for run_id in run_ids:
             self.fresh.pop(run_id)
             holder = self.dispatcher.holder(run_id)
@@ -327,7 +438,8 @@ class TaskRunService:
         if self._shared is not None:
             return await self._claim_shared(sub, self._shared)
         while True:
-            ids = self.dispatcher.take(sub)
+            ready_since = self.dispatcher.take_timed(sub)
+            ids = list(ready_since)
             if not ids:
                 return Delivery([])
             fresh = [run for run_id in ids if (run := self.fresh.pop(run_id)) is not None]
@@ -336,6 +448,8 @@ class TaskRunService:
             claimed = await self.store.claim_runs(ids, sub.client_id)
             self._release_unclaimed(ids, {run.id for run in claimed}, sub)
             if claimed:
+                self.feed.runs_changed(claimed)
+                self.metrics.runs_delivered(claimed, ready_since, self.dispatcher.clock())
                 return Delivery(claimed)
             # Every run taken had changed since it was queued (cancelled, deleted): take the
             # next ones now; nothing else would wake this subscription for them.
@@ -346,7 +460,10 @@ class TaskRunService:
             claimed = await claim.result()
             self._release_unclaimed(ids, {run.id for run in claimed}, sub, delivered=True)
 
-        return Delivery([claimed_copy(run, sub.client_id, now) for run in fresh], confirm)
+        runs = [claimed_copy(run, sub.client_id, now) for run in fresh]
+        self.feed.runs_changed(runs)
+        self.metrics.runs_delivered(runs, ready_since, self.dispatcher.clock())
+        return Delivery(runs, confirm)
 
     async def _claim_shared(self, sub: Subscription, shared: SharedStore) -> Delivery:
         """Claim from ``shared``'s ready runs what ``sub`` has room for, when it was hinted
@@ -372,6 +489,8 @@ class TaskRunService:
             sub.hinted = True
         elif claimed.next_due is not None:
             self.dispatcher.hint_at(claimed.next_due, sub.keys)
+        self.feed.runs_changed(claimed.runs)
+        self.metrics.runs_delivered(claimed.runs, claimed.ready_since, self.dispatcher.clock())
         return Delivery(claimed.runs)
 
     def _release_unclaimed(
@@ -395,6 +514,7 @@ class TaskRunService:
         kept, lost = await self.store.reclaim(run_ids, sub.client_id)
         for run_id in kept:
             self.dispatcher.lease(sub, run_id)
+        self.feed.states_changed((run_id, None) for run_id in kept)
         for run_id in lost:
             sub.request_cancel(run_id)
 
@@ -402,6 +522,11 @@ class TaskRunService:
         """The worker hands back runs it will not run (stopping, or a key it lost)."""
         mine = [i for i in run_ids if self.dispatcher.holder(i) is sub]
         await self._requeue(mine, reason="release", holder=sub.client_id)
+
+    def subscribe(self, sub: Subscription) -> None:
+        """A worker's connection subscribed: runs of its keys may go to it."""
+        self.dispatcher.subscribe(sub)
+        self.feed.workers_changed()
 
     async def disconnect(self, sub: Subscription, *, clean: bool = False) -> None:
         """A connection ended: every run it held and did not finish goes to another.
@@ -411,6 +536,7 @@ class TaskRunService:
                 and does not count as a failed delivery.
         """
         held = self.dispatcher.unsubscribe(sub)
+        self.feed.workers_changed()
         await self._requeue(sorted(held), reason="release" if clean else "redelivery", holder=sub.client_id)
 
     async def _requeue(self, run_ids: Sequence[uuid.UUID], *, reason: str, holder: str) -> None:
@@ -418,17 +544,27 @@ class TaskRunService:
             return
         for run_id in run_ids:
             self.dispatcher.release(run_id)
+        started = utcnow()
         outcomes = await self.store.requeue(
             run_ids, reason=reason, max_deliveries=self.max_deliveries, holder=holder
         )
-        await self._requeued(outcomes)
+        await self._requeued(outcomes, started)
 
-    async def _requeued(self, outcomes: Sequence[Requeued]) -> None:
-        """Runs went back to the queue (or CRASHED): queue them, wake their waiters."""
+    async def _requeued(self, outcomes: Sequence[Requeued], started: datetime | None = None) -> None:
+        """Runs went back to the queue (or CRASHED): queue them, wake their waiters.
+        ``started``: when the requeue began (a CRASHED run updated before had crashed
+        before, and is only reported); None: every CRASHED run crashed in it."""
+        self.feed.states_changed((o.id, o.state_type) for o in outcomes if o.state_type is not None)
+        self.metrics.forget(o.id for o in outcomes if o.state_type is not StateType.CRASHED)
         self.dispatcher.enqueue((o.queued for o in outcomes if o.queued is not None), front=True)
         crashed = [o.id for o in outcomes if o.state_type is StateType.CRASHED]
         if crashed:
-            for run in await self.store.read_runs(crashed):
+            crashed_runs = await self.store.read_runs(crashed)
+            # Only the runs this requeue crashed (one that had crashed before is only reported).
+            self.metrics.runs_changed(
+                run for run in crashed_runs if started is None or run.updated >= started
+            )
+            for run in crashed_runs:
                 self._notify_ended(run.id, run)
             await self._fail_doomed()
 

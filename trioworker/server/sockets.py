@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import cattrs
@@ -17,6 +17,7 @@ from quart import websocket
 
 from trioworker import protocol
 from trioworker.models import JSON, SetStateRequest, StateType, TaskRunCreate, converter, make_state
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 from trioworker.server.fence import Fence
 
 log = logging.getLogger("trioworker.server")
@@ -36,6 +37,14 @@ class Refusal(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+    def body(self) -> dict[str, JSON]:
+        """The answer's JSON object (``{"detail": ...}``, and what a kind of refusal adds)."""
+        return {"detail": self.detail}
+
+    def headers(self) -> dict[str, str]:
+        """Headers of the HTTP answer (e.g. ``Retry-After``)."""
+        return {}
 
 
 class ProtocolViolation(Exception):
@@ -114,9 +123,9 @@ def validate_create(create: TaskRunCreate) -> None:
         raise Refusal(
             422, f"unknown serializer {create.serializer!r}; expected one of {sorted(protocol.SERIALIZERS)}"
         )
-    if create.serializer == "json" and not isinstance(create.parameters, dict):
+    if create.serializer == SERIALIZER_JSON and not isinstance(create.parameters, dict):
         raise Refusal(422, "parameters must be a JSON object (name -> value) with the json serializer")
-    if create.serializer == "pickle" and not isinstance(create.parameters, str):
+    if create.serializer == SERIALIZER_PICKLE and not isinstance(create.parameters, str):
         raise Refusal(422, "parameters must be a base64 string with the pickle serializer")
 
 
@@ -198,6 +207,33 @@ class JsonSocket:
             return False
         await self.send({"type": protocol.AUTH_SUCCESS})
         return True
+
+    async def serve_authenticated(self, session: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+        """Authenticate, then run ``session(nursery)``: it may start its tasks in that
+        nursery, beside one that closes the socket with 1012 when the server stops; when
+        it returns, they are cancelled.
+
+        **Error handling:** a :class:`ProtocolViolation` (or no auth within
+        :data:`HANDSHAKE_TIMEOUT`) closes the socket with 4001 and its sentence; a
+        :class:`ConnectionGone` ends it quietly; anything else propagates.
+        """
+        violation: str | None = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if not await self.authenticate():
+                    return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.close_on_shutdown, nursery.cancel_scope)
+                await session(nursery)
+                nursery.cancel_scope.cancel()
+        except* ProtocolViolation as group:
+            violation = str(group.exceptions[0])
+        except* trio.TooSlowError:
+            violation = f"no auth within {HANDSHAKE_TIMEOUT:g} s"
+        except* ConnectionGone:
+            pass
+        if violation is not None:
+            await self.close(protocol.CLOSE_PROTOCOL, f"Protocol violation: {violation}")
 
     async def close_on_shutdown(self, scope: trio.CancelScope) -> None:
         """Once the server stops or its fence is raised: cancel ``scope`` and close with 1012."""

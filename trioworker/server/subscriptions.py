@@ -91,7 +91,7 @@ class SubscriptionSession(JsonSocket):
             return
         if sub is None:
             return
-        self.service.dispatcher.subscribe(sub)
+        self.service.subscribe(sub)
         log.info("subscription from %s to %s with credit %d", sub.client_id, ", ".join(sub.keys), sub.credit)
         violation: ProtocolViolation | None = None
         try:

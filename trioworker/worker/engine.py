@@ -33,10 +33,11 @@ from trioworker.models import (
     TaskRun,
     make_state,
 )
+from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 from trioworker.tasks import Task
-from trioworker.worker import _threads
+from trioworker.worker import _threads, failures
 
-log = logging.getLogger("trioworker.engine")
+log = logging.getLogger("trioworker.worker.engine")
 
 
 class Reporter(Protocol):
@@ -73,7 +74,7 @@ async def _upstream_results(run: TaskRun, fetch: FetchRuns) -> dict[uuid.UUID, A
             state = "gone" if up is None else up.state.type.value
             raise ParameterError(f"the run {run_id} whose result is an argument is {state}")
         results[run_id] = (
-            serializers.pickle_loads(up.state.data) if up.serializer == "pickle" else up.state.data
+            serializers.pickle_loads(up.state.data) if up.serializer == SERIALIZER_PICKLE else up.state.data
         )
     return results
 
@@ -129,9 +130,9 @@ async def read_parameters(
 def _load(
     task: Task[..., Any], run: TaskRun, results: dict[uuid.UUID, Any], *, allow_pickle: bool
 ) -> tuple[list[Any], dict[str, Any]]:
-    if run.serializer == "json":
+    if run.serializer == SERIALIZER_JSON:
         return serializers.load_parameters(task.fn, _swap_in_json(run.parameters, results))
-    if run.serializer == "pickle":
+    if run.serializer == SERIALIZER_PICKLE:
         if not allow_pickle:
             raise ParameterError(
                 "this run's parameters are pickled and this worker does not accept pickle "
@@ -161,7 +162,7 @@ def _result_data(task: Task[..., Any], run: TaskRun, value: object) -> JSON:
     try:
         data = (
             serializers.pickle_dumps(value)
-            if run.serializer == "pickle"
+            if run.serializer == SERIALIZER_PICKLE
             else serializers.dump_result(task.fn, value)
         )
     except TypeError:
@@ -225,8 +226,8 @@ def _failed(message: str, exc: BaseException) -> State:
     """A FAILED state for ``exc``; its message and data are cut to fit a report."""
     return make_state(
         StateType.FAILED,
-        message=serializers.clip_text(message),
-        data=serializers.describe_exception(exc),
+        message=failures.clip_text(message),
+        data=failures.describe_exception(exc),
     )
 
 
@@ -246,15 +247,15 @@ def _retry_state(task: Task[..., Any], run: TaskRun, exc: BaseException, attempt
             log.warning(
                 "retry_condition_fn of %s failed (%s); not retrying",
                 task.key,
-                serializers.exception_line(error, 1024),
+                failures.exception_line(error, 1024),
             )
             return None
     delay = task.retry_delay(attempt)
     return make_state(
         StateType.SCHEDULED,
         "AwaitingRetry",
-        message=serializers.clip_text(
-            f"retry {attempt} of {task.retries} in {delay:g} s after {serializers.exception_line(exc, None)}"
+        message=failures.clip_text(
+            f"retry {attempt} of {task.retries} in {delay:g} s after {failures.exception_line(exc, None)}"
         ),
         details=StateDetails(delay_seconds=delay, reason="retry"),
     )
@@ -273,11 +274,16 @@ async def execute(
     fetch: FetchRuns | None = None,
     queue_report: QueueReport | None = None,
 ) -> Outcome:
-    """Run one attempt of ``run`` and report where it ended.
+    """Run one attempt of ``run``, report where it ended, and log one line at INFO saying
+    so: ``run ID of KEY: COMPLETED in 0.012 s (attempt 1)``, with ``: why`` for a run that
+    failed, is retried, was refused or stopped. The record carries the same as fields
+    (``task_key``, ``run_id``, ``outcome``, ``duration_seconds``, ``attempt``, and ``error``
+    when there is one), for structured logs. An attempt that ends by propagating (the
+    worker stops, or fails itself) logs nothing here.
 
     **Error handling:** nothing the run's code raises or returns leaves this function (it
     fails the run, or retries it), BaseExceptions included; every report fits the server
-    (texts cut, see :func:`~trioworker.serializers.clip_text`). Only the cancellations
+    (texts cut, see :func:`~trioworker.worker.failures.clip_text`). Only the cancellations
     below and a real Ctrl-C propagate, and the server's or the connection's errors.
 
     Args:
@@ -294,6 +300,7 @@ async def execute(
             trip and a commit less per run); an answer other than ACCEPT then cancels the
             attempt, as a cancel arriving a moment later would.
     """
+    ended = partial(_ended, task, run, trio.current_time())
     try:
         args, kwargs = await read_parameters(task, run, allow_pickle=allow_pickle, fetch=fetch)
     except BaseException as exc:
@@ -303,27 +310,28 @@ async def execute(
         if isinstance(exc, TrioworkerError | OSError) and not isinstance(exc, ParameterError):
             raise
         raise_passing(exc)
-        text = (
-            serializers.safe_str(exc) if isinstance(exc, ParameterError) else serializers.exception_line(exc)
-        )
-        log.error("run %s of %s: %s", run.id, task.key, serializers.clip_text(text, 1024))
-        await reporter.report(run.id, _failed(f"could not read the parameters: {text}", exc))
-        return Outcome.FAILED
+        text = failures.safe_str(exc) if isinstance(exc, ParameterError) else failures.exception_line(exc)
+        message = f"could not read the parameters: {text}"
+        await reporter.report(run.id, _failed(message, exc))
+        return ended(Outcome.FAILED, _short(message))
 
     refused: list[SetStateResult] = []
     attempt_over = False
 
     def check(answer: SetStateResult) -> None:
         if answer.status is not SetStateStatus.ACCEPT and not refused and not attempt_over:
-            log.info("run %s not started: %s (%s)", run.id, answer.status.value, answer.details)
             refused.append(answer)
             scope.cancel()
+
+    def refusal() -> Outcome:
+        answer = refused[0]
+        return ended(Outcome.REFUSED, f"not started: {answer.status.value} ({answer.details})")
 
     ok, value = False, None
     if queue_report is None:
         check(await reporter.report(run.id, make_state(StateType.RUNNING)))
         if refused:
-            return Outcome.REFUSED
+            return refusal()
     else:
         # Optimistic start: the attempt runs while RUNNING is on its way; a refusal cancels
         # it. An answer after the attempt ended changes nothing: the final report goes right
@@ -337,11 +345,11 @@ async def execute(
     if on_attempt_end is not None:
         on_attempt_end()
     if refused:
-        return Outcome.REFUSED
+        return refusal()
     if scope.cancelled_caught:
         # The server already marked the run (CANCELLED, or deleted, or given to another
         # worker after we lost touch): no report; the worker hands the lease back.
-        return Outcome.CANCELLED
+        return ended(Outcome.CANCELLED)
 
     if ok:
         try:
@@ -349,12 +357,12 @@ async def execute(
         except BaseException as unserializable:  # the result's own code may raise anything
             raise_passing(unserializable)
             value = TypeError(
-                f"the result of {task.name} cannot be reported: {serializers.safe_str(unserializable)}"
+                f"the result of {task.name} cannot be reported: {failures.safe_str(unserializable)}"
             )
             value.__cause__ = unserializable
         else:
             await reporter.report(run.id, make_state(StateType.COMPLETED, data=data))
-            return Outcome.COMPLETED
+            return ended(Outcome.COMPLETED)
 
     error = value
     assert isinstance(error, BaseException)
@@ -366,18 +374,44 @@ async def execute(
             details=StateDetails(reason="release"),
         )
         await reporter.report(run.id, back)
-        return Outcome.STOP
-    line = serializers.exception_line(error)
+        return ended(Outcome.STOP, "the task raised StopTaskWorker: the run goes back to the queue")
+    line = failures.exception_line(error)
     retry = _retry_state(task, run, error, attempt=run.run_count + 1)
     if retry is not None:
-        log.info("run %s of %s failed (%s); %s", run.id, task.key, _short(line), _short(retry.message))
         await reporter.report(run.id, retry)
-        return Outcome.RETRYING
-    log.info("run %s of %s failed: %s", run.id, task.key, _short(line))
+        return ended(Outcome.RETRYING, _short(retry.message))
     await reporter.report(run.id, _failed(line, error))
-    return Outcome.FAILED
+    return ended(Outcome.FAILED, _short(line))
+
+
+def _ended(
+    task: Task[..., Any], run: TaskRun, started: float, outcome: Outcome, why: str | None = None
+) -> Outcome:
+    """Log the run's line (see :func:`execute`); ``outcome``."""
+    duration = trio.current_time() - started
+    attempt = run.run_count + 1
+    fields: dict[str, object] = {
+        "task_key": task.key,
+        "run_id": str(run.id),
+        "outcome": outcome.name,
+        "duration_seconds": round(duration, 6),
+        "attempt": attempt,
+    }
+    if why is not None:
+        fields["error"] = why
+    log.info(
+        "run %s of %s: %s in %.3f s (attempt %d)%s",
+        run.id,
+        task.key,
+        outcome.name,
+        duration,
+        attempt,
+        "" if why is None else f": {why}",
+        extra=fields,
+    )
+    return outcome
 
 
 def _short(text: str | None) -> str:
     """A message for the log: a line of the report's text at most."""
-    return serializers.clip_text(text or "", 1024)
+    return failures.clip_text(text or "", 1024)

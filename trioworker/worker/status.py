@@ -5,7 +5,7 @@ in its own nursery when given ``status_server_port``, so the server lives exactl
 as the worker: cancellation is how it stops, and nothing it opens outlives it. The worker
 imports this module (and with it quart and hypercorn) only then.
 
-Every route reads one :class:`~trioworker.statistics.WorkerStatistics`, taken
+Every route reads one :class:`~trioworker.worker.statistics.WorkerStatistics`, taken
 synchronously on the Trio thread: a response is a consistent snapshot without any
 locking. This module knows nothing else of the worker.
 """
@@ -28,7 +28,7 @@ from trioworker.models import JSON
 from trioworker.settings import DEFAULT_STATUS_HOST
 from trioworker.worker.statistics import WorkerStatistics
 
-log = logging.getLogger("trioworker.status")
+log = logging.getLogger("trioworker.worker.status")
 
 #: The Prometheus text exposition format, version 0.0.4.
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -211,5 +211,6 @@ async def serve_status(
         port,
         label=label,
         settings=("--status-host", "--status-port"),
+        role="status server",
         task_status=task_status,
     )

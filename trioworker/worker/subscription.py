@@ -5,6 +5,11 @@ in batches (one message holds every report queued while the previous one was bei
 and survives every kind of connection loss: it reconnects with jittered exponential
 backoff, tells the server which runs it still works on (so they are not run twice), and
 sends again the reports that were not answered (the server treats repeats as no-ops).
+
+With several servers (replicas of one deployment) it follows the failover rule of
+:mod:`trioworker.servers`: a lost connection, a close with 1012 included, is made again
+on the next server at once, and the subscribe there names the runs still held, so that
+this worker keeps them; backoff comes after a whole round of servers failed.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ from trioworker._websocket import (
     Unresponsive,
     clip,
     connect,
+    connection_failure,
     explain_error,
-    next_backoff,
-    open_network_stream,
     parse_message,
 )
+from trioworker.connection import ConnectionOptions, connection_options, tls_failure
 from trioworker.errors import SubscriptionRefused
 from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
 from trioworker.protocol import (
@@ -50,8 +55,9 @@ from trioworker.protocol import (
     SUBSCRIPTION_PATH,
     socket_url,
 )
+from trioworker.servers import Rounds, Servers, UsesServers, as_servers
 
-log = logging.getLogger("trioworker.subscription")
+log = logging.getLogger("trioworker.worker.subscription")
 
 _STATES: Final = protocol.STATES.encode()
 #: Reports per message are cut at about this many bytes: the server refuses messages over
@@ -68,7 +74,7 @@ KEEPALIVE_TIMEOUT: Final = 10.0
 def websocket_url(api_url: str) -> str:
     """``http(s)://host[/api]`` -> ``ws(s)://host/api/task_runs/subscriptions/scheduled``.
 
-    Raises ``ValueError`` for an unusable URL (see :func:`trioworker.settings.api_root`).
+    Raises ``ValueError`` for an unusable URL (see :func:`trioworker.protocol.api_root`).
     """
     return socket_url(api_url, SUBSCRIPTION_PATH)
 
@@ -92,11 +98,13 @@ class _Report:
 
 
 @attrs.define(eq=False)
-class SubscriptionClient:
+class SubscriptionClient(UsesServers):
     """One worker's subscription. Run :meth:`run` in a nursery; use the rest from any task.
 
     Args:
-        api_url: the server's API root, ``http://host:port/api``.
+        api_url: the server's API root, ``http://host:port/api``; or several servers
+            (comma-separated, a sequence, or a :class:`~trioworker.servers.Servers` to
+            share), kept as :attr:`servers`. :attr:`api_url` is the server in use.
         keys: the task keys to subscribe to.
         client_id: names this worker process (``host-pid``).
         credit: how many runs this worker may hold unfinished (its free capacity).
@@ -108,11 +116,14 @@ class SubscriptionClient:
         keepalive_idle: seconds with nothing received after which the server is pinged.
         keepalive_timeout: seconds to wait for the pong; without it the connection is
             dropped (:attr:`connected` turns False) and made again as for any loss.
+        connection: keyword only: TLS and the handshake's extra headers (default: from
+            the environment, see :mod:`trioworker.connection`).
         open_stream: keyword only, a test seam: opens the byte stream under each
-            connection (see :mod:`trioworker._websocket`; default TCP, TLS for https).
+            connection (see :mod:`trioworker._websocket`; default ``connection``'s: TCP,
+            TLS for https).
     """
 
-    api_url: str
+    servers: Servers = attrs.field(converter=as_servers, alias="api_url")
     api_key: str | None
     keys: tuple[str, ...]
     client_id: str
@@ -136,7 +147,8 @@ class SubscriptionClient:
     _revoked: set[uuid.UUID] = attrs.field(factory=set)
     #: Ends when nothing was received for keepalive_idle seconds (each message pushes it back).
     _quiet: trio.CancelScope | None = None
-    _open_stream: OpenStream = attrs.field(default=open_network_stream, kw_only=True)
+    connection: ConnectionOptions = attrs.field(factory=connection_options, kw_only=True)
+    _open_stream: OpenStream | None = attrs.field(default=None, kw_only=True)
 
     # -- what the worker calls
     async def report(self, run_id: uuid.UUID, state: State) -> SetStateResult:
@@ -216,18 +228,24 @@ class SubscriptionClient:
         with 1002 and made again, with one log line, and nothing of that message is
         applied. A close with 1008 (the API key was refused) raises
         :class:`SubscriptionRefused`.
+
+        **Several servers:** a loss moves to the next server (see the module docstring)
+        and is retried there at once; the backoff comes once a whole round failed. A
+        refused handshake other than 502/503/504 is retried where it is, with backoff.
         """
-        url = websocket_url(self.api_url)
-        attempt = 0
+        rounds = Rounds(self.servers, self.rng)
         malformed = 0  # in a row: a server that keeps sending them is not hammered
         started = False
         async with deliveries:
             while True:
+                api_url = self.servers.current
                 try:
-                    async with connect(url, open_stream=self._open_stream) as ws:
+                    async with connect(
+                        websocket_url(api_url), open_stream=self._open_stream, connection=self.connection
+                    ) as ws:
                         try:
                             await self._handshake(ws)
-                            attempt = 0
+                            rounds.succeeded()
                             if not started:
                                 task_status.started()
                                 started = True
@@ -242,16 +260,23 @@ class SubscriptionClient:
                     self.connected = False
                     if isinstance(exc, ConnectionClosed) and exc.reason and exc.reason.code == CLOSE_POLICY:
                         raise SubscriptionRefused(
-                            f"the server at {self.api_url} refused the subscription: {exc.reason.reason}"
+                            f"the server at {api_url} refused the subscription: {exc.reason.reason}"
                         ) from None
                     if self._quitting and not (self._unanswered or self._outbox or self.held()):
                         self.connected = False
                         return  # stopping with nothing left to say: no reason to reconnect
                     malformed = malformed + 1 if isinstance(exc, MalformedMessage) else 0
-                    delay = next_backoff(attempt + malformed, self.rng)
-                    attempt += 1
+                    round_failed = rounds.failed(api_url, fail_over=connection_failure(exc))
+                    delay = rounds.pause(extra=malformed) if round_failed else 0.0
                     self.reconnects += 1
-                    log.warning("subscription lost (%s); reconnecting in %.2f s", _describe(exc), delay)
+                    elsewhere = "" if self.servers.current == api_url else f" to {self.servers.current}"
+                    log.warning(
+                        "subscription lost (%s)%s; reconnecting%s in %.2f s",
+                        _describe(exc),
+                        f" at {api_url}" if len(self.servers) > 1 else "",
+                        elsewhere,
+                        delay,
+                    )
                     self._requeue_unanswered()
                     await trio.sleep(delay)
 
@@ -474,6 +499,9 @@ def _by_size(reports: list[_Report]) -> list[list[bytes]]:
 
 
 def _describe(exc: BaseException) -> str:
+    tls = tls_failure(exc)
+    if tls is not None:
+        return tls
     if isinstance(exc, ConnectionClosed) and exc.reason is not None:
         return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
     if isinstance(exc, ConnectionRejected):

@@ -26,19 +26,20 @@ import random
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, final
 
 import httpx
 import trio
 
-from trioworker import serializers
 from trioworker._util import only_exception
-from trioworker._websocket import OpenStream, next_backoff, open_network_stream
+from trioworker._websocket import OpenStream
 from trioworker.client.rest import TaskRunClient, connect, using_client
+from trioworker.connection import connection_options
 from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import (
     SetStateResult,
@@ -50,18 +51,18 @@ from trioworker.models import (
     make_state,
     utcnow,
 )
+from trioworker.servers import ApiUrls, UsesServers, as_servers, next_backoff
 from trioworker.settings import (
     DEFAULT_SHUTDOWN_GRACE_SECONDS,
     DEFAULT_STATUS_HOST,
     MAX_PREFETCH,
     Settings,
-    api_root,
 )
 from trioworker.tasks import Task
-from trioworker.worker import _threads, engine
+from trioworker.worker import _threads, engine, failures
 from trioworker.worker.engine import Outcome
 from trioworker.worker.statistics import WorkerStatistics
-from trioworker.worker.subscription import SubscriptionClient, websocket_url
+from trioworker.worker.subscription import SubscriptionClient
 
 log = logging.getLogger("trioworker.worker")
 
@@ -119,7 +120,7 @@ def _env_flag(name: str) -> bool:
 
 
 @final
-class TaskWorker:
+class TaskWorker(UsesServers):
     """Subscribes to runs of ``tasks`` and runs them, at most ``limit`` at once.
 
     Args:
@@ -127,7 +128,13 @@ class TaskWorker:
         limit: the most runs at once (None: no limit; the worker then asks for up to
             1,000 runs at a time and runs sync tasks on up to 100 threads).
         api_url, api_key: the server (default ``TRIOWORKER_API_URL`` / ``TRIOWORKER_API_KEY``);
-            ``http://host:port`` as the server prints it, or ``.../api``.
+            ``http://host:port`` as the server prints it, or ``.../api``. Or several servers,
+            replicas of one deployment, in the order to try them: comma-separated in one
+            string, or a sequence. The subscription and the REST client share the position
+            in the list (:attr:`api_url` is the server in use, :attr:`api_urls` all of
+            them): when the server in use goes away (its socket lost, closed with 1012,
+            refused), the worker subscribes to the next one at once, naming the runs it
+            still holds, and keeps them; see :mod:`trioworker.servers`.
         shutdown_grace_seconds: after :meth:`stop`, how long in-flight runs may finish
             before they are cancelled and handed back to the queue.
         status_server_port: serve ``/status``, ``/health`` and ``/metrics`` on this port
@@ -142,6 +149,12 @@ class TaskWorker:
             server). A run waits in the buffer only while no other worker of its task has
             a free slot; when one gets one, the server takes back the runs not started.
             Without a limit there is nothing to wait for, and prefetch is 0.
+        ca_bundle, insecure, headers: how to connect to the servers, over HTTP and
+            websockets alike (default ``TRIOWORKER_API_CA_BUNDLE``,
+            ``TRIOWORKER_API_INSECURE``, ``TRIOWORKER_API_HEADERS``): the CA certificates an
+            ``https://`` server's certificate is checked against (a PEM file or a folder;
+            default the system's), no check at all (a warning is logged), headers sent on
+            every request and websocket handshake (see :mod:`trioworker.connection`).
         open_stream: a test seam: opens the byte stream under the worker's websockets
             (the subscription and the client channel; see :mod:`trioworker._websocket`).
             The default is TCP, with TLS for ``https://``; tests pass one that returns
@@ -171,7 +184,7 @@ class TaskWorker:
         self,
         *tasks: Task[..., Any],
         limit: int | None = 10,
-        api_url: str | None = None,
+        api_url: ApiUrls | None = None,
         api_key: str | None = None,
         shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS,
         status_server_port: int | None = None,
@@ -179,7 +192,10 @@ class TaskWorker:
         allow_pickle: bool = False,
         client_id: str | None = None,
         prefetch: int = 0,
-        open_stream: OpenStream = open_network_stream,
+        open_stream: OpenStream | None = None,
+        ca_bundle: str | Path | None = None,
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._tasks = _check_tasks(tasks)
         if limit is not None and limit < 1:
@@ -189,8 +205,11 @@ class TaskWorker:
         if shutdown_grace_seconds < 0:
             raise ValueError("shutdown_grace_seconds must be >= 0")
         settings = Settings.from_env()
-        self.api_url = api_root(api_url or settings.api_url)
+        #: The servers, and the one in use (shared by the subscription and the REST client).
+        self.servers = as_servers(api_url or settings.api_url)
         self.api_key = api_key if api_key is not None else settings.api_key
+        #: TLS and the extra headers of every connection to the servers.
+        self.connection = connection_options(ca_bundle, insecure, headers)
         self.limit = limit
         self.shutdown_grace_seconds = shutdown_grace_seconds
         self.status_server_port = status_server_port
@@ -231,6 +250,18 @@ class TaskWorker:
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
         self._open_stream = open_stream
+
+    def _connect(self) -> contextlib.AbstractAsyncContextManager[TaskRunClient]:
+        """:func:`trioworker.connect` to this worker's servers, as this worker connects."""
+        options = self.connection
+        return connect(
+            self.servers,
+            self.api_key,
+            open_stream=self._open_stream,
+            ca_bundle=options.ca_bundle,
+            insecure=options.insecure,
+            headers=dict(options.headers),
+        )
 
     # -- what users read
     @property
@@ -309,22 +340,37 @@ class TaskWorker:
         return f"<TaskWorker {self.client_id} {self._state.value} tasks={self.task_keys} limit={self.limit}>"
 
     # -- lifecycle
-    async def start(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until :meth:`stop`; reports ``started`` once subscribed.
+    async def start(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - Prefect's name: serve at most that long
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until :meth:`stop` (or until ``timeout`` seconds passed); reports ``started``
+        once subscribed.
+
+        Args:
+            timeout: serve for at most this many seconds (Trio's clock, counted from this
+                call), then stop as :meth:`stop` does, the grace period included, log that
+                the time ran out, and return normally. None (the default): until stopped.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN.
+            RuntimeError: the worker was started before.
 
         **Error handling:** a failing run never stops the worker (it ends FAILED). Errors
         of the worker itself (a refused API key, a status port in use) propagate: one error
         as itself, several at once as an exception group.
         """
+        _check_timeout(timeout)
         if self._state is not WorkerState.UNOPENED:
             raise RuntimeError("this TaskWorker was already started; create a new one to start again")
-        websocket_url(self.api_url)  # a clear ValueError now for an unusable URL
         self._state = WorkerState.RUNNING
         self.started_at = utcnow()
         log.info("Subscribing to runs of task(s): %s", " | ".join(self._tasks))
         send, receive = trio.open_memory_channel[TaskRun](math.inf)
         self._subscription = SubscriptionClient(
-            api_url=self.api_url,
+            api_url=self.servers,
             api_key=self.api_key,
             keys=tuple(self._tasks),
             client_id=self.client_id,
@@ -333,9 +379,10 @@ class TaskWorker:
             on_cancel=self._on_cancel,
             prefetch=self.prefetch,
             open_stream=self._open_stream,
+            connection=self.connection,
         )
         try:
-            await self._run_tree(send, receive, task_status)
+            await self._run_tree(send, receive, task_status, timeout)
         except BaseExceptionGroup as group:
             single = only_exception(group)
             if single is None:
@@ -350,14 +397,17 @@ class TaskWorker:
         send: trio.MemorySendChannel[TaskRun],
         receive: trio.MemoryReceiveChannel[TaskRun],
         task_status: trio.TaskStatus[None],
+        seconds: float | None = None,
     ) -> None:
         """The nursery tree (see the module docstring)."""
         # One client for everything the worker's runs say over REST (their own .delay()
         # calls included: it is the ambient client of their context).
         async with (
-            connect(self.api_url, self.api_key, open_stream=self._open_stream),
+            self._connect(),
             trio.open_nursery() as nursery,
         ):
+            if seconds is not None:
+                nursery.start_soon(self._stop_at, trio.current_time() + seconds, seconds)
             if self.status_server_port is not None:
                 # Only here: a worker without a status port never imports quart or hypercorn.
                 from trioworker.worker.status import serve_status
@@ -440,6 +490,14 @@ class TaskWorker:
             )
         if self._grace_scope is not None:
             self._grace_scope.deadline = deadline
+
+    async def _stop_at(self, deadline: float, seconds: float) -> None:
+        """``start(timeout=...)``: stop at ``deadline`` (Trio time), as :meth:`stop` does.
+        Lives in the worker's nursery, which cancels it when the worker ends first."""
+        await trio.sleep_until(deadline)
+        if self._state is WorkerState.RUNNING:
+            log.info("worker %s: its timeout of %g s ran out", self.client_id, seconds)
+            self.stop()
 
     @asynccontextmanager
     async def _run_in_background(self) -> AsyncIterator[Self]:
@@ -586,7 +644,7 @@ class TaskWorker:
     async def _unknown_key(self, run: TaskRun, release: Callable[[list[uuid.UUID]], None]) -> None:
         if self.delete_failed_submissions:
             log.warning("deleting run %s: this worker does not serve task %r", run.id, run.task_key)
-            async with TaskRunClient(self.api_url, self.api_key) as client:
+            async with TaskRunClient(self.servers, self.api_key) as client:
                 with contextlib.suppress(NotFound):
                     await client.delete(run.id)
         else:
@@ -723,7 +781,7 @@ class TaskWorker:
         self, task: Task[..., Any], run: TaskRun, reporter: engine.Reporter, exc: Exception
     ) -> bool:
         """End ``run`` FAILED for the worker's fault ``exc``; False if the server was not told."""
-        line = serializers.exception_line(exc, 1024)
+        line = failures.exception_line(exc, 1024)
         log.error(
             "run %s of %s: the worker failed while handling it %d times (%s); failing it",
             run.id,
@@ -733,8 +791,8 @@ class TaskWorker:
         )
         failed = make_state(
             StateType.FAILED,
-            message=serializers.clip_text(f"the worker could not handle this run: {line}"),
-            data=serializers.describe_exception(exc),
+            message=failures.clip_text(f"the worker could not handle this run: {line}"),
+            data=failures.describe_exception(exc),
         )
         try:
             answer = await reporter.report(run.id, failed)
@@ -769,7 +827,7 @@ class TaskWorker:
         task = self._tasks.get(task_run.task_key)
         self._claimed.add(task_run.id)
         try:
-            async with connect(self.api_url, self.api_key, open_stream=self._open_stream) as client:
+            async with self._connect() as client:
                 if task is None:
                     await self._unknown_key(task_run, lambda ids: None)
                     return
@@ -777,6 +835,11 @@ class TaskWorker:
                 await self._run_one(task, task_run, _RestReporter(client))
         finally:
             self._claimed.discard(task_run.id)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 (or None), got {timeout!r}")
 
 
 def _count(faults: dict[uuid.UUID, int], run_id: uuid.UUID) -> int:
@@ -792,12 +855,18 @@ async def serve(
     *tasks: Task[..., Any],
     limit: int | None = 10,
     status_server_port: int | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - Prefect's name: serve at most that long
     **options: Any,
 ) -> None:
-    """Serve ``tasks`` until SIGINT, SIGTERM or :class:`StopTaskWorker`; then return.
+    """Serve ``tasks`` until SIGINT, SIGTERM or :class:`StopTaskWorker` (or for at most
+    ``timeout`` seconds); then return.
 
     Use it as ``trio.run(serve, say, yell)`` or with ``functools.partial`` for options
     (any :class:`TaskWorker` argument). Any other error propagates.
+
+    **Timeout:** with ``timeout``, the worker stops once that many seconds passed since the
+    call, as a first signal stops it (the grace period included), logs that the time ran
+    out, and ``serve()`` returns normally (see :meth:`TaskWorker.start`).
 
     **Signals:** the first SIGINT or SIGTERM stops the worker with its grace period
     (``shutdown_grace_seconds``): no new runs, in-flight runs may finish, then the rest
@@ -818,11 +887,13 @@ async def serve(
     that blocks the event loop blocks signal handling too. The ``trioworker worker``
     process does not wait for such runs (it exits, see the CLI).
     """
-    await serve_worker(TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options))
+    worker = TaskWorker(*tasks, limit=limit, status_server_port=status_server_port, **options)
+    await serve_worker(worker, timeout=timeout)
 
 
-async def serve_worker(worker: TaskWorker) -> None:
-    """:func:`serve` for a worker made beforehand (the same signals and ending)."""
+async def serve_worker(worker: TaskWorker, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    """:func:`serve` for a worker made beforehand (the same signals, timeout and ending)."""
+    _check_timeout(timeout)
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signals(*, task_status: trio.TaskStatus[None]) -> None:
@@ -839,7 +910,7 @@ async def serve_worker(worker: TaskWorker) -> None:
 
         await nursery.start(stop_on_signals)
         try:
-            await worker.start()
+            await worker.start(timeout=timeout)
         except* StopTaskWorker:
             log.info("StopTaskWorker: the worker stopped")
         nursery.cancel_scope.cancel()

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Final
 
 from trioworker.server.store.base import Change as Change
+from trioworker.server.store.base import EndedCount as EndedCount
 from trioworker.server.store.base import QueuedOp as QueuedOp
 from trioworker.server.store.base import QueuedRun as QueuedRun
 from trioworker.server.store.base import Requeued as Requeued
+from trioworker.server.store.base import RunCount as RunCount
 from trioworker.server.store.base import RunIdTaken as RunIdTaken
 from trioworker.server.store.base import SharedStore as SharedStore
 from trioworker.server.store.base import Store as Store
@@ -41,9 +43,11 @@ __all__ = [
     "SUPPORTED_DATABASES",
     "Change",
     "DatabaseInUse",
+    "EndedCount",
     "QueuedOp",
     "QueuedRun",
     "Requeued",
+    "RunCount",
     "RunIdTaken",
     "SQLiteStore",
     "SharedStore",

@@ -62,6 +62,27 @@ class Change:
 
 
 @attrs.frozen
+class RunCount:
+    """How many runs of one task key are in one state type (:meth:`Store.count_runs`)."""
+
+    task_key: str
+    state_type: StateType
+    count: int
+
+
+@attrs.frozen
+class EndedCount:
+    """How many runs of one task key ended in one state type within one minute
+    (:meth:`Store.count_ended`)."""
+
+    #: The minute's start, UTC (seconds and below are zero).
+    minute: datetime
+    task_key: str
+    state_type: StateType
+    count: int
+
+
+@attrs.frozen
 class Requeued:
     """What became of one held run when its connection let go of it."""
 
@@ -79,6 +100,10 @@ class Claimed:
     #: When fewer than asked were claimed: the due time of the next delayed run of those
     #: keys (epoch seconds), or None when there is none.
     next_due: float | None = None
+    #: Per run claimed from the ready runs: since when it was ready (epoch seconds: its
+    #: scheduled time, or when it last became SCHEDULED if later). Runs the claim adopted
+    #: (claimed before) have none.
+    ready_since: dict[uuid.UUID, float] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -129,6 +154,11 @@ class Store(Protocol):
         """Where the runs are kept, fit for a log line (no password)."""
         ...
 
+    @property
+    def kind(self) -> str:
+        """What keeps the runs: ``"sqlite"`` or ``"postgresql"`` (the dashboard shows it)."""
+        ...
+
     async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Create runs, SCHEDULED, in order; each with its queue entry, or with None when
         it is the run a known idempotency key (of the same task key) or ``id`` names.
@@ -152,8 +182,34 @@ class Store(Protocol):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        parent_task_run_id: uuid.UUID | None = None,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        """Runs in the order they were created, filtered by key and state type."""
+        """Runs in the order they were created (``newest_first``: the reverse), filtered by
+        key, state type and parent run (the runs submitted from inside that run); ``offset``
+        runs of that order are skipped, at most ``limit`` returned."""
+        ...
+
+    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
+        """The runs whose id's text (``str(uuid)``) starts with ``id_prefix`` (lower case,
+        with its dashes where a run id has them: :func:`trioworker.protocol.id_prefix`), in
+        the order of their ids, at most ``limit``; found by the index on ids, not by a scan."""
+        ...
+
+    async def count_runs(self) -> list[RunCount]:
+        """How many runs there are of each task key in each state type (pairs with no run
+        are left out), in no particular order."""
+        ...
+
+    async def count_ended(self, since: datetime) -> list[EndedCount]:
+        """How many runs ended (reached a terminal state) at ``since`` or later, by minute,
+        task key and terminal state type, oldest minute first. A run that ended twice (set
+        back to SCHEDULED by force, then ended again) counts twice; a deleted run not at all."""
+        ...
+
+    async def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        """Per task key, the run first in line: of the SCHEDULED runs due at ``now`` (no
+        scheduled time, or one not after ``now``), the one created first. Ordered by task key."""
         ...
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
@@ -207,6 +263,28 @@ class Store(Protocol):
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         """Delete the run and its history; the run as it was, or None when it did not exist."""
+        ...
+
+    async def purge_ended(
+        self,
+        before: datetime,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 1000,
+    ) -> list[uuid.UUID]:
+        """Delete, with their history, at most ``limit`` runs that ended before ``before``
+        (their state is terminal, and its time is earlier), those that ended first first;
+        their ids. ``task_key`` and ``state`` (a terminal state type) narrow them down.
+
+        One call is one operation of the store: callers purge in batches of ``limit``, so
+        that other operations run between them.
+        """
+        ...
+
+    async def oldest_end(self) -> datetime | None:
+        """When the run that ended first (of those that exist and have ended) ended: the
+        time :meth:`purge_ended` compares; None when no run has ended."""
         ...
 
     async def reclaim(
@@ -304,6 +382,11 @@ class SharedStore(Store, Protocol):
 
     async def count_queued(self, now: float) -> tuple[int, int]:
         """``(ready, delayed)`` SCHEDULED runs at ``now`` (epoch seconds), waiting ones not counted."""
+        ...
+
+    async def count_ready(self, task_keys: Sequence[str], now: float) -> dict[str, int]:
+        """Per task key of ``task_keys``: its SCHEDULED runs due at ``now`` (epoch seconds)
+        and waiting for no other run; a key with none is left out."""
         ...
 
     def listener(self) -> NoticeListener:

@@ -7,6 +7,10 @@ interface: every call queues one operation; a committer task takes every operati
 at that moment (up to :data:`MAX_GROUP`) and hands the group to the store's
 :meth:`GroupCommitStore._commit_group` inside one ``trio.to_thread.run_sync`` call. So the
 Trio thread never blocks on the database, and a burst of 1,000 writes costs one commit.
+
+The counts of the operator's view (:meth:`GroupCommitStore.count_runs` and the like) read
+many rows: a store may run them beside the committer, on a connection of its own
+(:meth:`GroupCommitStore._read_beside`), so that they never hold up a commit.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import attrs
 import trio
 
 from trioworker.models import SetStateRequest, StateChange, StateType, TaskRun, TaskRunCreate, utcnow
-from trioworker.server.store.base import Change, QueuedOp, QueuedRun, Requeued, StoreError
+from trioworker.server.store.base import (
+    Change,
+    EndedCount,
+    QueuedOp,
+    QueuedRun,
+    Requeued,
+    RunCount,
+    StoreError,
+)
 
 T = TypeVar("T")
 
@@ -38,8 +50,22 @@ class Operations(Protocol):
     def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]: ...
 
     def list_runs(
-        self, task_key: str | None, state: StateType | None, limit: int, offset: int
+        self,
+        task_key: str | None,
+        state: StateType | None,
+        limit: int,
+        offset: int,
+        parent: uuid.UUID | None,
+        newest_first: bool,
     ) -> list[TaskRun]: ...
+
+    def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]: ...
+
+    def count_runs(self) -> list[RunCount]: ...
+
+    def count_ended(self, since: datetime) -> list[EndedCount]: ...
+
+    def oldest_waiting(self, now: datetime) -> list[TaskRun]: ...
 
     def history(self, run_id: uuid.UUID) -> list[StateChange] | None: ...
 
@@ -64,6 +90,12 @@ class Operations(Protocol):
     ) -> list[Requeued]: ...
 
     def delete_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
+
+    def purge_ended(
+        self, before: datetime, task_key: str | None, state: StateType | None, limit: int
+    ) -> list[uuid.UUID]: ...
+
+    def oldest_end(self) -> datetime | None: ...
 
     def reclaim(
         self, run_ids: Sequence[uuid.UUID], client_id: str
@@ -112,7 +144,9 @@ class GroupCommitStore(Generic[OpsT]):
     one operation of the next group commit.
 
     A subclass opens its database, then runs :meth:`_commit_forever` in a nursery for the
-    life of the store, and implements :meth:`_commit_group`.
+    life of the store, and implements :meth:`_commit_group`. One that reads beside the
+    committer sets ``_reads_beside``, implements :meth:`_read_beside`, and closes its reading
+    connection through :meth:`_close_reader`.
     """
 
     def __init__(self, ops: OpsT, send: trio.MemorySendChannel[Pending[OpsT, object]]) -> None:
@@ -120,6 +154,10 @@ class GroupCommitStore(Generic[OpsT]):
         self._send = send
         self._operations = 0
         self._commits = 0
+        #: The counts run on a connection of their own (:meth:`_read_beside`), not queued.
+        self._reads_beside = False
+        self._reader_lock = trio.Lock()  # one count at a time; closing waits for it
+        self._reader_closed = False
 
     def statistics(self) -> StoreStatistics:
         """How many operations ran, in how many transactions (group commit at work)."""
@@ -180,6 +218,37 @@ class GroupCommitStore(Generic[OpsT]):
                 pending.error = closed
                 pending.done.set()
 
+    def _read_beside(self, op: Callable[[OpsT], T]) -> T:
+        """Run the read-only ``op`` on the store's reading connection (on a worker thread,
+        one at a time); it must see every operation committed before it was called.
+
+        Raises:
+            StoreError: the database failed to read.
+        """
+        raise NotImplementedError
+
+    async def _close_reader(self, close: Callable[[], None]) -> None:
+        """Refuse further counts, then run ``close`` (on a worker thread) once a count under
+        way has finished. Shielded: it runs whole in a cancelled scope."""
+        with trio.CancelScope(shield=True):
+            async with self._reader_lock:
+                self._reader_closed = True
+                await trio.to_thread.run_sync(close)
+
+    async def _count(self, op: Callable[[OpsT], T]) -> T:
+        """Run the read-only ``op`` beside the committer when the store can (it does not
+        hold up commits), else queue it as any other operation.
+
+        Raises:
+            StoreError: the store is closed, or the database failed to read.
+        """
+        if not self._reads_beside:
+            return await self._run(op)
+        async with self._reader_lock:
+            if self._reader_closed:
+                raise StoreError("the store is closed")
+            return await trio.to_thread.run_sync(self._read_beside, op)
+
     def _queue(self, op: Callable[[OpsT], T]) -> Pending[OpsT, T]:
         """Queue ``op`` for the next group commit; operations run in the order queued."""
         pending: Pending[OpsT, T] = Pending(op)
@@ -217,8 +286,24 @@ class GroupCommitStore(Generic[OpsT]):
         state: StateType | None = None,
         limit: int = 100,
         offset: int = 0,
+        parent_task_run_id: uuid.UUID | None = None,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.list_runs(task_key, state, limit, offset))
+        return await self._run(
+            lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first)
+        )
+
+    async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.find_runs(id_prefix, limit))
+
+    async def count_runs(self) -> list[RunCount]:
+        return await self._count(lambda ops: ops.count_runs())
+
+    async def count_ended(self, since: datetime) -> list[EndedCount]:
+        return await self._count(lambda ops: ops.count_ended(since))
+
+    async def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        return await self._count(lambda ops: ops.oldest_waiting(now))
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         return await self._run(lambda ops: ops.history(run_id))
@@ -257,6 +342,19 @@ class GroupCommitStore(Generic[OpsT]):
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self._run(lambda ops: ops.delete_run(run_id))
+
+    async def purge_ended(
+        self,
+        before: datetime,
+        *,
+        task_key: str | None = None,
+        state: StateType | None = None,
+        limit: int = 1000,
+    ) -> list[uuid.UUID]:
+        return await self._run(lambda ops: ops.purge_ended(before, task_key, state, limit))
+
+    async def oldest_end(self) -> datetime | None:
+        return await self._count(lambda ops: ops.oldest_end())
 
     async def reclaim(
         self, run_ids: Sequence[uuid.UUID], client_id: str

@@ -18,12 +18,16 @@ other:
 - ``trioworker_ready``: one row per SCHEDULED run (and only those): the small table that
   claims lock with ``FOR UPDATE SKIP LOCKED``, whatever the number of ended runs. Its
   ``queued_seq`` (a sequence) grows each time a run is queued, requeued included.
-- ``trioworker_task_run_states``: every state of every run (the history).
+- ``trioworker_task_run_states``: every state of every run (the history); the ends
+  (terminal states) are indexed by time, for the counts per minute and retention.
 - ``trioworker_schema``: the schema version; created and migrated on start in one
   transaction under an advisory lock, so servers starting together migrate once.
 
 Idempotency keys are unique per ``(task_key, idempotency_key)`` in the database: two
 servers inserting one key at once get one run (``INSERT ... ON CONFLICT DO NOTHING``).
+
+The counts of the operator's view run on a second connection (autocommit, no lock), so that
+they never hold up the committer.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 import attrs
 import orjson
@@ -51,6 +55,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from trioworker.models import (
     ACTIVE_STATES,
+    TERMINAL_STATES,
     SetStateRequest,
     State,
     StateChange,
@@ -62,10 +67,12 @@ from trioworker.models import (
 from trioworker.server.store.base import (
     Change,
     Claimed,
+    EndedCount,
     Heartbeat,
     Notice,
     QueuedRun,
     Requeued,
+    RunCount,
     StoreError,
 )
 from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
@@ -86,11 +93,16 @@ from trioworker.server.store.runs import (
     same_run,
 )
 
+T = TypeVar("T")
+
 #: The schemes of the URLs this store takes.
 SCHEMES: Final = ("postgresql", "postgres")
 
-#: The newest schema this code knows (the PostgreSQL store's own numbering).
-SCHEMA_VERSION: Final = 2
+#: The newest schema this code knows (the PostgreSQL store's own numbering). 1: the first;
+#: 2: the parent run's id in a column (a run's children found by index), ends indexed by
+#: time, runs indexed by task key and state (their counts read the index only); 3: several
+#: servers on one database (a row per server, ready rows of runs that wait for others).
+SCHEMA_VERSION: Final = 3
 
 #: The first key of the advisory lock held while the schema is created or migrated (the
 #: second is the schema's name): "trio" in ASCII.
@@ -100,8 +112,44 @@ _SERVER_LOCK: Final = 0x74737276
 #: Seconds a server starting waits for that lock before it says another server has it.
 _LOCK_WAIT_SECONDS: Final = 2
 
-#: Statements that bring the schema from the version before each key to that version.
-MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = {
+_Conn = psycopg.Connection[tuple[Any, ...]]
+
+#: TERMINAL_STATES as an SQL list: the very text of the partial index of ends, which the
+#: planner uses only for a query whose condition implies it.
+_TERMINAL_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES))
+
+
+#: Rows :func:`_fill_parent_ids` reads at a time.
+_FILL_BATCH: Final = 1000
+
+
+def _fill_parent_ids(conn: _Conn) -> None:
+    """Schema 2: copy each run's parent id from its body (read as the store reads runs) to
+    the new column, :data:`_FILL_BATCH` rows at a time. Only bodies holding a parent id's
+    text are read (a run with a parent has ``"parent_task_run_id":"`` in its body)."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, body FROM trioworker_task_runs WHERE seq > %b"
+            """ AND position('"parent_task_run_id":"'::bytea IN body) > 0 ORDER BY seq LIMIT %b""",
+            (last, _FILL_BATCH),
+            binary=True,
+        ).fetchall()
+        if not rows:
+            return
+        last = rows[-1][0]
+        parents = [(seq, orjson.loads(body).get("parent_task_run_id")) for seq, body in rows]
+        conn.execute(
+            "UPDATE trioworker_task_runs AS r SET parent_id = u.parent_id"
+            " FROM unnest(%b::bigint[], %b::uuid[]) AS u(seq, parent_id) WHERE r.seq = u.seq",
+            ([seq for seq, parent in parents if parent], [uuid.UUID(p) for _, p in parents if p]),
+            binary=True,
+        )
+
+
+#: What brings the schema from the version before each key to that version: statements,
+#: and functions of the connection (in the migration's transaction).
+MIGRATIONS: Final[Mapping[int, tuple[str | Callable[[_Conn], None], ...]]] = {
     1: (
         """CREATE TABLE trioworker_task_runs (
             seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -143,6 +191,16 @@ MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = {
         "CREATE INDEX trioworker_task_run_states_run ON trioworker_task_run_states (run_seq, id)",
     ),
     2: (
+        "ALTER TABLE trioworker_task_runs ADD COLUMN parent_id uuid",
+        _fill_parent_ids,
+        "CREATE INDEX trioworker_task_runs_parent ON trioworker_task_runs (parent_id, seq)"
+        " WHERE parent_id IS NOT NULL",
+        # Ends by time (counts per minute, retention): one entry per end, none for other states.
+        "CREATE INDEX trioworker_task_run_states_ended ON trioworker_task_run_states (timestamp, id)"
+        f" WHERE type IN ({_TERMINAL_SQL})",
+        "CREATE INDEX trioworker_task_runs_counts ON trioworker_task_runs (task_key, state_type)",
+    ),
+    3: (
         # One row per server sharing the database (a replica): it updates heartbeat_at
         # (the database's clock) while it lives; silent for timeout_seconds, it is dead.
         """CREATE TABLE trioworker_replicas (
@@ -155,6 +213,9 @@ MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = {
         # A run created with wait_for waits in the ready table, not claimed, until the
         # runs it waits for have completed.
         "ALTER TABLE trioworker_ready ADD COLUMN waiting boolean NOT NULL DEFAULT false",
+        # Runs queued before with wait_for: waiting, until recovery finds their runs done.
+        "UPDATE trioworker_ready AS q SET waiting = true FROM trioworker_task_runs AS r"
+        " WHERE r.seq = q.run_seq AND r.wait_for IS NOT NULL",
     ),
 }
 
@@ -177,8 +238,6 @@ _LISTEN_DEFAULTS: Final = {
 
 
 # --------------------------------------------------------------------------- the database
-
-_Conn = psycopg.Connection[tuple[Any, ...]]
 
 
 @attrs.frozen
@@ -482,6 +541,22 @@ def _uuid_array(ids: Sequence[uuid.UUID]) -> str | None:
     return "{" + ",".join(map(str, ids)) + "}" if ids else None
 
 
+#: A run id's canonical text, as the shape an id prefix must follow.
+_ID_TEMPLATE: Final = str(uuid.UUID(int=0))
+
+
+def _id_range(id_prefix: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """The first and the last run id whose text starts with ``id_prefix`` (ids are ordered
+    as their text is); None when no id's text can."""
+    digits = id_prefix.replace("-", "")
+    shaped = len(id_prefix) <= len(_ID_TEMPLATE) and all(
+        (char == "-") == (_ID_TEMPLATE[i] == "-") for i, char in enumerate(id_prefix)
+    )
+    if not shaped or not all(char in "0123456789abcdef" for char in digits):
+        return None
+    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+
+
 def _lease(run: TaskRun) -> str | None:
     """The ``client_id`` column: the connection that holds the run, while it is held."""
     return _text(run.state.state_details.client_id) if run.state.type in ACTIVE_STATES else None
@@ -727,7 +802,10 @@ class _PostgresOps(Operations):
                 self._execute("CREATE TABLE trioworker_schema (version integer NOT NULL)")
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[step]:
-                    self._execute(statement)
+                    if isinstance(statement, str):
+                        self._execute(statement)
+                    else:
+                        statement(self.conn)
             self._execute("DELETE FROM trioworker_schema")
             self._execute("INSERT INTO trioworker_schema (version) VALUES (%b)", (SCHEMA_VERSION,))
 
@@ -758,12 +836,13 @@ class _PostgresOps(Operations):
         inserted = dict(
             self._execute(
                 "WITH w AS (SELECT * FROM unnest(%b::uuid[], %b::text[], %b::float8[], %b::text[],"
-                " %b::text[], %b::bigint[], %b::bytea[], %b::bytea[]) WITH ORDINALITY"
-                " AS u(id, task_key, scheduled_at, idempotency_key, wait_for, rev, parameters, body, n)),"
-                " inserted AS (INSERT INTO trioworker_task_runs"
-                " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, rev, parameters, body)"
-                " SELECT id, task_key, 'SCHEDULED', scheduled_at, idempotency_key, wait_for::uuid[], rev,"
-                " parameters, body FROM w ORDER BY n"
+                " %b::text[], %b::uuid[], %b::bigint[], %b::bytea[], %b::bytea[]) WITH ORDINALITY"
+                " AS u(id, task_key, scheduled_at, idempotency_key, wait_for, parent_id, rev, parameters,"
+                " body, n)),"
+                " inserted AS (INSERT INTO trioworker_task_runs (id, task_key, state_type, scheduled_at,"
+                " idempotency_key, wait_for, parent_id, rev, parameters, body)"
+                " SELECT id, task_key, 'SCHEDULED', scheduled_at, idempotency_key, wait_for::uuid[],"
+                " parent_id, rev, parameters, body FROM w ORDER BY n"
                 " ON CONFLICT DO NOTHING RETURNING id, seq, task_key, scheduled_at, wait_for),"
                 " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at, waiting)"
                 " SELECT seq, id, task_key, scheduled_at, wait_for IS NOT NULL FROM inserted ORDER BY seq),"
@@ -776,6 +855,7 @@ class _PostgresOps(Operations):
                     [epoch(create.scheduled_time) for create in creates],
                     [create.idempotency_key for create in creates],
                     [_uuid_array(run.wait_for) for run in runs],
+                    [run.parent_task_run_id for run in runs],
                     revs,
                     parameters,
                     bodies,
@@ -838,18 +918,77 @@ class _PostgresOps(Operations):
         return [found[i].run for i in run_ids if i in found]
 
     def list_runs(
-        self, task_key: str | None, state: StateType | None, limit: int, offset: int
+        self,
+        task_key: str | None,
+        state: StateType | None,
+        limit: int,
+        offset: int,
+        parent: uuid.UUID | None = None,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
         if task_key is not None and "\x00" in task_key:
             return []  # no task key holds NUL (PostgreSQL text cannot)
-        state_type = None if state is None else state.value
+        # Only the conditions given, so that the planner picks the index that fits them
+        # (by key, by state, by parent, or the runs' order alone).
+        where: list[str] = []
+        args: list[object] = []
+        for column, value in (
+            ("task_key = %b::text", task_key),
+            ("state_type = %b::text", None if state is None else state.value),
+            ("parent_id = %b::uuid", parent),
+        ):
+            if value is not None:
+                where.append(column)
+                args.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._execute(
-            "SELECT parameters, body FROM trioworker_task_runs"
-            " WHERE (%b::text IS NULL OR task_key = %b::text) AND (%b::text IS NULL OR state_type = %b::text)"
-            " ORDER BY seq LIMIT %b OFFSET %b",
-            (task_key, task_key, state_type, state_type, limit, offset),
+            f"SELECT parameters, body FROM trioworker_task_runs {clause}"
+            f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT %b OFFSET %b",
+            (*args, limit, offset),
         )
         return [run_from_row(p, b) for p, b in rows]
+
+    def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]:
+        bounds = _id_range(id_prefix)
+        if bounds is None:
+            return []
+        rows = self._execute(
+            "SELECT parameters, body FROM trioworker_task_runs WHERE id BETWEEN %b AND %b"
+            " ORDER BY id LIMIT %b",
+            (*bounds, limit),
+        )
+        return [run_from_row(p, b) for p, b in rows]
+
+    def count_runs(self) -> list[RunCount]:
+        rows = self._execute("SELECT task_key, state_type, count(*) FROM trioworker_task_runs GROUP BY 1, 2")
+        return [RunCount(key, StateType(state), n) for key, state, n in rows]
+
+    def count_ended(self, since: datetime) -> list[EndedCount]:
+        rows = self._execute(
+            "SELECT date_trunc('minute', s.timestamp AT TIME ZONE 'UTC'), r.task_key, s.type, count(*)"
+            " FROM trioworker_task_run_states AS s JOIN trioworker_task_runs AS r ON r.seq = s.run_seq"
+            f" WHERE s.type IN ({_TERMINAL_SQL}) AND s.timestamp >= %b"
+            " GROUP BY 1, 2, 3",
+            (since,),
+        )
+        counts = [EndedCount(minute.replace(tzinfo=UTC), key, StateType(t), n) for minute, key, t, n in rows]
+        return sorted(counts, key=lambda c: (c.minute, c.task_key, c.state_type.value))
+
+    def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        # The ready table holds the SCHEDULED runs: walk its task keys along the index (a
+        # skip scan, one probe per key), then take each key's first due run from the index.
+        rows = self._execute(
+            "WITH RECURSIVE keys AS ("
+            " (SELECT task_key FROM trioworker_ready ORDER BY task_key LIMIT 1)"
+            " UNION ALL SELECT (SELECT q.task_key FROM trioworker_ready AS q WHERE q.task_key > keys.task_key"
+            " ORDER BY q.task_key LIMIT 1) FROM keys WHERE keys.task_key IS NOT NULL)"
+            " SELECT r.parameters, r.body FROM keys CROSS JOIN LATERAL"
+            " (SELECT q.run_seq FROM trioworker_ready AS q WHERE q.task_key = keys.task_key"
+            " AND (q.scheduled_at IS NULL OR q.scheduled_at <= %b) ORDER BY q.run_seq LIMIT 1) AS first"
+            " JOIN trioworker_task_runs AS r ON r.seq = first.run_seq",
+            (now.timestamp(),),
+        )
+        return sorted((run_from_row(p, b) for p, b in rows), key=lambda run: run.task_key)
 
     def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         row = self._execute("SELECT seq FROM trioworker_task_runs WHERE id = %b", (run_id,)).fetchone()
@@ -927,15 +1066,16 @@ class _PostgresOps(Operations):
             ]
             adopted = [row.run for row in self._fetch(strays, lock=True, skip_locked=True).values()]
             limit -= len(adopted)
-        ids = [
-            run_id
-            for (run_id,) in self._execute(
-                "SELECT run_id FROM trioworker_ready WHERE task_key = ANY(%b::text[]) AND NOT waiting"
+        due = dict(
+            self._execute(
+                "SELECT run_id, scheduled_at FROM trioworker_ready WHERE task_key = ANY(%b::text[])"
+                " AND NOT waiting"
                 " AND (scheduled_at IS NULL OR scheduled_at <= %b) ORDER BY run_seq LIMIT %b"
                 " FOR UPDATE SKIP LOCKED",
                 (list(keys), clock_now, limit),
-            )
-        ]
+            ).fetchall()
+        )
+        ids = list(due)
         found = self._fetch(ids, lock=True, skip_locked=True)
         now = utcnow()
         rows = [
@@ -943,6 +1083,9 @@ class _PostgresOps(Operations):
             for run_id in ids
             if (row := found.get(run_id)) is not None and row.run.state.type is StateType.SCHEDULED
         ]
+        ready_since = {
+            row.run.id: max(found[row.run.id].run.updated.timestamp(), due[row.run.id] or 0.0) for row in rows
+        }
         self._save(rows)
         next_due = None
         if len(rows) < limit and limit > 0:
@@ -951,7 +1094,7 @@ class _PostgresOps(Operations):
                 " AND NOT waiting AND scheduled_at > %b",
                 (list(keys), clock_now),
             ).fetchall()
-        return Claimed(adopted + [row.run for row in rows], next_due)
+        return Claimed(adopted + [row.run for row in rows], next_due, ready_since)
 
     def set_states(
         self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float, holder: str | None = None
@@ -1076,6 +1219,50 @@ class _PostgresOps(Operations):
         self.changed[run_id] = None
         return run
 
+    #: The ends (terminal history rows) that are their run's last state, oldest first, along
+    #: the partial index of ends by time: a run set back to SCHEDULED has an end that is not
+    #: its last row. Format with ``conditions`` (on ``s``, the end, and ``r``, the run).
+    _ENDS: Final = (
+        "SELECT r.seq, r.id, s.timestamp FROM trioworker_task_run_states AS s"
+        " JOIN trioworker_task_runs AS r ON r.seq = s.run_seq"
+        f" WHERE s.type IN ({_TERMINAL_SQL}) AND r.state_type IN ({_TERMINAL_SQL}) {{conditions}}"
+        " AND NOT EXISTS (SELECT 1 FROM trioworker_task_run_states AS later"
+        " WHERE later.run_seq = s.run_seq AND later.id > s.id)"
+        " ORDER BY s.timestamp, s.id LIMIT %b"
+    )
+
+    def purge_ended(
+        self, before: datetime, task_key: str | None, state: StateType | None, limit: int
+    ) -> list[uuid.UUID]:
+        """Delete the runs that ended first, with their history, in one statement; a run
+        another transaction is changing right now is skipped (it may not stay ended)."""
+        if task_key is not None and "\x00" in task_key:
+            return []
+        conditions = "AND s.timestamp < %b"
+        args: list[object] = [before]
+        if task_key is not None:
+            conditions += " AND r.task_key = %b"
+            args.append(task_key)
+        if state is not None:
+            conditions += " AND r.state_type = %b"
+            args.append(state.value)
+        rows = self._execute(
+            f"WITH ended AS ({self._ENDS.format(conditions=conditions)} FOR UPDATE OF r SKIP LOCKED),"
+            " history AS (DELETE FROM trioworker_task_run_states AS h USING ended"
+            " WHERE h.run_seq = ended.seq),"
+            " runs AS (DELETE FROM trioworker_task_runs AS r USING ended WHERE r.seq = ended.seq)"
+            " SELECT id FROM ended ORDER BY timestamp, seq",
+            (*args, limit),
+        ).fetchall()
+        for (run_id,) in rows:
+            self.cache.drop(run_id)
+            self.changed[run_id] = None
+        return [run_id for (run_id,) in rows]
+
+    def oldest_end(self) -> datetime | None:
+        row = self._execute(self._ENDS.format(conditions=""), (1,)).fetchone()
+        return None if row is None else row[2].astimezone(UTC)
+
     def recover(self, max_deliveries: int) -> list[QueuedRun]:
         """At start: requeue the runs of dead servers (:meth:`reap`: every held run, when no
         other server shares the database), and return every SCHEDULED run in order (with
@@ -1199,6 +1386,14 @@ class _PostgresOps(Operations):
         ).fetchall()
         return int(ready), int(delayed)
 
+    def count_ready(self, task_keys: Sequence[str], clock_now: float) -> dict[str, int]:
+        rows = self._execute(
+            "SELECT task_key, count(*) FROM trioworker_ready WHERE task_key = ANY(%b) AND NOT waiting"
+            " AND (scheduled_at IS NULL OR scheduled_at <= %b) GROUP BY task_key",
+            ([_text(key) for key in task_keys], clock_now),
+        ).fetchall()
+        return {key: int(count) for key, count in rows}
+
 
 # --------------------------------------------------------------------------- the store
 
@@ -1221,6 +1416,10 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
         super().__init__(_PostgresOps(), send)
         self.target = target
         self._connection = _Connection(target, exclusive=exclusive)
+        #: The counts' connection (made on the first count, again after it was lost).
+        self._reader = _Connection(target, exclusive=False)
+        self._reader_ops = _PostgresOps()
+        self._reads_beside = True
 
     @property
     def location(self) -> str:
@@ -1263,9 +1462,16 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
     async def count_queued(self, now: float) -> tuple[int, int]:
         return await self._run(lambda ops: ops.count_queued(now))
 
+    async def count_ready(self, task_keys: Sequence[str], now: float) -> dict[str, int]:
+        return await self._run(lambda ops: ops.count_ready(task_keys, now))
+
     def listener(self) -> PostgresListener:
         assert self._ops.channel is not None, "the store is open"
         return PostgresListener(self.target, self._ops.channel)
+
+    @property
+    def kind(self) -> str:
+        return "postgresql"
 
     @classmethod
     @asynccontextmanager
@@ -1286,11 +1492,11 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
                 port, database and user, never the password.
             DatabaseInUse: another (exclusive) server has the database.
 
-        **Resource handling:** the committer task and the connection live exactly as long as
-        the ``async with`` block (as :meth:`SQLiteStore.open
-        <trioworker.server.store.sqlite.SQLiteStore.open>`'s). When the database goes away,
-        the operations of that moment fail with :class:`StoreError`; the next ones connect
-        again.
+        **Resource handling:** the committer task and the connections (the committer's, and
+        the counts' one, made on the first count) live exactly as long as the ``async with``
+        block (as :meth:`SQLiteStore.open <trioworker.server.store.sqlite.SQLiteStore.open>`'s).
+        When the database goes away, the operations of that moment fail with
+        :class:`StoreError`; the next ones connect again.
         """
         target = PostgresTarget.parse(url)
         send, receive = trio.open_memory_channel[Pending[_PostgresOps, object]](math.inf)
@@ -1306,6 +1512,7 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
         finally:
             send.close()
             with trio.CancelScope(shield=True):
+                await store._close_reader(store._reader.close)  # after a count under way
                 await trio.to_thread.run_sync(store._connection.close)
 
     def _start(self) -> None:
@@ -1317,6 +1524,27 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
             raise StoreError(
                 f"cannot set up the schema in {self.target.described}: {_first_line(exc)}"
             ) from None
+
+    def _read_beside(self, op: Callable[[_PostgresOps], T]) -> T:
+        """Run ``op`` on the counts' connection (autocommit: each statement sees what was
+        committed before it began); once more on a new connection when the last one was
+        lost (it only reads).
+
+        Raises:
+            StoreError: PostgreSQL cannot be reached or failed to read.
+        """
+        for attempt in (1, 2):
+            conn = self._reader.get()
+            self._reader_ops.conn = conn
+            try:
+                return op(self._reader_ops)
+            except psycopg.Error as exc:
+                lost = _lost(exc, conn)
+                if lost:
+                    self._reader.drop()
+                if not lost or attempt == 2:
+                    raise StoreError(f"could not read {self.target.described}: {_first_line(exc)}") from None
+        raise AssertionError("unreachable")
 
     def _commit_group(self, group: list[Pending[_PostgresOps, object]]) -> None:
         """Run ``group`` in one transaction, again when PostgreSQL asks (a deadlock) or when

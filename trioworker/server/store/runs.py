@@ -49,6 +49,11 @@ def epoch(when: datetime | None) -> float | None:
     return None if when is None else when.timestamp()
 
 
+def default_name(task_key: str, run_id: uuid.UUID) -> str:
+    """The name of a run submitted without one: ``<task key>-<its id's first 8 hex digits>``."""
+    return f"{task_key}-{run_id.hex[:8]}"
+
+
 def new_run(create: TaskRunCreate, now: datetime) -> TaskRun:
     """The SCHEDULED run ``create`` makes at ``now`` (a fresh id unless it gives one)."""
     run_id = uuid.uuid4() if create.id is None else create.id
@@ -60,7 +65,7 @@ def new_run(create: TaskRunCreate, now: datetime) -> TaskRun:
     return TaskRun(
         id=run_id,
         task_key=create.task_key,
-        name=create.name or f"{create.task_key}-{run_id.hex[:8]}",
+        name=create.name or default_name(create.task_key, run_id),
         state=state,
         parameters=create.parameters,
         serializer=create.serializer,

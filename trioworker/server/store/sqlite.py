@@ -18,9 +18,9 @@ import math
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -29,6 +29,7 @@ import trio
 
 from trioworker.models import (
     ACTIVE_STATES,
+    TERMINAL_STATES,
     SetStateRequest,
     State,
     StateChange,
@@ -37,7 +38,7 @@ from trioworker.models import (
     TaskRunCreate,
     utcnow,
 )
-from trioworker.server.store.base import Change, QueuedRun, Requeued, StoreError
+from trioworker.server.store.base import Change, EndedCount, QueuedRun, Requeued, RunCount, StoreError
 from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
@@ -58,8 +59,9 @@ from trioworker.server.store.runs import (
 
 T = TypeVar("T")
 
-#: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys.
-SCHEMA_VERSION: Final = 2
+#: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys;
+#: 3: the parent run's id in a column of its own (a run's children are found by index).
+SCHEMA_VERSION: Final = 3
 
 #: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
 _CHUNK: Final = 500
@@ -73,6 +75,7 @@ CREATE TABLE {name} (
     scheduled_at REAL,
     idempotency_key TEXT,
     wait_for TEXT,
+    parent_id TEXT,
     parameters BLOB NOT NULL,
     body BLOB NOT NULL
 )"""
@@ -84,6 +87,7 @@ _RUNS_COLUMNS: Final = (
     "scheduled_at",
     "idempotency_key",
     "wait_for",
+    "parent_id",
     "parameters",
     "body",
 )
@@ -94,6 +98,11 @@ _INDEXES: Final = (
     # NULLs are distinct in a unique index: runs without a key never collide.
     "CREATE UNIQUE INDEX IF NOT EXISTS ix_task_runs_idempotency ON task_runs (task_key, idempotency_key)",
     "CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq)",
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_parent ON task_runs (parent_id, seq)"
+    " WHERE parent_id IS NOT NULL",
+    # Ends by time (for counts per minute): one entry per ended run, none for other states.
+    "CREATE INDEX IF NOT EXISTS ix_task_run_states_ended ON task_run_states (timestamp)"
+    " WHERE type IN ({terminal})",
 )
 _STATES_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS task_run_states (
@@ -162,6 +171,9 @@ class _InFlight:
 
 #: ACTIVE_STATES as an SQL list: ``'PENDING', 'RUNNING'``.
 _ACTIVE_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(ACTIVE_STATES))
+#: TERMINAL_STATES as an SQL list, the very text of the partial index's condition (SQLite
+#: uses that index only for a query whose condition has the same term).
+_TERMINAL_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES))
 #: Most in-flight runs kept decoded in memory (beyond that, reports read the store).
 IN_FLIGHT_MAX_RUNS: Final = 10_000
 
@@ -247,8 +259,10 @@ class _SQLiteOps(Operations):
             elif version is None or version < 2:
                 self._migrate_to_2()
             conn.execute(_STATES_TABLE)
+            if has_runs and (version is None or version < 3):
+                self._migrate_to_3()
             for statement in _INDEXES:
-                conn.execute(statement)
+                conn.execute(statement.format(terminal=_TERMINAL_SQL))
             if version is None:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             else:
@@ -277,6 +291,18 @@ class _SQLiteOps(Operations):
             # The seqs of deleted runs are never reused: keep the old counter.
             conn.execute("DELETE FROM sqlite_sequence WHERE name IN ('task_runs', 'task_runs_v2')")
             conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('task_runs', ?)", (counter[0],))
+
+    def _migrate_to_3(self) -> None:
+        """Schema 3 keeps the parent run's id in a column: add it where missing (a table
+        rebuilt by :meth:`_migrate_to_2` has it) and fill it from the runs' bodies."""
+        conn = self.conn
+        present = {row[1] for row in conn.execute("PRAGMA table_info(task_runs)")}
+        if "parent_id" not in present:
+            conn.execute("ALTER TABLE task_runs ADD COLUMN parent_id TEXT")
+        conn.execute(
+            "UPDATE task_runs SET parent_id = json_extract(CAST(body AS TEXT), '$.parent_task_run_id')"
+            " WHERE parent_id IS NULL"
+        )
 
     def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Insert new runs; a known idempotency key of the same task key, or else a known
@@ -307,8 +333,8 @@ class _SQLiteOps(Operations):
             parameters, body = orjson.dumps(run.parameters), run_body(run)
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
-                " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parameters, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parent_id,"
+                " parameters, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     str(run.id),
                     run.task_key,
@@ -316,6 +342,7 @@ class _SQLiteOps(Operations):
                     epoch(create.scheduled_time),
                     create.idempotency_key,
                     orjson.dumps([str(i) for i in run.wait_for]).decode() if run.wait_for else None,
+                    None if run.parent_task_run_id is None else str(run.parent_task_run_id),
                     parameters,
                     body,
                 ),
@@ -345,7 +372,13 @@ class _SQLiteOps(Operations):
         return None if row is None else int(row[0])
 
     def list_runs(
-        self, task_key: str | None, state: StateType | None, limit: int, offset: int
+        self,
+        task_key: str | None,
+        state: StateType | None,
+        limit: int,
+        offset: int,
+        parent: uuid.UUID | None = None,
+        newest_first: bool = False,
     ) -> list[TaskRun]:
         where, args = [], []
         if task_key is not None:
@@ -354,12 +387,57 @@ class _SQLiteOps(Operations):
         if state is not None:
             where.append("state_type = ?")
             args.append(state.value)
+        if parent is not None:
+            where.append("parent_id = ?")
+            args.append(str(parent))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
+        order = "DESC" if newest_first else "ASC"
         rows = self.conn.execute(
-            f"SELECT parameters, body FROM task_runs {clause} ORDER BY seq LIMIT ? OFFSET ?",
+            f"SELECT parameters, body FROM task_runs {clause} ORDER BY seq {order} LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
         return [run_from_row(p, b) for p, b in rows]
+
+    def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]:
+        # A range on the unique index of ids: every id that starts with the prefix sorts
+        # from it up to (not including) the prefix with its last character raised by one.
+        if not id_prefix:
+            rows = self.conn.execute("SELECT parameters, body FROM task_runs ORDER BY id LIMIT ?", (limit,))
+        else:
+            end = id_prefix[:-1] + chr(ord(id_prefix[-1]) + 1)
+            rows = self.conn.execute(
+                "SELECT parameters, body FROM task_runs WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                (id_prefix, end, limit),
+            )
+        return [run_from_row(p, b) for p, b in rows]
+
+    def count_runs(self) -> list[RunCount]:
+        rows = self.conn.execute("SELECT task_key, state_type, count(*) FROM task_runs GROUP BY 1, 2")
+        return [RunCount(key, StateType(state), n) for key, state, n in rows]
+
+    def count_ended(self, since: datetime) -> list[EndedCount]:
+        # Timestamps are ISO 8601 in UTC: the first 16 characters name the minute, and
+        # text order is time order.
+        rows = self.conn.execute(
+            "SELECT substr(s.timestamp, 1, 16), r.task_key, s.type, count(*)"
+            " FROM task_run_states AS s JOIN task_runs AS r ON r.seq = s.run_seq"
+            f" WHERE s.type IN ({_TERMINAL_SQL}) AND s.timestamp >= ?"
+            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            (since.astimezone(UTC).isoformat(),),
+        )
+        return [
+            EndedCount(datetime.fromisoformat(f"{minute}:00+00:00"), key, StateType(state), n)
+            for minute, key, state, n in rows
+        ]
+
+    def oldest_waiting(self, now: datetime) -> list[TaskRun]:
+        # SQLite gives the bare column (id) of the row where min() found its value.
+        rows = self.conn.execute(
+            "SELECT task_key, min(seq), id FROM task_runs WHERE state_type = 'SCHEDULED'"
+            " AND (scheduled_at IS NULL OR scheduled_at <= ?) GROUP BY task_key ORDER BY task_key",
+            (now.timestamp(),),
+        )
+        return self.read_runs([uuid.UUID(run_id) for _, _, run_id in rows])
 
     def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         seq = self.seq_of(run_id)
@@ -483,6 +561,52 @@ class _SQLiteOps(Operations):
         self.in_flight.wrote(run_id, seq, None)
         return run
 
+    def _ended_before(
+        self, conditions: str, args: Sequence[object], limit: int
+    ) -> list[tuple[int, str, str]]:
+        """``(seq, id, end time)`` of ended runs that meet ``conditions`` (on ``s``, the
+        state row of the end, and ``r``, the run), those that ended first first.
+
+        Walks the partial index of ends by time, oldest first, and stops at ``limit``
+        (``CROSS JOIN`` keeps SQLite from driving the query by the runs' states instead,
+        which would read and sort every ended run at each call). A run's end is its last
+        state row: a run set back to SCHEDULED has an earlier end row, not its last.
+        """
+        rows = self.conn.execute(
+            "SELECT r.seq, r.id, s.timestamp FROM task_run_states AS s INDEXED BY ix_task_run_states_ended"
+            " CROSS JOIN task_runs AS r ON r.seq = s.run_seq"
+            f" WHERE s.type IN ({_TERMINAL_SQL}) {conditions}"
+            " AND NOT EXISTS (SELECT 1 FROM task_run_states AS later"
+            " WHERE later.run_seq = s.run_seq AND later.rowid > s.rowid)"
+            " ORDER BY s.timestamp LIMIT ?",
+            [*args, limit],
+        )
+        return [(int(seq), str(run_id), str(ts)) for seq, run_id, ts in rows]
+
+    def purge_ended(
+        self, before: datetime, task_key: str | None, state: StateType | None, limit: int
+    ) -> list[uuid.UUID]:
+        conditions, args = "AND s.timestamp < ?", [before.astimezone(UTC).isoformat()]
+        if task_key is not None:
+            conditions += " AND r.task_key = ?"
+            args.append(task_key)
+        if state is not None:
+            conditions += " AND r.state_type = ?"
+            args.append(state.value)
+        ended = self._ended_before(conditions, args, limit)
+        for chunk in _chunks([seq for seq, _, _ in ended]):
+            marks = _placeholders(len(chunk))
+            self.conn.execute(f"DELETE FROM task_run_states WHERE run_seq IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM task_runs WHERE seq IN ({marks})", chunk)
+        ids = [uuid.UUID(run_id) for _, run_id, _ in ended]
+        for (seq, _, _), run_id in zip(ended, ids, strict=True):
+            self.in_flight.wrote(run_id, seq, None)
+        return ids
+
+    def oldest_end(self) -> datetime | None:
+        first = self._ended_before("", [], 1)
+        return datetime.fromisoformat(first[0][2]) if first else None
+
     def recover(self, max_deliveries: int) -> list[QueuedRun]:
         held = [
             uuid.UUID(row[0])
@@ -517,6 +641,24 @@ def _run_one(ops: _SQLiteOps, pending: Pending[_SQLiteOps, object]) -> None:
     conn.execute("RELEASE op")
 
 
+@contextmanager
+def _opening(path: str) -> Iterator[None]:
+    """Opening the database ``path``: what fails (the file system, SQLite) is a
+    :class:`StoreError` of one line naming the file."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        shown = path if path == ":memory:" else os.path.abspath(path)
+        if isinstance(exc, OSError) and exc.strerror:
+            where = exc.filename and os.path.abspath(exc.filename)
+            reason = exc.strerror if where in (None, shown) else f"{where}: {exc.strerror}"
+            if isinstance(exc, FileExistsError) and where != shown:  # a folder on the way is a file
+                reason = f"{where} is a file, not a folder"
+        else:
+            reason = str(exc) or type(exc).__name__
+        raise StoreError(f"cannot open the database {shown}: {reason}") from None
+
+
 def _connect(path: str) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -537,11 +679,18 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
     ) -> None:
         super().__init__(_SQLiteOps(conn), send)
         self.path: str = ""
+        #: The connection that counts runs for the operator's view, beside the committer's
+        #: (None: in memory, where the committer's connection is the only way in).
+        self._reader: _SQLiteOps | None = None
 
     @property
     def location(self) -> str:
         """The database file (or ``":memory:"``)."""
         return self.path
+
+    @property
+    def kind(self) -> str:
+        return "sqlite"
 
     @classmethod
     @asynccontextmanager
@@ -555,22 +704,32 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
         Raises:
             ValueError: ``path`` is not a database this store can open.
             DatabaseInUse: another server (or store) has the file open.
+            StoreError: the file cannot be opened, created or read as a database: one line
+                naming it (``cannot open the database /abs/path.db: file is not a database``).
 
-        **Resource handling:** the committer task and the connection live exactly as long as
-        the ``async with`` block. The committer is shielded from cancellation: when the
-        block is cancelled, the cleanup code of the block (a websocket handing back its
-        runs) can still use the store; the committer stops once the block has ended and
-        what was queued is done. Operations submitted after that fail with StoreError.
+        **Resource handling:** the committer task and the connections (the committer's, and
+        a second one for the counts of the operator's view, which read many rows and must
+        not hold up commits) live exactly as long as the ``async with`` block. The committer
+        is shielded from cancellation: when the block is cancelled, the cleanup code of the
+        block (a websocket handing back its runs) can still use the store; the committer
+        stops once the block has ended and what was queued is done. Operations submitted
+        after that fail with StoreError.
         """
         path = database_path(path)
-        lock = await trio.to_thread.run_sync(lock_file, path)
+        with _opening(path):
+            lock = await trio.to_thread.run_sync(lock_file, path)
         try:
-            conn = await trio.to_thread.run_sync(_connect, path)
+            with _opening(path):
+                conn = await trio.to_thread.run_sync(_connect, path)
             send, receive = trio.open_memory_channel[Pending[_SQLiteOps, object]](math.inf)
             store = cls(conn, send)
             store.path = path
             try:
-                await trio.to_thread.run_sync(store._ops.migrate)
+                with _opening(path):
+                    await trio.to_thread.run_sync(store._ops.migrate)
+                    if path != ":memory:":
+                        store._reader = _SQLiteOps(await trio.to_thread.run_sync(_connect, path))
+                        store._reads_beside = True
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(store._commit_forever, receive)
                     try:
@@ -580,10 +739,21 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
             finally:
                 send.close()
                 with trio.CancelScope(shield=True):
+                    if store._reader is not None:
+                        await store._close_reader(store._reader.conn.close)  # after a count under way
                     await trio.to_thread.run_sync(conn.close)
         finally:
             if lock is not None:
                 os.close(lock)  # only now: every SQLite connection to the file is closed
+
+    def _read_beside(self, op: Callable[[_SQLiteOps], T]) -> T:
+        """Run ``op`` on the reader connection: WAL lets it read while the committer writes,
+        and it sees every transaction committed before it began."""
+        assert self._reader is not None
+        try:
+            return op(self._reader)
+        except sqlite3.Error as exc:
+            raise StoreError(f"the store could not read: {exc!r}") from None
 
     def _commit_group(self, group: list[Pending[_SQLiteOps, object]]) -> None:
         ops = self._ops

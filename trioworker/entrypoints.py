@@ -1,7 +1,9 @@
-"""Finding tasks by name: ``package.module:name`` or ``path/to/file.py:name``.
+"""Finding tasks by name: ``package.module:name`` or ``path/to/file.py:name``; or every
+task of a module (``package.module`` or ``path/to/file.py``).
 
-The ``trioworker worker`` command uses :func:`load_task` for each of its arguments; every
-way it can fail raises :class:`EntryPointError` with one sentence that says what is wrong.
+The ``trioworker worker`` command uses :func:`load_task` for each of its arguments and
+:func:`load_module_tasks` for each ``--module``; every way they can fail raises
+:class:`EntryPointError` with one sentence that says what is wrong.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from trioworker.tasks import Task
 
-__all__ = ["EntryPointError", "load_task"]
+__all__ = ["EntryPointError", "load_module_tasks", "load_task"]
 
 
 class EntryPointError(ValueError):
@@ -109,3 +111,28 @@ def load_task(spec: str) -> Task[..., Any]:
     if not isinstance(found, Task):
         raise EntryPointError(f"{spec!r} is not a task: decorate it with @trioworker.task")
     return found
+
+
+def load_module_tasks(spec: str) -> list[Task[..., Any]]:
+    """Every task the module ``spec`` names holds (``package.module``, imported, or
+    ``path/to/file.py``, loaded as :func:`load_task` loads files): its module-level
+    attributes that are :class:`~trioworker.tasks.Task` objects, imported ones included,
+    each once, in the order the module defines them.
+
+    Raises:
+        EntryPointError: ``spec`` is empty or names a task (``MODULE:TASK``), its module
+            cannot be imported, its file does not exist, or it holds no task.
+    """
+    if not spec.strip() or ":" in spec:
+        raise EntryPointError(f"expected a module, package.module or path/to/file.py, got {spec!r}")
+    if _is_file_spec(spec):
+        module, where = _load_file(spec), f"file {spec!r}"
+    else:
+        module, where = _import_module(spec), f"module {spec!r}"
+    found: dict[int, Task[..., Any]] = {}
+    for value in vars(module).values():
+        if isinstance(value, Task):
+            found.setdefault(id(value), value)
+    if not found:
+        raise EntryPointError(f"{where} holds no task: none of its module-level names is a @trioworker.task")
+    return list(found.values())
