@@ -26,7 +26,7 @@ from psycopg.conninfo import conninfo_to_dict
 from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
 from trioworker.server.store import DatabaseInUse, StoreError
 from trioworker.server.store import postgres as postgres_store
-from trioworker.server.store.postgres import SCHEMA_VERSION, PostgresStore, PostgresTarget
+from trioworker.server.store.postgres import _SERVER_LOCK, SCHEMA_VERSION, PostgresStore, PostgresTarget
 from trioworker.testing import ServerControl
 
 from .fakes import OutageProxy, outage_proxy
@@ -44,12 +44,19 @@ from .raw import subscribe
 from .test_cli import read_until, refused, server_command
 
 DEADLINE = 30
-#: The sessions holding advisory locks in the test's database (not in other test sessions' own).
-SERVER_LOCKS = (
-    "SELECT pid FROM pg_locks WHERE locktype = 'advisory'"
-    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+TABLES = {
+    "trioworker_schema",
+    "trioworker_task_runs",
+    "trioworker_ready",
+    "trioworker_task_run_states",
+    "trioworker_replicas",
+}
+
+#: Undoes schema step 3 (a database of schema 2, as main made them).
+SCHEMA_3_UNDONE = (
+    "DROP TABLE trioworker_replicas",
+    "ALTER TABLE trioworker_ready DROP COLUMN waiting",
 )
-TABLES = {"trioworker_schema", "trioworker_task_runs", "trioworker_ready", "trioworker_task_run_states"}
 
 
 async def sql(url: str, query: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
@@ -115,7 +122,7 @@ async def test_a_search_path_without_a_schema_is_a_clear_error(postgres_url: str
             pytest.fail("opened a database with nowhere to create tables")
 
 
-async def test_a_schema_1_database_is_migrated_to_2_and_keeps_its_runs(
+async def test_a_schema_1_database_is_migrated_and_keeps_its_runs(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with PostgresStore.open(postgres_url) as store:
@@ -132,6 +139,7 @@ async def test_a_schema_1_database_is_migrated_to_2_and_keeps_its_runs(
         [ended] = await store.set_states([(plain, nul)], now=0.0)
         assert ended.run is not None
     for statement in (  # back to schema 1
+        *SCHEMA_3_UNDONE,
         "DROP INDEX trioworker_task_runs_parent",
         "DROP INDEX trioworker_task_run_states_ended",
         "DROP INDEX trioworker_task_runs_counts",
@@ -153,6 +161,20 @@ async def test_a_schema_1_database_is_migrated_to_2_and_keeps_its_runs(
         "trioworker_task_run_states_ended",
         "trioworker_task_runs_counts",
     } <= {name for (name,) in indexes}
+
+
+async def test_a_schema_2_database_is_migrated_and_its_runs_that_wait_still_wait(postgres_url: str) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        [(upstream, _)] = await store.create_runs([TaskRunCreate(task_key="u")])
+        [(waiting, _)] = await store.create_runs([TaskRunCreate(task_key="w", wait_for=[upstream.id])])
+    for statement in (*SCHEMA_3_UNDONE, "UPDATE trioworker_schema SET version = 2"):
+        await sql(postgres_url, statement)
+    async with PostgresStore.open(postgres_url) as store:
+        assert [q.id for q in await store.recover(5) if q.wait_for] == [waiting.id]
+        claimed = await store.claim_ready(["w"], 10, "worker", time.time())
+        assert claimed.runs == []  # it waits for its upstream, as before the migration
+        assert await store.read_run(waiting.id) == waiting
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
 
 
 def test_the_location_never_shows_the_password() -> None:
@@ -272,14 +294,14 @@ async def test_a_write_from_a_stale_read_changes_nothing(postgres_url: str) -> N
         PostgresStore.open(postgres_url, exclusive=False) as b,
     ):
         [(run, _)] = await a.create_runs([TaskRunCreate(task_key="k")])
-        [(seq, rev, seen)] = (await a._run(lambda ops: ops._fetch([run.id], lock=False))).values()
+        [row] = (await a._run(lambda ops: ops._fetch([run.id], lock=False))).values()
         [change] = await b.set_states([(run.id, cancel())], now=time.time())  # elsewhere
         assert change.run is not None
         # What a holds in its cache is stale now: it reads the row again, not its copy.
         assert await a.read_run(run.id) == change.run
         late = make_state(StateType.RUNNING)
         with pytest.raises(StoreError, match="1 of 1 runs changed in the database"):
-            await a._run(lambda ops: ops._save([(seq, rev, attrs.evolve(seen, state=late))], []))
+            await a._run(lambda ops: ops._save([row._replace(run=attrs.evolve(row.run, state=late))], []))
         assert await b.read_run(run.id) == change.run
         rows = await sql(postgres_url, "SELECT state_type, client_id FROM trioworker_task_runs")
         assert rows == [("CANCELLED", None)]
@@ -312,6 +334,13 @@ async def test_a_restarted_database_is_invisible_to_the_next_operation(postgres_
         [(other, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
         assert proxy.accepted == 2
         assert [r.id for r in await store.list_runs()] == [run.id, other.id]
+
+
+#: Who holds the lock of a server on the test's schema (other tests' servers use the database too).
+OUR_LOCK = (
+    f"SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = {_SERVER_LOCK}"
+    " AND objid = (hashtext(current_schema())::bigint & 4294967295)::text::oid"
+)
 
 
 async def test_counts_read_beside_the_committer_on_a_connection_of_their_own(postgres_url: str) -> None:
@@ -349,10 +378,10 @@ async def test_a_session_left_behind_by_a_network_failure_is_ended(postgres_url:
         PostgresStore.open(through(proxy, postgres_url)) as store,
     ):
         [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
-        [(old,)] = await sql(postgres_url, SERVER_LOCKS)
+        [(old,)] = await sql(postgres_url, OUR_LOCK)
         proxy.sever()  # the database's side lives on, and holds the lock
         assert await store.read_run(run.id) == run  # a new session, which took the lock over
-        [(new,)] = await sql(postgres_url, SERVER_LOCKS)
+        [(new,)] = await sql(postgres_url, OUR_LOCK)
         assert new != old
         gone = await sql(postgres_url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (old,))
         assert gone == [(0,)]
@@ -493,9 +522,7 @@ def password_cluster() -> Iterator[str | Unavailable]:
         yield url
 
 
-@pytest.mark.parametrize(
-    "fault", ["refused", "no database", "no role", "wrong password", "newer schema", "in use"]
-)
+@pytest.mark.parametrize("fault", ["refused", "no database", "no role", "wrong password", "newer schema"])
 async def test_a_database_the_server_cannot_use_is_named_in_one_line(
     fault: str, postgres_url: str, refused_port: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -515,16 +542,6 @@ async def test_a_database_the_server_cannot_use_is_named_in_one_line(
         port = conninfo_to_dict(cluster)["port"]
         expected = f"cannot connect to PostgreSQL at 127.0.0.1:{port} (database 'postgres', user '{role}')"
         reason = f'password authentication failed for user "{role}"'
-    elif fault == "in use":
-        db = with_params(postgres_url, password="s3cret")
-        location = f"postgresql://{info['user']}@{info['host']}:{info['port']}/{info['dbname']}"
-        async with PostgresStore.open(postgres_url):  # another server has it
-            line = await refused(tmp_path, "--db", db)
-        assert line == (
-            f"trioworker: the database {location} is in use by another trioworker server; "
-            "stop that server first, or use another database"
-        )
-        return
     elif fault == "newer schema":
         db = postgres_url
         async with PostgresStore.open(db):

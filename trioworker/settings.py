@@ -46,6 +46,8 @@ DEFAULT_STATUS_HOST: Final = "127.0.0.1"
 MAX_PREFETCH: Final = 1000
 #: Seconds in-flight runs get to finish after a worker's stop() before they are cancelled.
 DEFAULT_SHUTDOWN_GRACE_SECONDS: Final = 30.0
+#: Seconds a server sharing a PostgreSQL database may go without a heartbeat.
+DEFAULT_REPLICA_TIMEOUT_SECONDS: Final = 15.0
 #: The clients' connection settings (see :mod:`trioworker.connection`).
 CA_BUNDLE_VARIABLE: Final = "TRIOWORKER_API_CA_BUNDLE"
 INSECURE_VARIABLE: Final = "TRIOWORKER_API_INSECURE"

@@ -7,6 +7,7 @@ talk to it over the wire.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import attrs
@@ -18,10 +19,16 @@ from trioworker.server.app import create_app
 from trioworker.server.guard import Exposure, exposure
 from trioworker.server.limits import QueueLimit
 from trioworker.server.queue import Dispatcher, WallClock
+from trioworker.server.replicas import Replica
 from trioworker.server.retention import keep_retention
 from trioworker.server.service import TaskRunService
-from trioworker.server.store import open_store
-from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RETENTION_SECONDS
+from trioworker.server.store import SharedStore, open_store
+from trioworker.settings import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_REPLICA_TIMEOUT_SECONDS,
+    DEFAULT_RETENTION_SECONDS,
+)
 
 log = logging.getLogger("trioworker.server")
 
@@ -38,6 +45,11 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     max_deliveries: int = 5
+    #: On PostgreSQL (which several servers may share): seconds this server may go without
+    #: a heartbeat before the others hand back its runs (and it closes its sockets).
+    replica_timeout: float = attrs.field(
+        default=DEFAULT_REPLICA_TIMEOUT_SECONDS, validator=attrs.validators.gt(0)
+    )
     #: Seconds a run is kept after it ended (then it is deleted with its history); 0 keeps
     #: every run.
     retention: float = attrs.field(default=DEFAULT_RETENTION_SECONDS, validator=attrs.validators.ge(0))
@@ -85,17 +97,29 @@ async def serve_server(
 
     **Resource handling:** the store, the delayed-run timer, the retention task (see
     :mod:`~trioworker.server.retention`) and the HTTP server all live in this call's
-    nursery; when it returns, the database is closed.
+    nursery; when it returns, the database is closed. On PostgreSQL, so do the tasks of
+    :class:`~trioworker.server.replicas.Replica` (heartbeat, listener): the server is one
+    of those sharing the database, and recovers at start only what dead ones held.
 
     **Stopping:** setting ``shutdown`` closes every subscription with 1012 (so workers
-    reconnect elsewhere or later) and gives requests :data:`trioworker._http.GRACEFUL_SECONDS` to finish.
+    reconnect elsewhere or later) and gives requests :data:`trioworker._http.GRACEFUL_SECONDS`
+    to finish; on PostgreSQL the server's row is deleted then. Cancelled, it leaves its row,
+    which the other servers find dead after ``replica_timeout`` (as if it had crashed).
     """
     closing = trio.Event()
     async with open_store(config.db_path) as store:
-        dispatcher = Dispatcher(clock=config.clock) if config.clock else Dispatcher()
+        shared = isinstance(store, SharedStore)
+        dispatcher = Dispatcher(clock=config.clock or time.time, shared=shared)
         service = TaskRunService(
-            store, dispatcher, max_deliveries=config.max_deliveries, queue_limit=QueueLimit(config.max_queued)
+            store,
+            dispatcher,
+            max_deliveries=config.max_deliveries,
+            queue_limit=QueueLimit(config.max_queued),
         )
+        replica = None
+        if isinstance(store, SharedStore):
+            replica = Replica(store, service, config.replica_timeout)
+            await replica.register()
         queued = await service.recover()
         app = create_app(
             service,
@@ -132,8 +156,15 @@ async def serve_server(
                 nursery.cancel_scope.cancel()  # the HTTP server stopped: so do the timers
 
             await nursery.start(dispatcher.release_delayed_runs)
+            if replica is not None:
+                await nursery.start(replica.run)
             if config.retention > 0:
                 await nursery.start(keep_retention, service, config.retention)
             url: str = await nursery.start(run_http)
+            if replica is not None:
+                await replica.register(url)
+                log.info("server %s among those sharing the database", replica.id)
             log.info("database %s, %d runs queued", store.location, queued)
             task_status.started(RunningServer(url=url, service=service))
+        if replica is not None:
+            await replica.unregister()

@@ -227,6 +227,8 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> None:
+        if service.fence.raised:  # load balancers and clients move to another server
+            raise Refusal(503, f"{service.fence.reason}; use another server")
         # The dashboard's page and assets and the API document's page hold no data: they
         # load without the key, then ask for it (every other /api route and the live feed
         # need it, as does /metrics).
@@ -239,12 +241,13 @@ def create_app(
     @app.get(route(protocol.HEALTH))
     async def health() -> Response:
         dispatcher = service.dispatcher
+        ready, delayed = await service.queue_counts()
         return _json_response(
             {
                 "status": "ok",
                 "version": __version__,
-                "ready": dispatcher.ready_count(),
-                "delayed": dispatcher.delayed_count,
+                "ready": ready,
+                "delayed": delayed,
                 "blocked": service.blocked_count,
                 "subscriptions": len(dispatcher.subscriptions),
             }
@@ -449,19 +452,29 @@ def create_app(
             raise Refusal(404, f"no dashboard asset {name!r}")
         return dashboard.response(assets, name)
 
+    async def refused_while_fenced() -> bool:
+        """The fence is raised: close the new socket with 1012 (True)."""
+        if not service.fence.raised:
+            return False
+        await websocket.close(protocol.CLOSE_RESTART, f"{service.fence.reason}; use another server"[:123])
+        return True
+
     @app.websocket(SUBSCRIPTION_ROUTE)
     async def subscription() -> None:
         await websocket.accept()
-        await SubscriptionSession(service, token_ok, closing).run()
+        if not await refused_while_fenced():
+            await SubscriptionSession(service, token_ok, closing).run()
 
     @app.websocket(CHANNEL_ROUTE)
     async def channel() -> None:
         await websocket.accept()
-        await ChannelSession(service, token_ok, closing).run()
+        if not await refused_while_fenced():
+            await ChannelSession(service, token_ok, closing).run()
 
     @app.websocket(route(protocol.EVENTS_PATH))
     async def events() -> None:
         await websocket.accept()
-        await EventsSession(service, token_ok, closing).run()
+        if not await refused_while_fenced():
+            await EventsSession(service, token_ok, closing).run()
 
     return app

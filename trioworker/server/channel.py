@@ -58,7 +58,7 @@ class ChannelSession(JsonSocket):
     def __init__(
         self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
     ) -> None:
-        super().__init__(token_ok, closing)
+        super().__init__(token_ok, closing, service.fence)
         self.service = service
         self.waiter = Waiter()
         self.watched: set[uuid.UUID] = set()

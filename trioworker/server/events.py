@@ -39,7 +39,7 @@ class EventsSession(JsonSocket):
     def __init__(
         self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
     ) -> None:
-        super().__init__(token_ok, closing)
+        super().__init__(token_ok, closing, service.fence)
         self.service = service
 
     async def run(self) -> None:

@@ -3,7 +3,8 @@ a worker; a create beyond that is turned back with 429 and ``Retry-After``, so t
 submitters wait (backpressure) instead of growing the queue without bound.
 
 **What counts** as queued: the runs of the key that are due and wait for a worker, as the
-dispatcher holds them (its ready FIFO: a count in memory, no store read). A run scheduled
+dispatcher holds them (its ready FIFO: a count in memory, no store read; see below for
+several servers). A run scheduled
 for later and a run held back by ``wait_for`` count once they are due (so they may take a
 queue past the limit), and they are never turned back themselves. Runs a worker holds
 (delivered, running, buffered by prefetch) do not count. A run cancelled or deleted while
@@ -19,14 +20,16 @@ Before refusing, the creates that repeat a run already made (their ``id`` names 
 left out of the count: a create sent again after a lost answer gets its run back, never a
 429. Nothing is written for a refused create.
 
-With several servers on one database each counts its own dispatcher's queue: the limit
-then holds per server (the PostgreSQL store counts in the database).
+With several servers on one PostgreSQL database (replicas), no dispatcher holds ready runs:
+each create counts the key's ready runs in the store's ready table (one read per create
+request). Creates in flight on other servers at that moment are not seen, so servers
+creating at once may overshoot the limit by what they admit together.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -35,7 +38,7 @@ import attrs
 from trioworker.models import JSON, TaskRunCreate
 from trioworker.server.queue import Dispatcher
 from trioworker.server.sockets import Refusal
-from trioworker.server.store.base import Store
+from trioworker.server.store.base import SharedStore, Store
 
 #: Seconds a client is told to wait before it sends a refused create again (``Retry-After``).
 RETRY_AFTER_SECONDS: Final = 1
@@ -95,12 +98,13 @@ class QueueLimit:
         now = dispatcher.clock()
         counted = [c for c in creates if c.scheduled_time is None or c.scheduled_time.timestamp() <= now]
         counted = [c for c in counted if not c.wait_for]
-        if self._refusal(counted, creates, dispatcher) is not None:
+        ready = await self._ready_counts(counted, dispatcher, store)
+        if self._refusal(counted, creates, ready) is not None:
             # Only now, on the way to a refusal: repeats of runs already made do not count.
             ids = [c.id for c in counted if c.id is not None]
             known = set(await store.states_of(ids)) if ids else set()
             counted = [c for c in counted if c.id not in known]
-            refusal = self._refusal(counted, creates, dispatcher)
+            refusal = self._refusal(counted, creates, ready)
             if refusal is not None:
                 raise refusal
         held = Counter(c.task_key for c in counted)
@@ -113,8 +117,20 @@ class QueueLimit:
                 if self._admitted[key] <= 0:
                     del self._admitted[key]
 
+    @staticmethod
+    async def _ready_counts(
+        counted: Sequence[TaskRunCreate], dispatcher: Dispatcher, store: Store
+    ) -> Mapping[str, int]:
+        """Per task key of ``counted``: its runs ready now. The dispatcher's queue holds
+        them; a shared one holds none (several servers claim from the store's ready table),
+        so they are counted there, in one read."""
+        keys = sorted({c.task_key for c in counted})
+        if dispatcher.shared and isinstance(store, SharedStore):
+            return await store.count_ready(keys, dispatcher.clock()) if keys else {}
+        return {key: dispatcher.ready_count(key) for key in keys}
+
     def _refusal(
-        self, counted: Sequence[TaskRunCreate], creates: Sequence[TaskRunCreate], dispatcher: Dispatcher
+        self, counted: Sequence[TaskRunCreate], creates: Sequence[TaskRunCreate], ready: Mapping[str, int]
     ) -> QueueFullRefusal | None:
         """The refusal of ``creates`` when the ``counted`` of them do not all fit; else None."""
         assert self.max_queued is not None
@@ -124,7 +140,7 @@ class QueueLimit:
             if id(create) not in counting:
                 continue
             key = create.task_key
-            queued = dispatcher.ready_count(key) + self._admitted[key]
+            queued = ready.get(key, 0) + self._admitted[key]
             if queued + added[key] + 1 > self.max_queued:
                 return QueueFullRefusal(key, queued, self.max_queued, position)
             added[key] += 1

@@ -5,6 +5,11 @@ of delayed runs, and the subscriptions with their credit and leases. It never bl
 never touches the store; :mod:`trioworker.server.service` does, and keeps the two in step.
 The index may hold stale entries (a run cancelled while queued): claiming a run in the
 store is the atomic step, and it skips anything no longer SCHEDULED.
+
+A ``shared`` dispatcher (several servers on one PostgreSQL database) indexes no ready run:
+other servers create and claim runs too, so the store's table of ready runs is the only
+queue. Queuing a run then only *hints* the subscriptions of its key that work may be
+there (they claim from the store), and the heap keeps due times, to hint again then.
 """
 
 from __future__ import annotations
@@ -60,9 +65,26 @@ class Subscription:
     revoking: set[uuid.UUID] = attrs.field(factory=set)
     #: Revocations to send (the delivery loop sends them).
     revokes: list[uuid.UUID] = attrs.field(factory=list)
+    #: Work may be ready for it in a shared store (see :meth:`hint`): it should try a claim.
+    hinted: bool = True
+    #: A claim for it from a shared store failed, maybe after its commit: the next claim
+    #: also takes the runs leased to it there that it does not know of.
+    claim_failed: bool = False
     #: When the connection subscribed (UTC).
     connected: datetime = attrs.field(factory=utcnow)
     _wakeup: trio.Event | None = None
+    #: Woken since it last waited: the next :meth:`wait_for_work` returns at once.
+    _woken: bool = False
+
+    def hint(self) -> None:
+        """Runs of its keys may be ready (in a shared store, to claim)."""
+        self.hinted = True
+        self.wake()
+
+    def take_hint(self) -> bool:
+        """Whether it was hinted since the last call (the hint is used up)."""
+        hinted, self.hinted = self.hinted, False
+        return hinted
 
     def request_cancel(self, run_id: uuid.UUID) -> None:
         self.cancels.append(run_id)
@@ -105,19 +127,26 @@ class Subscription:
         self.revoking.clear()
 
     def wake(self) -> None:
+        self._woken = True
         if self._wakeup is not None:
             self._wakeup.set()
 
     async def wait_for_work(self) -> None:
-        """Sleep until a run for one of our keys is ready or our room grows."""
-        self._wakeup = trio.Event()
-        await self._wakeup.wait()
-        self._wakeup = None
+        """Sleep until a run for one of our keys is ready or our room grows (at once when
+        either happened since the last wait: a wake while the last claim was in the store
+        is not lost)."""
+        if not self._woken:
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+            self._wakeup = None
+        self._woken = False
 
 
 @attrs.define(eq=False)
 class Dispatcher:
     clock: WallClock = time.time
+    #: The ready runs are in a store other servers share: index none, hint subscriptions.
+    shared: bool = False
     # Index entries are plain tuples of ints, floats and strings: CPython stops tracking
     # such tuples in its garbage collector, so 100,000 queued runs cost full collections
     # nothing. (Objects, even slotted ones, would be walked by every full collection.)
@@ -128,6 +157,8 @@ class Dispatcher:
     _delayed_changed: trio.Event = attrs.field(factory=trio.Event)
     _subscribers: dict[str, list[Subscription]] = attrs.field(factory=dict)
     _leases: dict[uuid.UUID, Subscription] = attrs.field(factory=dict)
+    #: task key -> the earliest due time in the heap of a hint (:meth:`hint_at`) for it
+    _hinted: dict[str, float] = attrs.field(factory=dict)
 
     # -- queues
     def enqueue(self, runs: Iterable[QueuedRun], *, front: bool = False, due: bool = False) -> None:
@@ -145,10 +176,10 @@ class Dispatcher:
         ready = [r for r in runs if r.scheduled_at is None or r.scheduled_at <= now]
         for run in runs:
             if run.scheduled_at is not None and run.scheduled_at > now:
-                entry = (run.scheduled_at, run.seq, str(run.id), run.task_key)
-                heapq.heappush(self._delayed, entry)
-                if self._delayed[0] is entry:
-                    self._delayed_changed.set()
+                self._delay(run.scheduled_at, run.seq, str(run.id), run.task_key)
+        if self.shared:
+            self.hint_keys({run.task_key for run in ready})
+            return
         if front:
             ready.sort(key=lambda r: r.seq, reverse=True)
         for run in ready:
@@ -161,7 +192,34 @@ class Dispatcher:
             woken.add(run.task_key)
         for key in woken:
             for sub in self._subscribers.get(key, ()):
-                sub.wake()
+                sub.hint()
+
+    def _delay(self, due: float, seq: int, run_id: str, task_key: str) -> None:
+        entry = (due, seq, run_id, task_key)
+        heapq.heappush(self._delayed, entry)
+        if self._delayed[0] is entry:
+            self._delayed_changed.set()
+
+    def hint_keys(self, keys: Iterable[str]) -> None:
+        """Runs of these task keys may be ready: their subscriptions try a claim."""
+        for key in keys:
+            for sub in self._subscribers.get(key, ()):
+                sub.hint()
+
+    def hint_at(self, due: float, keys: Iterable[str]) -> None:
+        """Hint the subscriptions of ``keys`` at ``due`` (epoch seconds on :attr:`clock`):
+        a delayed run in a shared store falls due then."""
+        for key in keys:
+            earliest = self._hinted.get(key)
+            if earliest is None or due < earliest:  # a later hint comes from the next claim
+                self._hinted[key] = due
+                self._delay(due, 0, "", key)
+
+    def hint_all(self, *, with_room: bool = False) -> None:
+        """Hint every subscription (``with_room``: those with room for a run)."""
+        for sub in self.subscriptions:
+            if not with_room or sub.room > 0:
+                sub.hint()
 
     def ready_count(self, task_key: str | None = None) -> int:
         if task_key is not None:
@@ -210,6 +268,24 @@ class Dispatcher:
             room -= 1
         return taken
 
+    def claim_room(self, sub: Subscription) -> tuple[int, int]:
+        """For a claim from a shared store: ``(how many runs sub may claim, how many of
+        those go to its free slots)``; the rest wait in its buffer, which it fills only
+        while no other subscription of its keys here has a free slot."""
+        slots = max(0, sub.free_slots)
+        room = sub.room
+        if room > slots and any(self._free_slot_elsewhere(sub, key) for key in sub.keys):
+            room = slots
+        return room, slots
+
+    def lease_claimed(self, sub: Subscription, runs: Iterable[tuple[uuid.UUID, str]], slots: int) -> None:
+        """Lease to ``sub`` runs it claimed from a shared store, ``(id, task key)`` in the
+        order claimed; those beyond ``slots`` wait in its buffer."""
+        for n, (run_id, key) in enumerate(runs):
+            self.lease(sub, run_id)
+            if n >= slots:
+                sub.prefetched[run_id] = key
+
     def _free_slot_elsewhere(self, sub: Subscription, key: str) -> bool:
         return any(other.free_slots > 0 for other in self._subscribers.get(key, ()) if other is not sub)
 
@@ -247,6 +323,11 @@ class Dispatcher:
     # -- leases
     def holder(self, run_id: uuid.UUID) -> Subscription | None:
         return self._leases.get(run_id)
+
+    @property
+    def leased(self) -> list[uuid.UUID]:
+        """Every run leased to a subscription here."""
+        return list(self._leases)
 
     def release(self, run_id: uuid.UUID) -> Subscription | None:
         """Drop the lease on a run (it finished, was requeued or deleted); wake its holder."""
@@ -299,7 +380,8 @@ class Dispatcher:
     async def release_delayed_runs(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Move delayed runs to the ready queues when they fall due; runs until cancelled.
+        """Move delayed runs to the ready queues when they fall due (``shared``: hint the
+        subscriptions of their keys); runs until cancelled.
 
         It sleeps until the earliest due time or until an earlier run is added, whichever
         comes first: a Trio deadline, not a polling loop.
@@ -308,11 +390,18 @@ class Dispatcher:
         while True:
             now = self.clock()
             due: list[QueuedRun] = []
+            keys: set[str] = set()
             while self._delayed and self._delayed[0][0] <= now:
                 at, seq, run_id, key = heapq.heappop(self._delayed)
-                due.append(QueuedRun(seq, uuid.UUID(run_id), key, at))
+                if self.shared:
+                    keys.add(key)
+                    if self._hinted.get(key) == at:
+                        del self._hinted[key]
+                else:
+                    due.append(QueuedRun(seq, uuid.UUID(run_id), key, at))
             if due:
                 self.enqueue(due, due=True)
+            self.hint_keys(keys)
             self._delayed_changed = trio.Event()
             wait = self._delayed[0][0] - now if self._delayed else math.inf
             with trio.move_on_after(wait):

@@ -3,10 +3,17 @@
 The store decides (atomically, in its database); the service then tells the dispatcher what
 changed (runs to queue, leases to drop), wakes the clients waiting for runs to end, and
 asks the connection that holds a cancelled run to stop it.
+
+On a store several servers share (:class:`~trioworker.server.store.base.SharedStore`, with
+a ``shared`` dispatcher), runs are claimed from the store's ready table, each only after its
+claim commits, and what other servers change reaches this one as notices
+(:meth:`TaskRunService.apply_notices`, from :mod:`trioworker.server.replicas`): this server
+then reads the runs its waiters, dependents and sockets care about.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
@@ -28,14 +35,28 @@ from trioworker.models import (
     make_state,
     utcnow,
 )
+from trioworker.server.fence import Fence
 from trioworker.server.limits import QueueLimit
 from trioworker.server.live import LiveFeed
 from trioworker.server.metrics import ServerMetrics
 from trioworker.server.overview import Overview, OverviewReader
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.sockets import Refusal
-from trioworker.server.store.base import Change, QueuedRun, RunIdTaken, Store
+from trioworker.server.store.base import (
+    LEASED_ELSEWHERE,
+    Change,
+    Heartbeat,
+    Notice,
+    QueuedRun,
+    Requeued,
+    RunIdTaken,
+    SharedStore,
+    Store,
+    StoreError,
+)
 from trioworker.server.store.runs import claimed_copy, default_name
+
+log = logging.getLogger("trioworker.server")
 
 #: Bounds of the fresh-run cache: entries, bytes in all, bytes of one run.
 FRESH_MAX_RUNS: Final = 5_000
@@ -126,6 +147,19 @@ class TaskRunService:
     _overview_reader: OverviewReader = attrs.field(
         default=attrs.Factory(lambda self: OverviewReader(self.store, self.dispatcher), takes_self=True)
     )
+    #: Blocked runs whose upstreams all completed, to release in a shared store.
+    _unblocked: list[QueuedRun] = attrs.field(factory=list)
+    #: This server's id among those sharing the store (None: it is alone).
+    replica_id: uuid.UUID | None = None
+    #: Raised, this server's sockets close (see :mod:`trioworker.server.fence`).
+    fence: Fence = attrs.field(factory=Fence)
+    _shared: SharedStore | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.dispatcher.shared:
+            if not isinstance(self.store, SharedStore):
+                raise TypeError("a shared dispatcher needs a store that servers can share")
+            self._shared = self.store
 
     async def recover(self) -> int:
         """Rebuild the dispatcher's queues from the store (at start); returns how many are queued."""
@@ -157,9 +191,10 @@ class TaskRunService:
         except RunIdTaken as exc:
             raise Refusal(409, str(exc)) from None
         created = [run for run, queued in results if queued is not None]
-        for run, queued in results:
-            if queued is not None:
-                self.fresh.add(run, queued)
+        if self._shared is None:
+            for run, queued in results:
+                if queued is not None:
+                    self.fresh.add(run, queued)
         self.feed.runs_changed(created)
         self.metrics.runs_created(created)
         await self._admit(q for _, q in results if q is not None)
@@ -251,7 +286,8 @@ class TaskRunService:
     async def _set_states(
         self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], reporter: Subscription | None
     ) -> list[SetStateResult]:
-        changes = await self.store.set_states(requests, now=self.dispatcher.clock())
+        holder = None if reporter is None else reporter.client_id
+        changes = await self.store.set_states(requests, now=self.dispatcher.clock(), holder=holder)
         for (run_id, _), change in zip(requests, changes, strict=True):
             self._after_change(run_id, change, reporter)
         changed = [
@@ -395,7 +431,12 @@ class TaskRunService:
         When every run is fresh, the claim is only queued: the runs can be sent while it
         commits, since whatever the worker reports about them is applied after it. Send
         them, then await ``confirm``.
+
+        From a shared store, runs are claimed from its ready table, and sent once the
+        claim committed (another server may claim any run at any time).
         """
+        if self._shared is not None:
+            return await self._claim_shared(sub, self._shared)
         while True:
             ready_since = self.dispatcher.take_timed(sub)
             ids = list(ready_since)
@@ -423,6 +464,34 @@ class TaskRunService:
         self.feed.runs_changed(runs)
         self.metrics.runs_delivered(runs, ready_since, self.dispatcher.clock())
         return Delivery(runs, confirm)
+
+    async def _claim_shared(self, sub: Subscription, shared: SharedStore) -> Delivery:
+        """Claim from ``shared``'s ready runs what ``sub`` has room for, when it was hinted
+        that runs of its keys may be ready (a claim that got all it asked for hints again;
+        one that got fewer leaves a hint for the next delayed run's due time)."""
+        limit, slots = self.dispatcher.claim_room(sub)
+        if limit <= 0 or not sub.take_hint():
+            return Delivery([])
+        known = list(sub.held) if sub.claim_failed else None
+        try:
+            claimed = await shared.claim_ready(
+                sub.keys, limit, sub.client_id, self.dispatcher.clock(), known=known
+            )
+        except StoreError as exc:
+            # The socket stays: the next wake (a notice, the safety net) tries again.
+            if not sub.claim_failed:
+                log.warning("no runs claimed for %s (%s); trying again", sub.client_id, exc)
+            sub.claim_failed = sub.hinted = True
+            return Delivery([])
+        sub.claim_failed = False
+        self.dispatcher.lease_claimed(sub, ((run.id, run.task_key) for run in claimed.runs), slots)
+        if len(claimed.runs) == limit:
+            sub.hinted = True
+        elif claimed.next_due is not None:
+            self.dispatcher.hint_at(claimed.next_due, sub.keys)
+        self.feed.runs_changed(claimed.runs)
+        self.metrics.runs_delivered(claimed.runs, claimed.ready_since, self.dispatcher.clock())
+        return Delivery(claimed.runs)
 
     def _release_unclaimed(
         self, ids: Sequence[uuid.UUID], claimed: set[uuid.UUID], sub: Subscription, *, delivered: bool = False
@@ -452,7 +521,7 @@ class TaskRunService:
     async def release(self, sub: Subscription, run_ids: Sequence[uuid.UUID]) -> None:
         """The worker hands back runs it will not run (stopping, or a key it lost)."""
         mine = [i for i in run_ids if self.dispatcher.holder(i) is sub]
-        await self._requeue(mine, reason="release")
+        await self._requeue(mine, reason="release", holder=sub.client_id)
 
     def subscribe(self, sub: Subscription) -> None:
         """A worker's connection subscribed: runs of its keys may go to it."""
@@ -468,15 +537,23 @@ class TaskRunService:
         """
         held = self.dispatcher.unsubscribe(sub)
         self.feed.workers_changed()
-        await self._requeue(sorted(held), reason="release" if clean else "redelivery")
+        await self._requeue(sorted(held), reason="release" if clean else "redelivery", holder=sub.client_id)
 
-    async def _requeue(self, run_ids: Sequence[uuid.UUID], *, reason: str) -> None:
+    async def _requeue(self, run_ids: Sequence[uuid.UUID], *, reason: str, holder: str) -> None:
         if not run_ids:
             return
         for run_id in run_ids:
             self.dispatcher.release(run_id)
         started = utcnow()
-        outcomes = await self.store.requeue(run_ids, reason=reason, max_deliveries=self.max_deliveries)
+        outcomes = await self.store.requeue(
+            run_ids, reason=reason, max_deliveries=self.max_deliveries, holder=holder
+        )
+        await self._requeued(outcomes, started)
+
+    async def _requeued(self, outcomes: Sequence[Requeued], started: datetime | None = None) -> None:
+        """Runs went back to the queue (or CRASHED): queue them, wake their waiters.
+        ``started``: when the requeue began (a CRASHED run updated before had crashed
+        before, and is only reported); None: every CRASHED run crashed in it."""
         self.feed.states_changed((o.id, o.state_type) for o in outcomes if o.state_type is not None)
         self.metrics.forget(o.id for o in outcomes if o.state_type is not StateType.CRASHED)
         self.dispatcher.enqueue((o.queued for o in outcomes if o.queued is not None), front=True)
@@ -484,7 +561,9 @@ class TaskRunService:
         if crashed:
             crashed_runs = await self.store.read_runs(crashed)
             # Only the runs this requeue crashed (one that had crashed before is only reported).
-            self.metrics.runs_changed(run for run in crashed_runs if run.updated >= started)
+            self.metrics.runs_changed(
+                run for run in crashed_runs if started is None or run.updated >= started
+            )
             for run in crashed_runs:
                 self._notify_ended(run.id, run)
             await self._fail_doomed()
@@ -529,10 +608,22 @@ class TaskRunService:
             pending.discard(upstream)
             if not pending:
                 del self._blocked[dependent]
-                self.dispatcher.enqueue([entry])
+                if self._shared is None:
+                    self.dispatcher.enqueue([entry])
+                else:
+                    self._unblocked.append(entry)
 
     async def _fail_doomed(self) -> None:
-        """Fail held-back runs whose upstream failed (and, in turn, their own dependents)."""
+        """Release held-back runs whose upstreams completed (in a shared store: there they
+        wait too), and fail those whose upstream failed (and, in turn, their own dependents)."""
+        if self._unblocked and self._shared is not None:
+            released, self._unblocked = self._unblocked, []
+            try:
+                await self._shared.release_waiting([entry.id for entry in released])
+            except StoreError:
+                self._unblocked = released + self._unblocked  # the next call tries again
+                raise
+            self.dispatcher.enqueue(released)
         while self._doomed:
             doomed, self._doomed = self._doomed, []
             requests = [
@@ -544,6 +635,10 @@ class TaskRunService:
     # -- bookkeeping
     def _after_change(self, run_id: uuid.UUID, change: Change, reporter: Subscription | None) -> None:
         self.fresh.pop(run_id)
+        if change.result.details == LEASED_ELSEWHERE:
+            if reporter is not None and self.dispatcher.holder(run_id) is reporter:
+                self.dispatcher.release(run_id)  # its worker is told to stop (ABORT)
+            return
         run = change.run
         if run is None:  # the run does not exist
             self.dispatcher.release(run_id)
@@ -574,3 +669,75 @@ class TaskRunService:
             else:
                 waiter.ended.append(run)
             waiter.changed.set()
+
+    # -- servers sharing the store
+    async def queue_counts(self) -> tuple[int, int]:
+        """``(ready, delayed)``: runs queued (not held back for others) due now, and later."""
+        if self._shared is not None:
+            return await self._shared.count_queued(self.dispatcher.clock())
+        return self.dispatcher.ready_count(), self.dispatcher.delayed_count
+
+    async def apply_notices(self, notices: Sequence[Notice]) -> None:
+        """Act on what other servers announced: hint the subscriptions of keys with ready
+        runs, and read the changed runs this server cares about (:meth:`changed_elsewhere`).
+        This server's own notices are skipped (it acted when it made the changes)."""
+        keys: set[str] = set()
+        changed: dict[uuid.UUID, None] = {}
+        for notice in notices:
+            if notice.origin != self.replica_id:
+                keys.update(notice.keys)
+                changed.update(dict.fromkeys(notice.changed))
+        self.dispatcher.hint_keys(keys)
+        await self.changed_elsewhere(changed)
+
+    async def changed_elsewhere(self, run_ids: Iterable[uuid.UUID]) -> None:
+        """Runs may have changed through another server: of those that local waiters wait
+        for, local dependents wait for or local sockets hold, read what the store holds now
+        and act as if the change had been made here. A socket holding a run that is no
+        longer leased to it (through this server) is told to stop it."""
+        shared = self._shared
+        if shared is None:
+            return
+        ids = [
+            run_id
+            for run_id in run_ids
+            if run_id in self._waiters or run_id in self._dependents or self.dispatcher.holder(run_id)
+        ]
+        if not ids:
+            return
+        leases = await shared.read_leases(ids)
+        deleted: list[uuid.UUID] = []
+        for run_id in ids:
+            found = leases.get(run_id)
+            if found is None:
+                deleted.append(run_id)
+                continue
+            run, replica = found
+            holder = self.dispatcher.holder(run_id)
+            state = run.state
+            if holder is not None:
+                still_held = state.type in ACTIVE_STATES and replica == self.replica_id
+                if not (still_held and state.state_details.client_id == holder.client_id):
+                    holder.request_cancel(run_id)
+                    if not state.is_terminal:
+                        # Queued again, or held by another: the holder's credit is free at once.
+                        # (An ended run keeps counting until its worker answers the cancel.)
+                        self.dispatcher.release(run_id)
+            if state.is_terminal:
+                self._notify_ended(run_id, run)
+        self._deleted(deleted)
+        await self._fail_doomed()
+
+    async def resync(self) -> None:
+        """After a gap in the notices (the listening connection was lost): hint every
+        subscription, and read every run this server cares about."""
+        self.dispatcher.hint_all()
+        await self.changed_elsewhere({*self._waiters, *self._dependents, *self.dispatcher.leased})
+
+    async def reaped(self, beat: Heartbeat) -> None:
+        """A heartbeat handed back the runs of dead servers: queue them, wake their
+        waiters; when servers died, track the runs that wait for others (a dead server
+        may have been the one tracking them)."""
+        await self._requeued(beat.reaped)
+        if beat.dead and self._shared is not None:
+            await self._admit(await self._shared.waiting_runs())

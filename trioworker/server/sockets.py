@@ -18,6 +18,7 @@ from quart import websocket
 from trioworker import protocol
 from trioworker.models import JSON, SetStateRequest, StateType, TaskRunCreate, converter, make_state
 from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
+from trioworker.server.fence import Fence
 
 log = logging.getLogger("trioworker.server")
 
@@ -158,9 +159,13 @@ def _auth_message(raw: str | bytes) -> dict[str, JSON] | None:
 class JsonSocket:
     """The quart websocket of the current connection, speaking one JSON object per frame."""
 
-    def __init__(self, token_ok: Callable[[object], bool], closing: trio.Event) -> None:
+    def __init__(
+        self, token_ok: Callable[[object], bool], closing: trio.Event, fence: Fence | None = None
+    ) -> None:
         self.token_ok = token_ok
         self.closing = closing
+        #: Raised, this socket closes as when the server stops (see :mod:`trioworker.server.fence`).
+        self.fence = Fence() if fence is None else fence
         self.send_lock = trio.StrictFIFOLock()
 
     async def send(self, payload: Mapping[str, JSON]) -> None:
@@ -231,7 +236,21 @@ class JsonSocket:
             await self.close(protocol.CLOSE_PROTOCOL, f"Protocol violation: {violation}")
 
     async def close_on_shutdown(self, scope: trio.CancelScope) -> None:
-        await self.closing.wait()
+        """Once the server stops or its fence is raised: cancel ``scope`` and close with 1012."""
+        reasons: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def stopping() -> None:
+                await self.closing.wait()
+                reasons.append("the server is stopping")
+                nursery.cancel_scope.cancel()
+
+            async def fenced() -> None:
+                reasons.append(await self.fence.wait_raised())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stopping)
+            nursery.start_soon(fenced)
         scope.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await self.close(protocol.CLOSE_RESTART, "the server is stopping")
+            await self.close(protocol.CLOSE_RESTART, reasons[0])

@@ -63,7 +63,7 @@ class SubscriptionSession(JsonSocket):
     def __init__(
         self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
     ) -> None:
-        super().__init__(token_ok, closing)
+        super().__init__(token_ok, closing, service.fence)
         self.service = service
         self.quitting = False
         #: State reports being applied: a quitting session closes only after their answers.

@@ -28,6 +28,7 @@ from trioworker.server.store.base import QueuedRun as QueuedRun
 from trioworker.server.store.base import Requeued as Requeued
 from trioworker.server.store.base import RunCount as RunCount
 from trioworker.server.store.base import RunIdTaken as RunIdTaken
+from trioworker.server.store.base import SharedStore as SharedStore
 from trioworker.server.store.base import Store as Store
 from trioworker.server.store.base import StoreError as StoreError
 from trioworker.server.store.files import SUPPORTED_DATABASES as SUPPORTED_DATABASES
@@ -49,6 +50,7 @@ __all__ = [
     "RunCount",
     "RunIdTaken",
     "SQLiteStore",
+    "SharedStore",
     "Store",
     "StoreError",
     "check_database",
@@ -87,8 +89,10 @@ def open_store(db: str | Path) -> AbstractAsyncContextManager[Store]:
     """Open the store that ``db`` names for the life of an ``async with`` block.
 
     A ``postgresql://`` (or ``postgres://``) URL opens :meth:`PostgresStore.open
-    <trioworker.server.store.postgres.PostgresStore.open>`; anything else is a SQLite
-    database (anything :func:`database_path` takes) and opens :meth:`SQLiteStore.open`.
+    <trioworker.server.store.postgres.PostgresStore.open>`, shared (several servers may use
+    one database: it is a :class:`SharedStore`); anything else is a SQLite database
+    (anything :func:`database_path` takes) and opens :meth:`SQLiteStore.open` (one server
+    per file).
 
     Raises:
         ValueError: ``db`` names no database a store here can open.
@@ -99,5 +103,5 @@ def open_store(db: str | Path) -> AbstractAsyncContextManager[Store]:
     if is_postgres(db):
         from trioworker.server.store.postgres import PostgresStore
 
-        return PostgresStore.open(str(db))
+        return PostgresStore.open(str(db), exclusive=False)
     return SQLiteStore.open(db)

@@ -13,13 +13,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
 from trioworker.models import SetStateRequest, SetStateResult, StateChange, StateType, TaskRun, TaskRunCreate
 
 T_co = TypeVar("T_co", covariant=True)
+
+#: The ``details`` of the answer to a report on a run that another connection holds now.
+LEASED_ELSEWHERE: Final = "the run is leased elsewhere"
 
 
 class StoreError(Exception):
@@ -86,6 +89,47 @@ class Requeued:
     id: uuid.UUID
     state_type: StateType | None
     queued: QueuedRun | None
+
+
+@attrs.frozen
+class Claimed:
+    """What a claim from a shared store's ready runs got (:meth:`SharedStore.claim_ready`)."""
+
+    #: The runs leased, oldest first.
+    runs: list[TaskRun]
+    #: When fewer than asked were claimed: the due time of the next delayed run of those
+    #: keys (epoch seconds), or None when there is none.
+    next_due: float | None = None
+    #: Per run claimed from the ready runs: since when it was ready (epoch seconds: its
+    #: scheduled time, or when it last became SCHEDULED if later). Runs the claim adopted
+    #: (claimed before) have none.
+    ready_since: dict[uuid.UUID, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Heartbeat:
+    """What one heartbeat of a server sharing a store found (:meth:`SharedStore.heartbeat`)."""
+
+    #: The server's row was there. False: another server found it dead and handed back
+    #: its runs; its sockets must close (see :mod:`trioworker.server.replicas`).
+    alive: bool
+    #: Runs of dead servers this heartbeat handed back (SCHEDULED again, or CRASHED).
+    reaped: list[Requeued] = attrs.field(factory=list)
+    #: The dead servers whose rows it deleted.
+    dead: list[uuid.UUID] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Notice:
+    """What another server sharing the store announced after a commit (a wake-up only:
+    the tables say what is true)."""
+
+    #: The server that made the changes.
+    origin: uuid.UUID
+    #: Task keys with runs that became ready to claim (or delayed runs queued).
+    keys: tuple[str, ...] = ()
+    #: Runs that ended, went back to the queue, were cancelled or deleted.
+    changed: tuple[uuid.UUID, ...] = ()
 
 
 class QueuedOp(Protocol[T_co]):
@@ -185,20 +229,36 @@ class Store(Protocol):
         ...
 
     async def set_states(
-        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
+        self,
+        requests: Sequence[tuple[uuid.UUID, SetStateRequest]],
+        *,
+        now: float,
+        holder: str | None = None,
     ) -> list[Change]:
         """Judge and apply proposed states (:func:`~.runs.judged`), one :class:`Change` per
         request, in order; ``now`` is the dispatcher's clock (epoch seconds), for relative
-        delays."""
+        delays.
+
+        ``holder`` is the client whose connection reports (None: the change comes from
+        elsewhere, e.g. REST). Its report on a run that is SCHEDULED, or PENDING/RUNNING
+        under another holder (:func:`~.runs.held_elsewhere`), changes nothing and is
+        answered ABORT with :data:`LEASED_ELSEWHERE`.
+        """
         ...
 
     async def requeue(
-        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
+        self,
+        run_ids: Sequence[uuid.UUID],
+        *,
+        reason: str,
+        max_deliveries: int | None,
+        holder: str | None = None,
     ) -> list[Requeued]:
         """Hand held runs back from their holder (:func:`~.runs.requeued`): SCHEDULED
         again, or CRASHED after ``max_deliveries`` deliveries; ``reason`` is
         ``"release"`` (handed back unopened) or ``"redelivery"``. A run that is no longer
-        held is only reported (and indexed again when SCHEDULED)."""
+        held (by ``holder``, when given) is only reported (and indexed again when
+        SCHEDULED)."""
         ...
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
@@ -244,4 +304,91 @@ class Store(Protocol):
 
     async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
         """The runs that ended, and the ids that exist."""
+        ...
+
+
+class NoticeListener(Protocol):
+    """A connection that hears what the servers sharing a store announce."""
+
+    async def connect(self) -> None:
+        """Connect (again) and start listening; what was announced before is not heard.
+
+        Raises:
+            StoreError: the database cannot be reached.
+        """
+        ...
+
+    async def receive(self) -> list[Notice]:
+        """Wait for the next announcements (at least one), and return them.
+
+        Raises:
+            StoreError: the connection was lost (connect again, then re-read what matters).
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharedStore(Store, Protocol):
+    """A store that several servers (replicas) share: the PostgreSQL store. Each server
+    registers a row, heartbeats it, hands back the runs of dead servers, claims runs from
+    the store's table of ready runs, and hears through a :class:`NoticeListener` what the
+    others changed. Every method raises :class:`StoreError` as :class:`Store`'s do."""
+
+    async def register_replica(self, replica_id: uuid.UUID, silent_for: float, address: str | None) -> None:
+        """Register the server ``replica_id`` (every lease taken through this store from
+        now on is held through it), silent for ``silent_for`` seconds at most before the
+        others call it dead; ``address`` is shown to operators. Again (after it was found
+        dead): renew the row."""
+        ...
+
+    async def unregister_replica(self) -> None:
+        """The server stops: delete its row."""
+        ...
+
+    async def heartbeat(self, max_deliveries: int) -> Heartbeat:
+        """Renew this server's row, and hand back the runs held through dead servers."""
+        ...
+
+    async def claim_ready(
+        self,
+        keys: Sequence[str],
+        limit: int,
+        client_id: str,
+        now: float,
+        *,
+        known: Sequence[uuid.UUID] | None = None,
+    ) -> Claimed:
+        """Lease up to ``limit`` runs of ``keys``, due at ``now`` (epoch seconds), oldest
+        first, to ``client_id`` through this server. With ``known`` (the runs the caller
+        knows it holds), first the PENDING runs leased to ``client_id`` here that are not
+        among them: a claim whose outcome the caller did not learn may have leased them."""
+        ...
+
+    async def release_waiting(self, run_ids: Sequence[uuid.UUID]) -> None:
+        """These runs no longer wait for others (created with ``wait_for``): claim them."""
+        ...
+
+    async def waiting_runs(self) -> list[QueuedRun]:
+        """The runs that wait for others, with their ``wait_for``."""
+        ...
+
+    async def read_leases(
+        self, run_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[TaskRun, uuid.UUID | None]]:
+        """The runs that exist, each with the server it is leased through (None: none)."""
+        ...
+
+    async def count_queued(self, now: float) -> tuple[int, int]:
+        """``(ready, delayed)`` SCHEDULED runs at ``now`` (epoch seconds), waiting ones not counted."""
+        ...
+
+    async def count_ready(self, task_keys: Sequence[str], now: float) -> dict[str, int]:
+        """Per task key of ``task_keys``: its SCHEDULED runs due at ``now`` (epoch seconds)
+        and waiting for no other run; a key with none is left out."""
+        ...
+
+    def listener(self) -> NoticeListener:
+        """A new listener (not connected yet) on what the servers of this store announce."""
         ...

@@ -78,11 +78,15 @@ class Operations(Protocol):
     ) -> list[TaskRun]: ...
 
     def set_states(
-        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float, holder: str | None = None
     ) -> list[Change]: ...
 
     def requeue(
-        self, run_ids: Sequence[uuid.UUID], reason: str, max_deliveries: int | None
+        self,
+        run_ids: Sequence[uuid.UUID],
+        reason: str,
+        max_deliveries: int | None,
+        holder: str | None = None,
     ) -> list[Requeued]: ...
 
     def delete_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
@@ -318,14 +322,23 @@ class GroupCommitStore(Generic[OpsT]):
         return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known))
 
     async def set_states(
-        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], *, now: float
+        self,
+        requests: Sequence[tuple[uuid.UUID, SetStateRequest]],
+        *,
+        now: float,
+        holder: str | None = None,
     ) -> list[Change]:
-        return await self._run(lambda ops: ops.set_states(requests, now))
+        return await self._run(lambda ops: ops.set_states(requests, now, holder))
 
     async def requeue(
-        self, run_ids: Sequence[uuid.UUID], *, reason: str, max_deliveries: int | None
+        self,
+        run_ids: Sequence[uuid.UUID],
+        *,
+        reason: str,
+        max_deliveries: int | None,
+        holder: str | None = None,
     ) -> list[Requeued]:
-        return await self._run(lambda ops: ops.requeue(run_ids, reason, max_deliveries))
+        return await self._run(lambda ops: ops.requeue(run_ids, reason, max_deliveries, holder))
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self._run(lambda ops: ops.delete_run(run_id))

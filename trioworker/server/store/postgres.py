@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import math
 import os
 import random
@@ -43,7 +44,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import attrs
 import orjson
@@ -63,13 +64,25 @@ from trioworker.models import (
     TaskRunCreate,
     utcnow,
 )
-from trioworker.server.store.base import Change, EndedCount, QueuedRun, Requeued, RunCount, StoreError
+from trioworker.server.store.base import (
+    Change,
+    Claimed,
+    EndedCount,
+    Heartbeat,
+    Notice,
+    QueuedRun,
+    Requeued,
+    RunCount,
+    StoreError,
+)
 from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import DatabaseInUse
 from trioworker.server.store.runs import (
     claimed_copy,
     epoch,
+    held_elsewhere,
     judged,
+    leased_elsewhere_change,
     missing_run_change,
     new_run,
     queued_run,
@@ -87,8 +100,9 @@ SCHEMES: Final = ("postgresql", "postgres")
 
 #: The newest schema this code knows (the PostgreSQL store's own numbering). 1: the first;
 #: 2: the parent run's id in a column (a run's children found by index), ends indexed by
-#: time, runs indexed by task key and state (their counts read the index only).
-SCHEMA_VERSION: Final = 2
+#: time, runs indexed by task key and state (their counts read the index only); 3: several
+#: servers on one database (a row per server, ready rows of runs that wait for others).
+SCHEMA_VERSION: Final = 3
 
 #: The first key of the advisory lock held while the schema is created or migrated (the
 #: second is the schema's name): "trio" in ASCII.
@@ -186,6 +200,23 @@ MIGRATIONS: Final[Mapping[int, tuple[str | Callable[[_Conn], None], ...]]] = {
         f" WHERE type IN ({_TERMINAL_SQL})",
         "CREATE INDEX trioworker_task_runs_counts ON trioworker_task_runs (task_key, state_type)",
     ),
+    3: (
+        # One row per server sharing the database (a replica): it updates heartbeat_at
+        # (the database's clock) while it lives; silent for timeout_seconds, it is dead.
+        """CREATE TABLE trioworker_replicas (
+            id uuid PRIMARY KEY,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            heartbeat_at timestamptz NOT NULL DEFAULT now(),
+            timeout_seconds double precision NOT NULL,
+            address text
+        )""",
+        # A run created with wait_for waits in the ready table, not claimed, until the
+        # runs it waits for have completed.
+        "ALTER TABLE trioworker_ready ADD COLUMN waiting boolean NOT NULL DEFAULT false",
+        # Runs queued before with wait_for: waiting, until recovery finds their runs done.
+        "UPDATE trioworker_ready AS q SET waiting = true FROM trioworker_task_runs AS r"
+        " WHERE r.seq = q.run_seq AND r.wait_for IS NOT NULL",
+    ),
 }
 
 #: Most runs the cache of decoded runs keeps (beyond that, operations read the rows).
@@ -196,6 +227,14 @@ _ATTEMPTS: Final = 3
 
 #: Settings of every connection unless the URL gives them.
 _CONNECT_DEFAULTS: Final = {"connect_timeout": "10", "application_name": "trioworker server"}
+#: Settings of a listening connection unless the URL gives them: it only reads, so TCP
+#: keepalives tell when its peer vanished (about 8 s).
+_LISTEN_DEFAULTS: Final = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "1",
+    "keepalives_count": "3",
+}
 
 
 # --------------------------------------------------------------------------- the database
@@ -370,6 +409,119 @@ def _retry(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure)
 
 
+# --------------------------------------------------------------------------- notices
+
+#: Most bytes of one notification's payload (PostgreSQL takes fewer than 8000).
+NOTICE_BYTES: Final = 7800
+
+
+def channel_of(schema: str) -> str:
+    """The channel the servers sharing the schema ``schema`` announce their changes on
+    (one per schema: the tests run many schemas in one database)."""
+    return "trioworker_" + hashlib.sha1(schema.encode()).hexdigest()[:20]
+
+
+def encode_notices(origin: uuid.UUID, keys: Sequence[str], changed: Sequence[uuid.UUID]) -> list[str]:
+    """Payloads of at most :data:`NOTICE_BYTES` each announcing, from the server
+    ``origin``, ready runs of ``keys`` and the ``changed`` runs: JSON objects
+    ``{"o": origin, "k": [key, ...], "c": [run id hex, ...]}``."""
+    head = len(orjson.dumps({"o": origin.hex, "k": [], "c": []}))
+    payloads: list[str] = []
+    batch_keys: list[str] = []
+    batch_ids: list[str] = []
+    size = head
+
+    def flush() -> None:
+        nonlocal size
+        if batch_keys or batch_ids:
+            payloads.append(orjson.dumps({"o": origin.hex, "k": batch_keys, "c": batch_ids}).decode())
+        batch_keys.clear()
+        batch_ids.clear()
+        size = head
+
+    items: list[tuple[list[str], str]] = [(batch_keys, key) for key in keys]
+    items += [(batch_ids, run_id.hex) for run_id in changed]
+    for batch, item in items:
+        cost = len(orjson.dumps(item)) + 1
+        if size + cost > NOTICE_BYTES:
+            flush()
+        batch.append(item)
+        size += cost
+    flush()
+    return payloads
+
+
+def decode_notice(payload: str) -> Notice | None:
+    """The :class:`Notice` in a payload of :func:`encode_notices` (None: not one)."""
+    try:
+        data = orjson.loads(payload)
+        return Notice(
+            uuid.UUID(hex=data["o"]),
+            tuple(str(key) for key in data["k"]),
+            tuple(uuid.UUID(hex=run_id) for run_id in data["c"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+class PostgresListener:
+    """A connection of its own that listens on a schema's channel (:func:`channel_of`).
+
+    It never blocks Trio: it connects on a worker thread, then waits for its socket to be
+    readable (``trio.lowlevel.wait_readable``, cancellable at once) and reads what came
+    without blocking. TCP keepalives (unless the URL sets them) notice a connection whose
+    peer vanished without closing it.
+    """
+
+    def __init__(self, target: PostgresTarget, channel: str) -> None:
+        self.target = target
+        self.channel = channel
+        self._conn: _Conn | None = None
+
+    async def connect(self) -> None:
+        self.close()
+        self._conn = await trio.to_thread.run_sync(self._connect)
+
+    def _connect(self) -> _Conn:
+        info = conninfo_to_dict(self.target.url)
+        settings = {**_CONNECT_DEFAULTS, **_LISTEN_DEFAULTS}
+        extra = {key: value for key, value in settings.items() if key not in info}
+        try:
+            conn = psycopg.connect(make_conninfo(self.target.url, **extra), autocommit=True)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {self.target.described}: {_connect_reason(exc)}") from None
+        try:
+            conn.execute(f'LISTEN "{self.channel}"')
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot listen on {self.target.described}: {_first_line(exc)}") from None
+        return conn
+
+    async def receive(self) -> list[Notice]:
+        while True:
+            conn = self._conn
+            if conn is None:
+                raise StoreError("the listener is not connected")
+            try:
+                notices = [n for n in map(decode_notice, (n.payload for n in conn.notifies(timeout=0))) if n]
+            except psycopg.Error as exc:
+                self.close()
+                raise StoreError(
+                    f"the connection to {self.target.described} was lost: {_first_line(exc)}"
+                ) from None
+            if notices:
+                return notices
+            if conn.closed or conn.broken:
+                self.close()
+                raise StoreError(f"the connection to {self.target.described} was lost")
+            await trio.lowlevel.wait_readable(conn.fileno())
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
 # --------------------------------------------------------------------------- rows
 
 
@@ -430,8 +582,14 @@ def _log_columns(states: Sequence[tuple[int, State]]) -> tuple[list[Any], ...]:
     )
 
 
-#: (seq, rev, run): a row as an operation read it.
-_Row = tuple[int, int, TaskRun]
+class _Row(NamedTuple):
+    """A row of a run as an operation read it (or will write it)."""
+
+    seq: int
+    rev: int
+    run: TaskRun
+    #: The server that the run is leased through while it is PENDING or RUNNING.
+    replica: uuid.UUID | None
 
 
 class _Cache:
@@ -446,7 +604,7 @@ class _Cache:
         return self.rows.get(run_id)
 
     def put(self, row: _Row) -> None:
-        run = row[2]
+        run = row.run
         if run.state.type.is_terminal:
             self.rows.pop(run.id, None)
         elif run.id in self.rows or len(self.rows) < CACHE_MAX_RUNS:
@@ -465,6 +623,38 @@ class _PostgresOps(Operations):
         self.cache = _Cache()
         #: The server the leases taken here are held through (None: the server is alone).
         self.replica_id: uuid.UUID | None = None
+        #: Where this schema's servers hear of each other's changes (set by :meth:`migrate`).
+        self.channel: str | None = None
+        #: Task keys with runs made ready in this transaction: announced at its end.
+        self.ready_keys: set[str] = set()
+        #: Runs ended, handed back, cancelled or deleted in this transaction: announced too.
+        self.changed: dict[uuid.UUID, None] = {}
+
+    def forget_notices(self) -> None:
+        """A transaction starts (again): nothing to announce yet."""
+        self.ready_keys.clear()
+        self.changed.clear()
+
+    def announce(self) -> None:
+        """Send what this transaction changed to every server that listens on this
+        schema's channel (delivered when it commits; not at all when it rolls back): one
+        ``pg_notify`` per :data:`NOTICE_BYTES` of payload, in one statement. Only a
+        server with a replica id announces (another has no one to tell)."""
+        if self.channel is None or self.replica_id is None or not (self.ready_keys or self.changed):
+            self.forget_notices()
+            return
+        payloads = encode_notices(self.replica_id, sorted(self.ready_keys), list(self.changed))
+        self.forget_notices()
+        self._execute("SELECT pg_notify(%b, p) FROM unnest(%b::text[]) AS p", (self.channel, payloads))
+
+    def _holder_after(self, old: _Row, new: TaskRun) -> uuid.UUID | None:
+        """The server a run written as ``new`` is leased through: the one it was leased
+        through, while it stays held; this one, when it becomes held here."""
+        if new.state.type not in ACTIVE_STATES:
+            return None
+        if old.run.state.type in ACTIVE_STATES:
+            return old.replica
+        return self.replica_id
 
     def _execute(self, query: str, params: Sequence[object] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
         assert self.conn is not None, "operations run only inside the committer's transaction"
@@ -472,11 +662,12 @@ class _PostgresOps(Operations):
 
     # -- reading and writing rows
     def _fetch(
-        self, run_ids: Iterable[uuid.UUID], *, lock: bool, ready: bool = False
+        self, run_ids: Iterable[uuid.UUID], *, lock: bool, ready: bool = False, skip_locked: bool = False
     ) -> dict[uuid.UUID, _Row]:
         """The rows of ``run_ids`` that exist; with ``lock``, locked for this transaction
-        (``FOR UPDATE``, in ``seq`` order). Rows whose ``rev`` the cache knows are not sent
-        or decoded again.
+        (``FOR UPDATE``, in ``seq`` order; ``skip_locked``: rows another transaction has
+        locked are left out, not waited for). Rows whose ``rev`` the cache knows are not
+        sent or decoded again.
 
         With ``ready``, only runs in ``trioworker_ready`` that no other transaction has
         locked there (``FOR UPDATE SKIP LOCKED``): the ones free to claim.
@@ -492,47 +683,52 @@ class _PostgresOps(Operations):
             else "SELECT seq FROM trioworker_task_runs WHERE id = ANY(%b::uuid[])"
         )
         rows = self._execute(
-            "SELECT r.seq, r.id, r.rev,"
+            "SELECT r.seq, r.id, r.rev, r.replica_id,"
             " CASE WHEN k.rev = r.rev THEN NULL ELSE r.parameters END,"
             " CASE WHEN k.rev = r.rev THEN NULL ELSE r.body END"
             f" FROM ({source}) AS q JOIN trioworker_task_runs AS r ON r.seq = q.seq"
             " LEFT JOIN unnest(%b::uuid[], %b::bigint[]) AS k(id, rev) ON k.id = r.id"
-            " ORDER BY r.seq" + (" FOR UPDATE OF r" if lock else ""),
+            " ORDER BY r.seq"
+            + (" FOR UPDATE OF r" if lock else "")
+            + (" SKIP LOCKED" if lock and skip_locked else ""),
             (ids, [i for i, _ in known], [rev for _, rev in known]),
         )
         found: dict[uuid.UUID, _Row] = {}
-        for seq, run_id, rev, parameters, body in rows:
+        for seq, run_id, rev, replica, parameters, body in rows:
             if parameters is None:
                 cached = self.cache.get(run_id)
                 assert cached is not None
                 found[run_id] = cached
             else:
-                row = (seq, rev, run_from_row(parameters, body))
+                row = _Row(seq, rev, run_from_row(parameters, body), replica)
                 self.cache.put(row)
                 found[run_id] = row
         return found
 
-    def _save(self, rows: Sequence[_Row], states: Sequence[tuple[int, State]]) -> None:
-        """Write runs, each ``(seq, rev it was read at, new content)``, only where the row
-        still has that ``rev``; keep ``trioworker_ready`` to the SCHEDULED runs (a run
-        queued again gets a new ``queued_seq``); append ``states`` (``(seq, state)``, in
-        order) to the history. One statement.
+    def _save(self, rows: Sequence[_Row], states: Sequence[tuple[int, State]] | None = None) -> None:
+        """Write runs, each a :class:`_Row` of its ``seq``, the ``rev`` it was read at, its
+        new content and the server it is leased through, only where the row still has that
+        ``rev``; keep ``trioworker_ready`` to the SCHEDULED runs (a run queued again gets a
+        new ``queued_seq``); append ``states`` (``(seq, state)``, in order; by default each
+        run's new state) to the history. One statement. What became ready or changed is
+        announced at the end of the transaction (:meth:`announce`).
 
         Raises:
             StoreError: a row changed since it was read (another server wrote it).
         """
-        rows = list({row[0]: row for row in rows}.values())  # a run named twice is written once
+        rows = list({row.seq: row for row in rows}.values())  # a run named twice is written once
         if not rows:
             return
+        if states is None:
+            states = [(row.seq, row.run.state) for row in rows]
         revs = [_new_rev() for _ in rows]
         [(written,)] = self._execute(
             "WITH w AS (SELECT * FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[], %b::uuid[],"
-            " %b::text[], %b::text[], %b::float8[], %b::text[], %b::bytea[])"
-            " AS u(seq, old_rev, rev, id, task_key, state_type, scheduled_at, client_id, body)),"
+            " %b::text[], %b::text[], %b::float8[], %b::text[], %b::uuid[], %b::bytea[])"
+            " AS u(seq, old_rev, rev, id, task_key, state_type, scheduled_at, client_id, replica_id, body)),"
             " written AS (UPDATE trioworker_task_runs AS r SET rev = w.rev, state_type = w.state_type,"
-            " scheduled_at = w.scheduled_at, client_id = w.client_id,"
-            " replica_id = CASE WHEN w.client_id IS NULL THEN NULL ELSE %b::uuid END, body = w.body"
-            " FROM w WHERE r.seq = w.seq AND r.rev = w.old_rev RETURNING r.seq),"
+            " scheduled_at = w.scheduled_at, client_id = w.client_id, replica_id = w.replica_id,"
+            " body = w.body FROM w WHERE r.seq = w.seq AND r.rev = w.old_rev RETURNING r.seq),"
             " left_queue AS (DELETE FROM trioworker_ready AS q USING w"
             " WHERE q.run_seq = w.seq AND w.state_type <> 'SCHEDULED'),"
             " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at)"
@@ -542,16 +738,16 @@ class _PostgresOps(Operations):
             f" logged AS ({_LOG})"
             " SELECT count(*) FROM written",
             (
-                [seq for seq, _, _ in rows],
-                [rev for _, rev, _ in rows],
+                [row.seq for row in rows],
+                [row.rev for row in rows],
                 revs,
-                [run.id for _, _, run in rows],
-                [run.task_key for _, _, run in rows],
-                [run.state.type.value for _, _, run in rows],
-                [epoch(run.state.state_details.scheduled_time) for _, _, run in rows],
-                [_lease(run) for _, _, run in rows],
-                [run_body(run) for _, _, run in rows],
-                self.replica_id,
+                [row.run.id for row in rows],
+                [row.run.task_key for row in rows],
+                [row.run.state.type.value for row in rows],
+                [epoch(row.run.state.state_details.scheduled_time) for row in rows],
+                [_lease(row.run) for row in rows],
+                [row.replica for row in rows],
+                [run_body(row.run) for row in rows],
                 *_log_columns(states),
             ),
         )
@@ -560,8 +756,13 @@ class _PostgresOps(Operations):
                 f"{len(rows) - written} of {len(rows)} runs changed in the database while they "
                 "were being updated; nothing of the operation was saved"
             )
-        for (seq, _, run), rev in zip(rows, revs, strict=True):
-            self.cache.put((seq, rev, run))
+        for row, rev in zip(rows, revs, strict=True):
+            self.cache.put(row._replace(rev=rev))
+            state_type = row.run.state.type
+            if state_type is StateType.SCHEDULED:
+                self.ready_keys.add(row.run.task_key)
+            if state_type not in ACTIVE_STATES:
+                self.changed[row.run.id] = None
 
     # -- schema
     def migrate(self) -> None:
@@ -585,6 +786,7 @@ class _PostgresOps(Operations):
                 raise StoreError(
                     "the database's search_path names no schema that exists: create it, or fix search_path"
                 )
+            self.channel = channel_of(schema)
             version = 0
             if exists:
                 row = self._execute("SELECT version FROM trioworker_schema").fetchone()
@@ -641,9 +843,9 @@ class _PostgresOps(Operations):
                 " idempotency_key, wait_for, parent_id, rev, parameters, body)"
                 " SELECT id, task_key, 'SCHEDULED', scheduled_at, idempotency_key, wait_for::uuid[],"
                 " parent_id, rev, parameters, body FROM w ORDER BY n"
-                " ON CONFLICT DO NOTHING RETURNING id, seq, task_key, scheduled_at),"
-                " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at)"
-                " SELECT seq, id, task_key, scheduled_at FROM inserted ORDER BY seq),"
+                " ON CONFLICT DO NOTHING RETURNING id, seq, task_key, scheduled_at, wait_for),"
+                " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at, waiting)"
+                " SELECT seq, id, task_key, scheduled_at, wait_for IS NOT NULL FROM inserted ORDER BY seq),"
                 " logged AS (INSERT INTO trioworker_task_run_states (run_seq, type, timestamp, body)"
                 " SELECT seq, 'SCHEDULED', %b::timestamptz, %b::bytea FROM inserted ORDER BY seq)"
                 " SELECT id, seq FROM inserted",
@@ -669,7 +871,9 @@ class _PostgresOps(Operations):
             if seq is None:
                 out.append((repeats(create), None))
                 continue
-            self.cache.put((seq, rev, run))
+            self.cache.put(_Row(seq, rev, run, None))
+            if not run.wait_for:
+                self.ready_keys.add(run.task_key)
             out.append((run, queued_run(run, seq, len(params) + len(body))))
         return out
 
@@ -687,7 +891,7 @@ class _PostgresOps(Operations):
             )
             by_key = {(key, idem): run_from_row(p, b) for key, idem, p, b in rows}
         ids = [c.id for c in creates if c.id is not None]
-        by_id = {run_id: row[2] for run_id, row in self._fetch(ids, lock=False).items()}
+        by_id = {run_id: row.run for run_id, row in self._fetch(ids, lock=False).items()}
 
         def repeated(create: TaskRunCreate) -> TaskRun:
             if create.idempotency_key is not None:
@@ -711,7 +915,7 @@ class _PostgresOps(Operations):
 
     def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         found = self._fetch(run_ids, lock=False)
-        return [found[i][2] for i in run_ids if i in found]
+        return [found[i].run for i in run_ids if i in found]
 
     def list_runs(
         self,
@@ -820,20 +1024,83 @@ class _PostgresOps(Operations):
         for run_id in run_ids:
             if run_id not in found or run_id in claims:
                 continue
-            seq, rev, run = found[run_id]
-            if run.state.type is not StateType.SCHEDULED:
+            row = found[run_id]
+            if row.run.state.type is not StateType.SCHEDULED:
                 continue
             if known is not None:
                 given = known[run_id]
-                if given is not run and given != run:
+                if given is not row.run and given != row.run:
                     continue  # changed since the caller's copy was made
-            claims[run_id] = (seq, rev, claimed_copy(run, client_id, now))
+            claims[run_id] = _Row(row.seq, row.rev, claimed_copy(row.run, client_id, now), self.replica_id)
         rows = list(claims.values())
-        self._save(rows, [(seq, run.state) for seq, _, run in rows])
-        return [run for _, _, run in rows]
+        self._save(rows)
+        return [row.run for row in rows]
 
-    def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float) -> list[Change]:
-        """Judge and apply proposed states; ``now`` is the dispatcher's clock (epoch seconds)."""
+    def claim_ready(
+        self,
+        keys: Sequence[str],
+        limit: int,
+        client_id: str,
+        clock_now: float,
+        known: Sequence[uuid.UUID] | None = None,
+    ) -> Claimed:
+        """Claim up to ``limit`` due runs of ``keys`` from ``trioworker_ready``, oldest
+        first, for ``client_id`` through this server; due means at ``clock_now`` (epoch
+        seconds, the dispatcher's clock). Rows another transaction has locked (another
+        server claiming, a run being changed) are skipped, not waited for. When fewer than
+        ``limit`` are claimed, :attr:`Claimed.next_due` says when the next delayed run of
+        ``keys`` falls due.
+
+        With ``known``, the PENDING runs leased to ``client_id`` through this server and
+        not in ``known`` come first (already claimed: a claim whose commit the caller did
+        not hear of)."""
+        adopted: list[TaskRun] = []
+        if known is not None:
+            strays = [
+                run_id
+                for (run_id,) in self._execute(
+                    "SELECT id FROM trioworker_task_runs WHERE replica_id = %b AND client_id = %b"
+                    " AND state_type = 'PENDING' AND NOT id = ANY(%b::uuid[]) ORDER BY seq LIMIT %b",
+                    (self.replica_id, _text(client_id), list(known), limit),
+                )
+            ]
+            adopted = [row.run for row in self._fetch(strays, lock=True, skip_locked=True).values()]
+            limit -= len(adopted)
+        due = dict(
+            self._execute(
+                "SELECT run_id, scheduled_at FROM trioworker_ready WHERE task_key = ANY(%b::text[])"
+                " AND NOT waiting"
+                " AND (scheduled_at IS NULL OR scheduled_at <= %b) ORDER BY run_seq LIMIT %b"
+                " FOR UPDATE SKIP LOCKED",
+                (list(keys), clock_now, limit),
+            ).fetchall()
+        )
+        ids = list(due)
+        found = self._fetch(ids, lock=True, skip_locked=True)
+        now = utcnow()
+        rows = [
+            _Row(row.seq, row.rev, claimed_copy(row.run, client_id, now), self.replica_id)
+            for run_id in ids
+            if (row := found.get(run_id)) is not None and row.run.state.type is StateType.SCHEDULED
+        ]
+        ready_since = {
+            row.run.id: max(found[row.run.id].run.updated.timestamp(), due[row.run.id] or 0.0) for row in rows
+        }
+        self._save(rows)
+        next_due = None
+        if len(rows) < limit and limit > 0:
+            [(next_due,)] = self._execute(
+                "SELECT min(scheduled_at) FROM trioworker_ready WHERE task_key = ANY(%b::text[])"
+                " AND NOT waiting AND scheduled_at > %b",
+                (list(keys), clock_now),
+            ).fetchall()
+        return Claimed(adopted + [row.run for row in rows], next_due, ready_since)
+
+    def set_states(
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float, holder: str | None = None
+    ) -> list[Change]:
+        """Judge and apply proposed states; ``now`` is the dispatcher's clock (epoch seconds).
+        A report from ``holder`` (through this server) changes only runs leased to it here."""
         found = self._fetch((run_id for run_id, _ in requests), lock=True)
         changes: list[Change] = []
         changed: dict[uuid.UUID, _Row] = {}
@@ -842,23 +1109,54 @@ class _PostgresOps(Operations):
             if run_id not in found:
                 changes.append(missing_run_change())
                 continue
-            seq, rev, run = found[run_id]
-            result, changed_run = judged(run, request, now)
+            row = found[run_id]
+            if holder is not None and held_elsewhere(
+                row.run, holder, replica=row.replica, me=self.replica_id
+            ):
+                changes.append(leased_elsewhere_change(row.run))
+                continue
+            result, changed_run = judged(row.run, request, now)
             if changed_run is None:
-                changes.append(Change(result, run))
+                changes.append(Change(result, row.run))
                 continue
             # The write stays conditional on the rev that was read.
-            found[run_id] = changed[run_id] = (seq, rev, changed_run)
-            logged.append((seq, changed_run.state))
-            queued = queued_run(changed_run, seq) if changed_run.state.type is StateType.SCHEDULED else None
+            new = _Row(row.seq, row.rev, changed_run, self._holder_after(row, changed_run))
+            found[run_id] = changed[run_id] = new
+            logged.append((row.seq, changed_run.state))
+            queued = (
+                queued_run(changed_run, row.seq) if changed_run.state.type is StateType.SCHEDULED else None
+            )
             changes.append(Change(result, changed_run, queued))
         self._save(list(changed.values()), logged)  # once per run, every state logged
         return changes
 
     def requeue(
-        self, run_ids: Sequence[uuid.UUID], reason: str, max_deliveries: int | None
+        self,
+        run_ids: Sequence[uuid.UUID],
+        reason: str,
+        max_deliveries: int | None,
+        holder: str | None = None,
     ) -> list[Requeued]:
+        """Hand back runs held (by ``holder`` through this server, when given)."""
         found = self._fetch(run_ids, lock=True)
+
+        def mine(row: _Row) -> bool:
+            return holder is None or not held_elsewhere(
+                row.run, holder, replica=row.replica, me=self.replica_id
+            )
+
+        return self._requeue_rows(run_ids, found, reason, max_deliveries, mine)
+
+    def _requeue_rows(
+        self,
+        run_ids: Sequence[uuid.UUID],
+        found: dict[uuid.UUID, _Row],
+        reason: str,
+        max_deliveries: int | None,
+        mine: Callable[[_Row], bool],
+    ) -> list[Requeued]:
+        """Requeue the held runs of ``found`` for which ``mine`` is true; report each of
+        ``run_ids``."""
         out: list[Requeued] = []
         rows: list[_Row] = []
         now = utcnow()
@@ -866,43 +1164,51 @@ class _PostgresOps(Operations):
             if run_id not in found:
                 out.append(Requeued(run_id, None, None))
                 continue
-            seq, rev, run = found[run_id]
+            row = found[run_id]
+            run = row.run
             if run.state.type in ACTIVE_STATES:
+                if not mine(row):
+                    out.append(Requeued(run_id, run.state.type, None))  # another holder has it now
+                    continue
                 run = requeued(run, reason, max_deliveries, now)
-                found[run_id] = (seq, rev, run)  # named twice: requeued once
-                rows.append((seq, rev, run))
+                found[run_id] = new = _Row(row.seq, row.rev, run, None)  # named twice: requeued once
+                rows.append(new)
             # SCHEDULED and not held: it was leased, but its claim never committed. Index it again.
-            queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
+            queued = queued_run(run, row.seq) if run.state.type is StateType.SCHEDULED else None
             out.append(Requeued(run_id, run.state.type, queued))
-        self._save(rows, [(seq, run.state) for seq, _, run in rows])
+        self._save(rows)
         return out
 
     def reclaim(
         self, run_ids: Sequence[uuid.UUID], client_id: str
     ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-        """Give back to ``client_id`` the runs nobody else took (:func:`.runs.reclaimed`)."""
+        """Give back to ``client_id`` the runs nobody else took (:func:`.runs.reclaimed`),
+        leased through this server from now on (whichever server they were leased through)."""
         found = self._fetch(run_ids, lock=True)
         kept: list[uuid.UUID] = []
         lost: list[uuid.UUID] = []
         rows: list[_Row] = []
+        logged: list[tuple[int, State]] = []
         now = utcnow()
         for run_id in run_ids:
             row = found.get(run_id)
-            kept_run = None if row is None else reclaimed(row[2], client_id, now)
+            kept_run = None if row is None else reclaimed(row.run, client_id, now)
             if row is None or kept_run is None:
                 lost.append(run_id)
                 continue
-            if kept_run is not row[2]:  # requeued meanwhile: RUNNING again under client_id
-                rows.append((row[0], row[1], kept_run))
+            if kept_run is not row.run:  # requeued meanwhile: RUNNING again under client_id
+                logged.append((row.seq, kept_run.state))
+            if kept_run is not row.run or row.replica != self.replica_id:
+                rows.append(_Row(row.seq, row.rev, kept_run, self.replica_id))
             kept.append(run_id)
-        self._save(rows, [(seq, run.state) for seq, _, run in rows])
+        self._save(rows, logged)
         return kept, lost
 
     def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         found = self._fetch([run_id], lock=True)
         if run_id not in found:
             return None
-        seq, _, run = found[run_id]
+        seq, run = found[run_id].seq, found[run_id].run
         self._execute(
             "WITH history AS (DELETE FROM trioworker_task_run_states WHERE run_seq = %b),"
             " queued AS (DELETE FROM trioworker_ready WHERE run_seq = %b)"
@@ -910,6 +1216,7 @@ class _PostgresOps(Operations):
             (seq, seq, seq),
         )
         self.cache.drop(run_id)
+        self.changed[run_id] = None
         return run
 
     #: The ends (terminal history rows) that are their run's last state, oldest first, along
@@ -949,6 +1256,7 @@ class _PostgresOps(Operations):
         ).fetchall()
         for (run_id,) in rows:
             self.cache.drop(run_id)
+            self.changed[run_id] = None
         return [run_id for (run_id,) in rows]
 
     def oldest_end(self) -> datetime | None:
@@ -956,19 +1264,135 @@ class _PostgresOps(Operations):
         return None if row is None else row[2].astimezone(UTC)
 
     def recover(self, max_deliveries: int) -> list[QueuedRun]:
-        """At start: requeue every held run, and return every SCHEDULED run in order."""
-        held = [
-            run_id
-            for (run_id,) in self._execute(
-                "SELECT id FROM trioworker_task_runs WHERE state_type IN ('PENDING', 'RUNNING') ORDER BY seq"
-            )
-        ]
-        self.requeue(held, "redelivery", max_deliveries)
+        """At start: requeue the runs of dead servers (:meth:`reap`: every held run, when no
+        other server shares the database), and return every SCHEDULED run in order (with
+        its ``wait_for`` while it waits for them)."""
+        self.reap(max_deliveries)
         rows = self._execute(
-            "SELECT q.run_seq, q.run_id, q.task_key, q.scheduled_at, r.wait_for FROM trioworker_ready AS q"
+            "SELECT q.run_seq, q.run_id, q.task_key, q.scheduled_at,"
+            " CASE WHEN q.waiting THEN r.wait_for END FROM trioworker_ready AS q"
             " JOIN trioworker_task_runs AS r ON r.seq = q.run_seq ORDER BY q.run_seq"
         )
         return [QueuedRun(seq, run_id, key, at, tuple(wait or ())) for seq, run_id, key, at, wait in rows]
+
+    # -- servers sharing the database
+    def register_replica(self, silent_for: float, address: str | None) -> None:
+        """Add (or renew) this server's row in ``trioworker_replicas``: dead once silent
+        for ``silent_for`` seconds."""
+        self._execute(
+            "INSERT INTO trioworker_replicas (id, timeout_seconds, address) VALUES (%b, %b, %b)"
+            " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(),"
+            " timeout_seconds = excluded.timeout_seconds,"
+            " address = coalesce(excluded.address, trioworker_replicas.address)",
+            (self.replica_id, silent_for, _text(address)),
+        )
+
+    def unregister_replica(self) -> None:
+        """Delete this server's row (it stops; what it held was handed back)."""
+        self._execute("DELETE FROM trioworker_replicas WHERE id = %b", (self.replica_id,))
+
+    def heartbeat(self, max_deliveries: int) -> Heartbeat:
+        """Say this server lives (``heartbeat_at = now()``, the database's clock), then
+        :meth:`reap` the dead."""
+        alive = (
+            self._execute(
+                "UPDATE trioworker_replicas SET heartbeat_at = now() WHERE id = %b RETURNING id",
+                (self.replica_id,),
+            ).fetchone()
+            is not None
+        )
+        requeued_runs, dead = self.reap(max_deliveries)
+        return Heartbeat(alive, requeued_runs, dead)
+
+    def reap(self, max_deliveries: int) -> tuple[list[Requeued], list[uuid.UUID]]:
+        """Hand back the runs held through dead servers, and delete those servers' rows:
+        ``(runs, servers)``.
+
+        Dead: silent for longer than its ``timeout_seconds`` by the database's clock,
+        locked ``FOR UPDATE SKIP LOCKED`` (another server reaping it now is left to it).
+        Held runs through a server with no row (or through none) are handed back too: a
+        server that stops deletes its row, and what it still held has no one to answer
+        for it. A run is requeued as by a lost connection (one delivery more: CRASHED
+        after ``max_deliveries``), and only when it is still held through such a server
+        once locked (a worker may have taken it to a live server meanwhile).
+        """
+        dead = [
+            replica
+            for (replica,) in self._execute(
+                "SELECT id FROM trioworker_replicas"
+                " WHERE heartbeat_at < now() - timeout_seconds * interval '1 second'"
+                " AND id IS DISTINCT FROM %b FOR UPDATE SKIP LOCKED",
+                (self.replica_id,),
+            )
+        ]
+        held = [
+            run_id
+            for (run_id,) in self._execute(
+                "SELECT r.id FROM trioworker_task_runs AS r WHERE r.state_type IN ('PENDING', 'RUNNING')"
+                " AND (r.replica_id IS NULL OR r.replica_id = ANY(%b::uuid[]) OR NOT EXISTS"
+                " (SELECT FROM trioworker_replicas AS x WHERE x.id = r.replica_id)) ORDER BY r.seq",
+                (dead,),
+            )
+        ]
+        requeued_runs: list[Requeued] = []
+        if held:
+            found = self._fetch(held, lock=True)
+            holders = list({row.replica for row in found.values() if row.replica is not None})
+            live = {
+                replica
+                for (replica,) in self._execute(
+                    "SELECT id FROM trioworker_replicas WHERE id = ANY(%b::uuid[])", (holders,)
+                )
+            }.difference(dead)
+            requeued_runs = [
+                outcome
+                for outcome in self._requeue_rows(
+                    held, found, "redelivery", max_deliveries, lambda row: row.replica not in live
+                )
+                if outcome.queued is not None or outcome.state_type is StateType.CRASHED
+            ]
+        if dead:
+            self._execute("DELETE FROM trioworker_replicas WHERE id = ANY(%b::uuid[])", (dead,))
+        return requeued_runs, dead
+
+    def release_waiting(self, run_ids: Sequence[uuid.UUID]) -> None:
+        """The runs these runs waited for completed: they may be claimed now."""
+        keys = self._execute(
+            "UPDATE trioworker_ready SET waiting = false WHERE run_id = ANY(%b::uuid[]) AND waiting"
+            " RETURNING task_key",
+            (list(run_ids),),
+        )
+        self.ready_keys.update(key for (key,) in keys)
+
+    def waiting_runs(self) -> list[QueuedRun]:
+        """The runs waiting in the ready table for the runs they wait for."""
+        rows = self._execute(
+            "SELECT q.run_seq, q.run_id, q.task_key, q.scheduled_at, r.wait_for FROM trioworker_ready AS q"
+            " JOIN trioworker_task_runs AS r ON r.seq = q.run_seq WHERE q.waiting ORDER BY q.run_seq"
+        )
+        return [QueuedRun(seq, run_id, key, at, tuple(wait or ())) for seq, run_id, key, at, wait in rows]
+
+    def read_leases(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[TaskRun, uuid.UUID | None]]:
+        """The runs that exist, each with the server it is leased through (None: not held)."""
+        return {run_id: (row.run, row.replica) for run_id, row in self._fetch(run_ids, lock=False).items()}
+
+    def count_queued(self, clock_now: float) -> tuple[int, int]:
+        """``(ready, delayed)``: SCHEDULED runs not waiting for others, due at ``clock_now``
+        and not yet."""
+        [(ready, delayed)] = self._execute(
+            "SELECT count(*) FILTER (WHERE scheduled_at IS NULL OR scheduled_at <= %b),"
+            " count(*) FILTER (WHERE scheduled_at > %b) FROM trioworker_ready WHERE NOT waiting",
+            (clock_now, clock_now),
+        ).fetchall()
+        return int(ready), int(delayed)
+
+    def count_ready(self, task_keys: Sequence[str], clock_now: float) -> dict[str, int]:
+        rows = self._execute(
+            "SELECT task_key, count(*) FROM trioworker_ready WHERE task_key = ANY(%b) AND NOT waiting"
+            " AND (scheduled_at IS NULL OR scheduled_at <= %b) GROUP BY task_key",
+            ([_text(key) for key in task_keys], clock_now),
+        ).fetchall()
+        return {key: int(count) for key, count in rows}
 
 
 # --------------------------------------------------------------------------- the store
@@ -1001,6 +1425,49 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
     def location(self) -> str:
         """``postgresql://USER@HOST:PORT/DB`` (never the password)."""
         return self.target.location
+
+    # -- servers sharing the database (see SharedStore)
+    async def register_replica(self, replica_id: uuid.UUID, silent_for: float, address: str | None) -> None:
+        self._ops.replica_id = replica_id  # before any lease is taken through it
+        await self._run(lambda ops: ops.register_replica(silent_for, address))
+
+    async def unregister_replica(self) -> None:
+        await self._run(lambda ops: ops.unregister_replica())
+
+    async def heartbeat(self, max_deliveries: int) -> Heartbeat:
+        return await self._run(lambda ops: ops.heartbeat(max_deliveries))
+
+    async def claim_ready(
+        self,
+        keys: Sequence[str],
+        limit: int,
+        client_id: str,
+        now: float,
+        *,
+        known: Sequence[uuid.UUID] | None = None,
+    ) -> Claimed:
+        return await self._run(lambda ops: ops.claim_ready(keys, limit, client_id, now, known))
+
+    async def release_waiting(self, run_ids: Sequence[uuid.UUID]) -> None:
+        await self._run(lambda ops: ops.release_waiting(run_ids))
+
+    async def waiting_runs(self) -> list[QueuedRun]:
+        return await self._run(lambda ops: ops.waiting_runs())
+
+    async def read_leases(
+        self, run_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[TaskRun, uuid.UUID | None]]:
+        return await self._run(lambda ops: ops.read_leases(run_ids))
+
+    async def count_queued(self, now: float) -> tuple[int, int]:
+        return await self._run(lambda ops: ops.count_queued(now))
+
+    async def count_ready(self, task_keys: Sequence[str], now: float) -> dict[str, int]:
+        return await self._run(lambda ops: ops.count_ready(task_keys, now))
+
+    def listener(self) -> PostgresListener:
+        assert self._ops.channel is not None, "the store is open"
+        return PostgresListener(self.target, self._ops.channel)
 
     @property
     def kind(self) -> str:
@@ -1091,10 +1558,12 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
             attempts += 1
             conn = self._connection.get()
             self._ops.conn = conn
+            self._ops.forget_notices()
             committing = False
             try:
                 with conn.transaction():
                     self._run_ops(conn, group, savepoints=savepoints)
+                    self._ops.announce()
                     committing = True
                 return
             except _OperationFailed:
@@ -1134,6 +1603,7 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
                         raise
                     raise _OperationFailed from exc
                 continue
+            announced = (set(ops.ready_keys), dict(ops.changed))
             try:
                 with conn.transaction():  # a savepoint
                     pending.value = pending.op(ops)
@@ -1141,3 +1611,4 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
                 if _lost(exc, conn) or _retry(exc):
                     raise
                 pending.error = exc
+                ops.ready_keys, ops.changed = announced  # what it did is undone: announce none of it

@@ -27,7 +27,7 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.rules import decide
-from trioworker.server.store.base import Change, QueuedRun, RunIdTaken
+from trioworker.server.store.base import LEASED_ELSEWHERE, Change, QueuedRun, RunIdTaken
 
 
 def run_body(run: TaskRun) -> bytes:
@@ -123,6 +123,26 @@ def missing_run_change() -> Change:
     """The answer to a state proposal for a run that does not exist."""
     missing = make_state(StateType.CANCELLED, message="the run does not exist")
     return Change(SetStateResult(SetStateStatus.ABORT, missing, "the run does not exist"), None)
+
+
+def held_elsewhere(
+    run: TaskRun, holder: str, *, replica: uuid.UUID | None = None, me: uuid.UUID | None = None
+) -> bool:
+    """A report from ``holder``'s connection (to the server ``me``) must not change ``run``
+    (leased through the server ``replica``): it is SCHEDULED (handed back, for another
+    worker), or PENDING/RUNNING under another client or through another server. An
+    ended run is judged as usual (a repeat is accepted, anything else refused)."""
+    state = run.state
+    if state.type is StateType.SCHEDULED:
+        return True
+    if state.type in ACTIVE_STATES:
+        return state.state_details.client_id != holder or replica != me
+    return False
+
+
+def leased_elsewhere_change(run: TaskRun) -> Change:
+    """The answer to a report on a run :func:`held_elsewhere`: nothing changes."""
+    return Change(SetStateResult(SetStateStatus.ABORT, run.state, LEASED_ELSEWHERE), run)
 
 
 def judged(run: TaskRun, request: SetStateRequest, clock_now: float) -> tuple[SetStateResult, TaskRun | None]:

@@ -44,7 +44,9 @@ from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
     claimed_copy,
     epoch,
+    held_elsewhere,
     judged,
+    leased_elsewhere_change,
     missing_run_change,
     new_run,
     queued_run,
@@ -469,8 +471,11 @@ class _SQLiteOps(Operations):
             claimed.append(run)
         return claimed
 
-    def set_states(self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float) -> list[Change]:
-        """Judge and apply proposed states; ``now`` is the dispatcher's clock (epoch seconds)."""
+    def set_states(
+        self, requests: Sequence[tuple[uuid.UUID, SetStateRequest]], now: float, holder: str | None = None
+    ) -> list[Change]:
+        """Judge and apply proposed states; ``now`` is the dispatcher's clock (epoch seconds);
+        a report from ``holder`` changes only runs it holds."""
         found = self._fetch({run_id for run_id, _ in requests})
         changes: list[Change] = []
         changed: dict[uuid.UUID, tuple[int, TaskRun]] = {}
@@ -479,6 +484,9 @@ class _SQLiteOps(Operations):
                 changes.append(missing_run_change())
                 continue
             seq, run = found[run_id]
+            if holder is not None and held_elsewhere(run, holder):
+                changes.append(leased_elsewhere_change(run))
+                continue
             result, changed_run = judged(run, request, now)
             if changed_run is None:
                 changes.append(Change(result, run))
@@ -493,7 +501,11 @@ class _SQLiteOps(Operations):
         return changes
 
     def requeue(
-        self, run_ids: Sequence[uuid.UUID], reason: str, max_deliveries: int | None
+        self,
+        run_ids: Sequence[uuid.UUID],
+        reason: str,
+        max_deliveries: int | None,
+        holder: str | None = None,
     ) -> list[Requeued]:
         found = self._fetch(run_ids)
         out: list[Requeued] = []
@@ -503,6 +515,9 @@ class _SQLiteOps(Operations):
                 out.append(Requeued(run_id, None, None))
                 continue
             seq, run = found[run_id]
+            if run.state.type in ACTIVE_STATES and holder is not None and held_elsewhere(run, holder):
+                out.append(Requeued(run_id, run.state.type, None))  # another connection has it now
+                continue
             if run.state.type not in ACTIVE_STATES:
                 # SCHEDULED here: it was leased, but its claim never committed. Index it again.
                 queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
