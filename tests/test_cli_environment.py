@@ -47,6 +47,7 @@ SERVER_ENV = {
     "TRIOWORKER_MAX_DELIVERIES": "3",
     "TRIOWORKER_MAX_BODY_BYTES": "1024",
     "TRIOWORKER_RETENTION": "12h",
+    "TRIOWORKER_REPLICA_TIMEOUT": "30s",
     "TRIOWORKER_ALLOWED_ORIGINS": "https://Ops.example.com/, http://localhost:8080",
     "TRIOWORKER_LOG_FORMAT": "json",
     "TRIOWORKER_MAX_QUEUED": "1000",
@@ -60,6 +61,7 @@ SERVER_VALUES = {
     "max_deliveries": 3,
     "max_body_bytes": 1024,
     "retention": 12 * 3600.0,
+    "replica_timeout": 30.0,
     "allowed_origins": ["https://ops.example.com", "http://localhost:8080"],
     "log_format": "json",
     "max_queued": 1000,
@@ -104,6 +106,7 @@ def test_every_option_comes_from_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "max_deliveries": 5,
         "max_body_bytes": 16 * 1024 * 1024,
         "retention": 7 * 24 * 3600.0,  # its default is given as text, "7d"
+        "replica_timeout": 15.0,
         "allowed_origins": None,
         "log_format": "text",
         "max_queued": None,

@@ -146,6 +146,14 @@ def duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def positive_duration(text: str) -> float:
+    """An argparse type: a :func:`duration` above 0."""
+    value = duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
+    return value
+
+
 # -- the server a command talks to
 
 

@@ -13,9 +13,17 @@ from typing import Any, Final
 
 import trio
 
-from trioworker.cli._common import CommandError, add_log_format_option, duration, log, port, positive_int
+from trioworker.cli._common import (
+    CommandError,
+    add_log_format_option,
+    duration,
+    log,
+    port,
+    positive_duration,
+    positive_int,
+)
 from trioworker.cli._environment import from_environment, variable_of
-from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, Settings
+from trioworker.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REPLICA_TIMEOUT_SECONDS, Settings
 
 #: The variable of ``--db``.
 DB_VARIABLE: Final = variable_of("--db")
@@ -53,6 +61,7 @@ async def run_server(args: argparse.Namespace) -> None:
         max_deliveries=args.max_deliveries,
         max_body_bytes=args.max_body_bytes,
         retention=args.retention,
+        replica_timeout=args.replica_timeout,
         max_queued=args.max_queued,
         certfile=args.certfile,
         keyfile=args.keyfile,
@@ -134,6 +143,15 @@ def add_server_command(commands: Any) -> None:
         metavar="DURATION",
         help="delete runs (with their results and history) this long after they ended: seconds, "
         "or a number with a unit (s, m, h, d, w), e.g. 12h; 0 keeps every run (default 7d)",
+    )
+    server.add_argument(
+        "--replica-timeout",
+        type=positive_duration,
+        default=f"{DEFAULT_REPLICA_TIMEOUT_SECONDS:g}",
+        metavar="DURATION",
+        help="on PostgreSQL, which several servers may share: how long this server may go without "
+        "a heartbeat before the others hand back the runs it held (and it closes its sockets); "
+        f"default {DEFAULT_REPLICA_TIMEOUT_SECONDS:g} s",
     )
     server.add_argument(
         "--max-queued",
