@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import attrs
 import psycopg
@@ -49,6 +49,8 @@ import trio
 
 import trioworker
 from trioworker.client.futures import TaskRunFuture
+from trioworker.client.submission import build_create
+from trioworker.errors import ApiError, ServerUnavailable
 from trioworker.models import StateType
 
 from .chaos_tasks import RECORD_VARIABLE, SLEEP_VARIABLE, record
@@ -61,7 +63,10 @@ START_SECONDS: Final = 60.0
 STOP_SECONDS: Final = 20.0
 #: Runs per create request of the submitter.
 BATCH: Final = 50
+#: Seconds between two attempts of a create or a wait that no server could serve.
+AGAIN_SECONDS: Final = 0.5
 
+T = TypeVar("T")
 Kind = Literal["server", "worker"]
 #: What disrupts a deployment while its runs are submitted: ``disrupt(deployment, submitted)``,
 #: to return soon after ``submitted`` is set.
@@ -160,6 +165,8 @@ class Report:
     #: From the first submission until every run ended (or the deadline).
     seconds: float
     submit_seconds: float
+    #: Creates and waits that no server could serve (each was sent again).
+    refusals: int = 0
 
     @property
     def unexplained(self) -> list[uuid.UUID]:
@@ -185,7 +192,12 @@ class Report:
             + "".join(f"; {n} {reason}" for reason, n in sorted(reasons.items()) if reason != "unexplained"),
             f"  not explained by a disruption: {len(self.unexplained)}",
             f"time: {self.seconds:.1f} s ({self.runs / self.seconds:.0f} runs/s; "
-            f"submitted in {self.submit_seconds:.1f} s)",
+            f"submitted in {self.submit_seconds:.1f} s"
+            + (
+                f"; {self.refusals} creates or waits no server could serve, sent again)"
+                if self.refusals
+                else ")"
+            ),
         ]
         for run_id, end in list(self.lost.items())[:10]:
             lines.append(f"  lost: {run_id} ({end})")
@@ -201,6 +213,7 @@ def tally(
     *,
     seconds: float,
     submit_seconds: float,
+    refusals: int = 0,
 ) -> Report:
     """The :class:`Report` of the runs of ``futures`` (waited for), given what was recorded."""
     by_run: dict[uuid.UUID, list[Execution]] = {}
@@ -235,6 +248,7 @@ def tally(
         disruptions=tuple(disruptions),
         seconds=seconds,
         submit_seconds=submit_seconds,
+        refusals=refusals,
     )
 
 
@@ -380,15 +394,21 @@ class Deployment:
         self.disruptions.append(Disruption(what, at, time.time(), pid=worker_pid, held=frozenset(held)))
         self.nursery.start_soon(self._start, child)
 
+    async def outage(self, what: str, action: Callable[[], Awaitable[None]]) -> None:
+        """Take the database away with ``action`` (which returns once it answers again),
+        recorded as a disruption holding the runs held before and after it."""
+        held = await self.held()
+        at = time.time()
+        await action()
+        held |= await self.held()
+        self.disruptions.append(Disruption(what, at, time.time(), held=frozenset(held)))
+
     async def held(self, port: int | None = None) -> set[uuid.UUID]:
         """The runs held (PENDING or RUNNING) through the server on ``port``, or through any."""
-        query = (
-            "SELECT r.id FROM trioworker_task_runs AS r JOIN trioworker_replicas AS s ON s.id = r.replica_id"
-            " WHERE r.state_type IN ('PENDING', 'RUNNING')"
-        )
+        query = "SELECT id FROM trioworker_task_runs WHERE state_type IN ('PENDING', 'RUNNING')"
         params: tuple[str, ...] = ()
         if port is not None:
-            query += " AND s.address = %s"
+            query += " AND replica_id IN (SELECT id FROM trioworker_replicas WHERE address = %s)"
             params = (f"http://127.0.0.1:{port}",)
 
         def read() -> set[uuid.UUID]:
@@ -415,23 +435,45 @@ class Deployment:
         """Submit ``runs`` runs at the configured rate through every server's URL while
         ``disrupt(self, submitted)`` runs (``submitted`` is set once every run was
         submitted: it should return soon after), wait until every run ended (or the
-        deadline), then tally."""
+        deadline), then tally.
+
+        While no server can serve (each answers 503, as they do while the database is
+        down, or none answers), a create is sent again every :data:`AGAIN_SECONDS`, with
+        the same ids (a repeat gets the run made before), and so is the wait: as an
+        application would."""
         futures: list[TaskRunFuture[str]] = []
         submitted = trio.Event()
         began = trio.current_time()
-        async with trioworker.connect(self.urls):
+        refusals = 0
+
+        async def again_while_unavailable(call: Callable[[], Awaitable[T]]) -> T:
+            nonlocal refusals
+            while True:
+                try:
+                    return await call()
+                except (ApiError, ServerUnavailable) as exc:
+                    if isinstance(exc, ApiError) and exc.status_code != 503:
+                        raise
+                    refusals += 1
+                await trio.sleep(AGAIN_SECONDS)
+
+        async with trioworker.connect(self.urls) as client:
 
             async def submit() -> None:
                 for start in range(0, runs, BATCH):
                     await trio.sleep_until(began + start / self.config.rate)
-                    futures.extend(await record.map(range(start, min(start + BATCH, runs))))
+                    creates = [build_create(record, [n], {}) for n in range(start, min(start + BATCH, runs))]
+                    with trio.fail_after(self.config.deadline):
+                        made = await again_while_unavailable(partial(client.create_task_runs, creates))
+                    futures.extend(TaskRunFuture(run.id, record, run) for run in made)
                 submitted.set()
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(submit)
                 nursery.start_soon(disrupt, self, submitted)
             submit_seconds = trio.current_time() - began
-            await trioworker.wait_all(futures, timeout=self.config.deadline)
+            with trio.move_on_after(self.config.deadline):
+                await again_while_unavailable(partial(trioworker.wait_all, futures))
         seconds = trio.current_time() - began
         return tally(
             futures,
@@ -439,6 +481,7 @@ class Deployment:
             self.disruptions,
             seconds=seconds,
             submit_seconds=submit_seconds,
+            refusals=refusals,
         )
 
 

@@ -7,9 +7,15 @@ twice was in flight at a kill. ``benchmarks/chaos.py`` runs the same harness
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
-from .chaos import ChaosConfig, Deployment, kill_every
+import pytest
+import trio
+
+from .chaos import ChaosConfig, Deployment, Disrupt, kill_every
+from .postgres import Cluster, binaries, throwaway_cluster, unavailable
 
 
 async def test_killed_servers_and_workers_lose_no_run_and_repeat_only_runs_in_flight(
@@ -25,3 +31,46 @@ async def test_killed_servers_and_workers_lose_no_run_and_repeat_only_runs_in_fl
     assert report.repeated  # a worker killed had runs in flight (each run takes up to 1 s)
     assert report.unexplained == []
     assert report.executions == report.runs + sum(len(why) for why in report.repeated.values())
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A PostgreSQL cluster of the test's own, to restart."""
+    bin_dir = binaries()
+    if bin_dir is None:
+        unavailable("no initdb and pg_ctl to start a PostgreSQL cluster that the test can restart")
+    assert bin_dir is not None
+    with throwaway_cluster(bin_dir) as running:
+        yield running
+
+
+def restarts(cluster: Cluster, *, stopped_for: float) -> Disrupt:
+    """A restart of the database, then a stop of ``stopped_for`` seconds, each after a few
+    seconds of runs going through (and a few more after the last)."""
+
+    async def stop_then_start() -> None:
+        await trio.to_thread.run_sync(cluster.stop)
+        await trio.sleep(stopped_for)
+        await trio.to_thread.run_sync(cluster.start)
+
+    async def disrupt(deployment: Deployment, submitted: trio.Event) -> None:
+        await trio.sleep(3)
+        await deployment.outage("database restarted", partial(trio.to_thread.run_sync, cluster.restart))
+        await trio.sleep(3)
+        await deployment.outage(f"database stopped for {stopped_for:g} s", stop_then_start)
+
+    return disrupt
+
+
+async def test_database_restarts_lose_no_run_and_repeat_only_runs_in_flight(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    config = ChaosConfig(
+        database=cluster.url, workdir=tmp_path, servers=2, workers=1, rate=30.0, task_sleep=0.5, deadline=60.0
+    )
+    async with Deployment.start(config) as deployment:
+        report = await deployment.drive(450, restarts(cluster, stopped_for=5.0))
+    print("\n".join(report.lines()))
+    assert [d.what for d in report.disruptions] == ["database restarted", "database stopped for 5 s"]
+    assert report.lost == {}
+    assert report.unexplained == []

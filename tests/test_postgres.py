@@ -540,8 +540,8 @@ def password_cluster() -> Iterator[str | Unavailable]:
     if bin_dir is None:
         yield Unavailable("no initdb to start a cluster that checks passwords")
         return
-    with throwaway_cluster(bin_dir, passwords=True) as url:
-        yield url
+    with throwaway_cluster(bin_dir, passwords=True) as cluster:
+        yield cluster.url
 
 
 @pytest.mark.parametrize("fault", ["refused", "no database", "no role", "wrong password", "newer schema"])
