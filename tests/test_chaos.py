@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from .chaos import ChaosConfig, Deployment, Disrupt, kill_every
+from .chaos import ChaosConfig, Deployment, kill_every
 from .postgres import Cluster, binaries, throwaway_cluster, unavailable
 
 
@@ -44,33 +44,45 @@ def cluster() -> Iterator[Cluster]:
         yield running
 
 
-def restarts(cluster: Cluster, *, stopped_for: float) -> Disrupt:
-    """A restart of the database, then a stop of ``stopped_for`` seconds, each after a few
-    seconds of runs going through (and a few more after the last)."""
-
-    async def stop_then_start() -> None:
-        await trio.to_thread.run_sync(cluster.stop)
-        await trio.sleep(stopped_for)
-        await trio.to_thread.run_sync(cluster.start)
-
-    async def disrupt(deployment: Deployment, submitted: trio.Event) -> None:
-        await trio.sleep(3)
-        await deployment.outage("database restarted", partial(trio.to_thread.run_sync, cluster.restart))
-        await trio.sleep(3)
-        await deployment.outage(f"database stopped for {stopped_for:g} s", stop_then_start)
-
-    return disrupt
+async def stopped(cluster: Cluster, seconds: float) -> None:
+    """Stop the database for ``seconds``, then start it."""
+    await trio.to_thread.run_sync(cluster.stop)
+    await trio.sleep(seconds)
+    await trio.to_thread.run_sync(cluster.start)
 
 
 async def test_database_restarts_lose_no_run_and_repeat_only_runs_in_flight(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     config = ChaosConfig(
-        database=cluster.url, workdir=tmp_path, servers=2, workers=1, rate=30.0, task_sleep=0.5, deadline=60.0
+        database=cluster.url,
+        workdir=tmp_path,
+        servers=2,
+        workers=1,
+        replica_timeout=4.0,
+        rate=30.0,
+        task_sleep=0.5,
+        deadline=60.0,
     )
+    worker_log = trio.Path(tmp_path / "worker-0.log")
+    after_restart = ""
+
+    async def restart_then_stop(deployment: Deployment, submitted: trio.Event) -> None:
+        nonlocal after_restart
+        await trio.sleep(3)  # runs go through, then:
+        await deployment.outage("database restarted", partial(trio.to_thread.run_sync, cluster.restart))
+        await trio.sleep(3)
+        after_restart = await worker_log.read_text()
+        await deployment.outage("database stopped for 6 s", partial(stopped, cluster, 6))
+
     async with Deployment.start(config) as deployment:
-        report = await deployment.drive(450, restarts(cluster, stopped_for=5.0))
+        report = await deployment.drive(450, restart_then_stop)
     print("\n".join(report.lines()))
-    assert [d.what for d in report.disruptions] == ["database restarted", "database stopped for 5 s"]
+    assert [d.what for d in report.disruptions] == ["database restarted", "database stopped for 6 s"]
     assert report.lost == {}
     assert report.unexplained == []
+    # Through the restart (shorter than --replica-timeout) the worker kept its socket: the
+    # servers tried its reports again until the database answered.
+    assert after_restart.count("subscribed to") == 1 and "subscription lost" not in after_restart
+    # Stopped for longer, the servers closed their sockets, and the worker came back.
+    assert "closed with 1012 the server cannot reach its database" in await worker_log.read_text()
