@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +46,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psycopg
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
@@ -66,6 +69,7 @@ from bench_server import (  # noqa: E402
 )
 from bench_worker import (  # noqa: E402
     NOOP_KEY,
+    WorkerProcess,
     parse_time,
     process_cpu_seconds,
     running_worker,
@@ -178,8 +182,17 @@ class Drain:
     first_delivery_ms: float
     server_cpu_s: list[float]
     worker_cpu_s: list[float]
+    #: CPU seconds of the database's server processes serving the servers' connections.
+    postgres_cpu_s: float
+    #: Transactions committed in the database.
+    commits: int
     machine_busy: float
     load: str
+
+    @property
+    def cpu_ms_per_run(self) -> float:
+        """Every process of the deployment, database included: CPU milliseconds per run."""
+        return (sum(self.server_cpu_s) + sum(self.worker_cpu_s) + self.postgres_cpu_s) / self.runs * 1e3
 
     @property
     def rate(self) -> float:
@@ -225,17 +238,17 @@ def drain(
         if time.time() > due - 0.5:
             raise BenchError(f"creating {args.runs} runs took more than --lead {args.lead:g} s minus 0.5")
         time.sleep(max(0.0, due - time.time() - 0.2))
-        cpu0 = (
-            [s.cpu_seconds() for s in started],
-            [process_cpu_seconds(w.pid) for w in workers],
-            busy_cpu_seconds(),
-        )
-        wall0 = time.monotonic()
-        ended = wait_ended(clients[0], ids, 2000, 300.0)
-        wall = time.monotonic() - wall0
-        server_cpu = [s.cpu_seconds() - c for s, c in zip(started, cpu0[0], strict=True)]
-        worker_cpu = [process_cpu_seconds(w.pid) - c for w, c in zip(workers, cpu0[1], strict=True)]
-        busy = (busy_cpu_seconds() - cpu0[2]) / (wall * (os.cpu_count() or 1))
+        if args.py_spy is not None:
+            pids = {s.label: s.pid for s in started} | {
+                f"worker-{label}-{n}": w.pid for n, w in enumerate(workers)
+            }
+            stack.enter_context(profiled(args.py_spy, pids))
+        before = Counters.read(database, started, workers)
+        wait_ended(clients[0], ids[-1:], 1, 300.0)  # runs end about in order: the drain is over
+        after = Counters.read(database, started, workers, before.postgres_pids)
+        ended = wait_ended(clients[0], ids, 2000, 300.0)  # (not counted: the harness reads them all)
+        wall = after.at - before.at
+        busy = (after.busy - before.busy) / (wall * (os.cpu_count() or 1))
         completed = [r for r in ended if r["state"]["type"] == "COMPLETED"]
         if len(completed) != len(ids):
             checks.append(f"[{label}] {len(ids) - len(completed)} runs did not complete")
@@ -244,7 +257,84 @@ def drain(
         last = max(parse_time(r["state"]["timestamp"]) for r in completed)
         history = expect(clients[0].get(f"/task_runs/{ids[0]}/history"), 200, "GET history")
         first = min(parse_time(h["timestamp"]) for h in history if h["type"] == "PENDING")
-    return Drain(count, len(ids), last - due, (first - due) * 1e3, server_cpu, worker_cpu, busy, load())
+    return Drain(
+        count,
+        len(ids),
+        last - due,
+        (first - due) * 1e3,
+        [b - a for a, b in zip(before.servers, after.servers, strict=True)],
+        [b - a for a, b in zip(before.workers, after.workers, strict=True)],
+        after.postgres - before.postgres,
+        after.commits - before.commits,
+        busy,
+        load(),
+    )
+
+
+@dataclass
+class Counters:
+    """CPU seconds so far of each process of a drain, and of the machine; commits so far."""
+
+    at: float
+    servers: list[float]
+    workers: list[float]
+    postgres_pids: list[int]
+    postgres: float
+    commits: int
+    busy: float
+
+    @classmethod
+    def read(
+        cls,
+        database: str,
+        servers: Sequence[ServerProcess],
+        workers: Sequence[WorkerProcess],
+        postgres_pids: Sequence[int] | None = None,
+    ) -> Counters:
+        """Now; ``postgres_pids``: the database's server processes to count (default: those
+        serving trioworker's connections now)."""
+        with psycopg.connect(database, autocommit=True) as conn:
+            if postgres_pids is None:
+                rows = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name LIKE 'trioworker%'"
+                )
+                postgres_pids = [int(pid) for (pid,) in rows]
+            [(commits,)] = conn.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchall()
+        return cls(
+            time.monotonic(),
+            [s.cpu_seconds() for s in servers],
+            [process_cpu_seconds(w.pid) for w in workers],
+            list(postgres_pids),
+            sum(process_cpu_seconds(pid) for pid in postgres_pids),
+            int(commits),
+            busy_cpu_seconds(),
+        )
+
+
+@contextlib.contextmanager
+def profiled(folder: Path, pids: dict[str, int]) -> Iterator[None]:
+    """``py-spy record`` of each process (label -> pid) for the block: collapsed stacks in
+    ``folder/LABEL.txt`` (``py-spy`` must be installed: ``pip install py-spy``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["py-spy", "record", "--rate", "250", "--nonblocking", "--format", "raw"]
+    spies = [
+        subprocess.Popen(
+            [*command, "--pid", str(pid), "--output", str(folder / f"{label}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for label, pid in pids.items()
+    ]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------- the table
@@ -285,24 +375,21 @@ def render(results: Results) -> str:
                     f"{d.first_delivery_ms:.0f}",
                     " / ".join(f"{c:.1f}" for c in d.server_cpu_s),
                     " / ".join(f"{c:.1f}" for c in d.worker_cpu_s),
+                    f"{d.postgres_cpu_s:.1f}",
+                    f"{d.cpu_ms_per_run:.2f}",
+                    f"{d.commits / d.runs:.2f}",
                     f"{d.machine_busy:.0%}",
                     d.load,
                 ]
             )
-        header = [
-            "drain",
-            "runs/s",
-            "each",
-            "first ms",
-            "server CPU s",
-            "worker CPU s",
-            "machine busy",
-            "load",
-        ]
-        lines += aligned_table(header, rows, {1, 3, 6})
+        header = ["drain", "runs/s", "each", "first ms", "server CPU s", "worker CPU s", "PG CPU s"]
+        header += ["CPU ms/run", "commits/run", "machine busy", "load"]
+        lines += aligned_table(header, rows, {1, 3, 6, 7, 8, 9})
         if 1 in results.drains and 2 in results.drains:
             one, two = (median_drain(results.drains[n]).rate for n in (1, 2))
             lines.append(f"two servers / one: {two / one:.2f}x")
+            one_cpu, two_cpu = (median_drain(results.drains[n]).cpu_ms_per_run for n in (1, 2))
+            lines.append(f"CPU per run, two servers / one: {two_cpu / one_cpu:.2f}x")
     return "\n".join(lines)
 
 
@@ -317,6 +404,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     parser.add_argument("--workdir", type=Path, default=None, help="logs (default: a temporary folder)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--py-spy", type=Path, default=None, help="profile each drain's processes into this folder (py-spy)"
+    )
     return parser.parse_args(argv)
 
 
