@@ -23,7 +23,11 @@ disruption the harness made, else it is *unexplained*:
 - the run was held through a server when that server was killed after the execution
   started (read from the database just before and just after the kill);
 - the run was held when the database went down or restarted, after the execution started
-  (read just before the outage and once the database is back).
+  (read just before the outage and once the database is back);
+- the run was held through a server that, short of CPU, missed its heartbeats for its
+  ``--replica-timeout`` and fenced itself (read when it logs so): the others then hand
+  back its runs as they do a dead server's. Not a kill, but the same event for the runs;
+  reported apart (``server fenced``), as on a loaded machine it does happen.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ STOP_SECONDS: Final = 20.0
 BATCH: Final = 50
 #: Seconds between two attempts of a create or a wait that no server could serve.
 AGAIN_SECONDS: Final = 0.5
+#: What a server logs when it raises its fence after missing its heartbeats (replicas.py).
+FENCED: Final = b"no heartbeat for "
 
 T = TypeVar("T")
 Kind = Literal["server", "worker"]
@@ -255,6 +261,10 @@ def tally(
 # --------------------------------------------------------------------------- the processes
 
 
+def _ignore(line: bytes) -> None:
+    pass
+
+
 @attrs.define(eq=False)
 class Child:
     """One server or worker slot: its process now (a replacement after a kill)."""
@@ -274,19 +284,26 @@ class Child:
 
 
 async def _pump(
-    stream: trio.abc.ReceiveStream, log_path: Path, ready: bytes, *, task_status: trio.TaskStatus[None]
+    stream: trio.abc.ReceiveStream,
+    log_path: Path,
+    ready: bytes,
+    on_line: Callable[[bytes], None],
+    *,
+    task_status: trio.TaskStatus[None],
 ) -> None:
-    """Copy a process's output to ``log_path`` until it ends; started once ``ready`` appeared."""
-    seen = b""
+    """Copy a process's output to ``log_path`` until it ends, handing each line to
+    ``on_line``; started once a line held ``ready``."""
     started = False
+    rest = b""
     with log_path.open("ab") as log_file:
         async with stream:
             while chunk := await stream.receive_some():
                 log_file.write(chunk)
                 log_file.flush()
-                if not started:
-                    seen = seen[-len(ready) :] + chunk
-                    if ready in seen:
+                *lines, rest = (rest + chunk).split(b"\n")
+                for line in lines:
+                    on_line(line)
+                    if not started and ready in line:
                         started = True
                         task_status.started()
     if not started:
@@ -370,9 +387,25 @@ class Deployment:
         child.process = process
         assert process.stdout is not None
         log_path = self.config.workdir / f"{child.label}.log"
+        on_line = partial(self._server_said, child) if child.kind == "server" else _ignore
         with trio.fail_after(START_SECONDS):
-            await self.nursery.start(_pump, process.stdout, log_path, child.ready)
+            await self.nursery.start(_pump, process.stdout, log_path, child.ready, on_line)
         child.up = True
+
+    def _server_said(self, child: Child, line: bytes) -> None:
+        if FENCED in line:
+            self.nursery.start_soon(self._fenced, child)
+
+    async def _fenced(self, child: Child) -> None:
+        """A server the harness did not kill missed its heartbeats for ``--replica-timeout``
+        (on a machine short of CPU) and closed its sockets: the others will find it dead and
+        hand back what it held, as if it had been killed. Recorded as a disruption of its own."""
+        at = time.time()
+        try:
+            held = await self.held(self.ports[child.index])
+        except psycopg.OperationalError:
+            held = set()  # the database is away: its outage accounts for what was held
+        self.disruptions.append(Disruption("server fenced", at, time.time(), held=frozenset(held)))
 
     async def kill(self, child: Child) -> None:
         """SIGKILL ``child``'s process (recorded as a disruption), and start a replacement
