@@ -532,6 +532,10 @@ async def test_many_runs_on_two_servers_each_run_once(replicas: Replicas) -> Non
 # ------------------------------------------------------------------ servers that die, or lose the database
 
 
+#: The history of a run handed back once (its server died, or its worker left), then run by another worker.
+HANDED_BACK = ["Scheduled", "Pending", "Running", "Redelivered", "Pending", "Running", "Completed"]
+
+
 async def replica_rows(url: str) -> int:
     [(count,)] = await sql(url, "SELECT count(*) FROM trioworker_replicas")
     return int(count)
@@ -575,15 +579,7 @@ async def test_the_runs_of_a_server_that_died_run_elsewhere_after_its_timeout(re
             await on_b.finish([death.run_id])
         assert waited < 5  # a's timeout (1 s), then b's next heartbeat (every 0.25 s)
         names = [name for _, name in await history(death.api_b, death.run_id)]
-        assert names == [
-            "Scheduled",
-            "Pending",
-            "Running",
-            "Redelivered",
-            "Pending",
-            "Running",
-            "Completed",
-        ]
+        assert names == HANDED_BACK
     assert await replica_rows(replicas.url) == 1  # a's row went with its runs
 
 
@@ -699,4 +695,4 @@ async def test_the_runs_of_a_worker_that_left_while_the_database_was_away_go_bac
                 assert (again["id"], again["delivery_count"]) == (run_id, 2)
                 await on_b.finish([run_id])
             names = [name for _, name in await history(api_b, run_id)]
-            assert names == ["Scheduled", "Pending", "Running", "Redelivered", "Pending", "Running", "Completed"]
+            assert names == HANDED_BACK
