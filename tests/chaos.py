@@ -2,8 +2,8 @@
 PostgreSQL database, some of them killed with SIGKILL (or the database restarted) while
 runs go through; then the tally of what happened to every run.
 
-Shared by ``tests/test_chaos.py`` (a few hundred runs), ``tests/test_postgres_restarts.py``
-and ``benchmarks/chaos.py`` (10,000 runs)::
+Shared by ``tests/test_chaos.py`` (a few hundred runs with kills; a database restarted) and
+``benchmarks/chaos.py`` (10,000 runs)::
 
     async with Deployment.start(config) as deployment:      # the servers, then the workers
         report = await deployment.drive(runs, disrupt)      # submit, disrupt, wait, tally
