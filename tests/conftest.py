@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from trioworker.server import RunningServer
 from trioworker.server.store import Store
 from trioworker.server.store import open_store as open_any_store
 
+from .helpers import LogEvents
 from .postgres import Unavailable, fresh_schema, session_database, unavailable
 from .stores import STORES, OpenStore
 
@@ -28,6 +30,21 @@ async def api(trioworker_server: RunningServer) -> AsyncIterator[httpx.AsyncClie
     """An HTTP client for the in-process server's API."""
     async with httpx.AsyncClient(base_url=trioworker_server.api_url, timeout=10) as client:
         yield client
+
+
+@pytest.fixture
+def logs() -> Iterator[LogEvents]:
+    """Every record of the ``trioworker`` loggers (DEBUG and up), to wait for one."""
+    handler = LogEvents()
+    logger = logging.getLogger("trioworker")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture

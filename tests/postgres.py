@@ -28,10 +28,11 @@ import subprocess
 import tempfile
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
+import attrs
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
@@ -83,11 +84,35 @@ def _free_port() -> int:
 PASSWORD_ROLE: Final = ("trioworker_login", "right")
 
 
+@attrs.define(eq=False)
+class Cluster:
+    """A throwaway cluster (:func:`throwaway_cluster`) that runs: its URL, and ``pg_ctl`` to
+    stop it, start it again or restart it, as an operator would (each call blocks until done:
+    run it in a thread from Trio)."""
+
+    #: The URL of the superuser ``postgres`` (database ``postgres``).
+    url: str
+    _pg_ctl: Callable[..., None]
+    _options: str
+
+    def start(self) -> None:
+        """Start it (again), on the same port; returns once it accepts connections."""
+        self._pg_ctl("-o", self._options, "-w", "start")
+
+    def stop(self) -> None:
+        """Stop it ("fast": every session ends at once, what it had not committed rolled back)."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        """Stop it ("fast") and start it again; returns once it accepts connections."""
+        self._pg_ctl("-m", "fast", "-o", self._options, "-w", "restart")
+
+
 @contextlib.contextmanager
-def throwaway_cluster(bin_dir: Path, *, passwords: bool = False) -> Iterator[str]:
+def throwaway_cluster(bin_dir: Path, *, passwords: bool = False) -> Iterator[Cluster]:
     """A PostgreSQL cluster in a temporary directory, trusting local logins, for the life
-    of the block: its URL (of the superuser ``postgres``). Tuned for tests (fsync off: a
-    crash loses the cluster, which is thrown away anyway).
+    of the block. Tuned for tests (fsync off: a crash loses the cluster, which is thrown
+    away anyway).
 
     Args:
         passwords: the role :data:`PASSWORD_ROLE` exists and must log in with its password
@@ -117,6 +142,9 @@ def throwaway_cluster(bin_dir: Path, *, passwords: bool = False) -> Iterator[str
             extra_groups=None if user is None else [],
         )
 
+    def pg_ctl(*args: str | Path) -> None:
+        run(bin_dir / "pg_ctl", "-D", data, "-l", base / "log", *args)
+
     try:
         run(bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         if passwords:
@@ -124,15 +152,16 @@ def throwaway_cluster(bin_dir: Path, *, passwords: bool = False) -> Iterator[str
             hba = data / "pg_hba.conf"
             hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
         options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-        run(bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", base / "log", "-w", "start")
+        cluster = Cluster(f"postgresql://postgres@127.0.0.1:{port}/postgres", pg_ctl, options)
+        cluster.start()
         try:
-            url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
             if passwords:
-                with psycopg.connect(url, autocommit=True) as admin:
+                with psycopg.connect(cluster.url, autocommit=True) as admin:
                     admin.execute(f"CREATE ROLE {PASSWORD_ROLE[0]} LOGIN PASSWORD '{PASSWORD_ROLE[1]}'")
-            yield url
+            yield cluster
         finally:
-            run(bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+            with contextlib.suppress(subprocess.CalledProcessError):  # a test left it stopped
+                pg_ctl("-m", "immediate", "stop")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -151,7 +180,7 @@ def session_database() -> Iterator[str]:
                     "(initdb and pg_ctl) so that the tests start a cluster of their own"
                 )
             try:
-                server = stack.enter_context(throwaway_cluster(bin_dir))
+                server = stack.enter_context(throwaway_cluster(bin_dir)).url
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 detail = (getattr(exc, "stderr", b"") or b"").decode(errors="replace")
                 why = f"cannot start a PostgreSQL cluster with {bin_dir}: {exc} {detail}"

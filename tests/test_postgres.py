@@ -30,7 +30,7 @@ from trioworker.server.store.postgres import _SERVER_LOCK, SCHEMA_VERSION, Postg
 from trioworker.testing import ServerControl
 
 from .fakes import OutageProxy, outage_proxy
-from .helpers import submit
+from .helpers import LogEvents, submit
 from .postgres import (
     PASSWORD_ROLE,
     Unavailable,
@@ -489,6 +489,28 @@ async def test_the_server_answers_503_while_the_database_is_down_and_keeps_its_s
             assert len((await api.get("/task_runs")).json()) == 2
 
 
+async def test_a_report_sent_while_the_database_is_down_is_answered_on_the_same_socket_once_it_is_back(
+    postgres_url: str, trioworker_server_control: ServerControl, logs: LogEvents
+) -> None:
+    async with outage_proxy(port_of(postgres_url)) as proxy:
+        server = await trioworker_server_control.start(db_path=through(proxy, postgres_url))
+        async with httpx.AsyncClient(base_url=server.api_url, timeout=DEADLINE) as api:
+            [run_id] = await submit(api, "k", {})
+            async with subscribe(server, ["k"], credit=1) as sub:
+                assert [r["id"] for r in await sub.runs()] == [run_id]
+                await sub.report([run_id], "RUNNING")
+                proxy.refusing = True
+                proxy.drop()
+                await sub.send({"type": "states", "states": [{"id": run_id, "state": {"type": "COMPLETED"}}]})
+                await logs.wait_for("its reports of test-1 failed .*cannot connect to PostgreSQL")
+                proxy.refusing = False
+                answer = await sub.receive()  # on the socket open all along
+                assert answer["type"] == "state_results"
+                assert [(r["id"], r["status"]) for r in answer["results"]] == [(run_id, "ACCEPT")]
+            assert (await api.get(f"/task_runs/{run_id}")).json()["state"]["type"] == "COMPLETED"
+            assert logs.matching("its reports of test-1 stored")
+
+
 # --------------------------------------------------------------------------- the command line
 
 
@@ -518,8 +540,8 @@ def password_cluster() -> Iterator[str | Unavailable]:
     if bin_dir is None:
         yield Unavailable("no initdb to start a cluster that checks passwords")
         return
-    with throwaway_cluster(bin_dir, passwords=True) as url:
-        yield url
+    with throwaway_cluster(bin_dir, passwords=True) as cluster:
+        yield cluster.url
 
 
 @pytest.mark.parametrize("fault", ["refused", "no database", "no role", "wrong password", "newer schema"])

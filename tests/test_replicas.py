@@ -30,7 +30,7 @@ from trioworker.testing import ServerControl
 from trioworker.worker.task_worker import TaskWorker
 
 from .fakes import outage_proxy
-from .helpers import history, submit, wait_all
+from .helpers import LogEvents, history, submit, wait_all
 from .raw import connect, subscribe
 from .test_postgres import port_of, sql, through
 
@@ -331,14 +331,16 @@ async def test_a_listener_hears_what_another_server_committed(postgres_url: str)
 
 @attrs.define(eq=False)
 class Replicas:
-    """Starts servers on one database, each a replica of its own (``replica_timeout`` short)."""
+    """Starts servers on one database, each a replica of its own. ``replica_timeout`` is 10 s
+    unless a test needs a server found dead (or fenced) sooner: on a loaded machine a
+    heartbeat can come a second late, and the server would close its sockets meanwhile."""
 
     nursery: trio.Nursery
     url: str
     controls: list[ServerControl] = attrs.field(factory=list)
 
     async def start(
-        self, *, db: str | None = None, replica_timeout: float = 1.0
+        self, *, db: str | None = None, replica_timeout: float = 10.0
     ) -> tuple[ServerControl, RunningServer]:
         config = ServerConfig(db_path=db or self.url, port=0, replica_timeout=replica_timeout)
         control = ServerControl(self.nursery, config)
@@ -530,6 +532,10 @@ async def test_many_runs_on_two_servers_each_run_once(replicas: Replicas) -> Non
 # ------------------------------------------------------------------ servers that die, or lose the database
 
 
+#: The history of a run handed back once (its server died, or its worker left), then run by another worker.
+HANDED_BACK = ["Scheduled", "Pending", "Running", "Redelivered", "Pending", "Running", "Completed"]
+
+
 async def replica_rows(url: str) -> int:
     [(count,)] = await sql(url, "SELECT count(*) FROM trioworker_replicas")
     return int(count)
@@ -549,8 +555,8 @@ class Death:
 @asynccontextmanager
 async def a_server_died_with_a_run(replicas: Replicas) -> AsyncIterator[Death]:
     async with outage_proxy(port_of(replicas.url)) as proxy:
-        dying, a = await replicas.start(db=through(proxy, replicas.url))
-        _, b = await replicas.start()
+        dying, a = await replicas.start(db=through(proxy, replicas.url), replica_timeout=1)
+        _, b = await replicas.start(replica_timeout=1)
         async with httpx.AsyncClient(base_url=b.api_url, timeout=DEADLINE) as api_b:
             [run_id] = await submit(api_b, "k", {})
             async with subscribe(a, ["k"], credit=1, client_id="w") as on_a:
@@ -573,15 +579,7 @@ async def test_the_runs_of_a_server_that_died_run_elsewhere_after_its_timeout(re
             await on_b.finish([death.run_id])
         assert waited < 5  # a's timeout (1 s), then b's next heartbeat (every 0.25 s)
         names = [name for _, name in await history(death.api_b, death.run_id)]
-        assert names == [
-            "Scheduled",
-            "Pending",
-            "Running",
-            "Redelivered",
-            "Pending",
-            "Running",
-            "Completed",
-        ]
+        assert names == HANDED_BACK
     assert await replica_rows(replicas.url) == 1  # a's row went with its runs
 
 
@@ -615,7 +613,7 @@ async def test_a_server_that_cannot_heartbeat_closes_its_sockets_until_it_can(
     replicas: Replicas, postgres_url: str
 ) -> None:
     async with outage_proxy(port_of(postgres_url)) as proxy:
-        _, a = await replicas.start(db=through(proxy, postgres_url))
+        _, a = await replicas.start(db=through(proxy, postgres_url), replica_timeout=1)
         async with httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api:
             async with subscribe(a, ["k"], credit=1) as sub, connect_channel(a) as channel:
                 proxy.refusing = True
@@ -673,3 +671,28 @@ async def test_a_server_that_lost_its_connections_catches_up(replicas: Replicas,
                 [answer] = await on_b.report([held], "CANCELLED")
                 assert answer["status"] == "ACCEPT"  # a repeat of the state it has
                 await on_b.finish([queued])
+
+
+async def test_the_runs_of_a_worker_that_left_while_the_database_was_away_go_back_once_it_is_back(
+    replicas: Replicas, postgres_url: str, logs: LogEvents
+) -> None:
+    async with outage_proxy(port_of(postgres_url)) as proxy:
+        _, a = await replicas.start(db=through(proxy, postgres_url), replica_timeout=2)
+        _, b = await replicas.start(replica_timeout=30)
+        async with httpx.AsyncClient(base_url=b.api_url, timeout=DEADLINE) as api_b:
+            [run_id] = await submit(api_b, "k", {})
+            async with subscribe(a, ["k"], credit=1, client_id="w") as on_a:
+                assert [r["id"] for r in await on_a.runs()] == [run_id]
+                await on_a.report([run_id], "RUNNING")
+                proxy.refusing = True
+                proxy.drop()
+            # The worker is gone for good; a cannot hand its run back yet ...
+            await logs.wait_for("1 run\\(s\\) of w not handed back yet .*cannot connect to PostgreSQL")
+            proxy.refusing = False
+            # ... and does after its next heartbeat (every 0.5 s): the run goes to another worker.
+            async with subscribe(b, ["k"], credit=1, client_id="x") as on_b:
+                [again] = await on_b.runs()
+                assert (again["id"], again["delivery_count"]) == (run_id, 2)
+                await on_b.finish([run_id])
+            names = [name for _, name in await history(api_b, run_id)]
+            assert names == HANDED_BACK

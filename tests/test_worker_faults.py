@@ -8,7 +8,6 @@ run twice), the worker's subscription or client channel goes through :mod:`tests
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import threading
 import uuid
@@ -42,7 +41,7 @@ from .fakes import (
     quit_when_asked,
     routing_proxy,
 )
-from .helpers import history, submit, wait_all
+from .helpers import LogEvents, history, submit, wait_all
 from .test_cli_worker import OUTPUT_TIMEOUT, start_worker, within, worker_env, write
 
 # -- seams
@@ -63,47 +62,6 @@ async def proxy(trioworker_server: RunningServer, fake: FakeSockets) -> AsyncIte
     """The worker's subscription goes to the fake; REST goes to the real server."""
     async with routing_proxy(real_port(trioworker_server), fake.port, {SUBSCRIPTION_PATH}) as routing:
         yield routing
-
-
-class LogEvents(logging.Handler):
-    """Sets a Trio event when a record matching a pattern is logged (from the Trio thread)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.waiting: list[tuple[re.Pattern[str], trio.Event]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        for pattern, event in self.waiting:
-            if pattern.search(record.getMessage()):
-                event.set()
-
-    async def wait_for(self, pattern: str) -> None:
-        compiled = re.compile(pattern)
-        if any(compiled.search(r.getMessage()) for r in self.records):
-            return
-        event = trio.Event()
-        self.waiting.append((compiled, event))
-        with trio.fail_after(10):
-            await event.wait()
-
-    def matching(self, pattern: str) -> list[logging.LogRecord]:
-        return [r for r in self.records if re.search(pattern, r.getMessage())]
-
-
-@pytest.fixture
-def logs() -> Iterator[LogEvents]:
-    handler = LogEvents()
-    logger = logging.getLogger("trioworker")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 async def complete(api: httpx.AsyncClient, run_id: str, data: Any) -> None:

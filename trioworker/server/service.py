@@ -154,6 +154,9 @@ class TaskRunService:
     #: Raised, this server's sockets close (see :mod:`trioworker.server.fence`).
     fence: Fence = attrs.field(factory=Fence)
     _shared: SharedStore | None = attrs.field(init=False, default=None)
+    #: Shared store: runs a connection held that could not be handed back (the database
+    #: was away): (reason, holder) -> their ids, handed back after the next heartbeat.
+    _unreturned: dict[tuple[str, str], set[uuid.UUID]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.dispatcher.shared:
@@ -540,15 +543,43 @@ class TaskRunService:
         await self._requeue(sorted(held), reason="release" if clean else "redelivery", holder=sub.client_id)
 
     async def _requeue(self, run_ids: Sequence[uuid.UUID], *, reason: str, holder: str) -> None:
+        """Hand back ``run_ids``, which ``holder`` held through this server.
+
+        Raises:
+            StoreError: the store failed, and it is not shared: the next start hands them
+                back. (A shared store's are handed back after the next heartbeat, see
+                :meth:`reaped`, unless a connection of this server took them meanwhile.)
+        """
         if not run_ids:
             return
         for run_id in run_ids:
             self.dispatcher.release(run_id)
         started = utcnow()
-        outcomes = await self.store.requeue(
-            run_ids, reason=reason, max_deliveries=self.max_deliveries, holder=holder
-        )
+        try:
+            outcomes = await self.store.requeue(
+                run_ids, reason=reason, max_deliveries=self.max_deliveries, holder=holder
+            )
+        except StoreError as exc:
+            if self._shared is None:
+                raise
+            log.warning(
+                "%d run(s) of %s not handed back yet (%s); trying again after the next heartbeat",
+                len(run_ids),
+                holder,
+                exc,
+            )
+            self._unreturned.setdefault((reason, holder), set()).update(run_ids)
+            return
         await self._requeued(outcomes, started)
+
+    async def _requeue_unreturned(self) -> None:
+        """Hand back what could not be before (see :meth:`_requeue`), but for the runs a
+        connection of this server took meanwhile (its worker came back with them)."""
+        unreturned, self._unreturned = self._unreturned, {}
+        for (reason, holder), run_ids in unreturned.items():
+            await self._requeue(
+                sorted(i for i in run_ids if self.dispatcher.holder(i) is None), reason=reason, holder=holder
+            )
 
     async def _requeued(self, outcomes: Sequence[Requeued], started: datetime | None = None) -> None:
         """Runs went back to the queue (or CRASHED): queue them, wake their waiters.
@@ -737,7 +768,9 @@ class TaskRunService:
     async def reaped(self, beat: Heartbeat) -> None:
         """A heartbeat handed back the runs of dead servers: queue them, wake their
         waiters; when servers died, track the runs that wait for others (a dead server
-        may have been the one tracking them)."""
+        may have been the one tracking them); hand back the runs that could not be
+        handed back before."""
         await self._requeued(beat.reaped)
+        await self._requeue_unreturned()
         if beat.dead and self._shared is not None:
             await self._admit(await self._shared.waiting_runs())

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Final, NoReturn
 
 import attrs
@@ -46,6 +47,10 @@ log = logging.getLogger("trioworker.server")
 
 #: Report messages a connection may have queued before its reader waits for them.
 MAX_QUEUED_OPS: Final = 1000
+#: Seconds before a store operation of a connection that failed is tried again (the
+#: database is away), doubled after each failure up to STORE_RETRY_MAX.
+STORE_RETRY_FIRST: Final = 0.1
+STORE_RETRY_MAX: Final = 1.0
 
 
 @attrs.frozen
@@ -95,11 +100,12 @@ class SubscriptionSession(JsonSocket):
         log.info("subscription from %s to %s with credit %d", sub.client_id, ", ".join(sub.keys), sub.credit)
         violation: ProtocolViolation | None = None
         try:
-            await self.service.reclaim(sub, self.held_at_subscribe)
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.close_on_shutdown, nursery.cancel_scope)
+                held = self.held_at_subscribe
+                await self.until_stored(sub, "taking back its runs", lambda: self.service.reclaim(sub, held))
                 nursery.start_soon(self.deliver_forever, sub, nursery.cancel_scope)
                 nursery.start_soon(self.apply_ops, sub, nursery.cancel_scope)
-                nursery.start_soon(self.close_on_shutdown, nursery.cancel_scope)
                 try:
                     await self.receive_forever(sub)
                 except ProtocolViolation as exc:
@@ -261,11 +267,39 @@ class SubscriptionSession(JsonSocket):
                         assert isinstance(batch, list)
                         reports += batch
                         end += 1
-                    await self._apply_reports(sub, reports)
+                    await self.until_stored(sub, "its reports", partial(self._apply_reports, sub, reports))
                     start = end
             finally:
                 self.reports_in_flight -= len(ops)
                 sub.wake()
+
+    async def until_stored(
+        self, sub: Subscription, what: str, operation: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``operation`` (a store operation for ``sub``) until the store takes it.
+
+        While the database cannot be reached (it restarts, the network fails) the socket
+        stays open and the worker waits for its answer: the operation is tried again after
+        :data:`STORE_RETRY_FIRST` seconds, twice as long each time up to
+        :data:`STORE_RETRY_MAX`. A repeat is harmless (a report the store may have saved
+        is a no-op the second time). If the database stays away, the fence of a server
+        sharing it closes the socket (:mod:`~trioworker.server.fence`), which cancels this.
+        """
+        delay = STORE_RETRY_FIRST
+        failing = False
+        while True:
+            try:
+                await operation()
+            except StoreError as exc:
+                if not failing:
+                    log.warning("%s of %s failed (%s); trying again", what, sub.client_id, exc)
+                failing = True
+                await trio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX)
+                continue
+            if failing:
+                log.info("%s of %s stored", what, sub.client_id)
+            return
 
     async def _apply_reports(self, sub: Subscription, reports: list[_ReceivedReport]) -> None:
         results = await self.service.set_states([(r.run_id, r.request) for r in reports], reporter=sub)
