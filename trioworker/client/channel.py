@@ -205,7 +205,10 @@ class ClientChannel(UsesServers):
             failure: Exception | None
             try:
                 async with open_socket(
-                    channel_url(url), open_stream=self._open_stream, connection=self.connection
+                    channel_url(url),
+                    open_stream=self._open_stream,
+                    connection=self.connection,
+                    api_key=self.api_key,
                 ) as ws:
                     await ws.send_message(
                         orjson.dumps({"type": protocol.AUTH, "token": self.api_key}).decode()
