@@ -363,6 +363,17 @@ class _SQLiteOps(Operations):
             states.update({uuid.UUID(i): StateType(t) for i, t in rows})
         return states
 
+    def runs_by_idempotency_key(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], uuid.UUID]:
+        found: dict[tuple[str, str], uuid.UUID] = {}
+        for task_key, idempotency_key in dict.fromkeys(keys):
+            row = self.conn.execute(
+                "SELECT id FROM task_runs WHERE task_key = ? AND idempotency_key = ?",
+                (task_key, idempotency_key),
+            ).fetchone()
+            if row is not None:
+                found[(task_key, idempotency_key)] = uuid.UUID(row[0])
+        return found
+
     def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         found = self._fetch(run_ids)
         return [found[i][1] for i in run_ids if i in found]
