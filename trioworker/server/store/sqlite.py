@@ -660,19 +660,25 @@ def _opening(path: str) -> Iterator[None]:
         yield
     except (OSError, sqlite3.Error) as exc:
         shown = path if path == ":memory:" else os.path.abspath(path)
-        if isinstance(exc, OSError) and exc.strerror:
+        folder = Path(os.path.dirname(shown))
+        if isinstance(exc, FileNotFoundError | NotADirectoryError) and not folder.is_dir():
+            # The server makes no folder (a typo would leave a stray tree behind): say which
+            # one is missing, or which file stands where a folder should be.
+            found = next(f for f in (folder, *folder.parents) if f.exists() or f == f.parent)
+            reason = (
+                f"{found} is a file, not a folder"
+                if found.is_file()
+                else f"the folder {folder} does not exist"
+            )
+        elif isinstance(exc, OSError) and exc.strerror:
             where = exc.filename and os.path.abspath(exc.filename)
             reason = exc.strerror if where in (None, shown) else f"{where}: {exc.strerror}"
-            if isinstance(exc, FileExistsError) and where != shown:  # a folder on the way is a file
-                reason = f"{where} is a file, not a folder"
         else:
             reason = str(exc) or type(exc).__name__
         raise StoreError(f"cannot open the database {shown}: {reason}") from None
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    if path != ":memory:":
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
