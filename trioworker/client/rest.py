@@ -345,10 +345,11 @@ class _Backpressure:
 
     The creates go in order, and the server is asked to make those that fit (``partial``):
     its refusal carries the runs of the first ones, made, and the client sends only the
-    rest again, at most the server's bound (``max_queued``) at a time, once there is room:
-    as soon as the client channel says so (a ``room`` message), else after the wait the
-    server judged from how fast its workers take runs (``retry_after``, and up to a fifth
-    more, so that clients do not come back in step). A server that refuses a request whole
+    rest again, the server's bound (``max_queued``) at a time (more cannot fit; what does
+    not fit of it is refused, cheaply), once there is room: as soon as the client channel
+    says so (a ``room`` message) or a long-poll of the room answers, else after the wait
+    the server judged from how fast its workers take runs (``retry_after``, and up to a
+    fifth more, so that clients do not come back in step). A server that refuses a request whole
     says how many of its first creates fit: those are sent at once. Each create carries its
     id, so none is made twice. It gives up when nothing was accepted for ``timeout``
     seconds: :class:`QueueFull`, with the runs made so far.
@@ -390,11 +391,6 @@ class _Backpressure:
             return True
         return False
 
-    def room_announced(self, room: int | None) -> None:
-        """The server said that ``room`` runs fit now (None: any number): send that many next."""
-        if room is not None:
-            self._size = max(1, room)
-
     def room_poll(self, full: QueueFull, now: float) -> _Call[int | None] | None:
         """The long-poll for room after ``full`` (None: the server cannot be asked: an
         older one): for half the server's bound, or what is left to send if less, until
@@ -405,12 +401,11 @@ class _Backpressure:
         wanted = max(1, min(left, ((full.max_queued or 1) + 1) // 2))
         return _Calls.queue_room(full.task_key, wanted, max(0.0, self.deadline - now))
 
-    def polled(self, room: int | None) -> bool:
-        """Take in the long-poll's answer; True when the rest is to be sent now."""
-        if room == 0:
-            return False
-        self.room_announced(room)
-        return True
+    @staticmethod
+    def polled(room: int | None) -> bool:
+        """Whether the long-poll's answer says to send the rest now (there is room, or no
+        limit at all)."""
+        return room != 0
 
     def pause(self, full: QueueFull, now: float) -> float:
         """Seconds to wait before sending :meth:`next` again; raises :class:`QueueFull`
@@ -625,7 +620,6 @@ class TaskRunClient(_Base):
             with trio.move_on_at(pressure.deadline):
                 room = await channel.wait_room(full)
             if room is not None:
-                pressure.room_announced(room)
                 return
             if trio.current_time() >= pressure.deadline:
                 raise pressure.give_up(full) from full
