@@ -115,6 +115,10 @@ class ServerProcess:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     startup_seconds: float = 0.0
+    #: More options of ``trioworker server`` (``["--max-queued", "5"]``).
+    extra_args: Sequence[str] = ()
+    #: The checkout whose trioworker runs (first on ``PYTHONPATH``): this one by default.
+    project: Path = PROJECT
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,8 +145,9 @@ class ServerProcess:
         self.port = free_port()
         db = self.db or str(self.workdir / f"bench-{self.label}.db")
         cmd = [sys.executable, "-m", "trioworker", "server", "--port", str(self.port), "--db", db]
+        cmd += self.extra_args
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.project), env.get("PYTHONPATH")) if p)
         with self.log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=self.workdir

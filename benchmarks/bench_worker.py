@@ -116,6 +116,8 @@ class WorkerProcess:
     limit: int
     prefetch: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    #: The checkout whose trioworker runs (first on ``PYTHONPATH``): this one by default.
+    project: Path = PROJECT
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,7 +131,7 @@ class WorkerProcess:
     def start(self) -> None:
         cmd = [sys.executable, str(WORKER_SCRIPT), self.api_url, str(self.limit), str(self.prefetch)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.project), env.get("PYTHONPATH")) if p)
         with self.log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=self.workdir

@@ -323,6 +323,31 @@ async def test_wait_times_out_with_the_current_state(api: httpx.AsyncClient) -> 
     assert response.json()["state"]["type"] == "SCHEDULED"
 
 
+async def test_names_tags_and_keys_have_a_length_limit(api: httpx.AsyncClient) -> None:
+    long = "x" * 201
+    cases = [
+        ({"task_key": long}, "task_key must be a non-empty string of at most 200 characters"),
+        ({"name": long}, "name must be at most 200 characters, got 201"),
+        ({"idempotency_key": long}, "idempotency_key must be at most 200 characters, got 201"),
+        ({"tags": ["ok", long]}, "tags[1] must be at most 200 characters, got 201"),
+        ({"tags": [f"t{n}" for n in range(101)]}, "tags: a run may have at most 100 tags, got 101"),
+    ]
+    for fields, detail in cases:
+        for path, body in (
+            ("/task_runs", {"task_key": "k", **fields}),
+            ("/task_runs/batch", [{"task_key": "k", **fields}]),
+        ):
+            refused = await api.post(path, json=body)
+            assert (refused.status_code, refused.json()) == (422, {"detail": detail}), path
+    # At the limits: made (an idempotency key that long is held by PostgreSQL's index too).
+    most = {"name": "n" * 200, "idempotency_key": "i" * 200, "tags": ["t" * 200] * 100}
+    made = await api.post("/task_runs", json={"task_key": "k" * 200, **most})
+    assert made.status_code == 201, made.text
+    again = await api.post("/task_runs", json={"task_key": "k" * 200, **most})
+    assert (again.status_code, again.json()["id"]) == (200, made.json()["id"])
+    assert (await api.get("/task_runs", params={"task_key": "k"})).json() == []  # nothing else made
+
+
 async def test_a_task_key_with_nul_lists_no_runs(api: httpx.AsyncClient) -> None:
     await create(api)
     response = await api.get("/task_runs", params={"task_key": "k\x00"})

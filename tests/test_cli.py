@@ -103,6 +103,7 @@ async def refused(cwd: Path, *args: str) -> str:
 
 async def test_a_second_server_on_the_same_file_refuses_to_start(tmp_path: Path) -> None:
     db = tmp_path / "data" / "queue.db"
+    db.parent.mkdir()
     async with trio.open_nursery() as nursery:
         first, url = await start_server(nursery, tmp_path, "--db", "sqlite:///data/queue.db")
         assert db.exists()  # sqlite:///relative is relative to the working directory
@@ -205,15 +206,43 @@ async def test_a_database_the_server_cannot_open_is_named_in_one_line(tmp_path: 
     (tmp_path / "folder.db").mkdir()
     cases = {
         "file/x.db": f"{tmp_path}/file is a file, not a folder",
+        "file/deeper/x.db": f"{tmp_path}/file is a file, not a folder",
         "not-sqlite.db": "file is not a database",
         "folder.db": "Is a directory",
         "sqlite:///not-sqlite.db": "file is not a database",
+        "missing/folder/x.db": f"the folder {tmp_path}/missing/folder does not exist",
+        "sqlite:///missing/x.db": f"the folder {tmp_path}/missing does not exist",
     }
     for db, reason in cases.items():
         named = tmp_path / db.removeprefix("sqlite:///")
         line = await refused(tmp_path, "--db", db)
         assert line == f"trioworker: cannot open the database {named}: {reason}", line
     assert (tmp_path / "not-sqlite.db").read_text().startswith("this is not")  # left as it was
+    assert not (tmp_path / "missing").exists()  # no folder made for a typo
+
+
+async def test_the_default_database_folder_is_made_on_first_use(tmp_path: Path) -> None:
+    home = tmp_path / "fresh" / "home"
+    command = [*server_command(), "--host", "127.0.0.1"]
+    env = {**os.environ, "TRIOWORKER_HOME": str(home)}
+    env.pop("TRIOWORKER_DB", None)
+    async with trio.open_nursery() as nursery:
+        run = partial(trio.run_process, command, stderr=subprocess.PIPE, check=False, cwd=tmp_path, env=env)
+        process: trio.Process = await nursery.start(run)
+        assert process.stderr is not None
+        await read_until(process.stderr, r"listening on http://")
+        assert (home / "trioworker.db").is_file()
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await process.wait() == 0
+    (tmp_path / "blocked").write_text("")
+    env["TRIOWORKER_HOME"] = str(tmp_path / "blocked" / "home")
+    with trio.fail_after(30):
+        result = await trio.run_process(command, capture_stderr=True, check=False, cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        f"trioworker: cannot make the folder {tmp_path}/blocked/home (TRIOWORKER_HOME): Not a directory\n"
+    )
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "0", "0.0", "::0", "0:0:0:0:0:0:0:0"])

@@ -4,6 +4,7 @@ with ``--log-format json`` (real subprocesses; the test's server, or a server su
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -147,3 +148,44 @@ def test_log_format_is_text_or_json(command: str, capsys: pytest.CaptureFixture[
         )
     assert exited.value.code == 2
     assert "argument --log-format: invalid choice: 'xml'" in capsys.readouterr().err
+
+
+async def test_the_errors_that_stop_a_command_are_json_lines_when_asked(tmp_path: Path) -> None:
+    cases = [
+        # An error at start (the database), given by the option or by its variable.
+        (["server", "--db", f"{tmp_path}/missing/q.db", "--log-format", "json"], {}, 1),
+        (["server", "--db", f"{tmp_path}/missing/q.db"], {"TRIOWORKER_LOG_FORMAT": "json"}, 1),
+        # A bad variable, found while the command line is read.
+        (["server", "--log-format=json"], {"TRIOWORKER_PORT": "http"}, 2),
+        # A worker's entry point that cannot be imported.
+        (["worker", "no_such_module_here:task", "--log-format", "json"], {}, 1),
+    ]
+    messages = [
+        f"cannot open the database {tmp_path}/missing/q.db: the folder {tmp_path}/missing does not exist",
+        f"cannot open the database {tmp_path}/missing/q.db: the folder {tmp_path}/missing does not exist",
+        "TRIOWORKER_PORT: expected a port number, got 'http'",
+        "cannot import",
+    ]
+    for (args, env, code), message in zip(cases, messages, strict=True):
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("TRIOWORKER_")}
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                [sys.executable, "-m", "trioworker", *args],
+                capture_stderr=True,
+                check=False,
+                cwd=tmp_path,
+                env={**environment, **env},
+            )
+        [line] = done.stderr.decode().splitlines()
+        record = json.loads(line)
+        assert (done.returncode, record["level"], record["logger"]) == (code, "ERROR", "trioworker"), line
+        assert record["message"].startswith(message), line
+        assert datetime.fromisoformat(record["time"]).tzinfo is not None
+    # Without it, the same error is the plain line.
+    done = await trio.run_process(
+        [sys.executable, "-m", "trioworker", "server", "--db", f"{tmp_path}/missing/q.db"],
+        capture_stderr=True,
+        check=False,
+        env=environment,
+    )
+    assert done.stderr.decode() == f"trioworker: {messages[0]}\n"

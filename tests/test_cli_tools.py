@@ -21,7 +21,7 @@ from trioworker.cli._common import CommandError
 from trioworker.cli.runs import parse_task_arguments
 from trioworker.client.futures import TaskRunFuture, wait_all
 from trioworker.client.rest import TaskRunClient
-from trioworker.models import StateType, TaskRun, converter
+from trioworker.models import StateType, TaskRun, TaskRunCreate, converter
 from trioworker.server import RunningServer
 from trioworker.tasks import task
 from trioworker.testing import ServerControl
@@ -461,3 +461,62 @@ async def test_status_of_an_unreachable_worker_is_one_line(cli: Cli, refused_por
     url = f"http://127.0.0.1:{refused_port}"
     line = one_error_line(await cli("status", url))
     assert line.startswith(f"trioworker: cannot reach a worker's status server at {url}/status")
+
+
+BIG_SOURCE = """
+from trioworker import task
+
+@task(key="tools.big")
+async def big(n: int) -> list[int]:
+    raise AssertionError("the test's worker runs it")
+"""
+
+
+@task(key="tools.big")
+async def big(n: int) -> list[int]:
+    return list(range(n))
+
+
+async def first_bytes_then_close(args: list[str], env: dict[str, str]) -> tuple[bytes, int, str]:
+    """``trioworker ARGS`` whose reader (as ``| head -c 20`` is) reads 20 bytes of its stdout
+    and leaves: those bytes, its exit code and what it said on stderr."""
+    command = [sys.executable, "-m", "trioworker", *args]
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        assert process.stdout is not None and process.stderr is not None
+        got = b""
+        while len(got) < 20:
+            got += await process.stdout.receive_some(20 - len(got))
+        await process.stdout.aclose()
+        stderr = b""
+        while chunk := await process.stderr.receive_some():
+            stderr += chunk
+        return got, await process.wait(), stderr.decode()
+
+
+async def test_a_reader_that_leaves_early_ends_a_command_quietly(
+    trioworker_server: RunningServer, tmp_path: Path
+) -> None:
+    env = {**os.environ, "TRIOWORKER_API_URL": trioworker_server.api_url}
+    env.pop("TRIOWORKER_API_KEY", None)
+    # Unbuffered, Python's stdout writes a long text in one call that a pipe may take only
+    # part of, and says nothing of the rest: buffered, as a user's shell has it, the rest
+    # meets the closed pipe.
+    env.pop("PYTHONUNBUFFERED", None)
+    async with TaskRunClient(trioworker_server.api_url) as client:
+        await client.create_task_runs(
+            [TaskRunCreate(task_key="tools.many", parameters={"n": n}) for n in range(1000)]
+        )
+    # `trioworker runs --json --limit 1000 | head -c 20`: far more than a pipe holds.
+    got, code, stderr = await first_bytes_then_close(["runs", "--json", "--limit", "1000"], env)
+    assert (got.startswith(b"["), code, stderr) == (True, 141, "")
+    # `trioworker submit --wait ... | head -c 20`, with a result far larger than a pipe holds.
+    (tmp_path / "big_tasks.py").write_text(BIG_SOURCE)
+    async with TaskWorker(big, api_url=trioworker_server.api_url):
+        got, code, stderr = await first_bytes_then_close(
+            ["submit", "--wait", f"{tmp_path}/big_tasks.py:big", "200000"], env
+        )
+    assert (got.startswith(b"[0, 1, 2"), code) == (True, 141), stderr
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr and "trioworker:" not in stderr

@@ -149,6 +149,8 @@ async def test_a_real_server_gives_the_documented_answers(keyed_server: RunningS
         await call("post", "/api/task_runs/{run_id}/set_state", 200)
         await call("get", "/api/task_runs/{run_id}/wait", 200)
         await call("post", "/api/task_runs/wait", 200)
+        assert (await call("get", "/api/task_runs/room", 200)).json()["room"] is None  # no --max-queued
+        await call("get", "/api/task_runs/room", 422, wanted=0)
         await call("post", "/api/task_runs/{run_id}/cancel", 200)
         await call("post", "/api/task_runs/{run_id}/retry", 201)
         await call("get", "/api/overview", 200)

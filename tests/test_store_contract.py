@@ -42,6 +42,23 @@ async def test_idempotency_keys_are_scoped_to_task_keys(store: Store) -> None:
     assert a.id != b.id and a_again.id == a.id and plain_1.id != plain_2.id
 
 
+async def test_runs_are_found_by_task_key_and_idempotency_key(store: Store) -> None:
+    results = await store.create_runs(
+        [
+            TaskRunCreate(task_key="a", idempotency_key="k"),
+            TaskRunCreate(task_key="b", idempotency_key="k"),
+            TaskRunCreate(task_key="a", idempotency_key="other"),
+            TaskRunCreate(task_key="a"),
+        ]
+    )
+    a_k, b_k, a_other, _ = (run.id for run, _ in results)
+    await store.delete_run(a_other)
+    asked = [("a", "k"), ("b", "k"), ("a", "other"), ("b", "other"), ("c", "k"), ("a", "k")]
+    assert await store.runs_by_idempotency_key(asked) == {("a", "k"): a_k, ("b", "k"): b_k}
+    assert await store.runs_by_idempotency_key([]) == {}
+    assert await store.runs_by_idempotency_key([("a", "a\x00k")]) == {}  # no key holds NUL
+
+
 async def test_claim_skips_runs_that_are_no_longer_scheduled(store: Store) -> None:
     created = await store.create_runs([TaskRunCreate(task_key="k") for _ in range(3)])
     ids = [run.id for run, _ in created]

@@ -9,6 +9,7 @@ request and websocket handshake.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -25,9 +27,11 @@ import pytest
 import trio
 import trustme
 from hypercorn.typing import Framework
+from rich.console import Console
 
 import trioworker
 from trioworker._http import CertificateError, serve_app
+from trioworker.cli._progress import WaitDisplay, follow_run
 from trioworker.client.rest import SyncTaskRunClient, TaskRunClient
 from trioworker.connection import connection_options, tls_failure
 from trioworker.errors import ServerUnavailable
@@ -204,15 +208,17 @@ class Recorder:
         await self.app(scope, receive, send)
 
 
-@pytest.fixture
-async def recorded(tls: TlsFiles, tmp_path: Path) -> AsyncIterator[tuple[str, Recorder]]:
+@asynccontextmanager
+async def recorded_server(
+    tls: TlsFiles, tmp_path: Path, api_key: str | None = None
+) -> AsyncIterator[tuple[str, Recorder]]:
     """A real server over TLS (its parts put together as serve_server does) behind a
-    recorder: ``(API URL, recorder)``."""
+    recorder: ``(API URL, recorder)``; with ``api_key``, the server requires that key."""
     async with open_store(tmp_path / "recorded.db") as store, trio.open_nursery() as nursery:
         dispatcher = Dispatcher()
         service = TaskRunService(store, dispatcher)
         await nursery.start(dispatcher.release_delayed_runs)
-        recorder = Recorder(cast(Asgi, create_app(service)))
+        recorder = Recorder(cast(Asgi, create_app(service, api_key=api_key)))
         serve = partial(
             serve_app,
             cast(Framework, recorder),
@@ -224,6 +230,12 @@ async def recorded(tls: TlsFiles, tmp_path: Path) -> AsyncIterator[tuple[str, Re
         url: str = await nursery.start(serve)
         yield f"{url}/api", recorder
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def recorded(tls: TlsFiles, tmp_path: Path) -> AsyncIterator[tuple[str, Recorder]]:
+    async with recorded_server(tls, tmp_path) as served:
+        yield served
 
 
 async def test_extra_headers_arrive_on_every_request_and_handshake(
@@ -249,9 +261,55 @@ async def test_extra_headers_arrive_on_every_request_and_handshake(
     for kind, path, headers in from_environment:
         assert (headers.get("x-tenant"), headers.get("x-trace")) == ("blue", "t-1"), (kind, path)
     assert (last_path, last["x-tenant"], "x-trace" in last) == ("/api/task_runs", "red", False)
-    assert "authorization" not in last  # no key: a header of that name given here is not sent
+    assert last["authorization"] == "not the key's"  # no key: a header of that name is sent as given
     health = [headers for kind, path, headers in recorder.seen if path == "/api/health"]
     assert health[-1]["authorization"] == "Bearer k"  # the key's header wins
+
+
+@attrs.define(eq=False)
+class ShownDisplay(WaitDisplay):
+    """``submit --wait``'s display, with an event set once it showed the run COMPLETED."""
+
+    completed: trio.Event = attrs.field(factory=trio.Event)
+
+    def show(self, *, state: str | None = None, workers: int | None = None) -> None:
+        super().show(state=state, workers=workers)
+        if self.state == "COMPLETED":
+            self.completed.set()
+
+
+async def test_the_api_key_wins_over_an_authorization_header_on_requests_and_handshakes(
+    tls: TlsFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gateway's header of the same name, spelled in another case, in the variable: the key
+    # the server requires wins on every request and every handshake, and everything works.
+    monkeypatch.setenv("TRIOWORKER_API_HEADERS", json.dumps({"AUTHORIZATION": "Bearer gateway", "X-T": "1"}))
+    async with recorded_server(tls, tmp_path, api_key="right") as (api_url, recorder):
+        async with (
+            TaskWorker(greet, api_url=api_url, api_key="right", ca_bundle=tls.ca),
+            trioworker.connect(api_url, api_key="right", ca_bundle=tls.ca) as client,
+        ):
+            assert client.channel is not None and client.channel.usable  # its auth passed
+            future = await greet.delay("key")
+            assert await future.result(timeout=10) == "hello key"
+            display = ShownDisplay(future.task_run_id, greet.key, Console(file=io.StringIO()))
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(follow_run, client, future.task_run_id, display)
+                    await display.completed.wait()  # shown once the live feed's auth passed
+                    nursery.cancel_scope.cancel()
+        async with TaskRunClient(api_url, ca_bundle=tls.ca) as keyless:  # no key: the header as given
+            with pytest.raises(trioworker.ApiError, match=r"^401: missing or wrong API key"):
+                await keyless.read_task_runs()
+    paths = {(kind, path) for kind, path, _ in recorder.seen}
+    for socket_path in ("subscriptions/scheduled", "channel"):
+        assert ("websocket", f"/api/task_runs/{socket_path}") in paths
+    assert ("websocket", "/api/events") in paths
+    *with_key, (_, _, keyless_headers) = recorder.seen
+    assert len({kind for kind, _, _ in with_key}) == 2  # requests and handshakes alike
+    for kind, path, headers in with_key:
+        assert (headers["authorization"], headers["x-t"]) == ("Bearer right", "1"), (kind, path)
+    assert keyless_headers["authorization"] == "Bearer gateway"
 
 
 # -- the settings, checked
@@ -311,7 +369,15 @@ def test_settings_given_in_code_win_and_are_checked(tmp_path: Path, monkeypatch:
         "Content-Type": "application/json",
         "Authorization": "Bearer key",
     }
-    assert options.websocket_headers == [(b"X-A", b"1")]
+    assert options.websocket_headers("key") == [(b"X-A", b"1"), (b"Authorization", b"Bearer key")]
+    assert options.websocket_headers(None) == [(b"X-A", b"1")]
+    mixed = connection_options(headers={"authorization": "Basic x", "content-TYPE": "text/plain"})
+    assert mixed.http_headers("key") == {"Authorization": "Bearer key", "Content-Type": "application/json"}
+    assert mixed.http_headers(None) == {"authorization": "Basic x", "Content-Type": "application/json"}
+    assert mixed.websocket_headers("key") == [
+        (b"content-TYPE", b"text/plain"),
+        (b"Authorization", b"Bearer key"),
+    ]
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("no certificate here\n")
     with pytest.raises(ValueError, match=r"^ca_bundle: cannot read the CA bundle '.*not\.pem': "):

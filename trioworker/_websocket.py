@@ -63,6 +63,7 @@ async def connect(
     *,
     open_stream: OpenStream | None = None,
     connection: ConnectionOptions | None = None,
+    api_key: str | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     """Open a websocket to ``url`` (``ws://`` or ``wss://``); its byte stream is ours and is
     always closed on the way out.
@@ -76,6 +77,9 @@ async def connect(
             docstring); the default is ``connection``'s: TCP, with TLS for ``wss://``.
         connection: TLS and the handshake's extra headers (default: from the environment,
             see :func:`~trioworker.connection.connection_options`).
+        api_key: sent as ``Authorization: Bearer KEY`` in the handshake, winning over an
+            extra header of that name (:meth:`~trioworker.connection.ConnectionOptions.websocket_headers`);
+            the server reads it from the auth message the caller sends.
 
     Raises:
         OSError: the stream could not be opened (TCP or TLS failed).
@@ -103,7 +107,7 @@ async def connect(
                     stream,  # type: ignore[arg-type]
                     host if port in (80, 443) else f"{host}:{port}",
                     resource,
-                    extra_headers=connection.websocket_headers,
+                    extra_headers=connection.websocket_headers(api_key),
                     message_queue_size=64,
                     max_message_size=MAX_MESSAGE_BYTES,
                 )

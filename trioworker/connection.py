@@ -13,8 +13,10 @@ websockets) is made with one :class:`ConnectionOptions`:
   the way can read and change it.
 - **headers**: sent on every HTTP request and on every websocket handshake
   (``TRIOWORKER_API_HEADERS``, a JSON object: ``{"X-Tenant": "blue"}``), for a proxy or a
-  gateway in front of the servers. The client's own ``Authorization`` (the API key) and
-  ``Content-Type`` win over headers of the same name given here.
+  gateway in front of the servers. The client's own ``Authorization`` (the API key, when
+  one is set: ``Bearer KEY``, on websocket handshakes too) and ``Content-Type`` (HTTP)
+  win over headers of the same name given here, whatever their case; without an API key
+  an ``Authorization`` given here is sent as it is.
 
 :func:`connection_options` reads what it is not given from the environment and checks it;
 a setting that cannot be used is a :class:`ValueError` of one line that names it. The
@@ -48,8 +50,10 @@ _YES: Final = ("1", "true", "yes", "on")
 _NO: Final = ("0", "false", "no", "off")
 #: What a header name may hold (an HTTP token).
 _TOKEN_CHARACTERS: Final = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
-#: The headers a client sets itself (lower case): theirs win.
-_OWN_HEADERS: Final = frozenset({"authorization", "content-type"})
+#: The header an API key goes in (lower case): with a key, the key's wins.
+_AUTHORIZATION: Final = "authorization"
+#: The header every HTTP request of a client sets itself (lower case): its own wins.
+_HTTP_OWN_HEADERS: Final = frozenset({"content-type"})
 #: Links of an exception's chain looked at for a TLS failure, at most.
 _CHAIN_LIMIT: Final = 16
 
@@ -70,19 +74,30 @@ class ConnectionOptions:
     #: The client side of every TLS connection.
     ssl_context: ssl.SSLContext
 
-    def http_headers(self, api_key: str | None) -> dict[str, str]:
-        """The headers of every HTTP request: the extra ones, ``Content-Type`` and, with an
-        API key, ``Authorization: Bearer KEY``."""
-        headers = {name: value for name, value in self.headers if name.lower() not in _OWN_HEADERS}
-        headers["Content-Type"] = "application/json"
+    def _with_key(self, api_key: str | None, own: frozenset[str]) -> list[tuple[str, str]]:
+        """The extra headers, but none named (in any case) as one of ``own`` (lower case),
+        then ``Authorization: Bearer KEY`` when there is an API key: the key wins over an
+        extra ``Authorization``; without a key, an extra one is sent as it is."""
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+            own = own | {_AUTHORIZATION}
+        pairs = [(name, value) for name, value in self.headers if name.lower() not in own]
+        if api_key:
+            pairs.append(("Authorization", f"Bearer {api_key}"))
+        return pairs
+
+    def http_headers(self, api_key: str | None) -> dict[str, str]:
+        """The headers of every HTTP request: the extra ones, ``Content-Type:
+        application/json`` and, with an API key, ``Authorization: Bearer KEY`` (the client's
+        own win over extra headers of the same name, in any case)."""
+        headers = dict(self._with_key(api_key, _HTTP_OWN_HEADERS))
+        headers["Content-Type"] = "application/json"
         return headers
 
-    @property
-    def websocket_headers(self) -> list[tuple[bytes, bytes]]:
-        """The extra headers of every websocket handshake (the API key goes in its auth message)."""
-        return [(name.encode(), value.encode()) for name, value in self.headers]
+    def websocket_headers(self, api_key: str | None) -> list[tuple[bytes, bytes]]:
+        """The headers of every websocket handshake: the same rule as :meth:`http_headers`
+        (the API key's ``Authorization`` wins; the server reads the key from the socket's
+        auth message, a proxy in front of it from this header), without ``Content-Type``."""
+        return [(name.encode(), value.encode()) for name, value in self._with_key(api_key, frozenset())]
 
     async def open_stream(self, host: str, port: int, secure: bool) -> trio.abc.Stream:
         """The byte stream under a websocket: TCP to ``host:port`` and, when ``secure``

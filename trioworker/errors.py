@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trioworker.models import TaskRun, converter
+
 
 class TrioworkerError(Exception):
     """The root of trioworker's own errors."""
@@ -59,10 +61,16 @@ class NotFound(ApiError):
 class QueueFull(ApiError):
     """The server's queue of ``task_key`` is full (its ``--max-queued``): 429.
 
-    A client waits and sends the create again (after ``retry_after`` seconds, the server's
-    ``Retry-After``) as long as its timeout allows; this is raised once that ran out.
-    ``room`` is how many of the request's first creates would have fit; ``created`` the
-    runs this call did create before it gave up (a ``map`` sends what fits first).
+    A client waits and sends the create again (after ``retry_after`` seconds, as the server
+    judged from how fast its workers take runs, or once the server says there is room) as
+    long as its timeout allows; this is raised once that ran out. ``room`` is how many of
+    the request's first creates fit; ``created`` the runs this call did create before it
+    gave up (a ``map`` sends what fits first). ``max_queued`` is the server's bound.
+
+    Of one answer of the server (before a client acts on it): ``partial`` is True when the
+    server made those first ``room`` creates (trioworker's clients ask it to), and then
+    ``created`` holds their runs; ``room_announced`` when the client channel will say
+    when there is room again.
     """
 
     def __init__(
@@ -73,29 +81,46 @@ class QueueFull(ApiError):
         room: int = 0,
         retry_after: float = 1.0,
         created: Sequence[Any] = (),
+        max_queued: int | None = None,
+        partial: bool = False,
+        room_announced: bool = False,
     ) -> None:
         super().__init__(429, detail)
         self.task_key = task_key
         self.room = room
         self.retry_after = retry_after
         self.created = list(created)
+        self.max_queued = max_queued
+        self.partial = partial
+        self.room_announced = room_announced
 
 
 def api_error(status_code: int, detail: str, fields: Mapping[str, object] | None = None) -> ApiError:
     """The error for an error answer of the server: :class:`NotFound` for 404,
-    :class:`QueueFull` for 429 (``fields``: the answer's other fields, ``room``,
-    ``retry_after`` and ``task_key``; a field that is not of its type is left at its
-    default), else :class:`ApiError`."""
+    :class:`QueueFull` for 429 (``fields``: the answer's other fields, ``task_key``,
+    ``room``, ``retry_after``, ``max_queued``, ``created`` and ``room_announced``; a field
+    that is not of its type is left at its default, but ``created`` must be a list of
+    task runs), else :class:`ApiError`.
+
+    Raises:
+        cattrs.BaseValidationError: ``created`` is there but is not a list of task runs.
+    """
     if status_code == 404:
         return NotFound(status_code, detail)
     if status_code == 429:
         fields = fields or {}
         task_key = fields.get("task_key")
+        bound = _number(fields.get("max_queued"), 0, 1, 2**62)
+        created = fields.get("created")
         return QueueFull(
             detail,
             task_key=task_key if isinstance(task_key, str) else None,
             room=int(_number(fields.get("room"), 0, 0, 2**31)),
             retry_after=_number(fields.get("retry_after"), 1.0, 0, 60),
+            created=() if created is None else converter.structure(created, list[TaskRun]),
+            max_queued=int(bound) if bound else None,
+            partial=created is not None,
+            room_announced=fields.get("room_announced") is True,
         )
     return ApiError(status_code, detail)
 

@@ -85,6 +85,8 @@ RUNS_WAIT: Final = "/task_runs/wait"
 RUNS_FIND: Final = "/task_runs/find"
 #: ``POST`` delete the runs that ended before a time.
 RUNS_PURGE: Final = "/task_runs/purge"
+#: ``GET`` a long-poll for room in the queue of ``?task_key=`` (``--max-queued``).
+RUNS_ROOM: Final = "/task_runs/room"
 #: ``GET`` or ``DELETE`` one run.
 RUN: Final = "/task_runs/{run_id}"
 RUN_HISTORY: Final = "/task_runs/{run_id}/history"
@@ -167,6 +169,8 @@ UNWATCH: Final = "unwatch"
 CREATED: Final = "created"
 ERROR: Final = "error"
 ENDED: Final = "ended"
+#: A task key's queue has room again for the refused creates named (a partial create's 429).
+ROOM: Final = "room"
 
 # Live feed, server -> tab (the tab sends only its auth message).
 OVERVIEW_MESSAGE: Final = "overview"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ import trio
 
 from trioworker._util import only_exception
 from trioworker._version import __version__
-from trioworker.cli._common import CommandError, configure_logging, visible
+from trioworker.cli._common import CommandError, configure_logging, fatal_line, requested_log_format, visible
 from trioworker.cli._environment import parsing_with_environment, read_environment
 from trioworker.cli.demo import add_demo_command
 from trioworker.cli.manage import add_manage_commands
@@ -66,6 +67,8 @@ def _is_option(item: str) -> bool:
 
 #: Stands for the ``--`` argument: the options end there, whatever follows is positional.
 END_OF_OPTIONS: Final = "--"
+#: The exit code when stdout was closed by its reader (as for a program SIGPIPE killed).
+EXIT_BROKEN_PIPE: Final = 141
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -109,26 +112,44 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run one command (``argv``: without the program name; default ``sys.argv[1:]``).
 
     Raises:
-        SystemExit: 1 after a user error (printed as one line on stderr), 130 after Ctrl-C,
-            2 for a bad command line (argparse's usage error) or a bad ``TRIOWORKER_*``
-            variable of an option (one line naming it).
+        SystemExit: 1 after a user error (printed as one line on stderr: a JSON log record
+            with ``--log-format json``), 130 after Ctrl-C, 2 for a bad command line
+            (argparse's usage error) or a bad ``TRIOWORKER_*`` variable of an option (one
+            line naming it), :data:`EXIT_BROKEN_PIPE` when stdout was closed before all was
+            written (``trioworker runs | head -1``: nothing more is said).
     """
+    args_list = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(argv)
+        args = parse_args(args_list)
     except CommandError as exc:
-        print(f"trioworker: {exc}", file=sys.stderr)
+        print(fatal_line(str(exc), requested_log_format(args_list)), file=sys.stderr)
         raise SystemExit(2) from None
-    configure_logging(args.verbose, args.log_level, getattr(args, "log_format", "text"))
+    log_format = getattr(args, "log_format", "text")
+    configure_logging(args.verbose, args.log_level, log_format)
     try:
         prepare = getattr(args, "prepare", None)
         if prepare is not None:  # what a command does before its event loop (purge asks)
             prepare(args)
         trio.run(args.handler, args)
+        sys.stdout.flush()  # here, not at exit: a closed stdout is one more case below
     except BaseException as exc:  # re-raised below unless it is a user error
         leaf = only_exception(exc)
+        if isinstance(leaf, BrokenPipeError):
+            _drop_stdout()
+            raise SystemExit(EXIT_BROKEN_PIPE) from None
         if isinstance(leaf, CommandError | OSError):  # may quote a server's or a task's text
-            print(f"trioworker: {visible(str(leaf))}", file=sys.stderr)
+            print(fatal_line(visible(str(leaf)), log_format), file=sys.stderr)
             raise SystemExit(1) from None
         if isinstance(leaf, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
+
+
+def _drop_stdout() -> None:
+    """Point stdout at ``/dev/null``: what is still buffered for a reader that left (a
+    closed pipe) goes nowhere, instead of failing once more as Python exits."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

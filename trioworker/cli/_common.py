@@ -66,6 +66,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+def fatal_line(message: str, log_format: str = "text") -> str:
+    """The one line a command prints on stderr as it stops on an error: ``trioworker:
+    message``, or (``log_format="json"``) an ``ERROR`` record of the ``trioworker`` logger
+    as :class:`JsonFormatter` writes every other line."""
+    if log_format != "json":
+        return f"trioworker: {message}"
+    record = logging.LogRecord("trioworker", logging.ERROR, __file__, 0, message, None, None)
+    return JsonFormatter().format(record)
+
+
+def requested_log_format(argv: Sequence[str]) -> str:
+    """The ``--log-format`` that ``argv`` (or ``TRIOWORKER_LOG_FORMAT``) asks for, read
+    without the parser: for an error found while parsing."""
+    for n, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--log-format" and n + 1 < len(argv):
+            return argv[n + 1]
+        if arg.startswith("--log-format="):
+            return arg.partition("=")[2]
+    return os.environ.get("TRIOWORKER_LOG_FORMAT") or "text"
+
+
 def configure_logging(verbose: bool, level: int = logging.INFO, log_format: str = "text") -> None:
     """Log to stderr at ``level`` (DEBUG with ``verbose``): one timed line per record, or
     (``log_format="json"``) one JSON object per line (:class:`JsonFormatter`)."""

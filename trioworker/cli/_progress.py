@@ -134,7 +134,7 @@ async def follow_run(client: TaskRunClient, run_id: uuid.UUID, display: WaitDisp
     try:
         display.show(workers=len(await client.task_workers(display.task_key)))
         url = protocol.socket_url(client.servers.current, protocol.EVENTS_PATH)
-        async with connect(url, connection=client.connection) as ws:
+        async with connect(url, connection=client.connection, api_key=client.api_key) as ws:
             await ws.send_message(orjson.dumps({"type": protocol.AUTH, "token": client.api_key}).decode())
             with trio.fail_after(FEED_AUTH_TIMEOUT):
                 reply = parse_message(await ws.get_message())

@@ -119,7 +119,9 @@ class DemoResult:
 
 
 def remove_database(path: Path) -> None:
-    """Delete the demo database and SQLite's side files, so every demo starts clean."""
+    """Delete the demo database and SQLite's side files, so every demo starts clean; make
+    its folder (``$TRIOWORKER_HOME``, trioworker's own) if it is missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     for suffix in ("", "-wal", "-shm", "-journal"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
 

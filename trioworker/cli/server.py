@@ -49,6 +49,13 @@ async def run_server(args: argparse.Namespace) -> None:
         given, missing = ("certfile", "keyfile") if args.keyfile is None else ("keyfile", "certfile")
         source = args.from_environment.get(given, f"--{given}")
         raise CommandError(f"{source} needs --{missing} (or {variable_of('--' + missing)}): TLS takes both")
+    if args.db is None:  # trioworker's own folder, made on first use (a given --db's folder is not)
+        try:
+            settings.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(
+                f"cannot make the folder {settings.home} (TRIOWORKER_HOME): {exc.strerror}"
+            ) from None
     try:
         db_path = check_database(settings.db_path if args.db is None else args.db)
     except ValueError as exc:

@@ -21,6 +21,7 @@ import itertools
 import logging
 import random
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
@@ -42,7 +43,7 @@ from trioworker._websocket import (
 )
 from trioworker._websocket import connect as open_socket
 from trioworker.connection import ConnectionOptions, connection_options, tls_failure
-from trioworker.errors import NotFound, ServerUnavailable, api_error
+from trioworker.errors import NotFound, QueueFull, ServerUnavailable, api_error
 from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
 from trioworker.protocol import CHANNEL_PATH, CLOSE_PROTOCOL_ERROR, socket_url
 from trioworker.servers import ApiUrls, Rounds, Servers, UsesServers, as_servers
@@ -65,6 +66,16 @@ class _PendingCreate:
     done: trio.Event = attrs.field(factory=trio.Event)
     runs: list[TaskRun] = attrs.field(factory=list)
     error: Exception | None = None
+
+
+@attrs.define(eq=False)
+class _RoomWait:
+    """A refused create waiting for the server to say its key's queue has room."""
+
+    ref: int
+    done: trio.Event = attrs.field(factory=trio.Event)
+    #: How many runs fit then; None when the channel was lost first.
+    room: int | None = None
 
 
 @attrs.define(eq=False)
@@ -100,6 +111,10 @@ class ClientChannel(UsesServers):
     _calls: dict[int, _PendingCreate] = attrs.field(factory=dict)
     _watches: dict[uuid.UUID, _Watch] = attrs.field(factory=dict)
     _to_watch: list[uuid.UUID] = attrs.field(factory=list)
+    #: Refused creates (by ref) whose refusal promised a ``room`` message.
+    _room_waits: dict[int, _RoomWait] = attrs.field(factory=dict)
+    #: The same waits, by the QueueFull raised for the refusal (see :meth:`wait_room`).
+    _room_of: weakref.WeakKeyDictionary[QueueFull, _RoomWait] = attrs.field(factory=weakref.WeakKeyDictionary)
     _flushing: bool = False
     #: The API root of the connection open now, or tried last.
     _url: str = attrs.field(default="", init=False)
@@ -130,20 +145,47 @@ class ClientChannel(UsesServers):
         why = "" if self.broken is None else f": {self.broken}"
         return ServerUnavailable(f"the channel to {self._url or self.api_url} was lost{why}")
 
-    async def create(self, creates: Sequence[TaskRunCreate]) -> list[TaskRun]:
-        """Create runs; returns them in order (raises ApiError for refused input)."""
+    async def create(self, creates: Sequence[TaskRunCreate], *, partial: bool = False) -> list[TaskRun]:
+        """Create runs; returns them in order.
+
+        Raises:
+            ApiError: the server refused them (422, 409); :class:`QueueFull` for a full
+                queue, which, ``partial``, carries the runs of the creates that fit, made
+                (see :meth:`wait_room`).
+            ServerUnavailable: the channel was lost before the answer came.
+        """
         ref = next(self._refs)
         call = self._calls[ref] = _PendingCreate()
+        message: dict[str, JSON] = {
+            "type": protocol.CREATE,
+            "ref": ref,
+            "task_runs": converter.unstructure(list(creates)),
+        }
+        if partial:
+            message["partial"] = True
         try:
-            await self._send(
-                {"type": protocol.CREATE, "ref": ref, "task_runs": converter.unstructure(list(creates))}
-            )
+            await self._send(message)
             await call.done.wait()
         finally:
             self._calls.pop(ref, None)
         if call.error is not None:
             raise call.error
         return call.runs
+
+    async def wait_room(self, full: QueueFull) -> int | None:
+        """Wait until the server says the queue that refused ``full`` (raised by
+        :meth:`create`) has room: how many runs fit then. None at once when its refusal
+        promised no ``room`` message (an older server; several servers), and as soon as
+        the channel is lost."""
+        wait = self._room_of.get(full)
+        if wait is None:
+            return None
+        try:
+            await wait.done.wait()
+        finally:
+            if not wait.done.is_set():  # the caller gave up: forget it
+                self._room_waits.pop(wait.ref, None)
+        return wait.room
 
     async def wait(self, run_id: uuid.UUID, seconds: float) -> TaskRun | None:
         """The run once it ended; None if ``seconds`` passed first. Raises NotFound if it is gone."""
@@ -205,7 +247,10 @@ class ClientChannel(UsesServers):
             failure: Exception | None
             try:
                 async with open_socket(
-                    channel_url(url), open_stream=self._open_stream, connection=self.connection
+                    channel_url(url),
+                    open_stream=self._open_stream,
+                    connection=self.connection,
+                    api_key=self.api_key,
                 ) as ws:
                     await ws.send_message(
                         orjson.dumps({"type": protocol.AUTH, "token": self.api_key}).decode()
@@ -270,10 +315,27 @@ class ClientChannel(UsesServers):
                 status, detail = message.get("status", 400), message.get("detail")
                 if not isinstance(status, int) or isinstance(status, bool):
                     raise TypeError(f"status {status!r} is not a whole number")
-                call = self._calls.get(_ref(message))
+                ref = _ref(message)
+                error = api_error(status, str(detail), message)
+                call = self._calls.get(ref)
+                if isinstance(error, QueueFull) and error.room_announced:
+                    # Before the caller wakes: its room message may be the next one read.
+                    wait = self._room_waits[ref] = _RoomWait(ref)
+                    self._room_of[error] = wait
                 if call is not None:
-                    call.error = api_error(status, str(detail), message)
+                    call.error = error
                     call.done.set()
+            elif kind == protocol.ROOM:
+                room, refs = message.get("room"), message.get("refs")
+                if not isinstance(room, int) or isinstance(room, bool):
+                    raise TypeError(f"room {room!r} is not a whole number")
+                if not isinstance(refs, list):
+                    raise TypeError(f"refs is {refs!r}, not a list")
+                for ref in refs:
+                    announced = self._room_waits.pop(ref, None) if isinstance(ref, int) else None
+                    if announced is not None:
+                        announced.room = room
+                        announced.done.set()
             elif kind == protocol.ENDED:
                 ended = converter.structure(message["task_runs"], list[TaskRun])
                 missing = message.get("missing", [])
@@ -312,6 +374,9 @@ class ClientChannel(UsesServers):
             watch.dropped = True  # its waiters fall back to HTTP
             watch.done.set()
         self._watches.clear()
+        for wait in self._room_waits.values():
+            wait.done.set()  # no room message comes on a lost socket: they send again
+        self._room_waits.clear()
 
 
 def _ref(message: dict[str, JSON]) -> int:

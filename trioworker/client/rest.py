@@ -11,8 +11,8 @@ Creates are the exception to "raise at once": every run they create carries an i
 client chose, so a create whose answer was lost (the client channel, or its HTTP
 connection, dropped after it was sent) is sent again over HTTP with the same ids, and the
 server answers a repeat with the run it already made: never two runs, never none. So is
-a create that a server's queue limit turned back (429), once there is room: the creates
-that fit go first (see :class:`_Backpressure`).
+the rest of a create that a server's queue limit turned back (429), once there is room:
+the server makes the creates that fit first (see :class:`_Backpressure`).
 
 **Several servers** (``api_url="http://a:4300,http://b:4300"`` or a list: replicas of one
 deployment) are used by the failover rule of :mod:`trioworker.servers`: a call goes to the
@@ -50,7 +50,7 @@ import trio
 from trioworker import protocol
 from trioworker._websocket import OpenStream
 from trioworker.connection import connection_options, tls_failure
-from trioworker.errors import QueueFull, ServerUnavailable, api_error
+from trioworker.errors import ApiError, QueueFull, ServerUnavailable, api_error
 from trioworker.models import (
     JSON,
     PurgeRequest,
@@ -108,7 +108,8 @@ def _raise_for_status(response: httpx.Response) -> None:
     except ValueError:
         detail = response.text or response.reason_phrase
     retry_after = response.headers.get("Retry-After", "")
-    if retry_after.isdigit():  # the header wins over the body (a proxy may set it)
+    if "retry_after" not in fields and retry_after.isdigit():
+        # A proxy's 429 says it in the header only; trioworker's body says it to the millisecond.
         fields = {**fields, "retry_after": int(retry_after)}
     raise api_error(response.status_code, detail, fields)
 
@@ -148,6 +149,14 @@ def _objects(data: JSON) -> list[dict[str, JSON]]:
     return [item for item in data if isinstance(item, dict)]
 
 
+def _room(data: JSON) -> int | None:
+    """The ``room`` of a queue's answer: a whole number, or None (no queue limit)."""
+    room = data.get("room") if isinstance(data, dict) else 0
+    if room is not None and (not isinstance(room, int) or isinstance(room, bool) or room < 0):
+        raise ValueError(f"room is {room!r}, not a whole number")
+    return room
+
+
 def _structure(cls: Any) -> Callable[[JSON], Any]:
     return lambda data: converter.structure(data, cls)
 
@@ -167,8 +176,17 @@ class _Calls:
 
     @staticmethod
     def create_many(creates: Sequence[TaskRunCreate]) -> _Call[list[TaskRun]]:
+        """Creates in one request; the server makes those that fit when a queue is full
+        (``partial``: see :class:`_Backpressure`)."""
         body = converter.unstructure(list(creates))
-        return _Call("POST", protocol.RUNS_BATCH, _structure(list[TaskRun]), body, retry_safe=True)
+        params = {"partial": "true"}
+        return _Call("POST", protocol.RUNS_BATCH, _structure(list[TaskRun]), body, params, retry_safe=True)
+
+    @staticmethod
+    def queue_room(task_key: str, wanted: int, seconds: float) -> _Call[int | None]:
+        seconds = min(seconds, MAX_POLL_SECONDS)
+        params = {"task_key": task_key, "wanted": wanted, "timeout": seconds}
+        return _Call("GET", protocol.RUNS_ROOM, _room, params=params, wait=seconds)
 
     @staticmethod
     def read(run_id: uuid.UUID) -> _Call[TaskRun]:
@@ -325,12 +343,16 @@ class _Backpressure:
     """What a create the server's queue limit turns back (429: :class:`QueueFull`) does
     next: the rule the async and the blocking client share.
 
-    The creates go in order. When a refusal says that the first ``room`` of those sent
-    fit, those are sent at once; otherwise the client waits as the server says
-    (``Retry-After``, and up to a fifth more, so that clients do not come back in step)
-    and sends the rest again. Each create carries its id, so none is made twice. It gives
-    up when nothing was accepted for ``timeout`` seconds: :class:`QueueFull`, with the runs
-    made so far.
+    The creates go in order, and the server is asked to make those that fit (``partial``):
+    its refusal carries the runs of the first ones, made, and the client sends only the
+    rest again, the server's bound (``max_queued``) at a time (more cannot fit; what does
+    not fit of it is refused, cheaply), once there is room: as soon as the client channel
+    says so (a ``room`` message) or a long-poll of the room answers, else after the wait
+    the server judged from how fast its workers take runs (``retry_after``, and up to a
+    fifth more, so that clients do not come back in step). A server that refuses a request whole
+    says how many of its first creates fit: those are sent at once. Each create carries its
+    id, so none is made twice. It gives up when nothing was accepted for ``timeout``
+    seconds: :class:`QueueFull`, with the runs made so far.
     """
 
     creates: list[TaskRunCreate]
@@ -339,8 +361,13 @@ class _Backpressure:
     #: When something was last accepted (or the call began), on the caller's clock.
     since: float
     created: list[TaskRun] = attrs.field(factory=list)
-    #: How many of the creates not made yet to send next.
+    #: How many of the creates not made yet to send next, at most.
     _size: int = attrs.field(default=attrs.Factory(lambda self: len(self.creates), takes_self=True))
+
+    @property
+    def deadline(self) -> float:
+        """When it gives up if nothing more is accepted (the caller's clock)."""
+        return self.since + self.timeout
 
     def next(self) -> list[TaskRunCreate]:
         """The creates to send now (none: done)."""
@@ -348,30 +375,58 @@ class _Backpressure:
         return self.creates[start : start + self._size]
 
     def accepted(self, runs: list[TaskRun], now: float) -> None:
-        self.created += runs
-        self._size = len(self.creates) - len(self.created)
-        self.since = now
+        if runs:
+            self.created += runs
+            self.since = now
 
-    def refused(self, full: QueueFull, sent: int, now: float) -> float:
-        """Seconds to wait before sending :meth:`next`; raises :class:`QueueFull` when the
-        wait would end past ``timeout`` seconds without progress."""
+    def refused(self, full: QueueFull, sent: int, now: float) -> bool:
+        """Take in a refusal of the ``sent`` creates :meth:`next` gave: the runs it made;
+        True when the rest is to be sent at once (an older server said that fewer fit)."""
+        self.accepted(full.created, now)
+        if full.partial:
+            self._size = max(1, full.max_queued or sent)  # more cannot fit at once
+            return False
         if 0 < full.room < sent:
             self._size = full.room
-            return 0.0
-        self._size = len(self.creates) - len(self.created)
+            return True
+        return False
+
+    def room_poll(self, full: QueueFull, now: float) -> _Call[int | None] | None:
+        """The long-poll for room after ``full`` (None: the server cannot be asked: an
+        older one): for half the server's bound, or what is left to send if less, until
+        the deadline."""
+        if not full.partial or full.task_key is None:
+            return None
+        left = len(self.creates) - len(self.created)
+        wanted = max(1, min(left, ((full.max_queued or 1) + 1) // 2))
+        return _Calls.queue_room(full.task_key, wanted, max(0.0, self.deadline - now))
+
+    @staticmethod
+    def polled(room: int | None) -> bool:
+        """Whether the long-poll's answer says to send the rest now (there is room, or no
+        limit at all)."""
+        return room != 0
+
+    def pause(self, full: QueueFull, now: float) -> float:
+        """Seconds to wait before sending :meth:`next` again; raises :class:`QueueFull`
+        when the wait would end past ``timeout`` seconds without progress."""
         pause = full.retry_after * self.rng.uniform(1.0, 1.2)
-        if now + pause > self.since + self.timeout:
-            made = len(self.created)
-            raise QueueFull(
-                f"{full.detail}; it stayed full for {self.timeout:g} s"
-                + (f": {made} of {len(self.creates)} runs were created" if made else ": nothing was created"),
-                task_key=full.task_key,
-                room=full.room,
-                retry_after=full.retry_after,
-                created=self.created,
-            ) from full
-        log.debug("%s: sending it again in %.2f s", full.detail, pause)
+        if now + pause > self.deadline:
+            raise self.give_up(full) from full
+        log.debug("%s: sending the rest again in %.3f s", full.detail, pause)
         return pause
+
+    def give_up(self, full: QueueFull) -> QueueFull:
+        made = len(self.created)
+        return QueueFull(
+            f"{full.detail}; it stayed full for {self.timeout:g} s"
+            + (f": {made} of {len(self.creates)} runs were created" if made else ": nothing was created"),
+            task_key=full.task_key,
+            room=full.room,
+            retry_after=full.retry_after,
+            created=self.created,
+            max_queued=full.max_queued,
+        )
 
 
 class _Base(UsesServers):
@@ -519,9 +574,10 @@ class TaskRunClient(_Base):
         ``timeout`` seconds of that loss.
 
         **Backpressure:** a server with a queue limit (``--max-queued``) turns back
-        creates that do not fit (429). Then the creates that fit are sent first, and the
-        call waits as the server says (``Retry-After``) and sends the rest again, in order,
-        until every one is made or ``timeout`` seconds pass in which none was.
+        creates that do not fit (429). It makes those that fit first; the call waits until
+        there is room (the channel is told; over HTTP, as long as the server says) and
+        sends only the rest again, in order, until every one is made or ``timeout``
+        seconds pass in which none was (see :class:`_Backpressure`).
 
         Raises:
             ServerUnavailable: the server refused the connection before anything was sent
@@ -543,17 +599,51 @@ class TaskRunClient(_Base):
             try:
                 runs = await self._create(part, make_call(part))
             except QueueFull as full:
-                await trio.sleep(pressure.refused(full, len(part), trio.current_time()))
+                if not pressure.refused(full, len(part), trio.current_time()):
+                    await self._wait_for_room(pressure, full)
             else:
                 pressure.accepted(runs, trio.current_time())
         return pressure.created
+
+    async def _wait_for_room(self, pressure: _Backpressure, full: QueueFull) -> None:
+        """Wait until the queue that refused ``full`` has room: until the client channel
+        says so, when its refusal promised that; else until a long-poll of the queue's room
+        (``GET /api/task_runs/room``) says so; else, or when that finds none, for the wait
+        the server gave.
+
+        Raises:
+            QueueFull: no room within the call's timeout (see :class:`_Backpressure`).
+        """
+        channel = self.channel
+        if channel is not None and full.room_announced:
+            room = None
+            with trio.move_on_at(pressure.deadline):
+                room = await channel.wait_room(full)
+            if room is not None:
+                return
+            if trio.current_time() >= pressure.deadline:
+                raise pressure.give_up(full) from full
+            # The channel was lost: the rest goes over HTTP, after the server's wait.
+        elif (poll := pressure.room_poll(full, trio.current_time())) is not None:
+            try:
+                if pressure.polled(await self.call(poll)):
+                    return
+            except (ApiError, ServerUnavailable) as exc:
+                log.debug("no room could be waited for (%r)", exc)
+        await trio.sleep(pressure.pause(full, trio.current_time()))
+
+    async def queue_room(self, task_key: str, *, wanted: int = 1, seconds: float = 30.0) -> int | None:
+        """Long-poll: how many more runs of ``task_key`` fit in its queue (the server's
+        ``--max-queued``), once ``wanted`` do or ``seconds`` (at most 60) passed; None when
+        the server has no queue limit."""
+        return await self.call(_Calls.queue_room(task_key, wanted, seconds))
 
     async def _create(self, creates: list[TaskRunCreate], call: _Call[list[TaskRun]]) -> list[TaskRun]:
         lost: ServerUnavailable | None = None
         channel = self._live_channel()
         if channel is not None:
             try:
-                return await channel.create(creates)
+                return await channel.create(creates, partial=True)
             except ServerUnavailable as exc:
                 log.info("a create was in flight on the lost client channel: sending it again over HTTP")
                 lost = exc
@@ -716,10 +806,24 @@ class SyncTaskRunClient(_Base):
             try:
                 runs = self._create(make_call(part))
             except QueueFull as full:
-                time.sleep(pressure.refused(full, len(part), time.monotonic()))
+                if not pressure.refused(full, len(part), time.monotonic()):
+                    self._wait_for_room(pressure, full)
             else:
                 pressure.accepted(runs, time.monotonic())
         return pressure.created
+
+    def _wait_for_room(self, pressure: _Backpressure, full: QueueFull) -> None:
+        """As :meth:`TaskRunClient._wait_for_room`, without the channel."""
+        if (poll := pressure.room_poll(full, time.monotonic())) is not None:
+            try:
+                if pressure.polled(self.call(poll)):
+                    return
+            except (ApiError, ServerUnavailable) as exc:
+                log.debug("no room could be waited for (%r)", exc)
+        time.sleep(pressure.pause(full, time.monotonic()))
+
+    def queue_room(self, task_key: str, *, wanted: int = 1, seconds: float = 30.0) -> int | None:
+        return self.call(_Calls.queue_room(task_key, wanted, seconds))
 
     def _create(self, call: _Call[list[TaskRun]]) -> list[TaskRun]:
         retries = _CreateRetries(self, call)

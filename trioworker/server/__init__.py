@@ -59,11 +59,11 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     #: The dispatcher's clock (epoch seconds); the default is the real wall clock.
     clock: WallClock | None = None
-    #: Serve over TLS (``https://``, ``wss://``) with this certificate (chain) and its
-    #: private key, PEM files; both or neither.
     #: At most this many runs of one task key wait for a worker; a create beyond it answers
     #: 429 (see :mod:`~trioworker.server.limits`). None: no bound.
     max_queued: int | None = None
+    #: Serve over TLS (``https://``, ``wss://``) with this certificate (chain) and its
+    #: private key, PEM files; both or neither.
     certfile: str | Path | None = None
     keyfile: str | Path | None = None
 

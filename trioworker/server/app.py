@@ -253,8 +253,8 @@ def create_app(
             }
         )
 
-    async def create_many(items: list[JSON]) -> list[tuple[object, bool]]:
-        return list(await service.create_runs(creates_from(items)))
+    async def create_many(items: list[JSON], *, partial: bool = False) -> list[tuple[object, bool]]:
+        return list(await service.create_runs(creates_from(items), partial=partial))
 
     @app.post(route(protocol.RUNS))
     async def create_run() -> Response:
@@ -269,7 +269,10 @@ def create_app(
         body = await _body()
         if not isinstance(body, list):
             raise Refusal(422, "expected a JSON array of task runs")
-        results = await create_many(body)
+        partial = request.args.get("partial", "false")
+        if partial not in ("true", "false"):
+            raise Refusal(422, f"partial must be true or false, got {partial!r}")
+        results = await create_many(body, partial=partial == "true")
         return _dump([run for run, _ in results], 201)
 
     @app.get(route(protocol.RUNS))
@@ -319,6 +322,16 @@ def create_app(
             raise Refusal(422, f"id_prefix: {exc}") from None
         limit = _query_int("limit", 10, 1, MAX_LIST_LIMIT)
         return _dump(await service.find_runs(prefix, limit=limit))
+
+    @app.get(route(protocol.RUNS_ROOM))
+    async def queue_room() -> Response:
+        task_key = request.args.get("task_key")
+        if not task_key:
+            raise Refusal(422, "task_key is required: the task key whose queue to wait for room in")
+        wanted = _query_int("wanted", 1, 1, 2**31)
+        timeout = _query_number("timeout", 30, 0, MAX_WAIT_SECONDS)
+        room = await service.wait_room(task_key, wanted, seconds=timeout)
+        return _json_response({"task_key": task_key, "room": room})
 
     @app.post(route(protocol.RUNS_WAIT))
     async def wait_many() -> Response:

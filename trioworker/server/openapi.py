@@ -186,10 +186,34 @@ _QUEUE_FULL: Final = {
         "detail": {"type": "string"},
         "task_key": {"type": "string", "description": "The task key whose queue is full."},
         "max_queued": {"type": "integer", "description": "The server's --max-queued."},
-        "room": {"type": "integer", "description": "How many of the request's first creates would fit."},
-        "retry_after": {"type": "integer", "description": "Seconds to wait (as the Retry-After header)."},
+        "room": {
+            "type": "integer",
+            "description": "How many of the request's first creates fit (made, with partial=true).",
+        },
+        "retry_after": {
+            "type": "number",
+            "description": "Seconds to wait, to the millisecond, judged from how fast workers take runs "
+            "of the key (the Retry-After header rounds it up to whole seconds).",
+        },
+        "created": {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/TaskRun"},
+            "description": "With partial=true: the runs of the first room creates, made.",
+        },
     },
     "required": ["detail", "task_key", "max_queued", "room", "retry_after"],
+}
+_QUEUE_ROOM: Final = {
+    "type": "object",
+    "properties": {
+        "task_key": {"type": "string"},
+        "room": {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "description": "How many more runs of the key fit; null when the server has no --max-queued.",
+        },
+    },
+    "required": ["task_key", "room"],
 }
 _HEALTH: Final = {
     "type": "object",
@@ -350,6 +374,7 @@ def document(version: str) -> dict[str, JSON]:
     set_state_result = build.schema(SetStateResult)
     build.components["Error"] = _ERROR
     build.components["QueueFull"] = _QUEUE_FULL
+    build.components["QueueRoom"] = _QUEUE_ROOM
     build.components["Health"] = _HEALTH
     build.components["WaitRequest"] = _WAIT_REQUEST
     # A proposed state needs only its type: a missing name becomes the type's.
@@ -454,11 +479,55 @@ def document(version: str) -> dict[str, JSON]:
                 "createRuns",
                 "Create many runs",
                 tag="runs",
-                description="In order, in one transaction: a 409 or 422 for one creates none.",
+                description="In order, in one transaction: a 409 or 422 for one creates none, and so does "
+                "a 429, unless partial=true: then the first creates that fit are made, and the 429 "
+                "carries their runs.",
+                params=(
+                    _param(
+                        "partial",
+                        "query",
+                        {"type": "string", "enum": ["true", "false"], "default": "false"},
+                        "true: when a queue is full, make the creates that fit and refuse only the rest.",
+                    ),
+                ),
                 body={"type": "array", "items": create},
                 example=[{"task_key": "app.say", "parameters": {"text": t}} for t in ("a", "b")],
                 answers={201: ("The runs, in the order asked.", _json_content(runs))},
                 errors=(409, 422, 429, 503),
+            )
+        },
+        api + protocol.RUNS_ROOM: {
+            "get": _operation(
+                "waitForRoom",
+                "Wait for room in a task key's queue",
+                tag="runs",
+                description="A long-poll: answers as soon as at least wanted more runs of the key fit in "
+                "its queue (--max-queued), or when the timeout passed, with the room then; at once on a "
+                "server that shares its database with others.",
+                params=(
+                    _param(
+                        "task_key",
+                        "query",
+                        {"type": "string"},
+                        "The task key.",
+                        required=True,
+                        example="app.say",
+                    ),
+                    _param(
+                        "wanted",
+                        "query",
+                        {"type": "integer", "minimum": 1, "default": 1},
+                        "Answer once this many fit.",
+                    ),
+                    _param(
+                        "timeout",
+                        "query",
+                        {"type": "number", "minimum": 0, "maximum": 300, "default": 30},
+                        "Seconds to wait at most.",
+                    ),
+                ),
+                answers={200: ("The room in the queue.", _json_content(build.ref("QueueRoom")))},
+                errors=(422, 503),
             )
         },
         api + protocol.RUNS_FIND: {

@@ -19,7 +19,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 
 import attrs
@@ -159,6 +159,10 @@ class Dispatcher:
     _leases: dict[uuid.UUID, Subscription] = attrs.field(factory=dict)
     #: task key -> the earliest due time in the heap of a hint (:meth:`hint_at`) for it
     _hinted: dict[str, float] = attrs.field(factory=dict)
+    #: Told, as runs leave the ready queue for a subscription, how many of each key did
+    #: (``{key: count}``; in a shared store, the runs claimed here): the queue limit's
+    #: drain rates (:meth:`trioworker.server.limits.QueueLimit.taken`). None: nobody asks.
+    on_taken: Callable[[Mapping[str, int]], None] | None = None
 
     # -- queues
     def enqueue(self, runs: Iterable[QueuedRun], *, front: bool = False, due: bool = False) -> None:
@@ -246,6 +250,7 @@ class Dispatcher:
         taken: dict[uuid.UUID, float] = {}
         queues = {key: q for key in sub.keys if (q := self._ready.get(key))}
         buffering = False
+        drained: dict[str, int] | None = None if self.on_taken is None else {}
         while room > 0 and queues:
             if not buffering and len(taken) >= slots:  # what is taken now waits in sub's buffer
                 buffering = True
@@ -255,6 +260,8 @@ class Dispatcher:
             key = min(queues, key=lambda k: queues[k][0][0]) if len(queues) > 1 else next(iter(queues))
             queue = queues[key]
             _, text_id, since = queue.popleft()
+            if drained is not None:  # a stale entry leaves the queue too: room for one more
+                drained[key] = drained.get(key, 0) + 1
             run_id = uuid.UUID(text_id)
             if not queue:
                 del queues[key]
@@ -266,7 +273,14 @@ class Dispatcher:
             self._leases[run_id] = sub
             sub.held.add(run_id)
             room -= 1
+        if drained:
+            assert self.on_taken is not None
+            self.on_taken(drained)
         return taken
+
+    def takers_room(self, task_key: str) -> int:
+        """How many runs of ``task_key`` the subscriptions of it could take now."""
+        return sum(sub.room for sub in self._subscribers.get(task_key, ()))
 
     def claim_room(self, sub: Subscription) -> tuple[int, int]:
         """For a claim from a shared store: ``(how many runs sub may claim, how many of
@@ -281,10 +295,14 @@ class Dispatcher:
     def lease_claimed(self, sub: Subscription, runs: Iterable[tuple[uuid.UUID, str]], slots: int) -> None:
         """Lease to ``sub`` runs it claimed from a shared store, ``(id, task key)`` in the
         order claimed; those beyond ``slots`` wait in its buffer."""
+        drained: dict[str, int] = {}
         for n, (run_id, key) in enumerate(runs):
             self.lease(sub, run_id)
             if n >= slots:
                 sub.prefetched[run_id] = key
+            drained[key] = drained.get(key, 0) + 1
+        if drained and self.on_taken is not None:
+            self.on_taken(drained)
 
     def _free_slot_elsewhere(self, sub: Subscription, key: str) -> bool:
         return any(other.free_slots > 0 for other in self._subscribers.get(key, ()) if other is not sub)

@@ -159,6 +159,8 @@ class TaskRunService:
     _unreturned: dict[tuple[str, str], set[uuid.UUID]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
+        if self.queue_limit.max_queued is not None:
+            self.dispatcher.on_taken = self.queue_limit.taken
         if self.dispatcher.shared:
             if not isinstance(self.store, SharedStore):
                 raise TypeError("a shared dispatcher needs a store that servers can share")
@@ -175,18 +177,46 @@ class TaskRunService:
         return len(self._blocked)
 
     # -- REST operations
-    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
+    async def create_runs(
+        self, creates: Sequence[TaskRunCreate], *, partial: bool = False
+    ) -> list[tuple[TaskRun, bool]]:
         """Create runs; returns each with whether it is new (False: the run an idempotency
-        key or a given ``id`` already named).
+        key or a given ``id`` already named, which no queue limit holds back).
+
+        Args:
+            partial: when a key's queue is full, make the creates that fit (the first
+                ones) and refuse the rest, instead of refusing all.
 
         Raises:
             Refusal: 409 when a given ``id`` belongs to a run the create is not a repeat
                 of (another task key or idempotency key); nothing is created then.
             QueueFullRefusal: 429 when they would take a key's queue past :attr:`queue_limit`
-                (see :mod:`~trioworker.server.limits`); nothing is created then.
+                (see :mod:`~trioworker.server.limits`): nothing is created then, or
+                (``partial``) the first ``room`` creates, whose runs it carries (``created``).
         """
-        async with self.queue_limit.admitting(creates, self.dispatcher, self.store):
-            return await self._create_runs(creates)
+        async with self.queue_limit.admitting(
+            creates, self.dispatcher, self.store, partial=partial
+        ) as admission:
+            results = await self._create_runs(creates[: admission.admitted]) if admission.admitted else []
+        if admission.refusal is not None:
+            admission.refusal.created = [run for run, _ in results]
+            raise admission.refusal
+        return results
+
+    async def wait_room(self, task_key: str, wanted: int, *, seconds: float) -> int | None:
+        """How many more runs of ``task_key`` fit in its queue, once at least ``wanted`` do
+        or ``seconds`` passed (woken by workers taking runs, not by polling); None when the
+        server has no queue limit. On a shared store it answers at once, from the store's
+        count (takes through other servers wake nothing here)."""
+        limit = self.queue_limit
+        if limit.max_queued is None:
+            return None
+        if self._shared is not None:
+            ready = await self._shared.count_ready([task_key], self.dispatcher.clock())
+            return limit.room(task_key, ready.get(task_key, 0))
+        with trio.move_on_after(seconds):
+            await limit.wait_room(task_key, min(wanted, limit.max_queued), self.dispatcher)
+        return limit.room(task_key, self.dispatcher.ready_count(task_key))
 
     async def _create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
         try:

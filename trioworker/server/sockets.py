@@ -24,7 +24,11 @@ log = logging.getLogger("trioworker.server")
 
 #: How long a new connection may take to authenticate (and subscribe).
 HANDSHAKE_TIMEOUT: Final = 10.0
+#: The longest task key, idempotency key, run name and tag, in characters (an index of
+#: PostgreSQL holds a pair of keys; names and tags are shown in tables and pages).
 MAX_KEY_LENGTH: Final = 200
+#: The most tags one run may have.
+MAX_TAGS: Final = 100
 #: The longest ``state_details.delay_seconds`` a state proposal may ask for: 100 years.
 MAX_DELAY_SECONDS: Final = 100 * 365 * 86400
 
@@ -113,8 +117,22 @@ def validate_state_request(proposal: SetStateRequest) -> None:
 
 
 def validate_create(create: TaskRunCreate) -> None:
+    """Check what the models cannot say of a create: lengths, NUL, the serializer and the
+    parameters' shape.
+
+    Raises:
+        Refusal: 422, one line naming the field and its bound.
+    """
     if not create.task_key or len(create.task_key) > MAX_KEY_LENGTH:
         raise Refusal(422, f"task_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+    for name, text in (("idempotency_key", create.idempotency_key), ("name", create.name)):
+        if text is not None and len(text) > MAX_KEY_LENGTH:
+            raise Refusal(422, f"{name} must be at most {MAX_KEY_LENGTH} characters, got {len(text)}")
+    if len(create.tags) > MAX_TAGS:
+        raise Refusal(422, f"tags: a run may have at most {MAX_TAGS} tags, got {len(create.tags)}")
+    for n, tag in enumerate(create.tags):
+        if len(tag) > MAX_KEY_LENGTH:
+            raise Refusal(422, f"tags[{n}] must be at most {MAX_KEY_LENGTH} characters, got {len(tag)}")
     # Keys are looked up in the store, and PostgreSQL text holds no NUL: none, in every store.
     for name, key in (("task_key", create.task_key), ("idempotency_key", create.idempotency_key)):
         if key is not None and "\x00" in key:

@@ -241,7 +241,10 @@ class SubscriptionClient(UsesServers):
                 api_url = self.servers.current
                 try:
                     async with connect(
-                        websocket_url(api_url), open_stream=self._open_stream, connection=self.connection
+                        websocket_url(api_url),
+                        open_stream=self._open_stream,
+                        connection=self.connection,
+                        api_key=self.api_key,
                     ) as ws:
                         try:
                             await self._handshake(ws)

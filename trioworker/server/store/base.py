@@ -302,6 +302,14 @@ class Store(Protocol):
         """The state types of the runs that exist."""
         ...
 
+    async def runs_by_idempotency_key(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], uuid.UUID]:
+        """Of ``keys``, ``(task key, idempotency key)`` pairs, those a run was created with:
+        each with that run's id (found by the index on the pair, not by a scan). A key is
+        scoped to its task key: ``("a", "k")`` and ``("b", "k")`` name two runs."""
+        ...
+
     async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
         """The runs that ended, and the ids that exist."""
         ...

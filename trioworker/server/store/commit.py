@@ -105,6 +105,10 @@ class Operations(Protocol):
 
     def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]: ...
 
+    def runs_by_idempotency_key(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], uuid.UUID]: ...
+
     def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
         """The runs that ended, and the ids that exist: only ended runs are read whole."""
         states = self.states_of(run_ids)
@@ -366,6 +370,11 @@ class GroupCommitStore(Generic[OpsT]):
 
     async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
         return await self._run(lambda ops: ops.states_of(run_ids))
+
+    async def runs_by_idempotency_key(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], uuid.UUID]:
+        return await self._run(lambda ops: ops.runs_by_idempotency_key(keys))
 
     async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
         return await self._run(lambda ops: ops.read_ended(run_ids))

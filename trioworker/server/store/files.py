@@ -70,8 +70,8 @@ def database_path(db: str | Path) -> str:
 
 
 def lock_file(path: str) -> int | None:
-    """Lock the database file ``path`` itself (creating it empty if missing); returns the
-    descriptor that holds the lock.
+    """Lock the database file ``path`` itself (creating it empty if missing, in a folder
+    that must exist); returns the descriptor that holds the lock.
 
     The lock follows the file, not its name: every spelling of the path, a symlink and a
     hard link all reach one inode, so they all meet one lock. It is the kernel's
@@ -83,11 +83,11 @@ def lock_file(path: str) -> int | None:
 
     Raises:
         DatabaseInUse: another process (or another store in this one) holds it.
-        OSError: the file cannot be opened or created.
+        OSError: the file cannot be opened or created (``FileNotFoundError``: its folder
+            does not exist).
     """
     if path == ":memory:":
         return None
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     real = os.path.realpath(path)
     if sys.platform == "win32":  # pragma: no cover - Windows locks are mandatory: not the file
         import msvcrt

@@ -883,11 +883,9 @@ class _PostgresOps(Operations):
         keyed = [c for c in creates if c.idempotency_key is not None]
         by_key: dict[tuple[str, str], TaskRun] = {}
         if keyed:
-            rows = self._execute(
-                "SELECT r.task_key, r.idempotency_key, r.parameters, r.body FROM trioworker_task_runs AS r"
-                " JOIN unnest(%b::text[], %b::text[]) AS k(task_key, idempotency_key)"
-                " ON r.task_key = k.task_key AND r.idempotency_key = k.idempotency_key",
-                ([c.task_key for c in keyed], [c.idempotency_key for c in keyed]),
+            rows = self._by_idempotency_key(
+                [(c.task_key, c.idempotency_key) for c in keyed if c.idempotency_key is not None],
+                "r.parameters, r.body",
             )
             by_key = {(key, idem): run_from_row(p, b) for key, idem, p, b in rows}
         ids = [c.id for c in creates if c.id is not None]
@@ -912,6 +910,25 @@ class _PostgresOps(Operations):
             "SELECT id, state_type FROM trioworker_task_runs WHERE id = ANY(%b::uuid[])", (list(run_ids),)
         )
         return {run_id: StateType(state) for run_id, state in rows}
+
+    def runs_by_idempotency_key(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], uuid.UUID]:
+        # Keys with NUL cannot be stored (the API refuses them): none is found.
+        pairs = [(task_key, key) for task_key, key in dict.fromkeys(keys) if "\x00" not in task_key + key]
+        if not pairs:
+            return {}
+        return {(task_key, key): run_id for task_key, key, run_id in self._by_idempotency_key(pairs, "r.id")}
+
+    def _by_idempotency_key(
+        self, pairs: Sequence[tuple[str, str]], columns: str
+    ) -> psycopg.Cursor[tuple[Any, ...]]:
+        """The rows ``(task key, idempotency key, *columns)`` of the runs created with
+        these pairs, found by the unique index on them (``columns``: of the row ``r``)."""
+        return self._execute(
+            f"SELECT r.task_key, r.idempotency_key, {columns} FROM trioworker_task_runs AS r"
+            " JOIN unnest(%b::text[], %b::text[]) AS k(task_key, idempotency_key)"
+            " ON r.task_key = k.task_key AND r.idempotency_key = k.idempotency_key",
+            ([task_key for task_key, _ in pairs], [key for _, key in pairs]),
+        )
 
     def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         found = self._fetch(run_ids, lock=False)

@@ -363,6 +363,17 @@ class _SQLiteOps(Operations):
             states.update({uuid.UUID(i): StateType(t) for i, t in rows})
         return states
 
+    def runs_by_idempotency_key(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], uuid.UUID]:
+        found: dict[tuple[str, str], uuid.UUID] = {}
+        for task_key, idempotency_key in dict.fromkeys(keys):
+            row = self.conn.execute(
+                "SELECT id FROM task_runs WHERE task_key = ? AND idempotency_key = ?",
+                (task_key, idempotency_key),
+            ).fetchone()
+            if row is not None:
+                found[(task_key, idempotency_key)] = uuid.UUID(row[0])
+        return found
+
     def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
         found = self._fetch(run_ids)
         return [found[i][1] for i in run_ids if i in found]
@@ -649,19 +660,25 @@ def _opening(path: str) -> Iterator[None]:
         yield
     except (OSError, sqlite3.Error) as exc:
         shown = path if path == ":memory:" else os.path.abspath(path)
-        if isinstance(exc, OSError) and exc.strerror:
+        folder = Path(os.path.dirname(shown))
+        if isinstance(exc, FileNotFoundError | NotADirectoryError) and not folder.is_dir():
+            # The server makes no folder (a typo would leave a stray tree behind): say which
+            # one is missing, or which file stands where a folder should be.
+            found = next(f for f in (folder, *folder.parents) if f.exists() or f == f.parent)
+            reason = (
+                f"{found} is a file, not a folder"
+                if found.is_file()
+                else f"the folder {folder} does not exist"
+            )
+        elif isinstance(exc, OSError) and exc.strerror:
             where = exc.filename and os.path.abspath(exc.filename)
             reason = exc.strerror if where in (None, shown) else f"{where}: {exc.strerror}"
-            if isinstance(exc, FileExistsError) and where != shown:  # a folder on the way is a file
-                reason = f"{where} is a file, not a folder"
         else:
             reason = str(exc) or type(exc).__name__
         raise StoreError(f"cannot open the database {shown}: {reason}") from None
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    if path != ":memory:":
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
