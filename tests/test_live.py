@@ -303,6 +303,13 @@ async def test_the_overview_counts_runs_by_key_and_state_and_names_the_run_first
     assert body["workers"] == []
     [server] = body["servers"]
     assert (server["store"], server["workers"]) == (STORE_NAMES[store_kind], 0)
+    assert (server["id"], server["url"], server["answering"]) == (
+        str(trioworker_server.service.server_id),
+        trioworker_server.url,
+        True,
+    )
+    # Alone on SQLite, it sends no heartbeat; on PostgreSQL it does.
+    assert (server["heartbeat"] is None) == (store_kind == "sqlite")
 
 
 async def test_task_workers_lists_the_connected_workers_by_key(
@@ -320,6 +327,7 @@ async def test_task_workers_lists_the_connected_workers_by_key(
         assert sorted(worker["task_keys"]) == ["live.echo", "live.hold"]
         assert (worker["limit"], worker["runs_in_flight"]) == (4, 1)
         assert worker["client_id"] and worker["connected_since"]
+        assert worker["server"] == str(trioworker_server.service.server_id)
         assert (await api.get("/task_workers", params={"task_key": "live.other"})).json() == []
         assert (await api.get("/task_workers")).json() == [worker]
         assert (await api.post(f"/task_runs/{run_id}/cancel")).status_code == 200
