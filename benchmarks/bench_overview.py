@@ -11,9 +11,9 @@ has been used for a while holds them), then, per repetition:
 
 a) reads the overview ``--idle`` times one after the other (nothing else going on);
 b) creates ``--map`` runs with ``Task.map`` inside ``trioworker.connect()`` (over the client
-   channel, 500 per message) while one client reads the overview again and again and
-   ``--tabs`` dashboard tabs listen to the live feed (``/api/events``), and times each read
-   (and ``GET /api/health``, which reads no store, as the control).
+   channel, 500 per message) while one client reads the overview again and again (``--pause``
+   seconds apart) and ``--tabs`` dashboard tabs listen to the live feed (``/api/events``),
+   and times each read (and ``GET /api/health``, which reads no store, as the control).
 
 It prints the latencies (median, p95, max) of each read and how long the map took; the
 JSON results go to ``benchmarks/results/bench_overview.json``. Its runs stay SCHEDULED (no
@@ -140,6 +140,8 @@ async def one_repetition(server: ServerProcess, args: argparse.Namespace) -> Rep
                 while not mapped.is_set():
                     await timed_get(client, "/overview", rep.during_map)
                     await timed_get(client, "/health", rep.health_during_map)
+                    with trio.move_on_after(args.pause):
+                        await mapped.wait()
 
             async def create_map() -> None:
                 began = time.perf_counter()
@@ -165,6 +167,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--map", type=int, default=10_000, help="runs in the map (default 10000)")
     parser.add_argument("--tabs", type=int, default=1, help="dashboard tabs listening (default 1)")
     parser.add_argument("--idle", type=int, default=10, help="overview reads with nothing going on")
+    parser.add_argument(
+        "--pause", type=float, default=0.25, help="seconds between two reads during the map (0: back to back)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "bench_overview.json")
     return parser.parse_args(argv)
@@ -199,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [
             (
                 f"GET /api/overview with {args.stored:,} runs stored, while a map of {args.map:,} is "
-                f"created ({args.tabs} tab(s) listening)",
+                f"created ({args.tabs} tab(s) listening, {args.pause:g} s between reads)",
                 aligned_table(header, rows, {1, 2, 3, 4}),
             ),
             ("map durations", maps),

@@ -350,6 +350,8 @@ async def test_count_ended_by_minute_key_and_state(store: Store) -> None:
         assert before.replace(second=0, microsecond=0) <= count.minute <= after
     assert [c.minute for c in counts] == sorted(c.minute for c in counts)
     assert await store.count_ended(after + timedelta(seconds=1)) == []
+    assert await store.count_ended(before, after + timedelta(seconds=1)) == counts  # until: not included
+    assert await store.count_ended(before, before) == []
 
 
 async def test_oldest_waiting_is_the_due_run_created_first_per_key(store: Store) -> None:

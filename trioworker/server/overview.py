@@ -35,8 +35,9 @@ __all__ = [
 
 #: How far back the ends per minute go.
 ENDED_WINDOW: Final = timedelta(hours=1)
-#: A minute this long past its end is closed: its count is kept, not read again.
-CLOSED_AFTER: Final = timedelta(seconds=5)
+#: An end this old is settled: no end stamped earlier is still to commit, so its count is
+#: kept, not read again.
+SETTLED_AFTER: Final = timedelta(seconds=5)
 
 
 @attrs.frozen
@@ -129,27 +130,28 @@ def _minute(when: datetime) -> datetime:
 
 @attrs.define(eq=False)
 class OverviewReader:
-    """Reads the :class:`Overview`; keeps the ends of closed minutes, so each read counts
-    only the ends of the last minute or two, not of the whole hour."""
+    """Reads the :class:`Overview`; keeps the counts of the ends that settled (more than
+    :data:`SETTLED_AFTER` old), so each read counts only the ends since the last read and
+    those of the last few seconds, not those of the whole hour."""
 
     store: Store
     dispatcher: Dispatcher
     #: This server as it is now, its workers included.
     here: Callable[[], LiveServer]
     store_kind: str = attrs.field(default=attrs.Factory(lambda self: self.store.kind, takes_self=True))
-    #: Ends counted in minutes before ``_closed_until``.
-    _closed: list[EndedCount] = attrs.field(factory=list)
-    _closed_until: datetime | None = None
+    #: The counts of the ends before ``_kept_until``, by minute.
+    _kept: list[EndedCount] = attrs.field(factory=list)
+    _kept_until: datetime | None = None
     #: How many times runs were deleted (:meth:`forget`): a read that overlapped one keeps
     #: nothing of what it counted.
     _deletions: int = 0
 
     def forget(self) -> None:
-        """Runs were deleted (delete, purge, retention): the kept ends of closed minutes may
-        count them, so the next read counts the whole hour again."""
+        """Runs were deleted (delete, purge, retention): the kept counts may count them, so
+        the next read counts the whole hour again."""
         self._deletions += 1
-        self._closed = []
-        self._closed_until = None
+        self._kept = []
+        self._kept_until = None
 
     async def read(self) -> Overview:
         now = datetime.fromtimestamp(self.dispatcher.clock(), UTC)
@@ -190,13 +192,30 @@ class OverviewReader:
         return Overview(now, per_key, ended, workers, listed)
 
     async def _ended(self, now: datetime) -> list[EndedCount]:
+        """The ends of the last hour: those kept, those settled since the last read (more
+        than :data:`SETTLED_AFTER` old: added to the kept ones), and the latest few seconds,
+        counted afresh each time."""
         since = _minute(now - ENDED_WINDOW) + timedelta(minutes=1)
-        closed = [c for c in self._closed if c.minute >= since]
-        start = since if self._closed_until is None or self._closed_until < since else self._closed_until
+        start = since if self._kept_until is None or self._kept_until < since else self._kept_until
+        edge = max(start, now - SETTLED_AFTER)
         deletions = self._deletions
-        ended = closed + await self.store.count_ended(start)
-        if deletions != self._deletions:
-            return ended  # runs were deleted meanwhile: keep none of it (forget() cleared it)
-        self._closed_until = _minute(now - CLOSED_AFTER)
-        self._closed = [c for c in ended if c.minute < self._closed_until]
-        return ended
+        settled = await self.store.count_ended(start, edge) if start < edge else []
+        latest = await self.store.count_ended(edge)
+        kept = _summed([c for c in self._kept if c.minute >= since], settled)
+        if deletions == self._deletions:  # else runs were deleted meanwhile: keep none of it
+            self._kept, self._kept_until = kept, edge
+        return _summed(kept, latest)
+
+
+def _summed(*counts: Iterable[EndedCount]) -> list[EndedCount]:
+    """The counts of the same minute, task key and state added up, oldest minute first."""
+    totals: dict[tuple[datetime, str, StateType], int] = {}
+    for count in (c for group in counts for c in group):
+        key = (count.minute, count.task_key, count.state_type)
+        totals[key] = totals.get(key, 0) + count.count
+    return [
+        EndedCount(minute, task_key, state_type, n)
+        for (minute, task_key, state_type), n in sorted(
+            totals.items(), key=lambda i: (i[0][0], i[0][1], i[0][2].value)
+        )
+    ]

@@ -241,10 +241,10 @@ class TaskRunService:
         :func:`trioworker.protocol.id_prefix`), in id order, at most ``limit``."""
         return await self.store.find_runs(id_prefix, limit=limit)
 
-    async def overview(self) -> Overview:
-        """The operator's overview, shared by every caller while nothing changed (see
-        :meth:`~trioworker.server.live.LiveFeed.overview`)."""
-        return await self.feed.overview(self._overview_reader.read)
+    async def overview(self, *, throttled: bool = False) -> Overview:
+        """The operator's overview, shared by every caller while nothing changed;
+        ``throttled`` for a tab's push (see :meth:`~trioworker.server.live.LiveFeed.overview`)."""
+        return await self.feed.overview(self._overview_reader.read, throttled=throttled)
 
     def workers(self) -> list[ConnectedWorker]:
         """The workers connected to this server, longest connected first."""

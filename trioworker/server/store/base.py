@@ -240,10 +240,11 @@ class Store(Protocol):
         are left out), in no particular order."""
         ...
 
-    async def count_ended(self, since: datetime) -> list[EndedCount]:
-        """How many runs ended (reached a terminal state) at ``since`` or later, by minute,
-        task key and terminal state type, oldest minute first. A run that ended twice (set
-        back to SCHEDULED by force, then ended again) counts twice; a deleted run not at all."""
+    async def count_ended(self, since: datetime, until: datetime | None = None) -> list[EndedCount]:
+        """How many runs ended (reached a terminal state) at ``since`` or later (and before
+        ``until``, when given), by minute, task key and terminal state type, oldest minute
+        first. A run that ended twice (set back to SCHEDULED by force, then ended again)
+        counts twice; a deleted run not at all."""
         ...
 
     async def oldest_waiting(self, now: datetime) -> list[TaskRun]:

@@ -1026,13 +1026,14 @@ class _PostgresOps(Operations):
         rows = self._execute("SELECT task_key, state_type, count(*) FROM trioworker_task_runs GROUP BY 1, 2")
         return [RunCount(key, StateType(state), n) for key, state, n in rows]
 
-    def count_ended(self, since: datetime) -> list[EndedCount]:
+    def count_ended(self, since: datetime, until: datetime | None = None) -> list[EndedCount]:
         rows = self._execute(
             "SELECT date_trunc('minute', s.timestamp AT TIME ZONE 'UTC'), r.task_key, s.type, count(*)"
             " FROM trioworker_task_run_states AS s JOIN trioworker_task_runs AS r ON r.seq = s.run_seq"
             f" WHERE s.type IN ({_TERMINAL_SQL}) AND s.timestamp >= %b"
-            " GROUP BY 1, 2, 3",
-            (since,),
+            + ("" if until is None else " AND s.timestamp < %b")
+            + " GROUP BY 1, 2, 3",
+            (since,) if until is None else (since, until),
         )
         counts = [EndedCount(minute.replace(tzinfo=UTC), key, StateType(t), n) for minute, key, t, n in rows]
         return sorted(counts, key=lambda c: (c.minute, c.task_key, c.state_type.value))
