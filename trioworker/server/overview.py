@@ -62,7 +62,7 @@ class TaskKeyOverview:
     #: Runs of this key by state type (types with no run are left out).
     counts: dict[StateType, int]
     oldest_waiting: WaitingRun | None = None
-    #: Workers connected here that take runs of this key.
+    #: Workers (of every server listed) that take runs of this key.
     workers: int = 0
 
 
