@@ -23,7 +23,7 @@ import httpx
 import pytest
 import trio
 
-from trioworker.server import RunningServer
+from trioworker.server import RunningServer, ServerConfig
 from trioworker.tasks import task
 from trioworker.testing import ServerControl
 from trioworker.worker.task_worker import TaskWorker
@@ -417,6 +417,53 @@ async def test_with_an_api_key_the_page_asks_for_it_and_shows_nothing_without_it
         assert [e for e in errors if "status of 401" not in e] == []
 
     await in_browser(script)
+
+
+@task(key="dash.nap")
+async def nap() -> None:
+    await trio.lowlevel.checkpoint()
+
+
+async def test_several_servers_on_one_database_are_listed_with_the_workers_of_each(
+    browser_ready: None, postgres_url: str, shoot: Shoot
+) -> None:
+    async with trio.open_nursery() as nursery:
+        config = ServerConfig(
+            db_path=postgres_url, port=0, replica_timeout=10.0
+        )  # the browser is slow to start
+        a = await ServerControl(nursery, config).start()
+        b = await ServerControl(nursery, config).start()
+        a_id, b_id = str(a.service.server_id), str(b.service.server_id)
+        async with (
+            TaskWorker(nap, api_url=a.api_url, client_id="dash-on-a", shutdown_grace_seconds=1),
+            TaskWorker(nap, api_url=b.api_url, client_id="dash-on-b", shutdown_grace_seconds=1),
+        ):
+
+            def script(browser: Browser) -> None:
+                from playwright.sync_api import expect
+
+                page, errors = open_page(browser, a.url + "/")
+                servers = page.locator("#servers tbody tr")
+                expect(servers).to_have_count(2)
+                expect(servers.first).to_have_attribute("data-server-id", a_id)  # the one that answers
+                expect(servers.first).to_contain_text("this one")
+                expect(servers.first).to_contain_text(a.url)
+                expect(servers.last).to_contain_text(b_id[:8])
+                expect(servers.last).to_contain_text(b.url)
+                expect(servers.last).not_to_contain_text("this one")
+                expect(servers.last.locator("td").nth(5)).to_have_text("1")  # its worker
+                # Each worker with the server it is connected to (b's heard of through the database).
+                on_a = page.locator('#workers tr[data-client-id="dash-on-a"]')
+                on_b = page.locator('#workers tr[data-client-id="dash-on-b"]')
+                expect(on_a.locator("td.server")).to_have_text(a_id[:8])
+                expect(on_b.locator("td.server")).to_have_text(b_id[:8])
+                expect(page.locator("#workers th", has_text="Server")).to_have_count(1)
+                expect(page.locator('#task-keys tr[data-task-key="dash.nap"] td').nth(9)).to_have_text("2")
+                shoot(page, "two-servers")
+                assert errors == []
+
+            await in_browser(script)
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_narrow_window_has_no_page_wide_scrolling(demo: Demo, shoot: Shoot) -> None:

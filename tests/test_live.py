@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -20,10 +20,11 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trioworker.models import SetStateRequest, SetStateStatus, StateType, TaskRunCreate, make_state
 from trioworker.server import RunningServer
+from trioworker.server import overview as overview_module
 from trioworker.server.live import MAX_PENDING_NOTES, MIN_OVERVIEW_SECONDS, LiveFeed, RunNote
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.service import TaskRunService
-from trioworker.server.store import Store
+from trioworker.server.store import EndedCount, Store
 from trioworker.tasks import task
 from trioworker.testing import ServerControl
 
@@ -98,16 +99,16 @@ async def test_the_overview_is_read_once_for_everyone_and_at_most_once_per_inter
     results: list[int] = []
 
     async def get() -> None:
-        results.append(await feed.overview(read))
+        results.append(await feed.overview(read, throttled=True))
 
     async with trio.open_nursery() as nursery:
         for _ in range(5):
             nursery.start_soon(get)
     assert results == [1] * 5 and len(reads) == 1  # five tabs, one read
-    assert await feed.overview(read) == 1  # nothing changed: no read
+    assert await feed.overview(read, throttled=True) == 1  # nothing changed: no read
     feed.workers_changed()
     start = trio.current_time()
-    assert await feed.overview(read) == 2
+    assert await feed.overview(read, throttled=True) == 2
     assert reads[1] - reads[0] >= MIN_OVERVIEW_SECONDS  # not sooner than the interval
     assert trio.current_time() - start <= MIN_OVERVIEW_SECONDS + 0.02
 
@@ -122,11 +123,40 @@ async def test_the_overview_is_read_less_often_when_it_costs_more(
         reads.append(trio.current_time())
         await trio.sleep(1.0)
 
-    await feed.overview(slow_read)
+    await feed.overview(slow_read, throttled=True)
     feed.workers_changed()
-    await feed.overview(slow_read)
+    await feed.overview(slow_read, throttled=True)
     assert feed.overview_interval() == pytest.approx(20.0)
     assert reads[1] - reads[0] == pytest.approx(21.0)  # the read, then 20 times what it cost
+
+
+async def test_a_request_for_the_overview_never_waits_for_the_tabs_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    feed: LiveFeed[int] = LiveFeed()
+    reads: list[float] = []
+
+    async def slow_read() -> int:
+        reads.append(trio.current_time())
+        await trio.sleep(1.0)  # the tabs' interval grows to 20 s
+        return len(reads)
+
+    assert await feed.overview(slow_read, throttled=False) == 1
+    feed.workers_changed()
+    tab_got: list[int] = []
+    async with trio.open_nursery() as nursery:
+
+        async def tab() -> None:
+            tab_got.append(await feed.overview(slow_read, throttled=True))
+
+        nursery.start_soon(tab)  # waits for the interval, holding nothing up
+        await trio.testing.wait_all_tasks_blocked()
+        asked = trio.current_time()
+        assert await feed.overview(slow_read, throttled=False) == 2  # read at once
+        assert reads[1] == asked
+        assert await feed.overview(slow_read, throttled=False) == 2  # nothing changed since: shared
+    assert tab_got == [2]  # the tab shares the read that shows what it waited for
+    assert len(reads) == 2
 
 
 async def test_the_service_tells_the_feed_of_every_change(store: Store) -> None:
@@ -152,6 +182,40 @@ async def test_the_service_tells_the_feed_of_every_change(store: Store) -> None:
         assert listener.overview_changed.is_set()
         await service.delete(run.id)
         assert listener.take()[0] == [RunNote(run.id, deleted=True)]
+
+
+async def test_the_overview_counts_each_end_once_as_it_settles(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(overview_module, "SETTLED_AFTER", timedelta(0))  # every end is settled at once
+    windows: list[tuple[datetime, datetime | None]] = []
+    count_ended = store.count_ended
+
+    async def recorded(since: datetime, until: datetime | None = None) -> list[EndedCount]:
+        windows.append((since, until))
+        return await count_ended(since, until)
+
+    monkeypatch.setattr(store, "count_ended", recorded)
+    service = TaskRunService(store, Dispatcher())
+    runs = [run.id for run, _ in await service.create_runs([TaskRunCreate(task_key="k") for _ in range(5)])]
+
+    async def ended() -> int:
+        return sum(count.count for count in (await service.overview()).ended)
+
+    for run_id in runs[:3]:
+        await service.cancel(run_id)
+    assert await ended() == 3
+    for run_id in runs[3:]:
+        await service.cancel(run_id)
+    assert await ended() == 5
+    # Each read: the ends settled since the last one, then the latest (none here).
+    [(since, first_edge), (first_latest, open_1), (second_start, second_edge), (second_latest, open_2)] = (
+        windows
+    )
+    assert open_1 is open_2 is None
+    assert first_latest == first_edge == second_start  # the second read did not count the first three again
+    assert first_edge is not None and since < first_edge
+    assert second_edge is not None and first_edge < second_edge == second_latest
 
 
 async def test_the_overview_stops_counting_ended_runs_once_they_are_deleted(
@@ -303,6 +367,13 @@ async def test_the_overview_counts_runs_by_key_and_state_and_names_the_run_first
     assert body["workers"] == []
     [server] = body["servers"]
     assert (server["store"], server["workers"]) == (STORE_NAMES[store_kind], 0)
+    assert (server["id"], server["url"], server["answering"]) == (
+        str(trioworker_server.service.server_id),
+        trioworker_server.url,
+        True,
+    )
+    # Alone on SQLite, it sends no heartbeat; on PostgreSQL it does.
+    assert (server["heartbeat"] is None) == (store_kind == "sqlite")
 
 
 async def test_task_workers_lists_the_connected_workers_by_key(
@@ -320,6 +391,7 @@ async def test_task_workers_lists_the_connected_workers_by_key(
         assert sorted(worker["task_keys"]) == ["live.echo", "live.hold"]
         assert (worker["limit"], worker["runs_in_flight"]) == (4, 1)
         assert worker["client_id"] and worker["connected_since"]
+        assert worker["server"] == str(trioworker_server.service.server_id)
         assert (await api.get("/task_workers", params={"task_key": "live.other"})).json() == []
         assert (await api.get("/task_workers")).json() == [worker]
         assert (await api.post(f"/task_runs/{run_id}/cancel")).status_code == 200

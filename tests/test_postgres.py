@@ -23,8 +23,8 @@ import pytest
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
-from trioworker.server.store import DatabaseInUse, StoreError
+from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state, utcnow
+from trioworker.server.store import DatabaseInUse, LiveServer, StoreError
 from trioworker.server.store import postgres as postgres_store
 from trioworker.server.store.postgres import _SERVER_LOCK, SCHEMA_VERSION, PostgresStore, PostgresTarget
 from trioworker.testing import ServerControl
@@ -52,8 +52,11 @@ TABLES = {
     "trioworker_replicas",
 }
 
-#: Undoes schema step 3 (a database of schema 2, as main made them).
+#: Undoes schema step 4 (a database of schema 3).
+SCHEMA_4_UNDONE = ("ALTER TABLE trioworker_replicas DROP COLUMN version, DROP COLUMN workers",)
+#: Undoes schema steps 4 and 3 (a database of schema 2).
 SCHEMA_3_UNDONE = (
+    *SCHEMA_4_UNDONE,
     "DROP TABLE trioworker_replicas",
     "ALTER TABLE trioworker_ready DROP COLUMN waiting",
 )
@@ -174,6 +177,22 @@ async def test_a_schema_2_database_is_migrated_and_its_runs_that_wait_still_wait
         claimed = await store.claim_ready(["w"], 10, "worker", time.time())
         assert claimed.runs == []  # it waits for its upstream, as before the migration
         assert await store.read_run(waiting.id) == waiting
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
+
+
+async def test_a_schema_3_database_is_migrated_and_keeps_the_rows_of_its_servers(postgres_url: str) -> None:
+    server = uuid.uuid4()
+    async with PostgresStore.open(postgres_url, exclusive=False) as store:
+        await store.register_replica(server, 60, "http://a:4300")
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+    for statement in (*SCHEMA_4_UNDONE, "UPDATE trioworker_schema SET version = 3"):
+        await sql(postgres_url, statement)
+    async with PostgresStore.open(postgres_url, exclusive=False) as store:
+        here = LiveServer(uuid.uuid4(), "here", utcnow(), None, None, [])
+        [_, other] = await store.live_servers(here)
+        # A row a server of schema 3 wrote: no version, no workers, until it heartbeats again.
+        assert (other.id, other.url, other.version, other.workers) == (server, "http://a:4300", "unknown", [])
+        assert await store.read_run(run.id) == run
     assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
 
 

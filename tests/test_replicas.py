@@ -7,23 +7,26 @@ Then real servers (in-process, each its own replica) and real workers on one dat
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 import httpx
+import orjson
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 import trioworker
+from trioworker import protocol
 from trioworker.models import SetStateRequest, SetStateStatus, StateType, TaskRunCreate, make_state
 from trioworker.server import RunningServer, ServerConfig
-from trioworker.server.store.base import LEASED_ELSEWHERE, Notice, SharedStore
+from trioworker.server.store.base import LEASED_ELSEWHERE, ConnectedWorker, LiveServer, Notice, SharedStore
 from trioworker.server.store.postgres import NOTICE_BYTES, PostgresStore, decode_notice, encode_notices
 from trioworker.tasks import Task, task
 from trioworker.testing import ServerControl
@@ -32,6 +35,7 @@ from trioworker.worker.task_worker import TaskWorker
 from .fakes import outage_proxy
 from .helpers import LogEvents, history, submit, wait_all
 from .raw import connect, subscribe
+from .test_cli_tools import make_cli
 from .test_postgres import port_of, sql, through
 
 DEADLINE = 30
@@ -149,7 +153,7 @@ async def test_one_server_hands_back_the_runs_of_a_dead_one_and_a_late_report_ch
         beats = []
 
         async def beat(store: PostgresStore) -> None:
-            beats.append(await store.heartbeat(max_deliveries=5))
+            beats.append(await store.heartbeat(max_deliveries=5, workers=[]))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(beat, b)
@@ -170,7 +174,7 @@ async def test_one_server_hands_back_the_runs_of_a_dead_one_and_a_late_report_ch
         ) == [(0,)]
 
         # The dead server was only slow: its next heartbeat hears it, its late report is refused.
-        assert not (await dead.heartbeat(max_deliveries=5)).alive
+        assert not (await dead.heartbeat(max_deliveries=5, workers=[])).alive
         [late] = await dead.set_states([(ids[0], report(StateType.COMPLETED))], now=time.time(), holder="w")
         assert (late.result.status, late.result.details) == (SetStateStatus.ABORT, LEASED_ELSEWHERE)
         [run] = await b.read_runs([ids[0]])
@@ -185,7 +189,7 @@ async def test_a_run_delivered_too_often_by_dead_servers_crashes(postgres_url: s
             async with server_store(postgres_url) as (dying, dying_id):
                 assert len((await dying.claim_ready(["k"], 1, "w", time.time())).runs) == 1
             await declare_dead(postgres_url, dying_id)
-            beat = await live.heartbeat(max_deliveries=2)
+            beat = await live.heartbeat(max_deliveries=2, workers=[])
             expected = StateType.SCHEDULED if attempt == 0 else StateType.CRASHED
             assert [(o.id, o.state_type) for o in beat.reaped] == [(run.id, expected)]
         [crashed] = await live.read_runs([run.id])
@@ -197,7 +201,7 @@ async def test_runs_held_through_no_live_server_are_handed_back(postgres_url: st
         created = await a.create_runs([TaskRunCreate(task_key="k") for _ in range(2)])
         await b.claim_ready(["k"], 2, "w", time.time())
         await b.unregister_replica()  # b stopped, and what it held was not handed back
-        beat = await a.heartbeat(max_deliveries=5)
+        beat = await a.heartbeat(max_deliveries=5, workers=[])
         assert sorted(o.id for o in beat.reaped) == sorted(run.id for run, _ in created)
         assert beat.dead == []
 
@@ -322,6 +326,82 @@ async def test_a_listener_hears_what_another_server_committed(postgres_url: str)
             await a.create_runs([TaskRunCreate(task_key="after")])
             await hear(until=4)
             assert heard[3] == Notice(a_id, ("after",), ())
+        finally:
+            listener.close()
+
+
+# ------------------------------------------------------------------ what each server shows of the others
+
+
+def connected(client_id: str, server: uuid.UUID, *keys: str, in_flight: int = 0) -> ConnectedWorker:
+    return ConnectedWorker(client_id, list(keys), 4, 0, in_flight, datetime.now(UTC), server)
+
+
+def here(server: uuid.UUID, *workers: ConnectedWorker) -> LiveServer:
+    return LiveServer(server, "here", datetime.now(UTC), "http://here", None, list(workers))
+
+
+async def test_each_server_lists_the_live_servers_with_their_workers(postgres_url: str) -> None:
+    async with server_store(postgres_url) as (a, a_id), server_store(postgres_url) as (b, b_id):
+        mine = connected("on-a", a_id, "k")
+        [alone, other] = await a.live_servers(here(a_id, mine))
+        assert (alone.id, alone.version, alone.workers) == (a_id, "here", [mine])
+        assert alone.heartbeat is not None  # as its row holds it
+        assert (other.id, other.version, other.url, other.workers) == (b_id, trioworker.__version__, None, [])
+
+        theirs = [connected("on-b", b_id, "k", "j", in_flight=2), connected("also-on-b", b_id, "j")]
+        await b.publish_workers(theirs)
+        [_, other] = await a.live_servers(here(a_id))
+        assert other.workers == theirs
+        beat = await b.heartbeat(max_deliveries=5, workers=theirs[:1])  # the heartbeat writes them too
+        assert beat.alive
+        [_, other] = await a.live_servers(here(a_id))
+        assert other.workers == theirs[:1] and other.heartbeat is not None
+
+        await declare_dead(postgres_url, b_id)  # silent too long: not shown, reaped or not
+        assert [server.id for server in await a.live_servers(here(a_id))] == [a_id]
+        assert [server.id for server in await b.live_servers(here(b_id))] == [b_id, a_id]  # as b sees it
+
+
+async def test_workers_a_server_cannot_read_are_left_out_and_said_so(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with server_store(postgres_url) as (a, a_id), server_store(postgres_url) as (_, b_id):
+        await sql(postgres_url, "UPDATE trioworker_replicas SET workers = %s WHERE id = %s", (b"[{}]", b_id))
+        [_, other] = await a.live_servers(here(a_id))
+        assert (other.id, other.workers) == (b_id, [])
+        assert f"the workers of server {b_id} cannot be read" in caplog.text
+
+
+async def test_a_server_tells_the_others_when_its_workers_changed(postgres_url: str) -> None:
+    async with server_store(postgres_url) as (a, a_id), server_store(postgres_url) as (b, b_id):
+        listener = a.listener()
+        await listener.connect()
+        try:
+            heard: list[Notice] = []
+
+            async def hear() -> Notice:
+                with trio.fail_after(DEADLINE):
+                    while not heard:
+                        heard.extend(await listener.receive())
+                return heard.pop(0)
+
+            workers = [connected("on-b", b_id, "k")]
+            await b.publish_workers(workers)
+            assert await hear() == Notice(b_id, workers=True)
+            await b.heartbeat(max_deliveries=5, workers=workers)  # the same again: nothing to tell
+            await b.create_runs([TaskRunCreate(task_key="k")])
+            assert await hear() == Notice(b_id, ("k",))
+            await b.heartbeat(max_deliveries=5, workers=[])  # they left
+            assert await hear() == Notice(b_id, workers=True)
+            async with server_store(postgres_url) as (c, c_id):
+                await c.publish_workers([])
+                assert await hear() == Notice(c_id, workers=True)
+                assert (await c.heartbeat(max_deliveries=5, workers=[])).dead == []
+                await declare_dead(postgres_url, b_id)
+                assert (await c.heartbeat(max_deliveries=5, workers=[])).dead == [b_id]
+                assert await hear() == Notice(c_id, workers=True)  # b is gone, with its workers
+            assert a_id not in (b_id, c_id)
         finally:
             listener.close()
 
@@ -529,6 +609,106 @@ async def test_many_runs_on_two_servers_each_run_once(replicas: Replicas) -> Non
     assert min(on_a.finished_task_runs["r.echo"], on_b.finished_task_runs["r.echo"]) > 0
 
 
+@asynccontextmanager
+async def tab(server: RunningServer) -> AsyncIterator[WebSocketConnection]:
+    """A dashboard tab's live feed on ``server``, authenticated (no message read yet)."""
+    async with connect(server, protocol.API_PREFIX + protocol.EVENTS_PATH) as ws:
+        await ws.send_message('{"type": "auth", "token": null}')
+        assert await ws.get_message() == '{"type":"auth_success"}'
+        yield ws
+
+
+async def pushed_overview(ws: WebSocketConnection, shows: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The first overview the feed pushes that ``shows`` what the test waits for."""
+    with trio.fail_after(DEADLINE):
+        while True:
+            message = orjson.loads(await ws.get_message())
+            if message["type"] == "overview" and shows(message["overview"]):
+                overview: dict[str, Any] = message["overview"]
+                return overview
+
+
+def clients(workers: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(client id, server id)`` of each worker listed."""
+    return [(w["client_id"], w["server"]) for w in workers]
+
+
+async def test_any_server_lists_every_server_and_the_workers_of_each(replicas: Replicas) -> None:
+    _, a = await replicas.start()
+    _, b = await replicas.start()
+    a_id, b_id = str(a.service.server_id), str(b.service.server_id)
+    async with (
+        httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a,
+        tab(a) as feed,
+        worker(a, echo, client_id="on-a", limit=2),
+        worker(b, block, client_id="on-b", limit=3),
+    ):
+        [run_id] = await submit(api_a, "r.block", {})  # runs on b's worker
+        with trio.fail_after(DEADLINE):
+            await record.started.wait()
+
+        def on_b_holds_it(overview: dict[str, Any]) -> bool:  # once b's heartbeat said so
+            return any(w["client_id"] == "on-b" and w["runs_in_flight"] == 1 for w in overview["workers"])
+
+        overview = await pushed_overview(feed, on_b_holds_it)
+        assert clients(overview["workers"]) == [("on-a", a_id), ("on-b", b_id)]  # longest connected first
+        [on_a, on_b] = overview["workers"]
+        assert (on_b["task_keys"], on_b["limit"], on_b["runs_in_flight"]) == (["r.block"], 3, 1)
+        assert (on_a["task_keys"], on_a["limit"], on_a["runs_in_flight"]) == (["r.echo"], 2, 0)
+        servers = overview["servers"]
+        assert [(s["id"], s["url"], s["answering"], s["workers"], s["store"]) for s in servers] == [
+            (a_id, a.url, True, 1, "postgresql"),
+            (b_id, b.url, False, 1, "postgresql"),
+        ]
+        assert all(s["version"] == trioworker.__version__ and s["heartbeat"] for s in servers)
+        by_key = {k["task_key"]: k["workers"] for k in overview["task_keys"]}
+        assert (by_key["r.block"], by_key["r.echo"]) == (1, 1)
+        assert (await api_a.get("/overview")).json()["servers"][1]["id"] == b_id
+
+        listed = (await api_a.get("/task_workers")).json()
+        assert listed == overview["workers"]
+        assert clients((await api_a.get("/task_workers", params={"task_key": "r.block"})).json()) == [
+            ("on-b", b_id)
+        ]
+        assert clients((await api_a.get("/task_workers", params={"task_key": "r.echo"})).json()) == [
+            ("on-a", a_id)
+        ]
+
+        cli = make_cli(a.url)
+        as_json = await cli("workers", "--api-url", a.url, "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        assert clients(json.loads(as_json.stdout)) == [("on-a", a_id), ("on-b", b_id)]
+        table = await cli("workers", "--api-url", a.url)
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.decode().splitlines()
+        [row_a] = [line for line in lines if "on-a" in line]
+        [row_b] = [line for line in lines if "on-b" in line]
+        assert (a_id[:8] in row_a, b_id[:8] in row_b) == (True, True)  # the server each is connected to
+        assert lines[-1] == "2 workers on 2 servers"
+
+        assert (await api_a.post(f"/task_runs/{run_id}/cancel")).status_code == 200
+        with trio.fail_after(DEADLINE):
+            await record.stopped.wait()
+
+
+async def test_a_server_that_died_is_listed_no_more_after_its_timeout(replicas: Replicas) -> None:
+    _, a = await replicas.start()
+    dying, b = await replicas.start(replica_timeout=4.0)  # a heartbeat every second
+    b_id = str(b.service.server_id)
+    async with httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a, tab(a) as feed:
+        async with subscribe(b, ["k"], client_id="on-b"):
+            await pushed_overview(feed, lambda overview: clients(overview["workers"]) == [("on-b", b_id)])
+            await dying.stop()  # as a crash would: b's row stays, with its worker
+        # Until its timeout (4 s) has passed since its last heartbeat, it is listed still.
+        await sql(replicas.url, "UPDATE trioworker_replicas SET heartbeat_at = now() WHERE id = %s", (b_id,))
+        assert clients((await api_a.get("/task_workers")).json()) == [("on-b", b_id)]
+        assert len((await api_a.get("/overview")).json()["servers"]) == 2
+        overview = await pushed_overview(feed, lambda overview: len(overview["servers"]) == 1)
+        assert overview["workers"] == []
+        assert [s["id"] for s in overview["servers"]] == [str(a.service.server_id)]
+        assert (await api_a.get("/task_workers")).json() == []
+
+
 # ------------------------------------------------------------------ servers that die, or lose the database
 
 
@@ -577,7 +757,7 @@ async def test_the_runs_of_a_server_that_died_run_elsewhere_after_its_timeout(re
             waited = time.monotonic() - died
             assert (again["id"], again["delivery_count"]) == (death.run_id, 2)
             await on_b.finish([death.run_id])
-        assert waited < 5  # a's timeout (1 s), then b's next heartbeat (every 0.25 s)
+        assert waited < 5  # a's timeout (1 s), then b's next heartbeat (every 1.25 s)
         names = [name for _, name in await history(death.api_b, death.run_id)]
         assert names == HANDED_BACK
     assert await replica_rows(replicas.url) == 1  # a's row went with its runs
@@ -596,7 +776,7 @@ async def test_a_worker_that_reaches_another_server_before_the_timeout_keeps_its
             # b finds a dead (now, rather than in a second) ...
             assert death.a.service.replica_id is not None and isinstance(b.service.store, SharedStore)
             await declare_dead(replicas.url, death.a.service.replica_id)
-            await b.service.store.heartbeat(max_deliveries=5)
+            await b.service.store.heartbeat(max_deliveries=5, workers=[])
             assert await replica_rows(replicas.url) == 1
             # ... and leaves the run alone: the next run of the key goes to another worker first.
             async with subscribe(b, ["k"], credit=1, client_id="x") as other:

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
-from trioworker.server.store import RunIdTaken, Store, StoreError
+from trioworker.server.store import ConnectedWorker, LiveServer, RunIdTaken, Store, StoreError
 from trioworker.server.store.commit import GroupCommitStore
 
 from .stores import OpenStore
@@ -367,6 +367,14 @@ async def test_count_ended_by_minute_key_and_state(store: Store) -> None:
         assert before.replace(second=0, microsecond=0) <= count.minute <= after
     assert [c.minute for c in counts] == sorted(c.minute for c in counts)
     assert await store.count_ended(after + timedelta(seconds=1)) == []
+    assert await store.count_ended(before, after + timedelta(seconds=1)) == counts  # until: not included
+    assert await store.count_ended(before, before) == []
+
+
+async def test_a_store_no_other_server_uses_lists_only_the_server_that_asks(store: Store) -> None:
+    worker = ConnectedWorker("w", ["k"], 1, 0, 0, datetime.now(UTC), uuid.uuid4())
+    here = LiveServer(worker.server, "1.0", datetime.now(UTC), "http://here", None, [worker])
+    assert await store.live_servers(here) == [here]
 
 
 async def test_oldest_waiting_is_the_due_run_created_first_per_key(store: Store) -> None:

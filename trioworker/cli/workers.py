@@ -41,25 +41,34 @@ async def _run_workers(args: argparse.Namespace) -> None:
         to = f" to {args.task_key}" if args.task_key else ""
         console.print(f"No worker is connected{to} at {server}.", highlight=False)
         return
-    table = Table(title=f"Workers connected to {server} (times are local)", title_justify="left")
+    servers = list(dict.fromkeys(str(worker.get("server")) for worker in workers))
+    several = len(servers) > 1
+    where = f"{server} and the servers sharing its database" if several else server
+    table = Table(title=f"Workers connected to {where} (times are local)", title_justify="left")
     table.add_column("client id", overflow="fold")
     table.add_column("task keys", overflow="fold")
     table.add_column("limit", justify="right")
     table.add_column("prefetch", justify="right")
     table.add_column("in flight", justify="right")
     table.add_column("connected since", no_wrap=True)
+    if several:
+        table.add_column("server", no_wrap=True)
     for worker in workers:
         keys = worker.get("task_keys")
-        table.add_row(
+        cells = [
             str(worker.get("client_id")),
             ", ".join(map(str, keys)) if isinstance(keys, list) else str(keys),
             str(worker.get("limit")),
             str(worker.get("prefetch")),
             str(worker.get("runs_in_flight")),
             _local(worker.get("connected_since")),
-        )
+        ]
+        if several:
+            cells.append(str(worker.get("server"))[:8])
+        table.add_row(*cells)
     console.print(table)
-    console.print(f"{len(workers)} worker{'s' if len(workers) != 1 else ''}", highlight=False)
+    count = f"{len(workers)} worker{'s' if len(workers) != 1 else ''}"
+    console.print(f"{count} on {len(servers)} servers" if several else count, highlight=False)
 
 
 def add_workers_command(commands: Any) -> None:
@@ -70,8 +79,9 @@ def add_workers_command(commands: Any) -> None:
         description=(
             "List the workers subscribed to the server, longest connected first: their client id\n"
             "(host-pid), the task keys they take, their limit and prefetch, the runs they hold now\n"
-            "and since when they are connected. With several servers (replicas), the one in use\n"
-            "answers, with the workers connected to it."
+            "and since when they are connected. With several servers on one PostgreSQL database,\n"
+            "the workers of every one of them, with the first 8 hex digits of the server's id;\n"
+            "what others' workers hold is as of their server's last heartbeat."
         ),
         epilog=(
             "examples:\n"

@@ -161,6 +161,7 @@ async def serve_server(
             if config.retention > 0:
                 await nursery.start(keep_retention, service, config.retention)
             url: str = await nursery.start(run_http)
+            service.url = url
             if replica is not None:
                 await replica.register(url)
                 log.info("server %s among those sharing the database", replica.id)

@@ -32,7 +32,6 @@ from trioworker.server.channel import ChannelSession
 from trioworker.server.events import EventsSession
 from trioworker.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioworker.server.metrics import METRICS_ROUTE
-from trioworker.server.overview import connected_workers
 from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import (
     Refusal,
@@ -436,7 +435,7 @@ def create_app(
 
     @app.get(route(protocol.TASK_WORKERS))
     async def task_workers() -> Response:
-        return _dump(connected_workers(service.dispatcher, request.args.get("task_key")))
+        return _dump(await service.task_workers(request.args.get("task_key")))
 
     @app.get(METRICS_ROUTE)
     async def metrics() -> Response:

@@ -63,7 +63,7 @@ class EventsSession(JsonSocket):
         """The overview now, then again whenever something it shows changed."""
         while True:
             listener.overview_changed = trio.Event()  # before the read: no change is missed
-            overview = await self.service.overview()
+            overview = await self.service.overview(throttled=True)
             await self.push(
                 {
                     "type": protocol.OVERVIEW_MESSAGE,

@@ -15,10 +15,13 @@ falls behind (more changes than that between two messages, or a socket that does
 drain) loses its notes and is told to read its view again (``resync``): the feed never
 waits for a tab, so a slow tab cannot slow the server.
 
-**The overview** (:meth:`LiveFeed.overview`) is read from the store once for every tab
-that wants it, and not more often than :meth:`LiveFeed.overview_interval` allows (at least
-:data:`MIN_OVERVIEW_SECONDS`, and 20 times what the last read cost), so its counts never
-take more than a small share of the store's time.
+**The overview** (:meth:`LiveFeed.overview`) is read from the store once for every caller
+that wants it at a moment (one read at a time; those who come meanwhile share the next).
+For the tabs' pushes it is also read not more often than :meth:`LiveFeed.overview_interval`
+allows (at least :data:`MIN_OVERVIEW_SECONDS`, and 20 times what the last read cost), so
+that open tabs never take more than a small share of the store's time; a request
+(``GET /api/overview``, a scrape of ``/metrics``) does not wait for that interval, which
+can grow to seconds while the store is busy.
 """
 
 from __future__ import annotations
@@ -194,23 +197,26 @@ class LiveFeed(Generic[T]):
         :data:`OVERVIEW_COST_FACTOR` times what the last read took, whichever is longer."""
         return max(MIN_OVERVIEW_SECONDS, OVERVIEW_COST_FACTOR * self._overview_cost)
 
-    async def overview(self, read: Callable[[], Awaitable[T]]) -> T:
+    async def overview(self, read: Callable[[], Awaitable[T]], *, throttled: bool) -> T:
         """The overview, showing at least every change made before this call.
 
         The last one read is shared when nothing changed since; otherwise ``read`` reads a
-        new one, once :meth:`overview_interval` has passed since the last read. Callers
-        that come meanwhile wait for that read and share it.
+        new one, one read at a time: callers that come while one is under way wait for it,
+        and share it or the next. ``throttled`` (a tab's push) first waits until
+        :meth:`overview_interval` has passed since the last read, without holding up the
+        callers that do not.
 
         **Cancellation handling:** a caller cancelled while it waits (or reads) leaves;
         the next caller reads in its place.
         """
         wanted = self.version
+        cached = self._overview
+        if throttled and cached is not None and cached.version < wanted:
+            await trio.sleep_until(cached.at + self.overview_interval())
         async with self._overview_lock:
             cached = self._overview
             if cached is not None and cached.version >= wanted:
                 return cached.value
-            if cached is not None:
-                await trio.sleep_until(cached.at + self.overview_interval())
             version, started = self.version, trio.current_time()
             value = await read()
             now = trio.current_time()

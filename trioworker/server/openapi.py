@@ -688,14 +688,17 @@ def document(version: str) -> dict[str, JSON]:
         api + protocol.TASK_WORKERS: {
             "get": _operation(
                 "taskWorkers",
-                "The workers connected to this server",
+                "The workers connected to the servers",
                 tag="operators",
+                description="The workers connected to this server and, on PostgreSQL, to every other "
+                "live server sharing its database (as of that server's last heartbeat).",
                 params=(
                     _param("task_key", "query", {"type": "string"}, "Only workers that take this task key."),
                 ),
                 answers={
                     200: ("Longest connected first.", _json_content(build.schema(list[ConnectedWorker])))
                 },
+                errors=(503,),
             )
         },
         METRICS_ROUTE: {

@@ -2,27 +2,42 @@
 long it has waited; the runs that ended per minute over the last hour; the connected
 workers; the servers. ``GET /api/overview`` answers it, and the live feed pushes it.
 
-Everything is read from the store (the truth, shared by every server) except the workers,
-which are the sockets of this server.
+Everything is read from the store (the truth, shared by every server) except this server's
+own workers, its sockets, read from its dispatcher as they are now. Several servers on one
+PostgreSQL database each write theirs in the store at every heartbeat and when one comes
+or goes (:meth:`~trioworker.server.store.base.Store.live_servers`), so that any of them
+lists every server and every worker.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import attrs
 
-from trioworker._version import __version__
-from trioworker.models import StateType, TaskRun, utcnow
+from trioworker.models import StateType, TaskRun
 from trioworker.server.queue import Dispatcher, Subscription
-from trioworker.server.store.base import EndedCount, Store
+from trioworker.server.store.base import ConnectedWorker, EndedCount, LiveServer, Store
+
+__all__ = [
+    "ConnectedWorker",
+    "Overview",
+    "OverviewReader",
+    "ServerReplica",
+    "TaskKeyOverview",
+    "WaitingRun",
+    "connected_workers",
+    "workers_of",
+]
 
 #: How far back the ends per minute go.
 ENDED_WINDOW: Final = timedelta(hours=1)
-#: A minute this long past its end is closed: its count is kept, not read again.
-CLOSED_AFTER: Final = timedelta(seconds=5)
+#: An end this old is settled: no end stamped earlier is still to commit, so its count is
+#: kept, not read again.
+SETTLED_AFTER: Final = timedelta(seconds=5)
 
 
 @attrs.frozen
@@ -47,41 +62,29 @@ class TaskKeyOverview:
     #: Runs of this key by state type (types with no run are left out).
     counts: dict[StateType, int]
     oldest_waiting: WaitingRun | None = None
-    #: Workers connected here that take runs of this key.
+    #: Workers (of every server listed) that take runs of this key.
     workers: int = 0
 
 
 @attrs.frozen
-class ConnectedWorker:
-    """One worker's subscription to this server (``GET /api/task_workers``)."""
-
-    client_id: str
-    task_keys: list[str]
-    #: How many runs it may hold unfinished at once (its credit).
-    limit: int
-    #: How many more it may hold waiting in its buffer.
-    prefetch: int
-    #: Runs it holds now (delivered and not finished, buffered ones included).
-    runs_in_flight: int
-    connected_since: datetime
-
-    @classmethod
-    def of(cls, sub: Subscription) -> ConnectedWorker:
-        return cls(sub.client_id, list(sub.keys), sub.credit, sub.prefetch, len(sub.held), sub.connected)
-
-
-@attrs.frozen
 class ServerReplica:
-    """One server process on the store. SQLite has one; several servers on one PostgreSQL
-    database will each be listed here."""
+    """One server using the store: SQLite has one; several servers on one PostgreSQL
+    database are each listed while they heartbeat."""
 
+    id: uuid.UUID
     version: str
     started: datetime
+    #: Its URL, as it listens (None until it does).
+    url: str | None
+    #: When its last heartbeat reached the database (None on SQLite: a server alone sends none).
+    heartbeat: datetime | None
     #: The kind of store (:attr:`Store.kind <trioworker.server.store.base.Store.kind>`:
     #: ``"sqlite"`` or ``"postgresql"``).
     store: str
     #: Workers connected to it.
     workers: int
+    #: It is the server that answered.
+    answering: bool = False
 
 
 @attrs.frozen
@@ -93,16 +96,32 @@ class Overview:
     task_keys: list[TaskKeyOverview]
     #: Runs that ended per minute, task key and state over the last hour, oldest first.
     ended: list[EndedCount]
+    #: The workers of every server listed, longest connected first.
     workers: list[ConnectedWorker]
+    #: The servers using the store: the one that answered first, then the others, oldest first.
     servers: list[ServerReplica]
 
 
-def connected_workers(dispatcher: Dispatcher, task_key: str | None = None) -> list[ConnectedWorker]:
-    """The workers subscribed here (to ``task_key``, when given), longest connected first."""
-    subs = dispatcher.subscriptions
-    if task_key is not None:
-        subs = [sub for sub in subs if task_key in sub.keys]
-    return sorted((ConnectedWorker.of(sub) for sub in subs), key=lambda w: (w.connected_since, w.client_id))
+def connected_workers(dispatcher: Dispatcher, server: uuid.UUID) -> list[ConnectedWorker]:
+    """The workers subscribed to this server (``server`` is its id), longest connected first."""
+    return _in_order(_worker_of(sub, server) for sub in dispatcher.subscriptions)
+
+
+def workers_of(servers: Iterable[LiveServer], task_key: str | None = None) -> list[ConnectedWorker]:
+    """The workers of ``servers`` (that take runs of ``task_key``, when given), longest
+    connected first."""
+    workers = (w for server in servers for w in server.workers)
+    return _in_order(w for w in workers if task_key is None or task_key in w.task_keys)
+
+
+def _in_order(workers: Iterable[ConnectedWorker]) -> list[ConnectedWorker]:
+    return sorted(workers, key=lambda w: (w.connected_since, w.client_id, str(w.server)))
+
+
+def _worker_of(sub: Subscription, server: uuid.UUID) -> ConnectedWorker:
+    return ConnectedWorker(
+        sub.client_id, list(sub.keys), sub.credit, sub.prefetch, len(sub.held), sub.connected, server
+    )
 
 
 def _minute(when: datetime) -> datetime:
@@ -111,33 +130,36 @@ def _minute(when: datetime) -> datetime:
 
 @attrs.define(eq=False)
 class OverviewReader:
-    """Reads the :class:`Overview`; keeps the ends of closed minutes, so each read counts
-    only the ends of the last minute or two, not of the whole hour."""
+    """Reads the :class:`Overview`; keeps the counts of the ends that settled (more than
+    :data:`SETTLED_AFTER` old), so each read counts only the ends since the last read and
+    those of the last few seconds, not those of the whole hour."""
 
     store: Store
     dispatcher: Dispatcher
+    #: This server as it is now, its workers included.
+    here: Callable[[], LiveServer]
     store_kind: str = attrs.field(default=attrs.Factory(lambda self: self.store.kind, takes_self=True))
-    started: datetime = attrs.field(factory=utcnow)
-    #: Ends counted in minutes before ``_closed_until``.
-    _closed: list[EndedCount] = attrs.field(factory=list)
-    _closed_until: datetime | None = None
+    #: The counts of the ends before ``_kept_until``, by minute.
+    _kept: list[EndedCount] = attrs.field(factory=list)
+    _kept_until: datetime | None = None
     #: How many times runs were deleted (:meth:`forget`): a read that overlapped one keeps
     #: nothing of what it counted.
     _deletions: int = 0
 
     def forget(self) -> None:
-        """Runs were deleted (delete, purge, retention): the kept ends of closed minutes may
-        count them, so the next read counts the whole hour again."""
+        """Runs were deleted (delete, purge, retention): the kept counts may count them, so
+        the next read counts the whole hour again."""
         self._deletions += 1
-        self._closed = []
-        self._closed_until = None
+        self._kept = []
+        self._kept_until = None
 
     async def read(self) -> Overview:
         now = datetime.fromtimestamp(self.dispatcher.clock(), UTC)
         counts = await self.store.count_runs()
         waiting = await self.store.oldest_waiting(now)
         ended = await self._ended(now)
-        workers = connected_workers(self.dispatcher)
+        servers = await self.store.live_servers(self.here())
+        workers = workers_of(servers)
         keys: dict[str, dict[StateType, int]] = {}
         for count in counts:
             keys.setdefault(count.task_key, {})[count.state_type] = count.count
@@ -154,17 +176,46 @@ class OverviewReader:
             )
             for key in sorted(keys)
         ]
-        server = ServerReplica(__version__, self.started, self.store_kind, len(workers))
-        return Overview(now, per_key, ended, workers, [server])
+        listed = [
+            ServerReplica(
+                server.id,
+                server.version,
+                server.started,
+                server.url,
+                server.heartbeat,
+                self.store_kind,
+                len(server.workers),
+                answering=n == 0,
+            )
+            for n, server in enumerate(servers)
+        ]
+        return Overview(now, per_key, ended, workers, listed)
 
     async def _ended(self, now: datetime) -> list[EndedCount]:
+        """The ends of the last hour: those kept, those settled since the last read (more
+        than :data:`SETTLED_AFTER` old: added to the kept ones), and the latest few seconds,
+        counted afresh each time."""
         since = _minute(now - ENDED_WINDOW) + timedelta(minutes=1)
-        closed = [c for c in self._closed if c.minute >= since]
-        start = since if self._closed_until is None or self._closed_until < since else self._closed_until
+        start = since if self._kept_until is None or self._kept_until < since else self._kept_until
+        edge = max(start, now - SETTLED_AFTER)
         deletions = self._deletions
-        ended = closed + await self.store.count_ended(start)
-        if deletions != self._deletions:
-            return ended  # runs were deleted meanwhile: keep none of it (forget() cleared it)
-        self._closed_until = _minute(now - CLOSED_AFTER)
-        self._closed = [c for c in ended if c.minute < self._closed_until]
-        return ended
+        settled = await self.store.count_ended(start, edge) if start < edge else []
+        latest = await self.store.count_ended(edge)
+        kept = _summed([c for c in self._kept if c.minute >= since], settled)
+        if deletions == self._deletions:  # else runs were deleted meanwhile: keep none of it
+            self._kept, self._kept_until = kept, edge
+        return _summed(kept, latest)
+
+
+def _summed(*counts: Iterable[EndedCount]) -> list[EndedCount]:
+    """The counts of the same minute, task key and state added up, oldest minute first."""
+    totals: dict[tuple[datetime, str, StateType], int] = {}
+    for count in (c for group in counts for c in group):
+        key = (count.minute, count.task_key, count.state_type)
+        totals[key] = totals.get(key, 0) + count.count
+    return [
+        EndedCount(minute, task_key, state_type, n)
+        for (minute, task_key, state_type), n in sorted(
+            totals.items(), key=lambda i: (i[0][0], i[0][1], i[0][2].value)
+        )
+    ]

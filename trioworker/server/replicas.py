@@ -5,10 +5,13 @@ The database is the only shared truth; a server's memory holds its own sockets a
 :class:`Replica` runs, for the life of one server:
 
 - the **heartbeat**: every ``timeout / 4`` seconds it renews the server's row in
-  ``trioworker_replicas`` (the database's clock) and, in the same transaction, hands back
-  the runs held through servers silent for longer than their timeout (the **reaper**:
-  ``FOR UPDATE SKIP LOCKED`` on their rows, so one server reaps each), then deletes their
-  rows;
+  ``trioworker_replicas`` (the database's clock), with the workers connected to it then
+  (what the others list of it: the runs each holds are as of the last heartbeat) and, in
+  the same transaction, hands back the runs held through servers silent for longer than
+  their timeout (the **reaper**: ``FOR UPDATE SKIP LOCKED`` on their rows, so one server
+  reaps each), then deletes their rows;
+- the **publisher**: when a worker subscribes or leaves, it writes the workers in the row
+  at once (at most once per :data:`PUBLISH_SECONDS`: a burst of workers is one write);
 - the **watchdog**: a server that could not heartbeat for ``timeout`` seconds raises its
   :class:`~trioworker.server.fence.Fence` (its sockets close with 1012, requests get 503)
   before the others can find it dead, and lowers it at the next heartbeat. A heartbeat
@@ -43,6 +46,9 @@ log = logging.getLogger("trioworker.server")
 
 #: Real seconds between two claim attempts of the subscriptions with room, whatever the notices.
 SAFETY_NET_SECONDS: Final = 1.0
+#: Real seconds at least between two writes of the workers when they come and go (a burst
+#: of them is written once); the heartbeat writes them besides.
+PUBLISH_SECONDS: Final = 0.25
 #: Real seconds before the first attempt to connect the listener again, doubled up to a quarter
 #: of the replica timeout.
 RECONNECT_SECONDS: Final = 0.2
@@ -118,7 +124,8 @@ class Replica:
     service: TaskRunService
     #: Seconds this server may be silent before the others call it dead.
     timeout: float
-    id: uuid.UUID = attrs.field(factory=uuid.uuid4)
+    #: The server's id among those sharing the store: its service's.
+    id: uuid.UUID = attrs.field(default=attrs.Factory(lambda self: self.service.server_id, takes_self=True))
     #: ``time.monotonic()`` when the last heartbeat that succeeded was sent.
     _last_beat: float = 0.0
     _beat: trio.Event = attrs.field(factory=trio.Event)
@@ -157,6 +164,7 @@ class Replica:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat_forever)
+                nursery.start_soon(self._publish_forever)
                 nursery.start_soon(self._watch_forever)
                 await nursery.start(self._listen_forever, listener)
                 nursery.start_soon(self._sweep_forever)
@@ -171,7 +179,7 @@ class Replica:
             await self._timers.sleep(self.interval)
             sent = time.monotonic()
             try:
-                beat = await self.store.heartbeat(self.service.max_deliveries)
+                beat = await self.store.heartbeat(self.service.max_deliveries, self.service.workers())
                 if not beat.alive:
                     log.warning("%s: closing every socket, then registering again", FOUND_DEAD)
                     self.service.fence.raise_(FOUND_DEAD)
@@ -200,6 +208,18 @@ class Replica:
                 log.warning(
                     "the runs handed back were not all queued here (%s); the safety net claims them", exc
                 )
+
+    async def _publish_forever(self) -> None:
+        """Write the workers in the server's row when one subscribed or left (a failure
+        is only logged: the next heartbeat writes them)."""
+        while True:
+            await self.service.workers_changed.wait()
+            self.service.workers_changed = trio.Event()  # before the write: no change is missed
+            try:
+                await self.store.publish_workers(self.service.workers())
+            except StoreError as exc:
+                log.debug("the workers were not written (%s); the next heartbeat writes them", exc)
+            await self._timers.sleep(PUBLISH_SECONDS)
 
     async def _watch_forever(self) -> None:
         """Raise the fence once no heartbeat succeeded for ``timeout`` seconds (counted from

@@ -22,6 +22,7 @@ from typing import Final
 import attrs
 import trio
 
+from trioworker._version import __version__
 from trioworker.models import (
     ACTIVE_STATES,
     SetStateRequest,
@@ -39,13 +40,15 @@ from trioworker.server.fence import Fence
 from trioworker.server.limits import QueueLimit
 from trioworker.server.live import LiveFeed
 from trioworker.server.metrics import ServerMetrics
-from trioworker.server.overview import Overview, OverviewReader
+from trioworker.server.overview import Overview, OverviewReader, connected_workers, workers_of
 from trioworker.server.queue import Dispatcher, Subscription
 from trioworker.server.sockets import Refusal
 from trioworker.server.store.base import (
     LEASED_ELSEWHERE,
     Change,
+    ConnectedWorker,
     Heartbeat,
+    LiveServer,
     Notice,
     QueuedRun,
     Requeued,
@@ -144,8 +147,19 @@ class TaskRunService:
     feed: LiveFeed[Overview] = attrs.field(factory=LiveFeed)
     #: This server's Prometheus metrics.
     metrics: ServerMetrics = attrs.field(factory=ServerMetrics)
+    #: This server's id, as operators see it (among servers sharing a store, the one it
+    #: registers with: see :mod:`~trioworker.server.replicas`).
+    server_id: uuid.UUID = attrs.field(factory=uuid.uuid4)
+    #: When it started (UTC).
+    started: datetime = attrs.field(factory=utcnow)
+    #: Its URL, once it listens.
+    url: str | None = None
+    #: Set when a worker subscribed or left; whoever waits for it puts a new event first.
+    workers_changed: trio.Event = attrs.field(factory=trio.Event)
     _overview_reader: OverviewReader = attrs.field(
-        default=attrs.Factory(lambda self: OverviewReader(self.store, self.dispatcher), takes_self=True)
+        default=attrs.Factory(
+            lambda self: OverviewReader(self.store, self.dispatcher, self.here), takes_self=True
+        )
     )
     #: Blocked runs whose upstreams all completed, to release in a shared store.
     _unblocked: list[QueuedRun] = attrs.field(factory=list)
@@ -260,10 +274,28 @@ class TaskRunService:
         :func:`trioworker.protocol.id_prefix`), in id order, at most ``limit``."""
         return await self.store.find_runs(id_prefix, limit=limit)
 
-    async def overview(self) -> Overview:
-        """The operator's overview, shared by every caller while nothing changed (see
-        :meth:`~trioworker.server.live.LiveFeed.overview`)."""
-        return await self.feed.overview(self._overview_reader.read)
+    async def overview(self, *, throttled: bool = False) -> Overview:
+        """The operator's overview, shared by every caller while nothing changed;
+        ``throttled`` for a tab's push (see :meth:`~trioworker.server.live.LiveFeed.overview`)."""
+        return await self.feed.overview(self._overview_reader.read, throttled=throttled)
+
+    def workers(self) -> list[ConnectedWorker]:
+        """The workers connected to this server, longest connected first."""
+        return connected_workers(self.dispatcher, self.server_id)
+
+    def here(self) -> LiveServer:
+        """This server as it is now, its workers included."""
+        return LiveServer(self.server_id, __version__, self.started, self.url, None, self.workers())
+
+    async def live_servers(self) -> list[LiveServer]:
+        """Every live server using the store with its workers, this one first (see
+        :meth:`~trioworker.server.store.base.Store.live_servers`)."""
+        return await self.store.live_servers(self.here())
+
+    async def task_workers(self, task_key: str | None = None) -> list[ConnectedWorker]:
+        """The workers of every live server using the store (that take runs of
+        ``task_key``, when given), longest connected first."""
+        return workers_of(await self.live_servers(), task_key)
 
     async def retry(self, run_id: uuid.UUID) -> TaskRun:
         """A new run of the ended run ``run_id``, with the same task, parameters, tags,
@@ -559,7 +591,7 @@ class TaskRunService:
     def subscribe(self, sub: Subscription) -> None:
         """A worker's connection subscribed: runs of its keys may go to it."""
         self.dispatcher.subscribe(sub)
-        self.feed.workers_changed()
+        self._workers_changed()
 
     async def disconnect(self, sub: Subscription, *, clean: bool = False) -> None:
         """A connection ended: every run it held and did not finish goes to another.
@@ -569,8 +601,12 @@ class TaskRunService:
                 and does not count as a failed delivery.
         """
         held = self.dispatcher.unsubscribe(sub)
-        self.feed.workers_changed()
+        self._workers_changed()
         await self._requeue(sorted(held), reason="release" if clean else "redelivery", holder=sub.client_id)
+
+    def _workers_changed(self) -> None:
+        self.feed.workers_changed()
+        self.workers_changed.set()
 
     async def _requeue(self, run_ids: Sequence[uuid.UUID], *, reason: str, holder: str) -> None:
         """Hand back ``run_ids``, which ``holder`` held through this server.
@@ -740,14 +776,19 @@ class TaskRunService:
 
     async def apply_notices(self, notices: Sequence[Notice]) -> None:
         """Act on what other servers announced: hint the subscriptions of keys with ready
-        runs, and read the changed runs this server cares about (:meth:`changed_elsewhere`).
-        This server's own notices are skipped (it acted when it made the changes)."""
+        runs, tell the tabs when another server's workers changed, and read the changed runs
+        this server cares about (:meth:`changed_elsewhere`). This server's own notices are
+        skipped (it acted when it made the changes)."""
         keys: set[str] = set()
         changed: dict[uuid.UUID, None] = {}
+        workers = False
         for notice in notices:
             if notice.origin != self.replica_id:
                 keys.update(notice.keys)
                 changed.update(dict.fromkeys(notice.changed))
+                workers = workers or notice.workers
+        if workers:
+            self.feed.workers_changed()  # another server's workers: the overview shows them
         self.dispatcher.hint_keys(keys)
         await self.changed_elsewhere(changed)
 
@@ -797,9 +838,11 @@ class TaskRunService:
 
     async def reaped(self, beat: Heartbeat) -> None:
         """A heartbeat handed back the runs of dead servers: queue them, wake their
-        waiters; when servers died, track the runs that wait for others (a dead server
-        may have been the one tracking them); hand back the runs that could not be
-        handed back before."""
+        waiters; when servers died, tell the tabs (the overview no longer lists them) and
+        track the runs that wait for others (a dead server may have been the one tracking
+        them); hand back the runs that could not be handed back before."""
+        if beat.dead:
+            self.feed.workers_changed()
         await self._requeued(beat.reaped)
         await self._requeue_unreturned()
         if beat.dead and self._shared is not None:

@@ -103,6 +103,11 @@ function shortId(id) {
   return id.slice(0, 8);
 }
 
+// A server as a short name: the first 8 hex digits of its id (its URL in the tooltip).
+function serverName(server, id) {
+  return h("span", { class: "server-id", title: server?.url || id }, shortId(id));
+}
+
 function runLink(run) {
   return h("a", { href: `#/runs/${encodeURIComponent(run.id)}` }, run.name || shortId(run.id));
 }
@@ -448,7 +453,10 @@ class OverviewView {
         : h("div", { class: "empty" }, "No runs yet. Submit one, or start a worker: its task keys appear here."),
     );
 
-    const workerRows = overview.workers.map((worker) => h("tr", { "data-client-id": worker.client_id },
+    // Several servers on one database: each worker shows the server it is connected to.
+    const several = overview.servers.length > 1;
+    const serverOf = new Map(overview.servers.map((server) => [server.id, server]));
+    const workerRows = overview.workers.map((worker) => h("tr", { "data-client-id": worker.client_id, "data-server-id": worker.server },
       h("td", { class: "mono" }, worker.client_id),
       h("td", { class: "wrap" }, h("div", { class: "keys" }, worker.task_keys.map((key) => h("span", { class: "chip" }, key)))),
       h("td", { class: "num" }, num(worker.limit)),
@@ -457,6 +465,7 @@ class OverviewView {
           h("span")),
         num(worker.runs_in_flight)),
       h("td", {}, since(worker.connected_since), h("span", { class: "sub" }, formatTime(worker.connected_since))),
+      several ? h("td", { class: "mono server" }, serverName(serverOf.get(worker.server), worker.server)) : null,
     ));
     // widths set as properties: the page's policy allows no inline style attributes
     workerRows.forEach((row, i) => {
@@ -464,22 +473,33 @@ class OverviewView {
       const fill = row.querySelector(".meter > span");
       fill.style.width = `${Math.min(100, (100 * worker.runs_in_flight) / Math.max(worker.limit, 1))}%`;
     });
+    const connected = several
+      ? `${overview.workers.length} connected to ${overview.servers.length} servers; runs in flight on the others as of their last heartbeat`
+      : `${overview.workers.length} connected`;
     const workers = h("section", { class: "card", id: "workers" },
-      h("header", {}, h("h2", {}, "Connected workers"), h("span", { class: "muted" }, `${overview.workers.length} connected`)),
+      h("header", {}, h("h2", {}, "Connected workers"), h("span", { class: "muted" }, connected)),
       workerRows.length
         ? h("div", { class: "table-wrap" }, h("table", {},
-          h("thead", {}, h("tr", {}, h("th", {}, "Client id"), h("th", {}, "Task keys"), h("th", { class: "num" }, "Limit"), h("th", {}, "Runs in flight"), h("th", {}, "Connected"))),
+          h("thead", {}, h("tr", {}, h("th", {}, "Client id"), h("th", {}, "Task keys"), h("th", { class: "num" }, "Limit"), h("th", {}, "Runs in flight"), h("th", {}, "Connected"),
+            several ? h("th", {}, "Server") : null)),
           h("tbody", {}, workerRows)))
         : h("div", { class: "empty" }, "No worker is connected. Start one with: trioworker worker MODULE:TASK"),
     );
 
     const servers = h("section", { class: "card", id: "servers" },
-      h("header", {}, h("h2", {}, "Servers"), h("span", { class: "muted" }, "several servers on one PostgreSQL database each show here")),
+      h("header", {}, h("h2", {}, "Servers"), h("span", { class: "muted" }, several
+        ? `${overview.servers.length} servers share one database; any of them answers`
+        : "the server that answers")),
       h("div", { class: "table-wrap" }, h("table", {},
-        h("thead", {}, h("tr", {}, h("th", {}, "Version"), h("th", {}, "Store"), h("th", {}, "Started"), h("th", { class: "num" }, "Workers"))),
-        h("tbody", {}, overview.servers.map((server) => h("tr", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "Server"), h("th", {}, "Version"), h("th", {}, "Store"), h("th", {}, "Started"),
+          h("th", {}, "Last heartbeat"), h("th", { class: "num" }, "Workers"))),
+        h("tbody", {}, overview.servers.map((server) => h("tr", { "data-server-id": server.id },
+          h("td", { class: "mono" }, serverName(server, server.id),
+            server.answering ? h("span", { class: "chip this" }, "this one") : null,
+            h("span", { class: "sub" }, server.url || "")),
           h("td", { class: "mono" }, server.version), h("td", {}, STORE_NAMES[server.store] || server.store),
           h("td", {}, since(server.started), h("span", { class: "sub" }, formatTime(server.started))),
+          h("td", {}, server.heartbeat ? since(server.heartbeat) : h("span", { class: "muted", title: "a server alone on its database sends none" }, "—")),
           h("td", { class: "num" }, num(server.workers))))))),
     );
 

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Final
 
 from trioworker.server.store.base import Change as Change
+from trioworker.server.store.base import ConnectedWorker as ConnectedWorker
 from trioworker.server.store.base import EndedCount as EndedCount
+from trioworker.server.store.base import LiveServer as LiveServer
 from trioworker.server.store.base import QueuedOp as QueuedOp
 from trioworker.server.store.base import QueuedRun as QueuedRun
 from trioworker.server.store.base import Requeued as Requeued
@@ -42,8 +44,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "SUPPORTED_DATABASES",
     "Change",
+    "ConnectedWorker",
     "DatabaseInUse",
     "EndedCount",
+    "LiveServer",
     "QueuedOp",
     "QueuedRun",
     "Requeued",

@@ -83,6 +83,42 @@ class EndedCount:
 
 
 @attrs.frozen
+class ConnectedWorker:
+    """One worker's subscription to a server (``GET /api/task_workers``)."""
+
+    client_id: str
+    task_keys: list[str]
+    #: How many runs it may hold unfinished at once (its credit).
+    limit: int
+    #: How many more it may hold waiting in its buffer.
+    prefetch: int
+    #: Runs it holds now (delivered and not finished, buffered ones included); on another
+    #: server than the one answering, as of that server's last heartbeat.
+    runs_in_flight: int
+    connected_since: datetime
+    #: The id of the server it is connected to (:attr:`LiveServer.id`).
+    server: uuid.UUID
+
+
+@attrs.frozen
+class LiveServer:
+    """One server using a store, with the workers connected to it (:meth:`Store.live_servers`)."""
+
+    id: uuid.UUID
+    #: The trioworker version it runs.
+    version: str
+    #: When it started (UTC).
+    started: datetime
+    #: Its URL, as it listens (None until it does).
+    url: str | None
+    #: When its last heartbeat reached the store (None: a server alone on its store, which
+    #: sends none).
+    heartbeat: datetime | None
+    #: Its workers, longest connected first.
+    workers: list[ConnectedWorker]
+
+
+@attrs.frozen
 class Requeued:
     """What became of one held run when its connection let go of it."""
 
@@ -130,6 +166,9 @@ class Notice:
     keys: tuple[str, ...] = ()
     #: Runs that ended, went back to the queue, were cancelled or deleted.
     changed: tuple[uuid.UUID, ...] = ()
+    #: The servers' workers changed: that server's (one came or went, or the runs they
+    #: hold changed), or those of dead servers it reaped. Their rows say what is true now.
+    workers: bool = False
 
 
 class QueuedOp(Protocol[T_co]):
@@ -201,10 +240,11 @@ class Store(Protocol):
         are left out), in no particular order."""
         ...
 
-    async def count_ended(self, since: datetime) -> list[EndedCount]:
-        """How many runs ended (reached a terminal state) at ``since`` or later, by minute,
-        task key and terminal state type, oldest minute first. A run that ended twice (set
-        back to SCHEDULED by force, then ended again) counts twice; a deleted run not at all."""
+    async def count_ended(self, since: datetime, until: datetime | None = None) -> list[EndedCount]:
+        """How many runs ended (reached a terminal state) at ``since`` or later (and before
+        ``until``, when given), by minute, task key and terminal state type, oldest minute
+        first. A run that ended twice (set back to SCHEDULED by force, then ended again)
+        counts twice; a deleted run not at all."""
         ...
 
     async def oldest_waiting(self, now: datetime) -> list[TaskRun]:
@@ -314,6 +354,14 @@ class Store(Protocol):
         """The runs that ended, and the ids that exist."""
         ...
 
+    async def live_servers(self, here: LiveServer) -> list[LiveServer]:
+        """The servers using this store that are alive: ``here`` (the caller's own, as it
+        is now) first, then the others, oldest first, each as its last heartbeat (or its
+        last notice of a worker that came or went) left it in the store; a server silent
+        for longer than its timeout is left out, dead or not. A store that one server has
+        to itself (SQLite) answers ``[here]``."""
+        ...
+
 
 class NoticeListener(Protocol):
     """A connection that hears what the servers sharing a store announce."""
@@ -355,8 +403,15 @@ class SharedStore(Store, Protocol):
         """The server stops: delete its row."""
         ...
 
-    async def heartbeat(self, max_deliveries: int) -> Heartbeat:
-        """Renew this server's row, and hand back the runs held through dead servers."""
+    async def heartbeat(self, max_deliveries: int, workers: Sequence[ConnectedWorker]) -> Heartbeat:
+        """Renew this server's row with the ``workers`` connected to it now (see
+        :meth:`publish_workers`), and hand back the runs held through dead servers."""
+        ...
+
+    async def publish_workers(self, workers: Sequence[ConnectedWorker]) -> None:
+        """Write the ``workers`` connected to this server now in its row, where
+        :meth:`~Store.live_servers` of every server reads them; when they differ from what
+        was written last, the others hear of it (a :class:`Notice` with ``workers``)."""
         ...
 
     async def claim_ready(

@@ -63,7 +63,7 @@ class Operations(Protocol):
 
     def count_runs(self) -> list[RunCount]: ...
 
-    def count_ended(self, since: datetime) -> list[EndedCount]: ...
+    def count_ended(self, since: datetime, until: datetime | None = None) -> list[EndedCount]: ...
 
     def oldest_waiting(self, now: datetime) -> list[TaskRun]: ...
 
@@ -303,8 +303,8 @@ class GroupCommitStore(Generic[OpsT]):
     async def count_runs(self) -> list[RunCount]:
         return await self._count(lambda ops: ops.count_runs())
 
-    async def count_ended(self, since: datetime) -> list[EndedCount]:
-        return await self._count(lambda ops: ops.count_ended(since))
+    async def count_ended(self, since: datetime, until: datetime | None = None) -> list[EndedCount]:
+        return await self._count(lambda ops: ops.count_ended(since, until))
 
     async def oldest_waiting(self, now: datetime) -> list[TaskRun]:
         return await self._count(lambda ops: ops.oldest_waiting(now))

@@ -1,6 +1,6 @@
-"""The PostgreSQL store: the runs in a PostgreSQL database, built to be shared by several
-servers (the scale-out design; today one server holds a database at a time, see
-:class:`_Connection`).
+"""The PostgreSQL store: the runs in a PostgreSQL database, shared by the servers that use
+it (replicas, see :mod:`trioworker.server.replicas`); opened ``exclusive``, a store keeps
+the database to itself (see :class:`_Connection`).
 
 psycopg's async API is asyncio-only, so the store uses one blocking connection, only ever
 from a worker thread (``trio.to_thread.run_sync``), and shares group commit with the
@@ -20,6 +20,8 @@ other:
   ``queued_seq`` (a sequence) grows each time a run is queued, requeued included.
 - ``trioworker_task_run_states``: every state of every run (the history); the ends
   (terminal states) are indexed by time, for the counts per minute and retention.
+- ``trioworker_replicas``: one row per server sharing the database: its heartbeat, and
+  what the others show of it (its version, its URL, the workers connected to it);
 - ``trioworker_schema``: the schema version; created and migrated on start in one
   transaction under an advisory lock, so servers starting together migrate once.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import hashlib
+import logging
 import math
 import os
 import random
@@ -47,12 +50,14 @@ from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, TypeVar
 
 import attrs
+import cattrs
 import orjson
 import psycopg
 import psycopg.errors
 import trio
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from trioworker._version import __version__
 from trioworker.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -62,13 +67,16 @@ from trioworker.models import (
     StateType,
     TaskRun,
     TaskRunCreate,
+    converter,
     utcnow,
 )
 from trioworker.server.store.base import (
     Change,
     Claimed,
+    ConnectedWorker,
     EndedCount,
     Heartbeat,
+    LiveServer,
     Notice,
     QueuedRun,
     Requeued,
@@ -95,14 +103,17 @@ from trioworker.server.store.runs import (
 
 T = TypeVar("T")
 
+log = logging.getLogger("trioworker.server")
+
 #: The schemes of the URLs this store takes.
 SCHEMES: Final = ("postgresql", "postgres")
 
 #: The newest schema this code knows (the PostgreSQL store's own numbering). 1: the first;
 #: 2: the parent run's id in a column (a run's children found by index), ends indexed by
 #: time, runs indexed by task key and state (their counts read the index only); 3: several
-#: servers on one database (a row per server, ready rows of runs that wait for others).
-SCHEMA_VERSION: Final = 3
+#: servers on one database (a row per server, ready rows of runs that wait for others); 4:
+#: each server's row holds its version and the workers connected to it.
+SCHEMA_VERSION: Final = 4
 
 #: The first key of the advisory lock held while the schema is created or migrated (the
 #: second is the schema's name): "trio" in ASCII.
@@ -216,6 +227,12 @@ MIGRATIONS: Final[Mapping[int, tuple[str | Callable[[_Conn], None], ...]]] = {
         # Runs queued before with wait_for: waiting, until recovery finds their runs done.
         "UPDATE trioworker_ready AS q SET waiting = true FROM trioworker_task_runs AS r"
         " WHERE r.seq = q.run_seq AND r.wait_for IS NOT NULL",
+    ),
+    4: (
+        # What every server shows of the others: the version each runs, and the workers
+        # connected to it (a JSON array, see _encode_workers), written at each heartbeat
+        # and when a worker comes or goes.
+        "ALTER TABLE trioworker_replicas ADD COLUMN version text, ADD COLUMN workers bytea",
     ),
 }
 
@@ -421,23 +438,31 @@ def channel_of(schema: str) -> str:
     return "trioworker_" + hashlib.sha1(schema.encode()).hexdigest()[:20]
 
 
-def encode_notices(origin: uuid.UUID, keys: Sequence[str], changed: Sequence[uuid.UUID]) -> list[str]:
+def encode_notices(
+    origin: uuid.UUID, keys: Sequence[str], changed: Sequence[uuid.UUID], *, workers: bool = False
+) -> list[str]:
     """Payloads of at most :data:`NOTICE_BYTES` each announcing, from the server
     ``origin``, ready runs of ``keys`` and the ``changed`` runs: JSON objects
-    ``{"o": origin, "k": [key, ...], "c": [run id hex, ...]}``."""
-    head = len(orjson.dumps({"o": origin.hex, "k": [], "c": []}))
+    ``{"o": origin, "k": [key, ...], "c": [run id hex, ...]}``, the first with ``"w": 1``
+    when the server's ``workers`` changed."""
+    head = len(orjson.dumps({"o": origin.hex, "k": [], "c": [], "w": 1}))
     payloads: list[str] = []
     batch_keys: list[str] = []
     batch_ids: list[str] = []
     size = head
+    flag = workers
 
     def flush() -> None:
-        nonlocal size
-        if batch_keys or batch_ids:
-            payloads.append(orjson.dumps({"o": origin.hex, "k": batch_keys, "c": batch_ids}).decode())
+        nonlocal size, flag
+        if batch_keys or batch_ids or flag:
+            notice: dict[str, object] = {"o": origin.hex, "k": batch_keys, "c": batch_ids}
+            if flag:
+                notice["w"] = 1
+            payloads.append(orjson.dumps(notice).decode())
         batch_keys.clear()
         batch_ids.clear()
         size = head
+        flag = False
 
     items: list[tuple[list[str], str]] = [(batch_keys, key) for key in keys]
     items += [(batch_ids, run_id.hex) for run_id in changed]
@@ -459,6 +484,7 @@ def decode_notice(payload: str) -> Notice | None:
             uuid.UUID(hex=data["o"]),
             tuple(str(key) for key in data["k"]),
             tuple(uuid.UUID(hex=run_id) for run_id in data["c"]),
+            workers=bool(data.get("w")),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -534,6 +560,25 @@ def _text(value: str | None) -> str | None:
     """``value`` fit for a text column that is only shown, never read back (PostgreSQL
     text holds no NUL)."""
     return None if value is None else value.replace("\x00", "\ufffd")
+
+
+def _encode_workers(workers: Sequence[ConnectedWorker]) -> bytes:
+    """``workers`` as the ``workers`` column of a server's row holds them: a JSON array of
+    what ``GET /api/task_workers`` answers."""
+    return orjson.dumps(converter.unstructure(list(workers), list[ConnectedWorker]))
+
+
+def _decode_workers(data: bytes | None, server_id: uuid.UUID) -> list[ConnectedWorker]:
+    """The workers of :func:`_encode_workers`, each connected to ``server_id`` (none when
+    the row holds none yet, or what it holds cannot be read: logged)."""
+    if data is None:
+        return []
+    try:
+        workers = converter.structure(orjson.loads(data), list[ConnectedWorker])
+    except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as exc:
+        log.warning("the workers of server %s cannot be read (%s); shown without them", server_id, exc)
+        return []
+    return [attrs.evolve(worker, server=server_id) for worker in workers]
 
 
 def _uuid_array(ids: Sequence[uuid.UUID]) -> str | None:
@@ -629,21 +674,39 @@ class _PostgresOps(Operations):
         self.ready_keys: set[str] = set()
         #: Runs ended, handed back, cancelled or deleted in this transaction: announced too.
         self.changed: dict[uuid.UUID, None] = {}
+        #: The workers this server wrote in its row in this transaction, when they differ
+        #: from :attr:`published`: announced too.
+        self.workers: bytes | None = None
+        #: The workers this server last announced it wrote in its row.
+        self.published: bytes | None = None
+        #: Rows of dead servers were deleted in this transaction (their workers with them).
+        self.reaped_servers = False
 
     def forget_notices(self) -> None:
         """A transaction starts (again): nothing to announce yet."""
         self.ready_keys.clear()
         self.changed.clear()
+        self.workers = None
+        self.reaped_servers = False
 
     def announce(self) -> None:
         """Send what this transaction changed to every server that listens on this
         schema's channel (delivered when it commits; not at all when it rolls back): one
         ``pg_notify`` per :data:`NOTICE_BYTES` of payload, in one statement. Only a
         server with a replica id announces (another has no one to tell)."""
-        if self.channel is None or self.replica_id is None or not (self.ready_keys or self.changed):
+        if self.workers is not None:
+            self.published = self.workers
+        workers = self.workers is not None or self.reaped_servers
+        if (
+            self.channel is None
+            or self.replica_id is None
+            or not (self.ready_keys or self.changed or workers)
+        ):
             self.forget_notices()
             return
-        payloads = encode_notices(self.replica_id, sorted(self.ready_keys), list(self.changed))
+        payloads = encode_notices(
+            self.replica_id, sorted(self.ready_keys), list(self.changed), workers=workers
+        )
         self.forget_notices()
         self._execute("SELECT pg_notify(%b, p) FROM unnest(%b::text[]) AS p", (self.channel, payloads))
 
@@ -980,13 +1043,14 @@ class _PostgresOps(Operations):
         rows = self._execute("SELECT task_key, state_type, count(*) FROM trioworker_task_runs GROUP BY 1, 2")
         return [RunCount(key, StateType(state), n) for key, state, n in rows]
 
-    def count_ended(self, since: datetime) -> list[EndedCount]:
+    def count_ended(self, since: datetime, until: datetime | None = None) -> list[EndedCount]:
         rows = self._execute(
             "SELECT date_trunc('minute', s.timestamp AT TIME ZONE 'UTC'), r.task_key, s.type, count(*)"
             " FROM trioworker_task_run_states AS s JOIN trioworker_task_runs AS r ON r.seq = s.run_seq"
             f" WHERE s.type IN ({_TERMINAL_SQL}) AND s.timestamp >= %b"
-            " GROUP BY 1, 2, 3",
-            (since,),
+            + ("" if until is None else " AND s.timestamp < %b")
+            + " GROUP BY 1, 2, 3",
+            (since,) if until is None else (since, until),
         )
         counts = [EndedCount(minute.replace(tzinfo=UTC), key, StateType(t), n) for minute, key, t, n in rows]
         return sorted(counts, key=lambda c: (c.minute, c.task_key, c.state_type.value))
@@ -1294,30 +1358,69 @@ class _PostgresOps(Operations):
 
     # -- servers sharing the database
     def register_replica(self, silent_for: float, address: str | None) -> None:
-        """Add (or renew) this server's row in ``trioworker_replicas``: dead once silent
-        for ``silent_for`` seconds."""
+        """Add (or renew) this server's row in ``trioworker_replicas``, with the version
+        it runs: dead once silent for ``silent_for`` seconds."""
         self._execute(
-            "INSERT INTO trioworker_replicas (id, timeout_seconds, address) VALUES (%b, %b, %b)"
+            "INSERT INTO trioworker_replicas (id, timeout_seconds, address, version) VALUES (%b, %b, %b, %b)"
             " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(),"
-            " timeout_seconds = excluded.timeout_seconds,"
+            " timeout_seconds = excluded.timeout_seconds, version = excluded.version,"
             " address = coalesce(excluded.address, trioworker_replicas.address)",
-            (self.replica_id, silent_for, _text(address)),
+            (self.replica_id, silent_for, _text(address), __version__),
         )
+
+    def publish_workers(self, workers: bytes) -> None:
+        """Write ``workers`` (:func:`_encode_workers`) in this server's row; announce them
+        when they differ from what was announced last."""
+        self._execute("UPDATE trioworker_replicas SET workers = %b WHERE id = %b", (workers, self.replica_id))
+        self._changed_workers(workers)
+
+    def _changed_workers(self, workers: bytes) -> None:
+        if workers != self.published:
+            self.workers = workers
+
+    def live_servers(self, here: LiveServer) -> list[LiveServer]:
+        """``here``, then the other servers whose last heartbeat is younger than their
+        timeout (by the database's clock), oldest first."""
+        rows = self._execute(
+            "SELECT id, version, started_at, heartbeat_at, address, workers FROM trioworker_replicas"
+            " WHERE id = %b OR heartbeat_at >= now() - timeout_seconds * interval '1 second'"
+            " ORDER BY started_at, id",
+            (here.id,),
+        ).fetchall()
+        others: list[LiveServer] = []
+        for server_id, version, started, heartbeat, address, workers in rows:
+            if server_id == here.id:
+                here = attrs.evolve(here, heartbeat=heartbeat.astimezone(UTC))
+                continue
+            others.append(
+                LiveServer(
+                    server_id,
+                    version or "unknown",
+                    started.astimezone(UTC),
+                    address,
+                    heartbeat.astimezone(UTC),
+                    _decode_workers(workers, server_id),
+                )
+            )
+        return [here, *others]
 
     def unregister_replica(self) -> None:
         """Delete this server's row (it stops; what it held was handed back)."""
         self._execute("DELETE FROM trioworker_replicas WHERE id = %b", (self.replica_id,))
 
-    def heartbeat(self, max_deliveries: int) -> Heartbeat:
-        """Say this server lives (``heartbeat_at = now()``, the database's clock), then
-        :meth:`reap` the dead."""
+    def heartbeat(self, max_deliveries: int, workers: bytes) -> Heartbeat:
+        """Say this server lives (``heartbeat_at = now()``, the database's clock) with the
+        ``workers`` connected to it now (:meth:`publish_workers`), then :meth:`reap` the dead."""
         alive = (
             self._execute(
-                "UPDATE trioworker_replicas SET heartbeat_at = now() WHERE id = %b RETURNING id",
-                (self.replica_id,),
+                "UPDATE trioworker_replicas SET heartbeat_at = now(), workers = %b"
+                " WHERE id = %b RETURNING id",
+                (workers, self.replica_id),
             ).fetchone()
             is not None
         )
+        if alive:
+            self._changed_workers(workers)
         requeued_runs, dead = self.reap(max_deliveries)
         return Heartbeat(alive, requeued_runs, dead)
 
@@ -1370,6 +1473,7 @@ class _PostgresOps(Operations):
             ]
         if dead:
             self._execute("DELETE FROM trioworker_replicas WHERE id = ANY(%b::uuid[])", (dead,))
+            self.reaped_servers = True
         return requeued_runs, dead
 
     def release_waiting(self, run_ids: Sequence[uuid.UUID]) -> None:
@@ -1451,8 +1555,16 @@ class PostgresStore(GroupCommitStore[_PostgresOps]):
     async def unregister_replica(self) -> None:
         await self._run(lambda ops: ops.unregister_replica())
 
-    async def heartbeat(self, max_deliveries: int) -> Heartbeat:
-        return await self._run(lambda ops: ops.heartbeat(max_deliveries))
+    async def heartbeat(self, max_deliveries: int, workers: Sequence[ConnectedWorker]) -> Heartbeat:
+        data = _encode_workers(workers)
+        return await self._run(lambda ops: ops.heartbeat(max_deliveries, data))
+
+    async def publish_workers(self, workers: Sequence[ConnectedWorker]) -> None:
+        data = _encode_workers(workers)
+        await self._run(lambda ops: ops.publish_workers(data))
+
+    async def live_servers(self, here: LiveServer) -> list[LiveServer]:
+        return await self._count(lambda ops: ops.live_servers(here))
 
     async def claim_ready(
         self,

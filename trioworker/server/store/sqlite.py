@@ -38,7 +38,15 @@ from trioworker.models import (
     TaskRunCreate,
     utcnow,
 )
-from trioworker.server.store.base import Change, EndedCount, QueuedRun, Requeued, RunCount, StoreError
+from trioworker.server.store.base import (
+    Change,
+    EndedCount,
+    LiveServer,
+    QueuedRun,
+    Requeued,
+    RunCount,
+    StoreError,
+)
 from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
@@ -100,6 +108,8 @@ _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_seq)",
     "CREATE INDEX IF NOT EXISTS ix_task_runs_parent ON task_runs (parent_id, seq)"
     " WHERE parent_id IS NOT NULL",
+    # Runs by key and state, for their counts (the operator's view): read from the index alone.
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_counts ON task_runs (task_key, state_type)",
     # Ends by time (for counts per minute): one entry per ended run, none for other states.
     "CREATE INDEX IF NOT EXISTS ix_task_run_states_ended ON task_run_states (timestamp)"
     " WHERE type IN ({terminal})",
@@ -426,15 +436,17 @@ class _SQLiteOps(Operations):
         rows = self.conn.execute("SELECT task_key, state_type, count(*) FROM task_runs GROUP BY 1, 2")
         return [RunCount(key, StateType(state), n) for key, state, n in rows]
 
-    def count_ended(self, since: datetime) -> list[EndedCount]:
+    def count_ended(self, since: datetime, until: datetime | None = None) -> list[EndedCount]:
         # Timestamps are ISO 8601 in UTC: the first 16 characters name the minute, and
         # text order is time order.
+        bounds = [since] if until is None else [since, until]
         rows = self.conn.execute(
             "SELECT substr(s.timestamp, 1, 16), r.task_key, s.type, count(*)"
             " FROM task_run_states AS s JOIN task_runs AS r ON r.seq = s.run_seq"
             f" WHERE s.type IN ({_TERMINAL_SQL}) AND s.timestamp >= ?"
-            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-            (since.astimezone(UTC).isoformat(),),
+            + ("" if until is None else " AND s.timestamp < ?")
+            + " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            [bound.astimezone(UTC).isoformat() for bound in bounds],
         )
         return [
             EndedCount(datetime.fromisoformat(f"{minute}:00+00:00"), key, StateType(state), n)
@@ -708,6 +720,11 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
     @property
     def kind(self) -> str:
         return "sqlite"
+
+    async def live_servers(self, here: LiveServer) -> list[LiveServer]:
+        """``[here]``: one server has the file to itself."""
+        await trio.lowlevel.checkpoint()
+        return [here]
 
     @classmethod
     @asynccontextmanager
