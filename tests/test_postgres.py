@@ -50,7 +50,12 @@ TABLES = {
     "trioworker_ready",
     "trioworker_task_run_states",
     "trioworker_replicas",
+    "trioworker_task_run_tags",
+    "trioworker_cache",
 }
+
+#: Undoes schema step 5 (a database of schema 3, as main made them before tags and cache).
+SCHEMA_5_UNDONE = ("DROP TABLE trioworker_task_run_tags", "DROP TABLE trioworker_cache")
 
 #: Undoes schema step 3 (a database of schema 2, as main made them).
 SCHEMA_3_UNDONE = (
@@ -139,6 +144,7 @@ async def test_a_schema_1_database_is_migrated_and_keeps_its_runs(
         [ended] = await store.set_states([(plain, nul)], now=0.0)
         assert ended.run is not None
     for statement in (  # back to schema 1
+        *SCHEMA_5_UNDONE,
         *SCHEMA_3_UNDONE,
         "DROP INDEX trioworker_task_runs_parent",
         "DROP INDEX trioworker_task_run_states_ended",
@@ -167,13 +173,36 @@ async def test_a_schema_2_database_is_migrated_and_its_runs_that_wait_still_wait
     async with PostgresStore.open(postgres_url) as store:
         [(upstream, _)] = await store.create_runs([TaskRunCreate(task_key="u")])
         [(waiting, _)] = await store.create_runs([TaskRunCreate(task_key="w", wait_for=[upstream.id])])
-    for statement in (*SCHEMA_3_UNDONE, "UPDATE trioworker_schema SET version = 2"):
+    for statement in (*SCHEMA_5_UNDONE, *SCHEMA_3_UNDONE, "UPDATE trioworker_schema SET version = 2"):
         await sql(postgres_url, statement)
     async with PostgresStore.open(postgres_url) as store:
         assert [q.id for q in await store.recover(5) if q.wait_for] == [waiting.id]
         claimed = await store.claim_ready(["w"], 10, "worker", time.time())
         assert claimed.runs == []  # it waits for its upstream, as before the migration
         assert await store.read_run(waiting.id) == waiting
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
+
+
+async def test_a_schema_3_database_is_migrated_and_its_runs_are_found_by_tag(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        created = await store.create_runs(
+            [
+                TaskRunCreate(task_key="k", tags=["a", "b"]),
+                TaskRunCreate(task_key="k", parameters={"text": '"tags":["a"]'}),
+                TaskRunCreate(task_key="k", tags=["b"]),
+            ]
+        )
+        both, none, only_b = (run.id for run, _ in created)
+    for statement in (*SCHEMA_5_UNDONE, "UPDATE trioworker_schema SET version = 3"):
+        await sql(postgres_url, statement)
+    monkeypatch.setattr(postgres_store, "_FILL_BATCH", 1)  # a batch per tagged run
+    async with PostgresStore.open(postgres_url) as store:
+        assert [r.id for r in await store.list_runs(tags=["a"])] == [both]
+        assert [r.id for r in await store.list_runs(tags=["b"])] == [both, only_b]
+        assert [r.id for r in await store.list_runs(tags=["b", "a"])] == [both]
+        assert none not in {r.id for r in await store.list_runs(tags=["a"])}
     assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
 
 
