@@ -23,7 +23,7 @@ import pytest
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
+from trioworker.models import SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state
 from trioworker.server.store import DatabaseInUse, StoreError
 from trioworker.server.store import postgres as postgres_store
 from trioworker.server.store.postgres import _SERVER_LOCK, SCHEMA_VERSION, PostgresStore, PostgresTarget
@@ -204,6 +204,27 @@ async def test_a_schema_3_database_is_migrated_and_its_runs_are_found_by_tag(
         assert [r.id for r in await store.list_runs(tags=["b", "a"])] == [both]
         assert none not in {r.id for r in await store.list_runs(tags=["a"])}
     assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
+
+
+async def test_two_servers_creating_runs_of_one_cache_key_at_once_let_one_compute_it(postgres_url: str) -> None:
+    created: list[TaskRun] = []
+
+    async def create(store: PostgresStore) -> None:
+        for _ in range(10):
+            results = await store.create_runs([TaskRunCreate(task_key="k", cache_key="c")], now=time.time())
+            created.extend(run for run, _ in results)
+
+    async with (
+        PostgresStore.open(postgres_url, exclusive=False) as a,
+        PostgresStore.open(postgres_url, exclusive=False) as b,
+        trio.open_nursery() as nursery,
+    ):
+        for store in (a, b, a, b, a, b):
+            nursery.start_soon(create, store)
+    computing = [run for run in created if run.state.state_details.cache_owner is None]
+    assert len(created) == 60 and len(computing) == 1
+    assert {run.state.state_details.cache_owner for run in created} == {None, computing[0].id}
+    assert await sql(postgres_url, "SELECT run_id FROM trioworker_cache") == [(computing[0].id,)]
 
 
 def test_the_location_never_shows_the_password() -> None:
