@@ -68,7 +68,9 @@ def test_the_document_is_valid_openapi_3_1() -> None:
     assert run["properties"]["run_count"]["description"] == "Attempts that reached RUNNING."
     create = DOC["components"]["schemas"]["TaskRunCreate"]
     assert create["required"] == ["task_key"] and create["properties"]["serializer"]["default"] == "json"
-    assert {"cache_key", "cache_expiration", "refresh_cache"} <= set(create["properties"]) & set(run["properties"])
+    assert {"cache_key", "cache_expiration", "refresh_cache"} <= set(create["properties"]) & set(
+        run["properties"]
+    )
     listed = {param["name"] for param in DOC["paths"]["/api/task_runs"]["get"]["parameters"]}
     assert "tag" in listed
 

@@ -206,7 +206,9 @@ async def test_a_schema_3_database_is_migrated_and_its_runs_are_found_by_tag(
     assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
 
 
-async def test_two_servers_creating_runs_of_one_cache_key_at_once_let_one_compute_it(postgres_url: str) -> None:
+async def test_two_servers_creating_runs_of_one_cache_key_at_once_let_one_compute_it(
+    postgres_url: str,
+) -> None:
     created: list[TaskRun] = []
 
     async def create(store: PostgresStore) -> None:

@@ -459,7 +459,7 @@ def cached(key: str = "c", **fields: object) -> TaskRunCreate:
 
 async def _complete(store: Store, run_id: uuid.UUID, data: object, now: float) -> None:
     await store.claim_runs([run_id], "c")
-    [running, completed] = await store.set_states(
+    [_, completed] = await store.set_states(
         [
             (run_id, state(StateType.RUNNING)),
             (run_id, SetStateRequest(make_state(StateType.COMPLETED, data=data))),
@@ -473,7 +473,11 @@ async def test_runs_of_one_cache_key_wait_for_the_first_then_reuse_its_result(st
     now = time.time()
     [(first, q1), (second, q2)] = await store.create_runs([cached(), cached()], now=now)
     assert q1 is not None and q2 is not None
-    assert (first.state.type, first.state.state_details.cache_owner, q1.wait_for) == (StateType.SCHEDULED, None, ())
+    assert (first.state.type, first.state.state_details.cache_owner, q1.wait_for) == (
+        StateType.SCHEDULED,
+        None,
+        (),
+    )
     assert second.state.state_details.cache_owner == first.id
     assert (q2.wait_for, q2.cache_owner) == ((first.id,), first.id)
     assert second.wait_for == []  # the run's own wait_for is the submitter's
@@ -486,7 +490,11 @@ async def test_runs_of_one_cache_key_wait_for_the_first_then_reuse_its_result(st
     assert settled.run.state.data == {"answer": 42}
     assert await store.read_run(second.id) == settled.run
     [(third, q3)] = await store.create_runs([cached()], now=now)
-    assert (third.state.type, third.state.name, third.state.data) == (StateType.COMPLETED, "Cached", {"answer": 42})
+    assert (third.state.type, third.state.name, third.state.data) == (
+        StateType.COMPLETED,
+        "Cached",
+        {"answer": 42},
+    )
     assert q3 is not None  # new, though not queued
     history = await store.history(third.id)
     assert history is not None and [(h.type, h.name) for h in history] == [
@@ -520,7 +528,9 @@ async def test_when_the_run_computing_a_key_fails_the_first_waiting_run_computes
     now = time.time()
     [(owner, _), (first, _), (second, _)] = await store.create_runs([cached(), cached(), cached()], now=now)
     await store.claim_runs([owner.id], "c")
-    await store.set_states([(owner.id, state(StateType.RUNNING)), (owner.id, state(StateType.FAILED))], now=now)
+    await store.set_states(
+        [(owner.id, state(StateType.RUNNING)), (owner.id, state(StateType.FAILED))], now=now
+    )
     changes = await store.settle_cached([second.id, first.id], now=now)
     by_id = {c.run.id: c for c in changes if c.run is not None}
     computes, waits = by_id[first.id], by_id[second.id]
