@@ -160,7 +160,11 @@ def _template_fields(template: str) -> list[str]:
     positional field (``{}``, ``{0}``).
     """
     names: list[str] = []
-    for _, field, _, _ in string.Formatter().parse(template):
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"task_run_name {template!r} is not a template str.format reads: {exc}") from None
+    for _, field, _, _ in parsed:
         if field is None:
             continue
         root = field.split(".", 1)[0].split("[", 1)[0]

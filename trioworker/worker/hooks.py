@@ -67,6 +67,14 @@ async def call_hooks(
             await _call_one(task, ended, state, hook, thread_limiter)
 
 
+def _call_sync(hook: StateHook, task: Task[..., Any], run: TaskRun, state: State) -> None:
+    """In the hook's thread: call it; a coroutine it returns is an error of its own."""
+    returned = hook(task, run, state)
+    if inspect.iscoroutine(returned):
+        returned.close()  # never awaited: say so once, instead of Python's warning
+        raise TypeError("it returned a coroutine: make the hook `async def`")
+
+
 async def _call_one(
     task: Task[..., Any], run: TaskRun, state: State, hook: StateHook, thread_limiter: trio.CapacityLimiter
 ) -> None:
@@ -76,10 +84,7 @@ async def _call_one(
         if is_async_callable(hook):
             await hook(task, run, state)  # type: ignore[misc]
         else:
-            returned = await _threads.run_sync(partial(hook, task, run, state), thread_limiter)
-            if inspect.iscoroutine(returned):
-                returned.close()  # never awaited: say so once, instead of Python's warning
-                raise TypeError("it returned a coroutine: make the hook `async def`")
+            await _threads.run_sync(partial(_call_sync, hook, task, run, state), thread_limiter)
     except BaseException as exc:  # the hook's failure is logged; what must pass is raised again
         raise_passing(exc)
         log.error(
