@@ -32,10 +32,7 @@ import orjson
 
 from trioworker import serializers
 from trioworker.models import JSON
-from trioworker.protocol import SERIALIZER_PICKLE
-
-#: The longest cache key the server takes (characters).
-MAX_CACHE_KEY_LENGTH: Final = 1000
+from trioworker.protocol import MAX_CACHE_KEY_LENGTH, SERIALIZER_PICKLE
 
 
 class KeyedTask(Protocol):

@@ -16,9 +16,8 @@ import trio
 from quart import websocket
 
 from trioworker import protocol
-from trioworker.cache_policies import MAX_CACHE_KEY_LENGTH
 from trioworker.models import JSON, SetStateRequest, StateType, TaskRunCreate, converter, make_state
-from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
+from trioworker.protocol import MAX_CACHE_KEY_LENGTH, SERIALIZER_JSON, SERIALIZER_PICKLE
 from trioworker.server.fence import Fence
 
 log = logging.getLogger("trioworker.server")

@@ -279,7 +279,9 @@ async def execute(
     failed, is retried, was refused or stopped. The record carries the same as fields
     (``task_key``, ``run_id``, ``outcome``, ``duration_seconds``, ``attempt``, and ``error``
     when there is one), for structured logs. An attempt that ends by propagating (the
-    worker stops, or fails itself) logs nothing here.
+    worker stops, or fails itself) logs nothing here. Then the task's state hooks for the
+    end the server accepted run (:func:`trioworker.worker.hooks.call_hooks`): a hook's
+    failure is logged there and changes nothing.
 
     **Error handling:** nothing the run's code raises or returns leaves this function (it
     fails the run, or retries it), BaseExceptions included; every report fits the server
