@@ -588,3 +588,17 @@ async def test_recover_names_the_run_a_waiting_run_waits_for(open_store: OpenSto
         queued = {q.id: q for q in await store.recover(max_deliveries=5)}
         assert (queued[owner.id].wait_for, queued[owner.id].cache_owner) == ((), None)
         assert (queued[waiting.id].wait_for, queued[waiting.id].cache_owner) == ((owner.id,), owner.id)
+
+
+async def test_a_waiting_run_set_scheduled_by_force_is_freed_when_settled(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        [(owner, _), (waiting, _)] = await store.create_runs([cached(), cached()])
+        forced = SetStateRequest(make_state(StateType.SCHEDULED), force=True)
+        [change] = await store.set_states([(waiting.id, forced)], now=time.time())
+        assert change.queued is not None and change.queued.wait_for == ()
+        [settled] = await store.settle_cached([waiting.id], now=time.time())
+        assert settled.result.details == "unchanged" and settled.queued is not None
+        assert settled.queued.wait_for == ()
+    async with open_store() as store:
+        queued = {q.id: q for q in await store.recover(max_deliveries=5)}
+        assert queued[waiting.id].wait_for == () and queued[owner.id].wait_for == ()

@@ -1050,7 +1050,11 @@ class _PostgresOps(Operations):
             run = row.run
             unchanged = SetStateResult(SetStateStatus.ACCEPT, run.state, "unchanged")
             if not waits_on_cache(run):
-                queued = queued_run(run, row.seq) if run.state.type is StateType.SCHEDULED else None
+                queued = None
+                if run.state.type is StateType.SCHEDULED:
+                    queued = queued_run(run, row.seq)
+                    if not queued.wait_for:
+                        self._index_waits(row.seq, [])  # set SCHEDULED by force meanwhile: free it
                 changes.append(Change(unchanged, run, queued))
                 continue
             now = utcnow()
@@ -1062,16 +1066,19 @@ class _PostgresOps(Operations):
                 changes.append(Change(unchanged, run, queued_run(run, row.seq)))  # the same run to wait for
                 continue
             self._save([_Row(row.seq, row.rev, settled, None)])
-            found[run_id] = self.cache.get(run_id) or row
-            waiting = waits_for(settled)
-            self._execute(
-                "WITH w AS (UPDATE trioworker_task_runs SET wait_for = %b::uuid[] WHERE seq = %b)"
-                " UPDATE trioworker_ready SET waiting = %b WHERE run_seq = %b",
-                (_uuid_array(waiting), row.seq, bool(waiting), row.seq),
-            )
+            self._index_waits(row.seq, waits_for(settled))
             queued = queued_run(settled, row.seq) if settled.state.type is StateType.SCHEDULED else None
             changes.append(Change(SetStateResult(SetStateStatus.ACCEPT, settled.state), settled, queued))
         return changes
+
+    def _index_waits(self, seq: int, waiting: Sequence[uuid.UUID]) -> None:
+        """The run ``seq`` waits for ``waiting`` now: its ``wait_for`` column, and whether its
+        ready row (if it has one) waits."""
+        self._execute(
+            "WITH w AS (UPDATE trioworker_task_runs SET wait_for = %b::uuid[] WHERE seq = %b)"
+            " UPDATE trioworker_ready SET waiting = %b WHERE run_seq = %b",
+            (_uuid_array(waiting), seq, bool(waiting), seq),
+        )
 
     def _existing(self, creates: Sequence[TaskRunCreate]) -> Callable[[TaskRunCreate], TaskRun]:
         """For creates the database did not insert: a function giving each the run it

@@ -458,7 +458,11 @@ class _SQLiteOps(Operations):
             seq, run = found[run_id]
             unchanged = SetStateResult(SetStateStatus.ACCEPT, run.state, "unchanged")
             if not waits_on_cache(run):
-                queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
+                queued = None
+                if run.state.type is StateType.SCHEDULED:
+                    queued = queued_run(run, seq)
+                    if not queued.wait_for:
+                        self._index_waits(seq, [])  # set SCHEDULED by force meanwhile
                 changes.append(Change(unchanged, run, queued))
                 continue
             now = utcnow()
@@ -470,15 +474,18 @@ class _SQLiteOps(Operations):
                 changes.append(Change(unchanged, run, queued_run(run, seq)))  # it waits for the same run
                 continue
             self._write(seq, settled)
-            waiting = waits_for(settled)
-            self.conn.execute(
-                "UPDATE task_runs SET wait_for = ? WHERE seq = ?",
-                (orjson.dumps([str(i) for i in waiting]).decode() if waiting else None, seq),
-            )
+            self._index_waits(seq, waits_for(settled))
             found[run_id] = (seq, settled)
             queued = queued_run(settled, seq) if settled.state.type is StateType.SCHEDULED else None
             changes.append(Change(SetStateResult(SetStateStatus.ACCEPT, settled.state), settled, queued))
         return changes
+
+    def _index_waits(self, seq: int, waiting: Sequence[uuid.UUID]) -> None:
+        """The run ``seq`` waits for ``waiting`` now (its ``wait_for`` column, read at start)."""
+        self.conn.execute(
+            "UPDATE task_runs SET wait_for = ? WHERE seq = ?",
+            (orjson.dumps([str(i) for i in waiting]).decode() if waiting else None, seq),
+        )
 
     def states_of(self, run_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, StateType]:
         ids = [str(i) for i in run_ids]
