@@ -353,6 +353,26 @@ async def test_a_run_page_counts_the_deliveries_of_every_attempt(demo: Demo) -> 
     await in_browser(script)
 
 
+async def test_a_run_page_shows_its_name_tags_cache_key_and_the_run_it_waits_for(demo: Demo) -> None:
+    server, api = demo.server, demo.api
+    keyed = {"cache_key": "report-ann", "tags": ["nightly"]}
+    [first, second] = await submit(api, "dash.cached", {}, {}, name="report of ann", **keyed)
+
+    def script(browser: Browser) -> None:
+        from playwright.sync_api import expect
+
+        page, errors = open_page(browser, f"{server.url}/#/runs/{second}")
+        expect(page.locator("#run-name")).to_contain_text("report of ann")
+        expect(page.locator(".facts")).to_contain_text("nightly")
+        expect(page.locator(".facts")).to_contain_text("report-ann")
+        expect(page.locator("#cache-owner")).to_have_text(first[:8])
+        page.locator("#cache-owner").click()
+        expect(page).to_have_url(re.compile(f"#/runs/{first}$"))
+        assert errors == []
+
+    await in_browser(script)
+
+
 async def test_a_run_page_reaches_every_child_past_the_first_two_hundred(demo: Demo) -> None:
     server, api = demo.server, demo.api
     [parent] = await submit(api, "dash.parent", {"n": 1})

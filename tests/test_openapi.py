@@ -68,6 +68,11 @@ def test_the_document_is_valid_openapi_3_1() -> None:
     assert run["properties"]["run_count"]["description"] == "Attempts that reached RUNNING."
     create = DOC["components"]["schemas"]["TaskRunCreate"]
     assert create["required"] == ["task_key"] and create["properties"]["serializer"]["default"] == "json"
+    assert {"cache_key", "cache_expiration", "refresh_cache"} <= set(create["properties"]) & set(
+        run["properties"]
+    )
+    listed = {param["name"] for param in DOC["paths"]["/api/task_runs"]["get"]["parameters"]}
+    assert "tag" in listed
 
 
 def test_the_example_requests_validate() -> None:
@@ -141,6 +146,9 @@ async def test_a_real_server_gives_the_documented_answers(keyed_server: RunningS
         await call("post", "/api/task_runs/batch", 201)
         await call("get", "/api/task_runs", 200)
         await call("get", "/api/task_runs", 422, state="SOON")
+        await call("get", "/api/task_runs", 422, tag=[""])
+        tagged = await call("get", "/api/task_runs", 200, tag=["nightly", "billing"])
+        assert tagged.json() == []
         found = await call("get", "/api/task_runs/find", 200)
         assert [run["id"] for run in found.json()] == [first["id"]]
         await call("get", "/api/task_runs/find", 422, id_prefix="xyz")

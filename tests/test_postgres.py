@@ -23,7 +23,7 @@ import pytest
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state, utcnow
+from trioworker.models import SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state, utcnow
 from trioworker.server.store import DatabaseInUse, LiveServer, StoreError
 from trioworker.server.store import postgres as postgres_store
 from trioworker.server.store.postgres import _SERVER_LOCK, SCHEMA_VERSION, PostgresStore, PostgresTarget
@@ -50,8 +50,12 @@ TABLES = {
     "trioworker_ready",
     "trioworker_task_run_states",
     "trioworker_replicas",
+    "trioworker_task_run_tags",
+    "trioworker_cache",
 }
 
+#: Undoes schema step 5 (a database of schema 4).
+SCHEMA_5_UNDONE = ("DROP TABLE trioworker_task_run_tags", "DROP TABLE trioworker_cache")
 #: Undoes schema step 4 (a database of schema 3).
 SCHEMA_4_UNDONE = ("ALTER TABLE trioworker_replicas DROP COLUMN version, DROP COLUMN workers",)
 #: Undoes schema steps 4 and 3 (a database of schema 2).
@@ -142,6 +146,7 @@ async def test_a_schema_1_database_is_migrated_and_keeps_its_runs(
         [ended] = await store.set_states([(plain, nul)], now=0.0)
         assert ended.run is not None
     for statement in (  # back to schema 1
+        *SCHEMA_5_UNDONE,
         *SCHEMA_3_UNDONE,
         "DROP INDEX trioworker_task_runs_parent",
         "DROP INDEX trioworker_task_run_states_ended",
@@ -170,7 +175,7 @@ async def test_a_schema_2_database_is_migrated_and_its_runs_that_wait_still_wait
     async with PostgresStore.open(postgres_url) as store:
         [(upstream, _)] = await store.create_runs([TaskRunCreate(task_key="u")])
         [(waiting, _)] = await store.create_runs([TaskRunCreate(task_key="w", wait_for=[upstream.id])])
-    for statement in (*SCHEMA_3_UNDONE, "UPDATE trioworker_schema SET version = 2"):
+    for statement in (*SCHEMA_5_UNDONE, *SCHEMA_3_UNDONE, "UPDATE trioworker_schema SET version = 2"):
         await sql(postgres_url, statement)
     async with PostgresStore.open(postgres_url) as store:
         assert [q.id for q in await store.recover(5) if q.wait_for] == [waiting.id]
@@ -185,7 +190,7 @@ async def test_a_schema_3_database_is_migrated_and_keeps_the_rows_of_its_servers
     async with PostgresStore.open(postgres_url, exclusive=False) as store:
         await store.register_replica(server, 60, "http://a:4300")
         [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
-    for statement in (*SCHEMA_4_UNDONE, "UPDATE trioworker_schema SET version = 3"):
+    for statement in (*SCHEMA_5_UNDONE, *SCHEMA_4_UNDONE, "UPDATE trioworker_schema SET version = 3"):
         await sql(postgres_url, statement)
     async with PostgresStore.open(postgres_url, exclusive=False) as store:
         here = LiveServer(uuid.uuid4(), "here", utcnow(), None, None, [])
@@ -194,6 +199,52 @@ async def test_a_schema_3_database_is_migrated_and_keeps_the_rows_of_its_servers
         assert (other.id, other.url, other.version, other.workers) == (server, "http://a:4300", "unknown", [])
         assert await store.read_run(run.id) == run
     assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
+
+
+async def test_a_schema_3_database_is_migrated_and_its_runs_are_found_by_tag(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        created = await store.create_runs(
+            [
+                TaskRunCreate(task_key="k", tags=["a", "b"]),
+                TaskRunCreate(task_key="k", parameters={"text": '"tags":["a"]'}),
+                TaskRunCreate(task_key="k", tags=["b"]),
+            ]
+        )
+        both, none, only_b = (run.id for run, _ in created)
+    for statement in (*SCHEMA_5_UNDONE, *SCHEMA_4_UNDONE, "UPDATE trioworker_schema SET version = 3"):
+        await sql(postgres_url, statement)
+    monkeypatch.setattr(postgres_store, "_FILL_BATCH", 1)  # a batch per tagged run
+    async with PostgresStore.open(postgres_url) as store:
+        assert [r.id for r in await store.list_runs(tags=["a"])] == [both]
+        assert [r.id for r in await store.list_runs(tags=["b"])] == [both, only_b]
+        assert [r.id for r in await store.list_runs(tags=["b", "a"])] == [both]
+        assert none not in {r.id for r in await store.list_runs(tags=["a"])}
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
+
+
+async def test_two_servers_creating_runs_of_one_cache_key_at_once_let_one_compute_it(
+    postgres_url: str,
+) -> None:
+    created: list[TaskRun] = []
+
+    async def create(store: PostgresStore) -> None:
+        for _ in range(10):
+            results = await store.create_runs([TaskRunCreate(task_key="k", cache_key="c")], now=time.time())
+            created.extend(run for run, _ in results)
+
+    async with (
+        PostgresStore.open(postgres_url, exclusive=False) as a,
+        PostgresStore.open(postgres_url, exclusive=False) as b,
+        trio.open_nursery() as nursery,
+    ):
+        for store in (a, b, a, b, a, b):
+            nursery.start_soon(create, store)
+    computing = [run for run in created if run.state.state_details.cache_owner is None]
+    assert len(created) == 60 and len(computing) == 1
+    assert {run.state.state_details.cache_owner for run in created} == {None, computing[0].id}
+    assert await sql(postgres_url, "SELECT run_id FROM trioworker_cache") == [(computing[0].id,)]
 
 
 def test_the_location_never_shows_the_password() -> None:

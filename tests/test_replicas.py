@@ -590,6 +590,35 @@ async def test_an_idempotency_key_makes_one_run_across_servers(replicas: Replica
     assert await sql(replicas.url, "SELECT count(*) FROM trioworker_task_runs") == [(1,)]
 
 
+async def test_runs_of_one_cache_key_on_two_servers_run_the_function_once(replicas: Replicas) -> None:
+    _, a = await replicas.start()
+    _, b = await replicas.start()
+    async with (
+        httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a,
+        httpx.AsyncClient(base_url=b.api_url, timeout=DEADLINE) as api_b,
+    ):
+        ids: list[str] = []
+        async with trio.open_nursery() as nursery:
+            for n in range(10):
+
+                async def create(api: httpx.AsyncClient) -> None:
+                    ids.extend(await submit(api, "r.block", {}, cache_key="once"))
+
+                nursery.start_soon(create, (api_a, api_b)[n % 2])
+        listed = (await api_a.get("/task_runs", params={"limit": 100})).json()
+        computing = [run["id"] for run in listed if "cache_owner" not in run["state"]["state_details"]]
+        assert len(computing) == 1 and sorted(run["id"] for run in listed) == sorted(ids)
+        async with worker(a, block), worker(b, block):
+            with trio.fail_after(DEADLINE):
+                await record.started.wait()
+            # It completes through a; the runs created through b wait on b's side.
+            done = {"state": {"type": "COMPLETED", "data": "made once"}, "force": True}
+            assert (await api_a.post(f"/task_runs/{computing[0]}/set_state", json=done)).status_code == 200
+            runs = await wait_all(api_b, ids, seconds=DEADLINE)
+        assert {run["state"]["data"] for run in runs} == {"made once"}
+        assert sorted(run["state"]["name"] for run in runs) == ["Cached"] * 9 + ["Completed"]
+
+
 async def test_many_runs_on_two_servers_each_run_once(replicas: Replicas) -> None:
     _, a = await replicas.start()
     _, b = await replicas.start()

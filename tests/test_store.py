@@ -146,6 +146,31 @@ async def test_a_schema_2_file_gets_the_parent_column_filled(tmp_path: Path) -> 
     conn.close()
 
 
+async def test_a_schema_3_file_gets_its_runs_tags_indexed(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        created = await store.create_runs(
+            [
+                TaskRunCreate(task_key="k", tags=["a", "b"]),
+                TaskRunCreate(task_key="k", parameters={"text": '"tags":["a"]'}),
+                TaskRunCreate(task_key="k", tags=["b"]),
+            ]
+        )
+        both, _, only_b = (run.id for run, _ in created)
+    conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3: no tags, no cache
+    conn.execute("DROP TABLE task_run_tags")
+    conn.execute("DROP TABLE task_run_cache")
+    conn.execute("UPDATE schema_version SET version = 3")
+    conn.close()
+    async with SQLiteStore.open(path) as store:
+        assert [r.id for r in await store.list_runs(tags=["a"])] == [both]
+        assert [r.id for r in await store.list_runs(tags=["b"], newest_first=True)] == [only_b, both]
+        assert [r.id for r in await store.list_runs(tags=["a", "b"])] == [both]
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    conn.close()
+
+
 async def test_counts_read_beside_the_committer_and_stop_with_the_store(tmp_path: Path) -> None:
     async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
         await store.create_runs([TaskRunCreate(task_key="k")])

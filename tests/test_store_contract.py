@@ -445,3 +445,185 @@ async def test_purge_ended_goes_in_batches_of_the_limit(store: Store) -> None:
     before = datetime.now(UTC) + timedelta(seconds=1)
     batches = [await store.purge_ended(before, limit=3) for _ in range(4)]
     assert batches == [ids[:3], ids[3:6], ids[6:], []]
+
+
+# --------------------------------------------------------------------------- tags
+
+
+async def test_list_runs_by_tags_finds_the_runs_with_every_tag(store: Store) -> None:
+    created = await store.create_runs(
+        [
+            TaskRunCreate(task_key="a", tags=["x", "y"]),
+            TaskRunCreate(task_key="a", tags=["y"]),
+            TaskRunCreate(task_key="b", tags=["x", "x"]),
+            TaskRunCreate(task_key="a"),
+        ]
+    )
+    xy, y, x, _ = (run for run, _ in created)
+    assert x.tags == ["x"]  # a tag given twice is kept once
+    assert [r.id for r in await store.list_runs(tags=["x"])] == [xy.id, x.id]
+    assert [r.id for r in await store.list_runs(tags=["y"], newest_first=True)] == [y.id, xy.id]
+    assert [r.id for r in await store.list_runs(tags=["x", "y"])] == [xy.id]
+    assert [r.id for r in await store.list_runs(tags=["x"], task_key="b")] == [x.id]
+    assert [r.id for r in await store.list_runs(tags=["y"], limit=1, offset=1)] == [y.id]
+    assert await store.list_runs(tags=["nobody"]) == []
+    assert await store.list_runs(tags=["x\x00"]) == []
+    await store.delete_run(xy.id)
+    assert [r.id for r in await store.list_runs(tags=["x"])] == [x.id]
+    [(again, _)] = await store.create_runs([TaskRunCreate(task_key="a", tags=["x"])])
+    assert [r.id for r in await store.list_runs(tags=["x"])] == [x.id, again.id]
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def cached(key: str = "c", **fields: object) -> TaskRunCreate:
+    fields.setdefault("parameters", {"n": 1})
+    return TaskRunCreate(task_key="k", cache_key=key, **fields)  # type: ignore[arg-type]
+
+
+async def _complete(store: Store, run_id: uuid.UUID, data: object, now: float) -> None:
+    await store.claim_runs([run_id], "c")
+    [_, completed] = await store.set_states(
+        [
+            (run_id, state(StateType.RUNNING)),
+            (run_id, SetStateRequest(make_state(StateType.COMPLETED, data=data))),
+        ],
+        now=now,
+    )
+    assert completed.result.status.value == "ACCEPT", completed.result
+
+
+async def test_runs_of_one_cache_key_wait_for_the_first_then_reuse_its_result(store: Store) -> None:
+    now = time.time()
+    [(first, q1), (second, q2)] = await store.create_runs([cached(), cached()], now=now)
+    assert q1 is not None and q2 is not None
+    assert (first.state.type, first.state.state_details.cache_owner, q1.wait_for) == (
+        StateType.SCHEDULED,
+        None,
+        (),
+    )
+    assert second.state.state_details.cache_owner == first.id
+    assert (q2.wait_for, q2.cache_owner) == ((first.id,), first.id)
+    assert second.wait_for == []  # the run's own wait_for is the submitter's
+    await _complete(store, first.id, {"answer": 42}, now)
+    [done] = await store.read_runs([first.id])
+    assert (done.state.state_details.cache_key, done.state.state_details.cache_expiration) == ("c", None)
+    [settled] = await store.settle_cached([second.id], now=now)
+    assert settled.run is not None and settled.queued is None
+    assert (settled.run.state.type, settled.run.state.name) == (StateType.COMPLETED, "Cached")
+    assert settled.run.state.data == {"answer": 42}
+    assert await store.read_run(second.id) == settled.run
+    [(third, q3)] = await store.create_runs([cached()], now=now)
+    assert (third.state.type, third.state.name, third.state.data) == (
+        StateType.COMPLETED,
+        "Cached",
+        {"answer": 42},
+    )
+    assert q3 is not None  # new, though not queued
+    history = await store.history(third.id)
+    assert history is not None and [(h.type, h.name) for h in history] == [
+        (StateType.SCHEDULED, "Scheduled"),
+        (StateType.COMPLETED, "Cached"),
+    ]
+    [(other_key, _)] = await store.create_runs([cached("d")], now=now)
+    assert other_key.state.type is StateType.SCHEDULED  # another key: computed
+    [(other_task, _)] = await store.create_runs([TaskRunCreate(task_key="j", cache_key="c")], now=now)
+    assert other_task.state.state_details.cache_owner is None  # keys are per task key
+
+
+async def test_a_cached_result_expires(store: Store) -> None:
+    now = time.time()
+    [(first, _)] = await store.create_runs([cached(cache_expiration=60.0)], now=now)
+    await _complete(store, first.id, 1, now)
+    [done] = await store.read_runs([first.id])
+    expires = done.state.state_details.cache_expiration
+    assert expires is not None and abs(expires.timestamp() - (now + 60)) < 1e-3
+    [(reused, _)] = await store.create_runs([cached()], now=now + 59)
+    assert reused.state.name == "Cached"
+    assert reused.state.state_details.cache_expiration == expires
+    [(expired, q)] = await store.create_runs([cached()], now=now + 61)
+    assert (expired.state.type, expired.state.state_details.cache_owner) == (StateType.SCHEDULED, None)
+    assert q is not None and q.wait_for == ()
+    [(waiting, _)] = await store.create_runs([cached()], now=now + 62)
+    assert waiting.state.state_details.cache_owner == expired.id  # the key is its now
+
+
+async def test_when_the_run_computing_a_key_fails_the_first_waiting_run_computes_it(store: Store) -> None:
+    now = time.time()
+    [(owner, _), (first, _), (second, _)] = await store.create_runs([cached(), cached(), cached()], now=now)
+    await store.claim_runs([owner.id], "c")
+    await store.set_states(
+        [(owner.id, state(StateType.RUNNING)), (owner.id, state(StateType.FAILED))], now=now
+    )
+    changes = await store.settle_cached([second.id, first.id], now=now)
+    by_id = {c.run.id: c for c in changes if c.run is not None}
+    computes, waits = by_id[first.id], by_id[second.id]
+    assert computes.run is not None and computes.queued is not None
+    assert computes.run.state.type is StateType.SCHEDULED
+    assert (computes.run.state.state_details.cache_owner, computes.queued.wait_for) == (None, ())
+    assert waits.run is not None and waits.queued is not None
+    assert waits.run.state.state_details.cache_owner == first.id
+    assert (waits.queued.wait_for, waits.queued.cache_owner) == ((first.id,), first.id)
+    # Settling again changes nothing.
+    again = await store.settle_cached([first.id, second.id], now=now)
+    assert [c.result.details for c in again] == ["unchanged", "unchanged"]
+    assert [c.queued for c in again] == [computes.queued, waits.queued]
+
+
+async def test_refresh_cache_computes_again_and_its_result_replaces_the_old(store: Store) -> None:
+    now = time.time()
+    [(first, _)] = await store.create_runs([cached()], now=now)
+    await _complete(store, first.id, "old", now)
+    [(fresh, _)] = await store.create_runs([cached(refresh_cache=True)], now=now)
+    assert fresh.state.type is StateType.SCHEDULED and fresh.refresh_cache
+    [(waiting, _)] = await store.create_runs([cached()], now=now)
+    assert waiting.state.state_details.cache_owner == fresh.id
+    await _complete(store, fresh.id, "new", now)
+    [(after, _)] = await store.create_runs([cached()], now=now)
+    assert (after.state.name, after.state.data) == ("Cached", "new")
+
+
+async def test_a_result_is_reused_only_with_the_same_serializer(store: Store) -> None:
+    now = time.time()
+    [(first, _)] = await store.create_runs([cached()], now=now)
+    await _complete(store, first.id, 1, now)
+    [(pickled, _)] = await store.create_runs([cached(serializer="pickle", parameters="cGlja2xl")], now=now)
+    assert (pickled.state.type, pickled.state.state_details.cache_owner) == (StateType.SCHEDULED, None)
+
+
+async def test_a_deleted_or_purged_run_takes_its_cached_result_along(store: Store) -> None:
+    now = time.time()
+    [(first, _)] = await store.create_runs([cached()], now=now)
+    await _complete(store, first.id, 1, now)
+    await store.delete_run(first.id)
+    [(second, _)] = await store.create_runs([cached()], now=now)
+    assert (second.state.type, second.state.state_details.cache_owner) == (StateType.SCHEDULED, None)
+    await _complete(store, second.id, 2, now)
+    assert (await store.create_runs([cached()], now=now))[0][0].state.data == 2
+    await store.purge_ended(datetime.now(UTC) + timedelta(seconds=1), task_key="k")
+    [(third, _)] = await store.create_runs([cached()], now=now)
+    assert (third.state.type, third.state.state_details.cache_owner) == (StateType.SCHEDULED, None)
+
+
+async def test_recover_names_the_run_a_waiting_run_waits_for(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        [(owner, _), (waiting, _)] = await store.create_runs([cached(), cached()])
+    async with open_store() as store:
+        queued = {q.id: q for q in await store.recover(max_deliveries=5)}
+        assert (queued[owner.id].wait_for, queued[owner.id].cache_owner) == ((), None)
+        assert (queued[waiting.id].wait_for, queued[waiting.id].cache_owner) == ((owner.id,), owner.id)
+
+
+async def test_a_waiting_run_set_scheduled_by_force_is_freed_when_settled(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        [(owner, _), (waiting, _)] = await store.create_runs([cached(), cached()])
+        forced = SetStateRequest(make_state(StateType.SCHEDULED), force=True)
+        [change] = await store.set_states([(waiting.id, forced)], now=time.time())
+        assert change.queued is not None and change.queued.wait_for == ()
+        [settled] = await store.settle_cached([waiting.id], now=time.time())
+        assert settled.result.details == "unchanged" and settled.queued is not None
+        assert settled.queued.wait_for == ()
+    async with open_store() as store:
+        queued = {q.id: q for q in await store.recover(max_deliveries=5)}
+        assert queued[waiting.id].wait_for == () and queued[owner.id].wait_for == ()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from trioworker import cache_policies as cache_policies
 from trioworker import sync as sync
 from trioworker._version import __version__ as __version__
 from trioworker.client.futures import SyncTaskRunFuture as SyncTaskRunFuture
@@ -69,6 +70,7 @@ __all__ = [
     "TrioworkerError",
     "__version__",
     "as_completed",
+    "cache_policies",
     "connect",
     "current_run",
     "serve",

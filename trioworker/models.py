@@ -15,6 +15,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 import attrs
 import orjson
+from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf.orjson import OrjsonConverter, make_converter
 
 from trioworker.protocol import SERIALIZER_JSON
@@ -78,6 +79,14 @@ class StateDetails:
     #: In a proposed SCHEDULED state: due this many seconds after the server accepts it.
     #: (Relative, so that the worker's and the server's clocks need not agree.)
     delay_seconds: float | None = None
+    #: On the COMPLETED state of a run with a cache key (its own result, or one from the
+    #: cache: state name ``Cached``): that key.
+    cache_key: str | None = None
+    #: With ``cache_key``: when that result stops being reused (None: never).
+    cache_expiration: datetime | None = None
+    #: On a SCHEDULED state: the run that computes the same cache key right now; this run
+    #: waits for it, then ends ``Cached`` with its result (or runs, if it failed).
+    cache_owner: uuid.UUID | None = None
 
 
 @attrs.frozen
@@ -149,6 +158,12 @@ class TaskRun:
     context: dict[str, JSON] = attrs.field(factory=dict)
     parent_task_run_id: uuid.UUID | None = None
     wait_for: list[uuid.UUID] = attrs.field(factory=list)
+    #: Runs of this task with the same cache key share one result (see ``TaskRunCreate``).
+    cache_key: str | None = None
+    #: Seconds a result stays in the cache once this run completed (None: no end).
+    cache_expiration: float | None = None
+    #: This run ignores the cache, runs, and its result replaces the cached one.
+    refresh_cache: bool = False
 
     @property
     def state_type(self) -> StateType:
@@ -174,6 +189,13 @@ class TaskRunCreate:
     be sent again without making a second run: the server answers a known ``id`` with the
     run it already has (409 if that run has another task key or idempotency key). None:
     the server picks one.
+
+    ``cache_key`` (computed by the submitter from the task's cache policy) makes the server
+    reuse results: a run whose key has a completed, unexpired result ends COMPLETED at
+    once (state name ``Cached``) with that result, and never reaches a worker; one created
+    while another run of the key is in flight waits for it and then does the same (or
+    runs, if that one did not complete). The server decides, so two runs with one key
+    submitted at once run the function once, even through two servers.
     """
 
     task_key: str
@@ -187,6 +209,14 @@ class TaskRunCreate:
     parent_task_run_id: uuid.UUID | None = None
     wait_for: list[uuid.UUID] = attrs.field(factory=list)
     id: uuid.UUID | None = None
+    #: Runs of one task key with the same cache key share one result (at most 1000
+    #: characters; None: no caching).
+    cache_key: str | None = None
+    #: Seconds the result of this run stays in the cache once it completed (None: until
+    #: the run is deleted; retention deletes it too).
+    cache_expiration: float | None = None
+    #: Ignore the cache: run, and make this run's result the cached one.
+    refresh_cache: bool = False
 
 
 @attrs.frozen
@@ -276,7 +306,20 @@ def _make_converter() -> OrjsonConverter:
         conv.register_structure_hook(enum_cls, lambda v, t: t(v))
     # JSON values pass through untouched in both directions.
     conv.register_structure_hook(Any, lambda v, _: v)
+    # The caching fields are left out while they hold their defaults: a run without a
+    # cache key travels (and is stored) exactly as before they existed.
+    for cls, fields in _OMITTED_WHEN_DEFAULT.items():
+        omitted: dict[str, Any] = {name: override(omit_if_default=True) for name in fields}
+        conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, **omitted))
     return conv
+
+
+#: Fields that :data:`converter` leaves out of a model's JSON while they hold their default.
+_OMITTED_WHEN_DEFAULT: Final[dict[type, tuple[str, ...]]] = {
+    StateDetails: ("cache_key", "cache_expiration", "cache_owner"),
+    TaskRun: ("cache_key", "cache_expiration", "refresh_cache"),
+    TaskRunCreate: ("cache_key", "cache_expiration", "refresh_cache"),
+}
 
 
 #: The converter every trioworker process uses for the wire format.

@@ -176,3 +176,6 @@ ROOM: Final = "room"
 OVERVIEW_MESSAGE: Final = "overview"
 RUNS_CHANGED: Final = "runs"
 RESYNC: Final = "resync"
+
+#: The longest cache key a create may carry (characters; see ``TaskRunCreate.cache_key``).
+MAX_CACHE_KEY_LENGTH: Final = 1000

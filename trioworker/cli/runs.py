@@ -185,13 +185,15 @@ async def _run_runs(args: argparse.Namespace) -> None:
                 limit=args.limit,
                 offset=args.offset,
                 newest_first=True,
+                tags=args.tag,
             )
     if args.json:
         print_json(converter.unstructure(runs))
         return
     console = stdout_console()
     if not runs:
-        console.print("No runs" + (" match." if args.task or args.state else ".") + _page_hint(args, 0))
+        filtered = args.task or args.state or args.tag
+        console.print("No runs" + (" match." if filtered else ".") + _page_hint(args, 0))
         return
     table = Table(title="Task runs (newest first; times are local)", title_justify="left")
     table.add_column("id", no_wrap=True)
@@ -263,6 +265,14 @@ def _run_fields(run: TaskRun) -> Table:
         rows.append(("context", plain(_json_text(run.context))))
     if run.idempotency_key is not None:
         rows.append(("idempotency key", plain(run.idempotency_key)))
+    if run.cache_key is not None:
+        lasts = "" if run.cache_expiration is None else f" (kept {run.cache_expiration:g} s)"
+        rows.append(
+            ("cache key", plain(run.cache_key + lasts + (", refreshed" if run.refresh_cache else "")))
+        )
+    owner = run.state.state_details.cache_owner
+    if owner is not None and run.state.type.value == "SCHEDULED":
+        rows.append(("waits for", f"{owner} (computing the same cache key)"))
     for label, value in rows:
         fields.add_row(label, value)
     return fields
@@ -380,6 +390,7 @@ def add_runs_commands(commands: Any) -> None:
             "  trioworker runs\n"
             "  trioworker runs --state FAILED\n"
             "  trioworker runs --task demo.square --limit 100 --offset 100\n"
+            "  trioworker runs --tag nightly --tag billing\n"
             "  trioworker runs --state failed --json | jq -r '.[].id'\n"
             "\n"
             "States: SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, CRASHED (any case)."
@@ -388,6 +399,13 @@ def add_runs_commands(commands: Any) -> None:
     )
     runs.add_argument("--state", type=_state_type, default=None, metavar="S", help="only runs in this state")
     runs.add_argument("--task", default=None, metavar="KEY", help="only runs of this task key")
+    runs.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="only runs with this tag (repeat it: runs with every tag given)",
+    )
     runs.add_argument(
         "--limit",
         type=_page_size,

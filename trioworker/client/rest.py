@@ -194,9 +194,16 @@ class _Calls:
 
     @staticmethod
     def read_many(
-        task_key: str | None, state: StateType | None, limit: int, offset: int, newest_first: bool
+        task_key: str | None,
+        state: StateType | None,
+        limit: int,
+        offset: int,
+        newest_first: bool,
+        tags: Sequence[str] = (),
     ) -> _Call[list[TaskRun]]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if tags:
+            params["tag"] = list(tags)
         if task_key is not None:
             params["task_key"] = task_key
         if state is not None:
@@ -671,10 +678,12 @@ class TaskRunClient(_Base):
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = False,
+        tags: Sequence[str] = (),
     ) -> list[TaskRun]:
         """Runs in the order they were created (``newest_first``: the reverse), filtered by
-        task key and state type; ``offset`` of them skipped, at most ``limit`` (1 to 1000)."""
-        return await self.call(_Calls.read_many(task_key, state, limit, offset, newest_first))
+        task key, state type and ``tags`` (runs with every one of them); ``offset`` of them
+        skipped, at most ``limit`` (1 to 1000)."""
+        return await self.call(_Calls.read_many(task_key, state, limit, offset, newest_first, tags))
 
     async def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
         """The runs whose id starts with ``id_prefix`` (hex digits, dashes optional, any
@@ -850,8 +859,9 @@ class SyncTaskRunClient(_Base):
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = False,
+        tags: Sequence[str] = (),
     ) -> list[TaskRun]:
-        return self.call(_Calls.read_many(task_key, state, limit, offset, newest_first))
+        return self.call(_Calls.read_many(task_key, state, limit, offset, newest_first, tags))
 
     def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
         return self.call(_Calls.find(id_prefix, limit))

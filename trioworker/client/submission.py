@@ -48,6 +48,25 @@ class TaskSpec(Protocol):
     @property
     def serializer(self) -> str: ...
 
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """Tags every run carries, after the submitter's."""
+        ...
+
+    @property
+    def cache_expiration(self) -> float | None: ...
+
+    @property
+    def refresh_cache(self) -> bool: ...
+
+    def run_name(self, parameters: Mapping[str, Any]) -> str | None:
+        """The name of a run with these arguments, or None for the server's default."""
+        ...
+
+    def cache_key(self, parameters: Mapping[str, Any], sent: Mapping[str, Any]) -> str | None:
+        """The cache key of a run with these arguments (sent as ``sent``), or None."""
+        ...
+
 
 @attrs.frozen
 class unmapped(Generic[T]):
@@ -80,12 +99,20 @@ def build_create(
     Raises TypeError for arguments that do not fit the signature, for a value that would
     not arrive on the worker as it is (json), and for a ``scheduled_time`` that is not a
     datetime. A naive ``scheduled_time`` is local time, as ``datetime.timestamp()`` reads it.
+
+    The run is named by ``name``, else by the task's ``task_run_name`` (a ValueError or
+    TypeError naming the task when it cannot be made); its tags are the submitter's
+    (``trioworker.tags()``) then the task's; its cache key is the task's cache policy's (a
+    ValueError for a key the server would refuse).
     """
     if scheduled_time is not None:
         if not isinstance(scheduled_time, datetime):
             raise TypeError(f"scheduled_time must be a datetime, got {type(scheduled_time).__name__}")
         scheduled_time = scheduled_time.astimezone(UTC)  # naive: local time
     bound = serializers.bind(task.fn, tuple(args), dict(kwargs))
+    arguments = dict(bound.arguments)  # as the call gave them (futures included)
+    if name is None:
+        name = task.run_name(arguments)
     deps: list[uuid.UUID] = [
         w.task_run_id if isinstance(w, _FutureBase) else uuid.UUID(str(w)) for w in wait_for
     ]
@@ -100,8 +127,10 @@ def build_create(
             bound.arguments[key] = _placeholder(value, task.serializer, deps)
     if task.serializer == SERIALIZER_PICKLE:
         parameters: Any = _pickled(task, bound)
+        sent: Mapping[str, Any] = bound.arguments
     else:
-        parameters = serializers.dump_bound(bound, serializers.hints(task.fn), task=task.key)
+        parameters = sent = serializers.dump_bound(bound, serializers.hints(task.fn), task=task.key)
+    cache_key = task.cache_key(arguments, sent)
     tags, context, parent = submission_context()
     return TaskRunCreate(
         task_key=task.key,
@@ -110,11 +139,14 @@ def build_create(
         serializer=task.serializer,
         scheduled_time=scheduled_time,
         idempotency_key=idempotency_key,
-        tags=tags,
+        tags=list(dict.fromkeys((*tags, *task.tags))),
         context=context,
         parent_task_run_id=parent,
         wait_for=list(dict.fromkeys(deps)),
         id=uuid.uuid4(),  # chosen here, so that a create whose answer was lost can be sent again
+        cache_key=cache_key,
+        cache_expiration=None if cache_key is None else task.cache_expiration,
+        refresh_cache=cache_key is not None and task.refresh_cache,
     )
 
 

@@ -47,6 +47,8 @@ SUBSCRIPTION_ROUTE: Final = route(protocol.SUBSCRIPTION_PATH)
 CHANNEL_ROUTE: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
 MAX_WAIT_SECONDS: Final = 300.0
+#: The most ``tag`` filters one list of runs takes (a run must carry every one).
+MAX_TAG_FILTERS: Final = 20
 #: The most a purge's ``older_than`` may be: 100 years, in seconds.
 MAX_PURGE_AGE: Final = 100 * 365.25 * 86400
 
@@ -298,6 +300,9 @@ def create_app(
         fields = request.args.get("fields", "all").lower()
         if fields not in ("all", "summary"):
             raise Refusal(422, f"fields must be all or summary (no parameters, no result), got {fields!r}")
+        tags = request.args.getlist("tag")
+        if len(tags) > MAX_TAG_FILTERS or not all(tags):
+            raise Refusal(422, f"tag must be a non-empty tag, given at most {MAX_TAG_FILTERS} times")
         runs = await service.list_runs(
             task_key=request.args.get("task_key"),
             state=state,
@@ -305,6 +310,7 @@ def create_app(
             offset=offset,
             parent_task_run_id=parent,
             newest_first=sort == "CREATED_DESC",
+            tags=tags,
         )
         if fields == "all":
             return _dump(runs)

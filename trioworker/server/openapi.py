@@ -463,6 +463,13 @@ def document(version: str) -> dict[str, JSON]:
                         "Only the runs submitted from inside this run.",
                     ),
                     _param(
+                        "tag",
+                        "query",
+                        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 20},
+                        "Only runs with this tag; repeated (tag=a&tag=b), runs with every tag given.",
+                        example=["nightly"],
+                    ),
+                    _param(
                         "fields",
                         "query",
                         {"type": "string", "enum": ["all", "summary"], "default": "all"},

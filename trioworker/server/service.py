@@ -163,6 +163,9 @@ class TaskRunService:
     )
     #: Blocked runs whose upstreams all completed, to release in a shared store.
     _unblocked: list[QueuedRun] = attrs.field(factory=list)
+    #: Runs that waited for the run computing their cache key, which ended: for the store
+    #: to decide again (:meth:`~trioworker.server.store.base.Store.settle_cached`).
+    _settle: list[uuid.UUID] = attrs.field(factory=list)
     #: This server's id among those sharing the store (None: it is alone).
     replica_id: uuid.UUID | None = None
     #: Raised, this server's sockets close (see :mod:`trioworker.server.fence`).
@@ -234,18 +237,20 @@ class TaskRunService:
 
     async def _create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
         try:
-            results = await self.store.create_runs(creates)
+            results = await self.store.create_runs(creates, now=self.dispatcher.clock())
         except RunIdTaken as exc:
             raise Refusal(409, str(exc)) from None
         created = [run for run, queued in results if queued is not None]
+        # A run answered from the cache is created COMPLETED: it ended, nothing queues it.
+        queued = [(run, q) for run, q in results if q is not None and run.state.type is StateType.SCHEDULED]
         if self._shared is None:
-            for run, queued in results:
-                if queued is not None:
-                    self.fresh.add(run, queued)
+            for run, entry in queued:
+                self.fresh.add(run, entry)
         self.feed.runs_changed(created)
         self.metrics.runs_created(created)
-        await self._admit(q for _, q in results if q is not None)
-        return [(run, queued is not None) for run, queued in results]
+        self.metrics.runs_changed(run for run in created if run.state.is_terminal)
+        await self._admit(entry for _, entry in queued)
+        return [(run, entry is not None) for run, entry in results]
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self.store.read_run(run_id)
@@ -259,6 +264,7 @@ class TaskRunService:
         offset: int,
         parent_task_run_id: uuid.UUID | None = None,
         newest_first: bool = False,
+        tags: Sequence[str] = (),
     ) -> list[TaskRun]:
         return await self.store.list_runs(
             task_key=task_key,
@@ -267,6 +273,7 @@ class TaskRunService:
             offset=offset,
             parent_task_run_id=parent_task_run_id,
             newest_first=newest_first,
+            tags=tags,
         )
 
     async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
@@ -299,7 +306,8 @@ class TaskRunService:
 
     async def retry(self, run_id: uuid.UUID) -> TaskRun:
         """A new run of the ended run ``run_id``, with the same task, parameters, tags,
-        context, parent and ``wait_for``; SCHEDULED. Its name is the one a new submission
+        context, parent, ``wait_for`` and cache key; SCHEDULED (or answered from the cache,
+        as a new submission would be). Its name is the one a new submission
         gets (``<task key>-<its id's first 8 hex digits>``) unless the old run's was given
         at submission (then that name again).
 
@@ -324,6 +332,9 @@ class TaskRunService:
             context=dict(run.context),
             parent_task_run_id=run.parent_task_run_id,
             wait_for=list(run.wait_for),
+            cache_key=run.cache_key,
+            cache_expiration=run.cache_expiration,
+            refresh_cache=run.refresh_cache,
         )
         [(new, _)] = await self.create_runs([create])
         return new
@@ -697,6 +708,12 @@ class TaskRunService:
             if blocked is None:
                 continue
             entry, pending = blocked
+            if entry.cache_owner == upstream:
+                # It waited for the run computing its cache key: the store decides what
+                # becomes of it (reused result, another run to wait for, or its own run).
+                del self._blocked[dependent]
+                self._settle.append(dependent)
+                continue
             if state is not StateType.COMPLETED:
                 del self._blocked[dependent]
                 what = "does not exist" if state is None else f"ended {state.value}"
@@ -712,22 +729,44 @@ class TaskRunService:
 
     async def _fail_doomed(self) -> None:
         """Release held-back runs whose upstreams completed (in a shared store: there they
-        wait too), and fail those whose upstream failed (and, in turn, their own dependents)."""
-        if self._unblocked and self._shared is not None:
-            released, self._unblocked = self._unblocked, []
-            try:
-                await self._shared.release_waiting([entry.id for entry in released])
-            except StoreError:
-                self._unblocked = released + self._unblocked  # the next call tries again
-                raise
-            self.dispatcher.enqueue(released)
-        while self._doomed:
-            doomed, self._doomed = self._doomed, []
-            requests = [
-                (run_id, SetStateRequest(make_state(StateType.FAILED, message=f"not started: {why}")))
-                for run_id, why in doomed
-            ]
-            await self._set_states(requests, None)
+        wait too), settle those whose cache key's run ended, and fail those whose upstream
+        failed (and, in turn, their own dependents)."""
+        while self._settle or self._doomed or (self._unblocked and self._shared is not None):
+            if self._settle:
+                await self._settle_cached()
+            if self._unblocked and self._shared is not None:
+                released, self._unblocked = self._unblocked, []
+                try:
+                    await self._shared.release_waiting([entry.id for entry in released])
+                except StoreError:
+                    self._unblocked = released + self._unblocked  # the next call tries again
+                    raise
+                self.dispatcher.enqueue(released)
+            if self._doomed:
+                doomed, self._doomed = self._doomed, []
+                requests = [
+                    (run_id, SetStateRequest(make_state(StateType.FAILED, message=f"not started: {why}")))
+                    for run_id, why in doomed
+                ]
+                await self._set_states(requests, None)
+
+    async def _settle_cached(self) -> None:
+        """Have the store decide again the runs whose cache key's run ended: those answered
+        from the cache end (their waiters and dependents hear of it), the others are held
+        again (for the run that computes the key now, or their own ``wait_for``) or queued."""
+        settle, self._settle = list(dict.fromkeys(self._settle)), []
+        try:
+            changes = await self.store.settle_cached(settle, now=self.dispatcher.clock())
+        except StoreError:
+            self._settle = settle + self._settle  # the next call tries again
+            raise
+        changed = [c.run for c in changes if c.run is not None and c.result.details is None]
+        ended = [run for run in changed if run.state.is_terminal]
+        self.feed.runs_changed(changed)
+        self.metrics.runs_changed(ended)
+        for run in ended:
+            self._notify_ended(run.id, run)
+        await self._admit(c.queued for c in changes if c.queued is not None)
 
     # -- bookkeeping
     def _after_change(self, run_id: uuid.UUID, change: Change, reporter: Subscription | None) -> None:

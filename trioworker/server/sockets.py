@@ -17,7 +17,7 @@ from quart import websocket
 
 from trioworker import protocol
 from trioworker.models import JSON, SetStateRequest, StateType, TaskRunCreate, converter, make_state
-from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
+from trioworker.protocol import MAX_CACHE_KEY_LENGTH, SERIALIZER_JSON, SERIALIZER_PICKLE
 from trioworker.server.fence import Fence
 
 log = logging.getLogger("trioworker.server")
@@ -29,6 +29,8 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 MAX_KEY_LENGTH: Final = 200
 #: The most tags one run may have.
 MAX_TAGS: Final = 100
+#: The longest cache expiration a create may ask for: 100 years, in seconds.
+MAX_CACHE_EXPIRATION: Final = 100 * 365.25 * 86400
 #: The longest ``state_details.delay_seconds`` a state proposal may ask for: 100 years.
 MAX_DELAY_SECONDS: Final = 100 * 365 * 86400
 
@@ -137,6 +139,20 @@ def validate_create(create: TaskRunCreate) -> None:
     for name, key in (("task_key", create.task_key), ("idempotency_key", create.idempotency_key)):
         if key is not None and "\x00" in key:
             raise Refusal(422, f"{name} must not contain NUL (\\u0000)")
+    if any("\x00" in tag for tag in create.tags):
+        raise Refusal(422, "tags must not contain NUL (\\u0000)")
+    if create.cache_key is not None and (
+        not create.cache_key or len(create.cache_key) > MAX_CACHE_KEY_LENGTH or "\x00" in create.cache_key
+    ):
+        raise Refusal(
+            422,
+            f"cache_key must be a non-empty string of at most {MAX_CACHE_KEY_LENGTH} characters, without NUL",
+        )
+    expiration = create.cache_expiration
+    if expiration is not None and not (math.isfinite(expiration) and 0 <= expiration <= MAX_CACHE_EXPIRATION):
+        raise Refusal(
+            422, f"cache_expiration must be a number of seconds between 0 and {MAX_CACHE_EXPIRATION:g}"
+        )
     if create.serializer not in protocol.SERIALIZERS:
         raise Refusal(
             422, f"unknown serializer {create.serializer!r}; expected one of {sorted(protocol.SERIALIZERS)}"

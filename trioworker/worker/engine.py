@@ -35,7 +35,7 @@ from trioworker.models import (
 )
 from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 from trioworker.tasks import Task
-from trioworker.worker import _threads, failures
+from trioworker.worker import _threads, failures, hooks
 
 log = logging.getLogger("trioworker.worker.engine")
 
@@ -279,7 +279,9 @@ async def execute(
     failed, is retried, was refused or stopped. The record carries the same as fields
     (``task_key``, ``run_id``, ``outcome``, ``duration_seconds``, ``attempt``, and ``error``
     when there is one), for structured logs. An attempt that ends by propagating (the
-    worker stops, or fails itself) logs nothing here.
+    worker stops, or fails itself) logs nothing here. Then the task's state hooks for the
+    end the server accepted run (:func:`trioworker.worker.hooks.call_hooks`): a hook's
+    failure is logged there and changes nothing.
 
     **Error handling:** nothing the run's code raises or returns leaves this function (it
     fails the run, or retries it), BaseExceptions included; every report fits the server
@@ -312,8 +314,10 @@ async def execute(
         raise_passing(exc)
         text = failures.safe_str(exc) if isinstance(exc, ParameterError) else failures.exception_line(exc)
         message = f"could not read the parameters: {text}"
-        await reporter.report(run.id, _failed(message, exc))
-        return ended(Outcome.FAILED, _short(message))
+        answer = await reporter.report(run.id, _failed(message, exc))
+        outcome = ended(Outcome.FAILED, _short(message))
+        await _ended_hooks(task, run, answer, StateType.FAILED, thread_limiter)
+        return outcome
 
     refused: list[SetStateResult] = []
     attempt_over = False
@@ -323,15 +327,17 @@ async def execute(
             refused.append(answer)
             scope.cancel()
 
-    def refusal() -> Outcome:
+    async def refusal() -> Outcome:
         answer = refused[0]
-        return ended(Outcome.REFUSED, f"not started: {answer.status.value} ({answer.details})")
+        outcome = ended(Outcome.REFUSED, f"not started: {answer.status.value} ({answer.details})")
+        await _ended_hooks(task, run, answer, StateType.CANCELLED, thread_limiter)
+        return outcome
 
     ok, value = False, None
     if queue_report is None:
         check(await reporter.report(run.id, make_state(StateType.RUNNING)))
         if refused:
-            return refusal()
+            return await refusal()
     else:
         # Optimistic start: the attempt runs while RUNNING is on its way; a refusal cancels
         # it. An answer after the attempt ended changes nothing: the final report goes right
@@ -345,11 +351,13 @@ async def execute(
     if on_attempt_end is not None:
         on_attempt_end()
     if refused:
-        return refusal()
+        return await refusal()
     if scope.cancelled_caught:
         # The server already marked the run (CANCELLED, or deleted, or given to another
         # worker after we lost touch): no report; the worker hands the lease back.
-        return ended(Outcome.CANCELLED)
+        outcome = ended(Outcome.CANCELLED)
+        await _cancelled_hooks(task, run, fetch, thread_limiter)
+        return outcome
 
     if ok:
         try:
@@ -361,8 +369,10 @@ async def execute(
             )
             value.__cause__ = unserializable
         else:
-            await reporter.report(run.id, make_state(StateType.COMPLETED, data=data))
-            return ended(Outcome.COMPLETED)
+            answer = await reporter.report(run.id, make_state(StateType.COMPLETED, data=data))
+            outcome = ended(Outcome.COMPLETED)
+            await _ended_hooks(task, run, answer, StateType.COMPLETED, thread_limiter)
+            return outcome
 
     error = value
     assert isinstance(error, BaseException)
@@ -380,8 +390,49 @@ async def execute(
     if retry is not None:
         await reporter.report(run.id, retry)
         return ended(Outcome.RETRYING, _short(retry.message))
-    await reporter.report(run.id, _failed(line, error))
-    return ended(Outcome.FAILED, _short(line))
+    answer = await reporter.report(run.id, _failed(line, error))
+    outcome = ended(Outcome.FAILED, _short(line))
+    await _ended_hooks(task, run, answer, StateType.FAILED, thread_limiter)
+    return outcome
+
+
+async def _ended_hooks(
+    task: Task[..., Any],
+    run: TaskRun,
+    answer: SetStateResult,
+    proposed: StateType,
+    thread_limiter: trio.CapacityLimiter,
+) -> None:
+    """The state hooks for the server's ``answer`` to the end this worker ``proposed``:
+    of that end once accepted, of the cancellation when the run was cancelled meanwhile,
+    none otherwise (the run ended elsewhere, or is another worker's now)."""
+    state = answer.state
+    if (
+        answer.status is SetStateStatus.ACCEPT and state.type is proposed
+    ) or state.type is StateType.CANCELLED:
+        await hooks.call_hooks(task, run, state, thread_limiter)
+
+
+async def _cancelled_hooks(
+    task: Task[..., Any], run: TaskRun, fetch: FetchRuns | None, thread_limiter: trio.CapacityLimiter
+) -> None:
+    """The ``on_cancellation`` hooks of a run the server stopped while it ran: the server
+    stops a run that was cancelled, deleted or given to another worker, so its state is
+    read first (only when the task has such hooks), and they run only for CANCELLED."""
+    if not task.on_cancellation or fetch is None:
+        return
+    try:
+        found = await fetch([run.id])
+    except Exception as exc:  # the hooks are skipped, the worker goes on
+        log.warning(
+            "run %s of %s: its state could not be read for its on_cancellation hooks: %r",
+            run.id,
+            task.key,
+            exc,
+        )
+        return
+    if found and found[0].state.type is StateType.CANCELLED:
+        await hooks.call_hooks(task, run, found[0].state, thread_limiter)
 
 
 def _ended(

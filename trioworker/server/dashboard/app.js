@@ -826,6 +826,8 @@ class RunView {
     const deliveries = history.filter((change) => change.type === "PENDING").length;
     const client = run.state.state_details?.client_id;
     const scheduled = run.state.state_details?.scheduled_time;
+    // A run waiting for the run that computes its cache key names it in its state.
+    const cacheOwner = run.state.type === "SCHEDULED" ? run.state.state_details?.cache_owner : null;
 
     const facts = h("dl", { class: "facts" },
       fact("Task key", h("a", { href: runsHref({ task_key: run.task_key }) }, run.task_key)),
@@ -845,6 +847,8 @@ class RunView {
       run.wait_for.length ? fact("Waits for", ...run.wait_for.map((id) => h("a", { class: "mono", href: `#/runs/${encodeURIComponent(id)}` }, `${shortId(id)} `))) : null,
       run.tags.length ? fact("Tags", h("span", { class: "keys" }, run.tags.map((tag) => h("span", { class: "chip" }, tag)))) : null,
       run.idempotency_key ? fact("Idempotency key", h("span", { class: "mono" }, run.idempotency_key)) : null,
+      run.cache_key ? fact("Cache key", h("span", { class: "mono" }, run.cache_key),
+        cacheOwner ? h("span", { class: "sub" }, "waits for ", h("a", { class: "mono", href: `#/runs/${encodeURIComponent(cacheOwner)}`, id: "cache-owner" }, shortId(cacheOwner))) : null) : null,
       fact("Serializer", run.serializer),
     );
 

@@ -49,6 +49,9 @@ class QueuedRun:
     wait_for: tuple[uuid.UUID, ...] = ()
     #: Bytes the run takes in the store (0 when not known).
     size: int = 0
+    #: The run of ``wait_for`` that computes this run's cache key (see
+    #: :meth:`Store.settle_cached`): when it ends, the store decides what becomes of this one.
+    cache_owner: uuid.UUID | None = None
 
 
 @attrs.frozen
@@ -198,14 +201,35 @@ class Store(Protocol):
         """What keeps the runs: ``"sqlite"`` or ``"postgresql"`` (the dashboard shows it)."""
         ...
 
-    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
+    async def create_runs(
+        self, creates: Sequence[TaskRunCreate], *, now: float | None = None
+    ) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Create runs, SCHEDULED, in order; each with its queue entry, or with None when
         it is the run a known idempotency key (of the same task key) or ``id`` names.
+
+        A create with a ``cache_key`` (and no ``refresh_cache``) whose key of its task key
+        has a completed result, unexpired at ``now`` (epoch seconds on the dispatcher's
+        clock; None: the wall clock) of the same serializer, makes a run that is COMPLETED
+        at once (name ``Cached``, that result): it still gets its entry, but is not
+        queued. One whose key another run computes right now waits for that run (its
+        SCHEDULED state names it in ``cache_owner``, its entry's ``wait_for`` holds it).
+        Any other makes its run the one that computes the key. The database decides:
+        creates of one key on several servers at once get one run that computes it.
 
         Raises:
             RunIdTaken: a given ``id`` belongs to a run the create is not a repeat of;
                 nothing of the batch is written.
         """
+        ...
+
+    async def settle_cached(self, run_ids: Sequence[uuid.UUID], *, now: float) -> list[Change]:
+        """The runs that computed the cache keys these runs wait for have ended: decide
+        each again, oldest first, at ``now`` (epoch seconds on the dispatcher's clock), as a
+        create would: COMPLETED ``Cached`` with the result, waiting for the run that
+        computes the key now, or SCHEDULED to compute it itself (the first of them, when
+        the result was not made). One :class:`Change` per run, in order: with its queue
+        entry while it is SCHEDULED; a run that no longer waits on a cache key (settled
+        already, cancelled, deleted) is reported as it is."""
         ...
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None: ...
@@ -223,10 +247,12 @@ class Store(Protocol):
         offset: int = 0,
         parent_task_run_id: uuid.UUID | None = None,
         newest_first: bool = False,
+        tags: Sequence[str] = (),
     ) -> list[TaskRun]:
         """Runs in the order they were created (``newest_first``: the reverse), filtered by
-        key, state type and parent run (the runs submitted from inside that run); ``offset``
-        runs of that order are skipped, at most ``limit`` returned."""
+        key, state type, parent run (the runs submitted from inside that run) and tags (runs
+        that carry every one of ``tags``, found by an index of tags); ``offset`` runs of
+        that order are skipped, at most ``limit`` returned."""
         ...
 
     async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
@@ -302,7 +328,8 @@ class Store(Protocol):
         ...
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
-        """Delete the run and its history; the run as it was, or None when it did not exist."""
+        """Delete the run and its history (its tags, the cache entry it made); the run as
+        it was, or None when it did not exist."""
         ...
 
     async def purge_ended(

@@ -15,6 +15,7 @@ many rows: a store may run them beside the committer, on a connection of its own
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -45,7 +46,11 @@ class Operations(Protocol):
     its thread. Their meaning is :class:`~trioworker.server.store.base.Store`'s. A store's
     class derives from it (for :meth:`read_ended`)."""
 
-    def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]: ...
+    def create_runs(
+        self, creates: Sequence[TaskRunCreate], clock_now: float | None = None
+    ) -> list[tuple[TaskRun, QueuedRun | None]]: ...
+
+    def settle_cached(self, run_ids: Sequence[uuid.UUID], clock_now: float) -> list[Change]: ...
 
     def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]: ...
 
@@ -57,6 +62,7 @@ class Operations(Protocol):
         offset: int,
         parent: uuid.UUID | None,
         newest_first: bool,
+        tags: Sequence[str] = (),
     ) -> list[TaskRun]: ...
 
     def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]: ...
@@ -273,8 +279,14 @@ class GroupCommitStore(Generic[OpsT]):
         return await self._queue(op).result()
 
     # -- the Store interface
-    async def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
-        return await self._run(lambda ops: ops.create_runs(creates))
+    async def create_runs(
+        self, creates: Sequence[TaskRunCreate], *, now: float | None = None
+    ) -> list[tuple[TaskRun, QueuedRun | None]]:
+        clock_now = time.time() if now is None else now
+        return await self._run(lambda ops: ops.create_runs(creates, clock_now))
+
+    async def settle_cached(self, run_ids: Sequence[uuid.UUID], *, now: float) -> list[Change]:
+        return await self._run(lambda ops: ops.settle_cached(run_ids, now))
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
         runs = await self._run(lambda ops: ops.read_runs([run_id]))
@@ -292,9 +304,10 @@ class GroupCommitStore(Generic[OpsT]):
         offset: int = 0,
         parent_task_run_id: uuid.UUID | None = None,
         newest_first: bool = False,
+        tags: Sequence[str] = (),
     ) -> list[TaskRun]:
         return await self._run(
-            lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first)
+            lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first, tags)
         )
 
     async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:

@@ -43,6 +43,7 @@ import os
 import random
 import re
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -62,6 +63,8 @@ from trioworker.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     SetStateRequest,
+    SetStateResult,
+    SetStateStatus,
     State,
     StateChange,
     StateType,
@@ -86,7 +89,11 @@ from trioworker.server.store.base import (
 from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import DatabaseInUse
 from trioworker.server.store.runs import (
+    CacheUse,
+    cache_expires_at,
+    cache_use,
     claimed_copy,
+    computing_copy,
     epoch,
     held_elsewhere,
     judged,
@@ -96,9 +103,13 @@ from trioworker.server.store.runs import (
     queued_run,
     reclaimed,
     requeued,
+    reused_copy,
     run_body,
     run_from_row,
     same_run,
+    waiting_copy,
+    waits_for,
+    waits_on_cache,
 )
 
 T = TypeVar("T")
@@ -113,7 +124,8 @@ SCHEMES: Final = ("postgresql", "postgres")
 #: time, runs indexed by task key and state (their counts read the index only); 3: several
 #: servers on one database (a row per server, ready rows of runs that wait for others); 4:
 #: each server's row holds its version and the workers connected to it.
-SCHEMA_VERSION: Final = 4
+#: 5: runs by tag (an index of tags) and the cache (one entry per task key and cache key).
+SCHEMA_VERSION: Final = 5
 
 #: The first key of the advisory lock held while the schema is created or migrated (the
 #: second is the schema's name): "trio" in ASCII.
@@ -154,6 +166,31 @@ def _fill_parent_ids(conn: _Conn) -> None:
             "UPDATE trioworker_task_runs AS r SET parent_id = u.parent_id"
             " FROM unnest(%b::bigint[], %b::uuid[]) AS u(seq, parent_id) WHERE r.seq = u.seq",
             ([seq for seq, parent in parents if parent], [uuid.UUID(p) for _, p in parents if p]),
+            binary=True,
+        )
+
+
+def _fill_tags(conn: _Conn) -> None:
+    """Schema 5: index the tags of the runs stored before, :data:`_FILL_BATCH` rows at a
+    time (only bodies with a tag are read: ``"tags":["``)."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, body FROM trioworker_task_runs WHERE seq > %b"
+            """ AND position('"tags":["'::bytea IN body) > 0 ORDER BY seq LIMIT %b""",
+            (last, _FILL_BATCH),
+            binary=True,
+        ).fetchall()
+        if not rows:
+            return
+        last = rows[-1][0]
+        pairs = [
+            (seq, tag) for seq, body in rows for tag in dict.fromkeys(orjson.loads(body).get("tags") or ())
+        ]
+        conn.execute(
+            "INSERT INTO trioworker_task_run_tags (tag, run_seq) SELECT tag, run_seq"
+            " FROM unnest(%b::text[], %b::bigint[]) AS t(tag, run_seq) ON CONFLICT DO NOTHING",
+            ([_text(tag) for _, tag in pairs], [seq for seq, _ in pairs]),
             binary=True,
         )
 
@@ -233,6 +270,28 @@ MIGRATIONS: Final[Mapping[int, tuple[str | Callable[[_Conn], None], ...]]] = {
         # connected to it (a JSON array, see _encode_workers), written at each heartbeat
         # and when a worker comes or goes.
         "ALTER TABLE trioworker_replicas ADD COLUMN version text, ADD COLUMN workers bytea",
+    ),
+    5: (
+        # Every tag of every run, for the runs of a tag (found by index, never a scan).
+        """CREATE TABLE trioworker_task_run_tags (
+            tag text NOT NULL,
+            run_seq bigint NOT NULL,
+            PRIMARY KEY (tag, run_seq)
+        )""",
+        "CREATE INDEX trioworker_task_run_tags_run ON trioworker_task_run_tags (run_seq)",
+        _fill_tags,
+        # One entry per task key and cache key: the run that computes (or computed) its
+        # result, and when that result expires (epoch seconds on the dispatcher's clock;
+        # NULL: never, or not completed yet). The primary key decides which of two runs
+        # created at once computes it.
+        """CREATE TABLE trioworker_cache (
+            task_key text NOT NULL,
+            cache_key text NOT NULL,
+            run_id uuid NOT NULL,
+            expires_at double precision,
+            PRIMARY KEY (task_key, cache_key)
+        )""",
+        "CREATE INDEX trioworker_cache_run ON trioworker_cache (run_id)",
     ),
 }
 
@@ -873,13 +932,16 @@ class _PostgresOps(Operations):
             self._execute("INSERT INTO trioworker_schema (version) VALUES (%b)", (SCHEMA_VERSION,))
 
     # -- operations
-    def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
+    def create_runs(
+        self, creates: Sequence[TaskRunCreate], clock_now: float | None = None
+    ) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Insert new runs in one statement; a known idempotency key of the same task key,
         or else a known ``id``, gives back its run (and no QueuedRun), as SQLite's does.
 
         The database enforces the keys (``ON CONFLICT DO NOTHING``): what it did not insert
         is read back, so a repeat in the same batch or from another server meets the run
-        the first one made.
+        the first one made. A create with a cache key is decided by its key's entry (see
+        :meth:`_use_cache`), one at a time.
 
         Raises:
             RunIdTaken: a given ``id`` belongs to a run the create is not a repeat of.
@@ -887,11 +949,23 @@ class _PostgresOps(Operations):
         if not creates:
             return []
         given = [create.id for create in creates if create.id is not None]
-        if len(given) != len(set(given)):
-            # One id twice: each create must see what the one before it made.
-            return [result for create in creates for result in self.create_runs([create])]
+        if len(given) != len(set(given)) or (
+            len(creates) > 1 and any(create.cache_key is not None for create in creates)
+        ):
+            # One id twice, or a cache key: each create must see what the one before it made.
+            return [result for create in creates for result in self.create_runs([create], clock_now)]
         now = utcnow()
         runs = [new_run(create, now) for create in creates]
+        reused: TaskRun | None = None
+        if runs[0].cache_key is not None:  # the only create
+            repeat = self._repeat_of(creates[0])
+            if repeat is not None:
+                return [(repeat, None)]
+            decided = self._use_cache(runs[0], now, time.time() if clock_now is None else clock_now)
+            if decided.state.type is StateType.SCHEDULED:
+                runs = [decided]
+            else:
+                reused = decided  # inserted SCHEDULED, then answered from the cache
         parameters = [orjson.dumps(run.parameters) for run in runs]
         bodies = [run_body(run) for run in runs]
         revs = [_new_rev() for _ in runs]
@@ -917,7 +991,7 @@ class _PostgresOps(Operations):
                     [run.task_key for run in runs],
                     [epoch(create.scheduled_time) for create in creates],
                     [create.idempotency_key for create in creates],
-                    [_uuid_array(run.wait_for) for run in runs],
+                    [_uuid_array(waits_for(run)) for run in runs],
                     [run.parent_task_run_id for run in runs],
                     revs,
                     parameters,
@@ -928,17 +1002,143 @@ class _PostgresOps(Operations):
             ).fetchall()
         )
         repeats = self._existing([c for c, run in zip(creates, runs, strict=True) if run.id not in inserted])
+        tagged = [(tag, seq) for run in runs if (seq := inserted.get(run.id)) is not None for tag in run.tags]
+        if tagged:
+            self._execute(
+                "INSERT INTO trioworker_task_run_tags (tag, run_seq) SELECT tag, run_seq"
+                " FROM unnest(%b::text[], %b::bigint[]) AS t(tag, run_seq) ON CONFLICT DO NOTHING",
+                ([_text(tag) for tag, _ in tagged], [seq for _, seq in tagged]),
+            )
         out: list[tuple[TaskRun, QueuedRun | None]] = []
         for create, run, params, body, rev in zip(creates, runs, parameters, bodies, revs, strict=True):
             seq = inserted.get(run.id)
             if seq is None:
                 out.append((repeats(create), None))
                 continue
+            if reused is not None:
+                self._save([_Row(seq, rev, reused, None)])
+                out.append((reused, queued_run(run, seq, len(params) + len(body))))
+                continue
             self.cache.put(_Row(seq, rev, run, None))
-            if not run.wait_for:
+            if not waits_for(run):
                 self.ready_keys.add(run.task_key)
             out.append((run, queued_run(run, seq, len(params) + len(body))))
         return out
+
+    def _repeat_of(self, create: TaskRunCreate) -> TaskRun | None:
+        """The run ``create`` repeats, by its idempotency key, else by its ``id``; None for a
+        new run.
+
+        Raises:
+            RunIdTaken: its ``id`` belongs to a run it is not a repeat of.
+        """
+        if create.idempotency_key is not None:
+            row = self._execute(
+                "SELECT parameters, body FROM trioworker_task_runs"
+                " WHERE task_key = %b AND idempotency_key = %b",
+                (create.task_key, create.idempotency_key),
+            ).fetchone()
+            if row is not None:
+                return run_from_row(*row)
+        if create.id is not None:
+            found = self._fetch([create.id], lock=False).get(create.id)
+            if found is not None:
+                return same_run(found.run, create)
+        return None
+
+    # -- the cache
+    def _use_cache(self, run: TaskRun, now: datetime, clock_now: float) -> TaskRun:
+        """``run`` (SCHEDULED, with a cache key) as its key's entry makes it: reused,
+        waiting, or computing the key (then the entry names it, in flight).
+
+        The entry's row decides between servers: a new one is inserted (``ON CONFLICT DO
+        NOTHING`` waits for another transaction inserting the same key, then sees its
+        row), an existing one is locked ``FOR UPDATE`` while it is read and changed.
+        """
+        key = (run.task_key, run.cache_key)
+        while True:
+            if self._execute(
+                "INSERT INTO trioworker_cache (task_key, cache_key, run_id) VALUES (%b, %b, %b)"
+                " ON CONFLICT DO NOTHING RETURNING 1",
+                (*key, run.id),
+            ).fetchone():
+                return run
+            entry = self._execute(
+                "SELECT run_id, expires_at FROM trioworker_cache WHERE task_key = %b AND cache_key = %b"
+                " FOR UPDATE",
+                key,
+            ).fetchone()
+            if entry is not None:
+                break  # else deleted meanwhile (its run was deleted): insert again
+        owner_id, expires_at = entry
+        found = self._fetch([owner_id], lock=False).get(owner_id)
+        owner = None if found is None else found.run
+        use = cache_use(run, owner, expires_at, clock_now)
+        if use is CacheUse.REUSE:
+            assert owner is not None
+            return reused_copy(run, owner, now)
+        if use is CacheUse.WAIT:
+            assert owner is not None
+            return waiting_copy(run, owner.id, now)
+        self._execute(
+            "UPDATE trioworker_cache SET run_id = %b, expires_at = NULL"
+            " WHERE task_key = %b AND cache_key = %b",
+            (run.id, *key),
+        )
+        return run
+
+    def _cache_completed(self, run: TaskRun) -> None:
+        """The COMPLETED ``run`` made its key's result: the entry keeps it until it expires,
+        unless another run computes the key now (a refresh took it over)."""
+        self._execute(
+            "INSERT INTO trioworker_cache AS c (task_key, cache_key, run_id, expires_at)"
+            " VALUES (%b, %b, %b, %b) ON CONFLICT (task_key, cache_key)"
+            " DO UPDATE SET expires_at = excluded.expires_at WHERE c.run_id = excluded.run_id",
+            (run.task_key, run.cache_key, run.id, cache_expires_at(run)),
+        )
+
+    def settle_cached(self, run_ids: Sequence[uuid.UUID], clock_now: float) -> list[Change]:
+        """Decide again the runs waiting for the run that computed their cache key (see
+        :meth:`~trioworker.server.store.base.Store.settle_cached`); rows locked, oldest first."""
+        found = self._fetch(run_ids, lock=True)
+        changes: list[Change] = []
+        for run_id in sorted(run_ids, key=lambda i: found[i].seq if i in found else 0):
+            row = found.get(run_id)
+            if row is None:
+                changes.append(missing_run_change())
+                continue
+            run = row.run
+            unchanged = SetStateResult(SetStateStatus.ACCEPT, run.state, "unchanged")
+            if not waits_on_cache(run):
+                queued = None
+                if run.state.type is StateType.SCHEDULED:
+                    queued = queued_run(run, row.seq)
+                    if not queued.wait_for:
+                        self._index_waits(row.seq, [])  # set SCHEDULED by force meanwhile: free it
+                changes.append(Change(unchanged, run, queued))
+                continue
+            now = utcnow()
+            settled = self._use_cache(computing_copy(run, now), now, clock_now)
+            if (
+                settled.state.type is StateType.SCHEDULED
+                and settled.state.state_details.cache_owner == run.state.state_details.cache_owner
+            ):
+                changes.append(Change(unchanged, run, queued_run(run, row.seq)))  # the same run to wait for
+                continue
+            self._save([_Row(row.seq, row.rev, settled, None)])
+            self._index_waits(row.seq, waits_for(settled))
+            queued = queued_run(settled, row.seq) if settled.state.type is StateType.SCHEDULED else None
+            changes.append(Change(SetStateResult(SetStateStatus.ACCEPT, settled.state), settled, queued))
+        return changes
+
+    def _index_waits(self, seq: int, waiting: Sequence[uuid.UUID]) -> None:
+        """The run ``seq`` waits for ``waiting`` now: its ``wait_for`` column, and whether its
+        ready row (if it has one) waits."""
+        self._execute(
+            "WITH w AS (UPDATE trioworker_task_runs SET wait_for = %b::uuid[] WHERE seq = %b)"
+            " UPDATE trioworker_ready SET waiting = %b WHERE run_seq = %b",
+            (_uuid_array(waiting), seq, bool(waiting), seq),
+        )
 
     def _existing(self, creates: Sequence[TaskRunCreate]) -> Callable[[TaskRunCreate], TaskRun]:
         """For creates the database did not insert: a function giving each the run it
@@ -1005,9 +1205,10 @@ class _PostgresOps(Operations):
         offset: int,
         parent: uuid.UUID | None = None,
         newest_first: bool = False,
+        tags: Sequence[str] = (),
     ) -> list[TaskRun]:
-        if task_key is not None and "\x00" in task_key:
-            return []  # no task key holds NUL (PostgreSQL text cannot)
+        if any("\x00" in text for text in (task_key or "", *tags)):
+            return []  # no task key or tag holds NUL (PostgreSQL text cannot)
         # Only the conditions given, so that the planner picks the index that fits them
         # (by key, by state, by parent, or the runs' order alone).
         where: list[str] = []
@@ -1020,6 +1221,9 @@ class _PostgresOps(Operations):
             if value is not None:
                 where.append(column)
                 args.append(value)
+        for tag in dict.fromkeys(tags):
+            where.append("seq IN (SELECT run_seq FROM trioworker_task_run_tags WHERE tag = %b::text)")
+            args.append(tag)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._execute(
             f"SELECT parameters, body FROM trioworker_task_runs {clause}"
@@ -1200,6 +1404,8 @@ class _PostgresOps(Operations):
             if changed_run is None:
                 changes.append(Change(result, row.run))
                 continue
+            if changed_run.cache_key is not None and changed_run.state.type is StateType.COMPLETED:
+                self._cache_completed(changed_run)
             # The write stays conditional on the rev that was read.
             new = _Row(row.seq, row.rev, changed_run, self._holder_after(row, changed_run))
             found[run_id] = changed[run_id] = new
@@ -1292,9 +1498,11 @@ class _PostgresOps(Operations):
         seq, run = found[run_id].seq, found[run_id].run
         self._execute(
             "WITH history AS (DELETE FROM trioworker_task_run_states WHERE run_seq = %b),"
-            " queued AS (DELETE FROM trioworker_ready WHERE run_seq = %b)"
+            " queued AS (DELETE FROM trioworker_ready WHERE run_seq = %b),"
+            " tagged AS (DELETE FROM trioworker_task_run_tags WHERE run_seq = %b),"
+            " cached AS (DELETE FROM trioworker_cache WHERE run_id = %b)"
             " DELETE FROM trioworker_task_runs WHERE seq = %b",
-            (seq, seq, seq),
+            (seq, seq, seq, run_id, seq),
         )
         self.cache.drop(run_id)
         self.changed[run_id] = None
@@ -1331,6 +1539,8 @@ class _PostgresOps(Operations):
             f"WITH ended AS ({self._ENDS.format(conditions=conditions)} FOR UPDATE OF r SKIP LOCKED),"
             " history AS (DELETE FROM trioworker_task_run_states AS h USING ended"
             " WHERE h.run_seq = ended.seq),"
+            " tagged AS (DELETE FROM trioworker_task_run_tags AS t USING ended WHERE t.run_seq = ended.seq),"
+            " cached AS (DELETE FROM trioworker_cache AS c USING ended WHERE c.run_id = ended.id),"
             " runs AS (DELETE FROM trioworker_task_runs AS r USING ended WHERE r.seq = ended.seq)"
             " SELECT id FROM ended ORDER BY timestamp, seq",
             (*args, limit),
@@ -1354,7 +1564,20 @@ class _PostgresOps(Operations):
             " CASE WHEN q.waiting THEN r.wait_for END FROM trioworker_ready AS q"
             " JOIN trioworker_task_runs AS r ON r.seq = q.run_seq ORDER BY q.run_seq"
         )
-        return [QueuedRun(seq, run_id, key, at, tuple(wait or ())) for seq, run_id, key, at, wait in rows]
+        return self._queued_rows(rows.fetchall())
+
+    def _queued_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[QueuedRun]:
+        """Queue entries of ``(seq, id, task key, scheduled_at, wait_for)`` rows; those that
+        wait name the run computing their cache key, if they wait for one (read from the run)."""
+        waiting = [run_id for _, run_id, _, _, wait in rows if wait]
+        owners = {
+            run_id: row.run.state.state_details.cache_owner
+            for run_id, row in self._fetch(waiting, lock=False).items()
+        }
+        return [
+            QueuedRun(seq, run_id, key, at, tuple(wait or ()), cache_owner=owners.get(run_id))
+            for seq, run_id, key, at, wait in rows
+        ]
 
     # -- servers sharing the database
     def register_replica(self, silent_for: float, address: str | None) -> None:
@@ -1491,7 +1714,7 @@ class _PostgresOps(Operations):
             "SELECT q.run_seq, q.run_id, q.task_key, q.scheduled_at, r.wait_for FROM trioworker_ready AS q"
             " JOIN trioworker_task_runs AS r ON r.seq = q.run_seq WHERE q.waiting ORDER BY q.run_seq"
         )
-        return [QueuedRun(seq, run_id, key, at, tuple(wait or ())) for seq, run_id, key, at, wait in rows]
+        return self._queued_rows(rows.fetchall())
 
     def read_leases(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[TaskRun, uuid.UUID | None]]:
         """The runs that exist, each with the server it is leased through (None: not held)."""

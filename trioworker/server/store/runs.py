@@ -6,6 +6,7 @@ Times: ``now`` is a UTC datetime; ``clock_now`` and epoch values are seconds sin
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import UTC, datetime
 
@@ -72,10 +73,13 @@ def new_run(create: TaskRunCreate, now: datetime) -> TaskRun:
         created=now,
         updated=now,
         idempotency_key=create.idempotency_key,
-        tags=list(create.tags),
+        tags=list(dict.fromkeys(create.tags)),
         context=dict(create.context),
         parent_task_run_id=create.parent_task_run_id,
         wait_for=list(create.wait_for),
+        cache_key=create.cache_key,
+        cache_expiration=None if create.cache_key is None else create.cache_expiration,
+        refresh_cache=create.cache_key is not None and create.refresh_cache,
     )
 
 
@@ -98,15 +102,111 @@ def same_run(run: TaskRun, create: TaskRunCreate) -> TaskRun:
 
 
 def queued_run(run: TaskRun, seq: int, size: int = 0) -> QueuedRun:
-    """The dispatcher's entry for the SCHEDULED ``run``, the ``seq``-th the store created."""
+    """The dispatcher's entry for the SCHEDULED ``run``, the ``seq``-th the store created:
+    it waits for its ``wait_for`` runs, and for the run computing its cache key if any."""
+    owner = run.state.state_details.cache_owner if run.state.type is StateType.SCHEDULED else None
     return QueuedRun(
         seq,
         run.id,
         run.task_key,
         epoch(run.state.state_details.scheduled_time),
-        tuple(run.wait_for),
+        tuple(waits_for(run)),
         size,
+        owner,
     )
+
+
+def waits_for(run: TaskRun) -> list[uuid.UUID]:
+    """What a store's index of waiting runs keeps for ``run``: its ``wait_for``, and the
+    run computing its cache key while it waits for that one."""
+    owner = run.state.state_details.cache_owner if run.state.type is StateType.SCHEDULED else None
+    if owner is None or owner in run.wait_for:
+        return list(run.wait_for)
+    return [*run.wait_for, owner]
+
+
+# -- caching: one result per (task key, cache key)
+
+
+class CacheUse(enum.Enum):
+    """What a run with a cache key does, by the store's entry for that key."""
+
+    #: It computes the key: it runs, and its result becomes the cached one.
+    COMPUTE = "compute"
+    #: Another run computes it right now: this one waits for it.
+    WAIT = "wait"
+    #: A result is there: this one ends COMPLETED (``Cached``) with it, unrun.
+    REUSE = "reuse"
+
+
+def cache_use(run: TaskRun, owner: TaskRun | None, expires_at: float | None, clock_now: float) -> CacheUse:
+    """What ``run`` does when the entry of its key names ``owner`` (None: no entry, or a
+    run that no longer exists) with ``expires_at`` (epoch seconds; None: never, or not
+    completed yet), at ``clock_now``.
+
+    A completed result is reused while unexpired and made with the same serializer; a
+    run in flight (not ended) is waited for; anything else (failed, cancelled, crashed,
+    expired, or ``run`` itself) leaves the key to ``run``. ``refresh_cache`` computes it
+    whatever the entry says.
+    """
+    if owner is None or run.refresh_cache or owner.id == run.id:
+        return CacheUse.COMPUTE
+    state = owner.state.type
+    if state is StateType.COMPLETED:
+        fresh = expires_at is None or expires_at > clock_now
+        return CacheUse.REUSE if fresh and owner.serializer == run.serializer else CacheUse.COMPUTE
+    if not state.is_terminal:
+        return CacheUse.WAIT
+    return CacheUse.COMPUTE
+
+
+def reused_copy(run: TaskRun, owner: TaskRun, now: datetime) -> TaskRun:
+    """``run`` answered from the cache: COMPLETED, state name ``Cached`` (Prefect's), with
+    the result of ``owner`` and its key's expiry."""
+    details = owner.state.state_details
+    state = make_state(
+        StateType.COMPLETED,
+        "Cached",
+        timestamp=now,
+        message=f"the cached result of run {owner.id}",
+        data=owner.state.data,
+        details=StateDetails(cache_key=run.cache_key, cache_expiration=details.cache_expiration),
+    )
+    return attrs.evolve(run, state=state, updated=now)
+
+
+def waiting_copy(run: TaskRun, owner: uuid.UUID, now: datetime) -> TaskRun:
+    """``run`` SCHEDULED, waiting for ``owner``, which computes its cache key."""
+    state = make_state(
+        StateType.SCHEDULED,
+        timestamp=now,
+        message=f"waits for run {owner}, which computes the same cache key",
+        details=StateDetails(scheduled_time=run.state.state_details.scheduled_time, cache_owner=owner),
+    )
+    return attrs.evolve(run, state=state, updated=now)
+
+
+def computing_copy(run: TaskRun, now: datetime) -> TaskRun:
+    """``run``, which waited for another run's result, SCHEDULED to compute its cache key
+    itself (that run ended without one)."""
+    state = make_state(
+        StateType.SCHEDULED,
+        timestamp=now,
+        message="the run it waited for ended without a result: it computes the cache key itself",
+        details=StateDetails(scheduled_time=run.state.state_details.scheduled_time),
+    )
+    return attrs.evolve(run, state=state, updated=now)
+
+
+def cache_expires_at(run: TaskRun) -> float | None:
+    """When the result of the COMPLETED ``run`` stops being reused (epoch seconds), as its
+    state says; None: never."""
+    return epoch(run.state.state_details.cache_expiration)
+
+
+def waits_on_cache(run: TaskRun) -> bool:
+    """``run`` is SCHEDULED and waits for the run computing its cache key."""
+    return run.state.type is StateType.SCHEDULED and run.state.state_details.cache_owner is not None
 
 
 def claimed_copy(run: TaskRun, client_id: str, now: datetime) -> TaskRun:
@@ -163,6 +263,11 @@ def with_state(run: TaskRun, state: State, clock_now: float) -> TaskRun:
     if state.type is StateType.SCHEDULED and details.delay_seconds is not None:
         due = datetime.fromtimestamp(clock_now + max(0.0, details.delay_seconds), UTC)
         details = attrs.evolve(details, scheduled_time=due, delay_seconds=None)
+    if state.type is StateType.COMPLETED and run.cache_key is not None and details.cache_key is None:
+        # The key and its expiry, as Prefect's COMPLETED states carry them.
+        lasts = run.cache_expiration
+        expires = None if lasts is None else datetime.fromtimestamp(clock_now + lasts, UTC)
+        details = attrs.evolve(details, cache_key=run.cache_key, cache_expiration=expires)
     state = attrs.evolve(state, timestamp=now, state_details=details)
     run_count, delivery_count = run.run_count, run.delivery_count
     if state.type is StateType.RUNNING:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -31,6 +32,8 @@ from trioworker.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     SetStateRequest,
+    SetStateResult,
+    SetStateStatus,
     State,
     StateChange,
     StateType,
@@ -50,7 +53,11 @@ from trioworker.server.store.base import (
 from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
+    CacheUse,
+    cache_expires_at,
+    cache_use,
     claimed_copy,
+    computing_copy,
     epoch,
     held_elsewhere,
     judged,
@@ -60,16 +67,22 @@ from trioworker.server.store.runs import (
     queued_run,
     reclaimed,
     requeued,
+    reused_copy,
     run_body,
     run_from_row,
     same_run,
+    waiting_copy,
+    waits_for,
+    waits_on_cache,
 )
 
 T = TypeVar("T")
 
 #: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys;
-#: 3: the parent run's id in a column of its own (a run's children are found by index).
-SCHEMA_VERSION: Final = 3
+#: 3: the parent run's id in a column of its own (a run's children are found by index);
+#: 5: runs by tag (an index of tags) and the cache (one entry per task key and cache key).
+#: (There is no 4 in SQLite: 5 is the version that brought these to both stores.)
+SCHEMA_VERSION: Final = 5
 
 #: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
 _CHUNK: Final = 500
@@ -122,6 +135,17 @@ CREATE TABLE IF NOT EXISTS task_run_states (
     timestamp TEXT NOT NULL,
     message TEXT
 )"""
+#: Schema 5: every tag of every run (runs by tag, found by index), and one entry per task
+#: key and cache key: the run that computes (or computed) its result, and when that result
+#: expires (epoch seconds on the dispatcher's clock; NULL: never, or not completed yet).
+_TABLES_5: Final = (
+    "CREATE TABLE IF NOT EXISTS task_run_tags (tag TEXT NOT NULL, run_seq INTEGER NOT NULL,"
+    " PRIMARY KEY (tag, run_seq)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS ix_task_run_tags_run ON task_run_tags (run_seq)",
+    "CREATE TABLE IF NOT EXISTS task_run_cache (task_key TEXT NOT NULL, cache_key TEXT NOT NULL,"
+    " run_id TEXT NOT NULL, expires_at REAL, PRIMARY KEY (task_key, cache_key)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS ix_task_run_cache_run ON task_run_cache (run_id)",
+)
 
 
 # --------------------------------------------------------------------------- rows
@@ -271,6 +295,15 @@ class _SQLiteOps(Operations):
             conn.execute(_STATES_TABLE)
             if has_runs and (version is None or version < 3):
                 self._migrate_to_3()
+            for statement in _TABLES_5:
+                conn.execute(statement)
+            if has_runs and (version is None or version < 5):
+                # Runs stored before keep their tags in their bodies only: index them.
+                conn.execute(
+                    "INSERT OR IGNORE INTO task_run_tags (tag, run_seq) SELECT t.value, r.seq"
+                    " FROM task_runs AS r, json_each(CAST(r.body AS TEXT), '$.tags') AS t"
+                    " WHERE t.type = 'text'"
+                )
             for statement in _INDEXES:
                 conn.execute(statement.format(terminal=_TERMINAL_SQL))
             if version is None:
@@ -314,7 +347,9 @@ class _SQLiteOps(Operations):
             " WHERE parent_id IS NULL"
         )
 
-    def create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, QueuedRun | None]]:
+    def create_runs(
+        self, creates: Sequence[TaskRunCreate], clock_now: float | None = None
+    ) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Insert new runs; a known idempotency key of the same task key, or else a known
         ``id``, gives back its run (and no QueuedRun). The key is scoped to the task key:
         ``a`` and ``b`` with one key are two runs.
@@ -322,8 +357,11 @@ class _SQLiteOps(Operations):
         A known ``id`` answers only for the same task key and idempotency key: otherwise
         :class:`RunIdTaken` is raised and nothing of the batch is written. Creates run one
         at a time in the committer's transaction, so a repeat (in one batch or in a
-        concurrent request) always sees the run the first one made.
+        concurrent request) always sees the run the first one made. A create with a cache
+        key is decided by its key's entry at ``clock_now`` (see
+        :meth:`~trioworker.server.store.base.Store.create_runs`).
         """
+        clock = time.time() if clock_now is None else clock_now
         out: list[tuple[TaskRun, QueuedRun | None]] = []
         given = [create.id for create in creates if create.id is not None]
         known = {run_id: run for run_id, (_, run) in self._fetch(given).items()} if given else {}
@@ -339,8 +377,15 @@ class _SQLiteOps(Operations):
             if create.id is not None and create.id in known:
                 out.append((same_run(known[create.id], create), None))
                 continue
-            run = new_run(create, utcnow())
+            now = utcnow()
+            run = new_run(create, now)
+            logged = [run.state]
+            if run.cache_key is not None:
+                run = self._use_cache(run, now, clock)
+                if run.state.type is not StateType.SCHEDULED:
+                    logged.append(run.state)
             parameters, body = orjson.dumps(run.parameters), run_body(run)
+            waiting = waits_for(run)
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
                 " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parent_id,"
@@ -351,17 +396,106 @@ class _SQLiteOps(Operations):
                     run.state.type.value,
                     epoch(create.scheduled_time),
                     create.idempotency_key,
-                    orjson.dumps([str(i) for i in run.wait_for]).decode() if run.wait_for else None,
+                    orjson.dumps([str(i) for i in waiting]).decode() if waiting else None,
                     None if run.parent_task_run_id is None else str(run.parent_task_run_id),
                     parameters,
                     body,
                 ),
             )
             assert cur.lastrowid is not None
-            self._log(cur.lastrowid, run.state)
+            for state in logged:
+                self._log(cur.lastrowid, state)
+            if run.tags:
+                self.conn.executemany(
+                    "INSERT OR IGNORE INTO task_run_tags (tag, run_seq) VALUES (?, ?)",
+                    [(tag, cur.lastrowid) for tag in run.tags],
+                )
             known[run.id] = run
             out.append((run, queued_run(run, cur.lastrowid, len(parameters) + len(body))))
         return out
+
+    # -- the cache
+    def _cache_entry(self, run: TaskRun) -> tuple[TaskRun | None, float | None]:
+        """The run the entry of ``run``'s cache key names (None: no entry, or that run is
+        gone) and the entry's expiry."""
+        row = self.conn.execute(
+            "SELECT run_id, expires_at FROM task_run_cache WHERE task_key = ? AND cache_key = ?",
+            (run.task_key, run.cache_key),
+        ).fetchone()
+        if row is None:
+            return None, None
+        found = self._fetch([uuid.UUID(row[0])])
+        owner = found.get(uuid.UUID(row[0]))
+        return (None if owner is None else owner[1]), row[1]
+
+    def _use_cache(self, run: TaskRun, now: datetime, clock_now: float) -> TaskRun:
+        """``run`` (SCHEDULED, with a cache key) as its key's entry makes it: reused,
+        waiting, or computing the key (then the entry names it, in flight)."""
+        owner, expires_at = self._cache_entry(run)
+        use = cache_use(run, owner, expires_at, clock_now)
+        if use is CacheUse.REUSE:
+            assert owner is not None
+            return reused_copy(run, owner, now)
+        if use is CacheUse.WAIT:
+            assert owner is not None
+            return waiting_copy(run, owner.id, now)
+        self.conn.execute(
+            "INSERT INTO task_run_cache (task_key, cache_key, run_id, expires_at) VALUES (?, ?, ?, NULL)"
+            " ON CONFLICT (task_key, cache_key) DO UPDATE SET run_id = excluded.run_id, expires_at = NULL",
+            (run.task_key, run.cache_key, str(run.id)),
+        )
+        return run
+
+    def _cache_completed(self, run: TaskRun) -> None:
+        """The COMPLETED ``run`` made its key's result: the entry keeps it until it expires,
+        unless another run computes the key now (a refresh took it over)."""
+        self.conn.execute(
+            "INSERT INTO task_run_cache (task_key, cache_key, run_id, expires_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (task_key, cache_key) DO UPDATE SET expires_at = excluded.expires_at"
+            " WHERE run_id = excluded.run_id",
+            (run.task_key, run.cache_key, str(run.id), cache_expires_at(run)),
+        )
+
+    def settle_cached(self, run_ids: Sequence[uuid.UUID], clock_now: float) -> list[Change]:
+        """Decide again the runs waiting for the run that computed their cache key (see
+        :meth:`~trioworker.server.store.base.Store.settle_cached`)."""
+        found = self._fetch(run_ids)
+        changes: list[Change] = []
+        for run_id in sorted(run_ids, key=lambda i: found[i][0] if i in found else 0):
+            if run_id not in found:
+                changes.append(missing_run_change())
+                continue
+            seq, run = found[run_id]
+            unchanged = SetStateResult(SetStateStatus.ACCEPT, run.state, "unchanged")
+            if not waits_on_cache(run):
+                queued = None
+                if run.state.type is StateType.SCHEDULED:
+                    queued = queued_run(run, seq)
+                    if not queued.wait_for:
+                        self._index_waits(seq, [])  # set SCHEDULED by force meanwhile
+                changes.append(Change(unchanged, run, queued))
+                continue
+            now = utcnow()
+            settled = self._use_cache(computing_copy(run, now), now, clock_now)
+            if (
+                settled.state.type is StateType.SCHEDULED
+                and settled.state.state_details.cache_owner == run.state.state_details.cache_owner
+            ):
+                changes.append(Change(unchanged, run, queued_run(run, seq)))  # it waits for the same run
+                continue
+            self._write(seq, settled)
+            self._index_waits(seq, waits_for(settled))
+            found[run_id] = (seq, settled)
+            queued = queued_run(settled, seq) if settled.state.type is StateType.SCHEDULED else None
+            changes.append(Change(SetStateResult(SetStateStatus.ACCEPT, settled.state), settled, queued))
+        return changes
+
+    def _index_waits(self, seq: int, waiting: Sequence[uuid.UUID]) -> None:
+        """The run ``seq`` waits for ``waiting`` now (its ``wait_for`` column, read at start)."""
+        self.conn.execute(
+            "UPDATE task_runs SET wait_for = ? WHERE seq = ?",
+            (orjson.dumps([str(i) for i in waiting]).decode() if waiting else None, seq),
+        )
 
     def states_of(self, run_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, StateType]:
         ids = [str(i) for i in run_ids]
@@ -400,8 +534,10 @@ class _SQLiteOps(Operations):
         offset: int,
         parent: uuid.UUID | None = None,
         newest_first: bool = False,
+        tags: Sequence[str] = (),
     ) -> list[TaskRun]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[object] = []
         if task_key is not None:
             where.append("task_key = ?")
             args.append(task_key)
@@ -411,6 +547,9 @@ class _SQLiteOps(Operations):
         if parent is not None:
             where.append("parent_id = ?")
             args.append(str(parent))
+        for tag in dict.fromkeys(tags):
+            where.append("seq IN (SELECT run_seq FROM task_run_tags WHERE tag = ?)")
+            args.append(tag)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "DESC" if newest_first else "ASC"
         rows = self.conn.execute(
@@ -517,6 +656,8 @@ class _SQLiteOps(Operations):
             run = changed_run
             found[run_id] = changed[run_id] = (seq, run)
             self._log(seq, run.state)
+            if run.cache_key is not None and run.state.type is StateType.COMPLETED:
+                self._cache_completed(run)
             queued = queued_run(run, seq) if run.state.type is StateType.SCHEDULED else None
             changes.append(Change(result, run, queued))
         for seq, run in changed.values():  # once per run (RUNNING and COMPLETED often come together)
@@ -580,6 +721,8 @@ class _SQLiteOps(Operations):
             return None
         seq, run = found[run_id]
         self.conn.execute("DELETE FROM task_run_states WHERE run_seq = ?", (seq,))
+        self.conn.execute("DELETE FROM task_run_tags WHERE run_seq = ?", (seq,))
+        self.conn.execute("DELETE FROM task_run_cache WHERE run_id = ?", (str(run_id),))
         self.conn.execute("DELETE FROM task_runs WHERE seq = ?", (seq,))
         self.in_flight.wrote(run_id, seq, None)
         return run
@@ -617,10 +760,14 @@ class _SQLiteOps(Operations):
             conditions += " AND r.state_type = ?"
             args.append(state.value)
         ended = self._ended_before(conditions, args, limit)
-        for chunk in _chunks([seq for seq, _, _ in ended]):
-            marks = _placeholders(len(chunk))
-            self.conn.execute(f"DELETE FROM task_run_states WHERE run_seq IN ({marks})", chunk)
-            self.conn.execute(f"DELETE FROM task_runs WHERE seq IN ({marks})", chunk)
+        for chunk in _chunks(ended):
+            seqs, marks = [seq for seq, _, _ in chunk], _placeholders(len(chunk))
+            self.conn.execute(f"DELETE FROM task_run_states WHERE run_seq IN ({marks})", seqs)
+            self.conn.execute(f"DELETE FROM task_run_tags WHERE run_seq IN ({marks})", seqs)
+            self.conn.execute(
+                f"DELETE FROM task_run_cache WHERE run_id IN ({marks})", [i for _, i, _ in chunk]
+            )
+            self.conn.execute(f"DELETE FROM task_runs WHERE seq IN ({marks})", seqs)
         ids = [uuid.UUID(run_id) for _, run_id, _ in ended]
         for (seq, _, _), run_id in zip(ended, ids, strict=True):
             self.in_flight.wrote(run_id, seq, None)
@@ -639,9 +786,20 @@ class _SQLiteOps(Operations):
         rows = self.conn.execute(
             "SELECT seq, id, task_key, scheduled_at, wait_for FROM task_runs"
             " WHERE state_type = 'SCHEDULED' ORDER BY seq"
-        )
+        ).fetchall()
+        waiting = [uuid.UUID(i) for _, i, _, _, wait in rows if wait]
+        owners = {
+            run_id: run.state.state_details.cache_owner for run_id, (_, run) in self._fetch(waiting).items()
+        }
         return [
-            QueuedRun(seq, uuid.UUID(i), key, at, tuple(uuid.UUID(w) for w in orjson.loads(wait or "[]")))
+            QueuedRun(
+                seq,
+                uuid.UUID(i),
+                key,
+                at,
+                tuple(uuid.UUID(w) for w in orjson.loads(wait or "[]")),
+                cache_owner=owners.get(uuid.UUID(i)),
+            )
             for seq, i, key, at, wait in rows
         ]
 
