@@ -195,3 +195,30 @@ async def test_retries_wait_a_jittered_delay(
     history = (await api.get(f"/task_runs/{future.task_run_id}/history")).json()
     assert [h["name"] for h in history].count("AwaitingRetry") == 3
     assert (await future.get_state()).type is StateType.FAILED
+
+
+# --------------------------------------------------------------------------- cache policies
+
+
+def test_cache_policies_combine_and_leave_parameters_out_as_prefects_do() -> None:
+    from trioworker.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheContext
+
+    @trioworker.task(key="o.keyed")
+    def keyed(a: int, b: dict[str, int]) -> None:
+        return None
+
+    def key(policy: Any, a: int, b: dict[str, int]) -> str | None:
+        sent = {"a": a, "b": b}
+        result: str | None = policy.compute_key(CacheContext(keyed, sent), sent)
+        return result
+
+    assert key(INPUTS, 1, {"x": 1, "y": 2}) == key(INPUTS, 1, {"y": 2, "x": 1})  # key order does not count
+    assert key(INPUTS, 1, {"x": 1}) != key(INPUTS, 2, {"x": 1})
+    assert key(INPUTS - "a", 1, {"x": 1}) == key(INPUTS - "a", 2, {"x": 1})
+    assert key(INPUTS - "a" - "b", 1, {}) is None  # no inputs left: no key, as in Prefect
+    assert key(NO_CACHE, 1, {}) is None and NO_CACHE + INPUTS == INPUTS
+    both = INPUTS + TASK_SOURCE
+    assert key(both, 1, {}) not in (None, key(INPUTS, 1, {}), key(TASK_SOURCE, 1, {}))
+    assert key(both - "a", 1, {}) == key(both - "a", 2, {})
+    with pytest.raises(TypeError, match="only a parameter's name can be left out"):
+        INPUTS - 3  # type: ignore[operator]

@@ -69,6 +69,11 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
+def _check_parameter(parameter: object) -> None:
+    if not isinstance(parameter, str):
+        raise TypeError(f"only a parameter's name can be left out of a cache policy, got {parameter!r}")
+
+
 class CachePolicy:
     """How a run's cache key is made. Subclasses implement :meth:`compute_key`; ``+``
     combines policies and ``- "name"`` leaves a parameter out of :data:`INPUTS`."""
@@ -92,8 +97,7 @@ class CachePolicy:
     def __sub__(self, parameter: str) -> CachePolicy:
         """This policy with ``parameter`` left out of its inputs (no change for a policy
         that does not read them)."""
-        if not isinstance(parameter, str):
-            raise TypeError(f"only a parameter's name can be left out of a cache policy, got {parameter!r}")
+        _check_parameter(parameter)
         return self
 
 
@@ -112,8 +116,7 @@ class Inputs(CachePolicy):
         return _digest(*(part for pair in parts for part in pair))
 
     def __sub__(self, parameter: str) -> CachePolicy:
-        if not isinstance(parameter, str):
-            raise TypeError(f"only a parameter's name can be left out of a cache policy, got {parameter!r}")
+        _check_parameter(parameter)
         return Inputs((*self.exclude, parameter))
 
 
@@ -175,8 +178,7 @@ class CompoundCachePolicy(CachePolicy):
         return _digest(*(key.encode() for key in keys))
 
     def __sub__(self, parameter: str) -> CachePolicy:
-        if not isinstance(parameter, str):
-            raise TypeError(f"only a parameter's name can be left out of a cache policy, got {parameter!r}")
+        _check_parameter(parameter)
         return CompoundCachePolicy(tuple(policy - parameter for policy in self.policies))
 
 

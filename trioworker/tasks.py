@@ -303,6 +303,8 @@ class Task(Generic[P, R]):
             ValueError: the key is empty, longer than 1000 characters or holds NUL.
             TypeError: a ``cache_key_fn`` returned something else than a str or None.
         """
+        if self.cache_key_fn is None and self.cache_policy is NO_CACHE:
+            return None  # the default: no context to build, nothing to hash
         key = self.effective_cache_policy.compute_key(CacheContext(self, sent), parameters)
         return None if key is None else check_key(self.key, key)
 
