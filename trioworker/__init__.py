@@ -21,6 +21,7 @@ from trioworker.client.futures import wait_all as wait_all
 from trioworker.client.rest import SyncTaskRunClient as SyncTaskRunClient
 from trioworker.client.rest import TaskRunClient as TaskRunClient
 from trioworker.client.rest import connect as connect
+from trioworker.client.schedules import schedule as schedule
 from trioworker.client.submission import unmapped as unmapped
 from trioworker.context import RunContext as RunContext
 from trioworker.context import current_run as current_run
@@ -36,9 +37,12 @@ from trioworker.errors import StopTaskWorker as StopTaskWorker
 from trioworker.errors import SubscriptionRefused as SubscriptionRefused
 from trioworker.errors import TaskRunFailed as TaskRunFailed
 from trioworker.errors import TrioworkerError as TrioworkerError
+from trioworker.models import Schedule as Schedule
 from trioworker.models import State as State
 from trioworker.models import StateType as StateType
 from trioworker.models import TaskRun as TaskRun
+from trioworker.schedules import Cron as Cron
+from trioworker.schedules import Interval as Interval
 from trioworker.tasks import Task as Task
 from trioworker.tasks import task as task
 
@@ -48,11 +52,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ApiError",
+    "Cron",
+    "Interval",
     "NotFound",
     "ParameterError",
     "QueueFull",
     "ResultDecodeError",
     "RunContext",
+    "Schedule",
     "ServerUnavailable",
     "State",
     "StateType",
@@ -71,6 +78,7 @@ __all__ = [
     "as_completed",
     "connect",
     "current_run",
+    "schedule",
     "serve",
     "sync",
     "tags",

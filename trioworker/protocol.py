@@ -96,6 +96,10 @@ RUN_RETRY: Final = "/task_runs/{run_id}/retry"
 OVERVIEW: Final = "/overview"
 #: ``GET`` the workers connected to this server (``?task_key=`` filters).
 TASK_WORKERS: Final = "/task_workers"
+#: ``GET`` every schedule (periodic runs); ``POST`` one to create or change it (by name).
+SCHEDULES: Final = "/schedules"
+#: ``GET`` or ``DELETE`` one schedule by its name.
+SCHEDULE: Final = "/schedules/{name}"
 #: The workers' websocket.
 SUBSCRIPTION_PATH: Final = "/task_runs/subscriptions/scheduled"
 #: The live feed's websocket (the dashboard's tabs).

@@ -22,6 +22,7 @@ from trioworker.client.rest import using_client, using_sync_client
 from trioworker.client.submission import batches, build_create, map_calls
 from trioworker.models import JSON
 from trioworker.protocol import SERIALIZER_JSON, SERIALIZERS
+from trioworker.schedules import Cron, Interval, ScheduleSpec, as_specs
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,6 +94,9 @@ class Task(Generic[P, R]):
         timeout_seconds: an attempt that runs longer fails with ``TimeoutError``.
         serializer: ``"json"`` (default; parameters and result structured by the
             annotations) or ``"pickle"`` (any Python objects; workers must opt in).
+        schedule: periodic runs, registered by the workers that serve the task:
+            :class:`~trioworker.Cron`, :class:`~trioworker.Interval`, a cron expression (UTC),
+            a ``timedelta`` or seconds, or a list of them.
     """
 
     #: Typed loosely: for an async function R is what its coroutine returns.
@@ -104,6 +108,9 @@ class Task(Generic[P, R]):
     retry_condition_fn: RetryCondition | None = None
     timeout_seconds: float | None = None
     serializer: str = SERIALIZER_JSON
+    #: Periodic runs (see :mod:`trioworker.schedules`): a worker that serves the task
+    #: registers them with the server when it starts.
+    schedule: tuple[Cron | Interval, ...] = attrs.field(default=(), converter=as_specs)
 
     def __attrs_post_init__(self) -> None:
         if not callable(self.fn):
@@ -128,6 +135,11 @@ class Task(Generic[P, R]):
                     "retry_condition_fn must be a plain function returning a bool, not async: "
                     "it is called in the worker's event loop and must not wait"
                 )
+        for spec in self.schedule:  # (encoded when a worker registers them, annotations resolved)
+            try:
+                self.signature.bind(*spec.args, **spec.kwargs)
+            except TypeError as exc:
+                raise TypeError(f"task {self.key}: a schedule's arguments do not fit: {exc}") from None
 
     @property
     def task_key(self) -> str:
@@ -290,6 +302,7 @@ def _make_task(fn: Callable[..., Any], options: dict[str, Any]) -> Task[..., Any
         retry_condition_fn=options.get("retry_condition_fn"),
         timeout_seconds=options.get("timeout_seconds"),
         serializer=options.get("serializer", SERIALIZER_JSON),
+        schedule=options.get("schedule"),
     )
 
 
@@ -321,6 +334,7 @@ def task(
     retry_condition_fn: RetryCondition | None = None,
     timeout_seconds: float | None = None,
     serializer: str = SERIALIZER_JSON,
+    schedule: ScheduleSpec | Sequence[ScheduleSpec] | None = None,
 ) -> TaskDecorator: ...
 def task(
     fn: Callable[..., Any] | None = None,
@@ -333,6 +347,7 @@ def task(
     retry_condition_fn: RetryCondition | None = None,
     timeout_seconds: float | None = None,
     serializer: str = SERIALIZER_JSON,
+    schedule: ScheduleSpec | Sequence[ScheduleSpec] | None = None,
 ) -> Task[..., Any] | TaskDecorator:
     """Mark a function (sync or async) as a task: ``@task`` or ``@task(retries=3, ...)``.
 
@@ -347,6 +362,7 @@ def task(
         "retry_condition_fn": retry_condition_fn,
         "timeout_seconds": timeout_seconds,
         "serializer": serializer,
+        "schedule": schedule,
     }
     decorator = TaskDecorator(options)
     return decorator if fn is None else decorator(fn)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 
 import attrs
@@ -24,6 +24,8 @@ import trio
 
 from trioworker.models import (
     ACTIVE_STATES,
+    Schedule,
+    ScheduleCreate,
     SetStateRequest,
     SetStateResult,
     SetStateStatus,
@@ -35,6 +37,7 @@ from trioworker.models import (
     make_state,
     utcnow,
 )
+from trioworker.schedules import checked
 from trioworker.server.fence import Fence
 from trioworker.server.limits import QueueLimit
 from trioworker.server.live import LiveFeed
@@ -153,6 +156,9 @@ class TaskRunService:
     replica_id: uuid.UUID | None = None
     #: Raised, this server's sockets close (see :mod:`trioworker.server.fence`).
     fence: Fence = attrs.field(factory=Fence)
+    #: Set when schedules may have changed (here, or on another server): the schedule timer
+    #: (:mod:`~trioworker.server.schedules`) reads them again, and replaces it.
+    schedules_changed: trio.Event = attrs.field(factory=trio.Event)
     _shared: SharedStore | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -190,6 +196,11 @@ class TaskRunService:
             results = await self.store.create_runs(creates)
         except RunIdTaken as exc:
             raise Refusal(409, str(exc)) from None
+        await self._admit_created(results)
+        return [(run, queued is not None) for run, queued in results]
+
+    async def _admit_created(self, results: Sequence[tuple[TaskRun, QueuedRun | None]]) -> None:
+        """Runs were created (those with a queue entry are new): queue them, tell the tabs."""
         created = [run for run, queued in results if queued is not None]
         if self._shared is None:
             for run, queued in results:
@@ -198,7 +209,6 @@ class TaskRunService:
         self.feed.runs_changed(created)
         self.metrics.runs_created(created)
         await self._admit(q for _, q in results if q is not None)
-        return [(run, queued is not None) for run, queued in results]
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self.store.read_run(run_id)
@@ -670,6 +680,55 @@ class TaskRunService:
                 waiter.ended.append(run)
             waiter.changed.set()
 
+    # -- schedules (periodic runs: trioworker.schedules, server/schedules.py)
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.dispatcher.clock(), UTC)
+
+    async def upsert_schedule(self, create: ScheduleCreate) -> tuple[Schedule, bool]:
+        """Create the schedule ``create`` names, or change it (``(it, whether it is new)``);
+        the schedule timer wakes, since its next fire time may be the earliest now.
+
+        Raises:
+            Refusal: 422 for a schedule that cannot work (a bad cron expression, an unknown
+                time zone, ...), naming what is wrong in one line.
+        """
+        try:
+            create = checked(create)
+        except ValueError as exc:
+            raise Refusal(422, f"invalid schedule: {exc}") from None
+        schedule, new = await self.store.upsert_schedule(create, self._now())
+        self.schedules_changed.set()
+        return schedule, new
+
+    async def schedules(self, name: str | None = None) -> list[Schedule]:
+        """Every schedule, by name (``name``: that one, if it exists)."""
+        return await self.store.read_schedules(name)
+
+    async def delete_schedule(self, name: str) -> Schedule | None:
+        """Delete the schedule ``name`` (no more runs from it); it, or None when there was none."""
+        deleted = await self.store.delete_schedule(name)
+        self.schedules_changed.set()
+        return deleted
+
+    async def fire_schedules(self) -> float | None:
+        """Create the runs of the schedules due now (see :meth:`Store.fire_schedules`) and
+        queue them; when to fire next (epoch seconds on the dispatcher's clock; None: there
+        is no schedule)."""
+        fired = await self.store.fire_schedules(self.dispatcher.clock())
+        for schedule in fired.schedules:
+            if schedule.last_run_id is not None and any(
+                run.id == schedule.last_run_id for run, _ in fired.runs
+            ):
+                log.info(
+                    "schedule %s: run %s of %s for %s",
+                    schedule.name,
+                    schedule.last_run_id,
+                    schedule.task_key,
+                    schedule.last_fire_time,
+                )
+        await self._admit_created(fired.runs)
+        return fired.next_due
+
     # -- servers sharing the store
     async def queue_counts(self) -> tuple[int, int]:
         """``(ready, delayed)``: runs queued (not held back for others) due now, and later."""
@@ -687,6 +746,8 @@ class TaskRunService:
             if notice.origin != self.replica_id:
                 keys.update(notice.keys)
                 changed.update(dict.fromkeys(notice.changed))
+                if notice.schedules:
+                    self.schedules_changed.set()
         self.dispatcher.hint_keys(keys)
         await self.changed_elsewhere(changed)
 
@@ -732,6 +793,7 @@ class TaskRunService:
         """After a gap in the notices (the listening connection was lost): hint every
         subscription, and read every run this server cares about."""
         self.dispatcher.hint_all()
+        self.schedules_changed.set()  # a schedule may have been changed unheard
         await self.changed_elsewhere({*self._waiters, *self._dependents, *self.dispatcher.leased})
 
     async def reaped(self, beat: Heartbeat) -> None:

@@ -56,6 +56,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from trioworker.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    Schedule,
+    ScheduleCreate,
     SetStateRequest,
     State,
     StateChange,
@@ -64,10 +66,12 @@ from trioworker.models import (
     TaskRunCreate,
     utcnow,
 )
+from trioworker.schedules import new_schedule
 from trioworker.server.store.base import (
     Change,
     Claimed,
     EndedCount,
+    Fired,
     Heartbeat,
     Notice,
     QueuedRun,
@@ -92,6 +96,7 @@ from trioworker.server.store.runs import (
     run_from_row,
     same_run,
 )
+from trioworker.server.store.schedules import FIRE_BATCH, fire_due, schedule_body, schedule_from_body
 
 T = TypeVar("T")
 
@@ -101,8 +106,10 @@ SCHEMES: Final = ("postgresql", "postgres")
 #: The newest schema this code knows (the PostgreSQL store's own numbering). 1: the first;
 #: 2: the parent run's id in a column (a run's children found by index), ends indexed by
 #: time, runs indexed by task key and state (their counts read the index only); 3: several
-#: servers on one database (a row per server, ready rows of runs that wait for others).
-SCHEMA_VERSION: Final = 3
+#: servers on one database (a row per server, ready rows of runs that wait for others); 4 to
+#: 7: no change on this branch (numbers held for other branches' steps: the merge
+#: renumbers); 8: schedules (periodic runs).
+SCHEMA_VERSION: Final = 8
 
 #: The first key of the advisory lock held while the schema is created or migrated (the
 #: second is the schema's name): "trio" in ASCII.
@@ -217,10 +224,28 @@ MIGRATIONS: Final[Mapping[int, tuple[str | Callable[[_Conn], None], ...]]] = {
         "UPDATE trioworker_ready AS q SET waiting = true FROM trioworker_task_runs AS r"
         " WHERE r.seq = q.run_seq AND r.wait_for IS NOT NULL",
     ),
+    # 4 to 7: held for the steps of other branches (empty here; renumbered when merged).
+    4: (),
+    5: (),
+    6: (),
+    7: (),
+    8: (
+        # Periodic runs: one row per schedule, its next fire time in a column (the servers
+        # sleep until the earliest; the one that fires a schedule locks its row).
+        """CREATE TABLE trioworker_schedules (
+            name text PRIMARY KEY,
+            next_fire_at double precision NOT NULL,
+            body bytea NOT NULL
+        )""",
+        "CREATE INDEX trioworker_schedules_next ON trioworker_schedules (next_fire_at)",
+    ),
 }
 
 #: Most runs the cache of decoded runs keeps (beyond that, operations read the rows).
 CACHE_MAX_RUNS: Final = 10_000
+
+#: Seconds before looking again at a schedule due that another server has locked (firing it).
+LOCKED_RETRY_SECONDS: Final = 1.0
 
 #: Attempts of one group when the database asks for a retry (deadlock, serialization).
 _ATTEMPTS: Final = 3
@@ -421,10 +446,13 @@ def channel_of(schema: str) -> str:
     return "trioworker_" + hashlib.sha1(schema.encode()).hexdigest()[:20]
 
 
-def encode_notices(origin: uuid.UUID, keys: Sequence[str], changed: Sequence[uuid.UUID]) -> list[str]:
+def encode_notices(
+    origin: uuid.UUID, keys: Sequence[str], changed: Sequence[uuid.UUID], *, schedules: bool = False
+) -> list[str]:
     """Payloads of at most :data:`NOTICE_BYTES` each announcing, from the server
     ``origin``, ready runs of ``keys`` and the ``changed`` runs: JSON objects
-    ``{"o": origin, "k": [key, ...], "c": [run id hex, ...]}``."""
+    ``{"o": origin, "k": [key, ...], "c": [run id hex, ...]}``; with ``schedules`` (schedules
+    were changed), one more ``{"o": origin, "k": [], "c": [], "s": 1}``."""
     head = len(orjson.dumps({"o": origin.hex, "k": [], "c": []}))
     payloads: list[str] = []
     batch_keys: list[str] = []
@@ -448,6 +476,8 @@ def encode_notices(origin: uuid.UUID, keys: Sequence[str], changed: Sequence[uui
         batch.append(item)
         size += cost
     flush()
+    if schedules:
+        payloads.append(orjson.dumps({"o": origin.hex, "k": [], "c": [], "s": 1}).decode())
     return payloads
 
 
@@ -459,6 +489,7 @@ def decode_notice(payload: str) -> Notice | None:
             uuid.UUID(hex=data["o"]),
             tuple(str(key) for key in data["k"]),
             tuple(uuid.UUID(hex=run_id) for run_id in data["c"]),
+            bool(data.get("s")),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -629,21 +660,28 @@ class _PostgresOps(Operations):
         self.ready_keys: set[str] = set()
         #: Runs ended, handed back, cancelled or deleted in this transaction: announced too.
         self.changed: dict[uuid.UUID, None] = {}
+        #: Schedules were created, changed or deleted in this transaction: announced too.
+        self.schedules_changed = False
 
     def forget_notices(self) -> None:
         """A transaction starts (again): nothing to announce yet."""
         self.ready_keys.clear()
         self.changed.clear()
+        self.schedules_changed = False
 
     def announce(self) -> None:
         """Send what this transaction changed to every server that listens on this
         schema's channel (delivered when it commits; not at all when it rolls back): one
         ``pg_notify`` per :data:`NOTICE_BYTES` of payload, in one statement. Only a
         server with a replica id announces (another has no one to tell)."""
-        if self.channel is None or self.replica_id is None or not (self.ready_keys or self.changed):
+        if self.channel is None or self.replica_id is None:
             self.forget_notices()
             return
-        payloads = encode_notices(self.replica_id, sorted(self.ready_keys), list(self.changed))
+        if not (self.ready_keys or self.changed or self.schedules_changed):
+            return
+        payloads = encode_notices(
+            self.replica_id, sorted(self.ready_keys), list(self.changed), schedules=self.schedules_changed
+        )
         self.forget_notices()
         self._execute("SELECT pg_notify(%b, p) FROM unnest(%b::text[]) AS p", (self.channel, payloads))
 
@@ -1274,6 +1312,73 @@ class _PostgresOps(Operations):
             " JOIN trioworker_task_runs AS r ON r.seq = q.run_seq ORDER BY q.run_seq"
         )
         return [QueuedRun(seq, run_id, key, at, tuple(wait or ())) for seq, run_id, key, at, wait in rows]
+
+    # -- schedules
+    def upsert_schedule(self, create: ScheduleCreate, now: datetime) -> tuple[Schedule, bool]:
+        """Create or change a schedule; its row is locked while it is decided (a server firing
+        it waits, then sees the change)."""
+        found = self._schedules("WHERE name = %b FOR UPDATE", (create.name,))
+        existing = found[0] if found else None
+        changed = new_schedule(create, now, existing)
+        if changed is None:
+            assert existing is not None
+            return existing, False
+        self._write_schedules([changed])
+        self.schedules_changed = True
+        return changed, existing is None
+
+    def _schedules(self, condition: str, params: Sequence[object] = ()) -> list[Schedule]:
+        rows = self._execute(f"SELECT body FROM trioworker_schedules {condition}", params)
+        return [schedule_from_body(body) for (body,) in rows]
+
+    def _write_schedules(self, schedules: Sequence[Schedule]) -> None:
+        if not schedules:
+            return
+        self._execute(
+            "INSERT INTO trioworker_schedules (name, next_fire_at, body)"
+            " SELECT * FROM unnest(%b::text[], %b::float8[], %b::bytea[])"
+            " ON CONFLICT (name) DO UPDATE SET next_fire_at = excluded.next_fire_at, body = excluded.body",
+            (
+                [s.name for s in schedules],
+                [s.next_fire_time.timestamp() for s in schedules],
+                [schedule_body(s) for s in schedules],
+            ),
+        )
+
+    def read_schedules(self, name: str | None) -> list[Schedule]:
+        if name is None:
+            return self._schedules("ORDER BY name")
+        return self._schedules("WHERE name = %b", (_text(name),))
+
+    def delete_schedule(self, name: str) -> Schedule | None:
+        rows = self._execute(
+            "DELETE FROM trioworker_schedules WHERE name = %b RETURNING body", (_text(name),)
+        ).fetchall()
+        if not rows:
+            return None
+        self.schedules_changed = True
+        return schedule_from_body(rows[0][0])
+
+    def fire_schedules(self, now: float) -> Fired:
+        """Fire the schedules due at ``now``: their rows are locked ``FOR UPDATE SKIP
+        LOCKED``, so that of servers firing at once, each fires different schedules; a row
+        another server fired meanwhile (its commit came first) no longer meets the condition
+        when locked, and is left out. The runs' idempotency keys (schedule and tick) are a
+        second guard: a tick makes one run."""
+        due = self._schedules(
+            "WHERE next_fire_at <= %b ORDER BY next_fire_at LIMIT %b FOR UPDATE SKIP LOCKED",
+            (now, FIRE_BATCH),
+        )
+        written, created = fire_due(due, now, self.create_runs)
+        self._write_schedules(written)
+        [(earliest,)] = self._execute("SELECT min(next_fire_at) FROM trioworker_schedules").fetchall()
+        if earliest is None:
+            return Fired(created, written, None)
+        if earliest <= now and len(due) < FIRE_BATCH:
+            # Due, but locked by another server firing it: look again in a moment (it may
+            # roll back); once it committed, its next fire time is later.
+            return Fired(created, written, now + LOCKED_RETRY_SECONDS)
+        return Fired(created, written, max(now, float(earliest)))
 
     # -- servers sharing the database
     def register_replica(self, silent_for: float, address: str | None) -> None:
