@@ -93,8 +93,11 @@ def check_cron(expression: str) -> str:
         croniter(text, datetime(2020, 1, 1, tzinfo=UTC)).get_next(datetime)
     except Exception as exc:  # croniter's errors are ValueErrors, and a few others
         why = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        why = why.removeprefix("is not acceptable").removeprefix(",").strip()
         if type(exc).__name__ == "CroniterBadDateError":
             why = "it matches no date"
+        elif not why:
+            why = "a field holds what cron does not take"
         raise ValueError(
             f"cron expression {expression!r} is not valid: {why or type(exc).__name__}"
         ) from None
