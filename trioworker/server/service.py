@@ -698,6 +698,7 @@ class TaskRunService:
             raise Refusal(422, f"invalid schedule: {exc}") from None
         schedule, new = await self.store.upsert_schedule(create, self._now())
         self.schedules_changed.set()
+        self.feed.schedules_changed()
         return schedule, new
 
     async def schedules(self, name: str | None = None) -> list[Schedule]:
@@ -707,7 +708,9 @@ class TaskRunService:
     async def delete_schedule(self, name: str) -> Schedule | None:
         """Delete the schedule ``name`` (no more runs from it); it, or None when there was none."""
         deleted = await self.store.delete_schedule(name)
-        self.schedules_changed.set()
+        if deleted is not None:
+            self.schedules_changed.set()
+            self.feed.schedules_changed()
         return deleted
 
     async def fire_schedules(self) -> float | None:
@@ -726,6 +729,8 @@ class TaskRunService:
                     schedule.task_key,
                     schedule.last_fire_time,
                 )
+        if fired.schedules:
+            self.feed.schedules_changed()
         await self._admit_created(fired.runs)
         return fired.next_due
 
@@ -748,6 +753,7 @@ class TaskRunService:
                 changed.update(dict.fromkeys(notice.changed))
                 if notice.schedules:
                     self.schedules_changed.set()
+                    self.feed.schedules_changed()
         self.dispatcher.hint_keys(keys)
         await self.changed_elsewhere(changed)
 
@@ -794,6 +800,7 @@ class TaskRunService:
         subscription, and read every run this server cares about."""
         self.dispatcher.hint_all()
         self.schedules_changed.set()  # a schedule may have been changed unheard
+        self.feed.schedules_changed()
         await self.changed_elsewhere({*self._waiters, *self._dependents, *self.dispatcher.leased})
 
     async def reaped(self, beat: Heartbeat) -> None:
