@@ -306,7 +306,9 @@ async def test_changes_appear_without_a_reload_and_the_page_does_not_poll(demo: 
             hourly = page.locator('#schedules tr[data-schedule="every-hour"]')
             expect(hourly).to_contain_text("every 1 h 0 min")
             expect(hourly.locator(".next-fire time")).to_have_text(re.compile(r"^in \d+ (min|s)"))
-            trio.from_thread.run(schedule, {"name": "each-second", "interval": 1, "parameters": {"a": 1, "b": 2}})
+            trio.from_thread.run(
+                schedule, {"name": "each-second", "interval": 1, "parameters": {"a": 1, "b": 2}}
+            )
             ticking = page.locator('#schedules tr[data-schedule="each-second"]')
             expect(ticking.locator("td").nth(4).locator("a")).to_have_count(1)  # the last tick's run
             shoot(page, "overview-schedules")
