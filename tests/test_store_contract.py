@@ -7,6 +7,7 @@ import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import attrs
 import pytest
@@ -434,7 +435,7 @@ def at(hour: int, minute: int = 0, second: int = 0) -> datetime:
     return T0.replace(hour=hour, minute=minute, second=second)
 
 
-def hourly(name: str = "s", **changes: object) -> ScheduleCreate:
+def hourly(name: str = "s", **changes: Any) -> ScheduleCreate:
     create = ScheduleCreate(name=name, task_key="k", interval=3600, parameters={"x": 1})
     return checked(attrs.evolve(create, **changes))
 
