@@ -6,6 +6,7 @@ The nursery tree of a running worker::
       nursery
         status server (hypercorn, only with a port)     started with nursery.start
         subscription: websocket, reconnecting           started with nursery.start
+        schedules: the tasks' schedule= registered with the server once subscribed
         runs nursery: one task per run; async code runs here, sync code in
                       trio.to_thread.run_sync; a CapacityLimiter bounds them all
 
