@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import pytest
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
+from trioworker.models import ScheduleCreate, SetStateRequest, StateType, TaskRunCreate, make_state
 from trioworker.server.store import DatabaseInUse, StoreError
 from trioworker.server.store import postgres as postgres_store
 from trioworker.server.store.postgres import _SERVER_LOCK, SCHEMA_VERSION, PostgresStore, PostgresTarget
@@ -50,10 +51,13 @@ TABLES = {
     "trioworker_ready",
     "trioworker_task_run_states",
     "trioworker_replicas",
+    "trioworker_schedules",
 }
 
-#: Undoes schema step 3 (a database of schema 2, as main made them).
+#: Undoes schema steps 8 (schedules; 4 to 7 change nothing) and 3 (a database of schema 2,
+#: as main made them).
 SCHEMA_3_UNDONE = (
+    "DROP TABLE trioworker_schedules",
     "DROP TABLE trioworker_replicas",
     "ALTER TABLE trioworker_ready DROP COLUMN waiting",
 )
@@ -566,3 +570,17 @@ def test_the_sqlite_server_does_not_import_psycopg() -> None:
     code = "import sys, trioworker.server, trioworker.cli.server; print('psycopg' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+async def test_a_schema_3_database_gets_the_schedules_table(postgres_url: str) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+    for statement in ("DROP TABLE trioworker_schedules", "UPDATE trioworker_schema SET version = 3"):
+        await sql(postgres_url, statement)
+    async with PostgresStore.open(postgres_url) as store:
+        assert await store.read_run(run.id) == run
+        assert await store.read_schedules() == []
+        create = ScheduleCreate(name="s", task_key="k", interval=60)
+        made, new = await store.upsert_schedule(create, datetime(2030, 1, 1, tzinfo=UTC))
+        assert new and await store.read_schedules() == [made]
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)] == [(8,)]
