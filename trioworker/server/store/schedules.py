@@ -41,12 +41,12 @@ def fire_due(
     due: Sequence[Schedule], now: float, create_runs: CreateRuns
 ) -> tuple[list[Schedule], list[tuple[TaskRun, QueuedRun]]]:
     """Fire the schedules ``due`` at ``now`` (epoch seconds), creating their runs through
-    ``create_runs`` (the store's, in the same transaction): ``(the schedules to write, the
-    runs created)``. A run that already existed (the tick was fired elsewhere) is not
-    returned again."""
+    ``create_runs`` (the store's, in the same transaction; one call for all of them):
+    ``(the schedules to write, the runs created)``. A run that already existed (the tick was
+    fired elsewhere) is not returned again."""
     moment = datetime.fromtimestamp(now, UTC)
     written: list[Schedule] = []
-    created: list[tuple[TaskRun, QueuedRun]] = []
+    ticked: list[tuple[Schedule, datetime]] = []
     for schedule in due:
         try:
             tick, after = fire(schedule, moment)
@@ -54,17 +54,23 @@ def fire_due(
             log.warning("schedule %r cannot fire (%s); trying again in an hour", schedule.name, exc)
             written.append(attrs.evolve(schedule, next_fire_time=moment + UNREADABLE_RETRY))
             continue
-        if tick is not None:
-            create = TaskRunCreate(
-                task_key=schedule.task_key,
-                parameters=schedule.parameters,
-                serializer=schedule.serializer,
-                scheduled_time=tick,
-                idempotency_key=idempotency_key(schedule, tick),
-            )
-            [(run, queued)] = create_runs([create])
-            after = attrs.evolve(after, last_fire_time=tick, last_run_id=run.id)
-            if queued is not None:
-                created.append((run, queued))
-        written.append(after)
+        if tick is None:
+            written.append(after)
+        else:
+            ticked.append((after, tick))
+    creates = [
+        TaskRunCreate(
+            task_key=schedule.task_key,
+            parameters=schedule.parameters,
+            serializer=schedule.serializer,
+            scheduled_time=tick,
+            idempotency_key=idempotency_key(schedule, tick),
+        )
+        for schedule, tick in ticked
+    ]
+    created: list[tuple[TaskRun, QueuedRun]] = []
+    for (schedule, tick), (run, queued) in zip(ticked, create_runs(creates) if creates else [], strict=True):
+        written.append(attrs.evolve(schedule, last_fire_time=tick, last_run_id=run.id))
+        if queued is not None:
+            created.append((run, queued))
     return written, created
