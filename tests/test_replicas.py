@@ -37,7 +37,7 @@ from trioworker.server.queue import trio_anchored_clock
 from trioworker.server.store.base import LEASED_ELSEWHERE, Fired, Notice, SharedStore
 from trioworker.server.store.postgres import NOTICE_BYTES, PostgresStore, decode_notice, encode_notices
 from trioworker.tasks import Task, task
-from trioworker.testing import ServerControl
+from trioworker.testing import AUTOJUMP_THRESHOLD, ServerControl
 from trioworker.worker.task_worker import TaskWorker
 
 from .fakes import outage_proxy
@@ -744,7 +744,9 @@ async def test_two_servers_make_one_run_per_tick_and_either_fires_alone(
 
         async with worker(b, tick), httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a:
             body = {"name": "minutely", "task_key": "r.tick", "interval": 60}
+            trioworker_autojump_clock.autojump_threshold = math.inf  # a slow answer is no timeout
             assert (await api_a.post("/schedules", json=body)).status_code == 201
+            trioworker_autojump_clock.autojump_threshold = AUTOJUMP_THRESHOLD
             await ticks(3)
             await control_a.stop()  # the server it was registered through: b fires on alone
             await ticks(6)
