@@ -64,7 +64,17 @@ def _plain(text: str) -> str:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """The ``#:`` comments above the fields of ``cls``, by field name (none without source)."""
+    """The ``#:`` comments above the fields of ``cls`` and of the attrs classes it derives
+    from, by field name (none without source)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is cls or attrs.has(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comments above the fields ``cls`` itself declares."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
