@@ -27,7 +27,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test]", "mypy", "types-jsonschema")
+    session.install("-e", ".[test]", "mypy", "types-jsonschema", "types-croniter")
     session.run("mypy")
 
 

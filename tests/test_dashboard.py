@@ -298,7 +298,31 @@ async def test_changes_appear_without_a_reload_and_the_page_does_not_poll(demo: 
             trio.from_thread.run(twenty_runs)
             expect(page.locator("#runs-table tbody tr")).to_have_count(40)
             expect(page.locator("#page-range")).to_have_text("1\N{EN DASH}40 of 40")
+
+            # Schedules: one added elsewhere shows with its next run; each tick's run shows too.
+            page.get_by_role("link", name="Overview", exact=True).click()
+            expect(page.locator("#schedules")).to_contain_text("No schedule")
+            trio.from_thread.run(schedule, {"name": "every-hour", "interval": 3600})
+            hourly = page.locator('#schedules tr[data-schedule="every-hour"]')
+            expect(hourly).to_contain_text("every 1 h 0 min")
+            expect(hourly.locator(".next-fire time")).to_have_text(re.compile(r"^in \d+ (min|s)"))
+            trio.from_thread.run(
+                schedule, {"name": "each-second", "interval": 1, "parameters": {"a": 1, "b": 2}}
+            )
+            ticking = page.locator('#schedules tr[data-schedule="each-second"]')
+            expect(ticking.locator("td").nth(4).locator("a")).to_have_count(1)  # the last tick's run
+            shoot(page, "overview-schedules")
+            trio.from_thread.run(unschedule, "each-second")
+            expect(ticking).to_have_count(0)
+            expect(hourly).to_have_count(1)
             assert errors == []
+
+        async def schedule(fields: dict[str, Any]) -> None:
+            body = {"task_key": "dash.add", "parameters": {"a": 0, "b": 0}, **fields}
+            (await api.post("/schedules", json=body)).raise_for_status()
+
+        async def unschedule(name: str) -> None:
+            (await api.delete(f"/schedules/{name}")).raise_for_status()
 
         await in_browser(script)
 

@@ -216,6 +216,7 @@ SERVER_MAY_IMPORT = frozenset(
         "trioworker.errors",
         "trioworker.models",
         "trioworker.protocol",
+        "trioworker.schedules",
         "trioworker.serializers",
         "trioworker.settings",
     }

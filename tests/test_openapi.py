@@ -87,7 +87,7 @@ def test_the_example_requests_validate() -> None:
         for param in op.get("parameters", ()):
             if "example" in param:
                 check(param["example"], param["schema"])
-    assert examples == 5  # create, batch, wait, purge, set_state
+    assert examples == 6  # create, batch, wait, purge, set_state, schedule
     with pytest.raises(jsonschema.ValidationError):
         check(
             {"task_key": 5},
@@ -166,6 +166,14 @@ async def test_a_real_server_gives_the_documented_answers(keyed_server: RunningS
         await call("get", "/metrics", 200)
         served = await call("get", "/api/openapi.json", 200)
         assert served.json() == DOC
+        await call("post", "/api/schedules", 201)
+        await call("post", "/api/schedules", 200)  # the same: as it was
+        await call("post", "/api/schedules", 422, json={"name": "x", "task_key": "k", "cron": "61 * * * *"})
+        await call("get", "/api/schedules", 200)
+        await call("get", "/api/schedules/{name}", 200)
+        await call("delete", "/api/schedules/{name}", 204)
+        await call("delete", "/api/schedules/{name}", 404)
+        await call("get", "/api/schedules/{name}", 404)
         await call("post", "/api/task_runs/purge", 200)
         await call("delete", "/api/task_runs/{run_id}", 204)
         await call("get", "/api/task_runs/{run_id}", 404, run_id=first["id"])

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ import pytest
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from trioworker.models import SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state, utcnow
+from trioworker.models import (
+    ScheduleCreate,
+    SetStateRequest,
+    StateType,
+    TaskRun,
+    TaskRunCreate,
+    make_state,
+    utcnow,
+)
 from trioworker.server.store import DatabaseInUse, LiveServer, StoreError
 from trioworker.server.store import postgres as postgres_store
 from trioworker.server.store.postgres import _SERVER_LOCK, SCHEMA_VERSION, PostgresStore, PostgresTarget
@@ -52,7 +61,11 @@ TABLES = {
     "trioworker_replicas",
     "trioworker_task_run_tags",
     "trioworker_cache",
+    "trioworker_schedules",
 }
+
+#: Undoes schema step 6 (a database of schema 5).
+SCHEMA_6_UNDONE = ("DROP TABLE trioworker_schedules",)
 
 #: Undoes schema step 5 (a database of schema 4).
 SCHEMA_5_UNDONE = ("DROP TABLE trioworker_task_run_tags", "DROP TABLE trioworker_cache")
@@ -146,6 +159,7 @@ async def test_a_schema_1_database_is_migrated_and_keeps_its_runs(
         [ended] = await store.set_states([(plain, nul)], now=0.0)
         assert ended.run is not None
     for statement in (  # back to schema 1
+        *SCHEMA_6_UNDONE,
         *SCHEMA_5_UNDONE,
         *SCHEMA_3_UNDONE,
         "DROP INDEX trioworker_task_runs_parent",
@@ -175,7 +189,12 @@ async def test_a_schema_2_database_is_migrated_and_its_runs_that_wait_still_wait
     async with PostgresStore.open(postgres_url) as store:
         [(upstream, _)] = await store.create_runs([TaskRunCreate(task_key="u")])
         [(waiting, _)] = await store.create_runs([TaskRunCreate(task_key="w", wait_for=[upstream.id])])
-    for statement in (*SCHEMA_5_UNDONE, *SCHEMA_3_UNDONE, "UPDATE trioworker_schema SET version = 2"):
+    for statement in (
+        *SCHEMA_6_UNDONE,
+        *SCHEMA_5_UNDONE,
+        *SCHEMA_3_UNDONE,
+        "UPDATE trioworker_schema SET version = 2",
+    ):
         await sql(postgres_url, statement)
     async with PostgresStore.open(postgres_url) as store:
         assert [q.id for q in await store.recover(5) if q.wait_for] == [waiting.id]
@@ -190,7 +209,12 @@ async def test_a_schema_3_database_is_migrated_and_keeps_the_rows_of_its_servers
     async with PostgresStore.open(postgres_url, exclusive=False) as store:
         await store.register_replica(server, 60, "http://a:4300")
         [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
-    for statement in (*SCHEMA_5_UNDONE, *SCHEMA_4_UNDONE, "UPDATE trioworker_schema SET version = 3"):
+    for statement in (
+        *SCHEMA_6_UNDONE,
+        *SCHEMA_5_UNDONE,
+        *SCHEMA_4_UNDONE,
+        "UPDATE trioworker_schema SET version = 3",
+    ):
         await sql(postgres_url, statement)
     async with PostgresStore.open(postgres_url, exclusive=False) as store:
         here = LiveServer(uuid.uuid4(), "here", utcnow(), None, None, [])
@@ -213,7 +237,12 @@ async def test_a_schema_3_database_is_migrated_and_its_runs_are_found_by_tag(
             ]
         )
         both, none, only_b = (run.id for run, _ in created)
-    for statement in (*SCHEMA_5_UNDONE, *SCHEMA_4_UNDONE, "UPDATE trioworker_schema SET version = 3"):
+    for statement in (
+        *SCHEMA_6_UNDONE,
+        *SCHEMA_5_UNDONE,
+        *SCHEMA_4_UNDONE,
+        "UPDATE trioworker_schema SET version = 3",
+    ):
         await sql(postgres_url, statement)
     monkeypatch.setattr(postgres_store, "_FILL_BATCH", 1)  # a batch per tagged run
     async with PostgresStore.open(postgres_url) as store:
@@ -658,3 +687,17 @@ def test_the_sqlite_server_does_not_import_psycopg() -> None:
     code = "import sys, trioworker.server, trioworker.cli.server; print('psycopg' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+async def test_a_schema_5_database_gets_the_schedules_table(postgres_url: str) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+    for statement in (*SCHEMA_6_UNDONE, "UPDATE trioworker_schema SET version = 5"):
+        await sql(postgres_url, statement)
+    async with PostgresStore.open(postgres_url) as store:
+        assert await store.read_run(run.id) == run
+        assert await store.read_schedules() == []
+        create = ScheduleCreate(name="s", task_key="k", interval=60)
+        made, new = await store.upsert_schedule(create, datetime(2030, 1, 1, tzinfo=UTC))
+        assert new and await store.read_schedules() == [made]
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)] == [(6,)]

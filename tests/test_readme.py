@@ -242,8 +242,22 @@ def options_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     }
 
 
+def commands_of(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every command by its name (``""`` for ``trioworker`` itself); a group of commands
+    (``schedule``) by the names of its own (``schedule add``), not by its own."""
+    commands = {"": parser}
+    for name, command in subcommands(parser).items():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            commands.update({f"{name} {action}": sub for action, sub in nested[0].choices.items()})
+        else:
+            commands[name] = command
+    return commands
+
+
 def synopsis_lines() -> dict[str, str]:
-    """``{command: its synopsis}`` from the README (``""`` for ``trioworker`` itself)."""
+    """``{command: its synopsis}`` from the README (``""`` for ``trioworker`` itself; a
+    command of a group by both names: ``schedule add``)."""
     assert len(SYNOPSES) == 1, "one synopsis block for the whole command line"
     out: dict[str, str] = {}
     current = None
@@ -251,6 +265,8 @@ def synopsis_lines() -> dict[str, str]:
         if line.startswith("trioworker"):
             words = line.split()
             current = words[1] if len(words) > 1 and not words[1].startswith("[") else ""
+            if len(words) > 2 and re.fullmatch(r"[a-z]+", words[2]):  # a command of a group
+                current = f"{current} {words[2]}"
             assert current not in out, f"{current!r} twice in the synopsis"
             out[current] = line
         else:
@@ -260,8 +276,7 @@ def synopsis_lines() -> dict[str, str]:
 
 
 def test_the_synopsis_is_the_real_command_line() -> None:
-    parser = build_parser()
-    commands = {"": parser, **subcommands(parser)}
+    commands = commands_of(build_parser())
     synopses = synopsis_lines()
     assert set(synopses) == set(commands), "the synopsis lists exactly the real commands"
     for name, synopsis in synopses.items():

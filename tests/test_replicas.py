@@ -7,12 +7,14 @@ Then real servers (in-process, each its own replica) and real workers on one dat
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
@@ -24,12 +26,28 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 import trioworker
 from trioworker import protocol
-from trioworker.models import SetStateRequest, SetStateStatus, StateType, TaskRunCreate, make_state
+from trioworker.models import (
+    ScheduleCreate,
+    SetStateRequest,
+    SetStateStatus,
+    StateType,
+    TaskRunCreate,
+    make_state,
+)
+from trioworker.schedules import checked
 from trioworker.server import RunningServer, ServerConfig
-from trioworker.server.store.base import LEASED_ELSEWHERE, ConnectedWorker, LiveServer, Notice, SharedStore
+from trioworker.server.queue import trio_anchored_clock
+from trioworker.server.store.base import (
+    LEASED_ELSEWHERE,
+    ConnectedWorker,
+    Fired,
+    LiveServer,
+    Notice,
+    SharedStore,
+)
 from trioworker.server.store.postgres import NOTICE_BYTES, PostgresStore, decode_notice, encode_notices
 from trioworker.tasks import Task, task
-from trioworker.testing import ServerControl
+from trioworker.testing import AUTOJUMP_THRESHOLD, ServerControl
 from trioworker.worker.task_worker import TaskWorker
 
 from .fakes import outage_proxy
@@ -905,3 +923,77 @@ async def test_the_runs_of_a_worker_that_left_while_the_database_was_away_go_bac
                 await on_b.finish([run_id])
             names = [name for _, name in await history(api_b, run_id)]
             assert names == HANDED_BACK
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+async def test_servers_firing_one_schedule_at_once_make_one_run(postgres_url: str) -> None:
+    async with server_store(postgres_url) as (a, a_id), server_store(postgres_url) as (b, _):
+        listener = b.listener()
+        await listener.connect()
+        try:
+            start = datetime(2030, 1, 1, 9, 30, tzinfo=UTC)
+            create = checked(ScheduleCreate(name="s", task_key="k", interval=60))
+            await a.upsert_schedule(create, start)
+            heard = await listener.receive()
+            assert heard == [Notice(a_id, (), (), schedules=True)]  # b's timer wakes
+            tick = start.timestamp() + 60  # 9:31, the first tick
+            fired: list[Fired] = []
+
+            async def fire(store: PostgresStore) -> None:
+                fired.append(await store.fire_schedules(tick + 0.5))
+
+            for _ in range(5):  # each time both at once
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(fire, a)
+                    nursery.start_soon(fire, b)
+                tick += 60
+            runs = await a.list_runs(task_key="k", limit=100)
+            assert len(runs) == 5 == sum(len(f.runs) for f in fired)
+            assert len({run.idempotency_key for run in runs}) == 5
+            [schedule] = await b.read_schedules()
+            assert schedule.last_run_id == runs[-1].id
+        finally:
+            listener.close()
+
+
+@task(key="r.tick")
+async def tick() -> None:
+    record.ran.append(str(trioworker.current_run()))
+    record.started.set()
+
+
+async def test_two_servers_make_one_run_per_tick_and_either_fires_alone(
+    postgres_url: str, trioworker_autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        servers: list[tuple[ServerControl, RunningServer]] = []
+        for _ in range(2):
+            config = ServerConfig(db_path=postgres_url, port=0, clock=trio_anchored_clock())
+            control = ServerControl(nursery, config)
+            servers.append((control, await control.start()))
+        (control_a, a), (_, b) = servers
+
+        async def ticks(n: int) -> None:
+            with trio.fail_after(3600):
+                while len(record.ran) < n:
+                    record.started = trio.Event()
+                    await record.started.wait()
+
+        async with worker(b, tick), httpx.AsyncClient(base_url=a.api_url, timeout=DEADLINE) as api_a:
+            body = {"name": "minutely", "task_key": "r.tick", "interval": 60}
+            trioworker_autojump_clock.autojump_threshold = math.inf  # a slow answer is no timeout
+            assert (await api_a.post("/schedules", json=body)).status_code == 201
+            trioworker_autojump_clock.autojump_threshold = AUTOJUMP_THRESHOLD
+            await ticks(3)
+            await control_a.stop()  # the server it was registered through: b fires on alone
+            await ticks(6)
+            trioworker_autojump_clock.autojump_threshold = math.inf  # no tick more
+        async with httpx.AsyncClient(base_url=b.api_url, timeout=DEADLINE) as api_b:
+            runs = (await api_b.get("/task_runs", params={"task_key": "r.tick"})).json()
+        keys = [run["idempotency_key"] for run in runs]
+        assert len(runs) >= 6 and len(set(keys)) == len(keys)  # one run per tick
+        minutes = [datetime.fromisoformat(key.rsplit("/", 1)[1]) for key in keys]
+        assert [b - a for a, b in itertools.pairwise(minutes)] == [timedelta(minutes=1)] * (len(minutes) - 1)
+        nursery.cancel_scope.cancel()

@@ -9,13 +9,14 @@ import sys
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
 
-from trioworker.models import SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state
+from trioworker.models import ScheduleCreate, SetStateRequest, StateType, TaskRun, TaskRunCreate, make_state
 from trioworker.server.store import SCHEMA_VERSION, DatabaseInUse, SQLiteStore, StoreError, database_path
 
 
@@ -168,6 +169,23 @@ async def test_a_schema_3_file_gets_its_runs_tags_indexed(tmp_path: Path) -> Non
         assert [r.id for r in await store.list_runs(tags=["a", "b"])] == [both]
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+async def test_a_schema_3_file_gets_the_schedules_table(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+    conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3: no schedules
+    conn.execute("DROP TABLE schedules")
+    conn.execute("UPDATE schema_version SET version = 3")
+    conn.close()
+    async with SQLiteStore.open(path) as store:
+        assert await store.read_run(run.id) == run and await store.read_schedules() == []
+        create = ScheduleCreate(name="s", task_key="k", interval=60)
+        made, _ = await store.upsert_schedule(create, datetime(2030, 1, 1, tzinfo=UTC))
+        assert await store.read_schedules() == [made]
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)] == [(6,)]
     conn.close()
 
 

@@ -7,11 +7,14 @@ import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import attrs
 import pytest
 import trio
 
-from trioworker.models import SetStateRequest, StateType, TaskRunCreate, make_state
+from trioworker.models import ScheduleCreate, SetStateRequest, StateType, TaskRunCreate, make_state
+from trioworker.schedules import checked, idempotency_key
 from trioworker.server.store import ConnectedWorker, LiveServer, RunIdTaken, Store, StoreError
 from trioworker.server.store.commit import GroupCommitStore
 
@@ -627,3 +630,93 @@ async def test_a_waiting_run_set_scheduled_by_force_is_freed_when_settled(open_s
     async with open_store() as store:
         queued = {q.id: q for q in await store.recover(max_deliveries=5)}
         assert queued[waiting.id].wait_for == () and queued[owner.id].wait_for == ()
+
+
+# -- schedules (periodic runs)
+
+#: A moment before every tick the schedule tests use.
+T0 = datetime(2030, 1, 1, 9, 30, tzinfo=UTC)
+
+
+def at(hour: int, minute: int = 0, second: int = 0) -> datetime:
+    return T0.replace(hour=hour, minute=minute, second=second)
+
+
+def hourly(name: str = "s", **changes: Any) -> ScheduleCreate:
+    create = ScheduleCreate(name=name, task_key="k", interval=3600, parameters={"x": 1})
+    return checked(attrs.evolve(create, **changes))
+
+
+async def test_a_schedule_is_created_kept_when_sent_again_changed_and_deleted(store: Store) -> None:
+    created, new = await store.upsert_schedule(hourly(), T0)
+    assert new and created.next_fire_time == at(10) and created.created == created.updated == T0
+    assert created.last_fire_time is None and created.definition() == hourly()
+    same, new = await store.upsert_schedule(hourly(), T0 + timedelta(minutes=10))
+    assert not new and same == created  # nothing differs: nothing written
+    changed, new = await store.upsert_schedule(hourly(interval=60), T0 + timedelta(minutes=10))
+    assert not new and changed.interval == 60 and changed.created == T0
+    assert changed.next_fire_time == at(9, 41) and changed.updated == at(9, 40)
+    assert await store.read_schedules() == [changed]
+    assert await store.read_schedules("s") == [changed] and await store.read_schedules("t") == []
+    other, _ = await store.upsert_schedule(hourly("a"), T0)
+    assert [s.name for s in await store.read_schedules()] == ["a", "s"]  # by name
+    assert await store.delete_schedule("s") == changed
+    assert await store.delete_schedule("s") is None
+    assert await store.read_schedules() == [other]
+
+
+async def test_firing_creates_one_run_per_tick_and_moves_the_next_fire_time(store: Store) -> None:
+    schedule, _ = await store.upsert_schedule(hourly(), T0)
+    early = await store.fire_schedules(at(9, 59).timestamp())
+    assert (early.runs, early.schedules, early.next_due) == ([], [], at(10).timestamp())
+    fired = await store.fire_schedules(at(10, 0, 2).timestamp())
+    [(run, queued)] = fired.runs
+    assert (run.task_key, run.parameters, run.state.type) == ("k", {"x": 1}, StateType.SCHEDULED)
+    assert run.idempotency_key == idempotency_key(schedule, at(10)) == "schedule/s/2030-01-01T10:00:00+00:00"
+    assert run.state.state_details.scheduled_time == at(10) and queued.scheduled_at == at(10).timestamp()
+    [after] = fired.schedules
+    assert (after.next_fire_time, after.last_fire_time, after.last_run_id) == (at(11), at(10), run.id)
+    assert fired.next_due == at(11).timestamp()
+    again = await store.fire_schedules(at(10, 0, 3).timestamp())
+    assert (again.runs, again.schedules) == ([], [])
+    assert await store.read_schedules() == [after]
+    assert await store.read_runs([run.id]) == [run]
+
+
+async def test_a_tick_whose_run_exists_makes_no_second_one(store: Store) -> None:
+    schedule, _ = await store.upsert_schedule(hourly(), T0)
+    [(made, _)] = await store.create_runs(
+        [TaskRunCreate(task_key="k", idempotency_key=idempotency_key(schedule, at(10)))]
+    )
+    fired = await store.fire_schedules(at(10).timestamp())
+    assert fired.runs == []  # the tick's run was there (fired by another server, say)
+    [after] = fired.schedules
+    assert (after.last_run_id, after.next_fire_time) == (made.id, at(11))
+
+
+async def test_missed_ticks_are_skipped_or_fire_once(store: Store) -> None:
+    await store.upsert_schedule(hourly("skip"), T0)
+    await store.upsert_schedule(hourly("once", catchup="once"), T0)
+    # No server fired 10:00, 11:00, 12:00 or 13:00: the latest is 20 minutes late.
+    fired = await store.fire_schedules(at(13, 20).timestamp())
+    [(run, _)] = fired.runs
+    assert run.idempotency_key == "schedule/once/2030-01-01T13:00:00+00:00"
+    after = {s.name: s for s in fired.schedules}
+    assert after["once"].last_fire_time == at(13) and after["skip"].last_fire_time is None
+    assert after["once"].next_fire_time == after["skip"].next_fire_time == at(14)
+    # A tick less than a minute late (a restart) fires under both policies.
+    fired = await store.fire_schedules(at(14, 0, 40).timestamp())
+    assert sorted(run.idempotency_key or "" for run, _ in fired.runs) == [
+        "schedule/once/2030-01-01T14:00:00+00:00",
+        "schedule/skip/2030-01-01T14:00:00+00:00",
+    ]
+
+
+async def test_schedules_survive_reopening(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        made, _ = await store.upsert_schedule(
+            hourly(cron="0 9 * * 1-5", interval=None, timezone="Europe/Paris"), T0
+        )
+    async with open_store() as store:
+        assert await store.read_schedules() == [made]
+    assert made.next_fire_time == datetime(2030, 1, 2, 8, 0, tzinfo=UTC)  # 9:00 in Paris, a Wednesday

@@ -22,6 +22,7 @@ from trioworker.client.futures import wait_all as wait_all
 from trioworker.client.rest import SyncTaskRunClient as SyncTaskRunClient
 from trioworker.client.rest import TaskRunClient as TaskRunClient
 from trioworker.client.rest import connect as connect
+from trioworker.client.schedules import schedule as schedule
 from trioworker.client.submission import unmapped as unmapped
 from trioworker.context import RunContext as RunContext
 from trioworker.context import current_run as current_run
@@ -37,9 +38,12 @@ from trioworker.errors import StopTaskWorker as StopTaskWorker
 from trioworker.errors import SubscriptionRefused as SubscriptionRefused
 from trioworker.errors import TaskRunFailed as TaskRunFailed
 from trioworker.errors import TrioworkerError as TrioworkerError
+from trioworker.models import Schedule as Schedule
 from trioworker.models import State as State
 from trioworker.models import StateType as StateType
 from trioworker.models import TaskRun as TaskRun
+from trioworker.schedules import Cron as Cron
+from trioworker.schedules import Interval as Interval
 from trioworker.tasks import Task as Task
 from trioworker.tasks import task as task
 
@@ -49,11 +53,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ApiError",
+    "Cron",
+    "Interval",
     "NotFound",
     "ParameterError",
     "QueueFull",
     "ResultDecodeError",
     "RunContext",
+    "Schedule",
     "ServerUnavailable",
     "State",
     "StateType",
@@ -73,6 +80,7 @@ __all__ = [
     "cache_policies",
     "connect",
     "current_run",
+    "schedule",
     "serve",
     "sync",
     "tags",

@@ -252,6 +252,55 @@ class PurgeResult:
 
 
 @attrs.frozen
+class ScheduleCreate:
+    """The body of ``POST /api/schedules``: a periodic run of a task (the server creates one
+    run per tick), or a change to one (a schedule is known by its ``name``).
+
+    Exactly one of ``cron`` and ``interval`` is given. See :mod:`trioworker.schedules` for
+    when ticks fall.
+    """
+
+    #: What the schedule is known by (1 to 200 characters, no ``/``): sending a schedule of
+    #: the same name again changes it, or leaves it as it is when nothing differs.
+    name: str
+    #: The task each tick creates a run of.
+    task_key: str
+    #: A cron expression of five fields (minute hour day-of-month month day-of-week), or
+    #: ``@hourly``, ``@daily``, ``@weekly``, ``@monthly``, ``@yearly``, read in ``timezone``.
+    cron: str | None = None
+    #: Seconds between two ticks (at least 1), counted from ``anchor_date``.
+    interval: float | None = None
+    #: The IANA time zone the cron expression is read in (``Europe/Paris``).
+    timezone: str = "UTC"
+    #: Where interval ticks are counted from (default: 2020-01-01 00:00 in ``timezone``).
+    anchor_date: datetime | None = None
+    #: The parameters of every run it creates, encoded as ``serializer`` says.
+    parameters: JSON = attrs.field(factory=dict)
+    serializer: str = SERIALIZER_JSON
+    #: Ticks missed while no server ran: ``"skip"`` drops them (a tick less than a minute
+    #: late still fires), ``"once"`` creates one run for all of them.
+    catchup: str = "skip"
+
+
+@attrs.frozen(kw_only=True)
+class Schedule(ScheduleCreate):
+    """A schedule as the server holds it: its definition, and where its ticks stand."""
+
+    #: The next tick: when the server creates the next run (UTC).
+    next_fire_time: datetime
+    #: The tick the last run was created for (None: none yet).
+    last_fire_time: datetime | None = None
+    #: The run created at that tick.
+    last_run_id: uuid.UUID | None = None
+    created: datetime = attrs.field(factory=utcnow)
+    updated: datetime = attrs.field(factory=utcnow)
+
+    def definition(self) -> ScheduleCreate:
+        """What was sent to make it (without the fire times)."""
+        return ScheduleCreate(**{f.name: getattr(self, f.name) for f in attrs.fields(ScheduleCreate)})
+
+
+@attrs.frozen
 class StateChange:
     """One entry of a run's state history."""
 

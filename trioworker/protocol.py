@@ -98,6 +98,10 @@ RUN_RETRY: Final = "/task_runs/{run_id}/retry"
 OVERVIEW: Final = "/overview"
 #: ``GET`` the workers connected to this server (``?task_key=`` filters).
 TASK_WORKERS: Final = "/task_workers"
+#: ``GET`` every schedule (periodic runs); ``POST`` one to create or change it (by name).
+SCHEDULES: Final = "/schedules"
+#: ``GET`` or ``DELETE`` one schedule by its name.
+SCHEDULE: Final = "/schedules/{name}"
 #: The workers' websocket.
 SUBSCRIPTION_PATH: Final = "/task_runs/subscriptions/scheduled"
 #: The live feed's websocket (the dashboard's tabs).
@@ -176,6 +180,7 @@ ROOM: Final = "room"
 OVERVIEW_MESSAGE: Final = "overview"
 RUNS_CHANGED: Final = "runs"
 RESYNC: Final = "resync"
+SCHEDULES_CHANGED: Final = "schedules"
 
 #: The longest cache key a create may carry (characters; see ``TaskRunCreate.cache_key``).
 MAX_CACHE_KEY_LENGTH: Final = 1000

@@ -7,6 +7,7 @@ they use ``httpx.Client`` and start no event loop::
     future.result(timeout=10)               # await future.result(timeout=10)
     trioworker.sync.wait_all(futures)       # await trioworker.wait_all(futures)
     with trioworker.sync.connect(): ...     # async with trioworker.connect(): ...
+    trioworker.sync.schedule(say, cron=...) # await trioworker.schedule(say, cron=...)
 """
 
 from __future__ import annotations
@@ -15,5 +16,6 @@ from trioworker.client.futures import SyncTaskRunFuture
 from trioworker.client.futures import sync_as_completed as as_completed
 from trioworker.client.futures import sync_wait_all as wait_all
 from trioworker.client.rest import connect_sync as connect
+from trioworker.client.schedules import schedule_sync as schedule
 
-__all__ = ["SyncTaskRunFuture", "as_completed", "connect", "wait_all"]
+__all__ = ["SyncTaskRunFuture", "as_completed", "connect", "schedule", "wait_all"]

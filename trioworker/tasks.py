@@ -27,6 +27,7 @@ from trioworker.client.rest import using_client, using_sync_client
 from trioworker.client.submission import batches, build_create, map_calls
 from trioworker.models import JSON
 from trioworker.protocol import SERIALIZER_JSON, SERIALIZERS
+from trioworker.schedules import Cron, Interval, ScheduleSpec, as_specs
 
 if TYPE_CHECKING:
     from trioworker.models import State, TaskRun
@@ -213,6 +214,9 @@ class Task(Generic[P, R]):
             state)``, plain or async, called in order on the worker once the run's end is
             accepted by the server: COMPLETED, FAILED (not a retry), CANCELLED. A hook that
             raises is logged and changes nothing.
+        schedule: periodic runs, registered by the workers that serve the task:
+            :class:`~trioworker.Cron`, :class:`~trioworker.Interval`, a cron expression (UTC),
+            a ``timedelta`` or seconds, or a list of them.
     """
 
     #: Typed loosely: for an async function R is what its coroutine returns.
@@ -234,6 +238,9 @@ class Task(Generic[P, R]):
     on_completion: tuple[StateHook, ...] = attrs.field(default=(), converter=_check_hooks)
     on_failure: tuple[StateHook, ...] = attrs.field(default=(), converter=_check_hooks)
     on_cancellation: tuple[StateHook, ...] = attrs.field(default=(), converter=_check_hooks)
+    #: Periodic runs (see :mod:`trioworker.schedules`): a worker that serves the task
+    #: registers them with the server when it starts.
+    schedule: tuple[Cron | Interval, ...] = attrs.field(default=(), converter=as_specs)
 
     def __attrs_post_init__(self) -> None:
         if not callable(self.fn):
@@ -270,6 +277,11 @@ class Task(Generic[P, R]):
             raise TypeError("cache_key_fn must be a plain function returning a str or None, not async")
         if not isinstance(self.refresh_cache, bool):
             raise TypeError(f"refresh_cache must be a bool, got {type(self.refresh_cache).__name__}")
+        for spec in self.schedule:  # (encoded when a worker registers them, annotations resolved)
+            try:
+                self.signature.bind(*spec.args, **spec.kwargs)
+            except TypeError as exc:
+                raise TypeError(f"task {self.key}: a schedule's arguments do not fit: {exc}") from None
 
     def _check_run_name(self) -> None:
         name = self.task_run_name
@@ -540,6 +552,7 @@ def task(
     on_completion: Iterable[StateHook] | None = None,
     on_failure: Iterable[StateHook] | None = None,
     on_cancellation: Iterable[StateHook] | None = None,
+    schedule: ScheduleSpec | Sequence[ScheduleSpec] | None = None,
 ) -> TaskDecorator: ...
 def task(
     fn: Callable[..., Any] | None = None,
@@ -562,6 +575,7 @@ def task(
     on_completion: Iterable[StateHook] | None = None,
     on_failure: Iterable[StateHook] | None = None,
     on_cancellation: Iterable[StateHook] | None = None,
+    schedule: ScheduleSpec | Sequence[ScheduleSpec] | None = None,
 ) -> Task[..., Any] | TaskDecorator:
     """Mark a function (sync or async) as a task: ``@task`` or ``@task(retries=3, ...)``.
 
@@ -587,6 +601,7 @@ def task(
         "on_completion": on_completion,
         "on_failure": on_failure,
         "on_cancellation": on_cancellation,
+        "schedule": schedule,
     }
     decorator = TaskDecorator(options)
     return decorator if fn is None else decorator(fn)

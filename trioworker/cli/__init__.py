@@ -5,6 +5,7 @@
 - :mod:`~trioworker.cli.runs`: ``submit``, ``runs``, ``run`` (talking to a server)
 - :mod:`~trioworker.cli.manage`: ``cancel``, ``retry``, ``delete``, ``purge`` (changing runs)
 - :mod:`~trioworker.cli.workers`: ``workers`` (the workers connected to a server)
+- :mod:`~trioworker.cli.schedules`: ``schedule add``, ``list``, ``remove`` (periodic runs)
 - :mod:`~trioworker.cli.status`: ``status`` (talking to a worker's status server)
 - :mod:`~trioworker.cli.demo`: ``demo`` (:mod:`~trioworker.cli.demo_runner` runs it, with the
   tasks of :mod:`~trioworker.cli.demo_tasks`)
@@ -36,6 +37,7 @@ from trioworker.cli._environment import parsing_with_environment, read_environme
 from trioworker.cli.demo import add_demo_command
 from trioworker.cli.manage import add_manage_commands
 from trioworker.cli.runs import add_runs_commands
+from trioworker.cli.schedules import add_schedule_commands
 from trioworker.cli.server import add_server_command
 from trioworker.cli.status import add_status_command
 from trioworker.cli.worker import add_worker_command
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runs_commands(commands)
     add_manage_commands(commands)
     add_workers_command(commands)
+    add_schedule_commands(commands)
     add_status_command(commands)
     return parser
 
@@ -95,7 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         given = [*given[:end], *after]
     args, extras = parser.parse_known_args(given)
     if extras:
-        if args.command == "submit" and not any(_is_option(item) for item in extras):
+        takes_extras = getattr(args, "extra_arguments", args.command == "submit")  # ARGS after options
+        if takes_extras and not any(_is_option(item) for item in extras):
             args.arguments = [*args.arguments, *extras]
         else:
             parser.error(f"unrecognized arguments: {' '.join(after.get(item, item) for item in extras)}")

@@ -41,6 +41,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
+from urllib.parse import quote
 
 import attrs
 import httpx
@@ -55,6 +56,8 @@ from trioworker.models import (
     JSON,
     PurgeRequest,
     PurgeResult,
+    Schedule,
+    ScheduleCreate,
     SetStateRequest,
     SetStateResult,
     State,
@@ -270,6 +273,23 @@ class _Calls:
         return _Call(
             "POST", protocol.RUNS_WAIT, _structure(WaitResult), body, wait=seconds + linger, retry_safe=True
         )
+
+    @staticmethod
+    def upsert_schedule(create: ScheduleCreate) -> _Call[Schedule]:
+        body = converter.unstructure(create)
+        return _Call("POST", protocol.SCHEDULES, _structure(Schedule), body, retry_safe=True)
+
+    @staticmethod
+    def schedules() -> _Call[list[Schedule]]:
+        return _Call("GET", protocol.SCHEDULES, _structure(list[Schedule]))
+
+    @staticmethod
+    def read_schedule(name: str) -> _Call[Schedule]:
+        return _Call("GET", protocol.SCHEDULE.format(name=quote(name, safe="")), _structure(Schedule))
+
+    @staticmethod
+    def delete_schedule(name: str) -> _Call[None]:
+        return _Call("DELETE", protocol.SCHEDULE.format(name=quote(name, safe="")), _ignore)
 
 
 @attrs.define(eq=False)
@@ -749,6 +769,28 @@ class TaskRunClient(_Base):
         """Long-poll for many runs: answers once one (``wait_all``: every one) ended."""
         return await self.call(_Calls.wait_many(run_ids, seconds, wait_all=wait_all, linger=linger))
 
+    # -- schedules (periodic runs: see trioworker.schedules)
+    async def upsert_schedule(self, create: ScheduleCreate) -> Schedule:
+        """Create the schedule ``create`` names on the server, or change it (sending the same
+        again changes nothing); it as the server holds it, with its next fire time.
+
+        Raises:
+            ApiError: 422 for a schedule that cannot work (the detail says why in one line).
+        """
+        return await self.call(_Calls.upsert_schedule(create))
+
+    async def schedules(self) -> list[Schedule]:
+        """Every schedule on the server, by name."""
+        return await self.call(_Calls.schedules())
+
+    async def read_schedule(self, name: str) -> Schedule:
+        """The schedule ``name``. Raises: NotFound: there is none."""
+        return await self.call(_Calls.read_schedule(name))
+
+    async def delete_schedule(self, name: str) -> None:
+        """Delete the schedule ``name``: no more runs from it. Raises: NotFound: there is none."""
+        await self.call(_Calls.delete_schedule(name))
+
 
 class SyncTaskRunClient(_Base):
     """The blocking twin of :class:`TaskRunClient` (``httpx.Client``; no event loop); the
@@ -899,6 +941,18 @@ class SyncTaskRunClient(_Base):
         linger: float = 0.0,
     ) -> WaitResult:
         return self.call(_Calls.wait_many(run_ids, seconds, wait_all=wait_all, linger=linger))
+
+    def upsert_schedule(self, create: ScheduleCreate) -> Schedule:
+        return self.call(_Calls.upsert_schedule(create))
+
+    def schedules(self) -> list[Schedule]:
+        return self.call(_Calls.schedules())
+
+    def read_schedule(self, name: str) -> Schedule:
+        return self.call(_Calls.read_schedule(name))
+
+    def delete_schedule(self, name: str) -> None:
+        self.call(_Calls.delete_schedule(name))
 
 
 # --------------------------------------------------------------------------- the ambient client

@@ -21,6 +21,7 @@ from trioworker.server.limits import QueueLimit
 from trioworker.server.queue import Dispatcher, WallClock
 from trioworker.server.replicas import Replica
 from trioworker.server.retention import keep_retention
+from trioworker.server.schedules import keep_schedules
 from trioworker.server.service import TaskRunService
 from trioworker.server.store import SharedStore, open_store
 from trioworker.settings import (
@@ -96,7 +97,8 @@ async def serve_server(
     open, the queues are rebuilt from it and the socket listens.
 
     **Resource handling:** the store, the delayed-run timer, the retention task (see
-    :mod:`~trioworker.server.retention`) and the HTTP server all live in this call's
+    :mod:`~trioworker.server.retention`), the schedule timer (see
+    :mod:`~trioworker.server.schedules`) and the HTTP server all live in this call's
     nursery; when it returns, the database is closed. On PostgreSQL, so do the tasks of
     :class:`~trioworker.server.replicas.Replica` (heartbeat, listener): the server is one
     of those sharing the database, and recovers at start only what dead ones held.
@@ -160,6 +162,7 @@ async def serve_server(
                 await nursery.start(replica.run)
             if config.retention > 0:
                 await nursery.start(keep_retention, service, config.retention)
+            await nursery.start(keep_schedules, service)
             url: str = await nursery.start(run_http)
             service.url = url
             if replica is not None:

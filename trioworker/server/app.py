@@ -25,7 +25,15 @@ from werkzeug.exceptions import HTTPException
 
 from trioworker import protocol
 from trioworker._version import __version__
-from trioworker.models import JSON, PurgeRequest, PurgeResult, SetStateRequest, StateType, converter
+from trioworker.models import (
+    JSON,
+    PurgeRequest,
+    PurgeResult,
+    ScheduleCreate,
+    SetStateRequest,
+    StateType,
+    converter,
+)
 from trioworker.protocol import route
 from trioworker.server import dashboard, guard, openapi
 from trioworker.server.channel import ChannelSession
@@ -442,6 +450,30 @@ def create_app(
     @app.get(route(protocol.TASK_WORKERS))
     async def task_workers() -> Response:
         return _dump(await service.task_workers(request.args.get("task_key")))
+
+    @app.get(route(protocol.SCHEDULES))
+    async def list_schedules() -> Response:
+        return _dump(await service.schedules())
+
+    @app.post(route(protocol.SCHEDULES))
+    async def upsert_schedule() -> Response:
+        create = structure(await _body(), ScheduleCreate, "schedule")
+        assert isinstance(create, ScheduleCreate)
+        schedule, new = await service.upsert_schedule(create)
+        return _dump(schedule, 201 if new else 200)
+
+    @app.get(route(protocol.SCHEDULE))
+    async def read_schedule(name: str) -> Response:
+        found = await service.schedules(name)
+        if not found:
+            raise Refusal(404, f"no schedule {name!r}")
+        return _dump(found[0])
+
+    @app.delete(route(protocol.SCHEDULE))
+    async def delete_schedule(name: str) -> Response:
+        if await service.delete_schedule(name) is None:
+            raise Refusal(404, f"no schedule {name!r}")
+        return Response(b"", status=204)
 
     @app.get(METRICS_ROUTE)
     async def metrics() -> Response:

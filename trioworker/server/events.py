@@ -10,6 +10,9 @@
      such message, each once, as it is now (:class:`~trioworker.server.live.RunNote`), at
      most one message per :data:`~trioworker.server.live.COALESCE_SECONDS`;
    - ``{"type": "resync"}``: more changed than the tab's buffer holds; read your view again.
+   - ``{"type": "schedules"}``: schedules were created, changed, deleted or fired; read
+     them again (``GET /api/schedules``), at most one such message per
+     :data:`~trioworker.server.live.COALESCE_SECONDS`.
 
 A message the client sends after auth breaks the protocol (4001). A message the tab does
 not take within :data:`SEND_TIMEOUT` seconds ends the session (the socket is dropped and
@@ -49,6 +52,7 @@ class EventsSession(JsonSocket):
         with self.service.feed.listen() as listener:
             nursery.start_soon(self.push_overview, listener)
             nursery.start_soon(self.push_runs, listener)
+            nursery.start_soon(self.push_schedules, listener)
             await self.receive()
             raise ProtocolViolation("the live feed takes no message after auth")
 
@@ -83,4 +87,12 @@ class EventsSession(JsonSocket):
                 await self.push({"type": protocol.RESYNC})
             else:
                 await self.push({"type": protocol.RUNS_CHANGED, "runs": [note.to_json() for note in notes]})
+            await trio.sleep(COALESCE_SECONDS)
+
+    async def push_schedules(self, listener: FeedListener) -> None:
+        """Say that schedules changed (the tab reads them), at most once per COALESCE_SECONDS."""
+        while True:
+            await listener.schedules_changed.wait()
+            listener.schedules_changed = trio.Event()
+            await self.push({"type": protocol.SCHEDULES_CHANGED})
             await trio.sleep(COALESCE_SECONDS)

@@ -101,6 +101,8 @@ class FeedListener:
     runs_changed: trio.Event = attrs.field(factory=trio.Event)
     #: Set when anything the overview shows changed.
     overview_changed: trio.Event = attrs.field(factory=trio.Event)
+    #: Set when schedules were created, changed, deleted or fired (the tab reads them again).
+    schedules_changed: trio.Event = attrs.field(factory=trio.Event)
 
     def add(self, notes: list[RunNote]) -> None:
         if not self.overflowed:
@@ -185,6 +187,11 @@ class LiveFeed(Generic[T]):
         self.version += 1
         for listener in self._listeners:
             listener.overview_changed.set()
+
+    def schedules_changed(self) -> None:
+        """Schedules were created, changed, deleted, or fired (their fire times moved on)."""
+        for listener in self._listeners:
+            listener.schedules_changed.set()
 
     def _publish(self, notes: list[RunNote]) -> None:
         if notes:

@@ -31,6 +31,8 @@ from trioworker.models import (
     JSON,
     PurgeRequest,
     PurgeResult,
+    Schedule,
+    ScheduleCreate,
     SetStateRequest,
     SetStateResult,
     StateChange,
@@ -62,7 +64,17 @@ def _plain(text: str) -> str:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """The ``#:`` comments above the fields of ``cls``, by field name (none without source)."""
+    """The ``#:`` comments above the fields of ``cls`` and of the attrs classes it derives
+    from, by field name (none without source)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is cls or attrs.has(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comments above the fields ``cls`` itself declares."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -252,7 +264,7 @@ _WAIT_REQUEST: Final = {
 _ERRORS: Final = {
     400: "Malformed JSON.",
     401: "The server has an API key, and the request did not send it (Authorization: Bearer KEY).",
-    404: "No such run (or not a run id).",
+    404: "No such run (or not a run id), or no such schedule.",
     409: "A conflict with the run's state, said in the detail.",
     413: "The request body is over the server's limit (--max-body-bytes).",
     422: "Well-formed but invalid: the detail names the field.",
@@ -286,6 +298,10 @@ def _param(
 
 def _run_id(what: str = "The run's id.") -> dict[str, JSON]:
     return _param("run_id", "path", {"type": "string", "format": "uuid"}, what, example=_RUN_ID)
+
+
+def _schedule_name() -> dict[str, JSON]:
+    return _param("name", "path", {"type": "string"}, "The schedule's name.", example="weekday-report")
 
 
 def _operation(
@@ -708,6 +724,55 @@ def document(version: str) -> dict[str, JSON]:
                 errors=(503,),
             )
         },
+        api + protocol.SCHEDULES: {
+            "get": _operation(
+                "listSchedules",
+                "Every schedule (periodic runs)",
+                tag="schedules",
+                description="By name, each with its next fire time.",
+                answers={200: ("The schedules.", _json_content(build.schema(list[Schedule])))},
+                errors=(503,),
+            ),
+            "post": _operation(
+                "upsertSchedule",
+                "Create a schedule, or change the one of that name",
+                tag="schedules",
+                description="The server creates one run of task_key at each tick, whichever servers run. "
+                "Sending the same schedule again changes nothing (201 when new, else 200).",
+                body=build.schema(ScheduleCreate),
+                example={
+                    "name": "weekday-report",
+                    "task_key": "app.report",
+                    "cron": "0 9 * * 1-5",
+                    "timezone": "Europe/Paris",
+                    "parameters": {"region": "eu"},
+                },
+                answers={
+                    201: ("The new schedule.", _json_content(build.schema(Schedule))),
+                    200: ("The schedule, changed or as it was.", _json_content(build.schema(Schedule))),
+                },
+                errors=(422, 503),
+            ),
+        },
+        api + protocol.SCHEDULE: {
+            "get": _operation(
+                "readSchedule",
+                "One schedule",
+                tag="schedules",
+                params=(_schedule_name(),),
+                answers={200: ("The schedule.", _json_content(build.schema(Schedule)))},
+                errors=(404, 503),
+            ),
+            "delete": _operation(
+                "deleteSchedule",
+                "Delete a schedule",
+                tag="schedules",
+                description="No more runs from it; the runs it made are kept.",
+                params=(_schedule_name(),),
+                answers={204: ("Deleted.", None)},
+                errors=(404, 503),
+            ),
+        },
         METRICS_ROUTE: {
             "get": _operation(
                 "metrics",
@@ -778,6 +843,7 @@ def document(version: str) -> dict[str, JSON]:
         "tags": [
             {"name": "runs", "description": "Task runs: create, read, wait, change, delete."},
             {"name": "operators", "description": "What operators watch: the overview, workers, metrics."},
+            {"name": "schedules", "description": "Periodic runs: a run of a task at each tick."},
             {"name": "server", "description": "The server itself."},
             {"name": "dashboard", "description": "The dashboard's page and files."},
             {"name": "websockets", "description": "The websockets (GET upgrades)."},

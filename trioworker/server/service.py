@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 
 import attrs
@@ -25,6 +25,8 @@ import trio
 from trioworker._version import __version__
 from trioworker.models import (
     ACTIVE_STATES,
+    Schedule,
+    ScheduleCreate,
     SetStateRequest,
     SetStateResult,
     SetStateStatus,
@@ -36,6 +38,7 @@ from trioworker.models import (
     make_state,
     utcnow,
 )
+from trioworker.schedules import checked
 from trioworker.server.fence import Fence
 from trioworker.server.limits import QueueLimit
 from trioworker.server.live import LiveFeed
@@ -170,6 +173,9 @@ class TaskRunService:
     replica_id: uuid.UUID | None = None
     #: Raised, this server's sockets close (see :mod:`trioworker.server.fence`).
     fence: Fence = attrs.field(factory=Fence)
+    #: Set when schedules may have changed (here, or on another server): the schedule timer
+    #: (:mod:`~trioworker.server.schedules`) reads them again, and replaces it.
+    schedules_changed: trio.Event = attrs.field(factory=trio.Event)
     _shared: SharedStore | None = attrs.field(init=False, default=None)
     #: Shared store: runs a connection held that could not be handed back (the database
     #: was away): (reason, holder) -> their ids, handed back after the next heartbeat.
@@ -240,6 +246,11 @@ class TaskRunService:
             results = await self.store.create_runs(creates, now=self.dispatcher.clock())
         except RunIdTaken as exc:
             raise Refusal(409, str(exc)) from None
+        await self._admit_created(results)
+        return [(run, queued is not None) for run, queued in results]
+
+    async def _admit_created(self, results: Sequence[tuple[TaskRun, QueuedRun | None]]) -> None:
+        """Runs were created (those with a queue entry are new): queue them, tell the tabs."""
         created = [run for run, queued in results if queued is not None]
         # A run answered from the cache is created COMPLETED: it ended, nothing queues it.
         queued = [(run, q) for run, q in results if q is not None and run.state.type is StateType.SCHEDULED]
@@ -250,7 +261,6 @@ class TaskRunService:
         self.metrics.runs_created(created)
         self.metrics.runs_changed(run for run in created if run.state.is_terminal)
         await self._admit(entry for _, entry in queued)
-        return [(run, entry is not None) for run, entry in results]
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self.store.read_run(run_id)
@@ -806,6 +816,60 @@ class TaskRunService:
                 waiter.ended.append(run)
             waiter.changed.set()
 
+    # -- schedules (periodic runs: trioworker.schedules, server/schedules.py)
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.dispatcher.clock(), UTC)
+
+    async def upsert_schedule(self, create: ScheduleCreate) -> tuple[Schedule, bool]:
+        """Create the schedule ``create`` names, or change it (``(it, whether it is new)``);
+        the schedule timer wakes, since its next fire time may be the earliest now.
+
+        Raises:
+            Refusal: 422 for a schedule that cannot work (a bad cron expression, an unknown
+                time zone, ...), naming what is wrong in one line.
+        """
+        try:
+            create = checked(create)
+        except ValueError as exc:
+            raise Refusal(422, f"invalid schedule: {exc}") from None
+        schedule, new = await self.store.upsert_schedule(create, self._now())
+        self.schedules_changed.set()
+        self.feed.schedules_changed()
+        return schedule, new
+
+    async def schedules(self, name: str | None = None) -> list[Schedule]:
+        """Every schedule, by name (``name``: that one, if it exists)."""
+        return await self.store.read_schedules(name)
+
+    async def delete_schedule(self, name: str) -> Schedule | None:
+        """Delete the schedule ``name`` (no more runs from it); it, or None when there was none."""
+        deleted = await self.store.delete_schedule(name)
+        if deleted is not None:
+            self.schedules_changed.set()
+            self.feed.schedules_changed()
+        return deleted
+
+    async def fire_schedules(self) -> float | None:
+        """Create the runs of the schedules due now (see :meth:`Store.fire_schedules`) and
+        queue them; when to fire next (epoch seconds on the dispatcher's clock; None: there
+        is no schedule)."""
+        fired = await self.store.fire_schedules(self.dispatcher.clock())
+        for schedule in fired.schedules:
+            if schedule.last_run_id is not None and any(
+                run.id == schedule.last_run_id for run, _ in fired.runs
+            ):
+                log.info(
+                    "schedule %s: run %s of %s for %s",
+                    schedule.name,
+                    schedule.last_run_id,
+                    schedule.task_key,
+                    schedule.last_fire_time,
+                )
+        if fired.schedules:
+            self.feed.schedules_changed()
+        await self._admit_created(fired.runs)
+        return fired.next_due
+
     # -- servers sharing the store
     async def queue_counts(self) -> tuple[int, int]:
         """``(ready, delayed)``: runs queued (not held back for others) due now, and later."""
@@ -825,6 +889,9 @@ class TaskRunService:
             if notice.origin != self.replica_id:
                 keys.update(notice.keys)
                 changed.update(dict.fromkeys(notice.changed))
+                if notice.schedules:
+                    self.schedules_changed.set()
+                    self.feed.schedules_changed()
                 workers = workers or notice.workers
         if workers:
             self.feed.workers_changed()  # another server's workers: the overview shows them
@@ -873,6 +940,8 @@ class TaskRunService:
         """After a gap in the notices (the listening connection was lost): hint every
         subscription, and read every run this server cares about."""
         self.dispatcher.hint_all()
+        self.schedules_changed.set()  # a schedule may have been changed unheard
+        self.feed.schedules_changed()
         await self.changed_elsewhere({*self._waiters, *self._dependents, *self.dispatcher.leased})
 
     async def reaped(self, beat: Heartbeat) -> None:

@@ -6,6 +6,7 @@ The nursery tree of a running worker::
       nursery
         status server (hypercorn, only with a port)     started with nursery.start
         subscription: websocket, reconnecting           started with nursery.start
+        schedules: the tasks' schedule= registered with the server once subscribed
         runs nursery: one task per run; async code runs here, sync code in
                       trio.to_thread.run_sync; a CapacityLimiter bounds them all
 
@@ -39,9 +40,11 @@ import trio
 from trioworker._util import only_exception
 from trioworker._websocket import OpenStream
 from trioworker.client.rest import TaskRunClient, connect, using_client
+from trioworker.client.schedules import declared_schedules
 from trioworker.connection import connection_options
-from trioworker.errors import NotFound, ServerUnavailable, StopTaskWorker
+from trioworker.errors import ApiError, NotFound, ServerUnavailable, StopTaskWorker
 from trioworker.models import (
+    ScheduleCreate,
     SetStateResult,
     SetStateStatus,
     State,
@@ -436,6 +439,7 @@ class TaskWorker(UsesServers):
             ):
                 nursery.cancel_scope.cancel()
                 return
+            nursery.start_soon(self._register_schedules)
             async with receive:
                 await self._dispatch(receive)
             with trio.CancelScope() as self._quit_scope:
@@ -445,6 +449,41 @@ class TaskWorker(UsesServers):
                 await subscription_done.wait()
             self._quit_scope = None
             nursery.cancel_scope.cancel()
+
+    async def _register_schedules(self) -> None:
+        """Register with the server the schedules of the tasks served (``@task(schedule=...)``),
+        once subscribed; while no server answers, again with backoff. A schedule the server
+        refuses, or that cannot be made (arguments that do not fit), is logged: the worker
+        serves on. Lives in the worker's nursery (cancelled when the worker stops)."""
+        creates: list[ScheduleCreate] = []
+        for task in self._tasks.values():
+            try:
+                creates += declared_schedules(task, task.schedule)
+            except (TypeError, ValueError) as exc:
+                log.error("task %s: its schedule cannot be registered: %s", task.key, exc)
+        if not creates:
+            return
+        rng = random.Random()
+        async with using_client() as client:  # the worker's own (see _run_tree)
+            for create in creates:
+                attempt = 0
+                while True:
+                    try:
+                        registered = await client.upsert_schedule(create)
+                    except ServerUnavailable:
+                        await trio.sleep(next_backoff(attempt, rng))
+                        attempt += 1
+                        continue
+                    except ApiError as exc:
+                        log.error("schedule %s of %s was refused: %s", create.name, create.task_key, exc)
+                        break
+                    log.info(
+                        "schedule %s of %s registered; next run at %s",
+                        registered.name,
+                        registered.task_key,
+                        registered.next_fire_time.isoformat(),
+                    )
+                    break
 
     def stop(self, *, grace_seconds: float | None = None) -> None:
         """Stop taking runs; in-flight runs get the grace period, then are handed back.

@@ -253,6 +253,8 @@ function connectLive() {
       app.view?.onOverview?.();
     } else if (message.type === "runs") {
       app.view?.onRuns?.(message.runs);
+    } else if (message.type === "schedules") {
+      app.view?.onSchedules?.();
     } else if (message.type === "resync") {
       app.view?.refresh?.();
     }
@@ -372,8 +374,48 @@ function stat(name, value, accent = "") {
   return h("div", { class: `stat${accent ? ` accent-${accent}` : ""}` }, h("div", { class: "value" }, value), h("div", { class: "name" }, name));
 }
 
+// ---------------------------------------------------------------- schedules (periodic runs)
+
+// When a schedule fires: "in 4 min 10 s" (or "due" once its time came).
+function until(iso) {
+  const ms = Date.parse(iso) - serverNow();
+  return ms <= 0 ? "due" : `in ${formatDuration(ms)}`;
+}
+
+function scheduleWhen(schedule) {
+  if (schedule.cron !== null) return schedule.timezone === "UTC" ? schedule.cron : `${schedule.cron} (${schedule.timezone})`;
+  return `every ${formatDuration(schedule.interval * 1000)}`;
+}
+
+function schedulesCard(schedules) {
+  const rows = schedules.map((schedule) => h("tr", { "data-schedule": schedule.name },
+    h("td", {}, schedule.name),
+    h("td", {}, h("a", { href: runsHref({ task_key: schedule.task_key }) }, schedule.task_key)),
+    h("td", { class: "mono" }, scheduleWhen(schedule)),
+    h("td", { class: "next-fire" }, h("time", { datetime: schedule.next_fire_time, title: formatTime(schedule.next_fire_time) },
+      until(schedule.next_fire_time)), h("span", { class: "sub" }, formatTime(schedule.next_fire_time))),
+    h("td", {}, schedule.last_run_id
+      ? h("a", { href: `#/runs/${encodeURIComponent(schedule.last_run_id)}`, title: "the run of the last tick" }, formatTime(schedule.last_fire_time))
+      : h("span", { class: "muted" }, "—")),
+  ));
+  return h("section", { class: "card", id: "schedules" },
+    h("header", {}, h("h2", {}, "Schedules"), h("span", { class: "muted" }, "periodic runs: the server creates one run at each tick")),
+    rows.length
+      ? h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Task key"), h("th", {}, "When"), h("th", {}, "Next run"), h("th", {}, "Last run"))),
+        h("tbody", {}, rows)))
+      : h("div", { class: "empty" }, "No schedule. Add one with @task(schedule=...), or: trioworker schedule add MODULE:TASK --cron EXPR"),
+  );
+}
+
 class OverviewView {
   constructor() {
+    this.schedules = [];
+    // Read again when the feed says schedules changed (created, deleted, or a tick fired).
+    this.loadSchedules = throttled(() => api("/schedules").then((schedules) => {
+      this.schedules = schedules;
+      this.render();
+    }, () => {}), REFETCH_MS);
     this.chartMinute = null;
     this.onResize = throttled(() => this.render(), 200);
     window.addEventListener("resize", this.onResize);
@@ -381,6 +423,7 @@ class OverviewView {
 
   async show() {
     if (!app.overview) app.overview = await api("/overview");
+    this.schedules = await api("/schedules");
     this.render();
   }
 
@@ -389,20 +432,27 @@ class OverviewView {
       app.overview = overview;
       this.render();
     }, () => {});
+    this.loadSchedules();
   }
 
   onOverview() {
     this.render();
   }
 
+  onSchedules() {
+    this.loadSchedules();
+  }
+
   tick() {
     const minute = Math.floor(serverNow() / 60000);
     if (minute !== this.chartMinute) this.render(); // the chart's hour moved on
+    for (const el of document.querySelectorAll("#schedules .next-fire time")) el.textContent = until(el.getAttribute("datetime"));
   }
 
   dispose() {
     window.removeEventListener("resize", this.onResize);
     this.onResize.cancel();
+    this.loadSchedules.cancel();
   }
 
   render() {
@@ -506,7 +556,7 @@ class OverviewView {
     fill(view, 
       h("div", { class: "page-head" }, h("div", { class: "grow" }, h("h1", {}, "Overview"),
         h("div", { class: "subtitle" }, `As of ${formatTime(overview.now)}`))),
-      stats, chart, keys, workers, servers,
+      stats, chart, keys, workers, schedulesCard(this.schedules), servers,
     );
   }
 }

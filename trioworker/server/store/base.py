@@ -17,7 +17,16 @@ from typing import Final, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
-from trioworker.models import SetStateRequest, SetStateResult, StateChange, StateType, TaskRun, TaskRunCreate
+from trioworker.models import (
+    Schedule,
+    ScheduleCreate,
+    SetStateRequest,
+    SetStateResult,
+    StateChange,
+    StateType,
+    TaskRun,
+    TaskRunCreate,
+)
 
 T_co = TypeVar("T_co", covariant=True)
 
@@ -159,6 +168,19 @@ class Heartbeat:
 
 
 @attrs.frozen
+class Fired:
+    """What a firing of the schedules due found and did (:meth:`Store.fire_schedules`)."""
+
+    #: The runs created, one per schedule that fired a tick, with their queue entries.
+    runs: list[tuple[TaskRun, QueuedRun]] = attrs.field(factory=list)
+    #: The schedules that fired, as they are now (their next fire time moved on).
+    schedules: list[Schedule] = attrs.field(factory=list)
+    #: When to fire again (epoch seconds): the earliest next fire time of all schedules
+    #: (sooner when some were left for later); None when there is no schedule.
+    next_due: float | None = None
+
+
+@attrs.frozen
 class Notice:
     """What another server sharing the store announced after a commit (a wake-up only:
     the tables say what is true)."""
@@ -172,6 +194,8 @@ class Notice:
     #: The servers' workers changed: that server's (one came or went, or the runs they
     #: hold changed), or those of dead servers it reaped. Their rows say what is true now.
     workers: bool = False
+    #: Schedules were created, changed or deleted (the next fire time may be sooner).
+    schedules: bool = False
 
 
 class QueuedOp(Protocol[T_co]):
@@ -387,6 +411,29 @@ class Store(Protocol):
         last notice of a worker that came or went) left it in the store; a server silent
         for longer than its timeout is left out, dead or not. A store that one server has
         to itself (SQLite) answers ``[here]``."""
+        ...
+
+    # -- schedules (periodic runs, see trioworker.schedules)
+    async def upsert_schedule(self, create: ScheduleCreate, now: datetime) -> tuple[Schedule, bool]:
+        """Create the schedule ``create`` (checked: :func:`trioworker.schedules.checked`)
+        names, or change the one of that name (:func:`trioworker.schedules.new_schedule`;
+        unchanged when it is the same); ``(the schedule, whether it is new)``."""
+        ...
+
+    async def read_schedules(self, name: str | None = None) -> list[Schedule]:
+        """Every schedule, by name (``name``: only that one, if it exists)."""
+        ...
+
+    async def delete_schedule(self, name: str) -> Schedule | None:
+        """Delete the schedule ``name``; it as it was, or None when there was none."""
+        ...
+
+    async def fire_schedules(self, now: float) -> Fired:
+        """Fire the schedules whose next fire time is at ``now`` (epoch seconds) or before
+        (:func:`trioworker.schedules.fire`): in one transaction, each creates the run of its
+        tick (idempotency key: the schedule and the tick, so a tick never makes two runs)
+        and moves its next fire time on. A schedule another server is firing at that moment
+        is left to it."""
         ...
 
 

@@ -24,10 +24,20 @@ from typing import Final, Generic, Protocol, TypeVar
 import attrs
 import trio
 
-from trioworker.models import SetStateRequest, StateChange, StateType, TaskRun, TaskRunCreate, utcnow
+from trioworker.models import (
+    Schedule,
+    ScheduleCreate,
+    SetStateRequest,
+    StateChange,
+    StateType,
+    TaskRun,
+    TaskRunCreate,
+    utcnow,
+)
 from trioworker.server.store.base import (
     Change,
     EndedCount,
+    Fired,
     QueuedOp,
     QueuedRun,
     Requeued,
@@ -114,6 +124,14 @@ class Operations(Protocol):
     def runs_by_idempotency_key(
         self, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], uuid.UUID]: ...
+
+    def upsert_schedule(self, create: ScheduleCreate, now: datetime) -> tuple[Schedule, bool]: ...
+
+    def read_schedules(self, name: str | None) -> list[Schedule]: ...
+
+    def delete_schedule(self, name: str) -> Schedule | None: ...
+
+    def fire_schedules(self, now: float) -> Fired: ...
 
     def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
         """The runs that ended, and the ids that exist: only ended runs are read whole."""
@@ -391,3 +409,16 @@ class GroupCommitStore(Generic[OpsT]):
 
     async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
         return await self._run(lambda ops: ops.read_ended(run_ids))
+
+    # -- schedules
+    async def upsert_schedule(self, create: ScheduleCreate, now: datetime) -> tuple[Schedule, bool]:
+        return await self._run(lambda ops: ops.upsert_schedule(create, now))
+
+    async def read_schedules(self, name: str | None = None) -> list[Schedule]:
+        return await self._run(lambda ops: ops.read_schedules(name))
+
+    async def delete_schedule(self, name: str) -> Schedule | None:
+        return await self._run(lambda ops: ops.delete_schedule(name))
+
+    async def fire_schedules(self, now: float) -> Fired:
+        return await self._run(lambda ops: ops.fire_schedules(now))

@@ -62,6 +62,8 @@ from trioworker._version import __version__
 from trioworker.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    Schedule,
+    ScheduleCreate,
     SetStateRequest,
     SetStateResult,
     SetStateStatus,
@@ -73,11 +75,13 @@ from trioworker.models import (
     converter,
     utcnow,
 )
+from trioworker.schedules import new_schedule
 from trioworker.server.store.base import (
     Change,
     Claimed,
     ConnectedWorker,
     EndedCount,
+    Fired,
     Heartbeat,
     LiveServer,
     Notice,
@@ -111,6 +115,7 @@ from trioworker.server.store.runs import (
     waits_for,
     waits_on_cache,
 )
+from trioworker.server.store.schedules import FIRE_BATCH, fire_due, schedule_body, schedule_from_body
 
 T = TypeVar("T")
 
@@ -125,7 +130,8 @@ SCHEMES: Final = ("postgresql", "postgres")
 #: servers on one database (a row per server, ready rows of runs that wait for others); 4:
 #: each server's row holds its version and the workers connected to it.
 #: 5: runs by tag (an index of tags) and the cache (one entry per task key and cache key).
-SCHEMA_VERSION: Final = 5
+#: 6: schedules (periodic runs).
+SCHEMA_VERSION: Final = 6
 
 #: The first key of the advisory lock held while the schema is created or migrated (the
 #: second is the schema's name): "trio" in ASCII.
@@ -293,10 +299,23 @@ MIGRATIONS: Final[Mapping[int, tuple[str | Callable[[_Conn], None], ...]]] = {
         )""",
         "CREATE INDEX trioworker_cache_run ON trioworker_cache (run_id)",
     ),
+    6: (
+        # Periodic runs: one row per schedule, its next fire time in a column (the servers
+        # sleep until the earliest; the one that fires a schedule locks its row).
+        """CREATE TABLE trioworker_schedules (
+            name text PRIMARY KEY,
+            next_fire_at double precision NOT NULL,
+            body bytea NOT NULL
+        )""",
+        "CREATE INDEX trioworker_schedules_next ON trioworker_schedules (next_fire_at)",
+    ),
 }
 
 #: Most runs the cache of decoded runs keeps (beyond that, operations read the rows).
 CACHE_MAX_RUNS: Final = 10_000
+
+#: Seconds before looking again at a schedule due that another server has locked (firing it).
+LOCKED_RETRY_SECONDS: Final = 1.0
 
 #: Attempts of one group when the database asks for a retry (deadlock, serialization).
 _ATTEMPTS: Final = 3
@@ -498,12 +517,18 @@ def channel_of(schema: str) -> str:
 
 
 def encode_notices(
-    origin: uuid.UUID, keys: Sequence[str], changed: Sequence[uuid.UUID], *, workers: bool = False
+    origin: uuid.UUID,
+    keys: Sequence[str],
+    changed: Sequence[uuid.UUID],
+    *,
+    workers: bool = False,
+    schedules: bool = False,
 ) -> list[str]:
     """Payloads of at most :data:`NOTICE_BYTES` each announcing, from the server
     ``origin``, ready runs of ``keys`` and the ``changed`` runs: JSON objects
     ``{"o": origin, "k": [key, ...], "c": [run id hex, ...]}``, the first with ``"w": 1``
-    when the server's ``workers`` changed."""
+    when the server's ``workers`` changed; with ``schedules`` (schedules were changed), one
+    more ``{"o": origin, "k": [], "c": [], "s": 1}``."""
     head = len(orjson.dumps({"o": origin.hex, "k": [], "c": [], "w": 1}))
     payloads: list[str] = []
     batch_keys: list[str] = []
@@ -532,6 +557,8 @@ def encode_notices(
         batch.append(item)
         size += cost
     flush()
+    if schedules:
+        payloads.append(orjson.dumps({"o": origin.hex, "k": [], "c": [], "s": 1}).decode())
     return payloads
 
 
@@ -544,6 +571,7 @@ def decode_notice(payload: str) -> Notice | None:
             tuple(str(key) for key in data["k"]),
             tuple(uuid.UUID(hex=run_id) for run_id in data["c"]),
             workers=bool(data.get("w")),
+            schedules=bool(data.get("s")),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -740,6 +768,8 @@ class _PostgresOps(Operations):
         self.published: bytes | None = None
         #: Rows of dead servers were deleted in this transaction (their workers with them).
         self.reaped_servers = False
+        #: Schedules were created, changed or deleted in this transaction: announced too.
+        self.schedules_changed = False
 
     def forget_notices(self) -> None:
         """A transaction starts (again): nothing to announce yet."""
@@ -747,6 +777,7 @@ class _PostgresOps(Operations):
         self.changed.clear()
         self.workers = None
         self.reaped_servers = False
+        self.schedules_changed = False
 
     def announce(self) -> None:
         """Send what this transaction changed to every server that listens on this
@@ -759,12 +790,16 @@ class _PostgresOps(Operations):
         if (
             self.channel is None
             or self.replica_id is None
-            or not (self.ready_keys or self.changed or workers)
+            or not (self.ready_keys or self.changed or workers or self.schedules_changed)
         ):
             self.forget_notices()
             return
         payloads = encode_notices(
-            self.replica_id, sorted(self.ready_keys), list(self.changed), workers=workers
+            self.replica_id,
+            sorted(self.ready_keys),
+            list(self.changed),
+            workers=workers,
+            schedules=self.schedules_changed,
         )
         self.forget_notices()
         self._execute("SELECT pg_notify(%b, p) FROM unnest(%b::text[]) AS p", (self.channel, payloads))
@@ -1578,6 +1613,73 @@ class _PostgresOps(Operations):
             QueuedRun(seq, run_id, key, at, tuple(wait or ()), cache_owner=owners.get(run_id))
             for seq, run_id, key, at, wait in rows
         ]
+
+    # -- schedules
+    def upsert_schedule(self, create: ScheduleCreate, now: datetime) -> tuple[Schedule, bool]:
+        """Create or change a schedule; its row is locked while it is decided (a server firing
+        it waits, then sees the change)."""
+        found = self._schedules("WHERE name = %b FOR UPDATE", (create.name,))
+        existing = found[0] if found else None
+        changed = new_schedule(create, now, existing)
+        if changed is None:
+            assert existing is not None
+            return existing, False
+        self._write_schedules([changed])
+        self.schedules_changed = True
+        return changed, existing is None
+
+    def _schedules(self, condition: str, params: Sequence[object] = ()) -> list[Schedule]:
+        rows = self._execute(f"SELECT body FROM trioworker_schedules {condition}", params)
+        return [schedule_from_body(body) for (body,) in rows]
+
+    def _write_schedules(self, schedules: Sequence[Schedule]) -> None:
+        if not schedules:
+            return
+        self._execute(
+            "INSERT INTO trioworker_schedules (name, next_fire_at, body)"
+            " SELECT * FROM unnest(%b::text[], %b::float8[], %b::bytea[])"
+            " ON CONFLICT (name) DO UPDATE SET next_fire_at = excluded.next_fire_at, body = excluded.body",
+            (
+                [s.name for s in schedules],
+                [s.next_fire_time.timestamp() for s in schedules],
+                [schedule_body(s) for s in schedules],
+            ),
+        )
+
+    def read_schedules(self, name: str | None) -> list[Schedule]:
+        if name is None:
+            return self._schedules("ORDER BY name")
+        return self._schedules("WHERE name = %b", (_text(name),))
+
+    def delete_schedule(self, name: str) -> Schedule | None:
+        rows = self._execute(
+            "DELETE FROM trioworker_schedules WHERE name = %b RETURNING body", (_text(name),)
+        ).fetchall()
+        if not rows:
+            return None
+        self.schedules_changed = True
+        return schedule_from_body(rows[0][0])
+
+    def fire_schedules(self, now: float) -> Fired:
+        """Fire the schedules due at ``now``: their rows are locked ``FOR UPDATE SKIP
+        LOCKED``, so that of servers firing at once, each fires different schedules; a row
+        another server fired meanwhile (its commit came first) no longer meets the condition
+        when locked, and is left out. The runs' idempotency keys (schedule and tick) are a
+        second guard: a tick makes one run."""
+        due = self._schedules(
+            "WHERE next_fire_at <= %b ORDER BY next_fire_at LIMIT %b FOR UPDATE SKIP LOCKED",
+            (now, FIRE_BATCH),
+        )
+        written, created = fire_due(due, now, self.create_runs)
+        self._write_schedules(written)
+        [(earliest,)] = self._execute("SELECT min(next_fire_at) FROM trioworker_schedules").fetchall()
+        if earliest is None:
+            return Fired(created, written, None)
+        if earliest <= now and len(due) < FIRE_BATCH:
+            # Due, but locked by another server firing it: look again in a moment (it may
+            # roll back); once it committed, its next fire time is later.
+            return Fired(created, written, now + LOCKED_RETRY_SECONDS)
+        return Fired(created, written, max(now, float(earliest)))
 
     # -- servers sharing the database
     def register_replica(self, silent_for: float, address: str | None) -> None:

@@ -31,6 +31,8 @@ import trio
 from trioworker.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    Schedule,
+    ScheduleCreate,
     SetStateRequest,
     SetStateResult,
     SetStateStatus,
@@ -41,9 +43,11 @@ from trioworker.models import (
     TaskRunCreate,
     utcnow,
 )
+from trioworker.schedules import new_schedule
 from trioworker.server.store.base import (
     Change,
     EndedCount,
+    Fired,
     LiveServer,
     QueuedRun,
     Requeued,
@@ -75,6 +79,7 @@ from trioworker.server.store.runs import (
     waits_for,
     waits_on_cache,
 )
+from trioworker.server.store.schedules import FIRE_BATCH, fire_due, schedule_body, schedule_from_body
 
 T = TypeVar("T")
 
@@ -82,7 +87,8 @@ T = TypeVar("T")
 #: 3: the parent run's id in a column of its own (a run's children are found by index);
 #: 5: runs by tag (an index of tags) and the cache (one entry per task key and cache key).
 #: (There is no 4 in SQLite: 5 is the version that brought these to both stores.)
-SCHEMA_VERSION: Final = 5
+#: 6: the schedules table (periodic runs).
+SCHEMA_VERSION: Final = 6
 
 #: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
 _CHUNK: Final = 500
@@ -126,7 +132,16 @@ _INDEXES: Final = (
     # Ends by time (for counts per minute): one entry per ended run, none for other states.
     "CREATE INDEX IF NOT EXISTS ix_task_run_states_ended ON task_run_states (timestamp)"
     " WHERE type IN ({terminal})",
+    "CREATE INDEX IF NOT EXISTS ix_schedules_next ON schedules (next_fire_at)",
 )
+#: Periodic runs (version 8): one row per schedule, its next fire time in a column (indexed:
+#: the server sleeps until the earliest), the rest as the API gives it.
+_SCHEDULES_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    next_fire_at REAL NOT NULL,
+    body BLOB NOT NULL
+)"""
 _STATES_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS task_run_states (
     run_seq INTEGER NOT NULL,
@@ -293,6 +308,7 @@ class _SQLiteOps(Operations):
             elif version is None or version < 2:
                 self._migrate_to_2()
             conn.execute(_STATES_TABLE)
+            conn.execute(_SCHEDULES_TABLE)
             if has_runs and (version is None or version < 3):
                 self._migrate_to_3()
             for statement in _TABLES_5:
@@ -776,6 +792,52 @@ class _SQLiteOps(Operations):
     def oldest_end(self) -> datetime | None:
         first = self._ended_before("", [], 1)
         return datetime.fromisoformat(first[0][2]) if first else None
+
+    # -- schedules
+    def upsert_schedule(self, create: ScheduleCreate, now: datetime) -> tuple[Schedule, bool]:
+        found = self.read_schedules(create.name)
+        existing = found[0] if found else None
+        changed = new_schedule(create, now, existing)
+        if changed is None:
+            assert existing is not None
+            return existing, False
+        self._write_schedules([changed])
+        return changed, existing is None
+
+    def _write_schedules(self, schedules: Sequence[Schedule]) -> None:
+        self.conn.executemany(
+            "INSERT INTO schedules (name, next_fire_at, body) VALUES (?, ?, ?) ON CONFLICT (name)"
+            " DO UPDATE SET next_fire_at = excluded.next_fire_at, body = excluded.body",
+            [(s.name, s.next_fire_time.timestamp(), schedule_body(s)) for s in schedules],
+        )
+
+    def read_schedules(self, name: str | None) -> list[Schedule]:
+        if name is None:
+            rows = self.conn.execute("SELECT body FROM schedules ORDER BY name")
+        else:
+            rows = self.conn.execute("SELECT body FROM schedules WHERE name = ?", (name,))
+        return [schedule_from_body(body) for (body,) in rows]
+
+    def delete_schedule(self, name: str) -> Schedule | None:
+        found = self.read_schedules(name)
+        existing = found[0] if found else None
+        if existing is not None:
+            self.conn.execute("DELETE FROM schedules WHERE name = ?", (name,))
+        return existing
+
+    def fire_schedules(self, now: float) -> Fired:
+        """Fire the schedules due at ``now`` (one server per file: nothing to lock)."""
+        due = [
+            schedule_from_body(body)
+            for (body,) in self.conn.execute(
+                "SELECT body FROM schedules WHERE next_fire_at <= ? ORDER BY next_fire_at LIMIT ?",
+                (now, FIRE_BATCH),
+            )
+        ]
+        written, created = fire_due(due, now, self.create_runs)
+        self._write_schedules(written)
+        [(earliest,)] = self.conn.execute("SELECT min(next_fire_at) FROM schedules").fetchall()
+        return Fired(created, written, None if earliest is None else max(now, float(earliest)))
 
     def recover(self, max_deliveries: int) -> list[QueuedRun]:
         held = [
