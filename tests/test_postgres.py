@@ -50,10 +50,21 @@ TABLES = {
     "trioworker_ready",
     "trioworker_task_run_states",
     "trioworker_replicas",
+    "trioworker_task_run_groups",
 }
 
-#: Undoes schema step 3 (a database of schema 2, as main made them).
+#: Undoes schema step 9 (a database of schema 3, as main made them: steps 4 to 8 are
+#: placeholders on this branch).
+SCHEMA_9_UNDONE = (
+    "DROP TABLE trioworker_task_run_groups",
+    "DROP INDEX trioworker_task_runs_group",
+    "ALTER TABLE trioworker_task_runs DROP COLUMN group_id",
+    "ALTER TABLE trioworker_task_runs DROP COLUMN detached",
+)
+
+#: Undoes schema steps 9 and 3 (a database of schema 2, as main made them).
 SCHEMA_3_UNDONE = (
+    *SCHEMA_9_UNDONE,
     "DROP TABLE trioworker_replicas",
     "ALTER TABLE trioworker_ready DROP COLUMN waiting",
 )
@@ -174,6 +185,21 @@ async def test_a_schema_2_database_is_migrated_and_its_runs_that_wait_still_wait
         claimed = await store.claim_ready(["w"], 10, "worker", time.time())
         assert claimed.runs == []  # it waits for its upstream, as before the migration
         assert await store.read_run(waiting.id) == waiting
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
+
+
+async def test_a_schema_3_database_is_migrated_and_its_runs_cancel_their_children(postgres_url: str) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        [(parent, _)] = await store.create_runs([TaskRunCreate(task_key="p")])
+        [(child, _)] = await store.create_runs([TaskRunCreate(task_key="c", parent_task_run_id=parent.id)])
+    for statement in (*SCHEMA_9_UNDONE, "UPDATE trioworker_schema SET version = 3"):
+        await sql(postgres_url, statement)
+    async with PostgresStore.open(postgres_url) as store:
+        assert await store.read_run(child.id) == child
+        [change] = await store.set_states([(parent.id, cancel())], now=0.0)
+        assert [d.run.id for d in change.descendants if d.run] == [child.id]
+        [(grouped, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=uuid.uuid4())])
+        assert [r.id for r in await store.list_runs(group_id=grouped.group_id)] == [grouped.id]
     assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
 
 

@@ -146,6 +146,32 @@ async def test_a_schema_2_file_gets_the_parent_column_filled(tmp_path: Path) -> 
     conn.close()
 
 
+async def test_a_schema_3_file_gets_the_group_columns(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        [(parent, _)] = await store.create_runs([TaskRunCreate(task_key="p")])
+        [(child, _)] = await store.create_runs([TaskRunCreate(task_key="c", parent_task_run_id=parent.id)])
+    conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3: no groups
+    conn.execute("DROP INDEX ix_task_runs_group")
+    conn.execute("DROP TABLE task_run_groups")
+    conn.execute("ALTER TABLE task_runs DROP COLUMN group_id")
+    conn.execute("ALTER TABLE task_runs DROP COLUMN detached")
+    conn.execute("UPDATE schema_version SET version = 3")
+    conn.close()
+    async with SQLiteStore.open(path) as store:
+        assert await store.read_run(child.id) == child
+        [change] = await store.set_states(
+            [(parent.id, SetStateRequest(make_state(StateType.CANCELLED)))], now=0.0
+        )
+        assert [d.run.id for d in change.descendants if d.run] == [child.id]
+        group = uuid.uuid4()
+        [(grouped, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=group)])
+        assert [r.id for r in await store.list_runs(group_id=group)] == [grouped.id]
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    conn.close()
+
+
 async def test_counts_read_beside_the_committer_and_stop_with_the_store(tmp_path: Path) -> None:
     async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
         await store.create_runs([TaskRunCreate(task_key="k")])

@@ -59,6 +59,9 @@ class Change:
     run: TaskRun | None
     #: Set when the run became SCHEDULED (again): it goes back into the ready queues.
     queued: QueuedRun | None = None
+    #: The change cancelled the run's scope (:func:`~.runs.cancels_descendants`): the
+    #: changes of its descendants, cancelled with it in the same transaction.
+    descendants: tuple[Change, ...] = ()
 
 
 @attrs.frozen
@@ -163,6 +166,11 @@ class Store(Protocol):
         """Create runs, SCHEDULED, in order; each with its queue entry, or with None when
         it is the run a known idempotency key (of the same task key) or ``id`` names.
 
+        A new run is created CANCELLED instead (:func:`~.runs.born_cancelled`; it still has
+        its entry, but is never to be queued) when its run group was cancelled, or when its
+        parent run was cancelled and it is not detached. A run naming a group records the
+        group (the first run of a group creates it).
+
         Raises:
             RunIdTaken: a given ``id`` belongs to a run the create is not a repeat of;
                 nothing of the batch is written.
@@ -184,10 +192,34 @@ class Store(Protocol):
         offset: int = 0,
         parent_task_run_id: uuid.UUID | None = None,
         newest_first: bool = False,
+        group_id: uuid.UUID | None = None,
     ) -> list[TaskRun]:
         """Runs in the order they were created (``newest_first``: the reverse), filtered by
-        key, state type and parent run (the runs submitted from inside that run); ``offset``
-        runs of that order are skipped, at most ``limit`` returned."""
+        key, state type, parent run (the runs submitted from inside that run) and run group;
+        ``offset`` runs of that order are skipped, at most ``limit`` returned."""
+        ...
+
+    async def descendants(self, run_id: uuid.UUID, *, limit: int) -> list[TaskRun]:
+        """The runs submitted from inside the run ``run_id``, from inside those, and so on
+        (detached ones too), in the order they were created (a run after its parent). The
+        walk goes level by level through the index of parent ids and stops at ``limit`` runs:
+        the nearest levels are the ones given."""
+        ...
+
+    async def cancel_group(self, group_id: uuid.UUID, *, now: float) -> list[Change]:
+        """Cancel the run group ``group_id``, in one transaction: mark it cancelled (a run
+        created in it later is created CANCELLED), cancel its runs that have not ended, and
+        with each its descendants (:func:`~.runs.cancels_descendants`). One change per run
+        of the group cancelled, its descendants' in :attr:`Change.descendants`; ``now`` as
+        for :meth:`set_states`."""
+        ...
+
+    async def delete_run_cascading(
+        self, run_id: uuid.UUID, *, now: float
+    ) -> tuple[TaskRun | None, list[Change]]:
+        """:meth:`delete_run`, and, when the run had not ended, cancel its descendants in the
+        same transaction (deleting a run stops it, as a cancel does): the run as it was (None:
+        there was none) and the changes of the descendants cancelled."""
         ...
 
     async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
