@@ -18,6 +18,8 @@ from trioworker.client.futures import SyncTaskRunFuture as SyncTaskRunFuture
 from trioworker.client.futures import TaskRunFuture as TaskRunFuture
 from trioworker.client.futures import as_completed as as_completed
 from trioworker.client.futures import wait_all as wait_all
+from trioworker.client.groups import RunGroup as RunGroup
+from trioworker.client.groups import open_run_group as open_run_group
 from trioworker.client.rest import SyncTaskRunClient as SyncTaskRunClient
 from trioworker.client.rest import TaskRunClient as TaskRunClient
 from trioworker.client.rest import connect as connect
@@ -53,6 +55,7 @@ __all__ = [
     "QueueFull",
     "ResultDecodeError",
     "RunContext",
+    "RunGroup",
     "ServerUnavailable",
     "State",
     "StateType",
@@ -71,6 +74,7 @@ __all__ = [
     "as_completed",
     "connect",
     "current_run",
+    "open_run_group",
     "serve",
     "sync",
     "tags",

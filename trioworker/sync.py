@@ -7,6 +7,8 @@ they use ``httpx.Client`` and start no event loop::
     future.result(timeout=10)               # await future.result(timeout=10)
     trioworker.sync.wait_all(futures)       # await trioworker.wait_all(futures)
     with trioworker.sync.connect(): ...     # async with trioworker.connect(): ...
+    with trioworker.sync.open_run_group():  # async with trioworker.open_run_group():
+        ...
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from trioworker.client.futures import SyncTaskRunFuture
 from trioworker.client.futures import sync_as_completed as as_completed
 from trioworker.client.futures import sync_wait_all as wait_all
+from trioworker.client.groups import SyncRunGroup
+from trioworker.client.groups import open_sync_run_group as open_run_group
 from trioworker.client.rest import connect_sync as connect
 
-__all__ = ["SyncTaskRunFuture", "as_completed", "connect", "wait_all"]
+__all__ = ["SyncRunGroup", "SyncTaskRunFuture", "as_completed", "connect", "open_run_group", "wait_all"]

@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from trioworker import protocol
 from trioworker._version import __version__
-from trioworker.models import JSON, PurgeRequest, PurgeResult, SetStateRequest, StateType, converter
+from trioworker.models import JSON, PurgeRequest, PurgeResult, SetStateRequest, StateType, TaskRun, converter
 from trioworker.protocol import route
 from trioworker.server import dashboard, guard, openapi
 from trioworker.server.channel import ChannelSession
@@ -47,6 +47,8 @@ from trioworker.server.subscriptions import SubscriptionSession
 SUBSCRIPTION_ROUTE: Final = route(protocol.SUBSCRIPTION_PATH)
 CHANNEL_ROUTE: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
+#: The most runs one answer of ``GET /api/task_runs/{id}/descendants`` carries.
+MAX_DESCENDANTS: Final = 10_000
 MAX_WAIT_SECONDS: Final = 300.0
 #: The most a purge's ``older_than`` may be: 100 years, in seconds.
 MAX_PURGE_AGE: Final = 100 * 365.25 * 86400
@@ -67,6 +69,25 @@ def _summary(run: dict[str, JSON]) -> JSON:
     if isinstance(state, dict):
         state.pop("data", None)
     return run
+
+
+def _fields() -> str:
+    """The ``fields`` query parameter: ``all`` (the default) or ``summary``.
+
+    Raises:
+        Refusal: 422 for anything else.
+    """
+    fields = request.args.get("fields", "all").lower()
+    if fields not in ("all", "summary"):
+        raise Refusal(422, f"fields must be all or summary (no parameters, no result), got {fields!r}")
+    return fields
+
+
+def _dump_runs(runs: list[TaskRun], fields: str) -> Response:
+    """``runs`` whole, or as summaries (:func:`_summary`) for ``fields=summary``."""
+    if fields == "all":
+        return _dump(runs)
+    return _json_response([_summary(converter.unstructure(run)) for run in runs])
 
 
 def _parse_id(value: str) -> uuid.UUID:
@@ -293,9 +314,12 @@ def create_app(
             parent = None if parent_arg is None else uuid.UUID(parent_arg)
         except ValueError:
             raise Refusal(422, f"parent_task_run_id must be a task run UUID, got {parent_arg!r}") from None
-        fields = request.args.get("fields", "all").lower()
-        if fields not in ("all", "summary"):
-            raise Refusal(422, f"fields must be all or summary (no parameters, no result), got {fields!r}")
+        group_arg = request.args.get("group_id")
+        try:
+            group = None if group_arg is None else uuid.UUID(group_arg)
+        except ValueError:
+            raise Refusal(422, f"group_id must be a run group's UUID, got {group_arg!r}") from None
+        fields = _fields()
         runs = await service.list_runs(
             task_key=request.args.get("task_key"),
             state=state,
@@ -303,10 +327,27 @@ def create_app(
             offset=offset,
             parent_task_run_id=parent,
             newest_first=sort == "CREATED_DESC",
+            group_id=group,
         )
-        if fields == "all":
-            return _dump(runs)
-        return _json_response([_summary(converter.unstructure(run)) for run in runs])
+        return _dump_runs(runs, fields)
+
+    @app.get(route(protocol.RUN_DESCENDANTS))
+    async def descendants(run_id: str) -> Response:
+        rid = _parse_id(run_id)
+        fields = _fields()
+        limit = _query_int("limit", MAX_LIST_LIMIT, 1, MAX_DESCENDANTS)
+        runs = await service.descendants(rid, limit=limit)
+        if runs is None:
+            raise Refusal(404, f"no task run {rid}")
+        return _dump_runs(runs, fields)
+
+    @app.post(route(protocol.GROUP_CANCEL))
+    async def cancel_group(group_id: str) -> Response:
+        try:
+            gid = uuid.UUID(group_id)
+        except ValueError:
+            raise Refusal(404, f"no run group {group_id!r}: not a UUID") from None
+        return _dump(await service.cancel_group(gid))
 
     @app.get(route(protocol.RUNS_FIND))
     async def find_runs() -> Response:

@@ -24,6 +24,8 @@ import trio
 
 from trioworker.models import (
     ACTIVE_STATES,
+    CancelResult,
+    GroupCancelResult,
     SetStateRequest,
     SetStateResult,
     SetStateStatus,
@@ -191,13 +193,17 @@ class TaskRunService:
         except RunIdTaken as exc:
             raise Refusal(409, str(exc)) from None
         created = [run for run, queued in results if queued is not None]
+        # A run created CANCELLED (its group or its parent was cancelled) is never queued.
+        queued_now = [
+            (run, q) for run, q in results if q is not None and run.state.type is StateType.SCHEDULED
+        ]
         if self._shared is None:
-            for run, queued in results:
-                if queued is not None:
-                    self.fresh.add(run, queued)
+            for run, queued in queued_now:
+                self.fresh.add(run, queued)
         self.feed.runs_changed(created)
         self.metrics.runs_created(created)
-        await self._admit(q for _, q in results if q is not None)
+        self.metrics.runs_changed(run for run in created if run.state.is_terminal)
+        await self._admit(q for _, q in queued_now)
         return [(run, queued is not None) for run, queued in results]
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
@@ -212,6 +218,7 @@ class TaskRunService:
         offset: int,
         parent_task_run_id: uuid.UUID | None = None,
         newest_first: bool = False,
+        group_id: uuid.UUID | None = None,
     ) -> list[TaskRun]:
         return await self.store.list_runs(
             task_key=task_key,
@@ -220,7 +227,16 @@ class TaskRunService:
             offset=offset,
             parent_task_run_id=parent_task_run_id,
             newest_first=newest_first,
+            group_id=group_id,
         )
+
+    async def descendants(self, run_id: uuid.UUID, *, limit: int) -> list[TaskRun] | None:
+        """The runs submitted from inside ``run_id``, and from inside those, ... (see
+        :meth:`Store.descendants <trioworker.server.store.base.Store.descendants>`); None
+        when the run does not exist."""
+        if await self.store.read_run(run_id) is None:
+            return None
+        return await self.store.descendants(run_id, limit=limit)
 
     async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
         """The runs whose id starts with ``id_prefix`` (canonical: see
@@ -259,6 +275,8 @@ class TaskRunService:
             context=dict(run.context),
             parent_task_run_id=run.parent_task_run_id,
             wait_for=list(run.wait_for),
+            group_id=run.group_id,
+            detached=run.detached,
         )
         [(new, _)] = await self.create_runs([create])
         return new
@@ -290,6 +308,12 @@ class TaskRunService:
         changes = await self.store.set_states(requests, now=self.dispatcher.clock(), holder=holder)
         for (run_id, _), change in zip(requests, changes, strict=True):
             self._after_change(run_id, change, reporter)
+        self._changed(changes)
+        self._cascaded(changes)
+        return [c.result for c in changes]
+
+    def _changed(self, changes: Sequence[Change]) -> None:
+        """Tell the tabs and the metrics of the runs these changes changed."""
         changed = [
             c.run
             for c in changes
@@ -297,18 +321,67 @@ class TaskRunService:
         ]
         self.feed.runs_changed(changed)
         self.metrics.runs_changed(changed)
-        return [c.result for c in changes]
 
-    async def cancel(self, run_id: uuid.UUID) -> SetStateResult:
+    def _cascaded(self, changes: Sequence[Change]) -> None:
+        """The descendants these changes cancelled (see
+        :func:`~trioworker.server.store.runs.cancels_descendants`): their holders stop them,
+        their waiters and dependents learn they ended, as for any change from outside."""
+        descendants = [d for c in changes for d in c.descendants]
+        for change in descendants:
+            assert change.run is not None
+            self._after_change(change.run.id, change, None)
+        self._changed(descendants)
+
+    async def cancel(self, run_id: uuid.UUID) -> CancelResult:
+        """Cancel the run and, in the same transaction, its descendants that have not ended
+        (detached ones and theirs left alone): the answer says which."""
         state = make_state(StateType.CANCELLED, message="cancelled on request")
-        [result] = await self.set_states([(run_id, SetStateRequest(state))])
-        return result
+        [change] = await self.store.set_states(
+            [(run_id, SetStateRequest(state))], now=self.dispatcher.clock(), holder=None
+        )
+        self._after_change(run_id, change, None)
+        self._changed([change])
+        self._cascaded([change])
+        await self._fail_doomed()
+        result = change.result
+        return CancelResult(
+            result.status,
+            result.state,
+            result.details,
+            [d.run.id for d in change.descendants if d.run is not None],
+        )
+
+    async def cancel_group(self, group_id: uuid.UUID) -> GroupCancelResult:
+        """Cancel the run group ``group_id`` in one transaction (see
+        :meth:`Store.cancel_group <trioworker.server.store.base.Store.cancel_group>`): its
+        runs that have not ended and their descendants; a run created in it afterwards is
+        created CANCELLED. A group with no runs (yet) is cancelled all the same."""
+        changes = await self.store.cancel_group(group_id, now=self.dispatcher.clock())
+        for change in changes:
+            assert change.run is not None
+            self._after_change(change.run.id, change, None)
+        self._changed(changes)
+        self._cascaded(changes)
+        await self._fail_doomed()
+        cancelled = [
+            c.run.id
+            for c in changes
+            if c.run is not None and c.result.status is SetStateStatus.ACCEPT and c.result.details is None
+        ]
+        descendants = [d.run.id for c in changes for d in c.descendants if d.run is not None]
+        return GroupCancelResult(group_id, cancelled + descendants)
 
     async def delete(self, run_id: uuid.UUID) -> TaskRun | None:
-        run = await self.store.delete_run(run_id)
+        """Delete the run and its history (its holder is told to stop it); a run that had
+        not ended takes its descendants with it, cancelled in the same transaction."""
+        run, descendants = await self.store.delete_run_cascading(run_id, now=self.dispatcher.clock())
         self.fresh.pop(run_id)
         if run is not None:
             self._deleted([run_id])
+            for change in descendants:
+                assert change.run is not None
+                self._after_change(change.run.id, change, None)
+            self._changed(descendants)
             await self._fail_doomed()
         return run
 

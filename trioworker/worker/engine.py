@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final, Protocol
 
+import attrs
 import orjson
 import trio
 
@@ -25,6 +26,7 @@ from trioworker.context import running
 from trioworker.errors import ParameterError, StopTaskWorker, TrioworkerError
 from trioworker.models import (
     JSON,
+    TIMED_OUT,
     SetStateResult,
     SetStateStatus,
     State,
@@ -196,8 +198,10 @@ def _call_sync(task: Task[..., Any], args: list[Any], kwargs: dict[str, Any]) ->
 
 async def _attempt(
     task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], thread_limiter: trio.CapacityLimiter
-) -> tuple[bool, Any]:
-    """``(True, value)``, or ``(False, exception)`` for whatever the task's code raised:
+) -> tuple[bool, Any, bool]:
+    """``(True, value, False)``, or ``(False, exception, timed_out)`` for whatever the task's
+    code raised (``timed_out``: the attempt ran out of time, the exception is the
+    TimeoutError that says so):
     BaseExceptions too (``sys.exit()``, a KeyboardInterrupt it raised itself, an exception
     group holding them), so that nothing a run does stops the worker.
 
@@ -216,18 +220,21 @@ async def _attempt(
             value = await _call(task, args, kwargs, thread_limiter)
     except BaseException as exc:  # the task's failure; what must pass is raised again
         raise_passing(exc)
-        return False, exc
+        return False, exc, False
     if timeout is not None and (deadline.cancel_called or trio.current_time() - started > timeout):
-        return False, TimeoutError(f"{task.name} timed out after {timeout:g} s")
-    return True, value
+        return False, TimeoutError(f"{task.name} timed out after {timeout:g} s"), True
+    return True, value, False
 
 
-def _failed(message: str, exc: BaseException) -> State:
-    """A FAILED state for ``exc``; its message and data are cut to fit a report."""
+def _failed(message: str, exc: BaseException, *, timed_out: bool = False) -> State:
+    """A FAILED state for ``exc``; its message and data are cut to fit a report. An attempt
+    that ran out of time says so (:data:`~trioworker.models.TIMED_OUT`): the server then
+    cancels the runs submitted from it, as a cancel would."""
     return make_state(
         StateType.FAILED,
         message=failures.clip_text(message),
         data=failures.describe_exception(exc),
+        details=StateDetails(reason=TIMED_OUT) if timed_out else None,
     )
 
 
@@ -327,7 +334,7 @@ async def execute(
         answer = refused[0]
         return ended(Outcome.REFUSED, f"not started: {answer.status.value} ({answer.details})")
 
-    ok, value = False, None
+    ok, value, timed_out = False, None, False
     if queue_report is None:
         check(await reporter.report(run.id, make_state(StateType.RUNNING)))
         if refused:
@@ -340,7 +347,7 @@ async def execute(
     if on_running is not None:
         on_running()
     with scope, running(run):
-        ok, value = await _attempt(task, args, kwargs, thread_limiter)
+        ok, value, timed_out = await _attempt(task, args, kwargs, thread_limiter)
     attempt_over = True
     if on_attempt_end is not None:
         on_attempt_end()
@@ -378,9 +385,11 @@ async def execute(
     line = failures.exception_line(error)
     retry = _retry_state(task, run, error, attempt=run.run_count + 1)
     if retry is not None:
+        if timed_out:
+            retry = attrs.evolve(retry, state_details=attrs.evolve(retry.state_details, reason=TIMED_OUT))
         await reporter.report(run.id, retry)
         return ended(Outcome.RETRYING, _short(retry.message))
-    await reporter.report(run.id, _failed(line, error))
+    await reporter.report(run.id, _failed(line, error, timed_out=timed_out))
     return ended(Outcome.FAILED, _short(line))
 
 
