@@ -19,13 +19,15 @@ import pytest
 import trio
 
 from trioworker.client.rest import TaskRunClient
-from trioworker.models import TIMED_OUT, StateType, TaskRun
+from trioworker.models import TIMED_OUT, StateType, TaskRun, TaskRunCreate
 from trioworker.server import RunningServer
 from trioworker.tasks import task
 from trioworker.worker.task_worker import TaskWorker
 
 from .test_cli_tools import Cli, make_cli
 from .test_cli_worker import OUTPUT_TIMEOUT, start_worker, within, worker_env, write
+
+pytestmark = pytest.mark.every_store
 
 DEADLINE = 30
 
@@ -268,3 +270,19 @@ async def test_the_command_line_shows_the_tree_and_cancels_it(cli: Cli, triowork
     assert cancelled.stdout.decode() == (
         f"cancelled run {future.task_run_id} (c.parent; it was RUNNING) and 5 of its descendants\n"
     )
+
+
+async def test_a_retry_of_a_run_cancelled_with_its_parent_runs(trioworker_server: RunningServer) -> None:
+    group = uuid.uuid4()
+    async with TaskRunClient() as client:
+        [top] = await client.create_task_runs([TaskRunCreate(task_key="c.unserved")])
+        [below] = await client.create_task_runs(
+            [TaskRunCreate(task_key="c.unserved", parent_task_run_id=top.id, group_id=group)]
+        )
+        answer = await client.cancel(top.id)
+        assert answer.cancelled_descendants == [below.id]
+        await client.cancel_group(group)
+        again = await client.retry(below.id)
+    # The operator asked for it: it is queued (in no group, detached from its cancelled parent).
+    assert again.state.type is StateType.SCHEDULED
+    assert (again.parent_task_run_id, again.group_id, again.detached) == (top.id, None, True)

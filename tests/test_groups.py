@@ -19,6 +19,8 @@ from trioworker.server import RunningServer
 from trioworker.tasks import task
 from trioworker.worker.task_worker import TaskWorker
 
+pytestmark = pytest.mark.every_store
+
 DEADLINE = 30
 
 Workers = Callable[..., TaskWorker]

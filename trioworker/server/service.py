@@ -250,7 +250,8 @@ class TaskRunService:
 
     async def retry(self, run_id: uuid.UUID) -> TaskRun:
         """A new run of the ended run ``run_id``, with the same task, parameters, tags,
-        context, parent and ``wait_for``; SCHEDULED. Its name is the one a new submission
+        context, parent and ``wait_for``; SCHEDULED (in no run group; detached when it was,
+        or when its parent was cancelled). Its name is the one a new submission
         gets (``<task key>-<its id's first 8 hex digits>``) unless the old run's was given
         at submission (then that name again).
 
@@ -275,11 +276,18 @@ class TaskRunService:
             context=dict(run.context),
             parent_task_run_id=run.parent_task_run_id,
             wait_for=list(run.wait_for),
-            group_id=run.group_id,
-            detached=run.detached,
+            # The operator's call: it joins no group (the group's block is over), and it
+            # runs even when its parent was cancelled (then detached from it).
+            detached=run.detached or await self._parent_cancelled(run),
         )
         [(new, _)] = await self.create_runs([create])
         return new
+
+    async def _parent_cancelled(self, run: TaskRun) -> bool:
+        if run.parent_task_run_id is None:
+            return False
+        states = await self.store.states_of([run.parent_task_run_id])
+        return states.get(run.parent_task_run_id) is StateType.CANCELLED
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         return await self.store.history(run_id)
