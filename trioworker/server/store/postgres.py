@@ -1249,13 +1249,14 @@ class _PostgresOps(Operations):
             if run_id not in roots:
                 first.setdefault(run_id, root)
         found = self._fetch(first, lock=True)
+        requests = {root: cancel_request(why) for root, why in roots.items()}
         out: dict[uuid.UUID, list[Change]] = {}
         saved: list[_Row] = []
         for run_id, root in first.items():
             row = found.get(run_id)
             if row is None:
                 continue
-            result, cancelled = judged(row.run, cancel_request(roots[root]), now)
+            result, cancelled = judged(row.run, requests[root], now)
             if cancelled is None:
                 continue
             saved.append(_Row(row.seq, row.rev, cancelled, None))

@@ -612,12 +612,13 @@ class _SQLiteOps(Operations):
         for _, run_id, root in rows:
             first.setdefault(uuid.UUID(run_id), uuid.UUID(root))
         found = self._fetch(first)
+        requests = {root: cancel_request(why) for root, why in roots.items()}
         out: dict[uuid.UUID, list[Change]] = {}
         for run_id, root in first.items():
             if run_id not in found or run_id in roots:
                 continue
             seq, run = found[run_id]
-            result, cancelled = judged(run, cancel_request(roots[root]), now)
+            result, cancelled = judged(run, requests[root], now)
             if cancelled is None:
                 continue
             self._write(seq, cancelled)
