@@ -13,7 +13,9 @@ the group's id, and the server keeps the group (:meth:`TaskRunClient.cancel_grou
 <trioworker.client.rest.TaskRunClient.cancel_group>` cancels it in one transaction). The
 rules are a nursery's (``strict_exception_groups``, as Trio's default):
 
-- leaving the block waits until every run of the group has ended;
+- leaving the block waits until every run of the group has ended (each waited for as its
+  future would be: over the client channel, or on the one long-poll that all waits of the
+  Trio run share, so a group opens no connection of its own);
 - when a run fails (FAILED or CRASHED), the group cancels the others on the server (one
   request), cancels the block's body if it still runs, and raises an :class:`ExceptionGroup`
   of the failures, each the task's own exception where it can be rebuilt here (see
@@ -30,6 +32,7 @@ rules are a nursery's (``strict_exception_groups``, as Trio's default):
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -46,9 +49,11 @@ from trioworker.client.futures import (
     _FutureBase,
     failure_of,
     linger_for,
+    wait_with,
 )
 from trioworker.client.rest import SyncTaskRunClient, TaskRunClient, using_client, using_sync_client
 from trioworker.context import in_run_group
+from trioworker.errors import NotFound
 from trioworker.models import StateType, TaskRun, WaitResult
 
 log = logging.getLogger("trioworker.client")
@@ -56,9 +61,6 @@ log = logging.getLogger("trioworker.client")
 #: Seconds a group whose block raised or was cancelled may take to cancel its runs on the
 #: server (shielded from the cancellation, so this bound is what ends it).
 CANCEL_SECONDS: Final = 10.0
-#: After a run joined a group that is waiting for its runs, how long it waits for more to
-#: join before it asks the server again with all of them (a ``map`` joins in batches).
-JOIN_PAUSE_SECONDS: Final = 0.02
 #: The end states that are failures of a group (CANCELLED is not).
 FAILURES: Final = frozenset({StateType.FAILED, StateType.CRASHED})
 
@@ -91,7 +93,9 @@ class _Ledger:
     #: The exceptions of the runs that failed, in the order the group saw them end.
     failures: list[BaseException] = attrs.field(factory=list)
 
-    def add(self, futures: Sequence[_FutureBase[Any]]) -> None:
+    def add(self, futures: Sequence[_FutureBase[Any]]) -> list[_FutureBase[Any]]:
+        """Take the runs of ``futures`` in; those new to the group and not ended."""
+        added: list[_FutureBase[Any]] = []
         for future in futures:
             if future.task_run_id in self.known:
                 continue
@@ -100,15 +104,22 @@ class _Ledger:
             self.pending[future.task_run_id] = future
             if future.task_run is not None and future.task_run.state.is_terminal:
                 self.settle(future.task_run)  # created CANCELLED: its group or parent was
+            else:
+                added.append(future)
+        return added
 
-    def settle(self, run: TaskRun) -> None:
-        """``run`` ended: its future gets it; a failure is kept."""
+    def settle(self, run: TaskRun) -> BaseException | None:
+        """``run`` ended: its future gets it; a failure is kept, and returned (None: it was
+        not one, or the run was settled before)."""
         future = self.pending.pop(run.id, None)
         if future is None:
-            return
+            return None
         future.task_run = run
-        if run.state.type in FAILURES:
-            self.failures.append(failure_of(run))
+        if run.state.type not in FAILURES:
+            return None
+        failure = failure_of(run)
+        self.failures.append(failure)
+        return failure
 
     def settle_answer(self, answer: WaitResult) -> None:
         for run in answer.ended:
@@ -127,17 +138,23 @@ class RunGroup:
             ``GET /api/task_runs?group_id=`` lists them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, client: TaskRunClient) -> None:
         self.id: uuid.UUID = uuid.uuid4()
+        self._client = client
         self._ledger = _Ledger()
+        #: Set when the last pending run ended, or the body ended.
         self._changed = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
         self._nursery: trio.Nursery | None = None
-        #: The body has ended (normally): the group takes no more runs.
+        #: The body has ended: the group takes no more runs.
         self._closed = False
         self._cancel_called = False
         #: A run was admitted: a create may be on its way (a cancel must reach the server).
         self._admitted = False
+        #: A run failed: the group is being cancelled (then its failures are raised).
+        self._failing = False
+        self._raising = False
+        self._cancel_sent = False
 
     @property
     def futures(self) -> list[TaskRunFuture[Any]]:
@@ -178,80 +195,85 @@ class RunGroup:
             self._token.run_sync_soon(self._add, found)
 
     def _add(self, futures: Sequence[_FutureBase[Any]]) -> None:
-        self._ledger.add([_as_async(f) for f in futures])
-        self._changed.set()
+        added = self._ledger.add([_as_async(f) for f in futures])
+        if self._nursery is not None:
+            for future in added:
+                self._nursery.start_soon(self._await_end, future)
 
     def __repr__(self) -> str:
         ledger = self._ledger
         return f"<RunGroup {self.id} runs={len(ledger.futures)} pending={len(ledger.pending)}>"
 
-    # -- the watcher: one task in the group's nursery
-    async def _watch(self, client: TaskRunClient) -> None:
-        """Wait for the group's runs to end (one long-poll for all); on a failure, cancel
-        the others and raise the failures into the nursery.
-
-        **Cancellation handling:** cancelled (the body raised or was cancelled, or
-        :meth:`cancel` was called) with runs that may not have ended, it cancels them on the
-        server first, shielded, for :data:`CANCEL_SECONDS` at most.
-        """
+    # -- the tasks of the group's nursery
+    async def _await_end(self, future: _FutureBase[Any]) -> None:
+        """Wait for one run to end, as its future's ``wait`` does (over the client channel
+        when it is open, else on the long-poll every waiter of the Trio run shares: a group
+        adds no connection of its own); a failure starts the group's :meth:`_fail`."""
         ledger = self._ledger
-        done = False
         try:
-            while not ledger.failures:
-                if not ledger.pending:
-                    if self._closed:
-                        done = True
-                        return
-                    await self._changed.wait()
-                    self._changed = trio.Event()
-                    continue
-                await self._poll(client)
-            done = True
-            await _cancel_group_quietly(client, self.id)
-            # What the others ended as, now that the cancel is decided (some may have
-            # failed meanwhile: those are raised too).
-            if ledger.pending:
-                try:
-                    ledger.settle_answer(await client.wait_many(list(ledger.pending), seconds=0))
-                except Exception as exc:  # the failures at hand are raised all the same
-                    log.warning(UNREAD, self.id, exc)
-            assert self._nursery is not None
-            for failure in ledger.failures:
-                self._nursery.start_soon(_reraise, failure)
-        finally:
-            if not done and (self._admitted or ledger.pending):
-                with trio.move_on_after(CANCEL_SECONDS, shield=True):
-                    await _cancel_group_quietly(client, self.id)
+            run = await wait_with(self._client, _as_async(future), math.inf)
+        except NotFound:
+            ledger.pending.pop(future.task_run_id, None)  # deleted: gone, as a cancelled run is
+        else:
+            failure = None if run is None else ledger.settle(run)
+            if failure is not None:
+                if self._raising:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(_reraise, failure)
+                elif not self._failing:
+                    self._failing = True
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._fail)
+        if not ledger.pending:
+            self._changed.set()
 
-    async def _poll(self, client: TaskRunClient) -> None:
-        """One long-poll for the pending runs; asked again, with them all, when runs join."""
+    async def _fail(self) -> None:
+        """A run failed: cancel the others on the server, learn what they ended as (one may
+        have failed meanwhile), and raise every failure into the nursery, each as a child
+        task raises its own (which cancels the body and the waits)."""
         ledger = self._ledger
-        ids = list(ledger.pending)
-        self._changed = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._restart_on_join, nursery.cancel_scope)
-            answer = await client.wait_many(ids, seconds=POLL_SECONDS, linger=linger_for(len(ids)))
-            nursery.cancel_scope.cancel()
-            ledger.settle_answer(answer)
+        await self._cancel_on_server()
+        if ledger.pending:
+            try:
+                ledger.settle_answer(await self._client.wait_many(list(ledger.pending), seconds=0))
+            except Exception as exc:  # the failures at hand are raised all the same
+                log.warning(UNREAD, self.id, exc)
+        self._raising = True
+        assert self._nursery is not None
+        for failure in ledger.failures:
+            self._nursery.start_soon(_reraise, failure)
 
-    async def _restart_on_join(self, scope: trio.CancelScope) -> None:
-        await self._changed.wait()
-        await trio.sleep(JOIN_PAUSE_SECONDS)
-        scope.cancel()
+    async def _guard(self) -> None:
+        """Until the body ended and every run with it: when cancelled before (the body
+        raised or was cancelled, :meth:`cancel`, a failure), cancel the group on the server.
+
+        **Cancellation handling:** that cancel is shielded, for :data:`CANCEL_SECONDS` at most.
+        """
+        completed = False
+        try:
+            while not (self._closed and not self._ledger.pending):
+                await self._changed.wait()
+                self._changed = trio.Event()
+            completed = True
+        finally:
+            if not completed and not self._cancel_sent and (self._admitted or self._ledger.pending):
+                with trio.move_on_after(CANCEL_SECONDS, shield=True):
+                    await self._cancel_on_server()
+
+    async def _cancel_on_server(self) -> None:
+        """Cancel the group on the server; a failure to is logged (what raises is on its way
+        already: a run's failure, the block's own exception, or a cancellation)."""
+        try:
+            await self._client.cancel_group(self.id)
+        except Exception as exc:
+            log.warning("run group %s: its runs could not be cancelled on the server: %s", self.id, exc)
+        else:
+            self._cancel_sent = True
 
 
 async def _reraise(failure: BaseException) -> None:
     """A run's failure, raised as a child task of the group's nursery raises its own."""
     raise failure
-
-
-async def _cancel_group_quietly(client: TaskRunClient, group_id: uuid.UUID) -> None:
-    """Cancel the group on the server; a failure to is logged (something else is on its way
-    out already: the block's own exception, or a cancellation)."""
-    try:
-        await client.cancel_group(group_id)
-    except Exception as exc:
-        log.warning("run group %s: its runs could not be cancelled on the server: %s", group_id, exc)
 
 
 @asynccontextmanager
@@ -271,16 +293,17 @@ async def open_run_group() -> AsyncIterator[RunGroup]:
     cancels the group's runs on the server, shielded and bounded by :data:`CANCEL_SECONDS`,
     and propagates. A server that cannot be reached then is logged, not raised.
 
-    **Resource handling:** one task watches the runs (one long-poll for all of them), in a
-    nursery of the group's that lives exactly as long as the block; it uses the client of
-    the enclosing ``trioworker.connect()``, or one of its own for the block.
+    **Resource handling:** the group's nursery lives exactly as long as the block: a guard
+    task, and one task per run not ended that waits for it as its future would (over the
+    client channel, or on the long-poll that every waiter of the Trio run shares). It uses
+    the client of the enclosing ``trioworker.connect()``, or one of its own for the block.
     """
-    group = RunGroup()
     async with using_client() as client:
+        group = RunGroup(client)
         with in_run_group(group):
             async with trio.open_nursery() as nursery:
                 group._nursery = nursery
-                nursery.start_soon(group._watch, client)
+                nursery.start_soon(group._guard)
                 try:
                     yield group
                 finally:
