@@ -589,3 +589,23 @@ async def test_deleting_a_run_not_ended_cancels_its_descendants(store: Store) ->
     assert deleted is not None and changes == []
     assert (await store.read_run(other.id)) == other  # an ended run's children stay
     assert await store.delete_run_cascading(running.id, now=time.time()) == (None, [])
+
+
+async def test_a_purge_forgets_the_groups_left_without_runs(store: Store) -> None:
+    group, kept = uuid.uuid4(), uuid.uuid4()
+    [_, (revived, _)] = await store.create_runs(
+        [TaskRunCreate(task_key="g", group_id=group), TaskRunCreate(task_key="g", group_id=kept)]
+    )
+    await store.cancel_group(group, now=time.time())
+    await store.cancel_group(kept, now=time.time())
+    again = SetStateRequest(make_state(StateType.SCHEDULED), force=True)
+    await store.set_states([(revived.id, again)], now=time.time())  # not ended: its group stays
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    await store.purge_ended(later, task_key="g", limit=10)  # a narrowed purge keeps every group
+    [(late, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=group)])
+    assert late.state.type is StateType.CANCELLED
+    await store.purge_ended(later, limit=10)  # the runs that ended, and the groups left with none
+    [(fresh, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=group)])
+    assert fresh.state.type is StateType.SCHEDULED  # the group was forgotten
+    [(still, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=kept)])
+    assert still.state.type is StateType.CANCELLED
