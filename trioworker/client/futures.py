@@ -326,7 +326,9 @@ class TaskRunFuture(_FutureBase[R]):
 
     async def cancel(self) -> bool:
         """Cancel the run: never delivered if still queued; its cancel scope cancelled if
-        it runs async code on a worker. False when it had already finished otherwise."""
+        it runs async code on a worker. The runs submitted from inside it (and from inside
+        those) that have not ended are cancelled with it, but detached ones. False when it
+        had already finished otherwise."""
         async with using_client() as client:
             try:
                 result = await client.cancel(self.task_run_id)
