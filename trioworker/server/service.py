@@ -334,7 +334,12 @@ class TaskRunService:
         """The descendants these changes cancelled (see
         :func:`~trioworker.server.store.runs.cancels_descendants`): their holders stop them,
         their waiters and dependents learn they ended, as for any change from outside."""
-        descendants = [d for c in changes for d in c.descendants]
+        self._descendants_cancelled([d for c in changes for d in c.descendants])
+
+    def _descendants_cancelled(self, descendants: Sequence[Change]) -> None:
+        """Runs cancelled with another (:meth:`_cascaded`), handled as cancels from outside."""
+        if not descendants:
+            return
         for change in descendants:
             assert change.run is not None
             self._after_change(change.run.id, change, None)
@@ -386,10 +391,7 @@ class TaskRunService:
         self.fresh.pop(run_id)
         if run is not None:
             self._deleted([run_id])
-            for change in descendants:
-                assert change.run is not None
-                self._after_change(change.run.id, change, None)
-            self._changed(descendants)
+            self._descendants_cancelled(descendants)
             await self._fail_doomed()
         return run
 
