@@ -15,7 +15,7 @@ rules are a nursery's (``strict_exception_groups``, as Trio's default):
 
 - leaving the block waits until every run of the group has ended (each waited for as its
   future would be: over the client channel, or on the one long-poll that all waits of the
-  Trio run share, so a group opens no connection of its own);
+  Trio run share, so a group adds no long-poll of its own);
 - when a run fails (FAILED or CRASHED), the group cancels the others on the server (one
   request), cancels the block's body if it still runs, and raises an :class:`ExceptionGroup`
   of the failures, each the task's own exception where it can be rebuilt here (see
@@ -208,7 +208,7 @@ class RunGroup:
     async def _await_end(self, future: _FutureBase[Any]) -> None:
         """Wait for one run to end, as its future's ``wait`` does (over the client channel
         when it is open, else on the long-poll every waiter of the Trio run shares: a group
-        adds no connection of its own); a failure starts the group's :meth:`_fail`."""
+        adds no long-poll of its own); a failure starts the group's :meth:`_fail`."""
         ledger = self._ledger
         try:
             run = await wait_with(self._client, _as_async(future), math.inf)

@@ -226,16 +226,20 @@ async def _attempt(
     return True, value, False
 
 
-def _failed(message: str, exc: BaseException, *, timed_out: bool = False) -> State:
-    """A FAILED state for ``exc``; its message and data are cut to fit a report. An attempt
-    that ran out of time says so (:data:`~trioworker.models.TIMED_OUT`): the server then
-    cancels the runs submitted from it, as a cancel would."""
+def _failed(message: str, exc: BaseException) -> State:
+    """A FAILED state for ``exc``; its message and data are cut to fit a report."""
     return make_state(
         StateType.FAILED,
         message=failures.clip_text(message),
         data=failures.describe_exception(exc),
-        details=StateDetails(reason=TIMED_OUT) if timed_out else None,
     )
+
+
+def _timed_out(state: State) -> State:
+    """``state`` (FAILED, or SCHEDULED for a retry) saying that the attempt ran out of time
+    (:data:`~trioworker.models.TIMED_OUT`): the server then cancels the runs submitted from
+    it, as a cancel would."""
+    return attrs.evolve(state, state_details=attrs.evolve(state.state_details, reason=TIMED_OUT))
 
 
 def _retry_state(task: Task[..., Any], run: TaskRun, exc: BaseException, attempt: int) -> State | None:
@@ -385,11 +389,10 @@ async def execute(
     line = failures.exception_line(error)
     retry = _retry_state(task, run, error, attempt=run.run_count + 1)
     if retry is not None:
-        if timed_out:
-            retry = attrs.evolve(retry, state_details=attrs.evolve(retry.state_details, reason=TIMED_OUT))
-        await reporter.report(run.id, retry)
+        await reporter.report(run.id, _timed_out(retry) if timed_out else retry)
         return ended(Outcome.RETRYING, _short(retry.message))
-    await reporter.report(run.id, _failed(line, error, timed_out=timed_out))
+    failed = _failed(line, error)
+    await reporter.report(run.id, _timed_out(failed) if timed_out else failed)
     return ended(Outcome.FAILED, _short(line))
 
 
