@@ -420,6 +420,26 @@ async def test_a_run_page_reaches_every_child_past_the_first_two_hundred(demo: D
     await in_browser(script)
 
 
+async def test_a_run_page_shows_its_run_group_and_that_it_is_detached(demo: Demo) -> None:
+    server, api = demo.server, demo.api
+    group = "7d1e5a90-2c4b-4f1e-8a3d-5b6c7d8e9f01"
+    [grouped] = await submit(api, "dash.add", {"a": 1, "b": 2}, group_id=group)
+    [detached] = await submit(api, "dash.add", {"a": 1, "b": 2}, detached=True)
+
+    def script(browser: Browser) -> None:
+        from playwright.sync_api import expect
+
+        page, errors = open_page(browser, f"{server.url}/#/runs/{grouped}")
+        expect(page.locator("#run-group")).to_have_text(group)
+        expect(page.get_by_text("cancelling its parent leaves it running")).to_have_count(0)
+        page.goto(f"{server.url}/#/runs/{detached}")
+        expect(page.get_by_text("cancelling its parent leaves it running")).to_be_visible()
+        expect(page.locator("#run-group")).to_have_count(0)
+        assert errors == []
+
+    await in_browser(script)
+
+
 #: The API key of the tests that set one.
 KEY = "open-sesame"
 

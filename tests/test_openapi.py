@@ -6,6 +6,7 @@ every REST operation it lists. The page that shows it (``/api/docs``) loads with
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -149,6 +150,12 @@ async def test_a_real_server_gives_the_documented_answers(keyed_server: RunningS
         await call("get", "/api/task_runs", 422, tag=[""])
         tagged = await call("get", "/api/task_runs", 200, tag=["nightly", "billing"])
         assert tagged.json() == []
+        await call("get", "/api/task_runs", 422, group_id="nope")
+        await call("get", "/api/task_runs/{run_id}/descendants", 200)
+        await call("get", "/api/task_runs/{run_id}/descendants", 404, run_id=str(uuid.uuid4()))
+        await call("get", "/api/task_runs/{run_id}/descendants", 422, limit=0)
+        await call("post", "/api/task_run_groups/{group_id}/cancel", 200)
+        await call("post", "/api/task_run_groups/{group_id}/cancel", 404, group_id="nope")
         found = await call("get", "/api/task_runs/find", 200)
         assert [run["id"] for run in found.json()] == [first["id"]]
         await call("get", "/api/task_runs/find", 422, id_prefix="xyz")

@@ -62,16 +62,26 @@ TABLES = {
     "trioworker_task_run_tags",
     "trioworker_cache",
     "trioworker_schedules",
+    "trioworker_task_run_groups",
 }
 
-#: Undoes schema step 6 (a database of schema 5).
-SCHEMA_6_UNDONE = ("DROP TABLE trioworker_schedules",)
-
-#: Undoes schema step 5 (a database of schema 4).
-SCHEMA_5_UNDONE = ("DROP TABLE trioworker_task_run_tags", "DROP TABLE trioworker_cache")
-#: Undoes schema step 4 (a database of schema 3).
-SCHEMA_4_UNDONE = ("ALTER TABLE trioworker_replicas DROP COLUMN version, DROP COLUMN workers",)
-#: Undoes schema steps 4 and 3 (a database of schema 2).
+#: Undoes schema step 7 (a database of schema 6).
+SCHEMA_7_UNDONE = (
+    "DROP TABLE trioworker_task_run_groups",
+    "DROP INDEX trioworker_task_runs_group",
+    "ALTER TABLE trioworker_task_runs DROP COLUMN group_id",
+    "ALTER TABLE trioworker_task_runs DROP COLUMN detached",
+)
+#: Undoes schema steps 7 and 6 (a database of schema 5).
+SCHEMA_6_UNDONE = (*SCHEMA_7_UNDONE, "DROP TABLE trioworker_schedules")
+#: Undoes schema steps 7 to 5 (a database of schema 4).
+SCHEMA_5_UNDONE = (*SCHEMA_6_UNDONE, "DROP TABLE trioworker_task_run_tags", "DROP TABLE trioworker_cache")
+#: Undoes schema steps 7 to 4 (a database of schema 3).
+SCHEMA_4_UNDONE = (
+    *SCHEMA_5_UNDONE,
+    "ALTER TABLE trioworker_replicas DROP COLUMN version, DROP COLUMN workers",
+)
+#: Undoes schema steps 7 to 3 (a database of schema 2).
 SCHEMA_3_UNDONE = (
     *SCHEMA_4_UNDONE,
     "DROP TABLE trioworker_replicas",
@@ -159,8 +169,6 @@ async def test_a_schema_1_database_is_migrated_and_keeps_its_runs(
         [ended] = await store.set_states([(plain, nul)], now=0.0)
         assert ended.run is not None
     for statement in (  # back to schema 1
-        *SCHEMA_6_UNDONE,
-        *SCHEMA_5_UNDONE,
         *SCHEMA_3_UNDONE,
         "DROP INDEX trioworker_task_runs_parent",
         "DROP INDEX trioworker_task_run_states_ended",
@@ -190,8 +198,6 @@ async def test_a_schema_2_database_is_migrated_and_its_runs_that_wait_still_wait
         [(upstream, _)] = await store.create_runs([TaskRunCreate(task_key="u")])
         [(waiting, _)] = await store.create_runs([TaskRunCreate(task_key="w", wait_for=[upstream.id])])
     for statement in (
-        *SCHEMA_6_UNDONE,
-        *SCHEMA_5_UNDONE,
         *SCHEMA_3_UNDONE,
         "UPDATE trioworker_schema SET version = 2",
     ):
@@ -210,8 +216,6 @@ async def test_a_schema_3_database_is_migrated_and_keeps_the_rows_of_its_servers
         await store.register_replica(server, 60, "http://a:4300")
         [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
     for statement in (
-        *SCHEMA_6_UNDONE,
-        *SCHEMA_5_UNDONE,
         *SCHEMA_4_UNDONE,
         "UPDATE trioworker_schema SET version = 3",
     ):
@@ -238,8 +242,6 @@ async def test_a_schema_3_database_is_migrated_and_its_runs_are_found_by_tag(
         )
         both, none, only_b = (run.id for run, _ in created)
     for statement in (
-        *SCHEMA_6_UNDONE,
-        *SCHEMA_5_UNDONE,
         *SCHEMA_4_UNDONE,
         "UPDATE trioworker_schema SET version = 3",
     ):
@@ -274,6 +276,21 @@ async def test_two_servers_creating_runs_of_one_cache_key_at_once_let_one_comput
     assert len(created) == 60 and len(computing) == 1
     assert {run.state.state_details.cache_owner for run in created} == {None, computing[0].id}
     assert await sql(postgres_url, "SELECT run_id FROM trioworker_cache") == [(computing[0].id,)]
+
+
+async def test_a_schema_6_database_is_migrated_and_its_runs_cancel_their_children(postgres_url: str) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        [(parent, _)] = await store.create_runs([TaskRunCreate(task_key="p")])
+        [(child, _)] = await store.create_runs([TaskRunCreate(task_key="c", parent_task_run_id=parent.id)])
+    for statement in (*SCHEMA_7_UNDONE, "UPDATE trioworker_schema SET version = 6"):
+        await sql(postgres_url, statement)
+    async with PostgresStore.open(postgres_url) as store:
+        assert await store.read_run(child.id) == child
+        [change] = await store.set_states([(parent.id, cancel())], now=0.0)
+        assert [d.run.id for d in change.descendants if d.run] == [child.id]
+        [(grouped, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=uuid.uuid4())])
+        assert [r.id for r in await store.list_runs(group_id=grouped.group_id)] == [grouped.id]
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)]
 
 
 def test_the_location_never_shows_the_password() -> None:
@@ -700,4 +717,4 @@ async def test_a_schema_5_database_gets_the_schedules_table(postgres_url: str) -
         create = ScheduleCreate(name="s", task_key="k", interval=60)
         made, new = await store.upsert_schedule(create, datetime(2030, 1, 1, tzinfo=UTC))
         assert new and await store.read_schedules() == [made]
-    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)] == [(6,)]
+    assert await sql(postgres_url, "SELECT version FROM trioworker_schema") == [(SCHEMA_VERSION,)] == [(7,)]

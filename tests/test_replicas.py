@@ -997,3 +997,40 @@ async def test_two_servers_make_one_run_per_tick_and_either_fires_alone(
         minutes = [datetime.fromisoformat(key.rsplit("/", 1)[1]) for key in keys]
         assert [b - a for a, b in itertools.pairwise(minutes)] == [timedelta(minutes=1)] * (len(minutes) - 1)
         nursery.cancel_scope.cancel()
+
+
+@task(key="r.spawn")
+async def spawn() -> None:
+    """Submits a child (a run of ``block``, which a worker of another server takes), then waits."""
+    await block.delay()
+    await trio.sleep_forever()
+
+
+async def test_a_cancel_through_one_server_reaches_the_children_held_through_another(
+    replicas: Replicas,
+) -> None:
+    _, a = await replicas.start()
+    _, b = await replicas.start()
+    async with worker(a, spawn), worker(b, block), trioworker.connect(a.api_url) as client:
+        parent = await spawn.delay()
+        with trio.fail_after(DEADLINE):
+            await record.started.wait()
+            answer = await client.cancel(parent.task_run_id)  # decided by a, in the database
+            await record.stopped.wait()  # b heard of it and told its worker
+        [child_id] = answer.cancelled_descendants
+        async with httpx.AsyncClient(base_url=b.api_url, timeout=DEADLINE) as api_b:
+            child_run = (await api_b.get(f"/task_runs/{child_id}")).json()
+        assert child_run["state"]["type"] == "CANCELLED"
+        assert child_run["parent_task_run_id"] == str(parent.task_run_id)
+
+        # A run group cancelled through a (its block was cancelled): its run on b's worker stops.
+        record.reset()
+        with trio.fail_after(DEADLINE):
+            with trio.CancelScope() as scope:
+                async with trioworker.open_run_group() as group:
+                    grouped = await block.delay()
+                    await record.started.wait()
+                    scope.cancel()
+            await record.stopped.wait()
+        [ended] = await client.read_task_runs(group_id=group.id)
+        assert ended.id == grouped.task_run_id and ended.state.type is StateType.CANCELLED

@@ -43,6 +43,24 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
             pass
 
 
+#: Undoes SQLite's schema step 7 (a file of schema 6).
+SCHEMA_7_UNDONE = (
+    "DROP INDEX ix_task_runs_group",
+    "DROP TABLE task_run_groups",
+    "ALTER TABLE task_runs DROP COLUMN group_id",
+    "ALTER TABLE task_runs DROP COLUMN detached",
+)
+#: Undoes steps 7 and 6 (a file of schema 5).
+SCHEMA_6_UNDONE = (*SCHEMA_7_UNDONE, "DROP TABLE schedules")
+#: Undoes steps 7 to 5 (a file of schema 3: SQLite has no step 4).
+SCHEMA_5_UNDONE = (*SCHEMA_6_UNDONE, "DROP TABLE task_run_tags", "DROP TABLE task_run_cache")
+
+
+def _undo(conn: sqlite3.Connection, statements: tuple[str, ...]) -> None:
+    for statement in statements:
+        conn.execute(statement)
+
+
 #: The schema of version 1, as trioworker 0.x created it (idempotency keys unique across keys).
 SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -135,6 +153,7 @@ async def test_a_schema_2_file_gets_the_parent_column_filled(tmp_path: Path) -> 
             [TaskRunCreate(task_key="c", parent_task_run_id=parent.id), TaskRunCreate(task_key="c")]
         )
     conn = sqlite3.connect(path, isolation_level=None)  # back to schema 2: no parent column
+    _undo(conn, SCHEMA_5_UNDONE)
     conn.execute("DROP INDEX ix_task_runs_parent")
     conn.execute("ALTER TABLE task_runs DROP COLUMN parent_id")
     conn.execute("UPDATE schema_version SET version = 2")
@@ -159,8 +178,7 @@ async def test_a_schema_3_file_gets_its_runs_tags_indexed(tmp_path: Path) -> Non
         )
         both, _, only_b = (run.id for run, _ in created)
     conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3: no tags, no cache
-    conn.execute("DROP TABLE task_run_tags")
-    conn.execute("DROP TABLE task_run_cache")
+    _undo(conn, SCHEMA_5_UNDONE)
     conn.execute("UPDATE schema_version SET version = 3")
     conn.close()
     async with SQLiteStore.open(path) as store:
@@ -171,13 +189,13 @@ async def test_a_schema_3_file_gets_its_runs_tags_indexed(tmp_path: Path) -> Non
     assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
-async def test_a_schema_3_file_gets_the_schedules_table(tmp_path: Path) -> None:
+async def test_a_schema_5_file_gets_the_schedules_table(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     async with SQLiteStore.open(path) as store:
         [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
-    conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3: no schedules
-    conn.execute("DROP TABLE schedules")
-    conn.execute("UPDATE schema_version SET version = 3")
+    conn = sqlite3.connect(path, isolation_level=None)  # back to schema 5: no schedules
+    _undo(conn, SCHEMA_6_UNDONE)
+    conn.execute("UPDATE schema_version SET version = 5")
     conn.close()
     async with SQLiteStore.open(path) as store:
         assert await store.read_run(run.id) == run and await store.read_schedules() == []
@@ -185,7 +203,29 @@ async def test_a_schema_3_file_gets_the_schedules_table(tmp_path: Path) -> None:
         made, _ = await store.upsert_schedule(create, datetime(2030, 1, 1, tzinfo=UTC))
         assert await store.read_schedules() == [made]
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)] == [(6,)]
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)] == [(7,)]
+
+
+async def test_a_schema_6_file_gets_the_group_columns(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore.open(path) as store:
+        [(parent, _)] = await store.create_runs([TaskRunCreate(task_key="p")])
+        [(child, _)] = await store.create_runs([TaskRunCreate(task_key="c", parent_task_run_id=parent.id)])
+    conn = sqlite3.connect(path, isolation_level=None)  # back to schema 6: no groups
+    _undo(conn, SCHEMA_7_UNDONE)
+    conn.execute("UPDATE schema_version SET version = 6")
+    conn.close()
+    async with SQLiteStore.open(path) as store:
+        assert await store.read_run(child.id) == child
+        [change] = await store.set_states(
+            [(parent.id, SetStateRequest(make_state(StateType.CANCELLED)))], now=0.0
+        )
+        assert [d.run.id for d in change.descendants if d.run] == [child.id]
+        group = uuid.uuid4()
+        [(grouped, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=group)])
+        assert [r.id for r in await store.list_runs(group_id=group)] == [grouped.id]
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     conn.close()
 
 

@@ -13,7 +13,17 @@ import attrs
 import pytest
 import trio
 
-from trioworker.models import ScheduleCreate, SetStateRequest, StateType, TaskRunCreate, make_state
+from trioworker.models import (
+    TIMED_OUT,
+    ScheduleCreate,
+    SetStateRequest,
+    SetStateStatus,
+    StateDetails,
+    StateType,
+    TaskRun,
+    TaskRunCreate,
+    make_state,
+)
 from trioworker.schedules import checked, idempotency_key
 from trioworker.server.store import ConnectedWorker, LiveServer, RunIdTaken, Store, StoreError
 from trioworker.server.store.commit import GroupCommitStore
@@ -720,3 +730,183 @@ async def test_schedules_survive_reopening(open_store: OpenStore) -> None:
     async with open_store() as store:
         assert await store.read_schedules() == [made]
     assert made.next_fire_time == datetime(2030, 1, 2, 8, 0, tzinfo=UTC)  # 9:00 in Paris, a Wednesday
+
+
+# --------------------------------------------------------------------------- cancellation reaching children
+
+
+async def _tree(store: Store, *creates: TaskRunCreate) -> list[TaskRun]:
+    return [run for run, _ in await store.create_runs(list(creates))]
+
+
+async def test_a_cancel_cancels_every_descendant_not_ended_but_detached_ones(store: Store) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    [parent, upstream] = await _tree(store, TaskRunCreate(task_key="p"), TaskRunCreate(task_key="u"))
+    [running, ended, detached, waiting] = await _tree(
+        store,
+        TaskRunCreate(task_key="c", parent_task_run_id=parent.id),
+        TaskRunCreate(task_key="c", parent_task_run_id=parent.id),
+        TaskRunCreate(task_key="c", parent_task_run_id=parent.id, detached=True),
+        TaskRunCreate(task_key="c", parent_task_run_id=parent.id, wait_for=[upstream.id]),
+    )
+    [delayed, under_detached] = await _tree(
+        store,
+        TaskRunCreate(task_key="g", parent_task_run_id=ended.id, scheduled_time=later),  # a grandchild
+        TaskRunCreate(task_key="g", parent_task_run_id=detached.id),
+    )
+    await store.claim_runs([running.id, ended.id], "w")
+    await store.set_states(
+        [(running.id, state(StateType.RUNNING)), (ended.id, state(StateType.RUNNING))], now=time.time()
+    )
+    await store.set_states([(ended.id, state(StateType.COMPLETED))], now=time.time())
+
+    [change] = await store.set_states([(parent.id, state(StateType.CANCELLED))], now=time.time())
+    assert change.run is not None and change.run.state.type is StateType.CANCELLED
+    cancelled = {d.run.id: d for d in change.descendants if d.run is not None}
+    assert set(cancelled) == {running.id, waiting.id, delayed.id}
+    for descendant in cancelled.values():
+        assert descendant.result.status is SetStateStatus.ACCEPT
+        assert descendant.result.state.message == f"cancelled with run {parent.id}, which was cancelled"
+    runs = {run.id: run.state.type for run in await store.read_runs([*cancelled, ended.id, detached.id])}
+    assert runs == {
+        running.id: StateType.CANCELLED,
+        waiting.id: StateType.CANCELLED,
+        delayed.id: StateType.CANCELLED,
+        ended.id: StateType.COMPLETED,  # ended: left as it ended (its own child was cancelled)
+        detached.id: StateType.SCHEDULED,
+    }
+    assert (await store.read_run(under_detached.id)) == under_detached  # a detached run's subtree is left
+    history = await store.history(delayed.id)
+    assert history is not None and [h.type for h in history] == [StateType.SCHEDULED, StateType.CANCELLED]
+    # The cancel is once: cancelling again (a repeat) cancels nothing more.
+    [again] = await store.set_states([(parent.id, state(StateType.CANCELLED))], now=time.time())
+    assert again.descendants == ()
+
+
+async def test_only_a_cancel_or_a_timeout_reaches_the_children(store: Store) -> None:
+    parents = await _tree(store, *(TaskRunCreate(task_key="p") for _ in range(4)))
+    children = await _tree(store, *(TaskRunCreate(task_key="c", parent_task_run_id=p.id) for p in parents))
+    await store.claim_runs([p.id for p in parents], "w")
+    await store.set_states([(p.id, state(StateType.RUNNING)) for p in parents], now=time.time())
+    timed_out = StateDetails(reason=TIMED_OUT)
+    failed, completed, timeout, retried = await store.set_states(
+        [
+            (parents[0].id, state(StateType.FAILED)),
+            (parents[1].id, state(StateType.COMPLETED)),
+            (parents[2].id, SetStateRequest(make_state(StateType.FAILED, details=timed_out))),
+            (
+                parents[3].id,
+                SetStateRequest(make_state(StateType.SCHEDULED, "AwaitingRetry", details=timed_out)),
+            ),
+        ],
+        now=time.time(),
+    )
+    assert failed.descendants == completed.descendants == ()
+    for change, child in ((timeout, children[2]), (retried, children[3])):
+        [cancelled] = change.descendants
+        assert cancelled.run is not None and cancelled.run.id == child.id
+        assert cancelled.result.state.message == f"cancelled with run {change.run.id}, which ran out of time"  # type: ignore[union-attr]
+    states = [run.state.type for run in await store.read_runs([c.id for c in children])]
+    assert states == [StateType.SCHEDULED, StateType.SCHEDULED, StateType.CANCELLED, StateType.CANCELLED]
+
+
+async def test_a_child_of_a_cancelled_parent_is_created_cancelled_unless_detached(store: Store) -> None:
+    [parent] = await _tree(store, TaskRunCreate(task_key="p"))
+    await store.set_states([(parent.id, state(StateType.CANCELLED))], now=time.time())
+    [(late, late_entry), (detached, _)] = await store.create_runs(
+        [
+            TaskRunCreate(task_key="c", parent_task_run_id=parent.id),
+            TaskRunCreate(task_key="c", parent_task_run_id=parent.id, detached=True),
+        ]
+    )
+    assert late_entry is not None  # new, but not to be queued: it is CANCELLED
+    assert late.state.type is StateType.CANCELLED
+    assert late.state.message == f"cancelled with run {parent.id}, which was cancelled"
+    assert (await store.read_run(late.id)) == late
+    assert detached.state.type is StateType.SCHEDULED and detached.detached
+    assert await store.claim_runs([late.id, detached.id], "w") == [await store.read_run(detached.id)]
+
+
+async def test_a_group_cancel_takes_its_runs_theirs_and_the_later_ones(store: Store) -> None:
+    group, other = uuid.uuid4(), uuid.uuid4()
+    [first, done, elsewhere] = await _tree(
+        store,
+        TaskRunCreate(task_key="g", group_id=group),
+        TaskRunCreate(task_key="g", group_id=group),
+        TaskRunCreate(task_key="g", group_id=other),
+    )
+    [child] = await _tree(store, TaskRunCreate(task_key="c", parent_task_run_id=first.id))
+    await store.set_states([(done.id, state(StateType.FAILED))], now=time.time())
+    changes = await store.cancel_group(group, now=time.time())
+    assert [c.run.id for c in changes if c.run] == [first.id]
+    [descendant] = changes[0].descendants
+    assert descendant.run is not None and descendant.run.id == child.id
+    assert changes[0].result.state.message == f"cancelled with its run group {group}"
+    assert descendant.result.state.message == f"cancelled with run {first.id}, which was cancelled"
+    [(late, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=group)])
+    assert late.state.type is StateType.CANCELLED and late.group_id == group
+    assert late.state.message == f"cancelled with its run group {group}"
+    assert [r.id for r in await store.list_runs(group_id=group)] == [first.id, done.id, late.id]
+    assert (await store.read_run(elsewhere.id)) == elsewhere
+    assert await store.cancel_group(group, now=time.time()) == []  # again: nothing more
+    assert await store.cancel_group(uuid.uuid4(), now=time.time()) == []  # no run yet: cancelled all the same
+
+
+async def test_descendants_are_found_level_by_level_to_a_limit(store: Store) -> None:
+    [root] = await _tree(store, TaskRunCreate(task_key="r"))
+    [a, b] = await _tree(store, *(TaskRunCreate(task_key="c", parent_task_run_id=root.id) for _ in "ab"))
+    [a1, detached] = await _tree(
+        store,
+        TaskRunCreate(task_key="g", parent_task_run_id=a.id),
+        TaskRunCreate(task_key="g", parent_task_run_id=b.id, detached=True),
+    )
+    [a11] = await _tree(store, TaskRunCreate(task_key="gg", parent_task_run_id=a1.id))
+    found = await store.descendants(root.id, limit=100)
+    assert [r.id for r in found] == [a.id, b.id, a1.id, detached.id, a11.id]
+    assert {r.id for r in await store.descendants(root.id, limit=2)} == {a.id, b.id}  # the nearest first
+    assert await store.descendants(a11.id, limit=10) == []
+    # Parent ids that loop (a client may name any parent) end the walk and the cascade.
+    loop = uuid.uuid4()
+    [(looped, _)] = await store.create_runs([TaskRunCreate(task_key="l", id=loop, parent_task_run_id=loop)])
+    assert [r.id for r in await store.descendants(loop, limit=10)] == [loop]
+    [change] = await store.set_states([(loop, state(StateType.CANCELLED))], now=time.time())
+    assert change.descendants == () and change.run is not None
+    assert change.run.state.type is StateType.CANCELLED and looped.parent_task_run_id == loop
+
+
+async def test_deleting_a_run_not_ended_cancels_its_descendants(store: Store) -> None:
+    [running, ended] = await _tree(store, TaskRunCreate(task_key="p"), TaskRunCreate(task_key="p"))
+    [child, other] = await _tree(
+        store,
+        TaskRunCreate(task_key="c", parent_task_run_id=running.id),
+        TaskRunCreate(task_key="c", parent_task_run_id=ended.id),
+    )
+    await store.set_states([(ended.id, state(StateType.FAILED))], now=time.time())
+    deleted, changes = await store.delete_run_cascading(running.id, now=time.time())
+    assert deleted == running
+    assert [c.run.id for c in changes if c.run] == [child.id]
+    assert changes[0].result.state.message == f"cancelled with run {running.id}, which was deleted"
+    deleted, changes = await store.delete_run_cascading(ended.id, now=time.time())
+    assert deleted is not None and changes == []
+    assert (await store.read_run(other.id)) == other  # an ended run's children stay
+    assert await store.delete_run_cascading(running.id, now=time.time()) == (None, [])
+
+
+async def test_a_purge_forgets_the_groups_left_without_runs(store: Store) -> None:
+    group, kept = uuid.uuid4(), uuid.uuid4()
+    [_, (revived, _)] = await store.create_runs(
+        [TaskRunCreate(task_key="g", group_id=group), TaskRunCreate(task_key="g", group_id=kept)]
+    )
+    await store.cancel_group(group, now=time.time())
+    await store.cancel_group(kept, now=time.time())
+    again = SetStateRequest(make_state(StateType.SCHEDULED), force=True)
+    await store.set_states([(revived.id, again)], now=time.time())  # not ended: its group stays
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    await store.purge_ended(later, task_key="g", limit=10)  # a narrowed purge keeps every group
+    [(late, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=group)])
+    assert late.state.type is StateType.CANCELLED
+    await store.purge_ended(later, limit=10)  # the runs that ended, and the groups left with none
+    [(fresh, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=group)])
+    assert fresh.state.type is StateType.SCHEDULED  # the group was forgotten
+    [(still, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=kept)])
+    assert still.state.type is StateType.CANCELLED

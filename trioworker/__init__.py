@@ -19,6 +19,8 @@ from trioworker.client.futures import SyncTaskRunFuture as SyncTaskRunFuture
 from trioworker.client.futures import TaskRunFuture as TaskRunFuture
 from trioworker.client.futures import as_completed as as_completed
 from trioworker.client.futures import wait_all as wait_all
+from trioworker.client.groups import RunGroup as RunGroup
+from trioworker.client.groups import open_run_group as open_run_group
 from trioworker.client.rest import SyncTaskRunClient as SyncTaskRunClient
 from trioworker.client.rest import TaskRunClient as TaskRunClient
 from trioworker.client.rest import connect as connect
@@ -60,6 +62,7 @@ __all__ = [
     "QueueFull",
     "ResultDecodeError",
     "RunContext",
+    "RunGroup",
     "Schedule",
     "ServerUnavailable",
     "State",
@@ -80,6 +83,7 @@ __all__ = [
     "cache_policies",
     "connect",
     "current_run",
+    "open_run_group",
     "schedule",
     "serve",
     "sync",

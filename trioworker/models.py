@@ -49,6 +49,11 @@ TERMINAL_STATES: Final = frozenset(
 ACTIVE_STATES: Final = frozenset({StateType.PENDING, StateType.RUNNING})
 
 
+#: ``StateDetails.reason`` of the state (FAILED, or SCHEDULED for a retry) that ends an
+#: attempt which ran out of time: as with a cancel, the runs submitted from it are cancelled.
+TIMED_OUT: Final = "timeout"
+
+
 class SetStateStatus(enum.StrEnum):
     """The server's answer to a proposed state.
 
@@ -74,7 +79,8 @@ class StateDetails:
     scheduled_time: datetime | None = None
     #: The connection (``client_id``) that holds a PENDING/RUNNING run.
     client_id: str | None = None
-    #: Why a run is SCHEDULED again (``"retry"``, ``"redelivery"``, ``"release"``).
+    #: Why a run is SCHEDULED again (``"retry"``, ``"redelivery"``, ``"release"``), or
+    #: ``"timeout"`` (:data:`TIMED_OUT`) on the state that ends an attempt which ran out of time.
     reason: str | None = None
     #: In a proposed SCHEDULED state: due this many seconds after the server accepts it.
     #: (Relative, so that the worker's and the server's clocks need not agree.)
@@ -164,6 +170,11 @@ class TaskRun:
     cache_expiration: float | None = None
     #: This run ignores the cache, runs, and its result replaces the cached one.
     refresh_cache: bool = False
+    #: The run group it was submitted in (``trioworker.open_run_group``), if any.
+    group_id: uuid.UUID | None = None
+    #: Submitted with ``detached=True``: cancelling its parent run leaves it (and the runs
+    #: submitted from it) alone.
+    detached: bool = False
 
     @property
     def state_type(self) -> StateType:
@@ -217,6 +228,11 @@ class TaskRunCreate:
     cache_expiration: float | None = None
     #: Ignore the cache: run, and make this run's result the cached one.
     refresh_cache: bool = False
+    #: The run group it joins. A run created in a group that was cancelled is created
+    #: CANCELLED (never delivered).
+    group_id: uuid.UUID | None = None
+    #: Left alone when its parent run is cancelled (fire and forget).
+    detached: bool = False
 
 
 @attrs.frozen
@@ -230,6 +246,28 @@ class SetStateResult:
     status: SetStateStatus
     state: State
     details: str | None = None
+
+
+@attrs.frozen
+class CancelResult:
+    """The answer of ``POST /api/task_runs/{id}/cancel``: the set_state answer for the run,
+    and the runs cancelled with it in the same transaction."""
+
+    status: SetStateStatus
+    state: State
+    details: str | None = None
+    #: The run's descendants (runs submitted from inside it, theirs, ...) that had not
+    #: ended and were cancelled with it; detached runs and theirs are left alone.
+    cancelled_descendants: list[uuid.UUID] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class GroupCancelResult:
+    """The answer of ``POST /api/task_run_groups/{id}/cancel``."""
+
+    group_id: uuid.UUID
+    #: The runs cancelled: the group's runs that had not ended, and their descendants.
+    cancelled: list[uuid.UUID] = attrs.field(factory=list)
 
 
 @attrs.frozen

@@ -94,6 +94,10 @@ RUN_WAIT: Final = "/task_runs/{run_id}/wait"
 RUN_SET_STATE: Final = "/task_runs/{run_id}/set_state"
 RUN_CANCEL: Final = "/task_runs/{run_id}/cancel"
 RUN_RETRY: Final = "/task_runs/{run_id}/retry"
+#: ``GET`` the runs submitted from inside a run, from inside those, and so on.
+RUN_DESCENDANTS: Final = "/task_runs/{run_id}/descendants"
+#: ``POST`` cancel a run group (its runs, theirs, and the runs created in it later).
+GROUP_CANCEL: Final = "/task_run_groups/{group_id}/cancel"
 #: ``GET`` the operator's overview (counts by key and state, ends per minute, workers).
 OVERVIEW: Final = "/overview"
 #: ``GET`` the workers connected to this server (``?task_key=`` filters).

@@ -8,6 +8,8 @@ they use ``httpx.Client`` and start no event loop::
     trioworker.sync.wait_all(futures)       # await trioworker.wait_all(futures)
     with trioworker.sync.connect(): ...     # async with trioworker.connect(): ...
     trioworker.sync.schedule(say, cron=...) # await trioworker.schedule(say, cron=...)
+    with trioworker.sync.open_run_group():  # async with trioworker.open_run_group():
+        ...
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from __future__ import annotations
 from trioworker.client.futures import SyncTaskRunFuture
 from trioworker.client.futures import sync_as_completed as as_completed
 from trioworker.client.futures import sync_wait_all as wait_all
+from trioworker.client.groups import SyncRunGroup
+from trioworker.client.groups import open_sync_run_group as open_run_group
 from trioworker.client.rest import connect_sync as connect
 from trioworker.client.schedules import schedule_sync as schedule
 
-__all__ = ["SyncTaskRunFuture", "as_completed", "connect", "schedule", "wait_all"]
+__all__ = [
+    "SyncRunGroup",
+    "SyncTaskRunFuture",
+    "as_completed",
+    "connect",
+    "open_run_group",
+    "schedule",
+    "wait_all",
+]

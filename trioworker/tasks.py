@@ -24,7 +24,7 @@ from trioworker import serializers
 from trioworker.cache_policies import NO_CACHE, CacheContext, CacheKeyFnPolicy, CachePolicy, check_key
 from trioworker.client.futures import SyncTaskRunFuture, TaskRunFuture
 from trioworker.client.rest import using_client, using_sync_client
-from trioworker.client.submission import batches, build_create, map_calls
+from trioworker.client.submission import batches, build_create, join_group, map_calls
 from trioworker.models import JSON
 from trioworker.protocol import SERIALIZER_JSON, SERIALIZERS
 from trioworker.schedules import Cron, Interval, ScheduleSpec, as_specs
@@ -398,6 +398,7 @@ class Task(Generic[P, R]):
         scheduled_time: datetime | None = None,
         idempotency_key: str | None = None,
         name: str | None = None,
+        detached: bool = False,
     ) -> TaskRunFuture[R]:
         """Submit a run, with everything :meth:`delay` cannot say.
 
@@ -407,6 +408,9 @@ class Task(Generic[P, R]):
                 are waited for too, and replaced by their results.
             scheduled_time: not delivered before this time (a naive one is local time).
             idempotency_key: a second submission with the same key gives the same run.
+            detached: fire and forget: submitted from inside a task, the run is still that
+                run's child, but cancelling the parent leaves it (and its own children)
+                alone; in a run group's block, it joins no group.
         """
         create = build_create(
             self,
@@ -416,10 +420,13 @@ class Task(Generic[P, R]):
             scheduled_time=scheduled_time,
             idempotency_key=idempotency_key,
             name=name,
+            detached=detached,
         )
         async with using_client() as client:
             run = await client.create_task_run(create)
-        return TaskRunFuture(run.id, self, run)
+        future = TaskRunFuture(run.id, self, run)
+        join_group([create], [future])
+        return future
 
     async def map(self, *args: Any, **kwargs: Any) -> list[TaskRunFuture[R]]:
         """Submit one run per item of the iterable arguments, in batches; futures in order.
@@ -431,7 +438,9 @@ class Task(Generic[P, R]):
         futures: list[TaskRunFuture[R]] = []
         async with using_client() as client:
             for batch in batches(creates):
-                futures += [TaskRunFuture(run.id, self, run) for run in await client.create_task_runs(batch)]
+                made = [TaskRunFuture(run.id, self, run) for run in await client.create_task_runs(batch)]
+                join_group(batch, made)
+                futures += made
         return futures
 
     @property
@@ -469,6 +478,7 @@ class SyncSubmitter(Generic[P, R]):
         scheduled_time: datetime | None = None,
         idempotency_key: str | None = None,
         name: str | None = None,
+        detached: bool = False,
     ) -> SyncTaskRunFuture[R]:
         create = build_create(
             self.task,
@@ -478,19 +488,22 @@ class SyncSubmitter(Generic[P, R]):
             scheduled_time=scheduled_time,
             idempotency_key=idempotency_key,
             name=name,
+            detached=detached,
         )
         with using_sync_client() as client:
             run = client.create_task_run(create)
-        return SyncTaskRunFuture(run.id, self.task, run)
+        future = SyncTaskRunFuture(run.id, self.task, run)
+        join_group([create], [future])
+        return future
 
     def map(self, *args: Any, **kwargs: Any) -> list[SyncTaskRunFuture[R]]:
         creates = [build_create(self.task, a, k) for a, k in map_calls(args, kwargs)]
         futures: list[SyncTaskRunFuture[R]] = []
         with using_sync_client() as client:
             for batch in batches(creates):
-                futures += [
-                    SyncTaskRunFuture(run.id, self.task, run) for run in client.create_task_runs(batch)
-                ]
+                made = [SyncTaskRunFuture(run.id, self.task, run) for run in client.create_task_runs(batch)]
+                join_group(batch, made)
+                futures += made
         return futures
 
 

@@ -49,8 +49,13 @@ async def _cancel(client: TaskRunClient, run: TaskRun) -> None:
             f"cannot cancel run {run.id} ({visible(run.task_key)}): the run is already CANCELLED; "
             "it cannot become CANCELLED"
         )
-    await client.cancel(run.id)
-    print(f"cancelled run {run.id} ({visible(run.task_key)}; it was {run.state.type.value})", flush=True)
+    result = await client.cancel(run.id)
+    descendants = len(result.cancelled_descendants)
+    with_them = f" and {descendants} of its descendants" if descendants else ""
+    print(
+        f"cancelled run {run.id} ({visible(run.task_key)}; it was {run.state.type.value}){with_them}",
+        flush=True,
+    )
 
 
 async def _retry(client: TaskRunClient, run: TaskRun) -> None:

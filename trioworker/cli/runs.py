@@ -33,6 +33,7 @@ from trioworker.protocol import SERIALIZER_JSON, SERIALIZER_PICKLE
 if TYPE_CHECKING:
     from rich.table import Table
     from rich.text import Text
+    from rich.tree import Tree
 
     from trioworker.models import JSON, StateType, TaskRun
 
@@ -278,6 +279,32 @@ def _run_fields(run: TaskRun) -> Table:
     return fields
 
 
+#: Descendants ``run ID`` shows at most (the nearest levels first).
+MAX_DESCENDANTS_SHOWN: Final = 1000
+
+
+def _descendants_tree(run: TaskRun, descendants: list[TaskRun]) -> Tree:
+    """The runs submitted from inside ``run`` (and from those) as a tree under ``run``."""
+    from rich.text import Text
+    from rich.tree import Tree
+
+    def label(node: TaskRun) -> Text:
+        text = Text.assemble(
+            f"{short_id(node.id)}  {plain(node.task_key)}  ", _state_text(node.state.type, node.state.name)
+        )
+        if node.detached:
+            text.append("  detached")
+        return text
+
+    tree = Tree(label(run))
+    nodes = {run.id: tree}
+    for node in descendants:  # in creation order: a parent before its children
+        parent = nodes.get(node.parent_task_run_id) if node.parent_task_run_id else None
+        if parent is not None:
+            nodes[node.id] = parent.add(label(node))
+    return tree
+
+
 async def _run_run(args: argparse.Namespace) -> None:
     from rich.table import Table
 
@@ -289,10 +316,17 @@ async def _run_run(args: argparse.Namespace) -> None:
         async with TaskRunClient(api_urls, api_key) as client:
             run = await find_run(client, args.id)
             history = await client.history(run.id)
+            descendants = await client.descendants(run.id, limit=MAX_DESCENDANTS_SHOWN)
     if args.json:
         fields = converter.unstructure(run)
         assert isinstance(fields, dict)
-        print_json({**fields, "history": converter.unstructure(history)})
+        print_json(
+            {
+                **fields,
+                "history": converter.unstructure(history),
+                "descendants": converter.unstructure(descendants),
+            }
+        )
         return
     console = stdout_console()
     console.print(_run_fields(run))
@@ -325,6 +359,12 @@ async def _run_run(args: argparse.Namespace) -> None:
             console.print(visible(traceback.rstrip()), markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(f"Not ended yet: {state.type.value}.", highlight=False)
+    if descendants:
+        console.print()
+        shown = len(descendants)
+        first = f" (the first {shown})" if shown >= MAX_DESCENDANTS_SHOWN else ""
+        console.print(f"[bold]Runs submitted from it[/bold], at any depth: {shown}{first}", highlight=False)
+        console.print(_descendants_tree(run, descendants), highlight=False)
 
 
 def add_runs_commands(commands: Any) -> None:

@@ -299,25 +299,8 @@ class TaskRunFuture(_FutureBase[R]):
         """
         if self.done:
             return self.task_run
-        seconds = math.inf if timeout is None else timeout
         async with using_client() as client:
-            channel = client._live_channel()
-            if channel is not None:
-                try:
-                    ended = await channel.wait(self.task_run_id, seconds)
-                except ServerUnavailable:
-                    pass  # the channel was lost: the shared long-poll takes over
-                else:
-                    self.task_run = ended or self.task_run or await client.read_task_run(self.task_run_id)
-                    return self.task_run
-            slot = await _watcher_for(client).wait(client, self.task_run_id, seconds)
-            if slot.missing:
-                raise_missing(self.task_run_id)
-            if slot.run is not None:
-                self.task_run = slot.run
-            elif self.task_run is None:
-                self.task_run = await client.read_task_run(self.task_run_id)
-        return self.task_run
+            return await wait_with(client, self, math.inf if timeout is None else timeout)
 
     @overload
     async def result(self, timeout: float | None = None, raise_on_failure: Literal[True] = True) -> R: ...  # noqa: ASYNC109
@@ -343,7 +326,9 @@ class TaskRunFuture(_FutureBase[R]):
 
     async def cancel(self) -> bool:
         """Cancel the run: never delivered if still queued; its cancel scope cancelled if
-        it runs async code on a worker. False when it had already finished otherwise."""
+        it runs async code on a worker. The runs submitted from inside it (and from inside
+        those) that have not ended are cancelled with it, but detached ones. False when it
+        had already finished otherwise."""
         async with using_client() as client:
             try:
                 result = await client.cancel(self.task_run_id)
@@ -353,6 +338,33 @@ class TaskRunFuture(_FutureBase[R]):
                 raise
         self.task_run = None if self.task_run is None else attrs.evolve(self.task_run, state=result.state)
         return True
+
+
+async def wait_with(client: TaskRunClient, future: TaskRunFuture[Any], seconds: float) -> TaskRun | None:
+    """:meth:`TaskRunFuture.wait` with ``client``: the run once it ended (or as last seen
+    after ``seconds``), set on ``future`` too. Over the client channel when it is open,
+    else on the long-poll that every waiter of one Trio run on that server shares.
+
+    Raises:
+        NotFound: the run does not exist (deleted while waited for).
+    """
+    channel = client._live_channel()
+    if channel is not None:
+        try:
+            ended = await channel.wait(future.task_run_id, seconds)
+        except ServerUnavailable:
+            pass  # the channel was lost: the shared long-poll takes over
+        else:
+            future.task_run = ended or future.task_run or await client.read_task_run(future.task_run_id)
+            return future.task_run
+    slot = await _watcher_for(client).wait(client, future.task_run_id, seconds)
+    if slot.missing:
+        raise_missing(future.task_run_id)
+    if slot.run is not None:
+        future.task_run = slot.run
+    elif future.task_run is None:
+        future.task_run = await client.read_task_run(future.task_run_id)
+    return future.task_run
 
 
 class SyncTaskRunFuture(_FutureBase[R]):

@@ -54,6 +54,8 @@ from trioworker.connection import connection_options, tls_failure
 from trioworker.errors import ApiError, QueueFull, ServerUnavailable, api_error
 from trioworker.models import (
     JSON,
+    CancelResult,
+    GroupCancelResult,
     PurgeRequest,
     PurgeResult,
     Schedule,
@@ -203,6 +205,8 @@ class _Calls:
         offset: int,
         newest_first: bool,
         tags: Sequence[str] = (),
+        parent_task_run_id: uuid.UUID | None = None,
+        group_id: uuid.UUID | None = None,
     ) -> _Call[list[TaskRun]]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if tags:
@@ -213,7 +217,30 @@ class _Calls:
             params["state"] = state.value
         if newest_first:
             params["sort"] = "CREATED_DESC"
+        if parent_task_run_id is not None:
+            params["parent_task_run_id"] = str(parent_task_run_id)
+        if group_id is not None:
+            params["group_id"] = str(group_id)
         return _Call("GET", protocol.RUNS, _structure(list[TaskRun]), params=params)
+
+    @staticmethod
+    def descendants(run_id: uuid.UUID, limit: int) -> _Call[list[TaskRun]]:
+        return _Call(
+            "GET",
+            protocol.RUN_DESCENDANTS.format(run_id=run_id),
+            _structure(list[TaskRun]),
+            params={"limit": limit},
+        )
+
+    @staticmethod
+    def cancel_group(group_id: uuid.UUID) -> _Call[GroupCancelResult]:
+        # Sending it twice does what sending it once does: a failover may send it again.
+        return _Call(
+            "POST",
+            protocol.GROUP_CANCEL.format(group_id=group_id),
+            _structure(GroupCancelResult),
+            retry_safe=True,
+        )
 
     @staticmethod
     def find(id_prefix: str, limit: int) -> _Call[list[TaskRun]]:
@@ -246,8 +273,8 @@ class _Calls:
         return _Call("POST", protocol.RUN_SET_STATE.format(run_id=run_id), _structure(SetStateResult), body)
 
     @staticmethod
-    def cancel(run_id: uuid.UUID) -> _Call[SetStateResult]:
-        return _Call("POST", protocol.RUN_CANCEL.format(run_id=run_id), _structure(SetStateResult))
+    def cancel(run_id: uuid.UUID) -> _Call[CancelResult]:
+        return _Call("POST", protocol.RUN_CANCEL.format(run_id=run_id), _structure(CancelResult))
 
     @staticmethod
     def delete(run_id: uuid.UUID) -> _Call[None]:
@@ -699,11 +726,30 @@ class TaskRunClient(_Base):
         offset: int = 0,
         newest_first: bool = False,
         tags: Sequence[str] = (),
+        parent_task_run_id: uuid.UUID | None = None,
+        group_id: uuid.UUID | None = None,
     ) -> list[TaskRun]:
         """Runs in the order they were created (``newest_first``: the reverse), filtered by
-        task key, state type and ``tags`` (runs with every one of them); ``offset`` of them
-        skipped, at most ``limit`` (1 to 1000)."""
-        return await self.call(_Calls.read_many(task_key, state, limit, offset, newest_first, tags))
+        task key, state type, ``tags`` (runs with every one of them), parent run (its
+        children) and run group; ``offset`` of them skipped, at most ``limit`` (1 to 1000)."""
+        call = _Calls.read_many(
+            task_key, state, limit, offset, newest_first, tags, parent_task_run_id, group_id
+        )
+        return await self.call(call)
+
+    async def descendants(self, run_id: uuid.UUID, *, limit: int = 1000) -> list[TaskRun]:
+        """The runs submitted from inside ``run_id``, from inside those, and so on, in the
+        order they were created; at most ``limit`` (1 to 10,000), the nearest levels first.
+
+        Raises:
+            NotFound: no such run.
+        """
+        return await self.call(_Calls.descendants(run_id, limit))
+
+    async def cancel_group(self, group_id: uuid.UUID) -> GroupCancelResult:
+        """Cancel a run group on the server, in one transaction: its runs that have not
+        ended, their descendants, and the runs created in it from now on."""
+        return await self.call(_Calls.cancel_group(group_id))
 
     async def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
         """The runs whose id starts with ``id_prefix`` (hex digits, dashes optional, any
@@ -748,7 +794,12 @@ class TaskRunClient(_Base):
     async def set_state(self, run_id: uuid.UUID, state: State, *, force: bool = False) -> SetStateResult:
         return await self.call(_Calls.set_state(run_id, state, force))
 
-    async def cancel(self, run_id: uuid.UUID) -> SetStateResult:
+    async def cancel(self, run_id: uuid.UUID) -> CancelResult:
+        """Cancel the run and its descendants that have not ended (detached ones left alone).
+
+        Raises:
+            NotFound: no such run. ApiError: 409 when it had ended.
+        """
         return await self.call(_Calls.cancel(run_id))
 
     async def delete(self, run_id: uuid.UUID) -> None:
@@ -902,8 +953,13 @@ class SyncTaskRunClient(_Base):
         offset: int = 0,
         newest_first: bool = False,
         tags: Sequence[str] = (),
+        parent_task_run_id: uuid.UUID | None = None,
+        group_id: uuid.UUID | None = None,
     ) -> list[TaskRun]:
-        return self.call(_Calls.read_many(task_key, state, limit, offset, newest_first, tags))
+        call = _Calls.read_many(
+            task_key, state, limit, offset, newest_first, tags, parent_task_run_id, group_id
+        )
+        return self.call(call)
 
     def find_task_runs(self, id_prefix: str, *, limit: int = 10) -> list[TaskRun]:
         return self.call(_Calls.find(id_prefix, limit))
@@ -923,8 +979,14 @@ class SyncTaskRunClient(_Base):
     def set_state(self, run_id: uuid.UUID, state: State, *, force: bool = False) -> SetStateResult:
         return self.call(_Calls.set_state(run_id, state, force))
 
-    def cancel(self, run_id: uuid.UUID) -> SetStateResult:
+    def cancel(self, run_id: uuid.UUID) -> CancelResult:
         return self.call(_Calls.cancel(run_id))
+
+    def cancel_group(self, group_id: uuid.UUID) -> GroupCancelResult:
+        return self.call(_Calls.cancel_group(group_id))
+
+    def descendants(self, run_id: uuid.UUID, *, limit: int = 1000) -> list[TaskRun]:
+        return self.call(_Calls.descendants(run_id, limit))
 
     def delete(self, run_id: uuid.UUID) -> None:
         self.call(_Calls.delete(run_id))

@@ -7,6 +7,10 @@ worker later. So does a value that would not arrive as it is (see
 parameter. A future passed as an argument becomes a placeholder plus a ``wait_for``
 entry: the server holds the run until that run completed, and the worker puts its result
 in the placeholder's place.
+
+Inside the block of a run group (:mod:`trioworker.client.groups`), a run records the
+group's id and, once created, its future joins the group (:func:`join_group`); a
+detached run joins no group.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import attrs
 
 from trioworker import serializers
 from trioworker.client.futures import _FutureBase
-from trioworker.context import submission_context
+from trioworker.context import current_run_group, submission_context
 from trioworker.models import TaskRunCreate
 from trioworker.protocol import SERIALIZER_PICKLE
 from trioworker.serializers import FUTURE_KEY, FutureRef
@@ -93,6 +97,7 @@ def build_create(
     scheduled_time: datetime | None = None,
     idempotency_key: str | None = None,
     name: str | None = None,
+    detached: bool = False,
 ) -> TaskRunCreate:
     """The create request for one run of ``task`` with these arguments, with a fresh ``id``.
 
@@ -104,7 +109,11 @@ def build_create(
     TypeError naming the task when it cannot be made); its tags are the submitter's
     (``trioworker.tags()``) then the task's; its cache key is the task's cache policy's (a
     ValueError for a key the server would refuse).
+    In the block of a run group, the run is the group's (unless ``detached``); a group
+    whose block has ended raises RuntimeError.
     """
+    if not isinstance(detached, bool):
+        raise TypeError(f"detached must be True or False, got {detached!r}")
     if scheduled_time is not None:
         if not isinstance(scheduled_time, datetime):
             raise TypeError(f"scheduled_time must be a datetime, got {type(scheduled_time).__name__}")
@@ -132,6 +141,7 @@ def build_create(
         parameters = sent = serializers.dump_bound(bound, serializers.hints(task.fn), task=task.key)
     cache_key = task.cache_key(arguments, sent)
     tags, context, parent = submission_context()
+    group = None if detached else current_run_group()
     return TaskRunCreate(
         task_key=task.key,
         name=name,
@@ -147,7 +157,20 @@ def build_create(
         cache_key=cache_key,
         cache_expiration=None if cache_key is None else task.cache_expiration,
         refresh_cache=cache_key is not None and task.refresh_cache,
+        group_id=None if group is None else group.admit(),
+        detached=detached,
     )
+
+
+def join_group(creates: Sequence[TaskRunCreate], futures: Sequence[_FutureBase[Any]]) -> None:
+    """The runs of ``futures`` (made by ``creates``, in order) were created: those made in
+    the current run group's block join it."""
+    group = current_run_group()
+    if group is None:
+        return
+    joined = [f for c, f in zip(creates, futures, strict=True) if c.group_id == group.id]
+    if joined:
+        group.joined(joined)
 
 
 def _pickled(task: TaskSpec, bound: inspect.BoundArguments) -> str:

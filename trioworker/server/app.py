@@ -32,6 +32,7 @@ from trioworker.models import (
     ScheduleCreate,
     SetStateRequest,
     StateType,
+    TaskRun,
     converter,
 )
 from trioworker.protocol import route
@@ -54,6 +55,8 @@ from trioworker.server.subscriptions import SubscriptionSession
 SUBSCRIPTION_ROUTE: Final = route(protocol.SUBSCRIPTION_PATH)
 CHANNEL_ROUTE: Final = route(protocol.CHANNEL_PATH)
 MAX_LIST_LIMIT: Final = 1000
+#: The most runs one answer of ``GET /api/task_runs/{id}/descendants`` carries.
+MAX_DESCENDANTS: Final = 10_000
 MAX_WAIT_SECONDS: Final = 300.0
 #: The most ``tag`` filters one list of runs takes (a run must carry every one).
 MAX_TAG_FILTERS: Final = 20
@@ -76,6 +79,25 @@ def _summary(run: dict[str, JSON]) -> JSON:
     if isinstance(state, dict):
         state.pop("data", None)
     return run
+
+
+def _fields() -> str:
+    """The ``fields`` query parameter: ``all`` (the default) or ``summary``.
+
+    Raises:
+        Refusal: 422 for anything else.
+    """
+    fields = request.args.get("fields", "all").lower()
+    if fields not in ("all", "summary"):
+        raise Refusal(422, f"fields must be all or summary (no parameters, no result), got {fields!r}")
+    return fields
+
+
+def _dump_runs(runs: list[TaskRun], fields: str) -> Response:
+    """``runs`` whole, or as summaries (:func:`_summary`) for ``fields=summary``."""
+    if fields == "all":
+        return _dump(runs)
+    return _json_response([_summary(converter.unstructure(run)) for run in runs])
 
 
 def _parse_id(value: str) -> uuid.UUID:
@@ -305,9 +327,12 @@ def create_app(
             parent = None if parent_arg is None else uuid.UUID(parent_arg)
         except ValueError:
             raise Refusal(422, f"parent_task_run_id must be a task run UUID, got {parent_arg!r}") from None
-        fields = request.args.get("fields", "all").lower()
-        if fields not in ("all", "summary"):
-            raise Refusal(422, f"fields must be all or summary (no parameters, no result), got {fields!r}")
+        group_arg = request.args.get("group_id")
+        try:
+            group = None if group_arg is None else uuid.UUID(group_arg)
+        except ValueError:
+            raise Refusal(422, f"group_id must be a run group's UUID, got {group_arg!r}") from None
+        fields = _fields()
         tags = request.args.getlist("tag")
         if len(tags) > MAX_TAG_FILTERS or not all(tags):
             raise Refusal(422, f"tag must be a non-empty tag, given at most {MAX_TAG_FILTERS} times")
@@ -319,10 +344,27 @@ def create_app(
             parent_task_run_id=parent,
             newest_first=sort == "CREATED_DESC",
             tags=tags,
+            group_id=group,
         )
-        if fields == "all":
-            return _dump(runs)
-        return _json_response([_summary(converter.unstructure(run)) for run in runs])
+        return _dump_runs(runs, fields)
+
+    @app.get(route(protocol.RUN_DESCENDANTS))
+    async def descendants(run_id: str) -> Response:
+        rid = _parse_id(run_id)
+        fields = _fields()
+        limit = _query_int("limit", MAX_LIST_LIMIT, 1, MAX_DESCENDANTS)
+        runs = await service.descendants(rid, limit=limit)
+        if runs is None:
+            raise Refusal(404, f"no task run {rid}")
+        return _dump_runs(runs, fields)
+
+    @app.post(route(protocol.GROUP_CANCEL))
+    async def cancel_group(group_id: str) -> Response:
+        try:
+            gid = uuid.UUID(group_id)
+        except ValueError:
+            raise Refusal(404, f"no run group {group_id!r}: not a UUID") from None
+        return _dump(await service.cancel_group(gid))
 
     @app.get(route(protocol.RUNS_FIND))
     async def find_runs() -> Response:

@@ -29,6 +29,8 @@ import attrs
 from trioworker import protocol
 from trioworker.models import (
     JSON,
+    CancelResult,
+    GroupCancelResult,
     PurgeRequest,
     PurgeResult,
     Schedule,
@@ -52,6 +54,7 @@ DOCS_PATH: Final = "/docs"
 _SCHEMAS: Final = "#/components/schemas/"
 
 _RUN_ID: Final = "3f2b8c1e-6f0a-4c55-9d3e-0c8d2a7b9e41"
+_GROUP_ID: Final = "7d1e5a90-2c4b-4f1e-8a3d-5b6c7d8e9f01"
 
 
 # --------------------------------------------------------------------------- schemas
@@ -476,7 +479,13 @@ def document(version: str) -> dict[str, JSON]:
                         "parent_task_run_id",
                         "query",
                         {"type": "string", "format": "uuid"},
-                        "Only the runs submitted from inside this run.",
+                        "Only the runs submitted from inside this run (its children).",
+                    ),
+                    _param(
+                        "group_id",
+                        "query",
+                        {"type": "string", "format": "uuid"},
+                        "Only the runs of this run group.",
                     ),
                     _param(
                         "tag",
@@ -676,12 +685,67 @@ def document(version: str) -> dict[str, JSON]:
         api + protocol.RUN_CANCEL: {
             "post": _operation(
                 "cancelRun",
-                "Cancel a run",
+                "Cancel a run and its descendants",
                 tag="runs",
-                description="Set CANCELLED at once; the worker that holds it is told to stop it.",
+                description="Set CANCELLED at once, with every run submitted from inside it (and from "
+                "inside those) that has not ended, in one transaction; detached runs and theirs are left "
+                "alone. The workers that hold them are told to stop them.",
                 params=(_run_id(),),
-                answers={200: state_answer},
+                answers={
+                    200: (
+                        "How the cancel was judged, and the descendants cancelled with the run.",
+                        _json_content(build.schema(CancelResult)),
+                    )
+                },
                 errors=(404, 409, 503),
+            )
+        },
+        api + protocol.RUN_DESCENDANTS: {
+            "get": _operation(
+                "runDescendants",
+                "The runs submitted from inside a run, at every depth",
+                tag="runs",
+                description="Its children, theirs, and so on (detached ones too), in the order they were "
+                "created; found level by level through the index of parent ids, at most limit of them "
+                "(the nearest levels first).",
+                params=(
+                    _run_id(),
+                    _param(
+                        "limit",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000},
+                        "At most this many.",
+                    ),
+                    _param(
+                        "fields",
+                        "query",
+                        {"type": "string", "enum": ["all", "summary"], "default": "all"},
+                        "summary: each run without its parameters and its state's data.",
+                    ),
+                ),
+                answers={200: ("The runs.", _json_content(runs))},
+                errors=(404, 422, 503),
+            )
+        },
+        api + protocol.GROUP_CANCEL: {
+            "post": _operation(
+                "cancelRunGroup",
+                "Cancel a run group",
+                tag="runs",
+                description="In one transaction: marks the group cancelled (a run created in it later is "
+                "created CANCELLED), and cancels its runs that have not ended with their descendants. A "
+                "group with no run yet is cancelled all the same.",
+                params=(
+                    _param(
+                        "group_id",
+                        "path",
+                        {"type": "string", "format": "uuid"},
+                        "The group's id (trioworker.open_run_group's group.id).",
+                        example=_GROUP_ID,
+                    ),
+                ),
+                answers={200: ("The runs cancelled.", _json_content(build.schema(GroupCancelResult)))},
+                errors=(404, 503),
             )
         },
         api + protocol.RUN_RETRY: {

@@ -25,6 +25,8 @@ import trio
 from trioworker._version import __version__
 from trioworker.models import (
     ACTIVE_STATES,
+    CancelResult,
+    GroupCancelResult,
     Schedule,
     ScheduleCreate,
     SetStateRequest,
@@ -252,7 +254,8 @@ class TaskRunService:
     async def _admit_created(self, results: Sequence[tuple[TaskRun, QueuedRun | None]]) -> None:
         """Runs were created (those with a queue entry are new): queue them, tell the tabs."""
         created = [run for run, queued in results if queued is not None]
-        # A run answered from the cache is created COMPLETED: it ended, nothing queues it.
+        # Only a SCHEDULED run is queued: one answered from the cache is created COMPLETED,
+        # one whose group or parent was cancelled is created CANCELLED.
         queued = [(run, q) for run, q in results if q is not None and run.state.type is StateType.SCHEDULED]
         if self._shared is None:
             for run, entry in queued:
@@ -275,6 +278,7 @@ class TaskRunService:
         parent_task_run_id: uuid.UUID | None = None,
         newest_first: bool = False,
         tags: Sequence[str] = (),
+        group_id: uuid.UUID | None = None,
     ) -> list[TaskRun]:
         return await self.store.list_runs(
             task_key=task_key,
@@ -284,7 +288,16 @@ class TaskRunService:
             parent_task_run_id=parent_task_run_id,
             newest_first=newest_first,
             tags=tags,
+            group_id=group_id,
         )
+
+    async def descendants(self, run_id: uuid.UUID, *, limit: int) -> list[TaskRun] | None:
+        """The runs submitted from inside ``run_id``, and from inside those, ... (see
+        :meth:`Store.descendants <trioworker.server.store.base.Store.descendants>`); None
+        when the run does not exist."""
+        if await self.store.read_run(run_id) is None:
+            return None
+        return await self.store.descendants(run_id, limit=limit)
 
     async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
         """The runs whose id starts with ``id_prefix`` (canonical: see
@@ -317,7 +330,8 @@ class TaskRunService:
     async def retry(self, run_id: uuid.UUID) -> TaskRun:
         """A new run of the ended run ``run_id``, with the same task, parameters, tags,
         context, parent, ``wait_for`` and cache key; SCHEDULED (or answered from the cache,
-        as a new submission would be). Its name is the one a new submission
+        as a new submission would be; in no run group; detached when it was, or when its
+        parent was cancelled). Its name is the one a new submission
         gets (``<task key>-<its id's first 8 hex digits>``) unless the old run's was given
         at submission (then that name again).
 
@@ -345,9 +359,18 @@ class TaskRunService:
             cache_key=run.cache_key,
             cache_expiration=run.cache_expiration,
             refresh_cache=run.refresh_cache,
+            # The operator's call: it joins no group (the group's block is over), and it
+            # runs even when its parent was cancelled (then detached from it).
+            detached=run.detached or await self._parent_cancelled(run),
         )
         [(new, _)] = await self.create_runs([create])
         return new
+
+    async def _parent_cancelled(self, run: TaskRun) -> bool:
+        if run.parent_task_run_id is None:
+            return False
+        states = await self.store.states_of([run.parent_task_run_id])
+        return states.get(run.parent_task_run_id) is StateType.CANCELLED
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
         return await self.store.history(run_id)
@@ -376,6 +399,12 @@ class TaskRunService:
         changes = await self.store.set_states(requests, now=self.dispatcher.clock(), holder=holder)
         for (run_id, _), change in zip(requests, changes, strict=True):
             self._after_change(run_id, change, reporter)
+        self._changed(changes)
+        self._cascaded(changes)
+        return [c.result for c in changes]
+
+    def _changed(self, changes: Sequence[Change]) -> None:
+        """Tell the tabs and the metrics of the runs these changes changed."""
         changed = [
             c.run
             for c in changes
@@ -383,18 +412,69 @@ class TaskRunService:
         ]
         self.feed.runs_changed(changed)
         self.metrics.runs_changed(changed)
-        return [c.result for c in changes]
 
-    async def cancel(self, run_id: uuid.UUID) -> SetStateResult:
+    def _cascaded(self, changes: Sequence[Change]) -> None:
+        """The descendants these changes cancelled (see
+        :func:`~trioworker.server.store.runs.cancels_descendants`): their holders stop them,
+        their waiters and dependents learn they ended, as for any change from outside."""
+        self._descendants_cancelled([d for c in changes for d in c.descendants])
+
+    def _descendants_cancelled(self, descendants: Sequence[Change]) -> None:
+        """Runs cancelled with another (:meth:`_cascaded`), handled as cancels from outside."""
+        if not descendants:
+            return
+        for change in descendants:
+            assert change.run is not None
+            self._after_change(change.run.id, change, None)
+        self._changed(descendants)
+
+    async def cancel(self, run_id: uuid.UUID) -> CancelResult:
+        """Cancel the run and, in the same transaction, its descendants that have not ended
+        (detached ones and theirs left alone): the answer says which."""
         state = make_state(StateType.CANCELLED, message="cancelled on request")
-        [result] = await self.set_states([(run_id, SetStateRequest(state))])
-        return result
+        [change] = await self.store.set_states(
+            [(run_id, SetStateRequest(state))], now=self.dispatcher.clock(), holder=None
+        )
+        self._after_change(run_id, change, None)
+        self._changed([change])
+        self._cascaded([change])
+        await self._fail_doomed()
+        result = change.result
+        return CancelResult(
+            result.status,
+            result.state,
+            result.details,
+            [d.run.id for d in change.descendants if d.run is not None],
+        )
+
+    async def cancel_group(self, group_id: uuid.UUID) -> GroupCancelResult:
+        """Cancel the run group ``group_id`` in one transaction (see
+        :meth:`Store.cancel_group <trioworker.server.store.base.Store.cancel_group>`): its
+        runs that have not ended and their descendants; a run created in it afterwards is
+        created CANCELLED. A group with no runs (yet) is cancelled all the same."""
+        changes = await self.store.cancel_group(group_id, now=self.dispatcher.clock())
+        for change in changes:
+            assert change.run is not None
+            self._after_change(change.run.id, change, None)
+        self._changed(changes)
+        self._cascaded(changes)
+        await self._fail_doomed()
+        cancelled = [
+            c.run.id
+            for c in changes
+            if c.run is not None and c.result.status is SetStateStatus.ACCEPT and c.result.details is None
+        ]
+        descendants = [d.run.id for c in changes for d in c.descendants if d.run is not None]
+        return GroupCancelResult(group_id, cancelled + descendants)
 
     async def delete(self, run_id: uuid.UUID) -> TaskRun | None:
-        run = await self.store.delete_run(run_id)
+        """Delete the run and its history (its holder is told to stop it); a run that had
+        not ended takes its descendants with it, cancelled in the same transaction."""
+        run, descendants = await self.store.delete_run_cascading(run_id, now=self.dispatcher.clock())
         self.fresh.pop(run_id)
         if run is not None:
             self._deleted([run_id])
+            self._descendants_cancelled(descendants)
             await self._fail_doomed()
         return run
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final, Protocol
 
+import attrs
 import orjson
 import trio
 
@@ -25,6 +26,7 @@ from trioworker.context import running
 from trioworker.errors import ParameterError, StopTaskWorker, TrioworkerError
 from trioworker.models import (
     JSON,
+    TIMED_OUT,
     SetStateResult,
     SetStateStatus,
     State,
@@ -196,8 +198,10 @@ def _call_sync(task: Task[..., Any], args: list[Any], kwargs: dict[str, Any]) ->
 
 async def _attempt(
     task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], thread_limiter: trio.CapacityLimiter
-) -> tuple[bool, Any]:
-    """``(True, value)``, or ``(False, exception)`` for whatever the task's code raised:
+) -> tuple[bool, Any, bool]:
+    """``(True, value, False)``, or ``(False, exception, timed_out)`` for whatever the task's
+    code raised (``timed_out``: the attempt ran out of time, the exception is the
+    TimeoutError that says so):
     BaseExceptions too (``sys.exit()``, a KeyboardInterrupt it raised itself, an exception
     group holding them), so that nothing a run does stops the worker.
 
@@ -216,10 +220,10 @@ async def _attempt(
             value = await _call(task, args, kwargs, thread_limiter)
     except BaseException as exc:  # the task's failure; what must pass is raised again
         raise_passing(exc)
-        return False, exc
+        return False, exc, False
     if timeout is not None and (deadline.cancel_called or trio.current_time() - started > timeout):
-        return False, TimeoutError(f"{task.name} timed out after {timeout:g} s")
-    return True, value
+        return False, TimeoutError(f"{task.name} timed out after {timeout:g} s"), True
+    return True, value, False
 
 
 def _failed(message: str, exc: BaseException) -> State:
@@ -229,6 +233,13 @@ def _failed(message: str, exc: BaseException) -> State:
         message=failures.clip_text(message),
         data=failures.describe_exception(exc),
     )
+
+
+def _timed_out(state: State) -> State:
+    """``state`` (FAILED, or SCHEDULED for a retry) saying that the attempt ran out of time
+    (:data:`~trioworker.models.TIMED_OUT`): the server then cancels the runs submitted from
+    it, as a cancel would."""
+    return attrs.evolve(state, state_details=attrs.evolve(state.state_details, reason=TIMED_OUT))
 
 
 def _retry_state(task: Task[..., Any], run: TaskRun, exc: BaseException, attempt: int) -> State | None:
@@ -333,7 +344,7 @@ async def execute(
         await _ended_hooks(task, run, answer, StateType.CANCELLED, thread_limiter)
         return outcome
 
-    ok, value = False, None
+    ok, value, timed_out = False, None, False
     if queue_report is None:
         check(await reporter.report(run.id, make_state(StateType.RUNNING)))
         if refused:
@@ -346,7 +357,7 @@ async def execute(
     if on_running is not None:
         on_running()
     with scope, running(run):
-        ok, value = await _attempt(task, args, kwargs, thread_limiter)
+        ok, value, timed_out = await _attempt(task, args, kwargs, thread_limiter)
     attempt_over = True
     if on_attempt_end is not None:
         on_attempt_end()
@@ -388,9 +399,10 @@ async def execute(
     line = failures.exception_line(error)
     retry = _retry_state(task, run, error, attempt=run.run_count + 1)
     if retry is not None:
-        await reporter.report(run.id, retry)
+        await reporter.report(run.id, _timed_out(retry) if timed_out else retry)
         return ended(Outcome.RETRYING, _short(retry.message))
-    answer = await reporter.report(run.id, _failed(line, error))
+    failed = _failed(line, error)
+    answer = await reporter.report(run.id, _timed_out(failed) if timed_out else failed)
     outcome = ended(Outcome.FAILED, _short(line))
     await _ended_hooks(task, run, answer, StateType.FAILED, thread_limiter)
     return outcome

@@ -894,6 +894,8 @@ class RunView {
       client ? fact("Worker", h("span", { class: "mono" }, client)) : null,
       scheduled ? fact("Scheduled for", formatTime(scheduled)) : null,
       fact("Parent run", run.parent_task_run_id ? h("a", { class: "mono", href: `#/runs/${encodeURIComponent(run.parent_task_run_id)}`, id: "parent-run" }, shortId(run.parent_task_run_id)) : "—"),
+      run.detached ? fact("Detached", "yes: cancelling its parent leaves it running") : null,
+      run.group_id ? fact("Run group", h("span", { class: "mono", id: "run-group" }, run.group_id)) : null,
       run.wait_for.length ? fact("Waits for", ...run.wait_for.map((id) => h("a", { class: "mono", href: `#/runs/${encodeURIComponent(id)}` }, `${shortId(id)} `))) : null,
       run.tags.length ? fact("Tags", h("span", { class: "keys" }, run.tags.map((tag) => h("span", { class: "chip" }, tag)))) : null,
       run.idempotency_key ? fact("Idempotency key", h("span", { class: "mono" }, run.idempotency_key)) : null,

@@ -71,6 +71,9 @@ class Change:
     run: TaskRun | None
     #: Set when the run became SCHEDULED (again): it goes back into the ready queues.
     queued: QueuedRun | None = None
+    #: The change cancelled the run's scope (:func:`~.runs.cancels_descendants`): the
+    #: changes of its descendants, cancelled with it in the same transaction.
+    descendants: tuple[Change, ...] = ()
 
 
 @attrs.frozen
@@ -240,6 +243,11 @@ class Store(Protocol):
         Any other makes its run the one that computes the key. The database decides:
         creates of one key on several servers at once get one run that computes it.
 
+        A new run is created CANCELLED instead (:func:`~.runs.born_cancelled`; it still has
+        its entry, but is never to be queued) when its run group was cancelled, or when its
+        parent run was cancelled and it is not detached. A run naming a group records the
+        group (the first run of a group creates it).
+
         Raises:
             RunIdTaken: a given ``id`` belongs to a run the create is not a repeat of;
                 nothing of the batch is written.
@@ -272,11 +280,35 @@ class Store(Protocol):
         parent_task_run_id: uuid.UUID | None = None,
         newest_first: bool = False,
         tags: Sequence[str] = (),
+        group_id: uuid.UUID | None = None,
     ) -> list[TaskRun]:
         """Runs in the order they were created (``newest_first``: the reverse), filtered by
-        key, state type, parent run (the runs submitted from inside that run) and tags (runs
-        that carry every one of ``tags``, found by an index of tags); ``offset`` runs of
-        that order are skipped, at most ``limit`` returned."""
+        key, state type, parent run (the runs submitted from inside that run), tags (runs
+        that carry every one of ``tags``, found by an index of tags) and run group;
+        ``offset`` runs of that order are skipped, at most ``limit`` returned."""
+        ...
+
+    async def descendants(self, run_id: uuid.UUID, *, limit: int) -> list[TaskRun]:
+        """The runs submitted from inside the run ``run_id``, from inside those, and so on
+        (detached ones too), in the order they were created (a run after its parent). The
+        walk goes level by level through the index of parent ids and stops at ``limit`` runs:
+        the nearest levels are the ones given."""
+        ...
+
+    async def cancel_group(self, group_id: uuid.UUID, *, now: float) -> list[Change]:
+        """Cancel the run group ``group_id``, in one transaction: mark it cancelled (a run
+        created in it later is created CANCELLED), cancel its runs that have not ended, and
+        with each its descendants (:func:`~.runs.cancels_descendants`). One change per run
+        of the group cancelled, its descendants' in :attr:`Change.descendants`; ``now`` as
+        for :meth:`set_states`."""
+        ...
+
+    async def delete_run_cascading(
+        self, run_id: uuid.UUID, *, now: float
+    ) -> tuple[TaskRun | None, list[Change]]:
+        """:meth:`delete_run`, and, when the run had not ended, cancel its descendants in the
+        same transaction (deleting a run stops it, as a cancel does): the run as it was (None:
+        there was none) and the changes of the descendants cancelled."""
         ...
 
     async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:

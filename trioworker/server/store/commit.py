@@ -73,7 +73,14 @@ class Operations(Protocol):
         parent: uuid.UUID | None,
         newest_first: bool,
         tags: Sequence[str] = (),
+        group: uuid.UUID | None = None,
     ) -> list[TaskRun]: ...
+
+    def descendants(self, run_id: uuid.UUID, limit: int) -> list[TaskRun]: ...
+
+    def cancel_group(self, group_id: uuid.UUID, now: float) -> list[Change]: ...
+
+    def delete_run_cascading(self, run_id: uuid.UUID, now: float) -> tuple[TaskRun | None, list[Change]]: ...
 
     def find_runs(self, id_prefix: str, limit: int) -> list[TaskRun]: ...
 
@@ -323,10 +330,23 @@ class GroupCommitStore(Generic[OpsT]):
         parent_task_run_id: uuid.UUID | None = None,
         newest_first: bool = False,
         tags: Sequence[str] = (),
+        group_id: uuid.UUID | None = None,
     ) -> list[TaskRun]:
+        key, parent, newest, group = task_key, parent_task_run_id, newest_first, group_id
         return await self._run(
-            lambda ops: ops.list_runs(task_key, state, limit, offset, parent_task_run_id, newest_first, tags)
+            lambda ops: ops.list_runs(key, state, limit, offset, parent, newest, tags, group)
         )
+
+    async def descendants(self, run_id: uuid.UUID, *, limit: int) -> list[TaskRun]:
+        return await self._run(lambda ops: ops.descendants(run_id, limit))
+
+    async def cancel_group(self, group_id: uuid.UUID, *, now: float) -> list[Change]:
+        return await self._run(lambda ops: ops.cancel_group(group_id, now))
+
+    async def delete_run_cascading(
+        self, run_id: uuid.UUID, *, now: float
+    ) -> tuple[TaskRun | None, list[Change]]:
+        return await self._run(lambda ops: ops.delete_run_cascading(run_id, now))
 
     async def find_runs(self, id_prefix: str, *, limit: int) -> list[TaskRun]:
         return await self._run(lambda ops: ops.find_runs(id_prefix, limit))

@@ -94,11 +94,15 @@ from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import DatabaseInUse
 from trioworker.server.store.runs import (
     CacheUse,
+    born_cancelled,
     cache_expires_at,
     cache_use,
+    cancel_request,
+    cancels_descendants,
     claimed_copy,
     computing_copy,
     epoch,
+    group_clause,
     held_elsewhere,
     judged,
     leased_elsewhere_change,
@@ -131,7 +135,8 @@ SCHEMES: Final = ("postgresql", "postgres")
 #: each server's row holds its version and the workers connected to it.
 #: 5: runs by tag (an index of tags) and the cache (one entry per task key and cache key).
 #: 6: schedules (periodic runs).
-SCHEMA_VERSION: Final = 6
+#: 7: run groups (a run's group and whether it is detached, a table of groups).
+SCHEMA_VERSION: Final = 7
 
 #: The first key of the advisory lock held while the schema is created or migrated (the
 #: second is the schema's name): "trio" in ASCII.
@@ -308,6 +313,22 @@ MIGRATIONS: Final[Mapping[int, tuple[str | Callable[[_Conn], None], ...]]] = {
             body bytea NOT NULL
         )""",
         "CREATE INDEX trioworker_schedules_next ON trioworker_schedules (next_fire_at)",
+    ),
+    7: (
+        # A run's group (trioworker.open_run_group) and whether it is detached (cancelling
+        # its parent leaves it alone): runs stored before have neither, the defaults are right.
+        "ALTER TABLE trioworker_task_runs ADD COLUMN group_id uuid",
+        "ALTER TABLE trioworker_task_runs ADD COLUMN detached boolean NOT NULL DEFAULT false",
+        "CREATE INDEX trioworker_task_runs_group ON trioworker_task_runs (group_id, seq)"
+        " WHERE group_id IS NOT NULL",
+        # One row per group, made by its first run; cancelled_at is set by its cancel, after
+        # which runs created in it are created CANCELLED (creates lock the row FOR SHARE).
+        """CREATE TABLE trioworker_task_run_groups (
+            id uuid PRIMARY KEY,
+            created timestamptz NOT NULL DEFAULT now(),
+            cancelled_at timestamptz
+        )""",
+        "CREATE INDEX trioworker_task_run_groups_created ON trioworker_task_run_groups (created)",
     ),
 }
 
@@ -989,10 +1010,11 @@ class _PostgresOps(Operations):
         ):
             # One id twice, or a cache key: each create must see what the one before it made.
             return [result for create in creates for result in self.create_runs([create], clock_now)]
+        doomed = self._born_cancelled(creates)
         now = utcnow()
         runs = [new_run(create, now) for create in creates]
         reused: TaskRun | None = None
-        if runs[0].cache_key is not None:  # the only create
+        if runs[0].cache_key is not None and not doomed:  # the only create (not born CANCELLED)
             repeat = self._repeat_of(creates[0])
             if repeat is not None:
                 return [(repeat, None)]
@@ -1008,13 +1030,13 @@ class _PostgresOps(Operations):
         inserted = dict(
             self._execute(
                 "WITH w AS (SELECT * FROM unnest(%b::uuid[], %b::text[], %b::float8[], %b::text[],"
-                " %b::text[], %b::uuid[], %b::bigint[], %b::bytea[], %b::bytea[]) WITH ORDINALITY"
-                " AS u(id, task_key, scheduled_at, idempotency_key, wait_for, parent_id, rev, parameters,"
-                " body, n)),"
+                " %b::text[], %b::uuid[], %b::bigint[], %b::bytea[], %b::bytea[], %b::uuid[], %b::boolean[])"
+                " WITH ORDINALITY AS u(id, task_key, scheduled_at, idempotency_key, wait_for, parent_id, rev,"
+                " parameters, body, group_id, detached, n)),"
                 " inserted AS (INSERT INTO trioworker_task_runs (id, task_key, state_type, scheduled_at,"
-                " idempotency_key, wait_for, parent_id, rev, parameters, body)"
+                " idempotency_key, wait_for, parent_id, rev, parameters, body, group_id, detached)"
                 " SELECT id, task_key, 'SCHEDULED', scheduled_at, idempotency_key, wait_for::uuid[],"
-                " parent_id, rev, parameters, body FROM w ORDER BY n"
+                " parent_id, rev, parameters, body, group_id, detached FROM w ORDER BY n"
                 " ON CONFLICT DO NOTHING RETURNING id, seq, task_key, scheduled_at, wait_for),"
                 " queued AS (INSERT INTO trioworker_ready (run_seq, run_id, task_key, scheduled_at, waiting)"
                 " SELECT seq, id, task_key, scheduled_at, wait_for IS NOT NULL FROM inserted ORDER BY seq),"
@@ -1031,6 +1053,8 @@ class _PostgresOps(Operations):
                     revs,
                     parameters,
                     bodies,
+                    [run.group_id for run in runs],
+                    [run.detached for run in runs],
                     state.timestamp,
                     orjson.dumps({"name": state.name, "message": state.message}),
                 ),
@@ -1045,19 +1069,30 @@ class _PostgresOps(Operations):
                 ([_text(tag) for tag, _ in tagged], [seq for _, seq in tagged]),
             )
         out: list[tuple[TaskRun, QueuedRun | None]] = []
-        for create, run, params, body, rev in zip(creates, runs, parameters, bodies, revs, strict=True):
+        cancelled: list[_Row] = []
+        for index, (create, run, params, body, rev) in enumerate(
+            zip(creates, runs, parameters, bodies, revs, strict=True)
+        ):
             seq = inserted.get(run.id)
             if seq is None:
                 out.append((repeats(create), None))
                 continue
+            entry = queued_run(run, seq, len(params) + len(body))
             if reused is not None:
                 self._save([_Row(seq, rev, reused, None)])
-                out.append((reused, queued_run(run, seq, len(params) + len(body))))
+                out.append((reused, entry))
+                continue
+            if index in doomed:
+                _, changed = judged(run, cancel_request(doomed[index]), 0.0)
+                assert changed is not None  # SCHEDULED -> CANCELLED is always allowed
+                cancelled.append(_Row(seq, rev, changed, None))
+                out.append((changed, entry))
                 continue
             self.cache.put(_Row(seq, rev, run, None))
             if not waits_for(run):
                 self.ready_keys.add(run.task_key)
-            out.append((run, queued_run(run, seq, len(params) + len(body))))
+            out.append((run, entry))
+        self._save(cancelled)  # out of the ready table, CANCELLED in the history
         return out
 
     def _repeat_of(self, create: TaskRunCreate) -> TaskRun | None:
@@ -1175,6 +1210,48 @@ class _PostgresOps(Operations):
             (_uuid_array(waiting), seq, bool(waiting), seq),
         )
 
+    def _born_cancelled(self, creates: Sequence[TaskRunCreate]) -> dict[int, str]:
+        """Which of ``creates`` (by position) are created CANCELLED, and why
+        (:func:`~.runs.born_cancelled`); records the groups they name.
+
+        The rows of their groups and parents are locked ``FOR SHARE`` until the commit: a
+        cancel of one of them (which locks it ``FOR UPDATE``) that another server commits
+        meanwhile is either seen here, or sees these runs when it looks for what to cancel."""
+        groups = list(dict.fromkeys(c.group_id for c in creates if c.group_id is not None))
+        parents = list(
+            dict.fromkeys(
+                c.parent_task_run_id for c in creates if c.parent_task_run_id is not None and not c.detached
+            )
+        )
+        cancelled: set[uuid.UUID] = set()
+        if groups:
+            self._execute(
+                "INSERT INTO trioworker_task_run_groups (id) SELECT unnest(%b::uuid[])"
+                " ON CONFLICT DO NOTHING",
+                (groups,),
+            )
+            rows = self._execute(
+                "SELECT id, cancelled_at IS NOT NULL FROM trioworker_task_run_groups"
+                " WHERE id = ANY(%b::uuid[]) ORDER BY id FOR SHARE",
+                (groups,),
+            )
+            cancelled = {group_id for group_id, is_cancelled in rows if is_cancelled}
+        parent_states: dict[uuid.UUID, StateType] = {}
+        if parents:
+            rows = self._execute(
+                "SELECT id, state_type FROM trioworker_task_runs WHERE id = ANY(%b::uuid[])"
+                " ORDER BY seq FOR SHARE",
+                (parents,),
+            )
+            parent_states = {run_id: StateType(state) for run_id, state in rows}
+        why: dict[int, str] = {}
+        for index, create in enumerate(creates):
+            parent = parent_states.get(create.parent_task_run_id) if create.parent_task_run_id else None
+            reason = born_cancelled(create, parent, create.group_id in cancelled)
+            if reason is not None:
+                why[index] = reason
+        return why
+
     def _existing(self, creates: Sequence[TaskRunCreate]) -> Callable[[TaskRunCreate], TaskRun]:
         """For creates the database did not insert: a function giving each the run it
         repeats (by idempotency key first, else by ``id``)."""
@@ -1241,6 +1318,7 @@ class _PostgresOps(Operations):
         parent: uuid.UUID | None = None,
         newest_first: bool = False,
         tags: Sequence[str] = (),
+        group: uuid.UUID | None = None,
     ) -> list[TaskRun]:
         if any("\x00" in text for text in (task_key or "", *tags)):
             return []  # no task key or tag holds NUL (PostgreSQL text cannot)
@@ -1252,6 +1330,7 @@ class _PostgresOps(Operations):
             ("task_key = %b::text", task_key),
             ("state_type = %b::text", None if state is None else state.value),
             ("parent_id = %b::uuid", parent),
+            ("group_id = %b::uuid", group),
         ):
             if value is not None:
                 where.append(column)
@@ -1425,6 +1504,8 @@ class _PostgresOps(Operations):
         changes: list[Change] = []
         changed: dict[uuid.UUID, _Row] = {}
         logged: list[tuple[int, State]] = []
+        #: Runs whose change cancels their descendants: (index of the change, why).
+        roots: dict[uuid.UUID, tuple[int, str]] = {}
         for run_id, request in requests:
             if run_id not in found:
                 changes.append(missing_run_change())
@@ -1441,6 +1522,9 @@ class _PostgresOps(Operations):
                 continue
             if changed_run.cache_key is not None and changed_run.state.type is StateType.COMPLETED:
                 self._cache_completed(changed_run)
+            why = cancels_descendants(row.run, changed_run)
+            if why is not None:
+                roots.setdefault(run_id, (len(changes), why))
             # The write stays conditional on the rev that was read.
             new = _Row(row.seq, row.rev, changed_run, self._holder_after(row, changed_run))
             found[run_id] = changed[run_id] = new
@@ -1450,7 +1534,90 @@ class _PostgresOps(Operations):
             )
             changes.append(Change(result, changed_run, queued))
         self._save(list(changed.values()), logged)  # once per run, every state logged
+        if roots:
+            cascaded = self._cancel_descendants({root: why for root, (_, why) in roots.items()}, now)
+            for root, (index, _) in roots.items():
+                changes[index] = attrs.evolve(changes[index], descendants=tuple(cascaded.get(root, ())))
         return changes
+
+    def _cancel_descendants(
+        self, roots: Mapping[uuid.UUID, str], now: float
+    ) -> dict[uuid.UUID, list[Change]]:
+        """Cancel the descendants of ``roots`` that have not ended, each with the clause
+        (:func:`~.runs.cancel_request`) of its root, by root; as SQLite's does (detached
+        runs and theirs left alone, ended ones passed through, ``UNION`` ending loops). The
+        runs found are locked ``FOR UPDATE`` and judged as they are then; their writes are
+        announced (:meth:`announce`), so that the servers holding them tell their workers."""
+        rows = self._execute(
+            "WITH RECURSIVE tree(id, root) AS ("
+            " SELECT r.id, k.root FROM unnest(%b::uuid[]) AS k(root)"
+            " JOIN trioworker_task_runs AS r ON r.parent_id = k.root WHERE NOT r.detached"
+            " UNION SELECT r.id, tree.root FROM tree JOIN trioworker_task_runs AS r ON r.parent_id = tree.id"
+            " WHERE NOT r.detached)"
+            " SELECT tree.id, tree.root FROM tree JOIN trioworker_task_runs AS r ON r.id = tree.id"
+            f" WHERE r.state_type NOT IN ({_TERMINAL_SQL}) ORDER BY r.seq",
+            (list(roots),),
+        ).fetchall()
+        first: dict[uuid.UUID, uuid.UUID] = {}
+        for run_id, root in rows:
+            if run_id not in roots:
+                first.setdefault(run_id, root)
+        found = self._fetch(first, lock=True)
+        requests = {root: cancel_request(why) for root, why in roots.items()}
+        out: dict[uuid.UUID, list[Change]] = {}
+        saved: list[_Row] = []
+        for run_id, root in first.items():
+            row = found.get(run_id)
+            if row is None:
+                continue
+            result, cancelled = judged(row.run, requests[root], now)
+            if cancelled is None:
+                continue
+            saved.append(_Row(row.seq, row.rev, cancelled, None))
+            out.setdefault(root, []).append(Change(result, cancelled))
+        self._save(saved)
+        return out
+
+    def cancel_group(self, group_id: uuid.UUID, now: float) -> list[Change]:
+        """Mark the group cancelled (its row locked until the commit: a create in it that
+        another server commits meanwhile is either seen here or created CANCELLED), and
+        cancel its runs that have not ended, with their descendants."""
+        self._execute(
+            "INSERT INTO trioworker_task_run_groups AS g (id, cancelled_at) VALUES (%b, now())"
+            " ON CONFLICT (id) DO UPDATE SET cancelled_at = coalesce(g.cancelled_at, excluded.cancelled_at)",
+            (group_id,),
+        )
+        members = [
+            run_id
+            for (run_id,) in self._execute(
+                "SELECT id FROM trioworker_task_runs WHERE group_id = %b"
+                f" AND state_type NOT IN ({_TERMINAL_SQL}) ORDER BY seq",
+                (group_id,),
+            )
+        ]
+        request = cancel_request(group_clause(group_id))
+        return self.set_states([(run_id, request) for run_id in members], now)
+
+    def descendants(self, run_id: uuid.UUID, limit: int) -> list[TaskRun]:
+        # PostgreSQL computes a recursive query only as far as its reader reads it: the
+        # limit stops the walk, which goes level by level (one level per iteration).
+        rows = self._execute(
+            "WITH RECURSIVE tree(seq, id) AS ("
+            " SELECT seq, id FROM trioworker_task_runs WHERE parent_id = %b"
+            " UNION SELECT r.seq, r.id FROM tree JOIN trioworker_task_runs AS r ON r.parent_id = tree.id),"
+            " found AS MATERIALIZED (SELECT seq FROM tree LIMIT %b)"
+            " SELECT r.parameters, r.body FROM found JOIN trioworker_task_runs AS r ON r.seq = found.seq"
+            " ORDER BY r.seq",
+            (run_id, limit),
+        )
+        return [run_from_row(p, b) for p, b in rows]
+
+    def delete_run_cascading(self, run_id: uuid.UUID, now: float) -> tuple[TaskRun | None, list[Change]]:
+        run = self.delete_run(run_id)
+        if run is None or run.state.is_terminal:
+            return run, []
+        cascaded = self._cancel_descendants({run_id: f"run {run_id}, which was deleted"}, now)
+        return run, cascaded.get(run_id, [])
 
     def requeue(
         self,
@@ -1583,6 +1750,15 @@ class _PostgresOps(Operations):
         for (run_id,) in rows:
             self.cache.drop(run_id)
             self.changed[run_id] = None
+        if task_key is None and state is None:
+            # Groups made before then, with no run left: their rows go too.
+            self._execute(
+                "DELETE FROM trioworker_task_run_groups WHERE id IN"
+                " (SELECT g.id FROM trioworker_task_run_groups AS g WHERE g.created < %b"
+                " AND NOT EXISTS (SELECT FROM trioworker_task_runs AS r"
+                " WHERE r.group_id = g.id) LIMIT %b FOR UPDATE SKIP LOCKED)",
+                (before, limit),
+            )
         return [run_id for (run_id,) in rows]
 
     def oldest_end(self) -> datetime | None:

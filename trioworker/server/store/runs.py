@@ -15,6 +15,7 @@ import orjson
 
 from trioworker.models import (
     ACTIVE_STATES,
+    TIMED_OUT,
     SetStateRequest,
     SetStateResult,
     SetStateStatus,
@@ -80,6 +81,8 @@ def new_run(create: TaskRunCreate, now: datetime) -> TaskRun:
         cache_key=create.cache_key,
         cache_expiration=None if create.cache_key is None else create.cache_expiration,
         refresh_cache=create.cache_key is not None and create.refresh_cache,
+        group_id=create.group_id,
+        detached=create.detached,
     )
 
 
@@ -323,4 +326,45 @@ def reclaimed(run: TaskRun, client_id: str, now: datetime) -> TaskRun | None:
             details=StateDetails(client_id=client_id),
         )
         return attrs.evolve(run, state=resumed, updated=now)
+    return None
+
+
+# --------------------------------------------------------------------------- cancellation reaching children
+
+
+def cancels_descendants(before: TaskRun, after: TaskRun) -> str | None:
+    """Why the change of a run from ``before`` to ``after`` cancels its descendants (the
+    runs submitted from inside it, theirs, ...), as a clause for their message; None when
+    it does not. It does when the run, not ended yet, was cancelled, or when an attempt of
+    it ran out of time (its new state says :data:`~trioworker.models.TIMED_OUT`): the two
+    ways its cancel scope is cancelled. A run that completes, fails or crashes leaves them."""
+    if before.state.is_terminal:
+        return None
+    if after.state.type is StateType.CANCELLED:
+        return f"run {after.id}, which was cancelled"
+    if after.state.state_details.reason == TIMED_OUT and before.state.type in ACTIVE_STATES:
+        return f"run {after.id}, which ran out of time"
+    return None
+
+
+def cancel_request(why: str) -> SetStateRequest:
+    """The proposal that cancels a run with others: ``why`` names what it goes with
+    (``run ..., which was cancelled``, ``its run group ...``)."""
+    return SetStateRequest(make_state(StateType.CANCELLED, message=f"cancelled with {why}"))
+
+
+def group_clause(group_id: uuid.UUID) -> str:
+    """How the cancel of a run group is named in its runs' messages."""
+    return f"its run group {group_id}"
+
+
+def born_cancelled(create: TaskRunCreate, parent: StateType | None, group_cancelled: bool) -> str | None:
+    """Why a run is created CANCELLED (None: it is not): its run group was cancelled, or it
+    is not detached and its parent run (whose state type is ``parent``) was cancelled. So a
+    run submitted in the instant its parent's or its group's cancel was decided still goes
+    with it."""
+    if create.group_id is not None and group_cancelled:
+        return group_clause(create.group_id)
+    if parent is StateType.CANCELLED and not create.detached:
+        return f"run {create.parent_task_run_id}, which was cancelled"
     return None

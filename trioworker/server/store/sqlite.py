@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TypeVar
 
+import attrs
 import orjson
 import trio
 
@@ -58,11 +59,15 @@ from trioworker.server.store.commit import GroupCommitStore, Operations, Pending
 from trioworker.server.store.files import database_path, lock_file
 from trioworker.server.store.runs import (
     CacheUse,
+    born_cancelled,
     cache_expires_at,
     cache_use,
+    cancel_request,
+    cancels_descendants,
     claimed_copy,
     computing_copy,
     epoch,
+    group_clause,
     held_elsewhere,
     judged,
     leased_elsewhere_change,
@@ -88,7 +93,8 @@ T = TypeVar("T")
 #: 5: runs by tag (an index of tags) and the cache (one entry per task key and cache key).
 #: (There is no 4 in SQLite: 5 is the version that brought these to both stores.)
 #: 6: the schedules table (periodic runs).
-SCHEMA_VERSION: Final = 6
+#: 7: run groups (a run's group and whether it is detached in columns, a table of groups).
+SCHEMA_VERSION: Final = 7
 
 #: SQLite's limit on host parameters is 32766 nowadays; stay well below it.
 _CHUNK: Final = 500
@@ -104,7 +110,9 @@ CREATE TABLE {name} (
     wait_for TEXT,
     parent_id TEXT,
     parameters BLOB NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    group_id TEXT,
+    detached INTEGER NOT NULL DEFAULT 0
 )"""
 _RUNS_COLUMNS: Final = (
     "seq",
@@ -117,6 +125,8 @@ _RUNS_COLUMNS: Final = (
     "parent_id",
     "parameters",
     "body",
+    "group_id",
+    "detached",
 )
 #: Run after the tables exist (every statement may run again).
 _INDEXES: Final = (
@@ -133,14 +143,24 @@ _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS ix_task_run_states_ended ON task_run_states (timestamp)"
     " WHERE type IN ({terminal})",
     "CREATE INDEX IF NOT EXISTS ix_schedules_next ON schedules (next_fire_at)",
+    "CREATE INDEX IF NOT EXISTS ix_task_runs_group ON task_runs (group_id, seq) WHERE group_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS ix_task_run_groups_created ON task_run_groups (created)",
 )
-#: Periodic runs (version 8): one row per schedule, its next fire time in a column (indexed:
+#: Periodic runs (version 6): one row per schedule, its next fire time in a column (indexed:
 #: the server sleeps until the earliest), the rest as the API gives it.
 _SCHEDULES_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS schedules (
     name TEXT PRIMARY KEY,
     next_fire_at REAL NOT NULL,
     body BLOB NOT NULL
+)"""
+#: One row per run group (version 7; created by its first run; ``created`` and
+#: ``cancelled`` are epoch seconds, ``cancelled`` NULL until the group is cancelled).
+_GROUPS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS task_run_groups (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    cancelled REAL
 )"""
 _STATES_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS task_run_states (
@@ -309,6 +329,7 @@ class _SQLiteOps(Operations):
                 self._migrate_to_2()
             conn.execute(_STATES_TABLE)
             conn.execute(_SCHEDULES_TABLE)
+            conn.execute(_GROUPS_TABLE)
             if has_runs and (version is None or version < 3):
                 self._migrate_to_3()
             for statement in _TABLES_5:
@@ -320,6 +341,8 @@ class _SQLiteOps(Operations):
                     " FROM task_runs AS r, json_each(CAST(r.body AS TEXT), '$.tags') AS t"
                     " WHERE t.type = 'text'"
                 )
+            if has_runs and (version is None or version < 7):
+                self._migrate_to_7()
             for statement in _INDEXES:
                 conn.execute(statement.format(terminal=_TERMINAL_SQL))
             if version is None:
@@ -363,12 +386,54 @@ class _SQLiteOps(Operations):
             " WHERE parent_id IS NULL"
         )
 
+    def _migrate_to_7(self) -> None:
+        """Schema 7 keeps a run's group and whether it is detached in columns (runs stored
+        before have neither: the defaults are right); the table of groups is created with
+        the others."""
+        conn = self.conn
+        present = {row[1] for row in conn.execute("PRAGMA table_info(task_runs)")}
+        if "group_id" not in present:
+            conn.execute("ALTER TABLE task_runs ADD COLUMN group_id TEXT")
+        if "detached" not in present:
+            conn.execute("ALTER TABLE task_runs ADD COLUMN detached INTEGER NOT NULL DEFAULT 0")
+
+    def _born_cancelled(self, creates: Sequence[TaskRunCreate]) -> dict[int, str]:
+        """Which of ``creates`` (by position) are created CANCELLED, and why
+        (:func:`~.runs.born_cancelled`); records the groups they name."""
+        groups = list(dict.fromkeys(str(c.group_id) for c in creates if c.group_id is not None))
+        parents = list(
+            dict.fromkeys(c.parent_task_run_id for c in creates if c.parent_task_run_id and not c.detached)
+        )
+        if not groups and not parents:
+            return {}
+        now = utcnow().timestamp()
+        cancelled: set[str] = set()
+        for chunk in _chunks(groups):
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO task_run_groups (id, created) VALUES (?, ?)", [(g, now) for g in chunk]
+            )
+            rows = self.conn.execute(
+                f"SELECT id FROM task_run_groups WHERE cancelled IS NOT NULL"
+                f" AND id IN ({_placeholders(len(chunk))})",
+                chunk,
+            )
+            cancelled.update(row[0] for row in rows)
+        parent_states = self.states_of(parents)
+        why: dict[int, str] = {}
+        for index, create in enumerate(creates):
+            parent = parent_states.get(create.parent_task_run_id) if create.parent_task_run_id else None
+            reason = born_cancelled(create, parent, str(create.group_id) in cancelled)
+            if reason is not None:
+                why[index] = reason
+        return why
+
     def create_runs(
         self, creates: Sequence[TaskRunCreate], clock_now: float | None = None
     ) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Insert new runs; a known idempotency key of the same task key, or else a known
         ``id``, gives back its run (and no QueuedRun). The key is scoped to the task key:
-        ``a`` and ``b`` with one key are two runs.
+        ``a`` and ``b`` with one key are two runs. A new run in a cancelled group, or of a
+        cancelled parent (not detached), is written CANCELLED at once.
 
         A known ``id`` answers only for the same task key and idempotency key: otherwise
         :class:`RunIdTaken` is raised and nothing of the batch is written. Creates run one
@@ -381,7 +446,8 @@ class _SQLiteOps(Operations):
         out: list[tuple[TaskRun, QueuedRun | None]] = []
         given = [create.id for create in creates if create.id is not None]
         known = {run_id: run for run_id, (_, run) in self._fetch(given).items()} if given else {}
-        for create in creates:
+        doomed = self._born_cancelled(creates)
+        for index, create in enumerate(creates):
             if create.idempotency_key is not None:
                 row = self.conn.execute(
                     "SELECT parameters, body FROM task_runs WHERE task_key = ? AND idempotency_key = ?",
@@ -396,7 +462,8 @@ class _SQLiteOps(Operations):
             now = utcnow()
             run = new_run(create, now)
             logged = [run.state]
-            if run.cache_key is not None:
+            # A run born CANCELLED neither uses the cache nor computes its key.
+            if run.cache_key is not None and index not in doomed:
                 run = self._use_cache(run, now, clock)
                 if run.state.type is not StateType.SCHEDULED:
                     logged.append(run.state)
@@ -405,7 +472,7 @@ class _SQLiteOps(Operations):
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
                 " (id, task_key, state_type, scheduled_at, idempotency_key, wait_for, parent_id,"
-                " parameters, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " parameters, body, group_id, detached) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     str(run.id),
                     run.task_key,
@@ -416,6 +483,8 @@ class _SQLiteOps(Operations):
                     None if run.parent_task_run_id is None else str(run.parent_task_run_id),
                     parameters,
                     body,
+                    None if run.group_id is None else str(run.group_id),
+                    int(run.detached),
                 ),
             )
             assert cur.lastrowid is not None
@@ -426,8 +495,14 @@ class _SQLiteOps(Operations):
                     "INSERT OR IGNORE INTO task_run_tags (tag, run_seq) VALUES (?, ?)",
                     [(tag, cur.lastrowid) for tag in run.tags],
                 )
+            entry = queued_run(run, cur.lastrowid, len(parameters) + len(body))
+            if index in doomed:
+                _, cancelled = judged(run, cancel_request(doomed[index]), 0.0)
+                assert cancelled is not None  # SCHEDULED -> CANCELLED is always allowed
+                run = cancelled
+                self._write(cur.lastrowid, run)
             known[run.id] = run
-            out.append((run, queued_run(run, cur.lastrowid, len(parameters) + len(body))))
+            out.append((run, entry))
         return out
 
     # -- the cache
@@ -551,6 +626,7 @@ class _SQLiteOps(Operations):
         parent: uuid.UUID | None = None,
         newest_first: bool = False,
         tags: Sequence[str] = (),
+        group: uuid.UUID | None = None,
     ) -> list[TaskRun]:
         where: list[str] = []
         args: list[object] = []
@@ -566,6 +642,9 @@ class _SQLiteOps(Operations):
         for tag in dict.fromkeys(tags):
             where.append("seq IN (SELECT run_seq FROM task_run_tags WHERE tag = ?)")
             args.append(tag)
+        if group is not None:
+            where.append("group_id = ?")
+            args.append(str(group))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "DESC" if newest_first else "ASC"
         rows = self.conn.execute(
@@ -657,6 +736,8 @@ class _SQLiteOps(Operations):
         found = self._fetch({run_id for run_id, _ in requests})
         changes: list[Change] = []
         changed: dict[uuid.UUID, tuple[int, TaskRun]] = {}
+        #: Runs whose change cancels their descendants: (index of the change, why).
+        roots: dict[uuid.UUID, tuple[int, str]] = {}
         for run_id, request in requests:
             if run_id not in found:
                 changes.append(missing_run_change())
@@ -669,6 +750,9 @@ class _SQLiteOps(Operations):
             if changed_run is None:
                 changes.append(Change(result, run))
                 continue
+            why = cancels_descendants(run, changed_run)
+            if why is not None:
+                roots.setdefault(run_id, (len(changes), why))
             run = changed_run
             found[run_id] = changed[run_id] = (seq, run)
             self._log(seq, run.state)
@@ -678,7 +762,86 @@ class _SQLiteOps(Operations):
             changes.append(Change(result, run, queued))
         for seq, run in changed.values():  # once per run (RUNNING and COMPLETED often come together)
             self._write(seq, run, log_state=False)
+        if roots:
+            cascaded = self._cancel_descendants({root: why for root, (_, why) in roots.items()}, now)
+            for root, (index, _) in roots.items():
+                changes[index] = attrs.evolve(changes[index], descendants=tuple(cascaded.get(root, ())))
         return changes
+
+    def _cancel_descendants(
+        self, roots: Mapping[uuid.UUID, str], now: float
+    ) -> dict[uuid.UUID, list[Change]]:
+        """Cancel the descendants of ``roots`` that have not ended, each with the clause
+        (:func:`~.runs.cancel_request`) of its root, by root. Detached runs and theirs are
+        left alone; ended ones are passed through (their children may still run). One
+        recursive query walks the index of parent ids; a run reached from two roots goes
+        with the first, and ``UNION`` stops at a run seen before, so even parent ids that
+        loop (the API lets a client name any parent) end the walk."""
+        rows = self.conn.execute(
+            "WITH RECURSIVE tree(id, root) AS ("
+            " SELECT r.id, k.value FROM json_each(?) AS k JOIN task_runs AS r ON r.parent_id = k.value"
+            " WHERE NOT r.detached"
+            " UNION SELECT r.id, tree.root FROM tree JOIN task_runs AS r ON r.parent_id = tree.id"
+            " WHERE NOT r.detached)"
+            " SELECT r.seq, tree.id, tree.root FROM tree JOIN task_runs AS r ON r.id = tree.id"
+            f" WHERE r.state_type NOT IN ({_TERMINAL_SQL}) ORDER BY r.seq",
+            (orjson.dumps([str(root) for root in roots]).decode(),),
+        ).fetchall()
+        first: dict[uuid.UUID, uuid.UUID] = {}
+        for _, run_id, root in rows:
+            first.setdefault(uuid.UUID(run_id), uuid.UUID(root))
+        found = self._fetch(first)
+        requests = {root: cancel_request(why) for root, why in roots.items()}
+        out: dict[uuid.UUID, list[Change]] = {}
+        for run_id, root in first.items():
+            if run_id not in found or run_id in roots:
+                continue
+            seq, run = found[run_id]
+            result, cancelled = judged(run, requests[root], now)
+            if cancelled is None:
+                continue
+            self._write(seq, cancelled)
+            out.setdefault(root, []).append(Change(result, cancelled))
+        return out
+
+    def cancel_group(self, group_id: uuid.UUID, now: float) -> list[Change]:
+        """Mark the group cancelled and cancel its runs that have not ended, with their
+        descendants (see :meth:`Store.cancel_group <.base.Store.cancel_group>`)."""
+        stamp = utcnow().timestamp()
+        self.conn.execute(
+            "INSERT INTO task_run_groups (id, created, cancelled) VALUES (?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET cancelled = coalesce(cancelled, excluded.cancelled)",
+            (str(group_id), stamp, stamp),
+        )
+        members = [
+            uuid.UUID(run_id)
+            for (run_id,) in self.conn.execute(
+                f"SELECT id FROM task_runs WHERE group_id = ? AND state_type NOT IN ({_TERMINAL_SQL})"
+                " ORDER BY seq",
+                (str(group_id),),
+            )
+        ]
+        request = cancel_request(group_clause(group_id))
+        return self.set_states([(run_id, request) for run_id in members], now)
+
+    def descendants(self, run_id: uuid.UUID, limit: int) -> list[TaskRun]:
+        # Level by level (SQLite's queue of a recursive query is first in, first out), and
+        # the limit stops the walk: a run with a million descendants costs ``limit`` rows.
+        rows = self.conn.execute(
+            "WITH RECURSIVE tree(seq, id) AS ("
+            " SELECT seq, id FROM task_runs WHERE parent_id = ?"
+            " UNION SELECT r.seq, r.id FROM tree JOIN task_runs AS r ON r.parent_id = tree.id LIMIT ?)"
+            " SELECT r.parameters, r.body FROM tree JOIN task_runs AS r ON r.seq = tree.seq ORDER BY r.seq",
+            (str(run_id), limit),
+        )
+        return [run_from_row(p, b) for p, b in rows]
+
+    def delete_run_cascading(self, run_id: uuid.UUID, now: float) -> tuple[TaskRun | None, list[Change]]:
+        run = self.delete_run(run_id)
+        if run is None or run.state.is_terminal:
+            return run, []
+        cascaded = self._cancel_descendants({run_id: f"run {run_id}, which was deleted"}, now)
+        return run, cascaded.get(run_id, [])
 
     def requeue(
         self,
@@ -787,6 +950,14 @@ class _SQLiteOps(Operations):
         ids = [uuid.UUID(run_id) for _, run_id, _ in ended]
         for (seq, _, _), run_id in zip(ended, ids, strict=True):
             self.in_flight.wrote(run_id, seq, None)
+        if task_key is None and state is None:
+            # Groups made before then, with no run left: their rows go too.
+            self.conn.execute(
+                "DELETE FROM task_run_groups WHERE id IN (SELECT g.id FROM task_run_groups AS g"
+                " WHERE g.created < ? AND NOT EXISTS (SELECT 1 FROM task_runs AS r WHERE r.group_id = g.id)"
+                " LIMIT ?)",
+                (before.timestamp(), limit),
+            )
         return ids
 
     def oldest_end(self) -> datetime | None:
