@@ -545,6 +545,24 @@ async def test_runs_of_one_cache_key_wait_for_the_first_then_reuse_its_result(st
     assert other_task.state.state_details.cache_owner is None  # keys are per task key
 
 
+async def test_a_run_born_cancelled_neither_reuses_nor_takes_its_cache_key(store: Store) -> None:
+    now = time.time()
+    [(first, _)] = await store.create_runs([cached()], now=now)
+    await _complete(store, first.id, {"answer": 42}, now)
+    group = uuid.uuid4()
+    await store.cancel_group(group, now=now)
+    [(doomed, entry)] = await store.create_runs([cached(group_id=group)], now=now)
+    assert entry is not None  # new, its entry made, never queued
+    assert doomed.state.type is StateType.CANCELLED and doomed.state.data is None
+    [(fresh, _)] = await store.create_runs([cached("other", group_id=group)], now=now)
+    assert fresh.state.type is StateType.CANCELLED
+    [(computing, _)] = await store.create_runs([cached("other")], now=now)
+    assert computing.state.type is StateType.SCHEDULED
+    assert computing.state.state_details.cache_owner is None  # the cancelled run took no key
+    [(reused, _)] = await store.create_runs([cached()], now=now)
+    assert reused.state.type is StateType.COMPLETED and reused.state.name == "Cached"
+
+
 async def test_a_cached_result_expires(store: Store) -> None:
     now = time.time()
     [(first, _)] = await store.create_runs([cached(cache_expiration=60.0)], now=now)
