@@ -337,7 +337,8 @@ class CuttingProxy:
                 data += chunk
             head = data.split(b"\r\n\r\n", 1)[0]
             method, path = head.split(b" ", 2)[:2]
-            create = method == b"POST" and path.rstrip(b"/").endswith((b"/task_runs", b"/task_runs/batch"))
+            route = path.split(b"?", 1)[0].rstrip(b"/")  # a batch is sent with ?partial=true
+            create = method == b"POST" and route.endswith((b"/task_runs", b"/task_runs/batch"))
             if create:
                 length = next(
                     int(line.split(b":", 1)[1])

@@ -325,7 +325,7 @@ async def test_wait_times_out_with_the_current_state(api: httpx.AsyncClient) -> 
 
 async def test_names_tags_and_keys_have_a_length_limit(api: httpx.AsyncClient) -> None:
     long = "x" * 201
-    cases: list[tuple[dict[str, object], str]] = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"task_key": long}, "task_key must be a non-empty string of at most 200 characters"),
         ({"name": long}, "name must be at most 200 characters, got 201"),
         ({"idempotency_key": long}, "idempotency_key must be at most 200 characters, got 201"),

@@ -934,10 +934,9 @@ class TaskRunService:
         queue them; when to fire next (epoch seconds on the dispatcher's clock; None: there
         is no schedule)."""
         fired = await self.store.fire_schedules(self.dispatcher.clock())
+        created = {run.id for run, _ in fired.runs}
         for schedule in fired.schedules:
-            if schedule.last_run_id is not None and any(
-                run.id == schedule.last_run_id for run, _ in fired.runs
-            ):
+            if schedule.last_run_id in created:
                 log.info(
                     "schedule %s: run %s of %s for %s",
                     schedule.name,
