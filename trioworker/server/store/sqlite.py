@@ -281,14 +281,17 @@ class _SQLiteOps(Operations):
         still SCHEDULED (the rest are not for a claim)."""
         found: dict[uuid.UUID, tuple[int, TaskRun]] = {}
         for chunk in _chunks([str(i) for i in run_ids]):
+            # By id alone, the state checked here: with the state in the WHERE clause SQLite
+            # picks the state index and walks every queued run (100,000 queued made a claim
+            # of 100 runs scan them all).
             rows = self.conn.execute(
-                f"SELECT seq, id FROM task_runs WHERE state_type = 'SCHEDULED'"
-                f" AND id IN ({_placeholders(len(chunk))})",
+                f"SELECT seq, id, state_type FROM task_runs WHERE id IN ({_placeholders(len(chunk))})",
                 chunk,
             )
-            for seq, text_id in rows:
-                run_id = uuid.UUID(text_id)
-                found[run_id] = (seq, known[run_id])
+            for seq, text_id, state_type in rows:
+                if state_type == StateType.SCHEDULED.value:
+                    run_id = uuid.UUID(text_id)
+                    found[run_id] = (seq, known[run_id])
         return found
 
     def _write(self, seq: int, run: TaskRun, *, log_state: bool = True) -> None:
