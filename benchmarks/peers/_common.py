@@ -171,6 +171,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid``, of its reaped children and of its live descendants (NaN: unreadable).
+
+    For a server that forks a process per connection (PostgreSQL): a child that exited and was
+    reaped still counts, in its parent's cutime and cstime.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    own = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    live = (cpu_seconds(p) for p in tree_pids(pid)[1:])
+    return own + sum(c for c in live if not math.isnan(c))  # NaN: exited meanwhile
+
+
 _PR_SET_PDEATHSIG = 1
 try:
     _LIBC: Any = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -178,8 +193,9 @@ except OSError:  # not glibc Linux: no parent-death signal, the process groups s
     _LIBC = None
 
 
-def _child_setup() -> None:
-    # Runs in the child between fork and exec: die with the parent even if it is killed -9.
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGKILL when its parent dies, even if killed -9."""
+    # Runs in the child between fork and exec.
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -238,7 +254,7 @@ class Processes:
                 env=dict(env) if env is not None else None,
                 cwd=cwd or self.workdir,
                 start_new_session=True,
-                preexec_fn=_child_setup,  # no threads run in this process when it forks
+                preexec_fn=die_with_parent,  # no threads run in this process when it forks
             )
         child = Child(name, proc, log_path)
         self.children.append(child)
@@ -321,6 +337,9 @@ class Report:
     started: float = field(default_factory=time.monotonic)
     data: dict[str, Any] = field(default_factory=dict)
     procs: Processes | None = None  # to tell this benchmark's CPU time from the machine's
+    #: more CPU to report per phase, as ``<name>_cpu_percent`` of the machine: name -> CPU seconds
+    #: so far of processes this benchmark uses but did not start (run_trioworker.py: PostgreSQL's)
+    cpu_meters: dict[str, Callable[[], float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data = {
@@ -361,6 +380,7 @@ class Report:
             return
         log(f"[{self.system}] {name} ...")
         cpu_before = cpu_snapshot(self.procs)
+        meters_before = {meter_name: meter() for meter_name, meter in self.cpu_meters.items()}
         began = time.monotonic()
         try:
             result = fn()
@@ -377,6 +397,9 @@ class Report:
             # other work on this machine skews everything: how much of it was not this benchmark
             total, mine = (b - a for a, b in zip(cpu_before, cpu_snapshot(self.procs), strict=True))
             result["other_cpu_percent"] = max(0.0, (total - mine) / (wall * (os.cpu_count() or 1)) * 100)
+            for meter_name, meter in self.cpu_meters.items():
+                used = meter() - meters_before[meter_name]
+                result[f"{meter_name}_cpu_percent"] = used / (wall * (os.cpu_count() or 1)) * 100
             self.data["phases"][name] = result
             log(f"[{self.system}] {name}: {_brief(result)}")
         self.write()
@@ -395,17 +418,38 @@ def _brief(result: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def parse_args(system: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    system: str,
+    argv: Sequence[str] | None = None,
+    *,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    system_of: Callable[[argparse.Namespace], str] | None = None,
+) -> argparse.Namespace:
+    """The options every ``run_*.py`` takes, plus those ``configure`` adds.
+
+    ``--output`` defaults to ``benchmarks/results/peers-<system>.json``, where ``system_of``
+    (given) names the system from the other options (run_trioworker.py: ``trioworker-postgres``
+    with ``--postgres-url``).
+    """
     parser = argparse.ArgumentParser(description=f"Peer benchmark workloads on {system}.")
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument(
-        "--output", type=Path, default=RESULTS / f"peers-{system}.json", help="the JSON results file"
+        "--output", type=Path, default=None, help=f"the JSON results file (default {results_file(system)})"
     )
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds; later phases are skipped")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases to run")
+    if configure is not None:
+        configure(parser)
     args, _unknown = parser.parse_known_args(argv)  # nox passes all posargs to every script
     args.phases = [p for p in args.phases.split(",") if p]
+    if args.output is None:
+        args.output = results_file(system if system_of is None else system_of(args))
     return args
+
+
+def results_file(system: str) -> Path:
+    """Where a single run of ``system`` writes (``repeat.py`` numbers the files of repeated runs)."""
+    return RESULTS / f"peers-{system}.json"
 
 
 def exit_on_sigterm() -> None:

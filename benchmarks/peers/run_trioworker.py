@@ -1,11 +1,16 @@
 """The peer workloads on trioworker (issue 5): one server process, one worker process.
 
-Run inside a virtualenv with trioworker installed (``nox -s bench_peers_trioworker``)::
+Run inside a virtualenv with trioworker installed (``nox -s bench_peers_trioworker``, and
+``nox -s bench_peers_trioworker_postgres`` for the PostgreSQL store)::
 
     python benchmarks/peers/run_trioworker.py [--quick] [--output FILE] [--time-limit S]
+        [--phases P,...] [--postgres-url postgresql://USER@HOST:PORT/DB]
 
 Settings: ``trioworker server`` (SQLite in WAL mode, a fresh file per phase, on a free
-loopback port) and one worker process ``benchmarks/worker_tasks.py API_URL LIMIT``, that is
+loopback port; with ``--postgres-url``, ``--db postgresql://...`` on a fresh database per
+phase, made with ``CREATE DATABASE`` on that server and dropped after the phase, results in
+``benchmarks/results/peers-trioworker-postgres.json``) and one worker process
+``benchmarks/worker_tasks.py API_URL LIMIT``, that is
 ``serve(noop, sleep50, limit=LIMIT)``; ``noop`` is an async task returning its argument,
 ``sleep50`` a sync task sleeping 50 ms in a worker thread. A fresh server and worker per phase.
 
@@ -20,21 +25,30 @@ loopback port) and one worker process ``benchmarks/worker_tasks.py API_URL LIMIT
   run = its COMPLETED state's ``timestamp`` - its ``created`` (both server clock);
 - scale: M runs queued, then the first K drained (the worker at limit 100).
 
-Peak RSS is VmHWM of the server and the worker process, read just before each is stopped.
+Peak RSS is VmHWM of the server and the worker process, read just before each is stopped
+(PostgreSQL's own processes are not in it). With PostgreSQL, each phase also records
+``postgres_cpu_percent``: the CPU its whole cluster used (this benchmark's connections and
+anyone else's), when the server runs on this machine and ``/proc`` shows it.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = HERE.parent
@@ -58,6 +72,7 @@ from _common import (  # noqa: E402
     log,
     parse_args,
     rate,
+    tree_cpu_seconds,
 )
 from bench_server import JSON_HEADERS, git_commit  # noqa: E402
 from bench_worker import first_delivery_time, parse_time, submit, wait_ended  # noqa: E402
@@ -70,8 +85,12 @@ STARTUP_TIMEOUT = 20.0
 BATCH = 500
 WAIT_CHUNK = 1000
 
+SQLITE_SERVER = "server: `trioworker server` on 127.0.0.1, SQLite (WAL, group commit), a fresh file per phase"
+POSTGRES_SERVER = (
+    "server: `trioworker server --db postgresql://...` on 127.0.0.1, PostgreSQL {version} at {where}, "
+    "a fresh database per phase (CREATE DATABASE, dropped after it); server RSS without PostgreSQL's"
+)
 SETTINGS = [
-    "server: `trioworker server` on 127.0.0.1, SQLite (WAL, group commit), a fresh file per phase",
     "worker: one process, `serve(noop, sleep50, limit=L)` (benchmarks/worker_tasks.py); "
     "sync sleep50 runs in threads (as wide as the limit)",
     "drain/sleep/scale: queued with POST /api/task_runs/batch (500 per request) before the worker "
@@ -83,15 +102,36 @@ SETTINGS = [
 
 
 class Bench:
-    def __init__(self, workdir: Path, procs: Processes, timeout: float) -> None:
+    def __init__(self, workdir: Path, procs: Processes, timeout: float, postgres_url: str | None) -> None:
         self.workdir = workdir
         self.procs = procs
         self.timeout = timeout
+        self.postgres_url = postgres_url  # a server's URL: a fresh database on it per phase
+
+    @contextmanager
+    def database(self, label: str) -> Iterator[str]:
+        """What ``--db`` gets for one phase: a fresh SQLite file, or a fresh PostgreSQL database."""
+        if self.postgres_url is None:
+            yield str(self.workdir / f"{label}.db")
+            return
+        name = f"trioworker_peers_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        with postgres_admin(self.postgres_url) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield urllib.parse.urlsplit(self.postgres_url)._replace(path=f"/{name}").geturl()
+        finally:
+            with postgres_admin(self.postgres_url) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     # ------------------------------------------------------------------ processes
 
     @contextmanager
     def server(self, label: str) -> Iterator[tuple[Child, str]]:
+        with self.database(label) as db, self._server(db) as started:
+            yield started
+
+    @contextmanager
+    def _server(self, db: str) -> Iterator[tuple[Child, str]]:
         port = free_port()
         cmd = [
             sys.executable,
@@ -103,7 +143,7 @@ class Bench:
             "--port",
             str(port),
             "--db",
-            str(self.workdir / f"{label}.db"),
+            db,
         ]
         api = f"http://127.0.0.1:{port}/api"
         with self.procs.running("trioworker-server", cmd, self._env()) as child:
@@ -300,19 +340,80 @@ def completed_times(runs: list[dict[str, Any]]) -> tuple[list[float], int]:
     return times, bad
 
 
+@contextmanager
+def postgres_admin(server_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to the PostgreSQL server (psycopg.Error when it cannot connect)."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as connection:
+        yield connection
+
+
+def postgres_cluster(server_url: str) -> tuple[str, Callable[[], float] | None]:
+    """The server's version, and a meter of its cluster's CPU seconds (None: not on this machine).
+
+    The cluster is the parent of this connection's backend (the postmaster) with its children,
+    reaped ones included; it is looked up in ``/proc`` and taken only if both are ``postgres``.
+    """
+    with postgres_admin(server_url) as admin:
+        row = admin.execute("SELECT current_setting('server_version'), pg_backend_pid()").fetchone()
+        if row is None:
+            raise RuntimeError("PostgreSQL answered no row to SELECT")
+        version, backend = row
+        try:
+            postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in (backend, postmaster)]
+        except (OSError, ValueError, IndexError):
+            return str(version), None
+    if not all(name.startswith("postgres") for name in names):
+        return str(version), None  # a server elsewhere, whose pid happens to be in use here
+    return str(version), lambda: tree_cpu_seconds(postmaster)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--postgres-url",
+        default=None,
+        help="run every phase on PostgreSQL: a fresh database per phase on this server "
+        "(postgresql://USER[:PASSWORD]@HOST:PORT/DB; the user may CREATE DATABASE), not SQLite",
+    )
+
+
 def main() -> int:
     exit_on_sigterm()
-    args = parse_args("trioworker")
+    args = parse_args(
+        "trioworker",
+        configure=add_options,
+        system_of=lambda a: "trioworker" if a.postgres_url is None else "trioworker-postgres",
+    )
+    system = "trioworker" if args.postgres_url is None else "trioworker-postgres"
     sizes = QUICK if args.quick else FULL
-    report = Report("trioworker", args.output, args.quick, sizes, args.time_limit)
+    report = Report(system, args.output, args.quick, sizes, args.time_limit)
     report.data["version"] = metadata.version("trioworker")
     report.data["git_commit"] = git_commit()  # the work tree may hold changes beyond it
-    report.data["settings"] = SETTINGS
+    report.data["store"] = "sqlite" if args.postgres_url is None else "postgresql"
+    report.data["settings"] = [SQLITE_SERVER, *SETTINGS]
     status = "failed"
-    with tempfile.TemporaryDirectory(prefix="peers-trioworker-") as tmp:
+    if args.postgres_url is not None:
+        parts = urllib.parse.urlsplit(args.postgres_url)
+        where = f"{parts.hostname}:{parts.port or 5432}"
+        try:
+            version, meter = postgres_cluster(args.postgres_url)
+        except Exception as exc:  # psycopg.Error, or a malformed URL
+            report.data["errors"]["(run)"] = f"cannot use PostgreSQL at {where}: {type(exc).__name__}: {exc}"
+            report.finish(status)
+            log(f"[{system}] {report.data['errors']['(run)']}")
+            return 1
+        report.data["postgres_version"] = version
+        report.data["settings"][0] = POSTGRES_SERVER.format(version=version, where=where)
+        if meter is not None:
+            report.cpu_meters["postgres"] = meter
+        else:
+            report.data["notes"].append(f"PostgreSQL at {where} is not on this machine: its CPU is not shown")
+    with tempfile.TemporaryDirectory(prefix=f"peers-{system}-") as tmp:
         procs = Processes(Path(tmp))
         report.procs = procs
-        bench = Bench(Path(tmp), procs, timeout=120.0)
+        bench = Bench(Path(tmp), procs, timeout=120.0, postgres_url=args.postgres_url)
         s = sizes
         plan: dict[str, Any] = {
             "drain10": lambda: bench.drain(NOOP_KEY, s["drain"], 10),
