@@ -6,7 +6,14 @@ A store is an :class:`Operations` (plain synchronous functions of its connection
 interface: every call queues one operation; a committer task takes every operation waiting
 at that moment (up to :data:`MAX_GROUP`) and hands the group to the store's
 :meth:`GroupCommitStore._commit_group` inside one ``trio.to_thread.run_sync`` call. So the
-Trio thread never blocks on the database, and a burst of 1,000 writes costs one commit.
+Trio thread never waits on the database, and a burst of 1,000 writes costs one commit.
+
+A store whose commit never waits on anything but the local file system (SQLite: its commits
+append to the write-ahead log without an fsync, and it checkpoints on a thread of its own)
+may commit a small group of *light* operations on the Trio thread instead
+(:attr:`GroupCommitStore._commits_inline`): one operation on a few runs costs tens of
+microseconds there, a thread's hop and wake-up several times that, and the hop sat twice on
+the path of every run (its create, its end).
 
 The counts of the operator's view (:meth:`GroupCommitStore.count_runs` and the like) read
 many rows: a store may run them beside the committer, on a connection of its own
@@ -25,6 +32,7 @@ import attrs
 import trio
 
 from trioworker.models import (
+    TIMED_OUT,
     Schedule,
     ScheduleCreate,
     SetStateRequest,
@@ -49,6 +57,10 @@ T = TypeVar("T")
 
 #: Most operations one group commit takes (bounds one thread call's latency).
 MAX_GROUP: Final = 512
+#: Most operations a group committed on the Trio thread may hold (each of them light).
+MAX_INLINE_GROUP: Final = 16
+#: Most runs (creates, ids, reports) an operation may touch and still be light.
+LIGHT_ITEMS: Final = 32
 
 
 class Operations(Protocol):
@@ -155,6 +167,8 @@ class Pending(Generic[OpsT, T]):
     """One queued operation: set ``value`` or ``error``, then ``done``."""
 
     op: Callable[[OpsT], T]
+    #: A few rows' work, bounded (see :data:`LIGHT_ITEMS`): it may commit on the Trio thread.
+    light: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     value: T | None = None
     error: BaseException | None = None
@@ -172,6 +186,7 @@ class Pending(Generic[OpsT, T]):
 class StoreStatistics:
     operations: int
     commits: int
+    inline_commits: int = 0
 
 
 class GroupCommitStore(Generic[OpsT]):
@@ -189,14 +204,24 @@ class GroupCommitStore(Generic[OpsT]):
         self._send = send
         self._operations = 0
         self._commits = 0
+        self._inline_commits = 0
+        #: Small groups of light operations commit on the Trio thread (see the module's text).
+        self._commits_inline = False
         #: The counts run on a connection of their own (:meth:`_read_beside`), not queued.
         self._reads_beside = False
         self._reader_lock = trio.Lock()  # one count at a time; closing waits for it
         self._reader_closed = False
 
     def statistics(self) -> StoreStatistics:
-        """How many operations ran, in how many transactions (group commit at work)."""
-        return StoreStatistics(operations=self._operations, commits=self._commits)
+        """How many operations ran, in how many transactions (group commit at work), and
+        how many of those transactions ran on the Trio thread."""
+        return StoreStatistics(
+            operations=self._operations, commits=self._commits, inline_commits=self._inline_commits
+        )
+
+    def _committed(self, operations: int) -> None:
+        """Called on the Trio thread after each group commit of ``operations`` operations
+        (SQLite counts them towards its next checkpoint)."""
 
     def _commit_group(self, group: list[Pending[OpsT, object]]) -> None:
         """Run ``group`` in one transaction (on a worker thread): set each operation's
@@ -223,10 +248,17 @@ class GroupCommitStore(Generic[OpsT]):
                         group.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: the last group
                         break
+                inline = self._commits_inline and len(group) <= MAX_INLINE_GROUP
+                inline = inline and all(pending.light for pending in group)
                 try:
-                    await trio.to_thread.run_sync(self._commit_group, group)
+                    if inline:
+                        self._commit_group(group)
+                        self._inline_commits += 1
+                    else:
+                        await trio.to_thread.run_sync(self._commit_group, group)
                     self._commits += 1
                     self._operations += len(group)
+                    self._committed(len(group))
                 except Exception as exc:
                     failed = (
                         exc
@@ -284,16 +316,17 @@ class GroupCommitStore(Generic[OpsT]):
                 raise StoreError("the store is closed")
             return await trio.to_thread.run_sync(self._read_beside, op)
 
-    def _queue(self, op: Callable[[OpsT], T]) -> Pending[OpsT, T]:
-        """Queue ``op`` for the next group commit; operations run in the order queued."""
-        pending: Pending[OpsT, T] = Pending(op)
+    def _queue(self, op: Callable[[OpsT], T], *, light: bool = False) -> Pending[OpsT, T]:
+        """Queue ``op`` for the next group commit; operations run in the order queued.
+        ``light``: it touches at most a few rows (see :data:`LIGHT_ITEMS`)."""
+        pending: Pending[OpsT, T] = Pending(op, light)
         try:
             self._send.send_nowait(pending)  # type: ignore[arg-type]
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StoreError("the store is closed") from None
         return pending
 
-    async def _run(self, op: Callable[[OpsT], T]) -> T:
+    async def _run(self, op: Callable[[OpsT], T], *, light: bool = False) -> T:
         """Queue ``op`` for the next group commit and wait for its result.
 
         **Cancellation handling:** once queued, an operation always runs and its caller
@@ -301,24 +334,24 @@ class GroupCommitStore(Generic[OpsT]):
         is what keeps memory and disk in step: a claim whose caller was cancelled still
         returns the runs it leased, so they can be handed back.
         """
-        return await self._queue(op).result()
+        return await self._queue(op, light=light).result()
 
     # -- the Store interface
     async def create_runs(
         self, creates: Sequence[TaskRunCreate], *, now: float | None = None
     ) -> list[tuple[TaskRun, QueuedRun | None]]:
         clock_now = time.time() if now is None else now
-        return await self._run(lambda ops: ops.create_runs(creates, clock_now))
+        return await self._run(lambda ops: ops.create_runs(creates, clock_now), light=_few(creates))
 
     async def settle_cached(self, run_ids: Sequence[uuid.UUID], *, now: float) -> list[Change]:
-        return await self._run(lambda ops: ops.settle_cached(run_ids, now))
+        return await self._run(lambda ops: ops.settle_cached(run_ids, now), light=_few(run_ids))
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
-        runs = await self._run(lambda ops: ops.read_runs([run_id]))
+        runs = await self._run(lambda ops: ops.read_runs([run_id]), light=True)
         return runs[0] if runs else None
 
     async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.read_runs(run_ids))
+        return await self._run(lambda ops: ops.read_runs(run_ids), light=_few(run_ids))
 
     async def list_runs(
         self,
@@ -361,11 +394,11 @@ class GroupCommitStore(Generic[OpsT]):
         return await self._count(lambda ops: ops.oldest_waiting(now))
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
-        return await self._run(lambda ops: ops.history(run_id))
+        return await self._run(lambda ops: ops.history(run_id), light=True)
 
     async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
         now = utcnow()
-        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now))
+        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now), light=_few(run_ids))
 
     def claim_runs_soon(
         self, runs: Sequence[TaskRun], client_id: str, now: datetime
@@ -374,7 +407,7 @@ class GroupCommitStore(Generic[OpsT]):
         operations see it done."""
         ids = [run.id for run in runs]
         known = {run.id: run for run in runs}
-        return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known))
+        return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known), light=_few(ids))
 
     async def set_states(
         self,
@@ -383,7 +416,8 @@ class GroupCommitStore(Generic[OpsT]):
         now: float,
         holder: str | None = None,
     ) -> list[Change]:
-        return await self._run(lambda ops: ops.set_states(requests, now, holder))
+        light = _few(requests) and not any(can_cascade(request) for _, request in requests)
+        return await self._run(lambda ops: ops.set_states(requests, now, holder), light=light)
 
     async def requeue(
         self,
@@ -393,7 +427,9 @@ class GroupCommitStore(Generic[OpsT]):
         max_deliveries: int | None,
         holder: str | None = None,
     ) -> list[Requeued]:
-        return await self._run(lambda ops: ops.requeue(run_ids, reason, max_deliveries, holder))
+        return await self._run(
+            lambda ops: ops.requeue(run_ids, reason, max_deliveries, holder), light=_few(run_ids)
+        )
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self._run(lambda ops: ops.delete_run(run_id))
@@ -414,21 +450,21 @@ class GroupCommitStore(Generic[OpsT]):
     async def reclaim(
         self, run_ids: Sequence[uuid.UUID], client_id: str
     ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-        return await self._run(lambda ops: ops.reclaim(run_ids, client_id))
+        return await self._run(lambda ops: ops.reclaim(run_ids, client_id), light=_few(run_ids))
 
     async def recover(self, max_deliveries: int) -> list[QueuedRun]:
         return await self._run(lambda ops: ops.recover(max_deliveries))
 
     async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
-        return await self._run(lambda ops: ops.states_of(run_ids))
+        return await self._run(lambda ops: ops.states_of(run_ids), light=_few(run_ids))
 
     async def runs_by_idempotency_key(
         self, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], uuid.UUID]:
-        return await self._run(lambda ops: ops.runs_by_idempotency_key(keys))
+        return await self._run(lambda ops: ops.runs_by_idempotency_key(keys), light=_few(keys))
 
     async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
-        return await self._run(lambda ops: ops.read_ended(run_ids))
+        return await self._run(lambda ops: ops.read_ended(run_ids), light=_few(run_ids))
 
     # -- schedules
     async def upsert_schedule(self, create: ScheduleCreate, now: datetime) -> tuple[Schedule, bool]:
@@ -442,3 +478,16 @@ class GroupCommitStore(Generic[OpsT]):
 
     async def fire_schedules(self, now: float) -> Fired:
         return await self._run(lambda ops: ops.fire_schedules(now))
+
+
+def _few(items: Sequence[object]) -> bool:
+    """Whether an operation on ``items`` is light (see :data:`LIGHT_ITEMS`)."""
+    return len(items) <= LIGHT_ITEMS
+
+
+def can_cascade(request: SetStateRequest) -> bool:
+    """Whether applying ``request`` may cancel a run's descendants (a tree of any size):
+    a cancel, or an attempt that ran out of time (see
+    :func:`~trioworker.server.store.runs.cancels_descendants`)."""
+    state = request.state
+    return state.type is StateType.CANCELLED or state.state_details.reason == TIMED_OUT
