@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from trioworker.models import (
     ScheduleCreate,
@@ -457,3 +458,29 @@ async def test_a_claim_of_known_runs_reads_only_their_rows(tmp_path: Path) -> No
     few = await _claim_steps(tmp_path, 100)
     many = await _claim_steps(tmp_path, 20_000)
     assert many <= few * 1.5 + 5, (few, many)
+
+
+async def test_a_light_operation_commits_at_once_when_the_committer_is_idle(tmp_path: Path) -> None:
+    """No hop to the committer task and back for a lone create or report; a burst that
+    arrives together still shares commits (the next light operations queue for a while
+    after such a commit)."""
+    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        await trio.testing.wait_all_tasks_blocked()
+        before = store.statistics()
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+        after = store.statistics()
+        assert (after.commits - before.commits, after.direct_commits - before.direct_commits) == (1, 1)
+        assert (await store.read_run(run.id)) == run
+
+        async def create() -> None:
+            await store.create_runs([TaskRunCreate(task_key="k")])
+
+        await trio.testing.wait_all_tasks_blocked()
+        before = store.statistics()
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(create)
+        after = store.statistics()
+        assert after.operations - before.operations == 40
+        assert after.commits - before.commits <= 10
+        assert len(await store.list_runs(limit=100)) == 41

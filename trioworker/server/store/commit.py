@@ -13,7 +13,10 @@ append to the write-ahead log without an fsync, and it checkpoints on a thread o
 may commit a small group of *light* operations on the Trio thread instead
 (:attr:`GroupCommitStore._commits_inline`): one operation on a few runs costs tens of
 microseconds there, a thread's hop and wake-up several times that, and the hop sat twice on
-the path of every run (its create, its end).
+the path of every run (its create, its end). When the committer is idle and nothing waits,
+such an operation is committed by its caller at once (:meth:`GroupCommitStore._queue`): no
+wake-up of the committer either. Right after such a commit, the next light operations queue
+for a while (:data:`DIRECT_COMMIT_GAP`), so a burst still shares one commit.
 
 The counts of the operator's view (:meth:`GroupCommitStore.count_runs` and the like) read
 many rows: a store may run them beside the committer, on a connection of its own
@@ -22,6 +25,7 @@ many rows: a store may run them beside the committer, on a connection of its own
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +65,9 @@ MAX_GROUP: Final = 512
 MAX_INLINE_GROUP: Final = 16
 #: Most runs (creates, ids, reports) an operation may touch and still be light.
 LIGHT_ITEMS: Final = 32
+#: Seconds after an operation committed by its caller during which light operations queue
+#: for the committer instead (a burst of them then shares one commit).
+DIRECT_COMMIT_GAP: Final = 0.0002
 
 
 class Operations(Protocol):
@@ -174,12 +181,20 @@ class Pending(Generic[OpsT, T]):
     error: BaseException | None = None
 
     async def result(self) -> T:
-        """Wait until it ran (shielded: once queued, its caller sees the outcome)."""
-        with trio.CancelScope(shield=True):
-            await self.done.wait()
+        """Wait until it ran (shielded: once queued, its caller sees the outcome). When it
+        already ran (its caller committed it), this returns at once, without a checkpoint:
+        a caller in a loop of such operations still yields, since the operations right after
+        such a commit queue (:data:`DIRECT_COMMIT_GAP`)."""
+        if not self.done.is_set():
+            with trio.CancelScope(shield=True):
+                await self.done.wait()
         if self.error is not None:
             raise self.error
         return self.value  # type: ignore[return-value]
+
+    def finish(self) -> None:
+        """It ran: wake whoever waits for :meth:`result`."""
+        self.done.set()
 
 
 @attrs.frozen
@@ -187,6 +202,8 @@ class StoreStatistics:
     operations: int
     commits: int
     inline_commits: int = 0
+    #: Of the inline commits, those made by the operation's caller (the committer idle).
+    direct_commits: int = 0
 
 
 class GroupCommitStore(Generic[OpsT]):
@@ -205,8 +222,12 @@ class GroupCommitStore(Generic[OpsT]):
         self._operations = 0
         self._commits = 0
         self._inline_commits = 0
+        self._direct_commits = 0
         #: Small groups of light operations commit on the Trio thread (see the module's text).
         self._commits_inline = False
+        #: The committer waits for operations (none queued, none running).
+        self._committer_idle = False
+        self._last_direct_commit = -math.inf  # time.perf_counter() at its end
         #: The counts run on a connection of their own (:meth:`_read_beside`), not queued.
         self._reads_beside = False
         self._reader_lock = trio.Lock()  # one count at a time; closing waits for it
@@ -216,7 +237,10 @@ class GroupCommitStore(Generic[OpsT]):
         """How many operations ran, in how many transactions (group commit at work), and
         how many of those transactions ran on the Trio thread."""
         return StoreStatistics(
-            operations=self._operations, commits=self._commits, inline_commits=self._inline_commits
+            operations=self._operations,
+            commits=self._commits,
+            inline_commits=self._inline_commits,
+            direct_commits=self._direct_commits,
         )
 
     def _committed(self, operations: int) -> None:
@@ -241,7 +265,14 @@ class GroupCommitStore(Generic[OpsT]):
     async def _commit_until_closed(self, receive: trio.MemoryReceiveChannel[Pending[OpsT, object]]) -> None:
         group: list[Pending[OpsT, object]] = []
         try:
-            async for first in receive:
+            while True:
+                self._committer_idle = True
+                try:
+                    first = await receive.receive()
+                except trio.EndOfChannel:
+                    break
+                finally:
+                    self._committer_idle = False
                 group = [first]
                 while len(group) < MAX_GROUP:
                     try:
@@ -249,28 +280,20 @@ class GroupCommitStore(Generic[OpsT]):
                     except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: the last group
                         break
                 inline = self._commits_inline and len(group) <= MAX_INLINE_GROUP
-                inline = inline and all(pending.light for pending in group)
-                try:
-                    if inline:
-                        self._commit_group(group)
-                        self._inline_commits += 1
-                    else:
+                if inline and all(pending.light for pending in group):
+                    self._commit_here(group)
+                else:
+                    try:
                         await trio.to_thread.run_sync(self._commit_group, group)
-                    self._commits += 1
-                    self._operations += len(group)
-                    self._committed(len(group))
-                except Exception as exc:
-                    failed = (
-                        exc
-                        if isinstance(exc, StoreError)
-                        else StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
-                    )
-                    for pending in group:
-                        pending.error = pending.error or failed
+                    except Exception as exc:
+                        self._failed(group, exc)
+                    else:
+                        self._count_commit(group)
                 for pending in group:
-                    pending.done.set()
+                    pending.finish()
                 group = []
         finally:
+            self._committer_idle = False
             closed = StoreError("the store was closed before this operation ran")
             for pending in group:
                 if not pending.done.is_set():
@@ -284,6 +307,43 @@ class GroupCommitStore(Generic[OpsT]):
                     break
                 pending.error = closed
                 pending.done.set()
+
+    def _commit_here(self, group: list[Pending[OpsT, object]]) -> None:
+        """Commit ``group`` on the Trio thread (it blocks it for as long)."""
+        try:
+            self._commit_group(group)
+        except Exception as exc:
+            self._failed(group, exc)
+        else:
+            self._inline_commits += 1
+            self._count_commit(group)
+
+    def _count_commit(self, group: list[Pending[OpsT, object]]) -> None:
+        self._commits += 1
+        self._operations += len(group)
+        self._committed(len(group))
+
+    @staticmethod
+    def _failed(group: list[Pending[OpsT, object]], exc: Exception) -> None:
+        """The commit of ``group`` failed with ``exc``: each operation that has no error of
+        its own fails with it (a :class:`StoreError` as it is, anything else wrapped)."""
+        failed = (
+            exc
+            if isinstance(exc, StoreError)
+            else StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
+        )
+        for pending in group:
+            pending.error = pending.error or failed
+
+    def _may_commit_now(self) -> bool:
+        """Whether a light operation can be committed by its caller: the committer is idle,
+        nothing is queued, the store is open and no such commit ended just now."""
+        if not (self._commits_inline and self._committer_idle):
+            return False
+        queue = self._send.statistics()
+        if queue.current_buffer_used or not queue.open_send_channels:
+            return False
+        return time.perf_counter() - self._last_direct_commit >= DIRECT_COMMIT_GAP
 
     def _read_beside(self, op: Callable[[OpsT], T]) -> T:
         """Run the read-only ``op`` on the store's reading connection (on a worker thread,
@@ -320,6 +380,14 @@ class GroupCommitStore(Generic[OpsT]):
         """Queue ``op`` for the next group commit; operations run in the order queued.
         ``light``: it touches at most a few rows (see :data:`LIGHT_ITEMS`)."""
         pending: Pending[OpsT, T] = Pending(op, light)
+        if light and self._may_commit_now():
+            # In order: nothing is queued or running. No hop to the committer and back.
+            group: list[Pending[OpsT, object]] = [pending]  # type: ignore[list-item]
+            self._commit_here(group)
+            self._direct_commits += 1
+            self._last_direct_commit = time.perf_counter()
+            pending.finish()
+            return pending
         try:
             self._send.send_nowait(pending)  # type: ignore[arg-type]
         except (trio.ClosedResourceError, trio.BrokenResourceError):
