@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from trioworker.models import (
     ScheduleCreate,
@@ -26,6 +27,7 @@ from trioworker.models import (
     utcnow,
 )
 from trioworker.server.store import SCHEMA_VERSION, DatabaseInUse, SQLiteStore, StoreError, database_path
+from trioworker.server.store.sqlite import CHECKPOINT_EVERY
 
 
 async def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
@@ -336,24 +338,45 @@ def test_database_path(db: str | Path, path: str) -> None:
     assert database_path(db) == path
 
 
-async def test_sqlite_never_runs_on_the_trio_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_only_small_groups_of_light_operations_run_on_the_trio_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's create, claim and reports commit on the Trio thread (no thread hop); a big
+    create, a list and a cancel that may cascade go to a worker thread, and so does every
+    checkpoint (the committer's connection never checkpoints on its own)."""
     trio_thread = threading.get_ident()
-    threads: set[int] = set()
+    statements: list[tuple[bool, str]] = []  # (on the Trio thread, SQL)
     real_execute = sqlite3.Connection.execute
 
     class Spy(sqlite3.Connection):
         def execute(self, *args, **kwargs):
-            threads.add(threading.get_ident())
+            statements.append((threading.get_ident() == trio_thread, str(args[0])))
             return real_execute(self, *args, **kwargs)
+
+    def on_trio_thread(marker: str) -> set[bool]:
+        return {here for here, sql in statements if marker in sql}
 
     real_connect = sqlite3.connect
     monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: real_connect(*a, factory=Spy, **kw))
     async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        statements.clear()
         [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
         await store.claim_runs([run.id], "c")
         await store.set_states([(run.id, SetStateRequest(make_state(StateType.RUNNING)))], now=time.time())
-    assert threads
-    assert trio_thread not in threads
+        assert on_trio_thread("INSERT INTO task_runs") == {True}
+        assert on_trio_thread("UPDATE task_runs") == {True}
+        statements.clear()
+        await store.create_runs([TaskRunCreate(task_key="k") for _ in range(100)])
+        await store.list_runs(limit=10)
+        await store.set_states([(run.id, SetStateRequest(make_state(StateType.CANCELLED)))], now=time.time())
+        assert on_trio_thread("BEGIN") == {False}
+        checkpointed = store._checkpoint_done
+        for _ in range(CHECKPOINT_EVERY):
+            await store.states_of([run.id])
+        with trio.fail_after(10):
+            await checkpointed.wait()
+        assert on_trio_thread("wal_checkpoint") == {False}
+    assert store.statistics().inline_commits >= 3
 
 
 def test_in_flight_runs_reach_the_committed_view_only_with_their_commit() -> None:
@@ -435,3 +458,29 @@ async def test_a_claim_of_known_runs_reads_only_their_rows(tmp_path: Path) -> No
     few = await _claim_steps(tmp_path, 100)
     many = await _claim_steps(tmp_path, 20_000)
     assert many <= few * 1.5 + 5, (few, many)
+
+
+async def test_a_light_operation_commits_at_once_when_the_committer_is_idle(tmp_path: Path) -> None:
+    """No hop to the committer task and back for a lone create or report; a burst that
+    arrives together still shares commits (the next light operations queue for a while
+    after such a commit)."""
+    async with SQLiteStore.open(tmp_path / "db.sqlite") as store:
+        await trio.testing.wait_all_tasks_blocked()
+        before = store.statistics()
+        [(run, _)] = await store.create_runs([TaskRunCreate(task_key="k")])
+        after = store.statistics()
+        assert (after.commits - before.commits, after.direct_commits - before.direct_commits) == (1, 1)
+        assert (await store.read_run(run.id)) == run
+
+        async def create() -> None:
+            await store.create_runs([TaskRunCreate(task_key="k")])
+
+        await trio.testing.wait_all_tasks_blocked()
+        before = store.statistics()
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(create)
+        after = store.statistics()
+        assert after.operations - before.operations == 40
+        assert after.commits - before.commits <= 10
+        assert len(await store.list_runs(limit=100)) == 41

@@ -255,27 +255,22 @@ async def test_concurrent_writes_share_commits(store: Store) -> None:
 async def test_a_failing_operation_does_not_spoil_its_group(store: Store) -> None:
     assert isinstance(store, GroupCommitStore)
     [(taken, _)] = await store.create_runs([TaskRunCreate(task_key="a")])
-    outcomes: list[str] = []
-
-    async def bad() -> None:
-        with pytest.raises(ZeroDivisionError):
-            await store._run(lambda ops: 1 / 0)
-        outcomes.append("bad")
-
-    async def refused() -> None:
-        with pytest.raises(RunIdTaken):
-            await store.create_runs([TaskRunCreate(task_key="b"), TaskRunCreate(task_key="b", id=taken.id)])
-        outcomes.append("refused")
-
-    async def good() -> None:
-        await store.create_runs([TaskRunCreate(task_key="c")])
-        outcomes.append("good")
-
     before = store.statistics()
-    async with trio.open_nursery() as nursery:
-        for job in (good, bad, refused, good):
-            nursery.start_soon(job)
-    assert sorted(outcomes) == ["bad", "good", "good", "refused"]
+    now = time.time()
+    # All queued before any await, so they share one group commit.
+    good = [store._queue(lambda ops: ops.create_runs([TaskRunCreate(task_key="c")], now)) for _ in range(2)]
+    bad = store._queue(lambda ops: 1 / 0)
+    refused = store._queue(
+        lambda ops: ops.create_runs(
+            [TaskRunCreate(task_key="b"), TaskRunCreate(task_key="b", id=taken.id)], now
+        )
+    )
+    for pending in good:
+        await pending.result()
+    with pytest.raises(ZeroDivisionError):
+        await bad.result()
+    with pytest.raises(RunIdTaken):
+        await refused.result()
     assert store.statistics().commits - before.commits == 1  # one group: the failures undid only themselves
     assert sorted(run.task_key for run in await store.list_runs()) == ["a", "c", "c"]
 

@@ -6,7 +6,17 @@ A store is an :class:`Operations` (plain synchronous functions of its connection
 interface: every call queues one operation; a committer task takes every operation waiting
 at that moment (up to :data:`MAX_GROUP`) and hands the group to the store's
 :meth:`GroupCommitStore._commit_group` inside one ``trio.to_thread.run_sync`` call. So the
-Trio thread never blocks on the database, and a burst of 1,000 writes costs one commit.
+Trio thread never waits on the database, and a burst of 1,000 writes costs one commit.
+
+A store whose commit never waits on anything but the local file system (SQLite: its commits
+append to the write-ahead log without an fsync, and it checkpoints on a thread of its own)
+may commit a small group of *light* operations on the Trio thread instead
+(:attr:`GroupCommitStore._commits_inline`): one operation on a few runs costs tens of
+microseconds there, a thread's hop and wake-up several times that, and the hop sat twice on
+the path of every run (its create, its end). When the committer is idle and nothing waits,
+such an operation is committed by its caller at once (:meth:`GroupCommitStore._queue`): no
+wake-up of the committer either. Right after such a commit, the next light operations queue
+for a while (:data:`DIRECT_COMMIT_GAP`), so a burst still shares one commit.
 
 The counts of the operator's view (:meth:`GroupCommitStore.count_runs` and the like) read
 many rows: a store may run them beside the committer, on a connection of its own
@@ -15,6 +25,7 @@ many rows: a store may run them beside the committer, on a connection of its own
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +36,7 @@ import attrs
 import trio
 
 from trioworker.models import (
+    TIMED_OUT,
     Schedule,
     ScheduleCreate,
     SetStateRequest,
@@ -49,6 +61,13 @@ T = TypeVar("T")
 
 #: Most operations one group commit takes (bounds one thread call's latency).
 MAX_GROUP: Final = 512
+#: Most operations a group committed on the Trio thread may hold (each of them light).
+MAX_INLINE_GROUP: Final = 16
+#: Most runs (creates, ids, reports) an operation may touch and still be light.
+LIGHT_ITEMS: Final = 32
+#: Seconds after an operation committed by its caller during which light operations queue
+#: for the committer instead (a burst of them then shares one commit).
+DIRECT_COMMIT_GAP: Final = 0.0002
 
 
 class Operations(Protocol):
@@ -155,23 +174,36 @@ class Pending(Generic[OpsT, T]):
     """One queued operation: set ``value`` or ``error``, then ``done``."""
 
     op: Callable[[OpsT], T]
+    #: A few rows' work, bounded (see :data:`LIGHT_ITEMS`): it may commit on the Trio thread.
+    light: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     value: T | None = None
     error: BaseException | None = None
 
     async def result(self) -> T:
-        """Wait until it ran (shielded: once queued, its caller sees the outcome)."""
-        with trio.CancelScope(shield=True):
-            await self.done.wait()
+        """Wait until it ran (shielded: once queued, its caller sees the outcome). When it
+        already ran (its caller committed it), this returns at once, without a checkpoint:
+        a caller in a loop of such operations still yields, since the operations right after
+        such a commit queue (:data:`DIRECT_COMMIT_GAP`)."""
+        if not self.done.is_set():
+            with trio.CancelScope(shield=True):
+                await self.done.wait()
         if self.error is not None:
             raise self.error
         return self.value  # type: ignore[return-value]
+
+    def finish(self) -> None:
+        """It ran: wake whoever waits for :meth:`result`."""
+        self.done.set()
 
 
 @attrs.frozen
 class StoreStatistics:
     operations: int
     commits: int
+    inline_commits: int = 0
+    #: Of the inline commits, those made by the operation's caller (the committer idle).
+    direct_commits: int = 0
 
 
 class GroupCommitStore(Generic[OpsT]):
@@ -189,14 +221,31 @@ class GroupCommitStore(Generic[OpsT]):
         self._send = send
         self._operations = 0
         self._commits = 0
+        self._inline_commits = 0
+        self._direct_commits = 0
+        #: Small groups of light operations commit on the Trio thread (see the module's text).
+        self._commits_inline = False
+        #: The committer waits for operations (none queued, none running).
+        self._committer_idle = False
+        self._last_direct_commit = -math.inf  # time.perf_counter() at its end
         #: The counts run on a connection of their own (:meth:`_read_beside`), not queued.
         self._reads_beside = False
         self._reader_lock = trio.Lock()  # one count at a time; closing waits for it
         self._reader_closed = False
 
     def statistics(self) -> StoreStatistics:
-        """How many operations ran, in how many transactions (group commit at work)."""
-        return StoreStatistics(operations=self._operations, commits=self._commits)
+        """How many operations ran, in how many transactions (group commit at work), and
+        how many of those transactions ran on the Trio thread."""
+        return StoreStatistics(
+            operations=self._operations,
+            commits=self._commits,
+            inline_commits=self._inline_commits,
+            direct_commits=self._direct_commits,
+        )
+
+    def _committed(self, operations: int) -> None:
+        """Called on the Trio thread after each group commit of ``operations`` operations
+        (SQLite counts them towards its next checkpoint)."""
 
     def _commit_group(self, group: list[Pending[OpsT, object]]) -> None:
         """Run ``group`` in one transaction (on a worker thread): set each operation's
@@ -216,29 +265,35 @@ class GroupCommitStore(Generic[OpsT]):
     async def _commit_until_closed(self, receive: trio.MemoryReceiveChannel[Pending[OpsT, object]]) -> None:
         group: list[Pending[OpsT, object]] = []
         try:
-            async for first in receive:
+            while True:
+                self._committer_idle = True
+                try:
+                    first = await receive.receive()
+                except trio.EndOfChannel:
+                    break
+                finally:
+                    self._committer_idle = False
                 group = [first]
                 while len(group) < MAX_GROUP:
                     try:
                         group.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: the last group
                         break
-                try:
-                    await trio.to_thread.run_sync(self._commit_group, group)
-                    self._commits += 1
-                    self._operations += len(group)
-                except Exception as exc:
-                    failed = (
-                        exc
-                        if isinstance(exc, StoreError)
-                        else StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
-                    )
-                    for pending in group:
-                        pending.error = pending.error or failed
+                inline = self._commits_inline and len(group) <= MAX_INLINE_GROUP
+                if inline and all(pending.light for pending in group):
+                    self._commit_here(group)
+                else:
+                    try:
+                        await trio.to_thread.run_sync(self._commit_group, group)
+                    except Exception as exc:
+                        self._failed(group, exc)
+                    else:
+                        self._count_commit(group)
                 for pending in group:
-                    pending.done.set()
+                    pending.finish()
                 group = []
         finally:
+            self._committer_idle = False
             closed = StoreError("the store was closed before this operation ran")
             for pending in group:
                 if not pending.done.is_set():
@@ -252,6 +307,43 @@ class GroupCommitStore(Generic[OpsT]):
                     break
                 pending.error = closed
                 pending.done.set()
+
+    def _commit_here(self, group: list[Pending[OpsT, object]]) -> None:
+        """Commit ``group`` on the Trio thread (it blocks it for as long)."""
+        try:
+            self._commit_group(group)
+        except Exception as exc:
+            self._failed(group, exc)
+        else:
+            self._inline_commits += 1
+            self._count_commit(group)
+
+    def _count_commit(self, group: list[Pending[OpsT, object]]) -> None:
+        self._commits += 1
+        self._operations += len(group)
+        self._committed(len(group))
+
+    @staticmethod
+    def _failed(group: list[Pending[OpsT, object]], exc: Exception) -> None:
+        """The commit of ``group`` failed with ``exc``: each operation that has no error of
+        its own fails with it (a :class:`StoreError` as it is, anything else wrapped)."""
+        failed = (
+            exc
+            if isinstance(exc, StoreError)
+            else StoreError(f"the store could not commit: {exc!r}; nothing of it was saved")
+        )
+        for pending in group:
+            pending.error = pending.error or failed
+
+    def _may_commit_now(self) -> bool:
+        """Whether a light operation can be committed by its caller: the committer is idle,
+        nothing is queued, the store is open and no such commit ended just now."""
+        if not (self._commits_inline and self._committer_idle):
+            return False
+        queue = self._send.statistics()
+        if queue.current_buffer_used or not queue.open_send_channels:
+            return False
+        return time.perf_counter() - self._last_direct_commit >= DIRECT_COMMIT_GAP
 
     def _read_beside(self, op: Callable[[OpsT], T]) -> T:
         """Run the read-only ``op`` on the store's reading connection (on a worker thread,
@@ -284,16 +376,25 @@ class GroupCommitStore(Generic[OpsT]):
                 raise StoreError("the store is closed")
             return await trio.to_thread.run_sync(self._read_beside, op)
 
-    def _queue(self, op: Callable[[OpsT], T]) -> Pending[OpsT, T]:
-        """Queue ``op`` for the next group commit; operations run in the order queued."""
-        pending: Pending[OpsT, T] = Pending(op)
+    def _queue(self, op: Callable[[OpsT], T], *, light: bool = False) -> Pending[OpsT, T]:
+        """Queue ``op`` for the next group commit; operations run in the order queued.
+        ``light``: it touches at most a few rows (see :data:`LIGHT_ITEMS`)."""
+        pending: Pending[OpsT, T] = Pending(op, light)
+        if light and self._may_commit_now():
+            # In order: nothing is queued or running. No hop to the committer and back.
+            group: list[Pending[OpsT, object]] = [pending]  # type: ignore[list-item]
+            self._commit_here(group)
+            self._direct_commits += 1
+            self._last_direct_commit = time.perf_counter()
+            pending.finish()
+            return pending
         try:
             self._send.send_nowait(pending)  # type: ignore[arg-type]
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StoreError("the store is closed") from None
         return pending
 
-    async def _run(self, op: Callable[[OpsT], T]) -> T:
+    async def _run(self, op: Callable[[OpsT], T], *, light: bool = False) -> T:
         """Queue ``op`` for the next group commit and wait for its result.
 
         **Cancellation handling:** once queued, an operation always runs and its caller
@@ -301,24 +402,24 @@ class GroupCommitStore(Generic[OpsT]):
         is what keeps memory and disk in step: a claim whose caller was cancelled still
         returns the runs it leased, so they can be handed back.
         """
-        return await self._queue(op).result()
+        return await self._queue(op, light=light).result()
 
     # -- the Store interface
     async def create_runs(
         self, creates: Sequence[TaskRunCreate], *, now: float | None = None
     ) -> list[tuple[TaskRun, QueuedRun | None]]:
         clock_now = time.time() if now is None else now
-        return await self._run(lambda ops: ops.create_runs(creates, clock_now))
+        return await self._run(lambda ops: ops.create_runs(creates, clock_now), light=_few(creates))
 
     async def settle_cached(self, run_ids: Sequence[uuid.UUID], *, now: float) -> list[Change]:
-        return await self._run(lambda ops: ops.settle_cached(run_ids, now))
+        return await self._run(lambda ops: ops.settle_cached(run_ids, now), light=_few(run_ids))
 
     async def read_run(self, run_id: uuid.UUID) -> TaskRun | None:
-        runs = await self._run(lambda ops: ops.read_runs([run_id]))
+        runs = await self._run(lambda ops: ops.read_runs([run_id]), light=True)
         return runs[0] if runs else None
 
     async def read_runs(self, run_ids: Sequence[uuid.UUID]) -> list[TaskRun]:
-        return await self._run(lambda ops: ops.read_runs(run_ids))
+        return await self._run(lambda ops: ops.read_runs(run_ids), light=_few(run_ids))
 
     async def list_runs(
         self,
@@ -361,11 +462,11 @@ class GroupCommitStore(Generic[OpsT]):
         return await self._count(lambda ops: ops.oldest_waiting(now))
 
     async def history(self, run_id: uuid.UUID) -> list[StateChange] | None:
-        return await self._run(lambda ops: ops.history(run_id))
+        return await self._run(lambda ops: ops.history(run_id), light=True)
 
     async def claim_runs(self, run_ids: Sequence[uuid.UUID], client_id: str) -> list[TaskRun]:
         now = utcnow()
-        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now))
+        return await self._run(lambda ops: ops.claim_runs(run_ids, client_id, now), light=_few(run_ids))
 
     def claim_runs_soon(
         self, runs: Sequence[TaskRun], client_id: str, now: datetime
@@ -374,7 +475,7 @@ class GroupCommitStore(Generic[OpsT]):
         operations see it done."""
         ids = [run.id for run in runs]
         known = {run.id: run for run in runs}
-        return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known))
+        return self._queue(lambda ops: ops.claim_runs(ids, client_id, now, known), light=_few(ids))
 
     async def set_states(
         self,
@@ -383,7 +484,8 @@ class GroupCommitStore(Generic[OpsT]):
         now: float,
         holder: str | None = None,
     ) -> list[Change]:
-        return await self._run(lambda ops: ops.set_states(requests, now, holder))
+        light = _few(requests) and not any(can_cascade(request) for _, request in requests)
+        return await self._run(lambda ops: ops.set_states(requests, now, holder), light=light)
 
     async def requeue(
         self,
@@ -393,7 +495,9 @@ class GroupCommitStore(Generic[OpsT]):
         max_deliveries: int | None,
         holder: str | None = None,
     ) -> list[Requeued]:
-        return await self._run(lambda ops: ops.requeue(run_ids, reason, max_deliveries, holder))
+        return await self._run(
+            lambda ops: ops.requeue(run_ids, reason, max_deliveries, holder), light=_few(run_ids)
+        )
 
     async def delete_run(self, run_id: uuid.UUID) -> TaskRun | None:
         return await self._run(lambda ops: ops.delete_run(run_id))
@@ -414,21 +518,21 @@ class GroupCommitStore(Generic[OpsT]):
     async def reclaim(
         self, run_ids: Sequence[uuid.UUID], client_id: str
     ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-        return await self._run(lambda ops: ops.reclaim(run_ids, client_id))
+        return await self._run(lambda ops: ops.reclaim(run_ids, client_id), light=_few(run_ids))
 
     async def recover(self, max_deliveries: int) -> list[QueuedRun]:
         return await self._run(lambda ops: ops.recover(max_deliveries))
 
     async def states_of(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StateType]:
-        return await self._run(lambda ops: ops.states_of(run_ids))
+        return await self._run(lambda ops: ops.states_of(run_ids), light=_few(run_ids))
 
     async def runs_by_idempotency_key(
         self, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], uuid.UUID]:
-        return await self._run(lambda ops: ops.runs_by_idempotency_key(keys))
+        return await self._run(lambda ops: ops.runs_by_idempotency_key(keys), light=_few(keys))
 
     async def read_ended(self, run_ids: Sequence[uuid.UUID]) -> tuple[list[TaskRun], set[uuid.UUID]]:
-        return await self._run(lambda ops: ops.read_ended(run_ids))
+        return await self._run(lambda ops: ops.read_ended(run_ids), light=_few(run_ids))
 
     # -- schedules
     async def upsert_schedule(self, create: ScheduleCreate, now: datetime) -> tuple[Schedule, bool]:
@@ -442,3 +546,16 @@ class GroupCommitStore(Generic[OpsT]):
 
     async def fire_schedules(self, now: float) -> Fired:
         return await self._run(lambda ops: ops.fire_schedules(now))
+
+
+def _few(items: Sequence[object]) -> bool:
+    """Whether an operation on ``items`` is light (see :data:`LIGHT_ITEMS`)."""
+    return len(items) <= LIGHT_ITEMS
+
+
+def can_cascade(request: SetStateRequest) -> bool:
+    """Whether applying ``request`` may cancel a run's descendants (a tree of any size):
+    a cancel, or an attempt that ran out of time (see
+    :func:`~trioworker.server.store.runs.cancels_descendants`)."""
+    state = request.state
+    return state.type is StateType.CANCELLED or state.state_details.reason == TIMED_OUT

@@ -1,11 +1,15 @@
 """The embedded store: SQLite, one file (or memory), one server.
 
-SQLite runs in WAL mode on one connection that only worker threads touch: every
-operation is a plain function of the connection (:class:`_SQLiteOps`), and
+SQLite runs in WAL mode (``synchronous = NORMAL``: a commit appends to the log, only a
+checkpoint syncs) on one connection that one task at a time uses: every operation is a
+plain function of the connection (:class:`_SQLiteOps`), and
 :class:`~trioworker.server.store.commit.GroupCommitStore` runs all operations waiting at
-a moment in one transaction (group commit) inside one ``trio.to_thread.run_sync`` call.
-So the Trio thread never blocks on SQLite, and a burst of 1,000 writes costs one commit,
-not 1,000.
+a moment in one transaction (group commit): on a worker thread, or, for a small group of
+light operations (a run's create, claim or report), on the Trio thread, where it costs
+tens of microseconds and no thread hop. A burst of 1,000 writes costs one commit, not
+1,000. That connection never checkpoints: a task of the store does, on its reading
+connection and a worker thread, every :data:`CHECKPOINT_EVERY` operations, so the
+milliseconds of a checkpoint's sync never fall on the Trio thread.
 
 Each operation is atomic (its own savepoint) and reads what it changes inside the same
 transaction, so state checks and updates cannot interleave. What a change does to a run
@@ -14,6 +18,7 @@ is :mod:`trioworker.server.store.runs`'s; this module only reads and writes rows
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sqlite3
@@ -86,6 +91,7 @@ from trioworker.server.store.runs import (
 )
 from trioworker.server.store.schedules import FIRE_BATCH, fire_due, schedule_body, schedule_from_body
 
+log = logging.getLogger("trioworker.server")
 T = TypeVar("T")
 
 #: 1: the first schema; 2: an idempotency key is unique per task key, not across all keys;
@@ -1043,6 +1049,20 @@ class _SQLiteOps(Operations):
 # --------------------------------------------------------------------------- committer
 
 
+def _run_all(ops: _SQLiteOps, group: list[Pending[_SQLiteOps, object]]) -> Exception | None:
+    """Run the operations one after the other in the open transaction, without savepoints
+    (two statements an operation saved): the error of the first that fails (the others
+    are not run then, and the transaction must be rolled back), or None."""
+    for pending in group:
+        try:
+            pending.value = pending.op(ops)
+        except Exception as exc:
+            ops.in_flight.op_done(ok=False)
+            return exc
+        ops.in_flight.op_done(ok=True)
+    return None
+
+
 def _run_one(ops: _SQLiteOps, pending: Pending[_SQLiteOps, object]) -> None:
     """Run one operation in its own savepoint: its failure undoes only its own writes."""
     conn = ops.conn
@@ -1093,6 +1113,21 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _connect_committer(path: str) -> sqlite3.Connection:
+    """The committer's connection: it never checkpoints (a checkpoint copies the log into
+    the file and syncs it, milliseconds that must not fall on a commit made on the Trio
+    thread); the store's checkpointer does, on a thread (:meth:`SQLiteStore._checkpoint_forever`)."""
+    conn = _connect(path)
+    if path != ":memory:":
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+    return conn
+
+
+#: Operations committed between two checkpoints of the write-ahead log. SQLite's own
+#: default is a checkpoint once the log holds 1,000 pages; an operation writes a few.
+CHECKPOINT_EVERY: Final = 400
+
+
 class SQLiteStore(GroupCommitStore[_SQLiteOps]):
     """The embedded :class:`~trioworker.server.store.base.Store`. Open it with :meth:`open`;
     it lives as long as that block."""
@@ -1103,8 +1138,15 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
         super().__init__(_SQLiteOps(conn), send)
         self.path: str = ""
         #: The connection that counts runs for the operator's view, beside the committer's
-        #: (None: in memory, where the committer's connection is the only way in).
+        #: (None: in memory, where the committer's connection is the only way in). It also
+        #: checkpoints the write-ahead log.
         self._reader: _SQLiteOps | None = None
+        self._commits_inline = True
+        self._since_checkpoint = 0
+        self._checkpoint_wanted = trio.Event()
+        self._checkpoints = 0
+        #: Set (and replaced) at each checkpoint's end.
+        self._checkpoint_done = trio.Event()
 
     @property
     def location(self) -> str:
@@ -1148,7 +1190,7 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
             lock = await trio.to_thread.run_sync(lock_file, path)
         try:
             with _opening(path):
-                conn = await trio.to_thread.run_sync(_connect, path)
+                conn = await trio.to_thread.run_sync(_connect_committer, path)
             send, receive = trio.open_memory_channel[Pending[_SQLiteOps, object]](math.inf)
             store = cls(conn, send)
             store.path = path
@@ -1159,7 +1201,7 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
                         store._reader = _SQLiteOps(await trio.to_thread.run_sync(_connect, path))
                         store._reads_beside = True
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(store._commit_forever, receive)
+                    nursery.start_soon(store._commit_and_checkpoint, receive)
                     try:
                         yield store
                     finally:
@@ -1174,6 +1216,43 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
             if lock is not None:
                 os.close(lock)  # only now: every SQLite connection to the file is closed
 
+    async def _commit_and_checkpoint(
+        self, receive: trio.MemoryReceiveChannel[Pending[_SQLiteOps, object]]
+    ) -> None:
+        """The committer, and beside it the checkpointer, until the committer is done."""
+        async with trio.open_nursery() as nursery:
+            if self._reader is not None:
+                nursery.start_soon(self._checkpoint_forever)
+            await self._commit_forever(receive)
+            nursery.cancel_scope.cancel()
+
+    def _committed(self, operations: int) -> None:
+        self._since_checkpoint += operations
+        if self._since_checkpoint >= CHECKPOINT_EVERY:
+            self._since_checkpoint = 0
+            self._checkpoint_wanted.set()
+
+    async def _checkpoint_forever(self) -> None:
+        """Checkpoint the write-ahead log (PASSIVE: it never holds up the committer) each
+        time the committer asks, on a worker thread, on the reading connection."""
+        while True:
+            await self._checkpoint_wanted.wait()
+            self._checkpoint_wanted = trio.Event()
+            async with self._reader_lock:
+                if self._reader_closed or self._reader is None:
+                    return
+                await trio.to_thread.run_sync(self._checkpoint, self._reader.conn)
+            self._checkpoint_done.set()
+            self._checkpoint_done = trio.Event()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # the next one tries again; the log only grows meanwhile
+            log.warning("checkpoint of %s failed: %s", self.path, exc)
+        else:
+            self._checkpoints += 1
+
     def _read_beside(self, op: Callable[[_SQLiteOps], T]) -> T:
         """Run ``op`` on the reader connection: WAL lets it read while the committer writes,
         and it sees every transaction committed before it began."""
@@ -1184,12 +1263,26 @@ class SQLiteStore(GroupCommitStore[_SQLiteOps]):
             raise StoreError(f"the store could not read: {exc!r}") from None
 
     def _commit_group(self, group: list[Pending[_SQLiteOps, object]]) -> None:
+        """Run ``group`` in one transaction. Operations rarely fail, so they first run without
+        savepoints; when one fails, the transaction is rolled back and the group runs again,
+        each operation in its own savepoint (a failure undoes only that one's writes)."""
         ops = self._ops
         conn = ops.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for pending in group:
-                _run_one(ops, pending)
+            error = _run_all(ops, group)
+            if error is not None:
+                if conn.in_transaction:  # SQLite ends it itself on some errors
+                    conn.execute("ROLLBACK")
+                ops.in_flight.group_done(ok=False)
+                if len(group) == 1:
+                    group[0].error = error
+                    return
+                for pending in group:
+                    pending.value = None
+                conn.execute("BEGIN IMMEDIATE")
+                for pending in group:
+                    _run_one(ops, pending)
             conn.execute("COMMIT")
         except BaseException:
             ops.in_flight.group_done(ok=False)
