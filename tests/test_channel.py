@@ -12,7 +12,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from trioworker.models import TaskRunCreate
 from trioworker.server import RunningServer
+from trioworker.server.service import TaskRunService
 from trioworker.testing import ServerControl
 
 #: Every test here runs its server on each kind of store (tests/stores.py).
@@ -124,6 +126,46 @@ async def test_a_watched_create_watches_only_what_can_still_end(trioworker_serve
         await ws.send(create(4, refused_id, "", watch=True))
         assert (await ws.receive())["status"] == 422
         assert ended_id not in service._waiters and refused_id not in service._waiters
+
+
+async def test_a_watch_during_a_refused_watched_create_is_answered(
+    trioworker_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch message for an id a watched create in flight watches already waits for that
+    create: refused (the id is another key's run), the id is watched as the message asked."""
+    service = trioworker_server.service
+    run_id = str(uuid.uuid4())
+    entered, gate = trio.Event(), trio.Event()
+    create_runs = TaskRunService.create_runs
+
+    async def held(self: TaskRunService, creates: list[TaskRunCreate], *, partial: bool = False) -> Any:
+        if creates[0].task_key == "other":  # the refused create waits here, its ids watched
+            entered.set()
+            await gate.wait()
+        return await create_runs(self, creates, partial=partial)
+
+    monkeypatch.setattr(TaskRunService, "create_runs", held)
+    async with channel(trioworker_server) as ws:
+        await ws.send({"type": "create", "ref": 1, "task_runs": [{"task_key": "k", "id": run_id}]})
+        assert (await ws.receive())["type"] == "created"
+        refused = {
+            "type": "create",
+            "ref": 2,
+            "watch": True,
+            "task_runs": [{"task_key": "other", "id": run_id}],
+        }
+        await ws.send(refused)
+        with trio.fail_after(10):
+            await entered.wait()
+        await ws.send({"type": "watch", "ids": [run_id]})
+        await ws.send({"type": "create", "ref": 3, "task_runs": [{"task_key": "k"}]})
+        assert (await ws.receive())["ref"] == 3  # the watch message was read
+        gate.set()
+        assert (await ws.receive())["status"] == 409
+        await service.cancel(uuid.UUID(run_id))
+        ended = await ws.receive()
+        assert [(r["id"], r["state"]["type"]) for r in ended["task_runs"]] == [(run_id, "CANCELLED")]
+        assert uuid.UUID(run_id) not in service._waiters
 
 
 async def test_bad_creates_get_an_error_and_the_socket_stays(trioworker_server: RunningServer) -> None:

@@ -39,7 +39,7 @@ from typing import Final
 import trio
 
 from trioworker import protocol
-from trioworker.models import JSON, TaskRun, converter
+from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
 from trioworker.server.limits import QueueFullRefusal
 from trioworker.server.service import TaskRunService, Waiter
 from trioworker.server.sockets import (
@@ -77,7 +77,12 @@ class ChannelSession(JsonSocket):
         super().__init__(token_ok, closing, service.fence)
         self.service = service
         self.waiter = Waiter()
+        #: The ids this connection's waiter is registered for.
         self.watched: set[uuid.UUID] = set()
+        #: Of those, the ids watched before their create, while it is in flight; and of
+        #: these, the ids a watch message named meanwhile (answered once the create is).
+        self.early: set[uuid.UUID] = set()
+        self.asked_early: set[uuid.UUID] = set()
         self.creates = trio.CapacityLimiter(MAX_CONCURRENT_CREATES)
         #: Per task key: the refs of refused creates to name once there is room for them.
         self.room_refs: dict[str, list[JSON]] = {}
@@ -111,24 +116,51 @@ class ChannelSession(JsonSocket):
                 await self.creates.acquire_on_behalf_of(slot)
                 nursery.start_soon(self.create, items, ref, slot, partial, watch)
             elif kind == protocol.WATCH:
-                # An id watched already (since its create, or a watch before) is not read
-                # again: its end is on its way.
-                ids = [i for i in dict.fromkeys(_ids(message)) if i not in self.watched]
-                if ids:
-                    self.watched.update(ids)
-                    ended, missing = await self.service.watch(self.waiter, ids)
-                    self._unwatch([r.id for r in ended] + missing)
-                    if ended or missing:
-                        await self.send_ended(ended, missing)
+                ids = list(dict.fromkeys(_ids(message)))
+                self.asked_early.update(i for i in ids if i in self.early)
+                await self._watch(ids)
             elif kind == protocol.UNWATCH:
                 self._unwatch(_ids(message))
             else:
                 raise ProtocolViolation(f"unknown message type {kind!r}")
 
+    async def _watch(self, ids: list[uuid.UUID]) -> None:
+        """Push the ends of ``ids`` (at once for those ended). An id watched already (since
+        its create, or a watch before) is not read again: its end is on its way."""
+        ids = [i for i in ids if i not in self.watched]
+        if ids:
+            self.watched.update(ids)
+            ended, missing = await self.service.watch(self.waiter, ids)
+            self._unwatch([r.id for r in ended] + missing)  # over: nothing more to push
+            if ended or missing:
+                await self.send_ended(ended, missing)
+
     def _unwatch(self, ids: list[uuid.UUID]) -> None:
         if ids:
             self.service.unwatch(self.waiter, ids)
             self.watched.difference_update(ids)
+
+    def _watch_early(self, creates: list[TaskRunCreate]) -> list[uuid.UUID]:
+        """Watch the given ids of ``creates`` before they are created (reading nothing:
+        where every end passes through this server); the ids newly watched."""
+        early = list(dict.fromkeys(c.id for c in creates if c.id is not None and c.id not in self.watched))
+        self.watched.update(early)
+        self.early.update(early)
+        self.service.watch_unread(self.waiter, early)
+        return early
+
+    async def _early_done(self, early: list[uuid.UUID], runs: list[TaskRun]) -> None:
+        """The create of ``early`` was answered with ``runs`` (none: refused). Unwatch the
+        ids no run was made with and those whose run ended already (the answer says so);
+        those of them a watch message named meanwhile are watched as it asked."""
+        made = {r.id: r for r in runs}
+        self.early.difference_update(early)
+        asked = [i for i in early if i in self.asked_early]
+        self.asked_early.difference_update(asked)
+        over = [i for i in early if i not in made or made[i].state.is_terminal]
+        self._unwatch(over)
+        if asked:
+            await self._watch([i for i in over if i in asked])
 
     async def create(
         self, items: list[JSON], ref: JSON, slot: object, partial: bool = False, watch: bool = False
@@ -138,24 +170,21 @@ class ChannelSession(JsonSocket):
         try:
             creates = creates_from(items)
             if watch and not self.service.dispatcher.shared:
-                early = [c.id for c in creates if c.id is not None and c.id not in self.watched]
-                early = list(dict.fromkeys(early))
-                self.watched.update(early)
-                self.service.watch_unread(self.waiter, early)
+                early = self._watch_early(creates)
             runs = [run for run, _ in await self.service.create_runs(creates, partial=partial)]
             if watch:
                 runs = await self._watch_created(runs, early)
             # Let the deliveries the new runs woke go out first: the reply can wait a pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
         except QueueFullRefusal as full:
-            self._unwatch(early)
+            await self._early_done(early, [])
             full.room_announced = partial and self._can_announce(full.task_key)
             await self.send({"type": protocol.ERROR, "ref": ref, "status": full.status, **full.body()})
             if full.room_announced:
                 # Only once the refusal was sent: its ``room`` message can only come after it.
                 self._announce_room(full.task_key, full.wanted, ref)
         except Refusal as exc:
-            self._unwatch(early)
+            await self._early_done(early, [])
             await self.send({"type": protocol.ERROR, "ref": ref, "status": exc.status, **exc.body()})
         else:
             created: dict[str, JSON] = {
@@ -172,16 +201,12 @@ class ChannelSession(JsonSocket):
     async def _watch_created(self, runs: list[TaskRun], early: list[uuid.UUID]) -> list[TaskRun]:
         """Watch the runs of a watched create that have not ended; the runs to answer with.
 
-        ``early`` were watched before the create (nothing read): those not among the runs
-        (an idempotency key named another) or ended already (the answer says so) are
-        unwatched. The others (another run an idempotency key named; on a shared store,
-        all) are watched now and read, so that none ends unseen: the answer carries those
-        that ended meanwhile in their final form.
+        ``early`` were watched before the create (nothing read): see :meth:`_early_done`.
+        The others (another run an idempotency key named; on a shared store, all) are
+        watched now and read, so that none ends unseen: the answer carries those that
+        ended meanwhile in their final form.
         """
-        watched = set(early)
-        self._unwatch([r.id for r in runs if r.id in watched and r.state.is_terminal])
-        made = {r.id for r in runs}
-        self._unwatch([i for i in early if i not in made])
+        await self._early_done(early, runs)
         late = [r.id for r in runs if not r.state.is_terminal and r.id not in self.watched]
         if not late:
             return runs
