@@ -15,9 +15,10 @@ import trio.testing
 import trioworker
 from trioworker import TaskRunFailed, TaskRunFuture, TaskWorker, task
 from trioworker.client.channel import ClientChannel
-from trioworker.models import JSON
+from trioworker.models import JSON, TaskRunCreate
 from trioworker.server import RunningServer
 from trioworker.server.channel import ChannelSession
+from trioworker.server.service import TaskRunService
 from trioworker.testing import ServerControl
 
 #: Every test here runs its server on each kind of store (tests/stores.py).
@@ -36,6 +37,8 @@ class Wire:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sent: list[dict[str, JSON]] = []
+        #: The type of every message applied, in order.
+        self.applied: list[str] = []
         self.ended = trio.Event()
         send, apply = ClientChannel._send, ClientChannel._apply
 
@@ -45,6 +48,7 @@ class Wire:
 
         def applying(channel: ClientChannel, message: dict[str, JSON]) -> None:
             apply(channel, message)
+            self.applied.append(str(message["type"]))
             if message["type"] == "ended":
                 self.ended.set()
 
@@ -56,9 +60,10 @@ class Wire:
 
     async def until_ended(self, channel: ClientChannel, futures: list[TaskRunFuture[Any]]) -> None:
         """Until the channel has every future's end (each ``ended`` wakes a check)."""
-        while not all(channel.ended(f.task_run_id) for f in futures):
-            self.ended = trio.Event()
-            await self.ended.wait()
+        with trio.fail_after(10):
+            while not all(channel.ended(f.task_run_id) for f in futures):
+                self.ended = trio.Event()
+                await self.ended.wait()
 
 
 @pytest.fixture
@@ -138,9 +143,10 @@ async def test_ends_nobody_awaits_are_kept_only_while_their_futures_live(
         gc.collect()
         assert channel._created == {}  # the ended ones and the one still queued
         # An end pushed for a run whose future is gone is dropped.
-        await trioworker_server.service.cancel(ids[2])
         wire.ended = trio.Event()
-        await wire.ended.wait()
+        await trioworker_server.service.cancel(ids[2])
+        with trio.fail_after(10):
+            await wire.ended.wait()
         assert channel._created == {}
 
 
@@ -201,3 +207,33 @@ async def test_a_watched_run_survives_the_loss_of_the_channel(
         await server.service.cancel(future.task_run_id)
         with pytest.raises(TaskRunFailed, match="CANCELLED"):
             await future.result(timeout=10)
+
+
+async def test_an_end_that_comes_before_the_answer_makes_the_future_done(
+    trioworker_server: RunningServer, wire: Wire, monkeypatch: pytest.MonkeyPatch, store_kind: str
+) -> None:
+    """A run that ends before its create is answered: the future is done at once."""
+    create_runs = TaskRunService.create_runs
+
+    async def ending(self: TaskRunService, creates: list[TaskRunCreate], *, partial: bool = False) -> Any:
+        made = await create_runs(self, creates, partial=partial)
+        await self.cancel(made[0][0].id)
+        await trio.testing.wait_all_tasks_blocked()  # its end went out (where it is pushed)
+        return made
+
+    async with trioworker.connect() as client:
+        channel = client.channel
+        assert channel is not None
+        await awaited_once(trioworker_server)
+        monkeypatch.setattr(TaskRunService, "create_runs", ending)
+        del wire.applied[:]
+        future = await add.delay(1)
+        # Pushed before the answer where its id is watched before the create (a local
+        # store); on a shared store it is watched once made, and the answer says it ended.
+        assert wire.applied == (["ended", "created"] if store_kind == "sqlite" else ["created"])
+        assert future.done and future.task_run is not None
+        assert future.task_run.state.type.value == "CANCELLED"
+        with pytest.raises(TaskRunFailed, match="CANCELLED"):
+            await future.result()
+        assert wire.types()[-1] == "create"
+        assert channel._created == {}
