@@ -9,6 +9,12 @@ creates on over HTTP: a create is sent again with the same run ids, which the se
 answers with the runs it made), calls go over HTTP meanwhile, and the channel is opened
 again with backoff. User code never sees a parse error.
 
+Once a run was waited for here, creates ask to be watched from the start (``"watch":
+true``): each end is pushed as it happens, so an awaited result costs no watch message,
+and an end that comes before its future waits is kept for it as long as the run object
+the create answered (which the future holds) lives. An older server ignores the field;
+waits then watch as before.
+
 With several servers, the channel follows the failover rule of :mod:`trioworker.servers`
 on the :class:`~trioworker.servers.Servers` it shares with its client: a lost connection
 (a close with 1012 included) opens it again on the next server at once; backoff comes
@@ -22,7 +28,7 @@ import logging
 import random
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -66,6 +72,26 @@ class _PendingCreate:
     done: trio.Event = attrs.field(factory=trio.Event)
     runs: list[TaskRun] = attrs.field(factory=list)
     error: Exception | None = None
+    #: The server watches the runs that have not ended (``"watched": true``).
+    watched: bool = False
+
+
+@attrs.define(eq=False)
+class _Created:
+    """A run created watched: the server pushes its end unasked.
+
+    Kept as long as the run as the create answered it (``TaskRun``, which its future holds)
+    lives, by a weak reference; its end, once pushed, with it.
+    """
+
+    #: The run as created; None while the create is in flight.
+    ref: weakref.ref[TaskRun] | None = None
+    ended: TaskRun | None = None
+    missing: bool = False
+
+    @property
+    def settled(self) -> bool:
+        return self.ended is not None or self.missing
 
 
 @attrs.define(eq=False)
@@ -111,6 +137,12 @@ class ClientChannel(UsesServers):
     _calls: dict[int, _PendingCreate] = attrs.field(factory=dict)
     _watches: dict[uuid.UUID, _Watch] = attrs.field(factory=dict)
     _to_watch: list[uuid.UUID] = attrs.field(factory=list)
+    #: Whether creates ask to be watched (``"watch": true``): set once a run was waited
+    #: for here (:meth:`wait`), so that a process that awaits its results gets each end
+    #: pushed without a watch message, and one that only submits costs nothing more.
+    watch_creates: bool = False
+    #: The runs the server watches since their create, by id (see :class:`_Created`).
+    _created: dict[uuid.UUID, _Created] = attrs.field(factory=dict)
     #: Refused creates (by ref) whose refusal promised a ``room`` message.
     _room_waits: dict[int, _RoomWait] = attrs.field(factory=dict)
     #: The same waits, by the QueueFull raised for the refusal (see :meth:`wait_room`).
@@ -145,8 +177,14 @@ class ClientChannel(UsesServers):
         why = "" if self.broken is None else f": {self.broken}"
         return ServerUnavailable(f"the channel to {self._url or self.api_url} was lost{why}")
 
-    async def create(self, creates: Sequence[TaskRunCreate], *, partial: bool = False) -> list[TaskRun]:
+    async def create(
+        self, creates: Sequence[TaskRunCreate], *, partial: bool = False, watch: bool | None = None
+    ) -> list[TaskRun]:
         """Create runs; returns them in order.
+
+        ``watch`` (default :attr:`watch_creates`): ask the server to push the runs' ends
+        unasked, so that :meth:`wait` needs no watch message; a run whose end came before
+        the answer is returned ended. An older server ignores it (the waits then watch).
 
         Raises:
             ApiError: the server refused them (422, 409); :class:`QueueFull` for a full
@@ -163,14 +201,70 @@ class ClientChannel(UsesServers):
         }
         if partial:
             message["partial"] = True
+        pending: dict[uuid.UUID, _Created] = {}
+        if self.watch_creates if watch is None else watch:
+            message["watch"] = True
+            # Before sending: an end may come before the answer.
+            for create in creates:
+                if create.id is not None and create.id not in self._created:
+                    pending[create.id] = self._created[create.id] = _Created()
         try:
             await self._send(message)
             await call.done.wait()
+            if call.error is None and call.watched:
+                return self._adopt_created(call.runs, pending)
         finally:
             self._calls.pop(ref, None)
+            for run_id, created in pending.items():  # not watched (an older server), or failed
+                self._drop_created(run_id, created)
         if call.error is not None:
             raise call.error
         return call.runs
+
+    def _adopt_created(self, runs: list[TaskRun], pending: dict[uuid.UUID, _Created]) -> list[TaskRun]:
+        """The runs of a watched create as answered (its ids' entries taken out of
+        ``pending``): tie what is kept of each to it (see :class:`_Created`); a run whose
+        end came first is returned ended."""
+        answered: list[TaskRun] = []
+        for run in runs:
+            created = pending.pop(run.id, None)
+            if created is None:
+                # Another run (an idempotency key's), watched too, unless something else
+                # keeps it already.
+                if run.id not in self._created and not run.state.is_terminal:
+                    self._created[run.id] = _Created(weakref.ref(run, self._forget_created(run.id)))
+                answered.append(run)
+            elif created.settled or run.state.is_terminal:
+                self._drop_created(run.id, created)
+                answered.append(created.ended or run)
+            else:
+                created.ref = weakref.ref(run, self._forget_created(run.id))
+                answered.append(run)
+        return answered
+
+    def _drop_created(self, run_id: uuid.UUID, created: _Created) -> None:
+        if self._created.get(run_id) is created:
+            del self._created[run_id]
+
+    def _forget_created(self, run_id: uuid.UUID) -> Callable[[weakref.ref[TaskRun]], None]:
+        """The weak reference's callback: forget ``run_id`` once its run object is gone."""
+
+        def forget(ref: weakref.ref[TaskRun]) -> None:
+            created = self._created.get(run_id)
+            if created is not None and created.ref is ref:
+                del self._created[run_id]
+
+        return forget
+
+    def ended(self, run_id: uuid.UUID) -> TaskRun | None:
+        """The run's end as the server pushed it for a watched create, if it came; None
+        if not (yet). Raises NotFound when the server said it is gone."""
+        created = self._created.get(run_id)
+        if created is None:
+            return None
+        if created.missing:
+            raise NotFound(404, f"no task run {run_id} (deleted?)")
+        return created.ended
 
     async def wait_room(self, full: QueueFull) -> int | None:
         """Wait until the server says the queue that refused ``full`` (raised by
@@ -188,11 +282,20 @@ class ClientChannel(UsesServers):
         return wait.room
 
     async def wait(self, run_id: uuid.UUID, seconds: float) -> TaskRun | None:
-        """The run once it ended; None if ``seconds`` passed first. Raises NotFound if it is gone."""
+        """The run once it ended; None if ``seconds`` passed first. Raises NotFound if it is gone.
+
+        A run created watched needs no watch message; if its end came already, it is
+        returned without waiting. From the first wait on, creates ask to be watched.
+        """
+        self.watch_creates = True
         watch = self._watches.get(run_id)
         if watch is None:
+            created = self._created.get(run_id)
+            if created is not None and created.settled:
+                return self.ended(run_id)
             watch = self._watches[run_id] = _Watch()
-            await self._watch_soon(run_id)
+            if created is None or created.ref is None:  # not watched, or its create in flight
+                await self._watch_soon(run_id)
         watch.waiters += 1
         try:
             with trio.move_on_after(seconds):
@@ -201,7 +304,8 @@ class ClientChannel(UsesServers):
             watch.waiters -= 1
             if watch.waiters == 0 and not watch.done.is_set() and self._watches.get(run_id) is watch:
                 del self._watches[run_id]
-                if self.usable:
+                # A run watched since its create stays watched: its end is kept for later.
+                if run_id not in self._created and self.usable:
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         await self._send({"type": protocol.UNWATCH, "ids": [str(run_id)]})
         if watch.dropped or (self.broken is not None and not watch.done.is_set()):
@@ -307,9 +411,12 @@ class ClientChannel(UsesServers):
         try:
             if kind == protocol.CREATED:
                 runs = converter.structure(message["task_runs"], list[TaskRun])
+                watched = message.get("watched", False)
+                if not isinstance(watched, bool):
+                    raise TypeError(f"watched {watched!r} is not true or false")
                 call = self._calls.get(_ref(message))
                 if call is not None:
-                    call.runs = runs
+                    call.runs, call.watched = runs, watched
                     call.done.set()
             elif kind == protocol.ERROR:
                 status, detail = message.get("status", 400), message.get("detail")
@@ -358,6 +465,9 @@ class ClientChannel(UsesServers):
         if watch is not None:
             watch.run, watch.missing = run, run is None
             watch.done.set()
+        created = self._created.get(run_id)
+        if created is not None:
+            created.ended, created.missing = run, run is None
 
     def _break(self, exc: Exception) -> None:
         if self.broken is not None:
@@ -374,6 +484,10 @@ class ClientChannel(UsesServers):
             watch.dropped = True  # its waiters fall back to HTTP
             watch.done.set()
         self._watches.clear()
+        # The server watches nothing of this connection any more: keep only the ends that came.
+        # (A new dict: a weak reference's callback may change the one iterated otherwise.)
+        created, self._created = self._created, {}
+        self._created.update((i, c) for i, c in list(created.items()) if c.settled)
         for wait in self._room_waits.values():
             wait.done.set()  # no room message comes on a lost socket: they send again
         self._room_waits.clear()

@@ -413,14 +413,37 @@ def raise_missing(run_id: uuid.UUID) -> None:
 # --------------------------------------------------------------------------- many at once
 
 
+def _take_pushed(client: TaskRunClient, pending: dict[uuid.UUID, TaskRunFuture[R]]) -> list[TaskRunFuture[R]]:
+    """The futures of ``pending`` whose runs' ends the client channel has already (their
+    creates were watched): taken out of ``pending``, their ``task_run`` set, in order.
+
+    Raises:
+        NotFound: the server said one of them is gone.
+    """
+    channel = client.channel
+    if channel is None:
+        return []
+    taken: list[TaskRunFuture[R]] = []
+    for run_id, future in list(pending.items()):
+        ended = channel.ended(run_id)
+        if ended is not None:
+            future.task_run = ended
+            taken.append(pending.pop(run_id))
+    return taken
+
+
 async def wait_all(futures: Iterable[TaskRunFuture[Any]], timeout: float | None = None) -> None:  # noqa: ASYNC109
-    """Wait until every future's run ended (or ``timeout`` passes): one long-poll per answer."""
+    """Wait until every future's run ended (or ``timeout`` passes): one long-poll per answer
+    (none for the runs whose ends the client channel has already)."""
     pending = {f.task_run_id: f for f in futures if not f.done}
     if not pending:
         await trio.lowlevel.checkpoint()
         return
     with trio.move_on_after(math.inf if timeout is None else timeout):
         async with using_client() as client:
+            _take_pushed(client, pending)
+            if not pending:
+                await trio.lowlevel.checkpoint()
             while pending:
                 answer = await client.wait_many(list(pending), seconds=POLL_SECONDS, wait_all=True)
                 for run in answer.ended:
@@ -448,6 +471,8 @@ async def as_completed(
             pending[future.task_run_id] = future
     deadline = trio.current_time() + (math.inf if timeout is None else timeout)
     async with using_client() as client:
+        for future in _take_pushed(client, pending):
+            yield future
         while pending:
             left = deadline - trio.current_time()
             if left <= 0:

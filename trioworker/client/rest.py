@@ -651,7 +651,7 @@ class TaskRunClient(_Base):
         pressure = _Backpressure(creates, self.timeout, self._rng, trio.current_time())
         while part := pressure.next():
             try:
-                runs = await self._create(part, make_call(part))
+                runs = await self._create(part, make_call)
             except QueueFull as full:
                 if not pressure.refused(full, len(part), trio.current_time()):
                     await self._wait_for_room(pressure, full)
@@ -692,7 +692,9 @@ class TaskRunClient(_Base):
         the server has no queue limit."""
         return await self.call(_Calls.queue_room(task_key, wanted, seconds))
 
-    async def _create(self, creates: list[TaskRunCreate], call: _Call[list[TaskRun]]) -> list[TaskRun]:
+    async def _create(
+        self, creates: list[TaskRunCreate], make_call: Callable[[list[TaskRunCreate]], _Call[list[TaskRun]]]
+    ) -> list[TaskRun]:
         lost: ServerUnavailable | None = None
         channel = self._live_channel()
         if channel is not None:
@@ -701,6 +703,7 @@ class TaskRunClient(_Base):
             except ServerUnavailable as exc:
                 log.info("a create was in flight on the lost client channel: sending it again over HTTP")
                 lost = exc
+        call = make_call(creates)  # only now: over the channel, the request is never built
         retries = _CreateRetries(self, call, trio.current_time(), lost)
         while True:
             args = self._request_args(call)
@@ -1096,15 +1099,36 @@ def connect_sync(
             _current_sync.reset(token)
 
 
-@asynccontextmanager
-async def using_client() -> AsyncIterator[TaskRunClient]:
-    """The client of the enclosing :func:`connect`, or a short-lived one."""
-    client = _current_async.get()
-    if client is not None:
-        yield client
-        return
-    async with TaskRunClient() as fresh:
-        yield fresh
+class _UsingClient:
+    """:func:`using_client`'s context manager: a class, not an ``asynccontextmanager``
+    generator, since it is entered twice per awaited run (submit, then wait)."""
+
+    __slots__ = ("_fresh",)
+
+    def __init__(self) -> None:
+        self._fresh: TaskRunClient | None = None
+
+    async def __aenter__(self) -> TaskRunClient:
+        client = _current_async.get()
+        if client is not None:
+            return client
+        fresh = TaskRunClient()
+        await fresh.__aenter__()
+        self._fresh = fresh
+        return fresh
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        fresh, self._fresh = self._fresh, None
+        if fresh is not None:
+            await fresh.__aexit__(exc_type, exc, tb)
+
+
+def using_client() -> _UsingClient:
+    """``async with using_client() as client``: the client of the enclosing :func:`connect`,
+    or a short-lived one (closed when the block ends)."""
+    return _UsingClient()
 
 
 @contextmanager

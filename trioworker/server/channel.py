@@ -15,7 +15,15 @@ trioworker.connect():``) does both over this socket instead:
    refused creates again (``room``: how many runs fit then), so the client need not ask;
 3. client ``{"type": "watch", "ids": [...]}`` → server ``{"type": "ended", "task_runs":
    [...], "missing": [...]}`` as those runs end (already ended ones at once), several per
-   message; ``{"type": "unwatch", "ids": [...]}`` stops that.
+   message; ``{"type": "unwatch", "ids": [...]}`` stops that. An id watched already is
+   not read again (its ``ended`` is on its way).
+4. A create with ``"watch": true`` is watched from the start: its ``created`` says
+   ``"watched": true``, and every run in it that has not ended gets its ``ended`` pushed
+   without a watch message (it may come before the ``created``: the runs' ids are watched
+   before they are created, where every end passes through this server; on a shared
+   store, once they exist, and read then). An error answer watches nothing. A server
+   without this field ignores it and answers without ``"watched"``: the client then
+   watches as in 3.
 
 Creates from one connection run concurrently, so they share group commits.
 """
@@ -31,7 +39,7 @@ from typing import Final
 import trio
 
 from trioworker import protocol
-from trioworker.models import JSON, TaskRun, converter
+from trioworker.models import JSON, TaskRun, TaskRunCreate, converter
 from trioworker.server.limits import QueueFullRefusal
 from trioworker.server.service import TaskRunService, Waiter
 from trioworker.server.sockets import (
@@ -69,7 +77,12 @@ class ChannelSession(JsonSocket):
         super().__init__(token_ok, closing, service.fence)
         self.service = service
         self.waiter = Waiter()
+        #: The ids this connection's waiter is registered for.
         self.watched: set[uuid.UUID] = set()
+        #: Of those, the ids watched before their create, while it is in flight; and of
+        #: these, the ids a watch message named meanwhile (answered once the create is).
+        self.early: set[uuid.UUID] = set()
+        self.asked_early: set[uuid.UUID] = set()
         self.creates = trio.CapacityLimiter(MAX_CONCURRENT_CREATES)
         #: Per task key: the refs of refused creates to name once there is room for them.
         self.room_refs: dict[str, list[JSON]] = {}
@@ -94,43 +107,116 @@ class ChannelSession(JsonSocket):
                 items, ref = message.get("task_runs"), message.get("ref")
                 if not isinstance(items, list):
                     raise ProtocolViolation('"task_runs" of a create message must be a list')
-                partial = message.get("partial", False)
+                partial, watch = message.get("partial", False), message.get("watch", False)
                 if not isinstance(partial, bool):
                     raise ProtocolViolation('"partial" of a create message must be true or false')
+                if not isinstance(watch, bool):
+                    raise ProtocolViolation('"watch" of a create message must be true or false')
                 slot = object()
                 await self.creates.acquire_on_behalf_of(slot)
-                nursery.start_soon(self.create, items, ref, slot, partial)
+                nursery.start_soon(self.create, items, ref, slot, partial, watch)
             elif kind == protocol.WATCH:
-                ids = _ids(message)
-                self.watched.update(ids)
-                ended, missing = await self.service.watch(self.waiter, ids)
-                self.watched.difference_update(missing)
-                if ended or missing:
-                    await self.send_ended(ended, missing)
+                ids = list(dict.fromkeys(_ids(message)))
+                self.asked_early.update(i for i in ids if i in self.early)
+                await self._watch(ids)
             elif kind == protocol.UNWATCH:
-                ids = _ids(message)
-                self.service.unwatch(self.waiter, ids)
-                self.watched.difference_update(ids)
+                self._unwatch(_ids(message))
             else:
                 raise ProtocolViolation(f"unknown message type {kind!r}")
 
-    async def create(self, items: list[JSON], ref: JSON, slot: object, partial: bool = False) -> None:
+    async def _watch(self, ids: list[uuid.UUID]) -> None:
+        """Push the ends of ``ids`` (at once for those ended). An id watched already (since
+        its create, or a watch before) is not read again: its end is on its way."""
+        ids = [i for i in ids if i not in self.watched]
+        if ids:
+            self.watched.update(ids)
+            ended, missing = await self.service.watch(self.waiter, ids)
+            self._unwatch([r.id for r in ended] + missing)  # over: nothing more to push
+            if ended or missing:
+                await self.send_ended(ended, missing)
+
+    def _unwatch(self, ids: list[uuid.UUID]) -> None:
+        if ids:
+            self.service.unwatch(self.waiter, ids)
+            self.watched.difference_update(ids)
+
+    def _watch_early(self, creates: list[TaskRunCreate]) -> list[uuid.UUID]:
+        """Watch the given ids of ``creates`` before they are created (reading nothing:
+        where every end passes through this server); the ids newly watched."""
+        early = list(dict.fromkeys(c.id for c in creates if c.id is not None and c.id not in self.watched))
+        self.watched.update(early)
+        self.early.update(early)
+        self.service.watch_unread(self.waiter, early)
+        return early
+
+    async def _early_done(self, early: list[uuid.UUID], runs: list[TaskRun]) -> None:
+        """The create of ``early`` was answered with ``runs`` (none: refused). Unwatch the
+        ids no run was made with and those whose run ended already (the answer says so);
+        those of them a watch message named meanwhile are watched as it asked."""
+        made = {r.id: r for r in runs}
+        self.early.difference_update(early)
+        asked = [i for i in early if i in self.asked_early]
+        self.asked_early.difference_update(asked)
+        over = [i for i in early if i not in made or made[i].state.is_terminal]
+        self._unwatch(over)
+        if asked:
+            await self._watch([i for i in over if i in asked])
+
+    async def create(
+        self, items: list[JSON], ref: JSON, slot: object, partial: bool = False, watch: bool = False
+    ) -> None:
+        """Create ``items`` and answer ``ref``; ``watch``: the runs' ends are pushed unasked."""
+        early: list[uuid.UUID] = []  # ids watched before their create
         try:
-            runs = [run for run, _ in await self.service.create_runs(creates_from(items), partial=partial)]
+            creates = creates_from(items)
+            if watch and not self.service.dispatcher.shared:
+                early = self._watch_early(creates)
+            runs = [run for run, _ in await self.service.create_runs(creates, partial=partial)]
+            if watch:
+                runs = await self._watch_created(runs, early)
             # Let the deliveries the new runs woke go out first: the reply can wait a pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
         except QueueFullRefusal as full:
+            await self._early_done(early, [])
             full.room_announced = partial and self._can_announce(full.task_key)
             await self.send({"type": protocol.ERROR, "ref": ref, "status": full.status, **full.body()})
             if full.room_announced:
                 # Only once the refusal was sent: its ``room`` message can only come after it.
                 self._announce_room(full.task_key, full.wanted, ref)
         except Refusal as exc:
+            await self._early_done(early, [])
             await self.send({"type": protocol.ERROR, "ref": ref, "status": exc.status, **exc.body()})
         else:
-            await self.send({"type": protocol.CREATED, "ref": ref, "task_runs": converter.unstructure(runs)})
+            created: dict[str, JSON] = {
+                "type": protocol.CREATED,
+                "ref": ref,
+                "task_runs": converter.unstructure(runs),
+            }
+            if watch:
+                created["watched"] = True
+            await self.send(created)
         finally:
             self.creates.release_on_behalf_of(slot)
+
+    async def _watch_created(self, runs: list[TaskRun], early: list[uuid.UUID]) -> list[TaskRun]:
+        """Watch the runs of a watched create that have not ended; the runs to answer with.
+
+        ``early`` were watched before the create (nothing read): see :meth:`_early_done`.
+        The others (another run an idempotency key named; on a shared store, all) are
+        watched now and read, so that none ends unseen: the answer carries those that
+        ended meanwhile in their final form.
+        """
+        await self._early_done(early, runs)
+        late = [r.id for r in runs if not r.state.is_terminal and r.id not in self.watched]
+        if not late:
+            return runs
+        self.watched.update(late)
+        ended, missing = await self.service.watch(self.waiter, late)
+        self._unwatch([r.id for r in ended] + missing)  # over already: nothing more to push
+        if missing:  # deleted already: say so (before the answer, which the client expects)
+            await self.send_ended([], missing)
+        final = {r.id: r for r in ended}
+        return [final.get(r.id, r) for r in runs]
 
     def _can_announce(self, task_key: str) -> bool:
         """Whether a refusal for ``task_key`` can promise a ``room`` message: the queue is

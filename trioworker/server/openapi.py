@@ -879,7 +879,8 @@ def document(version: str) -> dict[str, JSON]:
             "get": _websocket(
                 "channel",
                 "Submitters: creates, and ended runs pushed",
-                "What trioworker.connect() opens: batched creates, and the watched runs pushed as they end.",
+                "What trioworker.connect() opens: batched creates, and the watched runs pushed as they end "
+                '(a create with "watch": true is watched from the start: see the README, Wire protocol).',
             )
         },
         api + protocol.EVENTS_PATH: {

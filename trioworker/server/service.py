@@ -527,6 +527,15 @@ class TaskRunService:
             self.unwatch(waiter, [run_id])
         return ended, missing
 
+    def watch_unread(self, waiter: Waiter, run_ids: Iterable[uuid.UUID]) -> None:
+        """Hand ``waiter`` these runs when they end, reading nothing: for the ids of runs
+        about to be created, registered before their create, so that none can end unseen.
+        Only where every end passes through this server (not on a shared store, where a
+        resync would take a run not created yet for a deleted one): there use :meth:`watch`
+        once they exist. The caller unwatches the ids that were not created."""
+        for run_id in run_ids:
+            self._waiters.setdefault(run_id, []).append(waiter)
+
     def unwatch(self, waiter: Waiter, run_ids: Iterable[uuid.UUID]) -> None:
         for run_id in run_ids:
             waiters = self._waiters.get(run_id)
