@@ -270,6 +270,46 @@ async def test_a_malformed_message_closes_with_1002_and_the_subscription_is_made
     assert client.reconnects == 1
 
 
+async def test_each_message_pushes_the_ping_back_and_an_unanswered_ping_drops_the_connection(
+    fake: MemorySockets, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The keepalive pings keepalive_idle seconds after the last message from the server, not
+    before; without a pong within keepalive_timeout the connection is dropped. Here nothing
+    the client sends reaches the server once subscribed (its pings get no pong), so the
+    moment of the drop tells when it pinged."""
+    held_back = False
+
+    async def open_stream(host: str, port: int, secure: bool) -> trio.abc.Stream:
+        to_server, server_reads = trio.testing.memory_stream_one_way_pair()
+        server_writes, from_server = trio.testing.memory_stream_one_way_pair()
+        pump = to_server.send_all_hook
+        assert pump is not None
+
+        async def pump_unless_held_back() -> None:
+            if not held_back:
+                await pump()
+
+        to_server.send_all_hook = pump_unless_held_back
+        fake.nursery.start_soon(fake._serve, trio.StapledStream(server_writes, server_reads), fake.send)
+        return trio.StapledStream(to_server, from_server)
+
+    client = subscription_client(fake, open_stream=open_stream, keepalive_idle=20, keepalive_timeout=10)
+    send, _receive = trio.open_memory_channel[TaskRun](10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run, send)
+        session = await fake.next()
+        await session.accept_subscription()
+        held_back = True
+        for _ in range(3):  # 45 s in all, never 20 s of silence
+            await trio.sleep(15)
+            await session.send({"type": "cancel", "ids": []})
+        await trio.sleep(29)  # pinged at 20 s, still waiting for the pong
+        assert is_connected(client) and client.reconnects == 0
+        await trio.sleep(2)  # no pong 30 s after the last message: dropped
+        assert not is_connected(client) and client.reconnects >= 1
+        nursery.cancel_scope.cancel()
+
+
 # -- the whole worker
 
 
