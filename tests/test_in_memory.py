@@ -460,3 +460,57 @@ async def test_a_sync_task_that_ignores_cancellation_outlives_serve(
     finally:
         release.set()
     assert await trio.to_thread.run_sync(returned.wait, 10)  # it ends when its code returns
+
+
+async def test_runs_delivered_together_start_together_and_report_in_one_message(fake: MemorySockets) -> None:
+    """The runs of one delivery start in the step that read it while slots are free, and a
+    run that ends without waiting (an async task that never yields) has queued RUNNING and
+    its end by the time the reports go out: one message carries both reports of each."""
+    worker = TaskWorker(add, api_url=API_URL, client_id="w-1", limit=4, open_stream=fake.open_stream)
+    runs = [delivered("m.add", {"a": n, "b": 1}) for n in range(3)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.start)
+        session, _ = await accept_worker(fake)
+        await session.send({"type": "task_runs", "task_runs": runs})
+        message = await session.receive_type("states")
+        entries = [(entry["id"], entry["state"]["type"]) for entry in message["states"]]
+        both = [(run["id"], kind) for run in runs for kind in ("RUNNING", "COMPLETED")]
+        assert sorted(entries) == sorted(both)
+        for run in runs:
+            assert entries.index((run["id"], "RUNNING")) < entries.index((run["id"], "COMPLETED"))
+        results = [{"ref": entry["ref"], "status": "ACCEPT", "details": None} for entry in message["states"]]
+        await session.send({"type": "state_results", "results": results})
+        worker.stop()
+        await quit_when_asked(session)
+    assert worker.finished_task_runs == {"m.add": 3}
+
+
+async def test_runs_that_wait_for_a_slot_start_in_the_order_they_came(fake: MemorySockets) -> None:
+    """A run delivered while others wait for a slot queues behind them: runs start in the
+    order they were delivered, whether they started at once or waited."""
+    gate = trio.Event()
+    started: list[int] = []
+
+    @task(key="m.queued")
+    async def queued(n: int) -> int:
+        started.append(n)
+        if n == 0:
+            await gate.wait()
+        return n
+
+    worker = TaskWorker(queued, api_url=API_URL, limit=1, prefetch=3, open_stream=fake.open_stream)
+    runs = [delivered("m.queued", {"n": n}) for n in range(4)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.start)
+        session, _ = await accept_worker(fake)
+        await session.send({"type": "task_runs", "task_runs": runs[:1]})
+        await answer_states(session, {runs[0]["id"]: "RUNNING"}, [])
+        await session.send({"type": "task_runs", "task_runs": runs[1:3]})
+        await session.send({"type": "task_runs", "task_runs": runs[3:]})
+        await trio.testing.wait_all_tasks_blocked()
+        assert started == [0]  # the slot is taken: the rest wait
+        gate.set()
+        await answer_states(session, {run["id"]: "COMPLETED" for run in runs}, [])
+        worker.stop()
+        await quit_when_asked(session)
+    assert started == [0, 1, 2, 3]

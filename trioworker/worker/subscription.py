@@ -113,6 +113,9 @@ class SubscriptionClient(UsesServers):
             another worker gets a free slot first).
         held: returns the runs the worker is still working on (sent on reconnect).
         on_cancel: called with runs the server wants stopped.
+        on_delivery: called with each delivered run, in order, in the task that read it;
+            returns True when it took the run (it started it), False to have it sent into
+            ``deliveries`` (default: every run goes there).
         keepalive_idle: seconds with nothing received after which the server is pinged.
         keepalive_timeout: seconds to wait for the pong; without it the connection is
             dropped (:attr:`connected` turns False) and made again as for any loss.
@@ -131,6 +134,7 @@ class SubscriptionClient(UsesServers):
     held: Callable[[], Collection[uuid.UUID]]
     on_cancel: Callable[[list[uuid.UUID]], None]
     prefetch: int = 0
+    on_delivery: Callable[[TaskRun], bool] | None = None
     rng: random.Random = attrs.field(factory=random.Random)
     keepalive_idle: float = KEEPALIVE_IDLE
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
@@ -356,6 +360,8 @@ class SubscriptionClient(UsesServers):
                 # from the RUNNING report that follows (one message per run saved).
                 for run in runs:
                     self._unstarted.add(run.id)
+                    if self.on_delivery is not None and self.on_delivery(run):
+                        continue
                     try:
                         deliveries.send_nowait(run)  # unbounded: credit bounds it
                     except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -249,6 +249,11 @@ class TaskWorker(UsesServers):
         self._scopes: dict[uuid.UUID, trio.CancelScope] = {}
         self._cancel_requested: set[uuid.UUID] = set()
         self._dispatch_scope: trio.CancelScope | None = None
+        #: The runs nursery while the worker takes runs (None before and once stopping).
+        self._runs: trio.Nursery | None = None
+        #: Delivered runs on their way through the deliveries channel to :meth:`_take`
+        #: (while there are any, a new one queues behind them: runs start in order).
+        self._queued = 0
         self._startup_scope: trio.CancelScope | None = None
         self._subscription: SubscriptionClient | None = None
         self._running_context: Any = None
@@ -380,6 +385,7 @@ class TaskWorker(UsesServers):
             credit=self.limit if self.limit is not None else UNLIMITED_CREDIT,
             held=lambda: set(self._held),
             on_cancel=self._on_cancel,
+            on_delivery=self._start_now,
             prefetch=self.prefetch,
             open_stream=self._open_stream,
             connection=self.connection,
@@ -581,8 +587,13 @@ class TaskWorker(UsesServers):
                 with trio.CancelScope() as self._dispatch_scope:
                     if self._state is not WorkerState.RUNNING:
                         self._dispatch_scope.cancel()
-                    async for run in receive:
-                        await self._take(run, runs, subscription)
+                    self._runs = runs
+                    try:
+                        async for run in receive:
+                            await self._take(run, runs, subscription)
+                            self._queued -= 1
+                    finally:
+                        self._runs = None
                 # Stopping: no new runs; the ones running get the grace period.
                 subscription.quit()
                 if math.isinf(self._stop_deadline):  # the deliveries ended without stop()
@@ -598,6 +609,41 @@ class TaskWorker(UsesServers):
             log.info("handing back %d unfinished run(s)", len(self._held))
             subscription.release(sorted(self._held))
             self._held.clear()
+
+    def _start_now(self, run: TaskRun) -> bool:
+        """The subscription's ``on_delivery``: start ``run`` at once if nothing stands in
+        the way, in the task that read it (no hop through the deliveries channel: a pass
+        of the event loop less between a delivery and its start); True when started.
+
+        False leaves the run to :meth:`_take` through the channel, as anything out of the
+        ordinary (a run queued before it, no free slot, an unknown task, a run already
+        here, a stopping worker) is.
+        """
+        runs, subscription = self._runs, self._subscription
+        task = self._tasks.get(run.task_key)
+        if (
+            runs is None
+            or subscription is None
+            or task is None
+            or self._queued
+            or self._state is not WorkerState.RUNNING
+            or run.id in self._claimed
+            or run.id in self._held
+        ):
+            self._queued += 1
+            return False
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(run.id)  # not past a task waiting for one
+        except trio.WouldBlock:
+            self._queued += 1
+            return False
+        if not subscription.take(run.id):  # pragma: no cover - revoked runs wait in the channel
+            self._limiter.release_on_behalf_of(run.id)
+            return True
+        self._held.add(run.id)
+        self._claimed.add(run.id)
+        runs.start_soon(self._run_one, task, run, subscription)
+        return True
 
     async def _take(self, run: TaskRun, runs: trio.Nursery, subscription: SubscriptionClient) -> None:
         """Start one delivered run in ``runs`` (or not); errors stay with this run."""
@@ -619,7 +665,13 @@ class TaskWorker(UsesServers):
             self._held.add(run.id)
             self._claimed.add(run.id)
             claimed = True
-            await self._limiter.acquire_on_behalf_of(run.id)
+            # A free slot is taken without a schedule point (a pass of the event loop less
+            # between a delivery and its start); a stopping worker still stops here.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                self._limiter.acquire_on_behalf_of_nowait(run.id)
+            except trio.WouldBlock:
+                await self._limiter.acquire_on_behalf_of(run.id)
             acquired = True
             if not subscription.take(run.id):
                 # Revoked while it waited in the buffer: handed back, not ours.
