@@ -13,6 +13,7 @@ real clock (an autojump clock would jump while a thread works) and never wait on
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -514,3 +515,43 @@ async def test_runs_that_wait_for_a_slot_start_in_the_order_they_came(fake: Memo
         worker.stop()
         await quit_when_asked(session)
     assert started == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("frozen_before", [False, True])
+async def test_serve_freezes_the_start_up_heap_while_it_serves(
+    fake: MemorySockets, frozen_before: bool
+) -> None:
+    """``serve()`` moves the objects alive when it starts out of the collector's sight while
+    it serves (``gc.freeze()``) and back when it returns; it leaves alone a process whose
+    objects were frozen already (the application manages that)."""
+    seen: list[int] = []
+
+    @task(key="m.look")
+    async def look() -> int:
+        seen.append(gc.get_freeze_count())
+        return 0
+
+    run = delivered("m.look")
+
+    async def play_server() -> None:
+        session, _ = await accept_worker(fake)
+        await session.send({"type": "task_runs", "task_runs": [run]})
+        await answer_states(session, {run["id"]: "COMPLETED"}, [])
+        signal.raise_signal(signal.SIGINT)
+        await quit_when_asked(session)
+
+    if frozen_before:
+        gc.freeze()
+    before = gc.get_freeze_count()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(play_server)
+            await serve(look, api_url=API_URL, open_stream=fake.open_stream)
+        after = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    [during] = seen
+    if frozen_before:  # nothing more frozen (frozen objects that died leave the count), nothing unfrozen
+        assert before >= during >= after > 0
+    else:
+        assert (before, after) == (0, 0) and during > 0
