@@ -13,6 +13,7 @@ real clock (an autojump clock would jump while a thread works) and never wait on
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -270,6 +271,46 @@ async def test_a_malformed_message_closes_with_1002_and_the_subscription_is_made
     assert client.reconnects == 1
 
 
+async def test_each_message_pushes_the_ping_back_and_an_unanswered_ping_drops_the_connection(
+    fake: MemorySockets, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The keepalive pings keepalive_idle seconds after the last message from the server, not
+    before; without a pong within keepalive_timeout the connection is dropped. Here nothing
+    the client sends reaches the server once subscribed (its pings get no pong), so the
+    moment of the drop tells when it pinged."""
+    held_back = False
+
+    async def open_stream(host: str, port: int, secure: bool) -> trio.abc.Stream:
+        to_server, server_reads = trio.testing.memory_stream_one_way_pair()
+        server_writes, from_server = trio.testing.memory_stream_one_way_pair()
+        pump = to_server.send_all_hook
+        assert pump is not None
+
+        async def pump_unless_held_back() -> None:
+            if not held_back:
+                await pump()
+
+        to_server.send_all_hook = pump_unless_held_back
+        fake.nursery.start_soon(fake._serve, trio.StapledStream(server_writes, server_reads), fake.send)
+        return trio.StapledStream(to_server, from_server)
+
+    client = subscription_client(fake, open_stream=open_stream, keepalive_idle=20, keepalive_timeout=10)
+    send, _receive = trio.open_memory_channel[TaskRun](10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run, send)
+        session = await fake.next()
+        await session.accept_subscription()
+        held_back = True
+        for _ in range(3):  # 45 s in all, never 20 s of silence
+            await trio.sleep(15)
+            await session.send({"type": "cancel", "ids": []})
+        await trio.sleep(29)  # pinged at 20 s, still waiting for the pong
+        assert is_connected(client) and client.reconnects == 0
+        await trio.sleep(2)  # no pong 30 s after the last message: dropped
+        assert not is_connected(client) and client.reconnects >= 1
+        nursery.cancel_scope.cancel()
+
+
 # -- the whole worker
 
 
@@ -420,3 +461,97 @@ async def test_a_sync_task_that_ignores_cancellation_outlives_serve(
     finally:
         release.set()
     assert await trio.to_thread.run_sync(returned.wait, 10)  # it ends when its code returns
+
+
+async def test_runs_delivered_together_start_together_and_report_in_one_message(fake: MemorySockets) -> None:
+    """The runs of one delivery start in the step that read it while slots are free, and a
+    run that ends without waiting (an async task that never yields) has queued RUNNING and
+    its end by the time the reports go out: one message carries both reports of each."""
+    worker = TaskWorker(add, api_url=API_URL, client_id="w-1", limit=4, open_stream=fake.open_stream)
+    runs = [delivered("m.add", {"a": n, "b": 1}) for n in range(3)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.start)
+        session, _ = await accept_worker(fake)
+        await session.send({"type": "task_runs", "task_runs": runs})
+        message = await session.receive_type("states")
+        entries = [(entry["id"], entry["state"]["type"]) for entry in message["states"]]
+        both = [(run["id"], kind) for run in runs for kind in ("RUNNING", "COMPLETED")]
+        assert sorted(entries) == sorted(both)
+        for run in runs:
+            assert entries.index((run["id"], "RUNNING")) < entries.index((run["id"], "COMPLETED"))
+        results = [{"ref": entry["ref"], "status": "ACCEPT", "details": None} for entry in message["states"]]
+        await session.send({"type": "state_results", "results": results})
+        worker.stop()
+        await quit_when_asked(session)
+    assert worker.finished_task_runs == {"m.add": 3}
+
+
+async def test_runs_that_wait_for_a_slot_start_in_the_order_they_came(fake: MemorySockets) -> None:
+    """A run delivered while others wait for a slot queues behind them: runs start in the
+    order they were delivered, whether they started at once or waited."""
+    gate = trio.Event()
+    started: list[int] = []
+
+    @task(key="m.queued")
+    async def queued(n: int) -> int:
+        started.append(n)
+        if n == 0:
+            await gate.wait()
+        return n
+
+    worker = TaskWorker(queued, api_url=API_URL, limit=1, prefetch=3, open_stream=fake.open_stream)
+    runs = [delivered("m.queued", {"n": n}) for n in range(4)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.start)
+        session, _ = await accept_worker(fake)
+        await session.send({"type": "task_runs", "task_runs": runs[:1]})
+        await answer_states(session, {runs[0]["id"]: "RUNNING"}, [])
+        await session.send({"type": "task_runs", "task_runs": runs[1:3]})
+        await session.send({"type": "task_runs", "task_runs": runs[3:]})
+        await trio.testing.wait_all_tasks_blocked()
+        assert started == [0]  # the slot is taken: the rest wait
+        gate.set()
+        await answer_states(session, {run["id"]: "COMPLETED" for run in runs}, [])
+        worker.stop()
+        await quit_when_asked(session)
+    assert started == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("frozen_before", [False, True])
+async def test_serve_freezes_the_start_up_heap_while_it_serves(
+    fake: MemorySockets, frozen_before: bool
+) -> None:
+    """``serve()`` moves the objects alive when it starts out of the collector's sight while
+    it serves (``gc.freeze()``) and back when it returns; it leaves alone a process whose
+    objects were frozen already (the application manages that)."""
+    seen: list[int] = []
+
+    @task(key="m.look")
+    async def look() -> int:
+        seen.append(gc.get_freeze_count())
+        return 0
+
+    run = delivered("m.look")
+
+    async def play_server() -> None:
+        session, _ = await accept_worker(fake)
+        await session.send({"type": "task_runs", "task_runs": [run]})
+        await answer_states(session, {run["id"]: "COMPLETED"}, [])
+        signal.raise_signal(signal.SIGINT)
+        await quit_when_asked(session)
+
+    if frozen_before:
+        gc.freeze()
+    before = gc.get_freeze_count()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(play_server)
+            await serve(look, api_url=API_URL, open_stream=fake.open_stream)
+        after = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    [during] = seen
+    if frozen_before:  # nothing more frozen (frozen objects that died leave the count), nothing unfrozen
+        assert before >= during >= after > 0
+    else:
+        assert (before, after) == (0, 0) and during > 0

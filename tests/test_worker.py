@@ -19,6 +19,7 @@ from trioworker.models import StateType, TaskRun, converter
 from trioworker.server import RunningServer
 from trioworker.tasks import task
 from trioworker.testing import ServerControl
+from trioworker.worker import subscription
 from trioworker.worker.task_worker import TaskWorker
 
 from .helpers import history, submit, wait_all
@@ -76,6 +77,41 @@ async def test_async_and_sync_tasks_complete(api: httpx.AsyncClient, trioworker_
         ("RUNNING", "Running"),
         ("COMPLETED", "Completed"),
     ]
+
+
+async def test_running_and_completed_in_one_message_make_the_usual_history(
+    api: httpx.AsyncClient, trioworker_worker: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that ends in the step that started it sends RUNNING and COMPLETED in one
+    message (the worker does not wait to send RUNNING alone); the server applies them in
+    order: the same states, history and times as when they come one by one."""
+    batches: list[list[tuple[str, str]]] = []
+    by_size = subscription._by_size
+
+    def recording(reports: list[Any]) -> list[list[bytes]]:
+        batches.append([(str(report.run_id), report.state.type.value) for report in reports])
+        return by_size(reports)
+
+    monkeypatch.setattr(subscription, "_by_size", recording)
+    ids = await submit(api, "t.add", {"a": 1}, {"a": 2}, {"a": 3})
+    async with trioworker_worker(add):
+        runs = await wait_all(api, ids)
+    assert [(r["state"]["type"], r["state"]["data"], r["run_count"]) for r in runs] == [
+        ("COMPLETED", 11, 1),
+        ("COMPLETED", 12, 1),
+        ("COMPLETED", 13, 1),
+    ]
+    for run_id in ids:
+        assert any({(run_id, "RUNNING"), (run_id, "COMPLETED")} <= set(batch) for batch in batches)
+        changes = (await api.get(f"/task_runs/{run_id}/history")).json()
+        assert [(c["type"], c["name"]) for c in changes] == [
+            ("SCHEDULED", "Scheduled"),
+            ("PENDING", "Pending"),
+            ("RUNNING", "Running"),
+            ("COMPLETED", "Completed"),
+        ]
+        times = [datetime.fromisoformat(c["timestamp"]) for c in changes]
+        assert times == sorted(times)
 
 
 async def test_every_parameter_form(api: httpx.AsyncClient, trioworker_worker: Make) -> None:

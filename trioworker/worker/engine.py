@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -216,12 +215,14 @@ async def _attempt(
     timeout = task.timeout_seconds
     started = trio.current_time()
     try:
-        with trio.move_on_after(math.inf if timeout is None else timeout) as deadline:
+        if timeout is None:  # no cancel scope to enter: a run without a timeout needs none
+            return True, await _call(task, args, kwargs, thread_limiter), False
+        with trio.move_on_after(timeout) as deadline:
             value = await _call(task, args, kwargs, thread_limiter)
     except BaseException as exc:  # the task's failure; what must pass is raised again
         raise_passing(exc)
         return False, exc, False
-    if timeout is not None and (deadline.cancel_called or trio.current_time() - started > timeout):
+    if deadline.cancel_called or trio.current_time() - started > timeout:
         return False, TimeoutError(f"{task.name} timed out after {timeout:g} s"), True
     return True, value, False
 
@@ -451,6 +452,8 @@ def _ended(
     task: Task[..., Any], run: TaskRun, started: float, outcome: Outcome, why: str | None = None
 ) -> Outcome:
     """Log the run's line (see :func:`execute`); ``outcome``."""
+    if not log.isEnabledFor(logging.INFO):
+        return outcome
     duration = trio.current_time() - started
     attempt = run.run_count + 1
     fields: dict[str, object] = {

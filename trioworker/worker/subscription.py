@@ -47,7 +47,7 @@ from trioworker._websocket import (
 )
 from trioworker.connection import ConnectionOptions, connection_options, tls_failure
 from trioworker.errors import SubscriptionRefused
-from trioworker.models import JSON, SetStateResult, SetStateStatus, State, TaskRun, converter
+from trioworker.models import JSON, SetStateResult, SetStateStatus, State, StateType, TaskRun, converter
 from trioworker.protocol import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
@@ -113,6 +113,9 @@ class SubscriptionClient(UsesServers):
             another worker gets a free slot first).
         held: returns the runs the worker is still working on (sent on reconnect).
         on_cancel: called with runs the server wants stopped.
+        on_delivery: called with each delivered run, in order, in the task that read it;
+            returns True when it took the run (it started it), False to have it sent into
+            ``deliveries`` (default: every run goes there).
         keepalive_idle: seconds with nothing received after which the server is pinged.
         keepalive_timeout: seconds to wait for the pong; without it the connection is
             dropped (:attr:`connected` turns False) and made again as for any loss.
@@ -131,6 +134,7 @@ class SubscriptionClient(UsesServers):
     held: Callable[[], Collection[uuid.UUID]]
     on_cancel: Callable[[list[uuid.UUID]], None]
     prefetch: int = 0
+    on_delivery: Callable[[TaskRun], bool] | None = None
     rng: random.Random = attrs.field(factory=random.Random)
     keepalive_idle: float = KEEPALIVE_IDLE
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
@@ -145,8 +149,9 @@ class SubscriptionClient(UsesServers):
     #: Delivered runs the worker has not given a slot yet (the ones a revoke may take back).
     _unstarted: set[uuid.UUID] = attrs.field(factory=set)
     _revoked: set[uuid.UUID] = attrs.field(factory=set)
-    #: Ends when nothing was received for keepalive_idle seconds (each message pushes it back).
-    _quiet: trio.CancelScope | None = None
+    #: Trio time when the server was last heard from (a message, a pong); the keepalive
+    #: pings once keepalive_idle seconds passed since then.
+    _heard_at: float = 0.0
     connection: ConnectionOptions = attrs.field(factory=connection_options, kw_only=True)
     _open_stream: OpenStream | None = attrs.field(default=None, kw_only=True)
 
@@ -355,6 +360,8 @@ class SubscriptionClient(UsesServers):
                 # from the RUNNING report that follows (one message per run saved).
                 for run in runs:
                     self._unstarted.add(run.id)
+                    if self.on_delivery is not None and self.on_delivery(run):
+                        continue
                     try:
                         deliveries.send_nowait(run)  # unbounded: credit bounds it
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -372,10 +379,14 @@ class SubscriptionClient(UsesServers):
     async def _keep_alive(self, ws: WebSocketConnection) -> None:
         """Ping the server whenever it has been quiet for keepalive_idle seconds; raise
         :class:`Unresponsive` when a pong does not come within keepalive_timeout."""
+        self._heard_at = trio.current_time()
         while True:
-            self._quiet = trio.CancelScope(deadline=trio.current_time() + self.keepalive_idle)
-            with self._quiet:
-                await trio.sleep_forever()
+            # Each message only notes its time (no timer to move): this task wakes at the
+            # end of the idle period it last saw, and sleeps again if the server spoke since.
+            due = self._heard_at + self.keepalive_idle
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue
             with trio.move_on_after(self.keepalive_timeout) as waiting:
                 await ws.ping()
             if waiting.cancelled_caught:
@@ -384,20 +395,23 @@ class SubscriptionClient(UsesServers):
                     f"the server answered no ping within {self.keepalive_timeout:g} s "
                     f"after {self.keepalive_idle:g} s of silence"
                 )
+            self._heard_at = trio.current_time()
 
     def _heard(self) -> None:
         """Something came from the server: the keepalive waits keepalive_idle from now."""
-        if self._quiet is not None:
-            self._quiet.deadline = trio.current_time() + self.keepalive_idle
+        self._heard_at = trio.current_time()
 
     async def _write_forever(self, ws: WebSocketConnection) -> None:
         while True:
             await self._wakeup.wait()
             # A run that ends within a few scheduler passes of its RUNNING report (a short
             # async task) queues its final report by then: both go in one message, and the
-            # server applies them in one commit instead of two in a row.
-            for _ in range(COALESCE_PASSES):
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            # server applies them in one commit instead of two in a row. When every RUNNING
+            # queued has its next report behind it already (a run that ended in the step
+            # that started it), there is nothing to wait for: it goes at once.
+            if _lone_running(self._outbox):
+                for _ in range(COALESCE_PASSES):
+                    await trio.lowlevel.cancel_shielded_checkpoint()
             self._wakeup = trio.Event()
             control, self._control = self._control, []
             for message in control:
@@ -433,6 +447,18 @@ class SubscriptionClient(UsesServers):
     @staticmethod
     async def _receive(ws: WebSocketConnection) -> dict[str, JSON]:
         return parse_message(await ws.get_message())
+
+
+def _lone_running(reports: list[_Report]) -> bool:
+    """True when a RUNNING report in ``reports`` has no later report of its run behind it
+    (its run may still end within a pass or two: worth waiting for, see ``COALESCE_PASSES``)."""
+    waiting: set[uuid.UUID] = set()
+    for report in reports:
+        if report.state.type is StateType.RUNNING:
+            waiting.add(report.run_id)
+        else:
+            waiting.discard(report.run_id)
+    return bool(waiting)
 
 
 def _parse_runs(message: dict[str, JSON]) -> list[TaskRun]:
