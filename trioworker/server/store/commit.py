@@ -57,7 +57,10 @@ class Operations(Protocol):
     class derives from it (for :meth:`read_ended`)."""
 
     def create_runs(
-        self, creates: Sequence[TaskRunCreate], clock_now: float | None = None
+        self,
+        creates: Sequence[TaskRunCreate],
+        clock_now: float | None = None,
+        leases: Mapping[int, str] | None = None,
     ) -> list[tuple[TaskRun, QueuedRun | None]]: ...
 
     def settle_cached(self, run_ids: Sequence[uuid.UUID], clock_now: float) -> list[Change]: ...
@@ -305,10 +308,14 @@ class GroupCommitStore(Generic[OpsT]):
 
     # -- the Store interface
     async def create_runs(
-        self, creates: Sequence[TaskRunCreate], *, now: float | None = None
+        self,
+        creates: Sequence[TaskRunCreate],
+        *,
+        now: float | None = None,
+        leases: Mapping[int, str] | None = None,
     ) -> list[tuple[TaskRun, QueuedRun | None]]:
         clock_now = time.time() if now is None else now
-        return await self._run(lambda ops: ops.create_runs(creates, clock_now))
+        return await self._run(lambda ops: ops.create_runs(creates, clock_now, leases))
 
     async def settle_cached(self, run_ids: Sequence[uuid.UUID], *, now: float) -> list[Change]:
         return await self._run(lambda ops: ops.settle_cached(run_ids, now))
