@@ -26,6 +26,7 @@ from trioworker.models import (
 )
 from trioworker.schedules import checked, idempotency_key
 from trioworker.server.store import ConnectedWorker, LiveServer, RunIdTaken, Store, StoreError
+from trioworker.server.store.base import LEASED_ELSEWHERE
 from trioworker.server.store.commit import GroupCommitStore
 
 from .stores import OpenStore
@@ -923,3 +924,114 @@ async def test_a_purge_forgets_the_groups_left_without_runs(store: Store) -> Non
     assert fresh.state.type is StateType.SCHEDULED  # the group was forgotten
     [(still, _)] = await store.create_runs([TaskRunCreate(task_key="g", group_id=kept)])
     assert still.state.type is StateType.CANCELLED
+
+
+# --------------------------------------------------------------------------- leases at create
+
+
+async def test_a_run_leased_at_create_is_held_as_a_claim_leaves_it(store: Store) -> None:
+    now = time.time()
+    [(leased, entry), (plain, _)] = await store.create_runs(
+        [TaskRunCreate(task_key="k", parameters={"i": 1}), TaskRunCreate(task_key="k")],
+        now=now,
+        leases={0: "w-1"},
+    )
+    assert entry is not None  # a new run (not queued: it is not SCHEDULED)
+    assert (leased.state.type, leased.state.state_details.client_id, leased.delivery_count) == (
+        StateType.PENDING,
+        "w-1",
+        1,
+    )
+    assert plain.state.type is StateType.SCHEDULED
+    assert await store.read_run(leased.id) == leased  # given back as the store holds it
+    history = await store.history(leased.id)
+    assert history is not None and [h.type for h in history] == [StateType.SCHEDULED, StateType.PENDING]
+    assert await store.claim_runs([leased.id], "w-2") == []  # held: nobody else claims it
+    [elsewhere] = await store.set_states([(leased.id, state(StateType.RUNNING))], now=now, holder="w-2")
+    assert elsewhere.result.details == LEASED_ELSEWHERE
+    [running] = await store.set_states([(leased.id, state(StateType.RUNNING))], now=now, holder="w-1")
+    assert running.result.status is SetStateStatus.ACCEPT
+    [back] = await store.requeue([leased.id], reason="release", max_deliveries=1, holder="w-1")
+    assert back.state_type is StateType.SCHEDULED and back.queued is not None
+    again = await store.read_run(leased.id)
+    assert again is not None and (again.state.name, again.delivery_count) == ("Redelivered", 0)
+
+
+async def test_a_run_leased_at_create_is_handed_back_at_the_next_start(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        [(leased, _)] = await store.create_runs([TaskRunCreate(task_key="k")], leases={0: "w-1"})
+        assert leased.state.type is StateType.PENDING
+    async with open_store() as store:
+        assert [q.id for q in await store.recover(max_deliveries=5)] == [leased.id]
+        again = await store.read_run(leased.id)
+        assert again is not None and (again.state.type, again.state.name) == (
+            StateType.SCHEDULED,
+            "Redelivered",
+        )
+
+
+async def test_only_new_runs_due_now_that_wait_for_nothing_are_leased_at_create(store: Store) -> None:
+    now = time.time()
+    past, later = datetime.now(UTC) - timedelta(seconds=5), datetime.now(UTC) + timedelta(hours=1)
+    given = uuid.uuid4()
+    creates = [
+        cached(),  # computes its cache key: leased
+        cached(),  # waits for the one computing the key
+        TaskRunCreate(task_key="k", idempotency_key="i"),
+        TaskRunCreate(task_key="k", idempotency_key="i"),  # a repeat: not leased again
+        TaskRunCreate(task_key="k", id=given),
+        TaskRunCreate(task_key="k", id=given),  # a repeat too
+        TaskRunCreate(task_key="k", wait_for=[given]),
+        TaskRunCreate(task_key="k", scheduled_time=later),
+        TaskRunCreate(task_key="k", scheduled_time=past),  # due: leased
+    ]
+    results = await store.create_runs(creates, now=now, leases=dict.fromkeys(range(len(creates)), "w"))
+    runs = [run for run, _ in results]
+    assert [run.state.type for run in runs] == [
+        StateType.PENDING,
+        StateType.SCHEDULED,
+        StateType.PENDING,
+        StateType.PENDING,
+        StateType.PENDING,
+        StateType.PENDING,
+        StateType.SCHEDULED,
+        StateType.SCHEDULED,
+        StateType.PENDING,
+    ]
+    assert [entry is None for _, entry in results] == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert runs[3] == runs[2] and runs[5] == runs[4] and runs[4].id == given
+    assert {run.delivery_count for run in runs if run.state.type is StateType.PENDING} == {1}
+    assert runs[1].state.state_details.cache_owner == runs[0].id
+    [(repeat, entry)] = await store.create_runs([creates[2]], now=now, leases={0: "other"})
+    assert entry is None and repeat == runs[2]  # still leased to "w", once
+    # A result in the cache, a cancelled group: created COMPLETED or CANCELLED, not leased.
+    await store.set_states(
+        [
+            (runs[0].id, state(StateType.RUNNING)),
+            (runs[0].id, SetStateRequest(make_state(StateType.COMPLETED))),
+        ],
+        now=now,
+        holder="w",
+    )
+    group = uuid.uuid4()
+    await store.cancel_group(group, now=now)
+    [(hit, _), (doomed, _)] = await store.create_runs(
+        [cached(), TaskRunCreate(task_key="k", group_id=group)], now=now, leases={0: "w", 1: "w"}
+    )
+    assert (hit.state.type, hit.state.name) == (StateType.COMPLETED, "Cached")
+    assert doomed.state.type is StateType.CANCELLED
+    # Repeats in one batch without cache keys (one statement in some stores) see the lease too.
+    [(one, _), (same, entry)] = await store.create_runs(
+        [TaskRunCreate(task_key="k", idempotency_key="j")] * 2, now=now, leases={0: "w", 1: "w"}
+    )
+    assert entry is None and one.state.type is StateType.PENDING and same == one

@@ -14,6 +14,7 @@ from trio_websocket import ConnectionClosed
 
 from trioworker.server import RunningServer
 from trioworker.server.queue import trio_anchored_clock
+from trioworker.server.store.commit import GroupCommitStore
 from trioworker.testing import ServerControl
 
 from .raw import Raw, connect, subscribe
@@ -374,3 +375,27 @@ async def test_runs_changed_at_the_head_of_the_queue_do_not_hold_back_the_next(
     async with subscribe(trioworker_server, ["k"], credit=1) as sub:
         with trio.fail_after(10):
             assert [r["id"] for r in await sub.runs()] == [waiting]
+
+
+async def test_a_run_created_while_a_worker_has_room_is_sent_with_no_claim_of_its_own(
+    api: httpx.AsyncClient, trioworker_server: RunningServer
+) -> None:
+    service = trioworker_server.service
+    store = service.store
+    assert isinstance(store, GroupCommitStore)
+    service.workers_changed = subscribed = trio.Event()
+    async with subscribe(trioworker_server, ["k"], credit=1, client_id="host-42") as sub:
+        await subscribed.wait()
+        before = store.statistics()
+        [run_id] = await create_many(api, "k", 1)
+        [run] = await sub.runs()
+        after = store.statistics()
+        assert run["id"] == run_id
+        assert (run["state"]["type"], run["state"]["state_details"]["client_id"]) == ("PENDING", "host-42")
+        assert run["delivery_count"] == 1
+        assert (await state_of(api, run_id))["type"] == "PENDING"
+        if not service.dispatcher.shared:  # one server alone on its store: leased by the create
+            assert after.operations - before.operations == 1
+            assert run["state"]["timestamp"] == run["created"]  # in the same transaction
+        await sub.finish([run_id])
+    assert (await state_of(api, run_id))["type"] == "COMPLETED"

@@ -432,7 +432,11 @@ def document(version: str) -> dict[str, JSON]:
                 body=create,
                 example=create_example,
                 answers={
-                    201: ("The new run, SCHEDULED.", _json_content(run)),
+                    201: (
+                        "The new run: SCHEDULED; PENDING when it was leased at once to a worker "
+                        "with room; COMPLETED when answered from the cache; CANCELLED when born so.",
+                        _json_content(run),
+                    ),
                     200: ("The run the id or idempotency key already named.", _json_content(run)),
                 },
                 errors=(409, 422, 429, 503),
@@ -753,9 +757,9 @@ def document(version: str) -> dict[str, JSON]:
                 "retryRun",
                 "Run an ended run again",
                 tag="runs",
-                description="A new SCHEDULED run with the same task, parameters, tags, context, parent "
-                "and wait_for, named as a new submission would be (a name given at submission is kept); "
-                "409 for a run that has not ended.",
+                description="A new run (as a create makes it) with the same task, parameters, tags, "
+                "context, parent and wait_for, named as a new submission would be (a name given at "
+                "submission is kept); 409 for a run that has not ended.",
                 params=(_run_id("The ended run's id."),),
                 answers={201: ("The new run.", _json_content(run))},
                 errors=(404, 409, 429, 503),

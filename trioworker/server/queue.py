@@ -25,7 +25,7 @@ from datetime import datetime
 import attrs
 import trio
 
-from trioworker.models import utcnow
+from trioworker.models import TaskRun, utcnow
 from trioworker.server.store.base import QueuedRun
 
 #: Seconds of wall-clock time since the epoch, as the dispatcher sees them.
@@ -72,6 +72,14 @@ class Subscription:
     claim_failed: bool = False
     #: When the connection subscribed (UTC).
     connected: datetime = attrs.field(factory=utcnow)
+    #: Free slots held for runs being created, to be leased to it in the create's own
+    #: transaction (see :meth:`Dispatcher.reserve`).
+    reserved: int = 0
+    #: Held runs leased to it when they were created, not sent yet: id -> the run as the
+    #: store holds it. The delivery loop sends them (no claim: they are claimed already).
+    unsent: dict[uuid.UUID, TaskRun] = attrs.field(factory=dict)
+    #: It takes new runs: False once it quit or left (nothing is leased to it at create then).
+    taking: bool = True
     _wakeup: trio.Event | None = None
     #: Woken since it last waited: the next :meth:`wait_for_work` returns at once.
     _woken: bool = False
@@ -93,7 +101,7 @@ class Subscription:
     @property
     def free_slots(self) -> int:
         """Credit not taken by runs it works on (negative while runs wait in its buffer)."""
-        return self.credit - len(self.held) + len(self.finishing)
+        return self.credit - len(self.held) + len(self.finishing) - self.reserved
 
     @property
     def room(self) -> int:
@@ -118,6 +126,7 @@ class Subscription:
         self.finishing.discard(run_id)
         self.prefetched.pop(run_id, None)
         self.revoking.discard(run_id)
+        self.unsent.pop(run_id, None)
 
     def forget_all(self) -> None:
         """No run is leased to this subscription any more."""
@@ -125,6 +134,7 @@ class Subscription:
         self.finishing.clear()
         self.prefetched.clear()
         self.revoking.clear()
+        self.unsent.clear()
 
     def wake(self) -> None:
         self._woken = True
@@ -159,8 +169,12 @@ class Dispatcher:
     _leases: dict[uuid.UUID, Subscription] = attrs.field(factory=dict)
     #: task key -> the earliest due time in the heap of a hint (:meth:`hint_at`) for it
     _hinted: dict[str, float] = attrs.field(factory=dict)
+    #: task key -> runs of it being created that will be queued if they are new and due
+    #: (none was leased at create): while there are any, no run of the key is (see :meth:`reserve`).
+    _creating: dict[str, int] = attrs.field(factory=dict)
     #: Told, as runs leave the ready queue for a subscription, how many of each key did
-    #: (``{key: count}``; in a shared store, the runs claimed here): the queue limit's
+    #: (``{key: count}``; in a shared store, the runs claimed here; the service tells the
+    #: runs leased at create too, see :meth:`reserve`): the queue limit's
     #: drain rates (:meth:`trioworker.server.limits.QueueLimit.taken`). None: nobody asks.
     on_taken: Callable[[Mapping[str, int]], None] | None = None
 
@@ -278,6 +292,63 @@ class Dispatcher:
             self.on_taken(drained)
         return taken
 
+    # -- leases at create (a store one server has to itself)
+    def reserve(self, task_key: str) -> Subscription | None:
+        """Hold a free slot for a run of ``task_key`` being created, so that the store leases
+        the run to its subscription in the create's own transaction; None when no
+        subscription may have it (then call :meth:`creating`: the run is to be queued).
+
+        The subscription takes runs of the key, has a free slot (its prefetch buffer is not
+        for this), and nothing to take before it: no run of any of its keys is ready, or
+        being created to be queued (a run must not pass older ready runs). Of those, the one
+        with the most free slots. A shared dispatcher reserves nothing (other servers claim
+        the ready runs too).
+
+        Call :meth:`lease_created` or :meth:`unreserve` once the store answered.
+        """
+        if self.shared:
+            return None
+        best: Subscription | None = None
+        for sub in self._subscribers.get(task_key, ()):
+            slots = sub.free_slots
+            if not sub.taking or slots <= 0 or (best is not None and slots <= best.free_slots):
+                continue
+            if any(self._ready.get(key) or self._creating.get(key) for key in sub.keys):
+                continue
+            best = sub
+        if best is not None:
+            best.reserved += 1
+        return best
+
+    def unreserve(self, sub: Subscription) -> None:
+        """Give back a slot :meth:`reserve` held (the create leased no run to ``sub``)."""
+        sub.reserved -= 1
+        sub.wake()
+
+    def lease_created(self, sub: Subscription, run: TaskRun) -> bool:
+        """The store leased ``run`` to ``sub`` as it created it, in a slot :meth:`reserve`
+        held: lease it here too, for ``sub`` to send (:attr:`Subscription.unsent`). False
+        (nothing leased here) when ``sub`` stopped taking runs meanwhile: the caller hands
+        the run back."""
+        sub.reserved -= 1
+        if not sub.taking:
+            return False
+        self.lease(sub, run.id)
+        sub.unsent[run.id] = run
+        sub.wake()
+        return True
+
+    def creating(self, task_keys: Iterable[str], n: int = 1) -> None:
+        """Runs of ``task_keys`` (one each) are being created that will be queued when new
+        and due (``n=-1``: they were, or were not made): meanwhile no run of those keys is
+        leased at create."""
+        for key in task_keys:
+            count = self._creating.get(key, 0) + n
+            if count > 0:
+                self._creating[key] = count
+            else:
+                self._creating.pop(key, None)
+
     def takers_room(self, task_key: str) -> int:
         """How many runs of ``task_key`` the subscriptions of it could take now."""
         return sum(sub.room for sub in self._subscribers.get(task_key, ()))
@@ -368,8 +439,13 @@ class Dispatcher:
         for key in sub.keys:
             self._subscribers.setdefault(key, []).append(sub)
 
+    def stop_taking(self, sub: Subscription) -> None:
+        """``sub`` quit: nothing more is leased to it at create."""
+        sub.taking = False
+
     def unsubscribe(self, sub: Subscription) -> set[uuid.UUID]:
         """Forget ``sub``; returns the runs it still held (to be requeued by the caller)."""
+        sub.taking = False
         for key in sub.keys:
             subs = self._subscribers.get(key, [])
             if sub in subs:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -182,6 +183,9 @@ class TaskRunService:
     #: Shared store: runs a connection held that could not be handed back (the database
     #: was away): (reason, holder) -> their ids, handed back after the next heartbeat.
     _unreturned: dict[tuple[str, str], set[uuid.UUID]] = attrs.field(factory=dict)
+    #: One set per create under way that leases runs at create: the runs changed from
+    #: outside meanwhile while nobody held them here (see :meth:`_create_runs`).
+    _changed_while_leasing: list[set[uuid.UUID]] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         if self.queue_limit.max_queued is not None:
@@ -244,12 +248,97 @@ class TaskRunService:
         return limit.room(task_key, self.dispatcher.ready_count(task_key))
 
     async def _create_runs(self, creates: Sequence[TaskRunCreate]) -> list[tuple[TaskRun, bool]]:
+        """Create runs; those a subscription has a free slot for are leased to it in the
+        create's own transaction (:meth:`_reserve_leases`), and sent to it right after the
+        commit: no claim of their own."""
+        now = self.dispatcher.clock()
+        leases, queued_keys = self._reserve_leases(creates, now)
+        changed: set[uuid.UUID] = set()
+        if leases:
+            self._changed_while_leasing.append(changed)
+        handback: dict[str, list[uuid.UUID]] | None = None
         try:
-            results = await self.store.create_runs(creates, now=self.dispatcher.clock())
-        except RunIdTaken as exc:
-            raise Refusal(409, str(exc)) from None
-        await self._admit_created(results)
+            try:
+                results = await self.store.create_runs(
+                    creates, now=now, leases={i: sub.client_id for i, sub in leases.items()} or None
+                )
+            except RunIdTaken as exc:
+                raise Refusal(409, str(exc)) from None
+            handback = self._settle_leases(leases, results, changed, now)
+            await self._admit_created(results)
+        finally:
+            if leases:
+                self._changed_while_leasing.remove(changed)
+                if handback is None:  # the store made nothing: the slots held are free again
+                    for sub in leases.values():
+                        self.dispatcher.unreserve(sub)
+            self.dispatcher.creating(queued_keys, -1)
+            if handback:
+                with trio.CancelScope(shield=True):  # whatever ends this call, they go back
+                    for holder, run_ids in handback.items():
+                        await self._requeue(run_ids, reason="release", holder=holder)
         return [(run, queued is not None) for run, queued in results]
+
+    def _reserve_leases(
+        self, creates: Sequence[TaskRunCreate], now: float
+    ) -> tuple[dict[int, Subscription], list[str]]:
+        """Before a create: which of ``creates`` (by position) to lease to which subscription
+        in the create's own transaction, a free slot held for each (:meth:`Dispatcher.reserve
+        <trioworker.server.queue.Dispatcher.reserve>`); and the task keys of the others
+        that will be queued when made (one per create), which meanwhile no create leases
+        past. Runs that wait (for others, or until later) are neither. A shared store
+        leases nothing at create: other servers claim its ready runs too."""
+        leases: dict[int, Subscription] = {}
+        queued_keys: list[str] = []
+        if self._shared is not None:
+            return leases, queued_keys
+        for index, create in enumerate(creates):
+            if create.wait_for or (
+                create.scheduled_time is not None and create.scheduled_time.timestamp() > now
+            ):
+                continue
+            sub = self.dispatcher.reserve(create.task_key)
+            if sub is None:
+                queued_keys.append(create.task_key)
+                self.dispatcher.creating([create.task_key])
+            else:
+                leases[index] = sub
+        return leases, queued_keys
+
+    def _settle_leases(
+        self,
+        leases: Mapping[int, Subscription],
+        results: Sequence[tuple[TaskRun, QueuedRun | None]],
+        changed: set[uuid.UUID],
+        now: float,
+    ) -> dict[str, list[uuid.UUID]]:
+        """After a create (before any checkpoint): the runs the store leased become held
+        runs of their subscriptions, to send (:attr:`Subscription.unsent`); the other slots
+        held are given back. Returns the runs to hand back (``holder -> ids``): leased to a
+        subscription that quit or left meanwhile. A run changed from outside meanwhile
+        (cancelled, deleted: ``changed``) is no longer leased: its slot is given back."""
+        handback: dict[str, list[uuid.UUID]] = {}
+        leased: list[TaskRun] = []
+        for index, sub in leases.items():
+            run, entry = results[index]
+            if (
+                entry is None
+                or run.state.type is not StateType.PENDING
+                or run.state.state_details.client_id != sub.client_id
+                or run.id in changed
+            ):
+                self.dispatcher.unreserve(sub)
+            elif self.dispatcher.lease_created(sub, run):
+                leased.append(run)
+            else:
+                handback.setdefault(sub.client_id, []).append(run.id)
+        if leased:
+            self.metrics.runs_delivered(
+                leased, dict.fromkeys((run.id for run in leased), now), self.dispatcher.clock()
+            )
+            if self.dispatcher.on_taken is not None:  # taken by workers, as from the queue
+                self.dispatcher.on_taken(Counter(run.task_key for run in leased))
+        return handback
 
     async def _admit_created(self, results: Sequence[tuple[TaskRun, QueuedRun | None]]) -> None:
         """Runs were created (those with a queue entry are new): queue them, tell the tabs."""
@@ -330,8 +419,8 @@ class TaskRunService:
     async def retry(self, run_id: uuid.UUID) -> TaskRun:
         """A new run of the ended run ``run_id``, with the same task, parameters, tags,
         context, parent, ``wait_for`` and cache key; SCHEDULED (or answered from the cache,
-        as a new submission would be; in no run group; detached when it was, or when its
-        parent was cancelled). Its name is the one a new submission
+        or leased at once to a worker with room, as a new submission would be; in no run
+        group; detached when it was, or when its parent was cancelled). Its name is the one a new submission
         gets (``<task key>-<its id's first 8 hex digits>``) unless the old run's was given
         at submission (then that name again).
 
@@ -507,9 +596,13 @@ class TaskRunService:
         for run_id in run_ids:
             self.fresh.pop(run_id)
             holder = self.dispatcher.holder(run_id)
-            if holder is not None:
+            if holder is None:
+                self._not_held_any_more(run_id)
+            else:
+                unsent = run_id in holder.unsent
                 self.dispatcher.release(run_id)
-                holder.request_cancel(run_id)
+                if not unsent:
+                    holder.request_cancel(run_id)
             self._notify_ended(run_id, None)
 
     async def watch(
@@ -612,6 +705,11 @@ class TaskRunService:
         """
         if self._shared is not None:
             return await self._claim_shared(sub, self._shared)
+        if sub.unsent:  # leased when they were created: claimed already
+            runs = [run for run_id, run in sub.unsent.items() if self.dispatcher.holder(run_id) is sub]
+            sub.unsent.clear()
+            if runs:
+                return Delivery(runs)
         while True:
             ready_since = self.dispatcher.take_timed(sub)
             ids = list(ready_since)
@@ -710,9 +808,18 @@ class TaskRunService:
             clean: the client quit first, so what it still held was handed back unopened
                 and does not count as a failed delivery.
         """
+        unsent = set(sub.unsent)
         held = self.dispatcher.unsubscribe(sub)
         self._workers_changed()
-        await self._requeue(sorted(held), reason="release" if clean else "redelivery", holder=sub.client_id)
+        # Runs leased at create and never sent go back unopened, whatever ended the connection.
+        await self._requeue(sorted(held & unsent), reason="release", holder=sub.client_id)
+        await self._requeue(
+            sorted(held - unsent), reason="release" if clean else "redelivery", holder=sub.client_id
+        )
+
+    async def hand_back_unsent(self, sub: Subscription) -> None:
+        """``sub`` quit: the runs leased to it at create and not sent yet go back, unopened."""
+        await self._requeue(sorted(sub.unsent), reason="release", holder=sub.client_id)
 
     def _workers_changed(self) -> None:
         self.feed.workers_changed()
@@ -876,24 +983,33 @@ class TaskRunService:
             return
         run = change.run
         if run is None:  # the run does not exist
-            self.dispatcher.release(run_id)
+            self._not_held_any_more(run_id)
             return
         if run.state.type in ACTIVE_STATES:
             return
         holder = self.dispatcher.holder(run_id)
-        if holder is not None:
-            if reporter is None:
-                # Changed from outside: the holder must stop. It keeps the lease (and its
-                # credit keeps counting the run) until it answers, unless the run is queued again.
-                holder.request_cancel(run_id)
-                if run.state.type is StateType.SCHEDULED:
-                    self.dispatcher.release(run_id)
-            else:
+        if holder is None:
+            self._not_held_any_more(run_id)
+        elif reporter is not None or run_id in holder.unsent:
+            self.dispatcher.release(run_id)  # (an unsent run: its worker never heard of it)
+        else:
+            # Changed from outside: the holder must stop. It keeps the lease (and its
+            # credit keeps counting the run) until it answers, unless the run is queued again.
+            holder.request_cancel(run_id)
+            if run.state.type is StateType.SCHEDULED:
                 self.dispatcher.release(run_id)
         if change.queued is not None:
             self.dispatcher.enqueue([change.queued])
         if run.state.is_terminal and change.result.status is SetStateStatus.ACCEPT:
             self._notify_ended(run_id, run)
+
+    def _not_held_any_more(self, run_id: uuid.UUID) -> None:
+        """The run is no longer PENDING or RUNNING (or no longer exists): drop its lease. A
+        create under way may have leased it a moment ago and not be told yet: it must not
+        send it (see :meth:`_settle_leases`)."""
+        self.dispatcher.release(run_id)
+        for changed in self._changed_while_leasing:
+            changed.add(run_id)
 
     def _notify_ended(self, run_id: uuid.UUID, run: TaskRun | None) -> None:
         if run_id in self._dependents:

@@ -184,6 +184,11 @@ class SubscriptionSession(JsonSocket):
                 await self.send({"type": protocol.REVOKE, "ids": [str(i) for i in ids]})
                 continue
             if self.quitting:
+                if sub.unsent:  # leased to it at create, before it quit
+                    await self.until_stored(
+                        sub, "handing back its unsent runs", lambda: self.service.hand_back_unsent(sub)
+                    )
+                    continue
                 if not sub.held and not self.reports_in_flight:
                     scope.cancel()
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -340,6 +345,7 @@ class SubscriptionSession(JsonSocket):
 
     async def on_quit(self, sub: Subscription, message: dict[str, JSON]) -> None:
         self.quitting = True
+        self.service.dispatcher.stop_taking(sub)
         sub.wake()
 
     async def on_subscribe(self, sub: Subscription, message: dict[str, JSON]) -> None:

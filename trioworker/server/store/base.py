@@ -11,7 +11,7 @@ is the embedded one; another store implements the same protocol and applies the 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Final, Protocol, TypeVar, runtime_checkable
 
@@ -229,10 +229,22 @@ class Store(Protocol):
         ...
 
     async def create_runs(
-        self, creates: Sequence[TaskRunCreate], *, now: float | None = None
+        self,
+        creates: Sequence[TaskRunCreate],
+        *,
+        now: float | None = None,
+        leases: Mapping[int, str] | None = None,
     ) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Create runs, SCHEDULED, in order; each with its queue entry, or with None when
         it is the run a known idempotency key (of the same task key) or ``id`` names.
+
+        ``leases`` maps positions in ``creates`` to client ids: the run such a create makes
+        is leased to that client in the same transaction, exactly as :meth:`claim_runs`
+        would lease it (PENDING, one delivery; its history has SCHEDULED, then PENDING), when
+        it is new, SCHEDULED, due at ``now`` and waits for no other run
+        (:func:`~.runs.leased_at_create`); it is given back so, with its entry, and is not
+        to be queued. Any other (a repeat, one answered from the cache or born CANCELLED,
+        one that waits or is due later) is made as without a lease.
 
         A create with a ``cache_key`` (and no ``refresh_cache``) whose key of its task key
         has a completed result, unexpired at ``now`` (epoch seconds on the dispatcher's

@@ -76,7 +76,10 @@ class Operations(Protocol):
     class derives from it (for :meth:`read_ended`)."""
 
     def create_runs(
-        self, creates: Sequence[TaskRunCreate], clock_now: float | None = None
+        self,
+        creates: Sequence[TaskRunCreate],
+        clock_now: float | None = None,
+        leases: Mapping[int, str] | None = None,
     ) -> list[tuple[TaskRun, QueuedRun | None]]: ...
 
     def settle_cached(self, run_ids: Sequence[uuid.UUID], clock_now: float) -> list[Change]: ...
@@ -406,10 +409,14 @@ class GroupCommitStore(Generic[OpsT]):
 
     # -- the Store interface
     async def create_runs(
-        self, creates: Sequence[TaskRunCreate], *, now: float | None = None
+        self,
+        creates: Sequence[TaskRunCreate],
+        *,
+        now: float | None = None,
+        leases: Mapping[int, str] | None = None,
     ) -> list[tuple[TaskRun, QueuedRun | None]]:
         clock_now = time.time() if now is None else now
-        return await self._run(lambda ops: ops.create_runs(creates, clock_now), light=_few(creates))
+        return await self._run(lambda ops: ops.create_runs(creates, clock_now, leases), light=_few(creates))
 
     async def settle_cached(self, run_ids: Sequence[uuid.UUID], *, now: float) -> list[Change]:
         return await self._run(lambda ops: ops.settle_cached(run_ids, now), light=_few(run_ids))

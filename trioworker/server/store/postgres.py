@@ -105,6 +105,7 @@ from trioworker.server.store.runs import (
     group_clause,
     held_elsewhere,
     judged,
+    leased_at_create,
     leased_elsewhere_change,
     missing_run_change,
     new_run,
@@ -989,10 +990,15 @@ class _PostgresOps(Operations):
 
     # -- operations
     def create_runs(
-        self, creates: Sequence[TaskRunCreate], clock_now: float | None = None
+        self,
+        creates: Sequence[TaskRunCreate],
+        clock_now: float | None = None,
+        leases: Mapping[int, str] | None = None,
     ) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Insert new runs in one statement; a known idempotency key of the same task key,
         or else a known ``id``, gives back its run (and no QueuedRun), as SQLite's does.
+        The runs of ``leases`` that can be leased are then leased through this server, as
+        :meth:`claim_runs` leases (see :meth:`~trioworker.server.store.base.Store.create_runs`).
 
         The database enforces the keys (``ON CONFLICT DO NOTHING``): what it did not insert
         is read back, so a repeat in the same batch or from another server meets the run
@@ -1009,7 +1015,13 @@ class _PostgresOps(Operations):
             len(creates) > 1 and any(create.cache_key is not None for create in creates)
         ):
             # One id twice, or a cache key: each create must see what the one before it made.
-            return [result for create in creates for result in self.create_runs([create], clock_now)]
+            return [
+                result
+                for index, create in enumerate(creates)
+                for result in self.create_runs(
+                    [create], clock_now, None if leases is None or index not in leases else {0: leases[index]}
+                )
+            ]
         doomed = self._born_cancelled(creates)
         now = utcnow()
         runs = [new_run(create, now) for create in creates]
@@ -1070,6 +1082,8 @@ class _PostgresOps(Operations):
             )
         out: list[tuple[TaskRun, QueuedRun | None]] = []
         cancelled: list[_Row] = []
+        leased: list[_Row] = []
+        clock = time.time() if clock_now is None else clock_now
         for index, (create, run, params, body, rev) in enumerate(
             zip(creates, runs, parameters, bodies, revs, strict=True)
         ):
@@ -1088,12 +1102,23 @@ class _PostgresOps(Operations):
                 cancelled.append(_Row(seq, rev, changed, None))
                 out.append((changed, entry))
                 continue
+            client = None if leases is None else leases.get(index)
+            lease = None if client is None else leased_at_create(run, client, now, clock)
+            if lease is not None:
+                leased.append(_Row(seq, rev, lease, self.replica_id))
+                out.append((lease, entry))
+                continue
             self.cache.put(_Row(seq, rev, run, None))
             if not waits_for(run):
                 self.ready_keys.add(run.task_key)
             out.append((run, entry))
         self._save(cancelled)  # out of the ready table, CANCELLED in the history
-        return out
+        if not leased:
+            return out
+        self._save(leased)  # out of the ready table, PENDING in the history
+        # A repeat in the batch of a run leased in it was read before the lease: give it leased.
+        now_leased = {row.run.id: row.run for row in leased}
+        return [(now_leased.get(run.id, run), None) if entry is None else (run, entry) for run, entry in out]
 
     def _repeat_of(self, create: TaskRunCreate) -> TaskRun | None:
         """The run ``create`` repeats, by its idempotency key, else by its ``id``; None for a

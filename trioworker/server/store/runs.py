@@ -222,6 +222,21 @@ def claimed_copy(run: TaskRun, client_id: str, now: datetime) -> TaskRun:
     )
 
 
+def leased_at_create(run: TaskRun, client_id: str, now: datetime, clock_now: float) -> TaskRun | None:
+    """The new ``run`` leased to ``client_id`` in the transaction that creates it, exactly as
+    a claim at ``now`` leaves it (:func:`claimed_copy`); None when it is not to be leased: it
+    is not SCHEDULED (answered from the cache), waits for other runs (its ``wait_for``, or
+    the run computing its cache key), or is not due at ``clock_now`` (epoch seconds on the
+    dispatcher's clock). (A run born CANCELLED is not leased either: the stores ask only
+    for the others.)"""
+    if run.state.type is not StateType.SCHEDULED or waits_for(run):
+        return None
+    due = epoch(run.state.state_details.scheduled_time)
+    if due is not None and due > clock_now:
+        return None
+    return claimed_copy(run, client_id, now)
+
+
 def missing_run_change() -> Change:
     """The answer to a state proposal for a run that does not exist."""
     missing = make_state(StateType.CANCELLED, message="the run does not exist")

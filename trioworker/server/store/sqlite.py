@@ -75,6 +75,7 @@ from trioworker.server.store.runs import (
     group_clause,
     held_elsewhere,
     judged,
+    leased_at_create,
     leased_elsewhere_change,
     missing_run_change,
     new_run,
@@ -437,12 +438,17 @@ class _SQLiteOps(Operations):
         return why
 
     def create_runs(
-        self, creates: Sequence[TaskRunCreate], clock_now: float | None = None
+        self,
+        creates: Sequence[TaskRunCreate],
+        clock_now: float | None = None,
+        leases: Mapping[int, str] | None = None,
     ) -> list[tuple[TaskRun, QueuedRun | None]]:
         """Insert new runs; a known idempotency key of the same task key, or else a known
         ``id``, gives back its run (and no QueuedRun). The key is scoped to the task key:
         ``a`` and ``b`` with one key are two runs. A new run in a cancelled group, or of a
-        cancelled parent (not detached), is written CANCELLED at once.
+        cancelled parent (not detached), is written CANCELLED at once; one of ``leases``
+        that can be leased is written PENDING, leased (see
+        :meth:`~trioworker.server.store.base.Store.create_runs`).
 
         A known ``id`` answers only for the same task key and idempotency key: otherwise
         :class:`RunIdTaken` is raised and nothing of the batch is written. Creates run one
@@ -476,7 +482,12 @@ class _SQLiteOps(Operations):
                 run = self._use_cache(run, now, clock)
                 if run.state.type is not StateType.SCHEDULED:
                     logged.append(run.state)
-            parameters, body = orjson.dumps(run.parameters), run_body(run)
+            client = None if leases is None or index in doomed else leases.get(index)
+            leased = None if client is None else leased_at_create(run, client, now, clock)
+            if leased is not None:
+                logged.append(leased.state)
+            written = run if leased is None else leased
+            parameters, body = orjson.dumps(run.parameters), run_body(written)
             waiting = waits_for(run)
             cur = self.conn.execute(
                 "INSERT INTO task_runs"
@@ -485,8 +496,8 @@ class _SQLiteOps(Operations):
                 (
                     str(run.id),
                     run.task_key,
-                    run.state.type.value,
-                    epoch(create.scheduled_time),
+                    written.state.type.value,
+                    epoch(create.scheduled_time) if leased is None else None,
                     create.idempotency_key,
                     orjson.dumps([str(i) for i in waiting]).decode() if waiting else None,
                     None if run.parent_task_run_id is None else str(run.parent_task_run_id),
@@ -510,6 +521,9 @@ class _SQLiteOps(Operations):
                 assert cancelled is not None  # SCHEDULED -> CANCELLED is always allowed
                 run = cancelled
                 self._write(cur.lastrowid, run)
+            elif leased is not None:
+                run = leased
+                self.in_flight.wrote(run.id, cur.lastrowid, run)  # its reports need not read it
             known[run.id] = run
             out.append((run, entry))
         return out
