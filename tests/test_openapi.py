@@ -48,7 +48,7 @@ async def test_every_route_of_the_app_is_in_the_document_and_nothing_else() -> N
     async with SQLiteStore.open(":memory:") as store:
         app = create_app(TaskRunService(store, Dispatcher()))
     routes: set[tuple[str, str, bool]] = set()
-    for rule in app.url_map.iter_rules():
+    for rule in app.quart.url_map.iter_rules():
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
             routes.add((path, method.lower(), bool(rule.websocket)))

@@ -1,5 +1,5 @@
-"""Serving a quart-trio app with hypercorn's trio backend: shared by the server and the
-worker's status server.
+"""Serving an ASGI app with hypercorn's trio backend: shared by the server (its quart-trio
+app behind its websockets' router) and the worker's status server (a quart-trio app).
 """
 
 from __future__ import annotations

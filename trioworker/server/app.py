@@ -1,7 +1,10 @@
-"""The server's quart-trio app: the REST routes under ``/api``, the websockets' routes (the
-sessions are :mod:`~trioworker.server.subscriptions`', :mod:`~trioworker.server.channel`'s
-and :mod:`~trioworker.server.events`'), and the dashboard at ``/``
-(:mod:`~trioworker.server.dashboard`).
+"""The server's ASGI app: a quart-trio app for the REST routes under ``/api`` and the
+dashboard at ``/`` (:mod:`~trioworker.server.dashboard`), and in front of it
+:class:`WebsocketRouter`, which serves the websockets' routes (the sessions are
+:mod:`~trioworker.server.subscriptions`', :mod:`~trioworker.server.channel`'s and
+:mod:`~trioworker.server.events`') on hypercorn's ASGI events, without quart: quart-trio
+moved every message through a task and a queue of its own, and every send through its
+wrappers.
 
 Every bad input gets a JSON ``{"detail": ...}`` with its 4xx code; the protocol is in the
 README's *Wire protocol* section. The app only translates: each route is one call into
@@ -13,12 +16,14 @@ from __future__ import annotations
 import hmac
 import math
 import uuid
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Final
+from urllib.parse import urlsplit
 
 import orjson
 import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope, WebsocketScope
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -43,6 +48,7 @@ from trioworker.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioworker.server.metrics import METRICS_ROUTE
 from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import (
+    AsgiWebsocket,
     Refusal,
     creates_from,
     structure,
@@ -169,6 +175,44 @@ def _body_seconds(body: dict[str, JSON], name: str, default: float, high: float)
     return float(value)
 
 
+#: What serves one websocket handshake to a route of :class:`WebsocketRouter`.
+WebsocketHandler = Callable[[AsgiWebsocket], Awaitable[None]]
+
+
+def _routed_path(scope: WebsocketScope) -> str:
+    """The path quart-trio would route a websocket by: an absolute-form target's path, and
+    without the root path (as ``quart_trio.asgi`` cuts it)."""
+    path = scope["path"]
+    if not path.startswith("/"):
+        path = urlsplit(path).path
+    root = scope.get("root_path", "")
+    if root:
+        _, found, rest = path.partition(root)
+        path = (rest or " ") if found else " "
+    return path
+
+
+class WebsocketRouter:
+    """The ASGI app the server serves: a websocket handshake to one of ``routes`` (paths)
+    goes to its handler, with ASGI's ``receive`` and ``send`` (as an
+    :class:`~trioworker.server.sockets.AsgiWebsocket`); everything else (HTTP, other
+    websocket paths, lifespan) goes to ``quart``, which keeps rules for those paths so that
+    it answers other requests to them as it did (an HTTP ``GET``, a ``//`` redirect).
+    """
+
+    def __init__(self, quart: QuartTrio, routes: Mapping[str, WebsocketHandler]) -> None:
+        self.quart = quart
+        self.routes = dict(routes)
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "websocket":
+            handler = self.routes.get(_routed_path(scope))
+            if handler is not None:
+                await handler(AsgiWebsocket(scope, receive, send))
+                return
+        await self.quart(scope, receive, send)
+
+
 def create_app(
     service: TaskRunService,
     *,
@@ -177,8 +221,9 @@ def create_app(
     closing: trio.Event | None = None,
     allowed_origins: Collection[str] = (),
     loopback_only: bool = False,
-) -> QuartTrio:
-    """Build the app around ``service``.
+) -> WebsocketRouter:
+    """Build the app around ``service``: the quart app (``.quart``) and the websockets'
+    routes in front of it.
 
     Args:
         api_key: when set, REST calls need ``Authorization: Bearer <key>`` and
@@ -235,16 +280,22 @@ def create_app(
             response.headers["Connection"] = "close"
         return response
 
-    def check_origin(method: str, is_websocket: bool) -> None:
-        why = guard.refusal(
+    def origin_refusal(
+        method: str, is_websocket: bool, scheme: str, header: Callable[[str], str | None]
+    ) -> str | None:
+        return guard.refusal(
             method=method,
             websocket=is_websocket,
-            scheme=(websocket if is_websocket else request).scheme,
-            host_header=(websocket if is_websocket else request).headers.get("Host"),
-            origin=(websocket if is_websocket else request).headers.get("Origin"),
+            scheme=scheme,
+            host_header=header("Host"),
+            origin=header("Origin"),
             allowed_origins=origins,
             loopback_only=loopback_only,
         )
+
+    def check_origin(method: str, is_websocket: bool) -> None:
+        source = websocket if is_websocket else request
+        why = origin_refusal(method, is_websocket, source.scheme, source.headers.get)
         if why is not None:
             raise Refusal(403, why)
 
@@ -253,7 +304,7 @@ def create_app(
         check_origin(request.method, is_websocket=False)
 
     @app.before_websocket
-    async def refuse_foreign_sockets() -> None:
+    async def refuse_foreign_sockets() -> None:  # websockets to paths that are not routes
         check_origin("GET", is_websocket=True)
 
     @app.before_request
@@ -544,29 +595,51 @@ def create_app(
             raise Refusal(404, f"no dashboard asset {name!r}")
         return dashboard.response(assets, name)
 
-    async def refused_while_fenced() -> bool:
-        """The fence is raised: close the new socket with 1012 (True)."""
-        if not service.fence.raised:
-            return False
-        await websocket.close(protocol.CLOSE_RESTART, f"{service.fence.reason}; use another server"[:123])
-        return True
+    async def subscription(socket: AsgiWebsocket) -> None:
+        await SubscriptionSession(socket, service, token_ok, closing).run()
 
-    @app.websocket(SUBSCRIPTION_ROUTE)
-    async def subscription() -> None:
-        await websocket.accept()
-        if not await refused_while_fenced():
-            await SubscriptionSession(service, token_ok, closing).run()
+    async def channel(socket: AsgiWebsocket) -> None:
+        await ChannelSession(socket, service, token_ok, closing).run()
 
-    @app.websocket(CHANNEL_ROUTE)
-    async def channel() -> None:
-        await websocket.accept()
-        if not await refused_while_fenced():
-            await ChannelSession(service, token_ok, closing).run()
+    async def events(socket: AsgiWebsocket) -> None:
+        await EventsSession(socket, service, token_ok, closing).run()
 
-    @app.websocket(route(protocol.EVENTS_PATH))
-    async def events() -> None:
-        await websocket.accept()
-        if not await refused_while_fenced():
-            await EventsSession(service, token_ok, closing).run()
+    async def serve_websocket(socket: AsgiWebsocket, session: WebsocketHandler) -> None:
+        """One handshake to a websocket route, answered as quart answered it: from a foreign
+        page (see :mod:`~trioworker.server.guard`), refused with 403 and a JSON detail;
+        otherwise accepted, then closed with 1012 while the fence is raised, else
+        ``session`` runs. An exception it raises is logged (but a :class:`Refusal` or a
+        :class:`StoreError`, which quart's error handlers took quietly); a socket it leaves
+        open is closed with 1000."""
+        why = origin_refusal("GET", True, socket.scheme, socket.header)
+        if why is not None:
+            await socket.reject(403, orjson.dumps({"detail": why}))
+            return
+        await socket.accept()
+        try:
+            if service.fence.raised:  # load balancers and clients move to another server
+                await socket.close(
+                    protocol.CLOSE_RESTART, f"{service.fence.reason}; use another server"[:123]
+                )
+                return
+            await session(socket)
+        except (Refusal, StoreError, HTTPException):
+            pass  # quart's error handlers answered these, unlogged: an accepted socket ignores the answer
+        except Exception:
+            app.logger.exception("Exception on websocket %s", socket.path)
+        if not (socket.closed or socket.gone):
+            await socket.close(protocol.CLOSE_NORMAL)
 
-    return app
+    def served(session: WebsocketHandler) -> WebsocketHandler:
+        async def handler(socket: AsgiWebsocket) -> None:
+            await serve_websocket(socket, session)
+
+        return handler
+
+    async def served_by_the_router() -> None:
+        raise RuntimeError("WebsocketRouter serves this route before quart sees it")
+
+    sessions = {SUBSCRIPTION_ROUTE: subscription, CHANNEL_ROUTE: channel, route(protocol.EVENTS_PATH): events}
+    for path, session in sessions.items():
+        app.websocket(path, endpoint=session.__name__)(served_by_the_router)
+    return WebsocketRouter(app, {path: served(session) for path, session in sessions.items()})

@@ -35,6 +35,7 @@ from trioworker.models import JSON, TaskRun, converter
 from trioworker.server.limits import QueueFullRefusal
 from trioworker.server.service import TaskRunService, Waiter
 from trioworker.server.sockets import (
+    AsgiWebsocket,
     JsonSocket,
     ProtocolViolation,
     Refusal,
@@ -64,9 +65,13 @@ class ChannelSession(JsonSocket):
     :class:`trioworker.client.channel.ClientChannel`)."""
 
     def __init__(
-        self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
+        self,
+        socket: AsgiWebsocket,
+        service: TaskRunService,
+        token_ok: Callable[[object], bool],
+        closing: trio.Event,
     ) -> None:
-        super().__init__(token_ok, closing, service.fence)
+        super().__init__(socket, token_ok, closing, service.fence)
         self.service = service
         self.waiter = Waiter()
         self.watched: set[uuid.UUID] = set()

@@ -30,7 +30,7 @@ from trioworker import protocol
 from trioworker.models import converter, utcnow
 from trioworker.server.live import COALESCE_SECONDS, FeedListener
 from trioworker.server.service import TaskRunService
-from trioworker.server.sockets import ConnectionGone, JsonSocket, ProtocolViolation
+from trioworker.server.sockets import AsgiWebsocket, ConnectionGone, JsonSocket, ProtocolViolation
 
 #: Seconds a tab may take to accept one message before its session ends.
 SEND_TIMEOUT: Final = 30.0
@@ -40,9 +40,13 @@ class EventsSession(JsonSocket):
     """The server's side of one tab's live feed."""
 
     def __init__(
-        self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
+        self,
+        socket: AsgiWebsocket,
+        service: TaskRunService,
+        token_ok: Callable[[object], bool],
+        closing: trio.Event,
     ) -> None:
-        super().__init__(token_ok, closing, service.fence)
+        super().__init__(socket, token_ok, closing, service.fence)
         self.service = service
 
     async def run(self) -> None:

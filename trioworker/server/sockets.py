@@ -1,6 +1,7 @@
-"""What the server's websockets share: JSON messages, closing, authentication, and
-turning request bodies into validated models (shared with the REST routes). The close
-codes and message types are :mod:`trioworker.protocol`'s.
+"""What the server's websockets share: the connection on hypercorn's ASGI events
+(:class:`AsgiWebsocket`), JSON messages, closing, authentication, and turning request
+bodies into validated models (shared with the REST routes). The close codes and message
+types are :mod:`trioworker.protocol`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Final
 import cattrs
 import orjson
 import trio
-from quart import websocket
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, WebsocketScope
 
 from trioworker import protocol
 from trioworker.models import JSON, SetStateRequest, StateType, TaskRunCreate, converter, make_state
@@ -190,12 +191,119 @@ def _auth_message(raw: str | bytes) -> dict[str, JSON] | None:
     return None
 
 
+class AsgiWebsocket:
+    """One websocket handshake and connection, served on hypercorn's ASGI events.
+
+    A message costs one hop: hypercorn puts its event in the connection's channel and
+    :meth:`receive` takes it from there (quart-trio moved each one through a task and a
+    queue of its own first). Nothing here reads the socket in the background: the peer's
+    leaving is seen by the next :meth:`receive`.
+
+    ``scope`` is ASGI's websocket scope; ``receive`` and ``send`` are the server's ASGI
+    callables of that connection.
+    """
+
+    def __init__(self, scope: WebsocketScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        #: The handshake was accepted (:meth:`accept`).
+        self.accepted = False
+        #: We closed it, or answered the handshake with an HTTP response (:meth:`reject`).
+        self.closed = False
+        #: The peer left (ASGI's ``websocket.disconnect`` was received).
+        self.gone = False
+
+    @property
+    def path(self) -> str:
+        """The request's path (percent-decoded, without the query)."""
+        return self.scope["path"]
+
+    @property
+    def scheme(self) -> str:
+        """``ws`` or ``wss``."""
+        return self.scope["scheme"]
+
+    def header(self, name: str) -> str | None:
+        """The first value of the handshake's header ``name`` (any case), or None."""
+        key = name.lower().encode("latin1")
+        for header, value in self.scope["headers"]:
+            if header.lower() == key:
+                return value.decode("latin1")
+        return None
+
+    async def accept(self) -> None:
+        """Accept the handshake (no subprotocol, no extra headers); again: nothing."""
+        if not self.accepted:
+            self.accepted = True
+            await self._send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+
+    async def reject(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        """Answer the handshake, not yet accepted, with an HTTP response: ``status`` and
+        ``body`` (a server without ASGI's ``websocket.http.response`` answers 403, empty)."""
+        self.closed = True
+        if "websocket.http.response" not in (self.scope.get("extensions") or {}):
+            await self._send({"type": "websocket.close", "code": protocol.CLOSE_NORMAL, "reason": None})
+            return
+        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+        await self._send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+
+    async def receive(self) -> str | bytes:
+        """The next message: a text frame's ``str`` or a binary frame's ``bytes``.
+
+        Raises:
+            ConnectionGone: the peer left (at once on every call after that).
+        """
+        while not self.gone:
+            event = await self._receive()
+            if event["type"] == "websocket.receive":
+                text = event.get("text")
+                if text is not None:
+                    return text
+                return event.get("bytes") or b""
+            if event["type"] == "websocket.disconnect":
+                self.gone = True
+            # ``websocket.connect`` (the first event): nothing to take.
+        raise ConnectionGone("the peer closed the socket")
+
+    async def send(self, text: str) -> None:
+        """Send ``text`` as one text frame.
+
+        Raises:
+            ConnectionGone: the socket is closed (by us or the peer), or the server
+                refuses the send.
+        """
+        if self.closed or self.gone:
+            raise ConnectionGone("send on a closed socket")
+        try:
+            await self._send({"type": "websocket.send", "bytes": None, "text": text})
+        except Exception as exc:  # hypercorn refuses sends on a socket it closed
+            raise ConnectionGone from exc
+
+    async def close(self, code: int, reason: str | None = None) -> None:
+        """Close with ``code`` and ``reason`` (at most 123 bytes of UTF-8).
+
+        Raises:
+            RuntimeError: it was closed already.
+        """
+        if self.closed:
+            raise RuntimeError("the socket is closed already")
+        self.closed = True
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
 class JsonSocket:
-    """The quart websocket of the current connection, speaking one JSON object per frame."""
+    """A websocket (an :class:`AsgiWebsocket`) speaking one JSON object per frame."""
 
     def __init__(
-        self, token_ok: Callable[[object], bool], closing: trio.Event, fence: Fence | None = None
+        self,
+        socket: AsgiWebsocket,
+        token_ok: Callable[[object], bool],
+        closing: trio.Event,
+        fence: Fence | None = None,
     ) -> None:
+        self.socket = socket
         self.token_ok = token_ok
         self.closing = closing
         #: Raised, this socket closes as when the server stops (see :mod:`trioworker.server.fence`).
@@ -203,22 +311,24 @@ class JsonSocket:
         self.send_lock = trio.StrictFIFOLock()
 
     async def send(self, payload: Mapping[str, JSON]) -> None:
+        """Send ``payload`` as one JSON text frame (sends of several tasks in turn).
+
+        Raises:
+            ConnectionGone: the socket is closed.
+        """
         data = orjson.dumps(payload).decode()
         async with self.send_lock:
-            try:
-                await websocket.send(data)
-            except Exception as exc:  # hypercorn refuses sends on a closed socket
-                raise ConnectionGone from exc
+            await self.socket.send(data)
 
     async def close(self, code: int, reason: str) -> None:
         # A close frame's reason has room for 123 bytes.
         try:
-            await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
+            await self.socket.close(code, reason.encode()[:123].decode(errors="ignore"))
         except Exception:
             log.debug("close(%d) on a socket that was already closed", code)
 
     async def receive(self) -> dict[str, JSON]:
-        raw = await websocket.receive()
+        raw = await self.socket.receive()
         try:
             message = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -232,7 +342,7 @@ class JsonSocket:
         auth message (not text, not JSON, not an object, no or another ``type``) or its
         token is refused.
         """
-        auth = _auth_message(await websocket.receive())
+        auth = _auth_message(await self.socket.receive())
         if auth is None:
             await self.close(protocol.CLOSE_POLICY, EXPECTED_AUTH)
             return False

@@ -33,6 +33,7 @@ from trioworker.server.queue import Subscription
 from trioworker.server.service import TaskRunService
 from trioworker.server.sockets import (
     HANDSHAKE_TIMEOUT,
+    AsgiWebsocket,
     ConnectionGone,
     JsonSocket,
     ProtocolViolation,
@@ -66,9 +67,13 @@ class SubscriptionSession(JsonSocket):
     """One subscription socket: handshake, then deliveries out and reports in, concurrently."""
 
     def __init__(
-        self, service: TaskRunService, token_ok: Callable[[object], bool], closing: trio.Event
+        self,
+        socket: AsgiWebsocket,
+        service: TaskRunService,
+        token_ok: Callable[[object], bool],
+        closing: trio.Event,
     ) -> None:
-        super().__init__(token_ok, closing, service.fence)
+        super().__init__(socket, token_ok, closing, service.fence)
         self.service = service
         self.quitting = False
         #: State reports being applied: a quitting session closes only after their answers.
