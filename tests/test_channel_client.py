@@ -201,9 +201,11 @@ async def test_a_watched_run_survives_the_loss_of_the_channel(
         await awaited_once(trioworker_server)
         future = await add.delay(1)
         assert future.task_run_id in channel._created
+        lost = channel._lost
         server = await trioworker_server_control.restart()
-        await trio.testing.wait_all_tasks_blocked()
-        assert not channel.usable and future.task_run_id not in channel._created
+        with trio.fail_after(10):
+            await lost.wait()  # the client has seen the socket close (it may take a moment)
+        assert future.task_run_id not in channel._created
         await server.service.cancel(future.task_run_id)
         with pytest.raises(TaskRunFailed, match="CANCELLED"):
             await future.result(timeout=10)
