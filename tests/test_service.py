@@ -278,3 +278,29 @@ async def test_repeats_runs_from_the_cache_and_runs_born_cancelled_take_no_slot(
     assert (again, repeat) == (False, first)
     assert sub.held == {first.id} and sub.reserved == 0 and sub.free_slots == 9
     assert [run.id for run in (await service.next_runs(sub)).runs] == [first.id]
+
+
+async def test_creates_under_way_at_once_each_hear_of_the_changes_meanwhile(store: Store) -> None:
+    service: TaskRunService
+    nested: list[TaskRun] = []
+    calls = 0
+
+    async def then(results: list[tuple[TaskRun, QueuedRun | None]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return
+        [(run, _)] = results
+        # Another create starts and ends while this one is under way, then this one's run
+        # is cancelled before it hears of its lease.
+        [(other, _)] = await service.create_runs([TaskRunCreate(task_key="k")])
+        nested.append(other)
+        await service.cancel(run.id)
+
+    service = TaskRunService(cast(Store, Meanwhile(store, then)), Dispatcher())
+    sub = subscription(service, credit=2)
+    [(run, _)] = await service.create_runs([TaskRunCreate(task_key="k")])
+    [other] = nested
+    assert run.id not in sub.held  # cancelled before it was sent: never sent
+    assert list(sub.unsent) == [other.id] and sub.held == {other.id}
+    assert sub.free_slots == 1

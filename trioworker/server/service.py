@@ -183,9 +183,9 @@ class TaskRunService:
     #: Shared store: runs a connection held that could not be handed back (the database
     #: was away): (reason, holder) -> their ids, handed back after the next heartbeat.
     _unreturned: dict[tuple[str, str], set[uuid.UUID]] = attrs.field(factory=dict)
-    #: One set per create under way that leases runs at create: the runs changed from
-    #: outside meanwhile while nobody held them here (see :meth:`_create_runs`).
-    _changed_while_leasing: list[set[uuid.UUID]] = attrs.field(factory=list)
+    #: One set per create under way that leases runs at create (by the set's ``id()``): the
+    #: runs changed from outside meanwhile while nobody held them here (see :meth:`_create_runs`).
+    _changed_while_leasing: dict[int, set[uuid.UUID]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.queue_limit.max_queued is not None:
@@ -255,7 +255,7 @@ class TaskRunService:
         leases, queued_keys = self._reserve_leases(creates, now)
         changed: set[uuid.UUID] = set()
         if leases:
-            self._changed_while_leasing.append(changed)
+            self._changed_while_leasing[id(changed)] = changed
         handback: dict[str, list[uuid.UUID]] | None = None
         try:
             try:
@@ -268,7 +268,7 @@ class TaskRunService:
             await self._admit_created(results)
         finally:
             if leases:
-                self._changed_while_leasing.remove(changed)
+                del self._changed_while_leasing[id(changed)]
                 if handback is None:  # the store made nothing: the slots held are free again
                     for sub in leases.values():
                         self.dispatcher.unreserve(sub)
@@ -1008,7 +1008,7 @@ class TaskRunService:
         create under way may have leased it a moment ago and not be told yet: it must not
         send it (see :meth:`_settle_leases`)."""
         self.dispatcher.release(run_id)
-        for changed in self._changed_while_leasing:
+        for changed in self._changed_while_leasing.values():
             changed.add(run_id)
 
     def _notify_ended(self, run_id: uuid.UUID, run: TaskRun | None) -> None:
