@@ -379,9 +379,11 @@ async def test_losing_the_channel_falls_back_to_http(
     async with trioworker.connect() as client:
         channel = client.channel
         assert channel is not None
+        lost = channel._lost
         await trioworker_server_control.restart()
-        await trio.testing.wait_all_tasks_blocked()
-        assert not channel.usable  # the reader saw the socket close
+        with trio.fail_after(10):
+            await lost.wait()  # the reader saw the socket close (a moment after the restart)
+        assert not channel.usable
         future = await add.delay(2)  # over HTTP now
         assert future.task_run is not None
         assert (await future.get_state()).type.value == "SCHEDULED"

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, final
 
+import attrs
 import httpx
 import trio
 
@@ -238,6 +239,8 @@ class TaskWorker(UsesServers):
         #: Runs this worker is executing or about to (from the subscription or
         #: execute_task_run): one execution per run id at a time.
         self._claimed: set[uuid.UUID] = set()
+        #: Runs whose attempt here is over while its last report is still on its way.
+        self._ending: dict[uuid.UUID, _Ending] = {}
         self._faults: dict[uuid.UUID, int] = {}
         self._hard_faults: dict[uuid.UUID, int] = {}
         self._thread_waits = _threads.ThreadWaits()
@@ -655,7 +658,14 @@ class TaskWorker(UsesServers):
                 subscription.take(run.id)
                 await self._unknown_key(run, subscription.release)
                 return
-            if run.id in self._claimed or run.id in self._held:
+            ending = self._ending.get(run.id)
+            if ending is not None:
+                # Its attempt here is over and its report (a retry, say) on its way: the
+                # server may already have queued and delivered its next attempt. Which it
+                # is shows once that report is answered.
+                await ending.done.wait()
+            next_attempt = ending is not None and ending.requeued and run.id not in self._claimed
+            if not next_attempt and (run.id in self._claimed or run.id in self._held):
                 # Delivered again while it runs here (after a reconnect, or while
                 # execute_task_run runs it): one execution; the lease is ours to answer.
                 subscription.take(run.id)
@@ -767,11 +777,15 @@ class TaskWorker(UsesServers):
         slot_free = False
         from_subscription = self._subscription is not None and reporter is self._subscription
 
+        ending = _Ending()
+
         def free_slot() -> None:
             """The task's code is done: the next run may start (its report is on its way)."""
             nonlocal slot_free
             if not slot_free:
                 slot_free = True
+                if from_subscription:
+                    self._ending[run.id] = ending
                 self.in_flight_task_runs[key].pop(run.id, None)
                 self._limiter.release_on_behalf_of(run.id)
 
@@ -814,9 +828,13 @@ class TaskWorker(UsesServers):
                 # executed over REST that the subscription also delivered: its lease.
                 self._release_held(run.id)
             self._held.discard(run.id)
+            ending.requeued = outcome in (Outcome.RETRYING, Outcome.STOP)
             if outcome is Outcome.STOP:
                 self.stop()
         finally:
+            if self._ending.get(run.id) is ending:
+                del self._ending[run.id]
+            ending.done.set()
             _threads.current_thread_waits.reset(threads)
             self._scopes.pop(run.id, None)
             self._cancel_requested.discard(run.id)
@@ -927,6 +945,15 @@ class TaskWorker(UsesServers):
                 await self._run_one(task, task_run, _RestReporter(client))
         finally:
             self._claimed.discard(task_run.id)
+
+
+@attrs.define(eq=False)
+class _Ending:
+    """A run's execution here between the end of its attempt and the answer to its report."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    #: The answered report handed the run back to the queue (a retry, StopTaskWorker).
+    requeued: bool = False
 
 
 def _check_timeout(timeout: float | None) -> None:
