@@ -395,7 +395,8 @@ async def test_a_run_created_while_a_worker_has_room_is_sent_with_no_claim_of_it
         assert run["delivery_count"] == 1
         assert (await state_of(api, run_id))["type"] == "PENDING"
         if not service.dispatcher.shared:  # one server alone on its store: leased by the create
-            assert after.operations - before.operations == 1
-            assert run["state"]["timestamp"] == run["created"]  # in the same transaction
+            # The create, and at most one operation of the server's own timers meanwhile.
+            assert after.operations - before.operations <= 2
+            assert run["state"]["timestamp"] == run["created"]  # leased in the create's transaction
         await sub.finish([run_id])
     assert (await state_of(api, run_id))["type"] == "COMPLETED"
